@@ -1,0 +1,87 @@
+"""FlashConfig: the one configuration object passed down through the engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Union
+
+
+@dataclass
+class FlashConfig:
+    """How the flash engine runs a model.
+
+    budget:   memory the FFN neuron cache may use: a fraction of the model's FFN
+              bytes when <= 1.0 (the paper: about half), else absolute bytes.
+              The streaming scratch buffer counts against it too.
+    window:   sliding window k: neurons active in the last k tokens stay cached.
+    threads:  parallel positional reads (0 = pick from the disk probe).
+    chunk_bytes: largest single read; coalesced runs are split at this size
+              (0 = pick from the disk probe).
+    max_gap_bytes: neighbouring neuron runs closer than this are read in one
+              request (the gap is read and thrown away): fewer, larger reads.
+    active:   how each token's active neurons are chosen:
+              "all" (naive flash, the paper's baseline: every neuron),
+              "oracle" (true gated activation above the layer's threshold,
+              computed from full weights; an upper bound, not a product mode),
+              "predictor" (the low-rank predictors stored with the model).
+    sparsity: target fraction of inactive neurons for threshold rules.
+    direct_io: bypass the page cache (O_DIRECT / F_NOCACHE). Only turn off for
+              debugging: with the page cache on, measured I/O is not real.
+    scratch_neurons: size of the streaming buffer (in neurons) used for active
+              neurons that do not fit in the cache.
+    """
+
+    budget: float = 0.5
+    window: int = 5
+    threads: int = 0
+    chunk_bytes: int = 0
+    max_gap_bytes: int = 16 * 1024
+    active: str = "oracle"
+    sparsity: float = 0.5
+    direct_io: bool = True
+    scratch_neurons: int = 256
+    policy: str = "window"
+    extra: dict = field(default_factory=dict)
+
+    ACTIVE_CHOICES = ("all", "oracle", "predictor")
+
+    def __post_init__(self) -> None:
+        if self.budget <= 0:
+            raise ValueError(f"budget must be > 0, got {self.budget}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.active not in self.ACTIVE_CHOICES:
+            raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.threads < 0 or self.chunk_bytes < 0:
+            raise ValueError("threads and chunk_bytes must be >= 0")
+
+    def budget_bytes(self, ffn_bytes: int) -> int:
+        """The budget in bytes for a model whose FFN weighs ``ffn_bytes``."""
+        if self.budget <= 1.0:
+            return int(self.budget * ffn_bytes)
+        return int(self.budget)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlashConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_budget(text: Union[str, float, int]) -> float:
+    """Parse a budget as the CLI takes it: "50%", "0.5", "300MB", "1.5GiB", "123456"."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        return float(s[:-1]) / 100.0
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
+    for u, m in units.items():
+        if s.endswith(u):
+            return float(s[: -len(u)]) * m
+    return float(s)
+

@@ -1,0 +1,52 @@
+"""Progress reporting shared by every long operation (convert, import, calibrate, bench).
+
+A progress callback is ``callback(fraction: float, message: str) -> bool | None``.
+Returning ``False`` asks the operation to stop: it cleans up what it started and
+raises :class:`Cancelled`. ``None``/``True`` mean "go on".
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+ProgressCallback = Callable[[float, str], Optional[bool]]
+
+
+class Cancelled(Exception):
+    """Raised by a long operation when its progress callback asked it to stop."""
+
+
+def report(callback: Optional[ProgressCallback], fraction: float, message: str = "") -> None:
+    """Call ``callback`` (if any); raise :class:`Cancelled` when it returns ``False``."""
+    if callback is None:
+        return
+    if callback(min(max(fraction, 0.0), 1.0), message) is False:
+        raise Cancelled(message or "cancelled")
+
+
+def scaled(callback: Optional[ProgressCallback], start: float, end: float) -> Optional[ProgressCallback]:
+    """A callback mapping a sub-task's 0..1 onto ``start..end`` of ``callback``."""
+    if callback is None:
+        return None
+
+    def inner(fraction: float, message: str) -> Optional[bool]:
+        return callback(start + (end - start) * fraction, message)
+
+    return inner
+
+
+def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
+    """A progress callback drawing a tqdm bar on stderr (for the CLI)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, disable=disable, bar_format="{l_bar}{bar}| {postfix}")
+
+    def cb(fraction: float, message: str) -> bool:
+        bar.n = int(fraction * 1000)
+        bar.set_postfix_str(message[:60], refresh=False)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+        return True
+
+    return cb
