@@ -1,0 +1,853 @@
+"""The on-disk flash model layout: the one module that knows where bytes live.
+
+A flash model is a folder::
+
+    model.flash/
+      manifest.json      format_version, architecture, model_args (the config.json dict), dtype,
+                         num_layers, hidden_size, intermediate_size, bundle_parts, bundle_elems,
+                         bundle_bytes, alignment, ffn_file, ffn_size, layers [{offset, size, checksum}],
+                         dense_file, source, predictors, created, dense_quantization
+      dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
+      ffn.bin            per layer, per neuron i: [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
+                         contiguous ("row-column bundling": one read fetches one neuron). Each layer region
+                         starts at a multiple of ``alignment`` (4096); padding is zeros; the file is padded
+                         to a multiple of ``alignment`` too, so aligned direct reads never run past its end.
+      config.json, tokenizer.json, tokenizer_config.json, ...   copied unchanged from the source
+
+Nobody else computes an offset into ``ffn.bin``: use :meth:`Manifest.neuron_offset`,
+:meth:`Manifest.layer_range`, :func:`read_layer_weights` or :class:`mlx_flash.storage.reader.FlashReader`.
+
+Quantized sources (mlx-lm folders whose weights have ``.scales``): FFN weights are
+dequantized with ``mx.dequantize`` (bits and group size are inferred from the
+tensor shapes, ``mode`` comes from ``config["quantization"]``) into the scales'
+dtype or the requested ``dtype``; the dense part stays quantized (its
+``.scales``/``.biases`` are kept, ``model_args["quantization"]`` stays, and
+``Manifest.dense_quantization`` repeats it) unless ``dequantize_dense=True``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+
+from ..progress import ProgressCallback, report
+from .platform_io import drop_page_cache, set_nocache
+
+FORMAT_VERSION = 1
+ALIGNMENT = 4096
+MANIFEST_FILE = "manifest.json"
+FFN_FILE = "ffn.bin"
+DENSE_FILE = "dense.safetensors"
+
+DTYPE_SIZES: Dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+"""Stored dtypes of FFN bundles and their element sizes in bytes."""
+
+_NP_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture names its FFN: module paths (relative to ``...layers.N.``)
+    of the gate, up and down projections, in bundle order."""
+
+    ffn_modules: Tuple[str, str, str]
+    bundle_parts: Tuple[str, str, str] = ("gate", "up", "down")
+
+
+_LLAMA_FFN = ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+ARCHITECTURES: Dict[str, ArchSpec] = {
+    "llama": _LLAMA_FFN,
+    "mistral": _LLAMA_FFN,
+    "qwen2": _LLAMA_FFN,  # attention biases are dense weights: nothing special
+}
+"""config.json ``model_type`` -> FFN layout. The keys are the supported architectures."""
+
+# Files of a source folder never copied into a flash folder (weights, indexes, our own names).
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".h5", ".msgpack", ".ckpt", ".onnx"}
+_OWN_FILES = {MANIFEST_FILE, FFN_FILE, DENSE_FILE}
+
+_LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+class FlashFormatError(ValueError):
+    """A flash folder (or a conversion source) does not match the format.
+
+    The message names the file and the field or tensor that is wrong."""
+
+
+# --------------------------------------------------------------------------- manifest
+@dataclass
+class LayerEntry:
+    """Where one layer's FFN bundles live in ``ffn.bin``.
+
+    offset:   byte offset of neuron 0's bundle (a multiple of the alignment).
+    size:     bytes of the layer region, ``intermediate_size * bundle_bytes`` (no padding).
+    checksum: ``hashlib.blake2b`` (default 64-byte digest) of those ``size`` bytes, hex.
+    """
+
+    offset: int
+    size: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``. See the module docstring for the layout."""
+
+    architecture: str
+    model_args: Dict[str, Any]
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    bundle_parts: List[str]
+    bundle_elems: int
+    bundle_bytes: int
+    layers: List[LayerEntry]
+    ffn_size: int
+    alignment: int = ALIGNMENT
+    ffn_file: str = FFN_FILE
+    dense_file: str = DENSE_FILE
+    source: str = ""
+    predictors: Optional[Dict[str, Any]] = None
+    created: str = ""
+    dense_quantization: Optional[Dict[str, Any]] = None
+    format_version: int = FORMAT_VERSION
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Unknown manifest fields, kept so that load → save round-trips them."""
+
+    # ---- derived quantities
+    @property
+    def ffn_bytes_total(self) -> int:
+        """FFN bytes of all layers, padding excluded (what "the model's FFN" weighs)."""
+        return sum(e.size for e in self.layers)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the stored dtype."""
+        return DTYPE_SIZES[self.dtype]
+
+    def layer_range(self, layer: int) -> Tuple[int, int]:
+        """``(offset, size)`` of ``layer``'s region in ``ffn.bin``."""
+        self._check_layer(layer)
+        e = self.layers[layer]
+        return e.offset, e.size
+
+    def neuron_offset(self, layer: int, neuron: int) -> int:
+        """Byte offset in ``ffn.bin`` of neuron ``neuron``'s bundle in ``layer``."""
+        self._check_layer(layer)
+        if not 0 <= neuron < self.intermediate_size:
+            raise IndexError(f"neuron {neuron} out of range: layers have {self.intermediate_size} neurons")
+        return self.layers[layer].offset + neuron * self.bundle_bytes
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < len(self.layers):
+            raise IndexError(f"layer {layer} out of range: the model has {len(self.layers)} layers")
+
+    # ---- (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update({k: v for k, v in extra.items() if k not in d})
+        return d
+
+    def to_json(self) -> str:
+        """The manifest as JSON text (what ``manifest.json`` holds)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = MANIFEST_FILE) -> "Manifest":
+        """Build from a parsed manifest; missing or mistyped fields raise
+        :class:`FlashFormatError` naming ``where`` and the field."""
+        if not isinstance(d, Mapping):
+            raise FlashFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        required = {
+            "format_version": int, "architecture": str, "model_args": dict, "dtype": str,
+            "num_layers": int, "hidden_size": int, "intermediate_size": int, "bundle_parts": list,
+            "bundle_elems": int, "bundle_bytes": int, "layers": list, "ffn_size": int,
+        }
+        optional = {"alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
+                    "predictors": (dict, type(None)), "dense_quantization": (dict, type(None))}
+        kw: Dict[str, Any] = {}
+        for name, typ in list(required.items()) + list(optional.items()):
+            if name not in d:
+                if name in required:
+                    raise FlashFormatError(f"{where}: field '{name}' is missing")
+                continue
+            v = d[name]
+            if isinstance(v, bool) or not isinstance(v, typ):
+                raise FlashFormatError(f"{where}: field '{name}' has type {type(v).__name__}, expected {_tname(typ)}")
+            kw[name] = v
+        layers = []
+        for i, e in enumerate(kw["layers"]):
+            if not isinstance(e, Mapping):
+                raise FlashFormatError(f"{where}: field 'layers[{i}]' is not an object")
+            try:
+                off, size, ck = e["offset"], e["size"], e["checksum"]
+            except KeyError as k:
+                raise FlashFormatError(f"{where}: field 'layers[{i}].{k.args[0]}' is missing") from None
+            for nm, v, typ in (("offset", off, int), ("size", size, int), ("checksum", ck, str)):
+                if isinstance(v, bool) or not isinstance(v, typ):
+                    raise FlashFormatError(f"{where}: field 'layers[{i}].{nm}' has type {type(v).__name__}, expected {typ.__name__}")
+            layers.append(LayerEntry(off, size, ck))
+        kw["layers"] = layers
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes, Mapping[str, Any]], *, where: str = MANIFEST_FILE) -> "Manifest":
+        """Parse manifest JSON text (or an already parsed dict)."""
+        if isinstance(text, Mapping):
+            return cls.from_dict(text, where=where)
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FlashFormatError(f"{where}: not valid JSON ({e})") from None
+        return cls.from_dict(d, where=where)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write atomically (temp file + ``os.replace``) to ``path`` (a file, or a
+        folder meaning ``folder/manifest.json``). Returns the file written."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / MANIFEST_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            _unlink_quiet(Path(tmp))
+            raise
+        return p
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Manifest":
+        """Read ``path`` (a manifest file or a flash folder). Only parses; use
+        :func:`open_flash` to also check the manifest against the files."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / MANIFEST_FILE
+        if not p.is_file():
+            raise FlashFormatError(f"{p}: manifest.json is missing (not a flash model folder?)")
+        return cls.from_json(p.read_bytes(), where=str(p))
+
+
+def _tname(typ) -> str:
+    if isinstance(typ, tuple):
+        return " or ".join("null" if t is type(None) else t.__name__ for t in typ)
+    return typ.__name__
+
+
+# --------------------------------------------------------------------------- opening
+@dataclass
+class FlashFiles:
+    """A validated flash folder: its manifest and the paths of its data files."""
+
+    root: Path
+    manifest: Manifest
+    ffn_path: Path
+    dense_path: Path
+
+
+def _plain_name(name: str, field_name: str, where: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise FlashFormatError(f"{where}: field '{field_name}' must be a plain file name, got {name!r}")
+    return name
+
+
+def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
+    """Check the manifest's own consistency (no file access). Raises
+    :class:`FlashFormatError` naming ``where`` and the field."""
+    if m.format_version != FORMAT_VERSION:
+        raise FlashFormatError(
+            f"{where}: field 'format_version' is {m.format_version}; this mlx-flash reads version {FORMAT_VERSION}"
+        )
+    if m.architecture not in ARCHITECTURES:
+        raise FlashFormatError(
+            f"{where}: field 'architecture' is {m.architecture!r}: unsupported architecture "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    spec = ARCHITECTURES[m.architecture]
+    if m.dtype not in DTYPE_SIZES:
+        raise FlashFormatError(f"{where}: field 'dtype' is {m.dtype!r}, expected one of {sorted(DTYPE_SIZES)}")
+    for name in ("num_layers", "hidden_size", "intermediate_size", "bundle_elems", "bundle_bytes", "alignment"):
+        if getattr(m, name) <= 0:
+            raise FlashFormatError(f"{where}: field '{name}' must be > 0, got {getattr(m, name)}")
+    if m.alignment & (m.alignment - 1):
+        raise FlashFormatError(f"{where}: field 'alignment' must be a power of two, got {m.alignment}")
+    if list(m.bundle_parts) != list(spec.bundle_parts):
+        raise FlashFormatError(f"{where}: field 'bundle_parts' is {m.bundle_parts}, expected {list(spec.bundle_parts)}")
+    if m.bundle_elems != len(spec.bundle_parts) * m.hidden_size:
+        raise FlashFormatError(
+            f"{where}: field 'bundle_elems' is {m.bundle_elems}, expected {len(spec.bundle_parts)} * hidden_size "
+            f"= {len(spec.bundle_parts) * m.hidden_size}"
+        )
+    if m.bundle_bytes != m.bundle_elems * DTYPE_SIZES[m.dtype]:
+        raise FlashFormatError(
+            f"{where}: field 'bundle_bytes' is {m.bundle_bytes}, expected bundle_elems * sizeof({m.dtype}) "
+            f"= {m.bundle_elems * DTYPE_SIZES[m.dtype]}"
+        )
+    for name, arg in (("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+                      ("num_layers", "num_hidden_layers")):
+        v = m.model_args.get(arg)
+        if v is not None and v != getattr(m, name):
+            raise FlashFormatError(f"{where}: field '{name}' is {getattr(m, name)} but model_args.{arg} is {v}")
+    if len(m.layers) != m.num_layers:
+        raise FlashFormatError(f"{where}: field 'layers' has {len(m.layers)} entries, num_layers is {m.num_layers}")
+    if m.ffn_size % m.alignment:
+        raise FlashFormatError(f"{where}: field 'ffn_size' ({m.ffn_size}) is not a multiple of alignment {m.alignment}")
+    layer_size = m.intermediate_size * m.bundle_bytes
+    prev_end = 0
+    for i, e in enumerate(m.layers):
+        if e.size != layer_size:
+            raise FlashFormatError(
+                f"{where}: field 'layers[{i}].size' is {e.size}, expected intermediate_size * bundle_bytes = {layer_size}"
+            )
+        if e.offset < 0 or e.offset % m.alignment:
+            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) is not a multiple of alignment {m.alignment}")
+        if e.offset < prev_end:
+            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) overlaps the previous layer (ends at {prev_end})")
+        if e.offset + e.size > m.ffn_size:
+            raise FlashFormatError(
+                f"{where}: field 'layers[{i}]' ends at {e.offset + e.size}, beyond ffn_size {m.ffn_size}"
+            )
+        prev_end = e.offset + e.size
+    _plain_name(m.ffn_file, "ffn_file", where)
+    _plain_name(m.dense_file, "dense_file", where)
+
+
+def open_flash(path: Union[str, Path]) -> FlashFiles:
+    """Open and validate a flash folder before any data read.
+
+    Checks: manifest exists and parses, ``format_version``, architecture, dtype,
+    bundle sizes, each layer's size/alignment/overlap/bounds, ``ffn.bin``'s
+    actual size equals ``ffn_size`` and ``dense.safetensors`` exists. Any
+    mismatch raises :class:`FlashFormatError` naming the file and field.
+    Checksums are not read here (see :func:`verify_checksums`).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FlashFormatError(f"{root}: not a flash model folder (no such directory)")
+    mpath = root / MANIFEST_FILE
+    if not mpath.is_file():
+        raise FlashFormatError(f"{mpath}: manifest.json is missing (not a flash model folder?)")
+    m = Manifest.from_json(mpath.read_bytes(), where=str(mpath))
+    validate_manifest(m, str(mpath))
+    ffn_path = root / m.ffn_file
+    dense_path = root / m.dense_file
+    if not ffn_path.is_file():
+        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} is missing (manifest field 'ffn_file')")
+    actual = ffn_path.stat().st_size
+    if actual < m.ffn_size:
+        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} is truncated: {actual} bytes, manifest says {m.ffn_size} (field 'ffn_size')")
+    if actual > m.ffn_size:
+        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} has {actual} bytes, manifest says {m.ffn_size} (field 'ffn_size')")
+    if not dense_path.is_file():
+        raise FlashFormatError(f"{dense_path}: {m.dense_file} is missing (manifest field 'dense_file')")
+    return FlashFiles(root=root, manifest=m, ffn_path=ffn_path, dense_path=dense_path)
+
+
+def verify_checksums(files: FlashFiles, progress: Optional[ProgressCallback] = None) -> None:
+    """Hash every layer region of ``ffn.bin`` and compare with the manifest (slow:
+    reads the whole FFN). Mismatch → :class:`FlashFormatError` naming the layer."""
+    m = files.manifest
+    block = 8 << 20
+    buf = bytearray(block)
+    mv = memoryview(buf)
+    with open(files.ffn_path, "rb", buffering=0) as f:
+        for i, e in enumerate(m.layers):
+            report(progress, i / max(1, m.num_layers), f"checking layer {i + 1}/{m.num_layers}")
+            h = hashlib.blake2b()
+            f.seek(e.offset)
+            left = e.size
+            while left:
+                n = f.readinto(mv[: min(block, left)])
+                if not n:
+                    raise FlashFormatError(f"{files.ffn_path}: unexpected end of file in layer {i}")
+                h.update(mv[:n])
+                left -= n
+            if h.hexdigest() != e.checksum:
+                raise FlashFormatError(
+                    f"{files.ffn_path}: layer {i} checksum mismatch (manifest field 'layers[{i}].checksum'): "
+                    "the file is corrupt or was modified"
+                )
+    report(progress, 1.0, "checksums ok")
+
+
+# --------------------------------------------------------------------------- reading
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that holds ``dtype``'s bits (bfloat16 → uint16)."""
+    try:
+        return np.dtype(_NP_STORAGE[dtype])
+    except KeyError:
+        raise FlashFormatError(f"unsupported dtype {dtype!r}, expected one of {sorted(DTYPE_SIZES)}") from None
+
+
+def _np_to_mx(a: np.ndarray, dtype: str) -> mx.array:
+    arr = mx.array(a)
+    return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
+
+
+def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
+    """Raw bundle bytes (uint8, shape ``(n, bundle_bytes)`` or flat, a multiple of
+    ``bundle_bytes`` long) → an ``mx.array`` of shape ``(n, bundle_elems)`` in the
+    model dtype. Columns ``[0:h]`` are gate, ``[h:2h]`` up, ``[2h:3h]`` down
+    (h = hidden_size). Copies (``mx.array`` owns its memory)."""
+    b = np.ascontiguousarray(buf_u8)
+    if b.dtype != np.uint8:
+        raise TypeError(f"bundle_view expects uint8 bytes, got {b.dtype}")
+    if b.size % manifest.bundle_bytes:
+        raise ValueError(f"{b.size} bytes is not a whole number of {manifest.bundle_bytes}-byte bundles")
+    typed = b.reshape(-1).view(numpy_storage_dtype(manifest.dtype)).reshape(-1, manifest.bundle_elems)
+    return _np_to_mx(typed, manifest.dtype)
+
+
+def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """Read one layer's whole FFN with a plain buffered read (for the oracle, dense
+    loading and tests; the engine's sparse path uses ``FlashReader``).
+
+    Returns ``(gate [inter, hidden], up [inter, hidden], down [hidden, inter])`` in
+    the stored dtype: ``gate_proj.weight``, ``up_proj.weight``, ``down_proj.weight``
+    exactly as in the source model.
+    """
+    m = files.manifest
+    off, size = m.layer_range(layer)
+    raw = np.empty(size, dtype=np.uint8)
+    with open(files.ffn_path, "rb", buffering=0) as f:
+        f.seek(off)
+        mv = memoryview(raw)
+        got = 0
+        while got < size:
+            n = f.readinto(mv[got:])
+            if not n:
+                raise FlashFormatError(f"{files.ffn_path}: unexpected end of file in layer {layer}")
+            got += n
+    h = m.hidden_size
+    typed = raw.view(numpy_storage_dtype(m.dtype)).reshape(m.intermediate_size, m.bundle_elems)
+    gate = np.ascontiguousarray(typed[:, :h])
+    up = np.ascontiguousarray(typed[:, h : 2 * h])
+    down = np.ascontiguousarray(typed[:, 2 * h :].T)
+    return _np_to_mx(gate, m.dtype), _np_to_mx(up, m.dtype), _np_to_mx(down, m.dtype)
+
+
+def load_dense_weights(files: FlashFiles) -> Dict[str, mx.array]:
+    """All non-FFN weights (mlx-lm key names) from ``dense.safetensors``."""
+    try:
+        return dict(mx.load(str(files.dense_path)))
+    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
+        raise FlashFormatError(f"{files.dense_path}: cannot read {files.manifest.dense_file} ({e})") from None
+
+
+# --------------------------------------------------------------------------- writing
+def _unlink_quiet(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
+
+
+def _np_bytes(a: mx.array) -> np.ndarray:
+    """An evaluated mx array's bytes as a C-contiguous uint8 numpy array."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.asarray(a)).reshape(-1).view(np.uint8)
+
+
+def _dtype_name(d: mx.Dtype) -> str:
+    return str(d).rsplit(".", 1)[-1]
+
+
+def _quant_entry(qcfg: Optional[Mapping[str, Any]], module: str) -> Dict[str, Any]:
+    """mlx-lm quantization config for ``module``: the per-module override or the default."""
+    if not qcfg:
+        return {}
+    over = qcfg.get(module)
+    base = {k: v for k, v in qcfg.items() if k in ("group_size", "bits", "mode")}
+    if isinstance(over, Mapping):
+        base.update({k: v for k, v in over.items() if k in ("group_size", "bits", "mode")})
+    return base
+
+
+def _dequantize(weights: MutableMapping[str, mx.array], module: str, in_dim: Optional[int],
+                qcfg: Optional[Mapping[str, Any]], what: str) -> mx.array:
+    """Pop ``module.weight`` (+ ``.scales``/``.biases``) and return float weights."""
+    w = weights.pop(f"{module}.weight")
+    scales = weights.pop(f"{module}.scales", None)
+    if scales is None:
+        return w
+    biases = weights.pop(f"{module}.biases", None)
+    q = _quant_entry(qcfg, module)
+    mode = q.get("mode", "affine")
+    if in_dim is None:
+        bits = q.get("bits")
+        if not bits:
+            raise FlashFormatError(f"{what}: {module} is quantized but config.json has no quantization.bits")
+        in_dim = w.shape[-1] * 32 // bits
+    if w.dtype != mx.uint32 or (w.shape[-1] * 32) % in_dim:
+        raise FlashFormatError(f"{what}: {module}.weight has shape {w.shape} / dtype {w.dtype}, "
+                               f"not a packed quantization of {in_dim} inputs")
+    bits = w.shape[-1] * 32 // in_dim
+    group_size = in_dim // scales.shape[-1]
+    for k, v in (("bits", bits), ("group_size", group_size)):
+        if q.get(k) not in (None, v):
+            raise FlashFormatError(f"{what}: {module} looks {k}={v} from its shapes, config.json says {q[k]}")
+    try:
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    except Exception as e:
+        raise FlashFormatError(f"{what}: cannot dequantize {module} (bits={bits}, group_size={group_size}, mode={mode}): {e}") from None
+
+
+def _copy_source_files(src: Path) -> Dict[str, Path]:
+    """Top-level files of ``src`` to copy unchanged: everything but weights and indexes."""
+    out = {}
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name in _OWN_FILES:
+            continue
+        out[p.name] = p
+    return out
+
+
+def convert_to_flash(
+    src: Union[str, Path],
+    dst: Union[str, Path],
+    *,
+    dtype: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    overwrite: bool = False,
+    dequantize_dense: bool = False,
+    source: Optional[str] = None,
+) -> Path:
+    """Convert an mlx-lm / Hugging Face model folder (``config.json`` + ``*.safetensors``,
+    possibly sharded) into a flash folder at ``dst``; return ``dst``.
+
+    dtype: "float16", "bfloat16" or "float32" for the stored weights (FFN and the
+        dense floating weights); ``None`` keeps the source dtype.
+    progress: called per layer; returning False cancels (raises ``Cancelled``; no
+        trace is left: neither ``dst`` nor the temp folder).
+    overwrite: replace an existing ``dst`` (only after the new one is complete).
+    dequantize_dense: for quantized sources, also dequantize the dense weights.
+    source: recorded in the manifest (default: ``src``'s absolute path).
+    Raises FlashFormatError for unsupported architectures or inconsistent
+    weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
+    message when the disk is full.
+    """
+    src = Path(src).expanduser()
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise FlashFormatError(f"{cfg_path}: config.json is missing (not a model folder?)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    _arch_spec(config, str(cfg_path))  # fail before loading weights
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise FlashFormatError(f"{src}: no *.safetensors weights")
+    weights: Dict[str, mx.array] = {}
+    for s in shards:
+        try:
+            part = mx.load(str(s))  # lazy: data is read when a tensor is evaluated
+        except Exception as e:
+            raise FlashFormatError(f"{s}: cannot read safetensors ({e})") from None
+        dup = weights.keys() & part.keys()
+        if dup:
+            raise FlashFormatError(f"{s}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        weights.update(part)
+        del part  # write_flash frees each FFN tensor once written: keep no other reference
+    return write_flash(
+        dst,
+        config=config,
+        weights=weights,
+        extra_files=_copy_source_files(src),
+        source=source or str(src.resolve()),
+        dtype=dtype,
+        progress=progress,
+        overwrite=overwrite,
+        dequantize_dense=dequantize_dense,
+    )
+
+
+def _arch_spec(config: Mapping[str, Any], where: str) -> ArchSpec:
+    mt = config.get("model_type")
+    if mt not in ARCHITECTURES:
+        raise FlashFormatError(
+            f"{where}: unsupported architecture: model_type {mt!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return ARCHITECTURES[mt]
+
+
+def _cfg_int(config: Mapping[str, Any], key: str, where: str) -> int:
+    v = config.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise FlashFormatError(f"{where}: field '{key}' must be a positive integer, got {v!r}")
+    return v
+
+
+def write_flash(
+    dst: Union[str, Path],
+    *,
+    config: Mapping[str, Any],
+    weights: MutableMapping[str, mx.array],
+    extra_files: Optional[Mapping[str, Union[Path, str, bytes]]] = None,
+    source: str = "",
+    dtype: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    overwrite: bool = False,
+    dequantize_dense: bool = False,
+) -> Path:
+    """Write a flash folder from in-memory (preferably lazy) mlx-lm weights.
+
+    The lower-level half of :func:`convert_to_flash`, for importers (GGUF, ...)
+    that build weights themselves. ``config`` is the mlx-lm config dict
+    (``model_type`` must be supported); ``weights`` maps mlx-lm key names to
+    arrays. FFN entries are *popped* from ``weights`` as each layer is written
+    so memory stays at about one layer; do not keep other references to them.
+    ``extra_files`` maps a file name in ``dst`` to a source path (copied) or
+    contents (``str``/``bytes``); ``config.json`` is written from ``config``
+    unless given here. Other arguments as in :func:`convert_to_flash`.
+    """
+    dst = Path(dst).expanduser()
+    what = source or "source model"
+    spec = _arch_spec(config, f"{what} config.json")
+    if dtype is not None and dtype not in DTYPE_SIZES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype!r}")
+    n_layers = _cfg_int(config, "num_hidden_layers", f"{what} config.json")
+    hidden = _cfg_int(config, "hidden_size", f"{what} config.json")
+    inter = _cfg_int(config, "intermediate_size", f"{what} config.json")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    qcfg = config.get("quantization") or config.get("quantization_config")
+
+    # ---- find and check the FFN tensors of every layer before writing anything
+    ffn_modules: List[Tuple[str, str, str]] = [None] * n_layers  # type: ignore[list-item]
+    prefixes: Dict[int, str] = {}
+    for key in weights:
+        mt = _LAYER_KEY.match(key)
+        if not mt:
+            continue
+        rest = mt["rest"]
+        for mod in spec.ffn_modules:
+            if rest.startswith(mod + "."):
+                i = int(mt["layer"])
+                if i >= n_layers:
+                    raise FlashFormatError(f"{what}: tensor {key!r} is for layer {i}, config says {n_layers} layers")
+                if rest == mod + ".bias":
+                    raise FlashFormatError(f"{what}: tensor {key!r}: FFN biases (mlp_bias) are not supported")
+                prefixes.setdefault(i, mt["prefix"])
+    for i in range(n_layers):
+        pre = prefixes.get(i)
+        if pre is None:
+            raise FlashFormatError(f"{what}: layer {i} has no FFN weights ({spec.ffn_modules[0]}.weight missing)")
+        mods = tuple(f"{pre}.{i}.{m}" for m in spec.ffn_modules)
+        for mod in mods:
+            if f"{mod}.weight" not in weights:
+                raise FlashFormatError(f"{what}: tensor {mod}.weight is missing")
+        ffn_modules[i] = mods  # type: ignore[call-overload]
+
+    first = weights[f"{ffn_modules[0][0]}.weight"]
+    src_dtype = weights.get(f"{ffn_modules[0][0]}.scales", first).dtype
+    del first
+    out_dtype = dtype or _dtype_name(src_dtype)
+    if out_dtype not in DTYPE_SIZES:
+        raise FlashFormatError(f"{what}: FFN weights are {out_dtype}; pass dtype= one of {sorted(DTYPE_SIZES)}")
+    mx_out = getattr(mx, out_dtype)
+    item = DTYPE_SIZES[out_dtype]
+    bundle_elems = 3 * hidden
+    bundle_bytes = bundle_elems * item
+    layer_size = inter * bundle_bytes
+    offsets = [i * _align(layer_size) for i in range(n_layers)]
+    ffn_size = _align(offsets[-1] + layer_size)
+
+    # ---- disk space check up front
+    ffn_keys = {f"{m}.{s}" for mods in ffn_modules for m in mods for s in ("weight", "scales", "biases")}
+    dense_estimate = sum(v.nbytes for k, v in weights.items() if k not in ffn_keys)
+    if dtype is not None:
+        dense_estimate = dense_estimate * 2  # worst case float16 → float32
+    need = ffn_size + dense_estimate + (1 << 20)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough disk space for {dst}: need about {need / 1e9:.2f} GB, "
+                                    f"{free / 1e9:.2f} GB free on {dst.parent}")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        report(progress, 0.0, f"converting {n_layers} layers")
+        entries: List[LayerEntry] = []
+        with open(tmp / FFN_FILE, "wb") as f:
+            set_nocache(f.fileno())  # macOS: keep ffn.bin out of the cache the reader bypasses
+            pos = 0
+            for i, (g_mod, u_mod, d_mod) in enumerate(ffn_modules):
+                gate = _dequantize(weights, g_mod, hidden, qcfg, what)
+                up = _dequantize(weights, u_mod, hidden, qcfg, what)
+                down = _dequantize(weights, d_mod, inter, qcfg, what)
+                for name, arr, shape in ((g_mod, gate, (inter, hidden)), (u_mod, up, (inter, hidden)),
+                                         (d_mod, down, (hidden, inter))):
+                    if tuple(arr.shape) != shape:
+                        raise FlashFormatError(f"{what}: tensor {name}.weight has shape {tuple(arr.shape)}, "
+                                               f"expected {shape} (hidden_size {hidden}, intermediate_size {inter})")
+                    if not mx.issubdtype(arr.dtype, mx.floating):
+                        raise FlashFormatError(f"{what}: tensor {name}.weight has dtype {arr.dtype}, expected floats")
+                bundle = mx.concatenate([gate.astype(mx_out), up.astype(mx_out), down.T.astype(mx_out)], axis=1)
+                mx.eval(bundle)
+                del gate, up, down, arr
+                raw = _np_bytes(bundle)
+                del bundle
+                assert raw.nbytes == layer_size
+                if offsets[i] > pos:
+                    f.write(bytes(offsets[i] - pos))
+                    pos = offsets[i]
+                f.write(memoryview(raw))
+                entries.append(LayerEntry(pos, layer_size, hashlib.blake2b(memoryview(raw)).hexdigest()))
+                pos += layer_size
+                del raw
+                _clear_mlx_cache()  # freed layers go back to the OS, not MLX's buffer cache
+                report(progress, (i + 1) / (n_layers + 1), f"layer {i + 1}/{n_layers}")
+            if ffn_size > pos:
+                f.write(bytes(ffn_size - pos))
+            f.flush()
+            os.fsync(f.fileno())
+        drop_page_cache(tmp / FFN_FILE)  # Linux: start cold, like a model that was not just written
+
+        # ---- dense part
+        model_args = dict(config)
+        if dequantize_dense:
+            for key in [k for k in weights if k.endswith(".scales")]:
+                mod = key[: -len(".scales")]
+                if f"{mod}.weight" in weights:
+                    weights[f"{mod}.weight"] = _dequantize(weights, mod, None, qcfg, what)
+        dense: Dict[str, mx.array] = {}
+        for k, v in weights.items():
+            if k in ffn_keys:
+                continue
+            if dtype is not None and mx.issubdtype(v.dtype, mx.floating):
+                v = v.astype(mx_out)
+            dense[k] = v
+        still_quantized = any(k.endswith(".scales") for k in dense)
+        if not still_quantized:
+            model_args.pop("quantization", None)
+            model_args.pop("quantization_config", None)
+        mx.save_safetensors(str(tmp / DENSE_FILE), dense, metadata={"format": "mlx"})
+        del dense
+
+        # ---- side files
+        for name, content in (extra_files or {}).items():
+            _plain_name(name, "extra_files", what)
+            if isinstance(content, (str, bytes)) and not isinstance(content, Path):
+                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+            else:
+                shutil.copyfile(content, tmp / name)
+        if not (tmp / "config.json").exists():
+            (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
+
+        manifest = Manifest(
+            architecture=str(config["model_type"]),
+            model_args=model_args,
+            dtype=out_dtype,
+            num_layers=n_layers,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            bundle_parts=list(spec.bundle_parts),
+            bundle_elems=bundle_elems,
+            bundle_bytes=bundle_bytes,
+            layers=entries,
+            ffn_size=ffn_size,
+            source=source,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            dense_quantization=dict(qcfg) if (qcfg and still_quantized) else None,
+        )
+        validate_manifest(manifest, f"{dst / MANIFEST_FILE}")
+        manifest.save(tmp / MANIFEST_FILE)
+        _fsync_dir(tmp)
+
+        # ---- publish
+        report(progress, 1.0, "publishing")  # last chance to cancel
+        old = None
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            if old is not None:
+                os.replace(old / dst.name, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(dst.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {dst} (on {dst.parent}); nothing was written") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _clear_mlx_cache() -> None:
+    clear = getattr(mx, "clear_cache", None)
+    if clear is not None:
+        clear()
+
+
+def _align(n: int, a: int = ALIGNMENT) -> int:
+    return -(-n // a) * a
+
+
+def _fsync_dir(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "ALIGNMENT",
+    "ARCHITECTURES",
+    "ArchSpec",
+    "DENSE_FILE",
+    "DTYPE_SIZES",
+    "FFN_FILE",
+    "FORMAT_VERSION",
+    "FlashFiles",
+    "FlashFormatError",
+    "LayerEntry",
+    "MANIFEST_FILE",
+    "Manifest",
+    "bundle_view",
+    "convert_to_flash",
+    "load_dense_weights",
+    "numpy_storage_dtype",
+    "open_flash",
+    "read_layer_weights",
+    "validate_manifest",
+    "verify_checksums",
+    "write_flash",
+]

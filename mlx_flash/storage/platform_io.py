@@ -1,0 +1,231 @@
+"""Platform shim for reads that bypass the operating system's page cache.
+
+The paper measures flash reads, not RAM copies: if a neuron read were served by
+the page cache, the measured I/O would be fiction. So the flash reader opens
+``ffn.bin`` through :func:`open_uncached`:
+
+- Linux: ``O_DIRECT``. Offsets, lengths and the memory buffer must be aligned
+  (to :data:`DIRECT_ALIGNMENT` = 4096 bytes here); :func:`aligned_buffer` gives
+  page-aligned anonymous ``mmap`` buffers. Some filesystems (tmpfs, some FUSE)
+  refuse ``O_DIRECT`` at open or at the first read (``EINVAL``): then the file
+  is reopened buffered with a warning.
+- macOS: ``fcntl(fd, F_NOCACHE, 1)`` (F_NOCACHE is 48 when Python's ``fcntl``
+  lacks the constant). No alignment is required, aligned reads are faster.
+- elsewhere / fallback: a normal buffered descriptor plus
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` where available, and a
+  :class:`UncachedIOWarning` saying measured I/O may come from the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+DIRECT_ALIGNMENT = 4096
+"""Alignment O_DIRECT needs for offsets, lengths and buffers (logical block size; 4 KiB covers all common disks)."""
+
+MODE_O_DIRECT = "O_DIRECT"
+MODE_F_NOCACHE = "F_NOCACHE"
+MODE_BUFFERED = "buffered"
+
+F_NOCACHE = 48  # <sys/fcntl.h> on macOS
+
+
+class UncachedIOWarning(UserWarning):
+    """Reads could not bypass the page cache: measured I/O may be served from RAM."""
+
+
+@dataclass
+class UncachedFile:
+    """A read-only descriptor opened by :func:`open_uncached`.
+
+    fd:    the OS file descriptor (use ``os.preadv``/``os.pread``).
+    mode:  "O_DIRECT", "F_NOCACHE" or "buffered".
+    path:  the file.
+    alignment: the alignment reads must respect in this mode (4096 for O_DIRECT,
+           1 otherwise; callers may align anyway).
+    """
+
+    fd: int
+    mode: str
+    path: Path
+    alignment: int = 1
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "UncachedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """A zero-filled, page-aligned, writable anonymous buffer of at least ``nbytes``
+    (rounded up to whole pages; ``mmap`` memory is always page aligned)."""
+    page = max(mmap.PAGESIZE, DIRECT_ALIGNMENT)
+    n = max(page, -(-int(nbytes) // page) * page)
+    return mmap.mmap(-1, n)
+
+
+def _fadvise_dontneed(fd: int) -> bool:
+    if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _direct_read_works(fd: int) -> bool:
+    """Some filesystems accept O_DIRECT at open but fail the read: try one block."""
+    buf = aligned_buffer(DIRECT_ALIGNMENT)
+    try:
+        if hasattr(os, "preadv"):
+            os.preadv(fd, [buf], 0)
+        else:  # pragma: no cover - every Linux Python has preadv
+            os.pread(fd, DIRECT_ALIGNMENT, 0)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return False
+        raise
+    finally:
+        buf.close()
+
+
+def open_uncached(path: Union[str, Path], *, direct: bool = True, warn: bool = True) -> UncachedFile:
+    """Open ``path`` read-only so that reads bypass the page cache when possible.
+
+    ``direct=False`` opens a plain buffered descriptor (mode "buffered") without
+    a warning: the caller asked for it. When ``direct`` is true but the platform
+    or filesystem cannot bypass the cache, the buffered descriptor comes with an
+    :class:`UncachedIOWarning` (unless ``warn`` is false).
+    Raises ``FileNotFoundError``/``OSError`` like ``os.open``.
+    """
+    p = Path(path)
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            reason = f"O_DIRECT refused at open ({os.strerror(e.errno)})"
+        else:
+            if _direct_read_works(fd):
+                return UncachedFile(fd, MODE_O_DIRECT, p, DIRECT_ALIGNMENT)
+            os.close(fd)
+            reason = "O_DIRECT refused at read (EINVAL)"
+    elif direct and sys.platform == "darwin":
+        import fcntl
+
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
+        except OSError as e:
+            os.close(fd)
+            fd = -1
+            reason = f"F_NOCACHE refused ({os.strerror(e.errno)})"
+        else:
+            return UncachedFile(fd, MODE_F_NOCACHE, p, 1)
+    else:
+        reason = "this platform has neither O_DIRECT nor F_NOCACHE" if direct else ""
+
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    _fadvise_dontneed(fd)
+    if direct and warn:
+        warnings.warn(
+            f"{p}: cannot bypass the page cache ({reason}); reads are buffered and "
+            "measured I/O may be served by the page cache, not the disk",
+            UncachedIOWarning,
+            stacklevel=2,
+        )
+    return UncachedFile(fd, MODE_BUFFERED, p, 1)
+
+
+def drop_page_cache(path: Union[str, Path]) -> bool:
+    """Ask the OS to evict ``path``'s pages from the page cache (for benchmarks).
+
+    Uses ``posix_fadvise(POSIX_FADV_DONTNEED)`` after an ``fdatasync`` (dirty
+    pages cannot be dropped). Returns False where the platform has no way to do
+    it (macOS: use F_NOCACHE reads instead, or ``purge``).
+    """
+    try:
+        fd = os.open(Path(path), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if hasattr(os, "fdatasync"):
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+        return _fadvise_dontneed(fd)
+    finally:
+        os.close(fd)
+
+
+def set_nocache(fd: int) -> bool:
+    """macOS: mark ``fd`` F_NOCACHE so data written through it does not linger in
+    the unified buffer cache (where later F_NOCACHE reads could still find it).
+    Elsewhere a no-op returning False (Linux: O_DIRECT reads are coherent with
+    the page cache; use :func:`drop_page_cache` after writing)."""
+    if sys.platform != "darwin":
+        return False
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
+        return True
+    except OSError:
+        return False
+
+
+def pread_exact(fd: int, buf: Union[mmap.mmap, memoryview, bytearray], offset: int, nbytes: int) -> int:
+    """Read exactly ``nbytes`` at ``offset`` into the start of ``buf``.
+
+    Loops over short reads; returns the number of bytes read, which is less
+    than ``nbytes`` only at end of file. Releases the GIL while reading.
+    """
+    got = 0
+    with memoryview(buf) as mv:
+        while got < nbytes:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [mv[got:nbytes]], offset + got)
+            else:  # pragma: no cover - macOS < 11
+                data = os.pread(fd, nbytes - got, offset + got)
+                n = len(data)
+                mv[got : got + n] = data
+            if n == 0:
+                break
+            got += n
+    return got
+
+
+__all__ = [
+    "DIRECT_ALIGNMENT",
+    "MODE_BUFFERED",
+    "MODE_F_NOCACHE",
+    "MODE_O_DIRECT",
+    "UncachedFile",
+    "UncachedIOWarning",
+    "aligned_buffer",
+    "drop_page_cache",
+    "open_uncached",
+    "pread_exact",
+    "set_nocache",
+]

@@ -1,0 +1,317 @@
+"""Parallel, page-cache-bypassing reads of neuron bundles from ``ffn.bin``.
+
+``FlashReader.read(layer, ids, out)`` fetches the bundles of neurons ``ids`` of
+``layer`` into the rows of ``out`` (a writable uint8 array, often a view into
+MLX memory such as rows of the neuron cache). How (the paper's §3.2):
+
+1. deduplicate and sort the ids; each neuron's bundle is one contiguous byte
+   range (row-column bundling, see :mod:`mlx_flash.storage.format`);
+2. expand every range to the direct-I/O alignment (4 KiB) and coalesce
+   neighbours whose aligned gap is at most ``max_gap_bytes`` into one run
+   (reading a small gap beats issuing another request);
+3. split runs into requests of at most ``chunk_bytes`` (split points are
+   aligned; a bundle may straddle two requests, each copies its part);
+4. give each of ``threads`` workers a contiguous share of the requests (about
+   equal bytes); each worker ``os.preadv``-reads into its own preallocated,
+   page-aligned buffer (``mmap``; the GIL is released during the read) and
+   copies the bundles out with numpy row gathers.
+
+Duplicate ids are allowed: every row asking for a neuron receives its bundle;
+the disk is read once and ``bytes_useful`` counts distinct neurons.
+
+Buffers are allocated once in ``__init__`` (``threads`` × ``chunk_bytes``);
+steady-state reads allocate only small numpy index arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .format import FlashFiles, FlashFormatError
+from .platform_io import DIRECT_ALIGNMENT, UncachedFile, aligned_buffer, open_uncached
+
+
+@dataclass
+class ReadStats:
+    """What one read (or a reader's lifetime, for :attr:`FlashReader.totals`) cost.
+
+    bytes_read:   bytes actually read from disk, alignment padding and coalesced gaps included.
+    bytes_useful: distinct neurons read × bundle_bytes.
+    requests:     read system calls issued (one per chunk; a short read's retry adds one).
+    seconds:      wall time of the call(s).
+    """
+
+    bytes_read: int = 0
+    bytes_useful: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "ReadStats") -> None:
+        self.bytes_read += other.bytes_read
+        self.bytes_useful += other.bytes_useful
+        self.requests += other.requests
+        self.seconds += other.seconds
+
+    @property
+    def gbps(self) -> float:
+        """Disk throughput of the read(s) in GB/s (10^9 bytes)."""
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Plan:
+    """Requests of one read call, all int64 numpy arrays (vectorised bookkeeping)."""
+
+    starts: np.ndarray  # byte offset of each distinct neuron's bundle (sorted)
+    rows: np.ndarray  # the out row that receives each distinct neuron
+    req_lo: np.ndarray  # request byte ranges [lo, hi), aligned
+    req_hi: np.ndarray
+    n_lo: np.ndarray  # first neuron (index into starts) overlapping each request
+    n_hi: np.ndarray  # one past the last neuron overlapping each request
+
+
+class FlashReader:
+    """Reads neuron bundles of one flash model. Thread-safe for one caller at a
+    time (calls are serialised by a lock; each call is parallel inside).
+
+    threads:       parallel positional reads per call.
+    chunk_bytes:   largest single request (rounded down to the alignment, at least one block).
+    max_gap_bytes: aligned runs separated by at most this many bytes are read as one
+                   request (the gap is read and dropped). 0 still merges runs that touch.
+    direct:        bypass the page cache (O_DIRECT / F_NOCACHE); see :attr:`mode`.
+    """
+
+    def __init__(self, files: FlashFiles, *, threads: int = 8, chunk_bytes: int = 1 << 20,
+                 max_gap_bytes: int = 16384, direct: bool = True):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if max_gap_bytes < 0:
+            raise ValueError(f"max_gap_bytes must be >= 0, got {max_gap_bytes}")
+        self.files = files
+        m = files.manifest
+        self.manifest = m
+        self.num_layers = m.num_layers
+        self.intermediate_size = m.intermediate_size
+        self.bundle_bytes = m.bundle_bytes
+        self.alignment = max(m.alignment, DIRECT_ALIGNMENT)
+        a = self.alignment
+        self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
+        self.threads = int(threads)
+        self.max_gap_bytes = int(max_gap_bytes)
+        self._file: UncachedFile = open_uncached(files.ffn_path, direct=direct)
+        self.mode: str = self._file.mode
+        self._bufs = [aligned_buffer(self.chunk_bytes) for _ in range(self.threads)]
+        self._views = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
+        self._pool: Optional[ThreadPoolExecutor] = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read") if self.threads > 1 else None
+        )
+        self._lock = threading.Lock()
+        self.totals = ReadStats()
+        self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
+
+    # ------------------------------------------------------------------ public
+    def read(self, layer: int, ids: Sequence[int], out: np.ndarray) -> ReadStats:
+        """Read the bundles of neurons ``ids`` of ``layer`` into ``out``.
+
+        ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
+        rows are C-contiguous (a row slice of a C-ordered matrix is fine). After
+        the call ``out[j]`` holds exactly the on-disk bytes of neuron ``ids[j]``.
+        Ids may be unsorted and repeated. Raises IndexError for a layer or id out
+        of range, ValueError for a wrong ``out``, FlashFormatError if the file ends early.
+        """
+        t0 = time.perf_counter()
+        if self._file.closed:
+            raise ValueError("FlashReader is closed")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range: the model has {self.num_layers} layers")
+        ids_arr = np.asarray(ids)
+        if ids_arr.ndim != 1:
+            ids_arr = ids_arr.reshape(-1)
+        if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
+            raise TypeError(f"neuron ids must be integers, got {ids_arr.dtype}")
+        ids_arr = ids_arr.astype(np.int64, copy=False)
+        n = ids_arr.size
+        bb = self.bundle_bytes
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2 or out.shape != (n, bb):
+            desc = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"out must be a uint8 array of shape ({n}, {bb}), got {desc}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        if n and out.strides[1] != 1:
+            raise ValueError("out rows must be contiguous (strides[1] == 1)")
+        if n == 0:
+            return ReadStats(seconds=time.perf_counter() - t0)
+        lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
+        if lo_id < 0 or hi_id >= self.intermediate_size:
+            bad = lo_id if lo_id < 0 else hi_id
+            raise IndexError(f"neuron id {bad} out of range for layer {layer}: valid ids are 0..{self.intermediate_size - 1}")
+
+        with self._lock:
+            plan, dup_rows, dup_src = self._plan(layer, ids_arr)
+            groups = self._split(plan)
+            if self._pool is None or len(groups) == 1:
+                results = [self._work(0, plan, g0, g1, out) for g0, g1 in groups]
+            else:
+                futs = [self._pool.submit(self._work, k, plan, g0, g1, out) for k, (g0, g1) in enumerate(groups)]
+                results = [f.result() for f in futs]
+            if dup_rows is not None:
+                out[dup_rows] = out[dup_src]
+            stats = ReadStats(
+                bytes_read=int((plan.req_hi - plan.req_lo).sum()),
+                bytes_useful=len(plan.starts) * bb,
+                requests=sum(results),
+                seconds=time.perf_counter() - t0,
+            )
+            self.totals.add(stats)
+        return stats
+
+    def read_all(self, layer: int, out: np.ndarray) -> ReadStats:
+        """Read every neuron of ``layer`` into ``out`` (``(intermediate_size, bundle_bytes)`` uint8)."""
+        return self.read(layer, np.arange(self.intermediate_size, dtype=np.int64), out)
+
+    def reset_totals(self) -> ReadStats:
+        """Return the cumulative totals and start counting from zero."""
+        t, self.totals = self.totals, ReadStats()
+        return t
+
+    def close(self) -> None:
+        """Stop the worker threads, close the file and free the buffers (idempotent)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._file.close()
+            self._views = []
+            for b in self._bufs:
+                try:
+                    b.close()
+                except BufferError:  # a view is still exported somewhere; GC will free it
+                    pass
+            self._bufs = []
+
+    def __enter__(self) -> "FlashReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._file.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"FlashReader({self.files.root}, mode={self.mode}, threads={self.threads}, "
+                f"chunk_bytes={self.chunk_bytes}, max_gap_bytes={self.max_gap_bytes})")
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, layer: int, ids: np.ndarray) -> Tuple[_Plan, Optional[np.ndarray], Optional[np.ndarray]]:
+        a, bb = self.alignment, self.bundle_bytes
+        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        dup_rows = dup_src = None
+        if len(uniq) != len(ids):
+            src_rows = first[inverse]
+            mask = src_rows != np.arange(len(ids))
+            dup_rows, dup_src = np.flatnonzero(mask), src_rows[mask]
+        starts = self._offsets[layer] + uniq * bb
+        ends = starts + bb
+        a_lo = (starts // a) * a
+        a_hi = -(-ends // a) * a
+        # runs: split where the aligned gap to the previous neuron exceeds max_gap
+        cut = np.flatnonzero(a_lo[1:] - a_hi[:-1] > self.max_gap_bytes) + 1
+        run_first = np.concatenate(([0], cut))
+        run_last = np.concatenate((cut, [len(uniq)])) - 1
+        run_lo, run_hi = a_lo[run_first], a_hi[run_last]
+        # split runs into chunk-sized requests
+        c = self.chunk_bytes
+        nreq = -(-(run_hi - run_lo) // c)
+        if int(nreq.max()) == 1:
+            req_lo, req_hi = run_lo, run_hi
+        else:
+            rep = np.repeat(np.arange(len(run_lo)), nreq)
+            k = np.arange(rep.size) - np.repeat(np.cumsum(nreq) - nreq, nreq)
+            req_lo = run_lo[rep] + k * c
+            req_hi = np.minimum(req_lo + c, run_hi[rep])
+        n_lo = np.searchsorted(ends, req_lo, side="right")  # first bundle ending after lo
+        n_hi = np.searchsorted(starts, req_hi, side="left")  # first bundle starting at/after hi
+        keep = n_lo < n_hi  # a chunk that falls wholly inside a coalesced gap is not read
+        if not keep.all():
+            req_lo, req_hi, n_lo, n_hi = req_lo[keep], req_hi[keep], n_lo[keep], n_hi[keep]
+        return _Plan(starts, first.astype(np.int64), req_lo, req_hi, n_lo, n_hi), dup_rows, dup_src
+
+    def _split(self, plan: _Plan) -> List[Tuple[int, int]]:
+        """Contiguous shares of the requests, about equal in bytes, one per worker."""
+        nreq = len(plan.req_lo)
+        k = min(self.threads, nreq)
+        if k <= 1:
+            return [(0, nreq)]
+        cum = np.cumsum(plan.req_hi - plan.req_lo)
+        bounds = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left") + 1
+        edges = np.unique(np.concatenate(([0], np.minimum(bounds, nreq), [nreq])))
+        return [(int(edges[i]), int(edges[i + 1])) for i in range(len(edges) - 1)]
+
+    # ------------------------------------------------------------------ work
+    def _work(self, slot: int, plan: _Plan, r0: int, r1: int, out: np.ndarray) -> int:
+        """Worker ``slot`` reads requests ``r0..r1`` into its buffer and copies bundles out."""
+        buf = self._bufs[slot]
+        view = self._views[slot]
+        fd = self._file.fd
+        bb = self.bundle_bytes
+        starts, rows = plan.starts, plan.rows
+        requests = 0
+        with memoryview(buf) as mv:
+            for r in range(r0, r1):
+                lo, hi = int(plan.req_lo[r]), int(plan.req_hi[r])
+                length = hi - lo
+                got = 0
+                while got < length:
+                    nread = os.preadv(fd, [mv[got:length]], lo + got)
+                    requests += 1
+                    if nread <= 0:
+                        raise FlashFormatError(
+                            f"{self.files.ffn_path}: unexpected end of file at byte {lo + got} "
+                            f"(read {lo}..{hi}); the file is shorter than the manifest says"
+                        )
+                    got += nread
+                i0, i1 = int(plan.n_lo[r]), int(plan.n_hi[r])
+                if i0 >= i1:
+                    continue
+                # bundles wholly inside [lo, hi)
+                j0 = i0 if starts[i0] >= lo else i0 + 1
+                j1 = i1 if starts[i1 - 1] + bb <= hi else i1 - 1
+                if j0 < j1:
+                    s0 = int(starts[j0]) - lo
+                    last = int(starts[j1 - 1]) - lo
+                    span = view[s0 : last + bb]
+                    k = j1 - j0
+                    if last - s0 == (k - 1) * bb:  # consecutive neurons: one reshape
+                        block = span.reshape(k, bb)
+                    else:
+                        block = span.reshape(-1, bb)[(starts[j0:j1] - starts[j0]) // bb]
+                    dst = rows[j0:j1]
+                    r_first = int(dst[0])
+                    if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
+                        out[r_first : r_first + k] = block
+                    else:
+                        out[dst] = block
+                # bundles straddling the request's edges: copy the part inside
+                for j in {i0, i1 - 1}:
+                    if j0 <= j < j1:
+                        continue
+                    s = int(starts[j])
+                    a, b = max(s, lo), min(s + bb, hi)
+                    out[int(rows[j]), a - s : b - s] = view[a - lo : b - lo]
+        return requests
+
+
+__all__ = ["FlashReader", "ReadStats"]

@@ -1,0 +1,176 @@
+"""Tiny random llama models in mlx-lm folder layout, for tests.
+
+``make_tiny_llama(dir)`` writes ``config.json``, ``model.safetensors``,
+``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+so that ``mlx_lm.load(dir)`` works and ``mlx_flash.storage.format.convert_to_flash``
+can convert it. The weights are random but scaled so activations are neither
+zero nor exploding (a few layers of a tiny model give varied logits).
+
+Tokenizer: byte-level BPE without merges (one token per byte). The two ChatML
+special tokens ``<|im_start|>`` and ``<|im_end|>`` (the eos) take the last two
+ids; when ``vocab`` is smaller than 258 the highest byte values (0xFE, 0xFF,
+which never occur in UTF-8) are left out to make room. Ids beyond the byte
+alphabet are filled with ``<|reserved_N|>`` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+
+def _write_tokenizer(dst: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    specials = [IM_START, IM_END]
+    n_bytes = min(256, vocab - len(specials))
+    if n_bytes < 128:
+        raise ValueError(f"vocab must be >= {128 + len(specials)} for a byte-level tokenizer, got {vocab}")
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    # ByteLevel.alphabet() is unordered; order by the byte each char stands for.
+    byte_to_char = _bytes_to_unicode()
+    chars = [byte_to_char[b] for b in range(n_bytes)]
+    assert set(chars) <= set(alphabet)
+    vocab_map = {c: i for i, c in enumerate(chars)}
+    n_reserved = vocab - len(specials) - n_bytes
+    for k in range(n_reserved):
+        vocab_map[f"<|reserved_{k}|>"] = n_bytes + k
+    tok = Tokenizer(models.BPE(vocab=vocab_map, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)  # ids n_bytes + n_reserved, +1
+    assert tok.token_to_id(IM_END) == vocab - 1, tok.token_to_id(IM_END)
+    tok.save(str(dst / "tokenizer.json"))
+
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": IM_END,
+                "pad_token": IM_END,
+                "unk_token": None,
+                "add_bos_token": False,
+                "model_max_length": 2048,
+                "chat_template": CHATML_TEMPLATE,
+                "additional_special_tokens": specials,
+            },
+            indent=2,
+        )
+    )
+    (dst / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": IM_END, "pad_token": IM_END, "additional_special_tokens": specials}, indent=2)
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable unicode char table (what ByteLevel uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def make_tiny_llama(
+    dir: Union[str, Path],
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    ffn: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    dtype: str = "float16",
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Write a tiny random llama model folder (mlx-lm layout) to ``dir``; return it.
+
+    dtype is "float16", "bfloat16" or "float32". ``seed`` makes the weights
+    reproducible. The tokenizer's eos is ``<|im_end|>`` (id ``vocab - 1``).
+    """
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    dst = Path(dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": ffn,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype,
+        "eos_token_id": vocab - 1,
+    }
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    key = mx.random.key(seed)
+    weights = {}
+    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        key, sub = mx.random.split(key)
+        if "norm" in name:
+            # RMSNorm scales near 1 so activations keep their size.
+            w = 1.0 + 0.1 * mx.random.normal(w.shape, key=sub)
+        elif "embed_tokens" in name:
+            w = 1.0 * mx.random.normal(w.shape, key=sub)
+        else:
+            fan_in = w.shape[-1]
+            w = mx.random.normal(w.shape, key=sub) * (1.0 / fan_in**0.5)
+        weights[name] = w.astype(getattr(mx, dtype))
+    model.load_weights(list(weights.items()))
+    mx.eval(weights)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tokenizer(dst, vocab)
+    return dst
+
+
+def make_tiny_flash(dir: Union[str, Path], *, dtype: str = "float16", flash_dtype: Union[str, None] = None,
+                    **kw) -> Path:
+    """A tiny llama (``make_tiny_llama(dir / "src", dtype=dtype, **kw)``) converted to
+    a flash folder ``dir / "model.flash"``; returns the flash folder."""
+    from mlx_flash.storage.format import convert_to_flash
+
+    d = Path(dir)
+    src = make_tiny_llama(d / "src", dtype=dtype, **kw)
+    return convert_to_flash(src, d / "model.flash", dtype=flash_dtype)
+
+
+__all__ = ["make_tiny_llama", "make_tiny_flash", "IM_START", "IM_END", "CHATML_TEMPLATE"]
+
+if __name__ == "__main__":  # pragma: no cover - manual check
+    import sys
+    import tempfile
+
+    import mlx_lm
+
+    d = make_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "tiny")
+    m, t = mlx_lm.load(str(d))
+    print(mlx_lm.generate(m, t, t.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True), max_tokens=10))
