@@ -36,16 +36,23 @@ def scaled(callback: Optional[ProgressCallback], start: float, end: float) -> Op
 
 
 def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
-    """A progress callback drawing a tqdm bar on stderr (for the CLI)."""
+    """A progress callback drawing a tqdm bar on stderr (for the CLI).
+
+    The bar appears on the first report, so an operation with nothing to do draws nothing.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=desc, disable=disable, bar_format="{l_bar}{bar}| {postfix}")
+    state: dict = {}
 
     def cb(fraction: float, message: str) -> bool:
-        bar.n = int(fraction * 1000)
-        bar.set_postfix_str(message[:60], refresh=False)
-        bar.refresh()
-        if fraction >= 1.0:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=1000, desc=desc, disable=disable, mininterval=0.25,
+                                      bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+        bar.set_postfix_str(message[:50], refresh=False)
+        bar.update(int(fraction * 1000) - bar.n)
+        if fraction >= 1.0 and not state.get("closed"):
+            state["closed"] = True
             bar.close()
         return True
 

