@@ -1,0 +1,367 @@
+"""The engine: load a model (dense mlx-lm folder or flash folder) and stream tokens with Stats.
+
+``load(path, FlashConfig)`` returns an :class:`Engine`; ``Engine.stream_generate``
+yields a :class:`Response` per token (mlx-lm style) whose ``stats`` is the one
+record every front end shows.
+
+Prefill: a flash model runs the prompt through the same sparse FFNs in one
+chunked pass per ``prefill_step`` tokens: each chunk reads the union of its
+tokens' active neurons once, and each token uses only its own active neurons
+(per-token masks). Decoding then runs one token at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load_tokenizer
+
+from .config import FlashConfig
+from .stats import FFNCounters, Stats, process_rss
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+class ModelLoadError(ValueError):
+    """The folder is not a model mlx-flash can load (message says why)."""
+
+
+@dataclass
+class Response:
+    """One streamed piece of a generation."""
+
+    text: str
+    token: int
+    finish_reason: Optional[str]
+    stats: Stats
+
+
+def is_flash_dir(path: Union[str, Path]) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+class Engine:
+    """A loaded model plus everything it needs to generate (Qt-free)."""
+
+    def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
+                 files=None, cache=None, reader=None, chooser=None, counters=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = Path(path)
+        self.config = config
+        self.files = files
+        self.cache = cache
+        self.reader = reader
+        self.chooser = chooser
+        self.counters = counters or FFNCounters()
+        self.dense_bytes = _param_bytes(model)
+        self.mode = "dense" if files is None else f"flash-{chooser.name}"
+
+    # ------------------------------------------------------------------ info
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def is_flash(self) -> bool:
+        return self.files is not None
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.cache.budget_bytes if self.cache is not None else 0
+
+    @property
+    def ffn_bytes(self) -> int:
+        return self.files.manifest.ffn_bytes_total if self.files is not None else 0
+
+    def resident_bytes(self) -> int:
+        """Weights held in memory: dense part, neuron cache in use, scratch, chooser."""
+        n = self.dense_bytes
+        if self.cache is not None:
+            n += self.cache.resident_bytes
+        if self.chooser is not None:
+            n += self.chooser.resident_bytes
+        return n
+
+    # ------------------------------------------------------------- prompting
+    def encode(self, prompt: Prompt, system: Optional[str] = None) -> List[int]:
+        """Token ids for a plain string, a list of ids, or chat messages."""
+        if isinstance(prompt, str):
+            tok = self.tokenizer
+            add = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+            return list(tok.encode(prompt, add_special_tokens=add))
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            messages = list(prompt)
+            if system and not any(m.get("role") == "system" for m in messages):
+                messages = [{"role": "system", "content": system}] + messages
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+    # ------------------------------------------------------------ generation
+    def stream_generate(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        system: Optional[str] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        prefill_step: int = 512,
+        seed: Optional[int] = None,
+    ) -> Iterator[Response]:
+        """Yield a :class:`Response` per generated token; the last has a finish_reason."""
+        tokens = self.encode(prompt, system)
+        if not tokens:
+            raise ValueError("empty prompt")
+        if seed is not None:
+            mx.random.seed(seed)
+        sampler = make_sampler(temp=temperature, top_p=top_p)
+        kv = make_prompt_cache(self.model)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        eos = set(self.tokenizer.eos_token_ids)
+        mx.reset_peak_memory()
+
+        tic = time.perf_counter()
+        prompt_arr = mx.array(tokens)
+        for start in range(0, len(tokens) - 1, prefill_step):
+            chunk = prompt_arr[start : min(start + prefill_step, len(tokens) - 1)]
+            self.model(chunk[None], cache=kv)
+            mx.eval([c.state for c in kv])
+        y = prompt_arr[-1:]
+        prompt_time = None
+        gen_tic = None
+        hits = active = 0
+        n = 0
+        token = -1
+        finish = None
+        while True:
+            before = _copy(self.counters)
+            t0 = time.perf_counter()
+            logits = self.model(y[None], cache=kv)[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            nxt = sampler(logprobs)
+            token = int(nxt.item())
+            t1 = time.perf_counter()
+            if prompt_time is None:
+                prompt_time = t1 - tic
+                gen_tic = t1
+            d = _diff(self.counters, before)
+            n += 1
+            hits += d.neurons_hit
+            active += d.neurons_active
+            ms_total = (t1 - t0) * 1e3
+            stats = Stats(
+                token_index=n - 1,
+                ms_total=ms_total,
+                ms_predictor=d.predictor_s * 1e3,
+                ms_io=d.io_s * 1e3,
+                ms_compute=max(0.0, ms_total - (d.predictor_s + d.io_s) * 1e3),
+                bytes_read=d.bytes_read,
+                bytes_useful=d.bytes_useful,
+                neurons_active=d.neurons_active,
+                neurons_loaded=d.neurons_loaded,
+                neurons_streamed=d.neurons_streamed,
+                hit_rate=(d.neurons_hit / d.neurons_active) if d.neurons_active else 1.0,
+                cum_hit_rate=(hits / active) if active else 1.0,
+                resident_bytes=self.resident_bytes(),
+                cache_bytes=self.cache.resident_bytes if self.cache is not None else 0,
+                budget_bytes=self.budget_bytes,
+                peak_memory=mx.get_peak_memory(),
+                process_rss=process_rss(),
+                tokens_per_s=(n - 1) / (t1 - gen_tic) if n > 1 and t1 > gen_tic else 1e3 / ms_total,
+                prompt_tokens=len(tokens),
+                prompt_tps=len(tokens) / prompt_time if prompt_time else 0.0,
+                mode=self.mode,
+            )
+            if token in eos:
+                finish = "stop"
+            elif n >= max_tokens:
+                finish = "length"
+            elif should_stop is not None and should_stop():
+                finish = "cancelled"
+            if finish == "stop":
+                detok.finalize()
+                yield Response(detok.last_segment, token, finish, stats)
+                return
+            detok.add_token(token)
+            if finish is not None:
+                detok.finalize()
+                yield Response(detok.last_segment, token, finish, stats)
+                return
+            yield Response(detok.last_segment, token, None, stats)
+            y = nxt.reshape(1)
+
+    def generate(self, prompt: Prompt, max_tokens: int = 256, **kw) -> str:
+        return "".join(r.text for r in self.stream_generate(prompt, max_tokens, **kw))
+
+    # ------------------------------------------------------------ evaluation
+    def perplexity(self, tokens: Sequence[int], chunk: int = 512) -> float:
+        """Perplexity of ``tokens`` in independent chunks (teacher forcing)."""
+        toks = np.asarray(tokens, dtype=np.int64)
+        nll, count = 0.0, 0
+        for start in range(0, len(toks) - 1, chunk):
+            seg = toks[start : start + chunk + 1]
+            if len(seg) < 2:
+                break
+            x = mx.array(seg[:-1])[None]
+            logits = self.model(x).astype(mx.float32)[0]
+            targets = mx.array(seg[1:])
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            nll_chunk = -mx.take_along_axis(lp, targets[:, None], axis=-1).sum()
+            nll += float(nll_chunk.item())
+            count += len(seg) - 1
+        return float(np.exp(nll / max(count, 1)))
+
+    def reset_stats(self) -> None:
+        self.counters = _reset(self.counters)
+        if self.cache is not None:
+            self.cache.reset_stats()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def _copy(c: FFNCounters) -> FFNCounters:
+    return FFNCounters(**c.__dict__)
+
+
+def _diff(a: FFNCounters, b: FFNCounters) -> FFNCounters:
+    return FFNCounters(**{k: getattr(a, k) - getattr(b, k) for k in a.__dict__})
+
+
+def _reset(c: FFNCounters) -> FFNCounters:
+    for k in c.__dict__:
+        setattr(c, k, type(getattr(c, k))())
+    return c
+
+
+# ---------------------------------------------------------------------- loading
+def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense: bool = False) -> Engine:
+    """Load a model folder. A flash folder (manifest.json) runs through the flash
+    engine unless ``dense`` (then its FFN is read fully into memory); an
+    mlx-lm/Hugging Face folder runs dense."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    if is_flash_dir(path):
+        return _load_flash(path, config or FlashConfig(), dense=dense)
+    return _load_dense(path)
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: config.json is missing")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg}: invalid JSON ({e})") from None
+
+
+def _load_dense(path: Path) -> Engine:
+    from .models import get_architecture
+
+    config = _read_config(path)
+    get_architecture(config)  # clear error for architectures we do not run
+    if not list(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors weights")
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(path)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return Engine(model, tokenizer, path, None)
+
+
+def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
+    from .active import AllNeurons, Oracle
+    from .models import get_architecture
+    from .neuron_cache import NeuronCache
+    from .sparse_ffn import SparseFFN
+    from .storage.format import load_dense_weights, open_flash, read_layer_weights
+    from .storage.reader import FlashReader
+
+    files = open_flash(path)
+    m = files.manifest
+    arch_cfg = dict(m.model_args)
+    arch = get_architecture(arch_cfg)
+    act = arch_cfg.get("hidden_act", arch.ACTIVATION)
+    if act == "swish":
+        act = "silu"
+    tokenizer = load_tokenizer(path, eos_token_ids=arch_cfg.get("eos_token_id"))
+
+    if dense:
+        model = arch.build(arch_cfg)
+        weights = load_dense_weights(files)
+        for i in range(m.num_layers):
+            g, u, d = read_layer_weights(files, i)
+            for key, w in zip(arch.FFN_KEYS, (g, u, d)):
+                weights[f"model.layers.{i}.{key}.weight"] = w
+        model.load_weights(list(model.sanitize(weights).items()))
+        mx.eval(model.parameters())
+        eng = Engine(model, tokenizer, path, None)
+        return eng
+
+    threads, chunk = config.threads, config.chunk_bytes
+    if not threads or not chunk:
+        from .storage.probe import load_cached_choice
+
+        t, c = load_cached_choice(path)
+        threads = threads or t
+        chunk = chunk or c
+    dtype = getattr(mx, m.dtype)
+    counters = FFNCounters()
+    cache = NeuronCache.from_budget(
+        n_layers=m.num_layers,
+        n_neurons=m.intermediate_size,
+        bundle_elems=m.bundle_elems,
+        bundle_bytes=m.bundle_bytes,
+        dtype=dtype,
+        budget_bytes=config.budget_bytes(m.ffn_bytes_total),
+        window=config.window,
+        scratch_neurons=config.scratch_neurons,
+    )
+    reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
+                         max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+    if config.active == "all":
+        chooser = AllNeurons(m.intermediate_size)
+    elif config.active == "oracle":
+        gate_up = []
+        for i in range(m.num_layers):
+            g, u, _ = read_layer_weights(files, i)
+            gate_up.append((g, u))
+        mx.eval(gate_up)
+        chooser = Oracle(gate_up, config.sparsity, act=act)
+    else:
+        from .predictor import load_predictor_chooser
+
+        chooser = load_predictor_chooser(files, config)
+    scratch = (cache.scratch, cache.scratch_host)
+
+    def factory(i: int) -> SparseFFN:
+        return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act)
+
+    model = arch.build(arch_cfg, factory)
+    weights = model.sanitize(load_dense_weights(files))
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
+                  chooser=chooser, counters=counters)

@@ -1,0 +1,121 @@
+"""SparseFFN: one layer's feed-forward network computed from flash, neuron by neuron.
+
+Per forward pass (see docs/ARCHITECTURE.md):
+
+1. the chooser says which neurons are active for these tokens   (predictor time)
+2. the layer's neuron cache says which of them are missing; it makes room by
+   swap-deleting neurons outside the sliding window and appends new ones
+3. the reader fills the appended rows straight from disk          (I/O time)
+   — active neurons that do not fit in the cache are streamed through the
+   shared scratch buffer in chunks and never cached
+4. ``y = down_active · (act(gate_active · x) * (up_active · x))``  (compute time)
+
+With every neuron active the result equals the dense FFN.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .active import Chooser, activation
+from .stats import FFNCounters
+
+
+class SparseFFN(nn.Module):
+    """Drop-in replacement for an mlx-lm ``MLP`` whose weights live on disk."""
+
+    def __init__(self, layer: int, hidden: int, chooser: Chooser, cache, reader, scratch, counters: FFNCounters, act: str = "silu"):
+        super().__init__()
+        # Plain attributes (not arrays/lists): nn.Module keeps them out of the parameters.
+        object.__setattr__(self, "_state", _State(layer, hidden, chooser, cache, reader, scratch, counters, activation(act)))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._state.forward(x)
+
+
+class _State:
+    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, act):
+        self.layer = layer
+        self.hidden = hidden
+        self.chooser = chooser
+        self.cache = cache
+        self.reader = reader
+        self.scratch = scratch  # (mx storage (S, elems), np uint8 host view (S, bundle_bytes))
+        self.counters = counters
+        self.act = act
+
+    def _partial(self, xt: mx.array, w: mx.array, mask: Optional[mx.array]) -> mx.array:
+        d = self.hidden
+        h = self.act(xt @ w[:, :d].T) * (xt @ w[:, d : 2 * d].T)
+        if mask is not None:
+            h = h * mask
+        return h @ w[:, 2 * d :]
+
+    def forward(self, x: mx.array) -> mx.array:
+        c = self.counters
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1])
+        mx.eval(xt)  # attention etc. up to here is compute, not predictor time
+
+        t0 = time.perf_counter()
+        ids, mask = self.chooser.choose(self.layer, xt)
+        t1 = time.perf_counter()
+        c.predictor_s += t1 - t0
+
+        plan = self.cache.step(ids)
+        order = np.concatenate([plan.hit_ids, plan.load_ids]).astype(np.int64)
+        slots = np.concatenate([plan.hit_slots, plan.load_slots]).astype(np.int32)
+        if len(plan.load_ids):
+            rs = self.reader.read(self.layer, plan.load_ids, plan.load_dest)
+            c.bytes_read += rs.bytes_read
+            c.bytes_useful += rs.bytes_useful
+            c.read_requests += rs.requests
+        t2 = time.perf_counter()
+        c.io_s += t2 - t1
+
+        if mask is not None:
+            pos = np.empty(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
+            pos[ids] = np.arange(len(ids))
+
+            def cols(sub_ids):
+                return mx.array(mask[:, pos[sub_ids]].astype(np.float32)).astype(xt.dtype)
+        else:
+            def cols(sub_ids):
+                return None
+
+        y = mx.zeros((xt.shape[0], self.hidden), dtype=xt.dtype)
+        if len(slots):
+            w = mx.take(self.cache.storage, mx.array(slots), axis=0)
+            y = y + self._partial(xt, w, cols(order))
+        mx.eval(y)
+        t3 = time.perf_counter()
+        c.ffn_compute_s += t3 - t2
+
+        overflow = plan.overflow_ids
+        if len(overflow):
+            s_mx, s_host = self.scratch
+            step = s_host.shape[0]
+            for start in range(0, len(overflow), step):
+                chunk = overflow[start : start + step]
+                ta = time.perf_counter()
+                rs = self.reader.read(self.layer, chunk, s_host[: len(chunk)])
+                c.bytes_read += rs.bytes_read
+                c.bytes_useful += rs.bytes_useful
+                c.read_requests += rs.requests
+                tb = time.perf_counter()
+                y = y + self._partial(xt, s_mx[: len(chunk)], cols(chunk))
+                mx.eval(y)  # the scratch rows are overwritten by the next chunk
+                tc = time.perf_counter()
+                c.io_s += tb - ta
+                c.ffn_compute_s += tc - tb
+
+        c.neurons_active += len(ids)
+        c.neurons_hit += len(plan.hit_ids)
+        c.neurons_loaded += len(plan.load_ids)
+        c.neurons_streamed += len(overflow)
+        return y.reshape(*shape[:-1], self.hidden)

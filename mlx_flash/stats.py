@@ -1,0 +1,74 @@
+"""Per-token statistics: the one record the CLI, the speed test and the app all show."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class FFNCounters:
+    """What the sparse FFNs did during one forward pass (summed over layers)."""
+
+    predictor_s: float = 0.0
+    io_s: float = 0.0
+    ffn_compute_s: float = 0.0
+    bytes_read: int = 0          # from disk, including alignment and gaps
+    bytes_useful: int = 0        # bundle bytes actually needed
+    read_requests: int = 0
+    neurons_active: int = 0
+    neurons_loaded: int = 0      # cache misses read into the cache
+    neurons_streamed: int = 0    # active neurons that did not fit, read through scratch
+    neurons_hit: int = 0
+
+    def add(self, other: "FFNCounters") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass
+class Stats:
+    """One generated token's numbers (times in milliseconds, sizes in bytes)."""
+
+    token_index: int = 0
+    ms_total: float = 0.0
+    ms_predictor: float = 0.0
+    ms_io: float = 0.0
+    ms_compute: float = 0.0          # everything that is not predictor or I/O
+    bytes_read: int = 0              # from disk, including 4 KiB alignment and coalescing gaps
+    bytes_useful: int = 0            # bundle bytes of the neurons actually needed
+    neurons_active: int = 0
+    neurons_loaded: int = 0
+    neurons_streamed: int = 0
+    hit_rate: float = 1.0            # this token: hits / active
+    cum_hit_rate: float = 1.0        # since the start of the generation
+    resident_bytes: int = 0          # weights in memory: dense part + neuron cache + predictors
+    cache_bytes: int = 0             # neuron cache in use now
+    budget_bytes: int = 0            # FFN budget (0 for dense)
+    peak_memory: int = 0             # MLX peak allocation
+    process_rss: int = 0             # the whole process
+    tokens_per_s: float = 0.0        # generation speed so far
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    mode: str = "dense"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        import sys
+
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return ru if sys.platform == "darwin" else ru * 1024  # peak, not current, on macOS
+    except Exception:  # pragma: no cover
+        return 0
