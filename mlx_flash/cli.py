@@ -1,0 +1,354 @@
+"""`mlx-flash` command line: convert, generate, chat, models, probe (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .config import FlashConfig, parse_budget
+
+
+def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model folder (mlx-lm/HF folder or .flash folder) or a name in the library; "
+                        "default: the embedded SmolLM2-135M-Instruct, prepared on first use")
+    p.add_argument("--flash", action="store_true", default=flash_default,
+                   help="run through the flash engine (FFN weights read from disk)")
+    p.add_argument("--budget", default="50%", help="FFN memory budget: '50%%', '0.5', '80MB' (flash)")
+    p.add_argument("--window", type=int, default=5, help="sliding window k in tokens (flash)")
+    p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
+    p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
+                   help="active-neuron choice: all (naive flash), oracle, predictor (flash)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive FFN neurons")
+    p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt for chat templates")
+
+
+def flash_config_from_args(args) -> FlashConfig:
+    active = args.active
+    if active is None:
+        active = "oracle"
+    return FlashConfig(
+        budget=parse_budget(args.budget),
+        window=args.window,
+        threads=args.threads,
+        active=active,
+        sparsity=args.sparsity,
+        direct_io=not args.no_direct_io,
+    )
+
+
+def resolve_model(name: Optional[str], flash: bool) -> Path:
+    """A path, a library name, or the default model (prepared with a progress bar)."""
+    from . import default_model, paths
+    from .progress import tqdm_callback
+
+    if name:
+        p = Path(name).expanduser()
+        if p.exists():
+            return p
+        for cand in (paths.models_dir() / name, paths.models_dir() / f"{name}.flash"):
+            if cand.exists():
+                return cand
+        raise SystemExit(f"error: model not found: {name}")
+    if flash:
+        return default_model.ensure_default_flash(progress=tqdm_callback("Preparing default model"))
+    return default_model.ensure_default_mlx(progress=tqdm_callback("Preparing default model"))
+
+
+def load_engine(args):
+    from .engine import load
+
+    path = resolve_model(args.model, args.flash)
+    from .engine import is_flash_dir
+
+    if is_flash_dir(path) and not args.flash:
+        # A flash folder without --flash: still the flash engine (it is what the folder is for).
+        pass
+    return load(path, flash_config_from_args(args))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
+def print_summary(stats_list, file=sys.stderr) -> None:
+    """mlx-lm style closing lines, plus the flash engine's breakdown."""
+    if not stats_list:
+        return
+    last = stats_list[-1]
+    n = len(stats_list)
+    print("=" * 10, file=file)
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {n} tokens, {last.tokens_per_s:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {last.peak_memory / 1e9:.3f} GB", file=file)
+    if last.mode.startswith("flash"):
+        steady = stats_list[1:] or stats_list
+        k = len(steady)
+        pred = sum(s.ms_predictor for s in steady) / k
+        io = sum(s.ms_io for s in steady) / k
+        comp = sum(s.ms_compute for s in steady) / k
+        read = sum(s.bytes_read for s in steady) / k
+        print(f"Flash ({last.mode}): {pred + io + comp:.1f} ms/token = predictor {pred:.1f} + I/O {io:.1f} "
+              f"+ compute {comp:.1f}; read {_fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
+              f"cache {_fmt_bytes(last.cache_bytes)} of budget {_fmt_bytes(last.budget_bytes)}", file=file)
+
+
+def cmd_generate(args) -> int:
+    engine = load_engine(args)
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not args.raw:
+        prompt = [{"role": "user", "content": prompt}]
+    stats = []
+    for r in engine.stream_generate(prompt, args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                                    system=args.system, seed=args.seed):
+        print(r.text, end="", flush=True)
+        stats.append(r.stats)
+    print()
+    if args.verbose:
+        print_summary(stats)
+    engine.close()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = load_engine(args)
+    print(f"[mlx-flash] chatting with {engine.name} ({engine.mode}). /reset clears, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    messages: List[dict] = []
+    while True:
+        try:
+            line = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            break
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply, stats = [], []
+        try:
+            for r in engine.stream_generate(messages, args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                                            system=args.system, seed=args.seed):
+                print(r.text, end="", flush=True)
+                reply.append(r.text)
+                stats.append(r.stats)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        if stats:
+            s = stats[-1]
+            print(f"[{len(stats)} tokens, {s.tokens_per_s:.1f} tok/s, peak {s.peak_memory / 1e9:.3f} GB]",
+                  file=sys.stderr)
+            if args.verbose:
+                print_summary(stats)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    engine.close()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .progress import tqdm_callback
+
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    from .library import convert_any
+
+    out = convert_any(src, dst, dtype=args.dtype, progress=tqdm_callback(f"Converting {src.name}"),
+                      overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .library import list_models
+
+    models = list_models()
+    if not models:
+        print("no models yet (the default model is prepared on first use)")
+    for m in models:
+        print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {m.size_bytes / 1e6:9.1f} MB  {m.path}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from . import paths
+    from .progress import tqdm_callback
+    from .storage.probe import cached_probe
+
+    directory = Path(args.dir).expanduser() if args.dir else paths.models_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    result = cached_probe(directory, refresh=True, progress=tqdm_callback("Probing disk"))
+    print(result.format_table())
+    t, c = result.choose()
+    print(f"engine default: {t} threads, {c // 1024} KiB chunks")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from . import default_model
+    from .progress import tqdm_callback
+
+    mlx_dir = default_model.ensure_default_mlx(progress=tqdm_callback("Converting GGUF"))
+    flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Writing flash format"))
+    print(f"default model ready:\n  dense: {mlx_dir}\n  flash: {flash_dir}")
+    return 0
+
+
+def _parse_sweep(text: str) -> List[float]:
+    """"10,25,50,75,100" (percent), "10%,0.5" (fractions <= 1 stay fractions)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.endswith("%"):
+            out.append(float(part[:-1]) / 100.0)
+        else:
+            v = float(part)
+            out.append(v / 100.0 if v > 1 else v)
+    if not out or any(v <= 0 for v in out):
+        raise ValueError(f"--sweep needs positive budgets, got {text!r}")
+    return out
+
+
+def cmd_bench(args) -> int:
+    from .bench import default_flash_model, format_table, run_bench, save_plots
+    from .progress import tqdm_callback
+
+    if args.model:
+        path = resolve_model(args.model, True)
+    else:
+        path = default_flash_model(progress=tqdm_callback("Preparing default model"))
+    base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
+                       direct_io=not args.no_direct_io)
+    configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
+    report = run_bench(
+        path,
+        budget=parse_budget(args.budget),
+        tokens=args.tokens,
+        configs=configs,
+        progress=tqdm_callback("bench", disable=args.quiet),
+        prompt=args.prompt,
+        warmup=args.warmup,
+        flash_config=base,
+        sweep=_parse_sweep(args.sweep) if args.sweep else None,
+        shape=args.shape,
+        shape_gib=args.shape_gib,
+        shape_tokens=args.shape_tokens,
+        probe=not args.no_probe,
+        ppl_tokens=args.ppl_tokens,
+    )
+    text = format_table(report)
+    print(text)
+    if args.json:
+        print(f"wrote {report.save_json(args.json)}", file=sys.stderr)
+    if args.text:
+        out = Path(args.text).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plots:
+        for p in save_plots(report, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-flash", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
+    g.add_argument("--raw", action="store_true", help="no chat template")
+    g.add_argument("--verbose", "-v", action="store_true", default=True)
+    g.add_argument("--quiet", "-q", dest="verbose", action="store_false")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--verbose", "-v", action="store_true")
+    c.set_defaults(func=cmd_chat)
+
+    cv = sub.add_parser("convert", help="convert a GGUF file or mlx-lm/HF folder (to mlx-lm or .flash)")
+    cv.add_argument("src")
+    cv.add_argument("dst", help="a folder ending in .flash gives the flash format, else an mlx-lm folder")
+    cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    cv.add_argument("--overwrite", action="store_true")
+    cv.set_defaults(func=cmd_convert)
+
+    ms = sub.add_parser("models", help="list the models in the library")
+    ms.set_defaults(func=cmd_models)
+
+    pr = sub.add_parser("probe", help="measure this disk's read throughput (chunk size x threads)")
+    pr.add_argument("--dir", default=None, help="a folder on the disk to probe (default: the model library)")
+    pr.set_defaults(func=cmd_probe)
+    b = sub.add_parser("bench", help="speed test: dense vs naive flash vs flash, one run (JSON, plots)")
+    b.add_argument("--model", "-m", default=None,
+                   help="a .flash folder or a library name (default: the embedded SmolLM2-135M-Instruct)")
+    b.add_argument("--budget", default="50%", help="FFN memory budget of the flash rows: '50%%', '0.5', '80MB'")
+    b.add_argument("--tokens", type=int, default=64, help="generated tokens per configuration (greedy)")
+    b.add_argument("--warmup", type=int, default=1, help="first tokens left out of the per-token figures")
+    b.add_argument("--configs", default=None,
+                   help="comma-separated subset of dense,naive,oracle,predictor (default: all)")
+    b.add_argument("--prompt", default=None, help="a raw prompt (default: a fixed chat question)")
+    b.add_argument("--window", type=int, default=5, help="sliding window k in tokens")
+    b.add_argument("--sparsity", type=float, default=0.5, help="oracle's fraction of inactive FFN neurons")
+    b.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
+    b.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
+    b.add_argument("--sweep", default=None, help="budgets for the tokens/s-vs-budget sweep, e.g. 10,25,50,75,100")
+    b.add_argument("--shape", default=None, choices=["7b", "13b"],
+                   help="add naive/flash rows on a random model of this FFN shape, replaying the real model's traces")
+    b.add_argument("--shape-gib", type=float, default=2.0, help="size of the --shape model's FFN on disk (GiB)")
+    b.add_argument("--shape-tokens", type=int, default=None, help="tokens replayed on the --shape model")
+    b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
+    b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
+    b.add_argument("--json", default=None, help="write the report as JSON here")
+    b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
+    b.add_argument("--plots", default=None, help="write PNG plots into this folder")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
+
+    pp = sub.add_parser("prepare", help="prepare the embedded default model (once; later runs reuse it)")
+    pp.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .progress import Cancelled
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyboardInterrupt, Cancelled):
+        print("cancelled", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
