@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                    help="run through the flash engine (FFN weights read from disk)")
     p.add_argument("--budget", default="50%", help="FFN memory budget: '50%%', '0.5', '80MB' (flash)")
     p.add_argument("--window", type=int, default=5, help="sliding window k in tokens (flash)")
+    p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default="lru",
+                   help="neuron cache policy: window (the paper's eager deletion) or lru (deferred)")
     p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
                    help="active-neuron choice: all (naive flash), oracle, predictor (flash)")
@@ -40,6 +42,7 @@ def flash_config_from_args(args) -> FlashConfig:
     return FlashConfig(
         budget=parse_budget(args.budget),
         window=args.window,
+        policy=args.policy,
         threads=args.threads,
         active=active,
         sparsity=args.sparsity,

@@ -29,6 +29,10 @@ class FlashConfig:
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
               neurons that do not fit in the cache.
+    policy:   neuron cache policy: "window" (the paper's: neurons not active in
+              the last ``window`` tokens are deleted each token) or "lru" (the
+              same deletions deferred until their rows are needed, so stale
+              neurons may still hit).
     """
 
     budget: float = 0.5
@@ -40,10 +44,11 @@ class FlashConfig:
     sparsity: float = 0.5
     direct_io: bool = True
     scratch_neurons: int = 256
-    policy: str = "window"
+    policy: str = "lru"
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("all", "oracle", "predictor")
+    POLICY_CHOICES = ("window", "lru")
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
@@ -52,6 +57,8 @@ class FlashConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.active not in self.ACTIVE_CHOICES:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
+        if self.policy not in self.POLICY_CHOICES:
+            raise ValueError(f"policy must be one of {self.POLICY_CHOICES}, got {self.policy!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.threads < 0 or self.chunk_bytes < 0:

@@ -338,6 +338,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         budget_bytes=config.budget_bytes(m.ffn_bytes_total),
         window=config.window,
         scratch_neurons=config.scratch_neurons,
+        lazy=config.policy == "lru",
     )
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)

@@ -100,3 +100,18 @@ def test_perplexity_dense_vs_flash_all(tiny):
     p_flash = eng.perplexity(toks, chunk=128)
     assert abs(p_flash - p_dense) / p_dense < (1e-3 if dtype == "float32" else 2e-2)
     eng.close()
+
+
+@pytest.mark.parametrize("policy", ["window", "lru"])
+def test_policies_keep_budget_and_quality(tiny, policy):
+    src, dst, dtype = tiny
+    cfg = FlashConfig(active="oracle", sparsity=0.0, budget=0.35, window=2, policy=policy, scratch_neurons=32, threads=2)
+    eng = load(dst, cfg)
+    want = [r.token for r in load(src).stream_generate("xyz", 12)]
+    got = list(eng.stream_generate("xyz", 12))
+    assert all(r.stats.cache_bytes <= cfg.budget_bytes(eng.ffn_bytes) for r in got)
+    if dtype == "float32":
+        assert [r.token for r in got] == want
+    for lc in eng.cache.layers:
+        lc.check_invariants()
+    eng.close()
