@@ -62,7 +62,7 @@ def resolve_model(name: Optional[str], flash: bool) -> Path:
         for cand in (paths.models_dir() / name, paths.models_dir() / f"{name}.flash"):
             if cand.exists():
                 return cand
-        raise SystemExit(f"error: model not found: {name}")
+        raise FileNotFoundError(f"model not found: {name}")
     if flash:
         return default_model.ensure_default_flash(progress=tqdm_callback("Preparing default model"))
     return default_model.ensure_default_mlx(progress=tqdm_callback("Preparing default model"))
@@ -88,8 +88,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def print_summary(stats_list, file=sys.stderr) -> None:
+def print_summary(stats_list, file=None) -> None:
     """mlx-lm style closing lines, plus the flash engine's breakdown."""
+    file = file or sys.stderr
     if not stats_list:
         return
     last = stats_list[-1]

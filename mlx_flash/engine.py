@@ -329,15 +329,18 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         chunk = chunk or c
     dtype = getattr(mx, m.dtype)
     counters = FFNCounters()
+    budget_bytes = config.budget_bytes(m.ffn_bytes_total)
+    # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
+    scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // m.bundle_bytes))
     cache = NeuronCache.from_budget(
         n_layers=m.num_layers,
         n_neurons=m.intermediate_size,
         bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes,
         dtype=dtype,
-        budget_bytes=config.budget_bytes(m.ffn_bytes_total),
+        budget_bytes=budget_bytes,
         window=config.window,
-        scratch_neurons=config.scratch_neurons,
+        scratch_neurons=scratch_neurons,
         lazy=config.policy == "lru",
     )
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,

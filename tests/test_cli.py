@@ -1,0 +1,62 @@
+"""The `mlx-flash` command line on tiny real models (in-process, real files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_flash.cli import main
+from tests.convert.test_gguf import write_gguf
+from tests.tiny import make_tiny_flash, make_tiny_llama
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_generate_dense_and_flash(tmp_path, home, capsys):
+    src = make_tiny_llama(tmp_path / "m", dtype="float32")
+    assert main(["generate", "--model", str(src), "-p", "hi", "--max-tokens", "8", "--raw"]) == 0
+    dense_out = capsys.readouterr()
+    assert "Generation:" in dense_out.err and "Peak memory:" in dense_out.err
+
+    flash = make_tiny_flash(tmp_path / "f", dtype="float32")
+    rc = main(["generate", "--model", str(flash), "--flash", "--active", "all", "--budget", "50%",
+               "-p", "hi", "--max-tokens", "8", "--raw"])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "Flash (flash-all)" in out.err and "ms/token" in out.err and "hit rate" in out.err
+
+
+def test_chat_multi_turn(tmp_path, home, capsys, monkeypatch):
+    src = make_tiny_llama(tmp_path / "m", dtype="float32")
+    lines = iter(["hello", "/reset", "again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(src), "--max-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tok/s") == 2 and "[history cleared]" in err
+
+
+def test_convert_gguf_to_flash_and_list(tmp_path, home, capsys):
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf)
+    dst = home / "models" / "tiny.flash"
+    assert main(["convert", str(gguf), str(dst)]) == 0
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["architecture"] == "llama"
+    assert main(["models"]) == 0
+    assert "tiny.flash" in capsys.readouterr().out
+
+
+def test_errors_are_clear(tmp_path, home, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "-p", "x"]) != 0
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 64)
+    assert main(["convert", str(bad), str(tmp_path / "out.flash")]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a GGUF file" in err
+    assert not (tmp_path / "out.flash").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
