@@ -88,7 +88,8 @@ class _State:
             def cols(sub_ids):
                 return None
 
-        y = mx.zeros((xt.shape[0], self.hidden), dtype=xt.dtype)
+        # Partial sums (cache part, then scratch chunks) accumulate in float32.
+        y = mx.zeros((xt.shape[0], self.hidden), dtype=mx.float32)
         if len(slots):
             w = mx.take(self.cache.storage, mx.array(slots), axis=0)
             y = y + self._partial(xt, w, cols(order))
@@ -118,4 +119,4 @@ class _State:
         c.neurons_hit += len(plan.hit_ids)
         c.neurons_loaded += len(plan.load_ids)
         c.neurons_streamed += len(overflow)
-        return y.reshape(*shape[:-1], self.hidden)
+        return y.astype(x.dtype).reshape(*shape[:-1], self.hidden)
