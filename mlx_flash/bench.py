@@ -1,0 +1,1164 @@
+"""The speed test: dense vs naive flash vs flash, same model, same prompt, one run.
+
+:func:`run_bench` runs, in one process, the same prompt and the same number of
+greedily generated tokens (end-of-sequence ignored) through:
+
+* **dense**: the whole model in memory (``load(flash_dir, dense=True)``: the same
+  weights as the flash runs), where it fits in RAM: the ceiling;
+* **naive flash** (``active="all"``): every token reads every FFN neuron that is
+  not resident, through the same reader, page cache bypassed: the paper's baseline;
+* **flash oracle**: the true active neurons (an upper bound for a predictor);
+* **flash predictor**: the model's low-rank predictors (skipped, with a note, when
+  the model has none).
+
+Each row gives tokens/s, ms/token split into predictor / I/O / compute, bytes
+read per token (and the useful part), cache hit rate, resident and peak memory,
+perplexity on the project's own reference text (``resources/reference.txt``), and
+for flash rows the effective read throughput (bytes read / time in the reader)
+as a fraction of the disk probe's best at the request sizes used. The first
+``warmup`` token(s) of each run are left out of the per-token averages.
+
+Optional parts of the same report: a memory-budget sweep (tokens/s vs budget),
+the disk probe's table (:func:`mlx_flash.storage.probe.cached_probe`, measured
+once per machine), and large-shape rows (``shape="7b"``): a random-weight flash
+model with 7B-class FFN dimensions, driven through the real NeuronCache +
+FlashReader + SparseFFN with per-token active sets replayed from the flash-oracle
+run on the real model (:mod:`mlx_flash.traces`): their figures come from
+replayed traces, FFN only, and the report says so.
+
+``format_table(report)`` prints it; ``save_plots(report, dir)`` draws PNGs;
+``report.to_json()`` saves it. Qt-free; every long step reports progress and can
+be cancelled (``mlx_flash.progress``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .config import FlashConfig
+from .progress import Cancelled, ProgressCallback, report as _report, scaled
+from .stats import Stats
+
+PathLike = Union[str, Path]
+
+# ----------------------------------------------------------------------------- names
+DENSE = "dense"
+NAIVE = "naive flash"
+ORACLE = "flash oracle"
+PREDICTOR = "flash predictor"
+CONFIGS: Tuple[str, ...] = (DENSE, NAIVE, ORACLE, PREDICTOR)
+"""The configurations :func:`run_bench` knows, in the order it runs them."""
+
+ALIASES = {"dense": DENSE, "naive": NAIVE, "all": NAIVE, "naive flash": NAIVE, "oracle": ORACLE,
+           "flash oracle": ORACLE, "predictor": PREDICTOR, "flash predictor": PREDICTOR, "flash": PREDICTOR}
+_ACTIVE = {NAIVE: "all", ORACLE: "oracle", PREDICTOR: "predictor"}
+
+REAL = "real model"
+REPLAYED = "replayed traces"
+
+DEFAULT_PROMPT: List[Dict[str, str]] = [
+    {"role": "user", "content": "Explain in a few paragraphs how a computer reads data from a solid state drive, "
+                                "and why small random reads are slower than large sequential ones."}
+]
+DEFAULT_PPL_TOKENS = 300
+REFERENCE_FILE = "reference.txt"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """FFN dimensions of a large-shape run (random weights)."""
+
+    name: str
+    hidden: int
+    ffn: int
+    dtype: str = "float16"
+
+    @property
+    def bundle_bytes(self) -> int:
+        from .storage.format import DTYPE_SIZES
+
+        return 3 * self.hidden * DTYPE_SIZES[self.dtype]
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.ffn * self.bundle_bytes
+
+    def layers_for(self, gib: float) -> int:
+        """As many layers as fit ``gib`` GiB of ffn.bin (at least one)."""
+        return max(1, int(gib * 2**30 // self.layer_bytes))
+
+
+SHAPES: Dict[str, Shape] = {
+    "7b": Shape("7b", 4096, 11008),     # Llama-2-7B: bundle 3*4096*2 = 24 KiB, 258 MiB a layer
+    "13b": Shape("13b", 5120, 13824),
+}
+
+
+def canonical_config(name: str) -> str:
+    """``"oracle"`` → ``"flash oracle"`` etc.; ValueError for unknown names."""
+    key = str(name).strip().lower()
+    if key not in ALIASES:
+        raise ValueError(f"unknown bench configuration {name!r}; known: {', '.join(sorted(set(ALIASES)))}")
+    return ALIASES[key]
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class BenchRow:
+    """One configuration's measured figures (per-token figures: warm-up tokens left out).
+
+    Times in ms, sizes in bytes, throughput in GB/s (10^9 B/s). ``None``: not
+    applicable (a dense row has no hit rate or I/O; replayed rows no perplexity).
+    """
+
+    name: str
+    source: str = REAL                    # "real model" or "replayed traces"
+    group: str = "real"                   # rows compared with each other in ratios
+    mode: str = ""                        # the engine's mode string
+    prompt_tokens: int = 0
+    tokens: int = 0                       # measured tokens (warm-up excluded)
+    warmup_tokens: int = 0
+    tokens_per_s: float = 0.0             # 1000 / ms_total
+    ms_total: float = 0.0
+    ms_predictor: float = 0.0
+    ms_io: float = 0.0
+    ms_compute: float = 0.0
+    bytes_read_per_token: float = 0.0
+    bytes_useful_per_token: float = 0.0
+    hit_rate: Optional[float] = None
+    neurons_active_per_token: float = 0.0
+    neurons_loaded_per_token: float = 0.0
+    neurons_streamed_per_token: float = 0.0
+    resident_bytes: int = 0               # weights held in memory (max over measured tokens)
+    cache_bytes: int = 0                  # neuron cache in use at the end
+    budget_bytes: int = 0                 # FFN budget (0: dense)
+    peak_memory: int = 0                  # MLX peak allocation during the generation
+    process_rss: int = 0                  # the process's resident set (max over measured tokens)
+    perplexity: Optional[float] = None
+    ms_perplexity: Optional[float] = None
+    agree_with_dense: Optional[int] = None  # leading generated tokens identical to dense's
+    threads: int = 0
+    chunk_bytes: int = 0
+    io_gbps: Optional[float] = None       # bytes read / time inside the reader
+    mean_request_bytes: Optional[float] = None
+    disk_best_gbps: Optional[float] = None  # probe: best thread count at the nearest chunk size
+    disk_gbps_same_threads: Optional[float] = None  # probe at that chunk size and the reader's threads
+    io_efficiency: Optional[float] = None  # io_gbps / disk_best_gbps
+    read_mode: str = ""                   # O_DIRECT / F_NOCACHE / buffered
+    text: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "BenchRow":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class SweepPoint:
+    """One (configuration, budget) point of the memory-budget sweep."""
+
+    config: str
+    budget: float                         # fraction of the FFN (or bytes when > 1)
+    budget_bytes: int = 0
+    tokens_per_s: float = 0.0
+    ms_total: float = 0.0
+    ms_io: float = 0.0
+    bytes_read_per_token: float = 0.0
+    hit_rate: Optional[float] = None
+    resident_bytes: int = 0
+    peak_memory: int = 0
+    error: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SweepPoint":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class BenchReport:
+    """Everything one :func:`run_bench` measured. ``rows`` holds measured
+    configurations only; ``skipped`` lists the others with the reason."""
+
+    model: str
+    model_name: str
+    budget: float
+    budget_bytes: int
+    ffn_bytes: int
+    tokens: int
+    warmup: int
+    prompt: Any
+    prompt_tokens: int
+    config: Dict[str, Any]
+    perplexity_tokens: int = 0            # reference-text tokens scored (0: no perplexity)
+    rows: List[BenchRow] = field(default_factory=list)
+    ratios: Dict[str, float] = field(default_factory=dict)
+    probe: Any = None                     # a ProbeResult (or None)
+    sweep: List[SweepPoint] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    shape: Optional[Dict[str, Any]] = None
+    trace: Optional[Dict[str, Any]] = None
+    machine: Dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    seconds: float = 0.0
+
+    def row(self, name: str) -> Optional[BenchRow]:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        return None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["rows"] = [r.to_dict() for r in self.rows]
+        d["sweep"] = [p.to_dict() for p in self.sweep]
+        d["probe"] = self.probe.to_dict() if self.probe is not None else None
+        return _jsonable(d)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save_json(self, path: PathLike) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "BenchReport":
+        from .storage.probe import ProbeResult
+
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["rows"] = [BenchRow.from_dict(r) for r in d.get("rows", [])]
+        kw["sweep"] = [SweepPoint.from_dict(p) for p in d.get("sweep", [])]
+        kw["probe"] = ProbeResult.from_dict(d["probe"]) if d.get("probe") else None
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes]) -> "BenchReport":
+        return cls.from_dict(json.loads(text))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        x = float(x)
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- measures
+def compute_ratios(rows: Sequence[BenchRow]) -> Dict[str, float]:
+    """Speed ratios (tokens/s over tokens/s) of every flash row (oracle, predictor)
+    to the naive-flash and dense rows of the same group: ``{"flash oracle /
+    naive flash": 3.1, ...}``. Rows of different groups (real model vs replayed
+    large shape) are never compared."""
+    out: Dict[str, float] = {}
+    for r in rows:
+        if r.name.split(" (")[0] not in (ORACLE, PREDICTOR):
+            continue
+        for base_kind in (NAIVE, DENSE):
+            for b in rows:
+                if b.group == r.group and b.name.split(" (")[0] == base_kind and b.tokens_per_s > 0:
+                    out[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
+    return out
+
+
+def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
+    """Per-token means over ``stats[warmup:]`` (the figures of a :class:`BenchRow`)."""
+    steady = list(stats[warmup:])
+    if not steady:
+        raise ValueError(f"no measured tokens: {len(stats)} generated, {warmup} warm-up")
+    n = len(steady)
+
+    def mean(attr: str) -> float:
+        return float(sum(getattr(s, attr) for s in steady) / n)
+
+    ms_total = mean("ms_total")
+    active = sum(s.neurons_active for s in steady)
+    hits = sum(s.hit_rate * s.neurons_active for s in steady)
+    flash = steady[-1].mode.startswith("flash")
+    return {
+        "tokens": n,
+        "warmup_tokens": min(warmup, len(stats)),
+        "tokens_per_s": 1e3 / ms_total if ms_total > 0 else 0.0,
+        "ms_total": ms_total,
+        "ms_predictor": mean("ms_predictor"),
+        "ms_io": mean("ms_io"),
+        "ms_compute": mean("ms_compute"),
+        "bytes_read_per_token": mean("bytes_read"),
+        "bytes_useful_per_token": mean("bytes_useful"),
+        "hit_rate": (hits / active if active else 1.0) if flash else None,
+        "neurons_active_per_token": mean("neurons_active"),
+        "neurons_loaded_per_token": mean("neurons_loaded"),
+        "neurons_streamed_per_token": mean("neurons_streamed"),
+        "resident_bytes": int(max(s.resident_bytes for s in steady)),
+        "cache_bytes": int(steady[-1].cache_bytes),
+        "budget_bytes": int(steady[-1].budget_bytes),
+        "peak_memory": int(max(s.peak_memory for s in stats)),
+        "process_rss": int(max(s.process_rss for s in steady)),
+        "mode": steady[-1].mode,
+        "prompt_tokens": int(steady[-1].prompt_tokens),
+    }
+
+
+def _io_figures(row: BenchRow, reads, probe) -> None:
+    """Fill the effective-throughput fields of a flash row from the reader's totals."""
+    if reads is None or reads.seconds <= 0 or reads.bytes_read <= 0:
+        return
+    row.io_gbps = reads.bytes_read / reads.seconds / 1e9
+    row.mean_request_bytes = reads.bytes_read / max(1, reads.requests)
+    if probe is not None and probe.table:
+        chunk = _nearest_chunk(probe, row.mean_request_bytes)
+        t, best = probe.best(chunk)
+        row.disk_best_gbps = best
+        row.disk_gbps_same_threads = probe.table[chunk].get(row.threads)
+        row.io_efficiency = row.io_gbps / best if best > 0 else None
+
+
+def _nearest_chunk(probe, nbytes: float) -> int:
+    return min(probe.table, key=lambda c: abs(np.log2(c) - np.log2(max(1.0, nbytes))))
+
+
+def reference_text() -> str:
+    """The project's own reference prose (``resources/reference.txt``)."""
+    from .paths import resources_dir
+
+    return (resources_dir() / REFERENCE_FILE).read_text(encoding="utf-8")
+
+
+def _free_mlx() -> None:
+    import mlx.core as mx
+
+    gc.collect()
+    clear = getattr(mx, "clear_cache", None)
+    if clear is not None:
+        clear()
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
+def machine_info() -> Dict[str, Any]:
+    import mlx.core as mx
+
+    info: Dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "mlx": getattr(mx, "__version__", "?"),
+        "device": str(mx.default_device()),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": _physical_memory(),
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except (OSError, AttributeError):
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------- real-model runs
+def _prompt_for(engine, prompt) -> Any:
+    """Chat messages go through the chat template when the tokenizer has one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        if not getattr(engine.tokenizer, "has_chat_template", True):
+            return "\n".join(m.get("content", "") for m in prompt)
+    return prompt
+
+
+class _Skip(Exception):
+    """A configuration cannot run on this model (the message says why)."""
+
+
+def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warmup: int,
+              ref_ids: Optional[List[int]], probe, progress: Optional[ProgressCallback], *,
+              record: bool = False, dense_tokens: Optional[List[int]] = None):
+    """One configuration on the real model. Returns (row, generated token ids, trace or None)."""
+    from .engine import load
+    from .storage.platform_io import drop_page_cache
+    from .traces import recording
+
+    _report(progress, 0.0, f"{name}: loading")
+    try:
+        engine = load(path, cfg, dense=(name == DENSE))
+    except Exception as e:
+        if name != PREDICTOR:
+            raise
+        if isinstance(e, ImportError):
+            raise _Skip(f"predictors are not available in this build ({e})") from e
+        raise _Skip(f"{type(e).__name__}: {str(e).strip() or 'cannot load the predictors'}") from e
+    trace = None
+    try:
+        engine.tokenizer.eos_token_ids = []  # every configuration generates exactly `tokens` tokens
+        if engine.files is not None:
+            drop_page_cache(engine.files.ffn_path)
+        else:
+            drop_page_cache(path / "ffn.bin")
+        _free_mlx()
+        p = _prompt_for(engine, prompt)
+        stats: List[Stats] = []
+        toks: List[int] = []
+        text: List[str] = []
+        gen_share = 0.8 if ref_ids else 1.0
+        with (recording(engine) if record and engine.is_flash else nullcontext()) as tr:
+            for i, r in enumerate(engine.stream_generate(p, tokens, temperature=0.0)):
+                stats.append(r.stats)
+                toks.append(r.token)
+                text.append(r.text)
+                if i + 1 == warmup and engine.reader is not None:
+                    engine.reader.reset_totals()  # effective throughput over measured tokens only
+                _report(progress, gen_share * (i + 1) / tokens, f"{name}: token {i + 1}/{tokens}")
+        trace = tr
+        reads = engine.reader.reset_totals() if engine.reader is not None else None
+        s = summarize(stats, warmup)
+        row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
+        if engine.reader is not None:
+            row.threads = engine.reader.threads
+            row.chunk_bytes = engine.reader.chunk_bytes
+            row.read_mode = engine.reader.mode
+            _io_figures(row, reads, probe)
+        if dense_tokens is not None:
+            k = 0
+            while k < min(len(toks), len(dense_tokens)) and toks[k] == dense_tokens[k]:
+                k += 1
+            row.agree_with_dense = k
+        if ref_ids:
+            _report(progress, gen_share, f"{name}: perplexity")
+            t0 = time.perf_counter()
+            row.perplexity = engine.perplexity(ref_ids, chunk=len(ref_ids) - 1)
+            row.ms_perplexity = (time.perf_counter() - t0) * 1e3
+        _report(progress, 1.0, f"{name}: done")
+        return row, toks, trace
+    finally:
+        engine.close()
+        del engine
+        _free_mlx()
+
+
+def default_flash_model(progress: Optional[ProgressCallback] = None) -> Path:
+    """The default model's flash folder (``default_model.ensure_default_flash`` when the
+    project has it; else the converted default model written next to it once)."""
+    from . import default_model
+
+    ensure = getattr(default_model, "ensure_default_flash", None)
+    if ensure is not None:
+        return ensure(progress=progress)
+    from .paths import models_dir
+    from .storage.format import convert_to_flash
+
+    src = default_model.ensure_default_mlx(progress=scaled(progress, 0.0, 0.5))
+    dst = models_dir() / f"{default_model.DEFAULT_MODEL_NAME}.flash"
+    if (dst / "manifest.json").is_file():
+        return dst
+    return convert_to_flash(src, dst, progress=scaled(progress, 0.5, 1.0))
+
+
+def _load_probe(probe, directory: Path, probe_kwargs: Optional[Dict[str, Any]],
+                progress: Optional[ProgressCallback], notes: List[str]):
+    from .storage.probe import ProbeResult, cached_probe
+
+    if probe is None or probe is False:
+        return None
+    if isinstance(probe, ProbeResult):
+        return probe
+    try:
+        return cached_probe(directory, progress=progress, **(probe_kwargs or {}))
+    except Cancelled:
+        raise
+    except (OSError, ValueError) as e:
+        notes.append(f"disk probe unavailable: {e}")
+        return None
+
+
+# ----------------------------------------------------------------------------- large shapes
+def ensure_shape_model(shape: Union[str, Shape] = "7b", gib: float = 2.0, *, root: Optional[PathLike] = None,
+                       seed: int = 0, progress: Optional[ProgressCallback] = None) -> Path:
+    """A flash folder with ``shape``'s FFN dimensions and as many layers as fit
+    ``gib`` GiB of ffn.bin, random weights; generated once (layer by layer through
+    :func:`~mlx_flash.storage.format.write_flash`) under ``root`` (default
+    ``data_dir()/bench``) and reused. Only its FFN is meant to be used."""
+    import mlx.core as mx
+
+    from .paths import data_dir
+    from .storage.format import FlashFormatError, open_flash, write_flash
+
+    sp = SHAPES[shape] if isinstance(shape, str) else shape
+    layers = sp.layers_for(gib)
+    base = Path(root).expanduser() if root is not None else data_dir() / "bench"
+    path = base / f"{sp.name}-h{sp.hidden}-f{sp.ffn}-{sp.dtype}-{layers}L-s{seed}.flash"
+    if (path / "manifest.json").is_file():
+        try:
+            m = open_flash(path).manifest
+            if (m.hidden_size, m.intermediate_size, m.num_layers, m.dtype) == (sp.hidden, sp.ffn, layers, sp.dtype):
+                return path
+        except FlashFormatError:
+            pass
+    dt = getattr(mx, sp.dtype)
+    heads = max(1, sp.hidden // 128)
+    config = {
+        "model_type": "llama",
+        "hidden_size": sp.hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": sp.ffn,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "mlx_flash_bench_shape": sp.name,
+    }
+    weights: Dict[str, Any] = {"model.norm.weight": mx.ones((sp.hidden,), dtype=dt)}
+    for i in range(layers):  # lazy: write_flash evaluates (and frees) one layer at a time
+        k = mx.random.split(mx.random.key(seed * 100003 + i), 3)
+        pre = f"model.layers.{i}.mlp"
+        weights[f"{pre}.gate_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[0]) * sp.hidden**-0.5
+        weights[f"{pre}.up_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[1]) * sp.hidden**-0.5
+        weights[f"{pre}.down_proj.weight"] = mx.random.normal((sp.hidden, sp.ffn), dtype=dt, key=k[2]) * sp.ffn**-0.5
+    return write_flash(path, config=config, weights=weights, source=f"random weights, {sp.name} FFN shape (mlx-flash bench)",
+                       progress=progress, overwrite=path.exists())
+
+
+def _trace_path(model_name: str) -> Path:
+    from .paths import data_dir
+
+    return data_dir() / "bench" / "traces" / f"{model_name}.npz"
+
+
+def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: int, probe,
+                progress: Optional[ProgressCallback], seed: int = 0) -> BenchRow:
+    """Drive one SparseFFN per layer of ``files`` with random inputs: every neuron
+    (naive) or the trace's active sets (replayed oracle)."""
+    import mlx.core as mx
+
+    from .active import AllNeurons
+    from .neuron_cache import NeuronCache
+    from .sparse_ffn import SparseFFN
+    from .stats import FFNCounters
+    from .storage.platform_io import drop_page_cache
+    from .storage.probe import load_cached_choice
+    from .storage.reader import FlashReader
+    from .traces import ReplayChooser
+
+    m = files.manifest
+    threads, chunk = cfg.threads, cfg.chunk_bytes
+    if not threads or not chunk:
+        t, c = load_cached_choice(files.root)
+        threads, chunk = threads or t, chunk or c
+    dt = getattr(mx, m.dtype)
+    replay = name.startswith(ORACLE)
+    chooser = ReplayChooser(trace) if replay else AllNeurons(m.intermediate_size)
+    counters = FFNCounters()
+    cache = NeuronCache.from_budget(
+        n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
+        bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
+        window=cfg.window, scratch_neurons=cfg.scratch_neurons)
+    reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=cfg.max_gap_bytes,
+                         direct=cfg.direct_io)
+    try:
+        ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, (cache.scratch, cache.scratch_host),
+                          counters, act="silu") for i in range(m.num_layers)]
+        drop_page_cache(files.ffn_path)
+        _free_mlx()
+        key = mx.random.key(seed)
+        mx.reset_peak_memory()
+        stats: List[Stats] = []
+        mode = f"flash-{chooser.name}"
+        for t in range(tokens):
+            key, sub = mx.random.split(key)
+            xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=dt, key=sub)
+            mx.eval(xs)
+            if replay:
+                chooser.token = t
+            before = FFNCounters(**counters.__dict__)
+            t0 = time.perf_counter()
+            for i, ffn in enumerate(ffns):
+                ffn(xs[i])  # SparseFFN evaluates its output
+            ms = (time.perf_counter() - t0) * 1e3
+            d = FFNCounters(**{k: getattr(counters, k) - getattr(before, k) for k in counters.__dict__})
+            stats.append(Stats(
+                token_index=t, ms_total=ms, ms_predictor=d.predictor_s * 1e3, ms_io=d.io_s * 1e3,
+                ms_compute=max(0.0, ms - (d.predictor_s + d.io_s) * 1e3), bytes_read=d.bytes_read,
+                bytes_useful=d.bytes_useful, neurons_active=d.neurons_active, neurons_loaded=d.neurons_loaded,
+                neurons_streamed=d.neurons_streamed,
+                hit_rate=(d.neurons_hit / d.neurons_active) if d.neurons_active else 1.0,
+                resident_bytes=cache.resident_bytes + cache.scratch_bytes, cache_bytes=cache.resident_bytes,
+                budget_bytes=cache.budget_bytes, peak_memory=mx.get_peak_memory(),
+                process_rss=_rss(), mode=mode))
+            if t + 1 == warmup:
+                reader.reset_totals()
+            _report(progress, (t + 1) / tokens, f"{name}: token {t + 1}/{tokens}")
+        reads = reader.reset_totals()
+        s = summarize(stats, warmup)
+        row = BenchRow(name=name, source=REPLAYED, **s)
+        row.threads, row.chunk_bytes, row.read_mode = reader.threads, reader.chunk_bytes, reader.mode
+        _io_figures(row, reads, probe)
+        return row
+    finally:
+        reader.close()
+        del cache
+        _free_mlx()
+
+
+def _rss() -> int:
+    from .stats import process_rss
+
+    return process_rss()
+
+
+# ----------------------------------------------------------------------------- the bench
+def _parse_configs(configs: Optional[Iterable[str]]) -> List[str]:
+    if configs is None:
+        return list(CONFIGS)
+    chosen = {canonical_config(c) for c in configs}
+    return [c for c in CONFIGS if c in chosen]
+
+
+def run_bench(
+    model_path: PathLike,
+    *,
+    budget: float = 0.5,
+    tokens: int = 64,
+    configs: Optional[Sequence[str]] = None,
+    progress: Optional[ProgressCallback] = None,
+    prompt: Any = None,
+    warmup: int = 1,
+    flash_config: Optional[FlashConfig] = None,
+    sweep: Optional[Sequence[float]] = None,
+    sweep_configs: Optional[Sequence[str]] = None,
+    shape: Optional[Union[str, Shape]] = None,
+    shape_gib: float = 2.0,
+    shape_tokens: Optional[int] = None,
+    shape_root: Optional[PathLike] = None,
+    trace: Any = None,
+    probe: Any = True,
+    probe_kwargs: Optional[Dict[str, Any]] = None,
+    ppl_tokens: int = DEFAULT_PPL_TOKENS,
+    reference: Optional[str] = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
+
+    budget:    FFN memory budget of the flash rows (fraction of the FFN bytes when
+               <= 1, else bytes), as ``FlashConfig.budget``.
+    tokens:    generated tokens per configuration (greedy; end-of-sequence ignored);
+               the first ``warmup`` (>= 1) are left out of the per-token figures.
+    configs:   names or aliases among dense / naive / oracle / predictor (default all;
+               predictor is skipped with a note when the model has none).
+    progress:  ``callback(fraction, message)``; returning False cancels (``Cancelled``).
+    prompt:    a string, token ids or chat messages (default :data:`DEFAULT_PROMPT`).
+    flash_config: window, sparsity, threads, chunk_bytes, ... for the flash rows
+               (``budget`` and ``active`` are set per row).
+    sweep:     budgets (fractions) for the tokens/s-vs-budget sweep (none: no sweep);
+               ``sweep_configs`` (default naive + oracle + predictor where measured).
+    shape:     ``"7b"`` (or a :class:`Shape`): add naive/oracle rows replayed on a
+               random model of that FFN shape with ``shape_gib`` GiB of FFN, driven by
+               the active sets the flash-oracle run recorded (or ``trace``: a Trace
+               or a path); ``shape_tokens`` tokens (default: ``tokens``, at most the
+               trace's length).
+    probe:     True: the disk's cached probe (measured once per machine,
+               ``probe_kwargs`` go to ``cached_probe``); a ProbeResult; False: none.
+    ppl_tokens: tokens of the reference text for perplexity (0: no perplexity);
+               ``reference`` replaces ``resources/reference.txt``.
+    """
+    from .engine import is_flash_dir
+    from .storage.format import open_flash
+    from .traces import Trace
+
+    t_start = time.perf_counter()
+    path = Path(model_path).expanduser()
+    if not is_flash_dir(path):
+        raise ValueError(f"{path} is not a flash model folder (no manifest.json); convert it first: "
+                         f"mlx-flash convert {path} {path.name}.flash")
+    if tokens < 2:
+        raise ValueError(f"tokens must be >= 2, got {tokens}")
+    if not 1 <= warmup < tokens:
+        raise ValueError(f"warmup must be in [1, tokens), got {warmup}")
+    names = _parse_configs(configs)
+    files = open_flash(path)
+    m = files.manifest
+    base = flash_config or FlashConfig()
+    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget)})
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    sweep = [float(b) for b in (sweep or [])]
+    shape_obj = (SHAPES[shape] if isinstance(shape, str) else shape) if shape else None
+    if isinstance(shape, str) and shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+    rep = BenchReport(
+        model=str(path), model_name=path.name, budget=float(budget), budget_bytes=cfg_main.budget_bytes(m.ffn_bytes_total),
+        ffn_bytes=m.ffn_bytes_total, tokens=tokens, warmup=warmup, prompt=prompt, prompt_tokens=0,
+        config=cfg_main.to_dict(), machine=machine_info(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    notes = rep.notes
+
+    # ---- stages and their share of the progress bar
+    stages: List[Tuple[str, float]] = []
+    if probe is not None and probe is not False:
+        stages.append(("probe", 1.0))
+    stages += [(n, 1.0) for n in names]
+    stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
+    if shape_obj is not None:
+        stages += [("shape-build", 1.0), ("shape-naive", 1.5), ("shape-oracle", 1.0)]
+    total = sum(w for _, w in stages)
+    acc, bounds = 0.0, {}
+    for s_name, w in stages:
+        bounds[s_name] = (acc / total, (acc + w) / total)
+        acc += w
+
+    def stage(s_name: str) -> Optional[ProgressCallback]:
+        lo, hi = bounds[s_name]
+        return scaled(progress, lo, hi)
+
+    # ---- disk probe (once per machine; the engine's threads/chunk come from it)
+    probe_res = None
+    if "probe" in bounds:
+        probe_res = _load_probe(probe, path.parent, probe_kwargs, stage("probe"), notes)
+    rep.probe = probe_res
+
+    # ---- the reference text
+    ref_ids: Optional[List[int]] = None
+    if ppl_tokens and ppl_tokens > 0:
+        from mlx_lm.utils import load_tokenizer
+
+        tok = load_tokenizer(path)
+        text = reference if reference is not None else reference_text()
+        ids: List[int] = []
+        for cut in (ppl_tokens * 12, len(text)):  # encode a prefix: long enough, no over-length warnings
+            ids = list(tok.encode(text[:cut], add_special_tokens=False))
+            if len(ids) > ppl_tokens + 1 or cut >= len(text):
+                break
+        ref_ids = ids[: ppl_tokens + 1]
+        if len(ref_ids) < 2:
+            ref_ids = None
+        rep.perplexity_tokens = len(ref_ids) - 1 if ref_ids else 0
+
+    # ---- the real-model configurations
+    fits = True
+    dense_estimate = m.ffn_bytes_total + files.dense_path.stat().st_size
+    phys = _physical_memory()
+    if phys and dense_estimate > 0.75 * phys:
+        fits = False
+    dense_tokens: Optional[List[int]] = None
+    recorded = None
+    for n in names:
+        cb = stage(n)
+        if n == DENSE and not fits:
+            rep.skipped.append({"name": n, "reason": f"the whole model ({dense_estimate / 1e9:.1f} GB) does not fit "
+                                                     f"in memory ({phys / 1e9:.1f} GB)"})
+            _report(cb, 1.0, "dense skipped")
+            continue
+        cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
+        try:
+            row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res, cb,
+                                      record=(n == ORACLE), dense_tokens=dense_tokens)
+        except _Skip as e:
+            rep.skipped.append({"name": n, "reason": str(e)})
+            _report(cb, 1.0, f"{n} skipped")
+            continue
+        if n == DENSE:
+            dense_tokens = toks
+        if tr is not None:
+            recorded = tr
+        rep.rows.append(row)
+    rep.prompt_tokens = max((r.prompt_tokens for r in rep.rows), default=0)
+    if recorded is not None:
+        rep.trace = {**recorded.summary(), "model": path.name}
+
+    # ---- the budget sweep
+    if sweep:
+        measured = {r.name for r in rep.rows}
+        sc = _parse_configs(sweep_configs) if sweep_configs is not None else [NAIVE, ORACLE, PREDICTOR]
+        sc = [c for c in sc if c != DENSE and (c in measured or sweep_configs is not None)]
+        sc = [c for c in sc if c not in {s["name"] for s in rep.skipped}]
+        cb = stage("sweep")
+        pts = [(c, b) for b in sweep for c in sc]
+        for k, (c, b) in enumerate(pts):
+            sub = scaled(cb, k / len(pts), (k + 1) / len(pts))
+            existing = rep.row(c)
+            if existing is not None and abs(b - budget) < 1e-9:
+                rep.sweep.append(_sweep_point(c, b, existing))
+                continue
+            cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "budget": b, "active": _ACTIVE[c]})
+            try:
+                row, _, _ = _run_real(c, path, cfg, prompt, tokens, warmup, None, probe_res, sub)
+                rep.sweep.append(_sweep_point(c, b, row))
+            except Cancelled:
+                raise
+            except (ValueError, _Skip) as e:  # e.g. a budget too small for the scratch buffer
+                rep.sweep.append(SweepPoint(config=c, budget=b, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
+                                            error=str(e)))
+        _report(cb, 1.0, "sweep done")
+
+    # ---- the large-shape rows (replayed traces)
+    if shape_obj is not None:
+        if trace is not None:
+            tr_obj = trace if isinstance(trace, Trace) else Trace.load(trace)
+        elif recorded is not None and len(recorded):
+            tr_obj = recorded
+        elif _trace_path(path.name).is_file():
+            tr_obj = Trace.load(_trace_path(path.name))
+            notes.append(f"replayed trace loaded from {_trace_path(path.name)} (recorded by an earlier run)")
+        else:
+            from .engine import load
+            from .traces import record
+
+            cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": "oracle"})
+            eng = load(path, cfg)
+            try:
+                eng.tokenizer.eos_token_ids = []
+                tr_obj = record(eng, _prompt_for(eng, prompt), tokens)
+            finally:
+                eng.close()
+                del eng
+                _free_mlx()
+        if recorded is not None and tr_obj is recorded:
+            try:
+                tr_obj.save(_trace_path(path.name))
+            except OSError as e:  # pragma: no cover
+                notes.append(f"could not save the trace: {e}")
+        rep.trace = {**tr_obj.summary(), "model": tr_obj.meta.get("model", path.name)}
+        spath = ensure_shape_model(shape_obj, shape_gib, root=shape_root, seed=seed, progress=stage("shape-build"))
+        sfiles = open_flash(spath)
+        sm = sfiles.manifest
+        strace = tr_obj.scaled(sm.intermediate_size, sm.num_layers, seed=seed)
+        n_tok = min(shape_tokens or tokens, len(strace))
+        if n_tok <= warmup:
+            raise ValueError(f"the trace has {len(strace)} tokens: too few for {warmup} warm-up token(s)")
+        label = f" ({shape_obj.name} shape)"
+        for n, st in ((NAIVE, "shape-naive"), (ORACLE, "shape-oracle")):
+            row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res, stage(st), seed=seed)
+            row.group = f"{shape_obj.name} shape"
+            rep.rows.append(row)
+        rep.shape = {
+            "name": shape_obj.name, "hidden": sm.hidden_size, "ffn": sm.intermediate_size, "dtype": sm.dtype,
+            "layers": sm.num_layers, "ffn_bytes": sm.ffn_bytes_total, "bundle_bytes": sm.bundle_bytes,
+            "gib": shape_gib, "path": str(spath), "tokens": n_tok, "trace_scaling": strace.meta.get("scale_mode"),
+            "source_layers": strace.meta.get("source_layers"), "scaled_sparsity": strace.sparsity,
+            "scaled_reuse_last_token": strace.reuse(1),
+        }
+
+    rep.ratios = compute_ratios(rep.rows)
+    rep.notes[:0] = _standard_notes(rep, files)
+    rep.seconds = time.perf_counter() - t_start
+    try:
+        rep.machine["load_average_end"] = list(os.getloadavg())
+    except (OSError, AttributeError):
+        pass
+    _report(progress, 1.0, "bench done")
+    return rep
+
+
+def _sweep_point(c: str, b: float, row: BenchRow) -> SweepPoint:
+    return SweepPoint(config=c, budget=b, budget_bytes=row.budget_bytes, tokens_per_s=row.tokens_per_s,
+                      ms_total=row.ms_total, ms_io=row.ms_io, bytes_read_per_token=row.bytes_read_per_token,
+                      hit_rate=row.hit_rate, resident_bytes=row.resident_bytes, peak_memory=row.peak_memory)
+
+
+def _standard_notes(rep: BenchReport, files) -> List[str]:
+    n_meas = rep.tokens - rep.warmup
+    out = [
+        f"Every configuration generates exactly {rep.tokens} tokens greedily from the same prompt "
+        f"({rep.prompt_tokens} prompt tokens; end-of-sequence ignored), one after another in one process.",
+        f"Per-token figures leave out the first {rep.warmup} generated token(s) of each run (warm-up: cold neuron "
+        f"cache, first-call overheads) and average the other {n_meas}; tokens/s = 1000 / mean ms per token.",
+        "ms/token split: predictor = choosing the active neurons; I/O = neuron-cache bookkeeping + reads from "
+        "ffn.bin; compute = the rest (attention, FFN arithmetic, sampling).",
+        "The page cache of ffn.bin is dropped before each configuration, and flash reads bypass it.",
+        "dense = the same flash folder loaded whole into memory (load(path, dense=True)); naive flash = every "
+        "FFN neuron every token, the non-resident ones read from disk (the paper's baseline).",
+        "flash oracle = the true active neurons from the full gate/up weights, which it holds in memory (counted in "
+        "its resident bytes): an upper bound for a predictor, not a product mode.",
+    ]
+    if any(r.perplexity is not None for r in rep.rows):
+        out.append(f"Perplexity: {rep.perplexity_tokens} predicted tokens of resources/reference.txt (the project's "
+                   "own prose) in one teacher-forced pass, after the generation.")
+    if any(r.io_gbps for r in rep.rows):
+        out.append("I/O GB/s = bytes read / time inside the reader over the measured tokens; 'of disk' divides it "
+                   "by the probe's best throughput (any thread count) at the chunk size nearest the mean request.")
+    if rep.shape:
+        s = rep.shape
+        out.append(
+            f"Rows marked '{REPLAYED}' are not a real model: a random-weight flash model with {s['name']} FFN "
+            f"dimensions (hidden {s['hidden']}, FFN {s['ffn']}, {s['dtype']}, bundle {s['bundle_bytes'] // 1024} KiB, "
+            f"{s['layers']} layers = {s['ffn_bytes'] / 2**30:.2f} GiB) whose SparseFFNs (real NeuronCache, FlashReader "
+            f"and sparse arithmetic) are driven with random inputs and the per-token active sets the flash-oracle run "
+            f"recorded on the real model, each source neuron standing for a randomly placed group of "
+            f"~{s['ffn'] / max(1, (rep.trace or {}).get('neurons', 1)):.1f} target neurons (same sparsity and reuse). "
+            "FFN only: no attention, embeddings or sampling; predictor cost not modelled; no perplexity.")
+    return out
+
+
+# ----------------------------------------------------------------------------- text
+def observations(report: BenchReport) -> List[str]:
+    """Plain-language flags computed from the rows: streaming because the budget
+    cannot hold the active set, read amplification, machine load."""
+    out: List[str] = []
+    gap = report.config.get("max_gap_bytes")
+    for row in report.rows:
+        if (row.neurons_streamed_per_token > 0 and row.neurons_active_per_token > 0
+                and not row.name.startswith(NAIVE)):  # naive flash streams what does not fit by design
+            frac = row.neurons_streamed_per_token / row.neurons_active_per_token
+            out.append(f"{row.name}: {frac:.0%} of the active neurons of each token did not fit the neuron cache and "
+                       "were streamed through the scratch buffer (read every token, never cached): the budget holds "
+                       "less than the active set (raise the budget or the sparsity).")
+        if row.bytes_useful_per_token > 0 and row.bytes_read_per_token > 1.5 * row.bytes_useful_per_token:
+            out.append(f"{row.name}: reads {row.bytes_read_per_token / row.bytes_useful_per_token:.1f}x the useful "
+                       f"bytes (4 KiB alignment and coalescing gaps up to max_gap_bytes={gap}).")
+    la0 = (report.machine.get("load_average") or [None])[0]
+    la1 = (report.machine.get("load_average_end") or [None])[0]
+    cpus = report.machine.get("cpu_count") or 0
+    if cpus and max(la0 or 0, la1 or 0) > 0.5 * cpus:
+        seen = ", ".join(f"{v:.1f} at the {w}" for v, w in ((la0, "start"), (la1, "end")) if v is not None)
+        out.append(f"The machine was busy (load average {seen}; {cpus} CPUs): timings are noisy.")
+    return out
+
+
+def _fb(n: Optional[float]) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f}"
+
+
+def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def format_table(report: BenchReport) -> str:
+    """The report as Markdown-ish text (tables of rows, ratios, sweep and probe, and the notes)."""
+    r = report
+    lines: List[str] = []
+    budget = f"{r.budget:.0%}" if r.budget <= 1 else _fb(r.budget)
+    lines.append(f"# mlx-flash bench: {r.model_name}")
+    lines.append("")
+    lines.append(f"FFN {_fb(r.ffn_bytes)}, budget {budget} ({_fb(r.budget_bytes)}); window {r.config.get('window')}, "
+                 f"oracle sparsity {r.config.get('sparsity')}; {r.tokens} tokens per configuration, first "
+                 f"{r.warmup} left out of the averages.")
+    mi = r.machine
+    la = mi.get("load_average")
+    lines.append(f"Machine: {mi.get('platform')}, {mi.get('cpu_count')} CPUs, MLX {mi.get('mlx')} on {mi.get('device')}"
+                 + (f", load average {la[0]:.2f} at the start" if la else "") + f"; run took {r.seconds:.0f} s.")
+    lines.append("")
+    head = ("| configuration | source | tok/s | ms/tok | predictor | I/O | compute | read/tok | useful/tok | "
+            "hit rate | resident | peak | perplexity | I/O GB/s | of disk |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    skipped = [f"| {s['name']} | skipped: {s['reason']} |" for s in r.skipped]
+    for k, row in enumerate(r.rows):
+        if row.group != "real" and skipped:
+            lines += skipped
+            skipped = []
+        lines.append(
+            f"| {row.name} | {row.source} | {row.tokens_per_s:.2f} | {row.ms_total:.1f} | {row.ms_predictor:.1f} | "
+            f"{row.ms_io:.1f} | {row.ms_compute:.1f} | {_fb(row.bytes_read_per_token)} | "
+            f"{_fb(row.bytes_useful_per_token)} | {_f(row.hit_rate, '{:.1%}')} | {_fb(row.resident_bytes)} | "
+            f"{_fb(row.peak_memory)} | {_f(row.perplexity, '{:.2f}')} | {_f(row.io_gbps, '{:.2f}')} | "
+            f"{_f(row.io_efficiency, '{:.0%}')} |")
+    lines += skipped
+    if r.ratios:
+        lines.append("")
+        lines.append("Speed ratios (tokens/s):")
+        for k, v in r.ratios.items():
+            lines.append(f"- {k}: {v:.2f}x")
+    agree = [row for row in r.rows if row.agree_with_dense is not None and row.name != DENSE]
+    if agree:
+        lines.append("")
+        lines.append("Same output as dense for the first N generated tokens: " +
+                     ", ".join(f"{row.name} {row.agree_with_dense}/{r.tokens}" for row in agree))
+    if any(row.io_gbps for row in r.rows):
+        lines.append("")
+        lines.append("| configuration | threads | chunk | mean request | I/O GB/s | disk best there | disk at these threads |"
+                     " of disk best |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for row in r.rows:
+            if row.io_gbps is None:
+                continue
+            lines.append(f"| {row.name} | {row.threads} | {row.chunk_bytes // 1024} KiB | "
+                         f"{_fb(row.mean_request_bytes)} | {row.io_gbps:.2f} | {_f(row.disk_best_gbps, '{:.2f}')} | "
+                         f"{_f(row.disk_gbps_same_threads, '{:.2f}')} | {_f(row.io_efficiency, '{:.0%}')} |")
+    if r.sweep:
+        lines.append("")
+        lines.append("Budget sweep (tokens/s; hit rate; read per token):")
+        budgets = sorted({p.budget for p in r.sweep})
+        cfgs = list(dict.fromkeys(p.config for p in r.sweep))
+        lines.append("| budget | " + " | ".join(cfgs) + " |")
+        lines.append("|---|" + "---|" * len(cfgs))
+        for b in budgets:
+            cells = []
+            for c in cfgs:
+                p = next((p for p in r.sweep if p.config == c and p.budget == b), None)
+                if p is None:
+                    cells.append("")
+                elif p.error:
+                    cells.append("error")
+                else:
+                    cells.append(f"{p.tokens_per_s:.2f} tok/s; {_f(p.hit_rate, '{:.0%}')}; {_fb(p.bytes_read_per_token)}")
+            label = f"{b:.0%}" if b <= 1 else _fb(b)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for p in r.sweep:
+            if p.error:
+                lines.append(f"- {p.config} at {p.budget:.0%}: {p.error}" if p.budget <= 1 else
+                             f"- {p.config} at {_fb(p.budget)}: {p.error}")
+    if r.trace:
+        t = r.trace
+        lines.append("")
+        lines.append(f"Trace recorded on {t.get('model')}: {t['tokens']} tokens x {t['layers']} layers x "
+                     f"{t['neurons']} neurons; sparsity {t['sparsity']:.0%}, reuse from the last token "
+                     f"{t['reuse_last_token']:.0%}, newly needed per token with a 5-token window "
+                     f"{t['new_per_token_window5']:.1%} of the FFN.")
+    if r.probe is not None:
+        lines.append("")
+        lines.append(f"Disk probe ({r.probe.directory}, measured {r.probe.created}):")
+        lines.append(r.probe.format_table())
+    obs = observations(r)
+    if obs:
+        lines.append("")
+        lines.append("Observations (derived from the rows above):")
+        lines += [f"- {o}" for o in obs]
+    if r.notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines += [f"- {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+_COLORS = {"predictor": "#8e6bbf", "I/O": "#d9822b", "compute": "#3a7dc9"}
+
+
+def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
+    """Write the report's PNG plots into ``out_dir``; return their paths.
+
+    ``bench_ms_per_token.png``: stacked ms/token bars (predictor / I/O / compute)
+    per configuration, one panel per source; ``bench_budget_sweep.png``: tokens/s
+    vs memory budget (when the report has a sweep); ``bench_probe.png``: the disk
+    probe's throughput vs chunk size per thread count, with each flash row's
+    effective throughput (when it has a probe). Uses the Agg canvas directly (no
+    global backend switch; safe from a worker thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+
+    def save(fig, name: str) -> None:
+        FigureCanvasAgg(fig)
+        p = out / name
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        paths.append(p)
+
+    # ---- stacked ms/token bars
+    groups = list(dict.fromkeys(r.group for r in report.rows))
+    if groups:
+        fig = Figure(figsize=(4.2 + 1.6 * len(report.rows), 4.6))
+        axes = fig.subplots(1, len(groups), squeeze=False)[0]
+        for ax, g in zip(axes, groups):
+            rows = [r for r in report.rows if r.group == g]
+            x = np.arange(len(rows))
+            bottom = np.zeros(len(rows))
+            for label, attr in (("predictor", "ms_predictor"), ("I/O", "ms_io"), ("compute", "ms_compute")):
+                v = np.array([getattr(r, attr) for r in rows])
+                ax.bar(x, v, 0.6, bottom=bottom, label=label, color=_COLORS[label])
+                bottom += v
+            for xi, r, top in zip(x, rows, bottom):
+                ax.text(xi, top, f"{r.tokens_per_s:.2f} tok/s", ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(x)
+            ax.set_xticklabels([r.name.replace(" (", "\n(") for r in rows], fontsize=8)
+            ax.set_ylabel("ms per token")
+            ax.set_title(rows[0].source if g == "real" else f"{g}: {rows[0].source}, FFN only", fontsize=9)
+            ax.set_ylim(0, max(bottom.max(), 1e-3) * 1.15)
+        axes[0].legend(fontsize=8, loc="upper left")
+        budget = f"{report.budget:.0%}" if report.budget <= 1 else _fb(report.budget)
+        fig.suptitle(f"{report.model_name}: ms per token at FFN budget {budget}", fontsize=10)
+        save(fig, "bench_ms_per_token.png")
+
+    # ---- tokens/s vs budget
+    pts = [p for p in report.sweep if p.error is None]
+    if pts:
+        fig = Figure(figsize=(6, 4.2))
+        ax = fig.subplots()
+        for c in dict.fromkeys(p.config for p in pts):
+            ps = sorted((p for p in pts if p.config == c), key=lambda p: p.budget)
+            ax.plot([100 * p.budget for p in ps], [p.tokens_per_s for p in ps], marker="o", label=c)
+        dense = report.row(DENSE)
+        if dense is not None:
+            ax.axhline(dense.tokens_per_s, color="gray", ls="--", lw=1, label="dense (whole model in memory)")
+        ax.set_xlabel("FFN memory budget (% of the FFN weights)")
+        ax.set_ylabel("tokens / s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{report.model_name}: speed vs memory budget", fontsize=10)
+        save(fig, "bench_budget_sweep.png")
+
+    # ---- the disk probe
+    pr = report.probe
+    if pr is not None and pr.table:
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.subplots()
+        chunks = pr.chunk_sizes
+        for t in pr.thread_counts:
+            xs = [c for c in chunks if t in pr.table[c]]
+            ax.plot([c / 1024 for c in xs], [pr.table[c][t] for c in xs], marker="o", ms=3,
+                    label=f"{t} thread{'s' if t > 1 else ''}")
+        for r in report.rows:
+            if r.io_gbps and r.mean_request_bytes:
+                ax.scatter([r.mean_request_bytes / 1024], [r.io_gbps], marker="*", s=90, zorder=5,
+                           label=f"{r.name} (reached)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("chunk size (KiB); stars: a configuration's mean request size")
+        ax.set_ylabel("GB/s (random reads)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"disk read throughput ({pr.mode or '?'})", fontsize=10)
+        save(fig, "bench_probe.png")
+    return paths
+
+
+__all__ = [
+    "ALIASES", "BenchReport", "BenchRow", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
+    "default_flash_model", "ensure_shape_model", "format_table", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
+]

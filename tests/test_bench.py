@@ -1,0 +1,325 @@
+"""The speed test on a tiny model: every configuration runs, the JSON has every field,
+ratios come from the measured rows, plots are written, the large-shape path works at
+a tiny shape, traces round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_flash import bench
+from mlx_flash.bench import (DENSE, NAIVE, ORACLE, PREDICTOR, REAL, REPLAYED, BenchReport, Shape,
+                             ensure_shape_model, format_table, run_bench, save_plots)
+from mlx_flash.config import FlashConfig
+from mlx_flash.progress import Cancelled
+from mlx_flash.traces import ReplayChooser, Trace, record
+from tests.tiny import make_tiny_flash
+
+TINY_SHAPE = Shape("tiny", hidden=256, ffn=1024, dtype="float16")
+TINY_GIB = 2 * TINY_SHAPE.layer_bytes / 2**30  # exactly two layers
+TOKENS = 6
+PROBE_KW = dict(file_bytes=4 << 20, chunk_sizes=(4096, 65536), threads=(1, 2), seconds_per_cell=0.01)
+
+# What the app's speed-test dialog reads from every row.
+ROW_FIELDS = ("name", "tokens_per_s", "ms_total", "ms_predictor", "ms_io", "ms_compute", "bytes_read_per_token",
+              "bytes_useful_per_token", "hit_rate", "resident_bytes", "peak_memory", "perplexity", "source")
+REPORT_FIELDS = ("model", "model_name", "budget", "budget_bytes", "ffn_bytes", "tokens", "warmup", "prompt",
+                 "prompt_tokens", "config", "rows", "ratios", "probe", "sweep", "skipped", "notes", "shape",
+                 "trace", "machine", "created", "seconds", "perplexity_tokens")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    h = tmp_path_factory.mktemp("home")
+    old = os.environ.get("MLX_FLASH_HOME")
+    os.environ["MLX_FLASH_HOME"] = str(h)
+    yield h
+    if old is None:
+        os.environ.pop("MLX_FLASH_HOME", None)
+    else:
+        os.environ["MLX_FLASH_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny(home, tmp_path_factory):
+    return make_tiny_flash(tmp_path_factory.mktemp("tiny"), layers=3, hidden=64, ffn=256, seed=1)
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    calls = []
+
+    def progress(fraction, message):
+        calls.append((fraction, message))
+
+    root = tmp_path_factory.mktemp("shapes")
+    rep = run_bench(tiny, budget=0.5, tokens=TOKENS, progress=progress, sweep=[0.5, 1.0],
+                    shape=TINY_SHAPE, shape_gib=TINY_GIB, shape_root=root, ppl_tokens=40,
+                    probe=True, probe_kwargs=PROBE_KW,
+                    flash_config=FlashConfig(scratch_neurons=16, threads=2))
+    return rep, calls, root
+
+
+def test_every_configuration_runs(run):
+    rep, _, _ = run
+    names = [r.name for r in rep.rows]
+    assert names[:3] == [DENSE, NAIVE, ORACLE]
+    assert names[3:] == [f"{NAIVE} (tiny shape)", f"{ORACLE} (tiny shape)"]
+    # the tiny model has no predictors: skipped with a note, not a crash
+    assert [s["name"] for s in rep.skipped] == [PREDICTOR]
+    assert "predictor" in rep.skipped[0]["reason"].lower()
+    for r in rep.rows:
+        assert r.tokens == TOKENS - 1 and r.warmup_tokens == 1  # warm-up token left out
+        assert r.tokens_per_s == pytest.approx(1000.0 / r.ms_total)
+        assert r.ms_total == pytest.approx(r.ms_predictor + r.ms_io + r.ms_compute, rel=1e-6, abs=1e-6)
+        assert r.peak_memory > 0 and r.resident_bytes > 0
+    dense, naive, oracle = rep.rows[:3]
+    assert dense.source == naive.source == oracle.source == REAL
+    assert dense.hit_rate is None and dense.bytes_read_per_token == 0 and dense.io_gbps is None
+    assert naive.bytes_read_per_token > 0 and naive.bytes_useful_per_token <= naive.bytes_read_per_token
+    assert 0.0 <= naive.hit_rate <= 1.0 and 0.0 <= oracle.hit_rate <= 1.0
+    assert oracle.neurons_active_per_token < naive.neurons_active_per_token
+    # every neuron active: same function as dense (float16 rounding aside)
+    assert naive.perplexity == pytest.approx(dense.perplexity, rel=0.02)
+    assert naive.agree_with_dense is not None and oracle.perplexity is not None
+    assert rep.prompt_tokens > 0 and rep.perplexity_tokens == 40
+
+
+def test_replayed_rows_are_marked_and_use_the_trace(run):
+    rep, _, _ = run
+    shape_rows = [r for r in rep.rows if r.source == REPLAYED]
+    assert len(shape_rows) == 2
+    assert all(r.perplexity is None and r.group == "tiny shape" for r in shape_rows)
+    assert rep.shape["hidden"] == 256 and rep.shape["ffn"] == 1024 and rep.shape["layers"] == 2
+    naive, oracle = shape_rows
+    assert naive.neurons_active_per_token == 2 * 1024  # every neuron of both layers
+    # the replayed oracle uses the recorded sets scaled 4x: same density as the real oracle
+    assert oracle.neurons_active_per_token / (2 * 1024) == pytest.approx(1 - rep.shape["scaled_sparsity"], abs=0.1)
+    assert rep.trace["tokens"] == TOKENS and rep.trace["layers"] == 3
+    assert any("replayed traces" in n for n in rep.notes)
+    assert "replayed traces" in format_table(rep)
+
+
+def test_ratios_come_from_the_rows(run):
+    rep, _, _ = run
+    want = {}
+    by_group = {}
+    for r in rep.rows:
+        by_group.setdefault(r.group, []).append(r)
+    for rows in by_group.values():
+        for r in rows:
+            if r.name.split(" (")[0] not in (ORACLE, PREDICTOR):
+                continue
+            for b in rows:
+                if b.name.split(" (")[0] in (NAIVE, DENSE):
+                    want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
+    assert set(rep.ratios) == set(want) and len(want) == 3
+    for k, v in want.items():
+        assert rep.ratios[k] == pytest.approx(v)
+    assert f"{ORACLE} / {NAIVE}" in rep.ratios and f"{ORACLE} / {DENSE}" in rep.ratios
+
+
+def test_json_has_every_field_and_round_trips(run, tmp_path):
+    rep, _, _ = run
+    d = json.loads(rep.to_json())
+    for f in REPORT_FIELDS:
+        assert f in d, f
+    for row in d["rows"]:
+        for f in ROW_FIELDS:
+            assert f in row, f
+    assert set(d["probe"]["table"]) == {"4096", "65536"}
+    assert {p["budget"] for p in d["sweep"]} == {0.5, 1.0}
+    assert {p["config"] for p in d["sweep"]} == {NAIVE, ORACLE}
+    back = BenchReport.from_json(rep.to_json())
+    assert [r.to_dict() for r in back.rows] == [r.to_dict() for r in rep.rows]
+    assert back.ratios == pytest.approx(rep.ratios)
+    assert back.probe.table == rep.probe.table
+    assert format_table(back) == format_table(rep)
+    p = rep.save_json(tmp_path / "out" / "bench.json")
+    assert json.loads(p.read_text())["model_name"] == rep.model_name
+
+
+def test_io_efficiency_uses_the_probe(run):
+    rep, _, _ = run
+    flash_rows = [r for r in rep.rows if r.name != DENSE]
+    for r in flash_rows:
+        assert r.io_gbps and r.io_gbps > 0
+        assert r.mean_request_bytes > 0 and r.threads == 2
+        assert r.disk_best_gbps == pytest.approx(max(rep.probe.table[bench._nearest_chunk(rep.probe, r.mean_request_bytes)].values()))
+        assert r.io_efficiency == pytest.approx(r.io_gbps / r.disk_best_gbps)
+
+
+def test_sweep_reuses_and_measures(run):
+    rep, _, _ = run
+    at_budget = [p for p in rep.sweep if p.budget == 0.5 and p.config == ORACLE][0]
+    assert at_budget.tokens_per_s == rep.row(ORACLE).tokens_per_s  # the main run's numbers
+    full = [p for p in rep.sweep if p.budget == 1.0]
+    assert len(full) == 2 and all(p.error is None for p in full)
+    # the whole FFN fits: after the warm-up token nothing is read
+    assert all(p.bytes_read_per_token == 0 and p.hit_rate == 1.0 for p in full)
+
+
+def test_progress_is_monotonic_and_ends_at_one(run):
+    _, calls, _ = run
+    fr = [f for f, _ in calls]
+    assert fr and fr[-1] == 1.0
+    assert all(b >= a - 1e-9 for a, b in zip(fr, fr[1:]))
+
+
+def test_plots_are_written(run, tmp_path):
+    rep, _, _ = run
+    paths = save_plots(rep, tmp_path / "plots")
+    assert {p.name for p in paths} == {"bench_ms_per_token.png", "bench_budget_sweep.png", "bench_probe.png"}
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_format_table_mentions_everything(run):
+    rep, _, _ = run
+    text = format_table(rep)
+    for r in rep.rows:
+        assert f"| {r.name} |" in text
+    assert "Speed ratios" in text and "left out" in text and "Disk probe" in text and "Budget sweep" in text
+    assert "skipped" in text
+
+
+def test_cancel(tiny):
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(message)
+        return len(seen) < 5
+
+    with pytest.raises(Cancelled):
+        run_bench(tiny, tokens=8, probe=False, ppl_tokens=0, progress=progress,
+                  flash_config=FlashConfig(scratch_neurons=16, threads=2))
+
+
+def test_bad_arguments(tiny, tmp_path):
+    with pytest.raises(ValueError, match="not a flash model"):
+        run_bench(tmp_path, probe=False)
+    with pytest.raises(ValueError, match="unknown bench configuration"):
+        run_bench(tiny, configs=["turbo"], probe=False)
+    with pytest.raises(ValueError, match="warmup"):
+        run_bench(tiny, tokens=4, warmup=4, probe=False)
+
+
+def test_subset_of_configs_and_aliases(tiny):
+    rep = run_bench(tiny, tokens=3, configs=["oracle", "naive"], probe=False, ppl_tokens=0,
+                    flash_config=FlashConfig(scratch_neurons=16, threads=1))
+    assert [r.name for r in rep.rows] == [NAIVE, ORACLE]
+    assert rep.probe is None and rep.skipped == []
+    assert set(rep.ratios) == {f"{ORACLE} / {NAIVE}"}
+    assert all(r.perplexity is None for r in rep.rows)
+
+
+# ------------------------------------------------------------------ shapes
+def test_shape_model_generated_once(run):
+    _, _, root = run
+    path = ensure_shape_model(TINY_SHAPE, TINY_GIB, root=root)
+    ffn = path / "ffn.bin"
+    mtime = ffn.stat().st_mtime_ns
+    assert ensure_shape_model(TINY_SHAPE, TINY_GIB, root=root) == path
+    assert ffn.stat().st_mtime_ns == mtime
+    from mlx_flash.storage.format import open_flash, read_layer_weights
+
+    m = open_flash(path).manifest
+    assert (m.hidden_size, m.intermediate_size, m.num_layers, m.dtype) == (256, 1024, 2, "float16")
+    g, u, d = read_layer_weights(open_flash(path), 1)
+    assert g.shape == (1024, 256) and d.shape == (256, 1024)
+    std = float(np.array(g).astype(np.float32).std())
+    assert 0.5 / 16 < std < 2 / 16  # ~ 1/sqrt(hidden)
+
+
+def test_layers_for_size():
+    s = bench.SHAPES["7b"]
+    assert s.bundle_bytes == 24 * 1024
+    assert s.layers_for(2.0) == 7  # 258 MiB a layer
+    assert s.layers_for(0.01) == 1
+
+
+# ------------------------------------------------------------------ traces
+def test_trace_round_trip(tiny, tmp_path):
+    from mlx_flash.engine import load
+
+    eng = load(tiny, FlashConfig(active="oracle", sparsity=0.6, scratch_neurons=16, threads=1))
+    eng.tokenizer.eos_token_ids = []
+    tr = record(eng, "hello world", 7)
+    eng.close()
+    assert len(tr) == 7 and tr.n_layers == 3 and tr.n_neurons == 256
+    for tok in tr.tokens:
+        for ids in tok:
+            assert ids.dtype == np.int64 and np.all(np.diff(ids) > 0)
+            assert len(ids) == pytest.approx(0.4 * 256, abs=2)
+    p = tr.save(tmp_path / "t" / "trace.npz")
+    back = Trace.load(p)
+    assert (back.n_layers, back.n_neurons, len(back)) == (3, 256, 7)
+    assert back.meta["chooser"] == "oracle" and back.meta["model"] == tiny.name
+    for a, b in zip(tr.tokens, back.tokens):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def _random_trace(n_layers=3, n=64, tokens=12, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = [[np.sort(rng.choice(n, size=rng.integers(5, 30), replace=False)).astype(np.int64)
+             for _ in range(n_layers)] for _ in range(tokens)]
+    return Trace(n_layers, n, toks)
+
+
+@pytest.mark.parametrize("mode", ["permuted", "block"])
+def test_scaling_keeps_sparsity_and_reuse(mode):
+    tr = _random_trace()
+    big = tr.scaled(64 * 7, mode=mode, seed=3)  # a whole number of targets per source: exact
+    assert big.n_neurons == 448 and big.n_layers == 3 and len(big) == len(tr)
+    assert big.density() == pytest.approx(tr.density())
+    assert big.reuse(1) == pytest.approx(tr.reuse(1))
+    assert big.new_fraction(5) == pytest.approx(tr.new_fraction(5))
+    for tok_s, tok_b in zip(tr.tokens, big.tokens):
+        for a, b in zip(tok_s, tok_b):
+            assert len(b) == 7 * len(a) and len(np.unique(b)) == len(b) and b.max() < 448
+    if mode == "block":
+        np.testing.assert_array_equal(big.tokens[0][0][:7], np.arange(7) + 7 * tr.tokens[0][0][0])
+
+
+def test_scaling_uneven_and_layer_mapping():
+    tr = _random_trace(n_layers=30, n=1536, tokens=4)
+    big = tr.scaled(11008, 7, seed=1)
+    assert big.meta["source_layers"] == [0, 5, 10, 14, 19, 24, 29]
+    sel = Trace(7, 1536, [[tok[i] for i in big.meta["source_layers"]] for tok in tr.tokens])
+    assert big.density() == pytest.approx(sel.density(), rel=0.03)  # groups of 7 or 8: ~exact
+    # consistent mapping: a target is active exactly when its source is, so reuse carries over
+    assert big.reuse(1) == pytest.approx(sel.reuse(1), abs=0.03)
+
+
+def test_replay_chooser():
+    tr = _random_trace()
+    ch = ReplayChooser(tr)
+    x = np.zeros((1, 8))
+    ch.token = 4
+    ids, mask = ch.choose(2, x)
+    assert mask is None and ids is tr.tokens[4][2]
+    with pytest.raises(ValueError):
+        ch.choose(0, np.zeros((2, 8)))
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_bench(tiny, tmp_path, capsys):
+    from mlx_flash.cli import _parse_sweep, main
+
+    assert _parse_sweep("10,25,50,75,100") == [0.1, 0.25, 0.5, 0.75, 1.0]
+    assert _parse_sweep("10%,0.5") == [0.1, 0.5]
+    rc = main(["bench", "--model", str(tiny), "--tokens", "3", "--configs", "dense,naive", "--no-probe",
+               "--ppl-tokens", "0", "--json", str(tmp_path / "b.json"), "--plots", str(tmp_path / "plots"),
+               "--text", str(tmp_path / "b.md"), "--quiet", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| naive flash |" in out
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE]
+    assert (tmp_path / "plots" / "bench_ms_per_token.png").is_file()
+    assert (tmp_path / "b.md").read_text().startswith("# mlx-flash bench")
