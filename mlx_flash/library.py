@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import paths
-from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled re-exported)
+from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Drive the real window with the real default model and save screenshots.
+
+    xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m app.screenshots [--out docs/screenshots]
+
+Saves ``chat.png`` (a chat with answers), ``stats.png`` (the performance panel during
+generation), ``import.png`` (an import in progress), ``library.png`` and
+``speed_test.png`` (when ``mlx_flash.bench`` exists). Uses the normal data folder (or
+``$MLX_FLASH_HOME``); the default model is prepared on first use, as in the app. The
+import it shows is cancelled, so nothing is added to the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app.screenshots")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    ap.add_argument("--width", type=int, default=1400)
+    ap.add_argument("--height", type=int, default=880)
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--first-run", action="store_true",
+                    help="also show the first-run preparation (in a temporary data folder, cancelled midway)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDropEvent
+    from PySide6.QtWidgets import QApplication
+
+    from . import theme
+    from .main_window import MainWindow
+
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    app.setApplicationName("mlx-flash")
+    theme.apply(app)
+
+    def spin(cond, timeout=600.0, what="") -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            app.processEvents()
+            if cond():
+                return True
+            time.sleep(0.01)
+        print(f"timed out waiting for {what}", file=sys.stderr)
+        return False
+
+    def settle(seconds=0.4):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def shot(widget, name):
+        settle()
+        p = out / name
+        widget.grab().save(str(p))
+        print(f"saved {p}")
+
+    if args.first_run:
+        import os
+        import tempfile
+
+        from mlx_flash import paths
+
+        saved = os.environ.get(paths.HOME_ENV)
+        with tempfile.TemporaryDirectory(prefix="mlx-flash-first-run-") as tmp:
+            os.environ[paths.HOME_ENV] = tmp
+            first = MainWindow()
+            first.resize(args.width, args.height)
+            first.show()
+            first.start()
+            spin(lambda: first.banner.bar.value() >= 300, 600, "first-run progress")
+            shot(first, "first_run.png")
+            first.close()  # cancels the preparation
+            import shiboken6
+
+            shiboken6.delete(first)
+        if saved is None:
+            os.environ.pop(paths.HOME_ENV, None)
+        else:
+            os.environ[paths.HOME_ENV] = saved
+
+    win = MainWindow()
+    win.settings.remove("last_model")  # always the built-in model
+    win.resize(args.width, args.height)
+    win.move(0, 0)
+    win.show()
+    win.nav_panel.setChecked(True)
+    win.right.setCurrentIndex(0)
+    win.start()
+    if not spin(lambda: win.engine is not None, 900, "the model"):
+        return 1
+    win.chat_settings.set_values({"temperature": 0.0, "top_p": 1.0, "max_tokens": 200, "system_prompt": ""})
+    win.new_chat()
+
+    def ask(text, timeout=600):
+        done = []
+        win.answer_finished.connect(done.append)
+        win.send(text)
+        spin(lambda: done, timeout, "an answer")
+        win.answer_finished.disconnect(done.append)
+        return done[0] if done else None
+
+    ask("What is the capital of France?")
+    ask("Give me three short tips for writing clear Python code, as a bulleted list.")
+    settle(0.8)
+    win.chat.scroll_to_bottom()
+    shot(win, "chat.png")
+
+    # the performance panel while an answer streams
+    win.chat_settings.set_values({"temperature": 0.7, "top_p": 0.9, "max_tokens": 400, "system_prompt": ""})
+    win.new_chat()
+    win.send("Write a short story about a robot who learns to paint.")
+    spin(lambda: win.stats_panel.count >= 60 or not win.generating, 600, "tokens")
+    win.stats_panel.flush()
+    shot(win, "stats.png")
+    if win.generating:
+        win.stop()
+    spin(lambda: not win.generating, 60, "the stop")
+
+    # an import in progress (cancelled afterwards: nothing is kept)
+    from mlx_flash import default_model
+
+    src = default_model.default_mlx_dir()
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(src))])
+    pos = QPointF(win.width() / 2, win.height() / 2)
+    QApplication.sendEvent(win, QDragEnterEvent(pos.toPoint(), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier))
+    shot(win, "drop.png")  # the overlay a drag shows
+    QApplication.sendEvent(win, QDropEvent(pos, Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier))
+    spin(lambda: win.library.progress.bar.value() >= 250 or not win.library.importing, 600, "import progress")
+    shot(win, "import.png")
+    win.library.cancel_import()
+    spin(lambda: not win.library.importing, 120, "the cancel")
+    win.library_notice.hide()
+    win.notice.hide()
+    settle(0.3)
+    shot(win, "library.png")
+
+    # the speed test
+    from .widgets import speed_test
+
+    if not args.skip_bench:
+        win.show_page(0)
+        dlg = win.open_speed_test(win.engine_path)
+        dlg.resize(1280, 820)
+        if speed_test.bench_available():
+            dlg.tokens.setValue(32)
+            dlg.probe.setChecked(True)
+            dlg.run()
+            spin(lambda: not dlg.running, 1800, "the speed test")
+            dlg.close_btn.setFocus()
+        settle(0.8)
+        shot(dlg, "speed_test.png")
+        dlg.close()
+
+    win.close()
+    import shiboken6
+
+    shiboken6.delete(win)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""The app's widgets: chat view, prompt box, conversation list, chat settings, stats panel,
+model library and speed-test dialog."""

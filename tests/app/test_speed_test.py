@@ -1,0 +1,79 @@
+"""The speed-test dialog: real bench on a tiny model; a clear message without bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import WAIT
+
+
+def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_path):
+    from app.widgets import speed_test
+
+    if not speed_test.bench_available():
+        pytest.skip("mlx_flash.bench is not in this build")
+    w = make_window(load=False)
+    dlg = w.open_speed_test(tiny_models["flash"])
+    assert dlg.isVisible() and dlg.run_btn.isEnabled()
+    dlg.probe.setChecked(False)
+    dlg.tokens.setValue(6)
+    assert dlg.run()
+    assert dlg.running and dlg.cancel_btn.isVisible()
+    qtbot.waitUntil(lambda: not dlg.running, timeout=3 * WAIT)
+    assert dlg.report_dict is not None, dlg.summary.text()
+    rows = speed_test.report_rows(dlg.report_dict)
+    names = [r["name"] for r in rows]
+    assert dlg.table.rowCount() == len(rows) >= 2
+    assert "dense" in names and any("flash" in n for n in names)
+    assert all(dlg.table.item(i, 1).text() not in ("", "–") for i in range(len(rows)))
+    out = dlg.save_json(tmp_path / "bench.json")
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    assert dlg.save_json_btn.isEnabled()
+    dlg.close()
+
+
+def test_speed_test_cancel(make_window, qtbot, tiny_models):
+    from app.widgets import speed_test
+
+    if not speed_test.bench_available():
+        pytest.skip("mlx_flash.bench is not in this build")
+    w = make_window(load=False)
+    dlg = w.open_speed_test(tiny_models["flash"])
+    dlg.probe.setChecked(False)
+    dlg.tokens.setValue(200)
+    dlg.run()
+    dlg.cancel()
+    qtbot.waitUntil(lambda: not dlg.running, timeout=3 * WAIT)
+    assert dlg.report_dict is None and "Cancelled" in dlg.summary.text()
+
+
+def test_speed_test_not_available(make_window, qtbot, monkeypatch, tiny_models):
+    from app.widgets import speed_test
+
+    monkeypatch.setattr(speed_test, "bench_available", lambda: False)
+    w = make_window(load=False)
+    dlg = w.open_speed_test(tiny_models["flash"])
+    assert dlg.unavailable.isVisible()
+    assert "not available" in dlg.unavailable.text()
+    assert not dlg.run_btn.isEnabled()
+    assert dlg.run() is False
+
+
+def test_report_view_from_a_dict(qtbot):
+    from app.widgets.speed_test import SpeedTestDialog
+
+    dlg = SpeedTestDialog()
+    qtbot.addWidget(dlg)
+    dlg.show_report({"model_name": "m", "budget": 0.5, "tokens": 8, "rows": [
+        {"name": "dense", "tokens_per_s": 20.0, "ms_total": 50, "ms_predictor": 0, "ms_io": 0, "ms_compute": 50,
+         "bytes_read_per_token": 0, "hit_rate": None, "peak_memory": 1e8, "perplexity": 7.1},
+        {"name": "flash", "tokens_per_s": 10.0, "ms_total": 100, "ms_predictor": 5, "ms_io": 40,
+         "ms_compute": 55, "bytes_read_per_token": 2e6, "hit_rate": 0.9, "peak_memory": 5e7, "perplexity": None},
+    ], "skipped": [{"name": "naive", "reason": "test"}]})
+    assert dlg.table.rowCount() == 2
+    assert dlg.table.item(1, 7).text() == "90%" and dlg.table.item(1, 9).text() == "–"
+    assert "naive" in dlg.notes.toPlainText()
+    assert dlg.save_json_btn.isEnabled() and not dlg.save_plots_btn.isEnabled()
