@@ -48,3 +48,14 @@ bench: model
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+# The desktop bundle for this platform (packaging/README.md): dist/mlx-flash/ (Linux, one folder) or
+# dist/mlx-flash.app (macOS). Installs PyInstaller into the venv the first time. Check it with
+# dist/mlx-flash/mlx-flash --selftest (macOS: dist/mlx-flash.app/Contents/MacOS/mlx-flash --selftest).
+PYINSTALLER_REQ ?= pyinstaller>=6.10,<7
+.PHONY: package
+package: install
+	@$(BIN)/python -c "import PyInstaller" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(PYINSTALLER_REQ)"
+	$(BIN)/python -m PyInstaller --noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller \
+		packaging/mlx-flash.spec
+	@du -sh dist/mlx-flash dist/mlx-flash.app 2>/dev/null || true

@@ -31,5 +31,10 @@ def models_dir() -> Path:
 
 
 def resources_dir() -> Path:
-    """The repository's ``resources/`` folder (icons, stylesheets, calibration prompts)."""
+    """The repository's ``resources/`` folder (icons, stylesheets, calibration prompts); in a
+    PyInstaller bundle (``sys.frozen``), the copy bundled next to the code (``sys._MEIPASS``)."""
+    import sys
+
+    if getattr(sys, "frozen", False) and hasattr(sys, "_MEIPASS"):
+        return Path(sys._MEIPASS) / "resources"
     return Path(__file__).resolve().parents[1] / "resources"

@@ -1,0 +1,11 @@
+"""PyInstaller entry point of the bundle: the same `main()` as `python -m app` / `mlx-flash-app`
+(so `mlx-flash --selftest` works in the bundle too). Not used from source."""
+
+import multiprocessing
+import sys
+
+from app.__main__ import main
+
+if __name__ == "__main__":
+    multiprocessing.freeze_support()
+    sys.exit(main())
