@@ -6,7 +6,9 @@ active neuron ids and, when L > 1, a per-token mask over that union.
 - :class:`AllNeurons`: every neuron (naive flash, the paper's baseline).
 - :class:`Oracle`: the true gated activation ``|act(gate x) * up x|`` computed
   from the full gate/up weights held in memory — an upper bound for tests and
-  the speed test, not a product mode (its weights are outside the budget).
+  the speed test, not a product mode (its weights are outside the budget). For
+  ReLU-family models (relu, relu2, drelu, fatrelu; OPT) it is the exact rule
+  ``h != 0``: no threshold, output identical to the dense model's.
 - ``predictor.PredictorChooser``: the low-rank predictors (the product mode).
 """
 
@@ -28,10 +30,36 @@ class Chooser(Protocol):
         """ids (sorted, unique int64) and a (L, len(ids)) bool mask or None (= all active)."""
 
 
-def activation(name: str):
-    """The FFN activation applied to the gate projection."""
+RELU_FAMILY = ("relu", "relu2", "drelu", "fatrelu")
+"""Activations that are exactly zero outside an active set: for them the active rule
+``h != 0`` is exact (no threshold) and skipping inactive neurons changes nothing."""
+
+
+def is_exact(name: str) -> bool:
+    """True for ReLU-family activations (see :data:`RELU_FAMILY`)."""
+    return name in RELU_FAMILY
+
+
+def config_activation(config: dict, default: str = "silu") -> Tuple[str, Optional[float]]:
+    """``(name, param)`` of a model config's FFN activation: ``hidden_act`` (llama family),
+    ``activation_function`` (OPT) or ``hidden_activation``; ``swish`` → ``silu``;
+    ``param`` is ``hidden_act_param`` (FATReLU's threshold) or None."""
+    name = config.get("hidden_act") or config.get("activation_function") or config.get("hidden_activation") or default
+    if name == "swish":
+        name = "silu"
+    param = config.get("hidden_act_param")
+    return name, (None if param is None else float(param))
+
+
+def activation(name: str, param: Optional[float] = None):
+    """The FFN activation applied to the gate projection (OPT: to fc1).
+
+    ``relu2`` is squared ReLU; ``drelu`` (TurboSparse's dReLU) applies ReLU to the
+    gate here and to the up projection too (see :func:`up_activation`);
+    ``fatrelu`` (ProSparse) keeps ``g`` where ``g > param`` and zeroes the rest."""
     import mlx.nn as nn
 
+    t = 0.0 if param is None else float(param)
     table = {
         "silu": nn.silu,
         "swish": nn.silu,
@@ -39,11 +67,34 @@ def activation(name: str):
         "gelu_pytorch_tanh": nn.gelu_approx,
         "relu": nn.relu,
         "relu2": lambda g: mx.square(nn.relu(g)),
+        "drelu": nn.relu,
+        "fatrelu": lambda g: mx.where(g > t, g, mx.zeros_like(g)),
     }
     try:
         return table[name]
     except KeyError:
         raise ValueError(f"unsupported FFN activation {name!r}; supported: {', '.join(table)}") from None
+
+
+def up_activation(name: str):
+    """The activation on the up projection: ReLU for ``drelu``, None (identity) otherwise."""
+    import mlx.nn as nn
+
+    return nn.relu if name == "drelu" else None
+
+
+def gated_activation(name: str, param: Optional[float] = None):
+    """``f(g, u) -> h``: the FFN's hidden activation from the gate and up projections
+    (``u`` None for ungated FFNs such as OPT's): ``act(g) * up_act(u)``."""
+    act, up = activation(name, param), up_activation(name)
+
+    def f(g: mx.array, u: Optional[mx.array]) -> mx.array:
+        h = act(g)
+        if u is not None:
+            h = h * (up(u) if up is not None else u)
+        return h
+
+    return f
 
 
 class AllNeurons:
@@ -63,26 +114,51 @@ class Oracle:
     """True activations from the full weights; a neuron is active when its
     gated activation's magnitude passes the layer's threshold, or (without
     thresholds) when it is among the top ``(1 - sparsity)`` of the token.
+
+    ReLU-family activations (:data:`RELU_FAMILY`) use the exact rule ``h != 0``
+    unless thresholds are given: ``sparsity`` is ignored, the active set is what
+    the model itself activates, and the output equals the dense model's.
+
+    gate_up: per layer ``(gate [n, hidden], up [n, hidden] or None)`` (None: an
+        ungated FFN such as OPT's fc1).
+    biases: per layer ``(gate_bias [n] or None, up_bias [n] or None)``, optional.
     """
 
     name = "oracle"
 
     def __init__(
         self,
-        gate_up: Sequence[Tuple[mx.array, mx.array]],
+        gate_up: Sequence[Tuple[mx.array, Optional[mx.array]]],
         sparsity: float,
         act: str = "silu",
         thresholds: Optional[Sequence[float]] = None,
+        *,
+        biases: Optional[Sequence[Tuple[Optional[mx.array], Optional[mx.array]]]] = None,
+        act_param: Optional[float] = None,
     ):
         self.gate_up = list(gate_up)
+        self.biases = list(biases) if biases is not None else [(None, None)] * len(self.gate_up)
         self.sparsity = sparsity
-        self.act = activation(act)
+        self.act = activation(act, act_param)
+        self.gated = gated_activation(act, act_param)
+        self.exact = is_exact(act) and thresholds is None
+        if self.exact:
+            thresholds = [0.0] * len(self.gate_up)
         self.thresholds = None if thresholds is None else list(thresholds)
-        self.resident_bytes = sum(g.nbytes + u.nbytes for g, u in self.gate_up)
+        self.resident_bytes = sum(a.nbytes for pair in self.gate_up + self.biases for a in pair if a is not None)
 
     def scores(self, layer: int, x: mx.array) -> mx.array:
         g, u = self.gate_up[layer]
-        return mx.abs(self.act(x @ g.T) * (x @ u.T))
+        bg, bu = self.biases[layer]
+        pg = x @ g.T
+        if bg is not None:
+            pg = pg + bg
+        pu = None
+        if u is not None:
+            pu = x @ u.T
+            if bu is not None:
+                pu = pu + bu
+        return mx.abs(self.gated(pg, pu))
 
     def choose(self, layer: int, x: mx.array) -> Choice:
         s = np.array(self.scores(layer, x).astype(mx.float32))  # (L, N)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,8 +23,13 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                    help="neuron cache policy: window (the paper's eager deletion) or lru (deferred)")
     p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
-                   help="active-neuron choice: all (naive flash), oracle, predictor (flash)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of inactive FFN neurons")
+                   help="active-neuron choice: auto (predictor when calibrated, else oracle; the default), "
+                        "all (naive flash), oracle, predictor (flash)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="oracle: target fraction of inactive FFN neurons (default: the calibrated thresholds, "
+                        "else 0.5)")
+    p.add_argument("--recall", type=float, default=None,
+                   help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
 
 
@@ -38,7 +44,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def flash_config_from_args(args) -> FlashConfig:
     active = args.active
     if active is None:
-        active = "oracle"
+        active = "auto"
+    recall = getattr(args, "recall", None)
     return FlashConfig(
         budget=parse_budget(args.budget),
         window=args.window,
@@ -47,6 +54,7 @@ def flash_config_from_args(args) -> FlashConfig:
         active=active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
+        extra={"recall": recall} if recall is not None else {},
     )
 
 
@@ -218,6 +226,35 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .progress import tqdm_callback
+
+    path = resolve_model(args.model_path, True)
+    rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text, tokens=args.tokens,
+                    recall=args.recall, epochs=args.epochs,
+                    progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
+    print(rep.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .progress import tqdm_callback
+
+    path = resolve_model(args.model_path, True)
+    rep = evaluate(path, text=args.text, tokens=args.tokens, recall=args.recall, modes=args.modes.split(","),
+                   progress=tqdm_callback(f"Evaluating {path.name}", disable=args.quiet))
+    print(rep.format_table())
+    if args.json:
+        Path(args.json).write_text(rep.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _parse_sweep(text: str) -> List[float]:
     """"10,25,50,75,100" (percent), "10%,0.5" (fractions <= 1 stay fractions)."""
     out = []
@@ -274,6 +311,30 @@ def cmd_bench(args) -> int:
     if args.plots:
         for p in save_plots(report, args.plots):
             print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_relufy(args) -> int:
+    from .progress import Cancelled, tqdm_callback
+    from .relufy import RelufySettings, default_work_dir, relufy
+
+    src = resolve_model(args.src, True)
+    settings = RelufySettings(sparsity=args.sparsity, act=args.act, tokens=args.tokens, text=args.text,
+                              steps=args.steps, batch=args.batch, lr=args.lr, schedule=args.schedule,
+                              compensate=args.compensate, e2e_steps=args.e2e_steps, seed=args.seed)
+    try:
+        rep = relufy(src, args.dst, settings=settings, work_dir=args.work_dir, overwrite=args.overwrite,
+                     keep_work=args.keep_work, progress=tqdm_callback(f"ReLU-fying {src.name}", disable=args.quiet))
+    except (KeyboardInterrupt, Cancelled):
+        work = args.work_dir or default_work_dir(args.dst)
+        print(f"stopped: finished layers are kept in {work}; run the same command again to continue",
+              file=sys.stderr)
+        raise
+    print(rep.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    print(f"wrote {args.dst}")
     return 0
 
 
@@ -337,6 +398,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("prepare", help="prepare the embedded default model (once; later runs reuse it)")
     pp.set_defaults(func=cmd_prepare)
+
+    from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS
+    from .predictor import DEFAULT_RANK, DEFAULT_RECALL, RECALL_TARGETS
+
+    ca = sub.add_parser("calibrate", help="fit activation thresholds and low-rank predictors for a .flash model")
+    ca.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                    help="a .flash folder or library name (default: the embedded model)")
+    ca.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
+                    help=f"target fraction of inactive FFN neurons (default {DEFAULT_SPARSITY})")
+    ca.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"predictor rank (default {DEFAULT_RANK})")
+    ca.add_argument("--recall", type=float, default=DEFAULT_RECALL, choices=RECALL_TARGETS,
+                    help=f"default recall target of the predictors (default {DEFAULT_RECALL})")
+    ca.add_argument("--text", default=None, help="a text file to calibrate on too (gets half the tokens)")
+    ca.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                    help=f"calibration tokens in all (default {DEFAULT_TOKENS})")
+    ca.add_argument("--epochs", type=int, default=0, help="Adam epochs of weighted-BCE refinement (default 0)")
+    ca.add_argument("--json", default=None, help="write the calibration report as JSON here")
+    ca.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ca.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("eval", help="perplexity, recall/precision, active fraction and window reuse: "
+                                     "dense vs oracle vs predictor on real text")
+    ev.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                    help="a .flash folder or library name (default: the embedded model)")
+    ev.add_argument("--text", default=None, help="a text file (default: KJV Genesis, not calibration text)")
+    ev.add_argument("--tokens", type=int, default=4096, help="tokens to evaluate (default 4096)")
+    ev.add_argument("--recall", type=float, default=None, help="the predictors' recall target (default: calibration's)")
+    ev.add_argument("--modes", default="dense,oracle,predictor", help="comma-separated: dense, oracle, predictor")
+    ev.add_argument("--json", default=None, help="write the report as JSON here")
+    ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+    from .relufy import RelufySettings
+
+    rd = RelufySettings()
+    rf = sub.add_parser("relufy", help="turn a SwiGLU .flash model into an exactly sparse ReLU one (CPU, "
+                                       "layer-wise distillation; resumable)")
+    rf.add_argument("src", metavar="MODEL.flash", help="the SwiGLU flash model (a folder or library name)")
+    rf.add_argument("dst", metavar="DST.flash", help="the ReLU flash model to write")
+    rf.add_argument("--sparsity", type=float, default=rd.sparsity, help=f"exact zeros per layer (default {rd.sparsity})")
+    rf.add_argument("--act", choices=("relu", "relu2"), default=rd.act, help="relu or squared relu (default relu)")
+    rf.add_argument("--tokens", type=int, default=rd.tokens, help=f"calibration tokens (default {rd.tokens})")
+    rf.add_argument("--text", default="", help="a text file to add to the calibration text")
+    rf.add_argument("--steps", type=int, default=rd.steps, help=f"Adam steps per layer (default {rd.steps})")
+    rf.add_argument("--batch", type=int, default=rd.batch, help=f"tokens per step (default {rd.batch})")
+    rf.add_argument("--lr", type=float, default=rd.lr, help=f"learning rate (default {rd.lr})")
+    rf.add_argument("--schedule", choices=("staged", "constant"), default=rd.schedule,
+                    help="sparsity schedule within a layer (default staged)")
+    rf.add_argument("--compensate", type=float, default=rd.compensate,
+                    help=f"weight of the residual-stream correction in the target, 0..1 (default {rd.compensate})")
+    rf.add_argument("--e2e-steps", type=int, default=rd.e2e_steps,
+                    help="end-to-end fine-tune steps of the biases after the layers (default 0)")
+    rf.add_argument("--seed", type=int, default=rd.seed)
+    rf.add_argument("--work-dir", default=None, help="checkpoint folder (default: .DST.relufy next to DST)")
+    rf.add_argument("--keep-work", action="store_true", help="keep the checkpoint folder after success")
+    rf.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    rf.add_argument("--json", default=None, help="write the report as JSON here")
+    rf.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    rf.set_defaults(func=cmd_relufy)
     return p
 
 

@@ -20,11 +20,17 @@ class FlashConfig:
     max_gap_bytes: neighbouring neuron runs closer than this are read in one
               request (the gap is read and thrown away): fewer, larger reads.
     active:   how each token's active neurons are chosen:
+              "auto" (the default: "predictor" when the flash folder has
+              calibrated predictors, else "oracle"),
               "all" (naive flash, the paper's baseline: every neuron),
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
-              "predictor" (the low-rank predictors stored with the model).
-    sparsity: target fraction of inactive neurons for threshold rules.
+              "predictor" (the low-rank predictors stored with the model;
+              ``extra["recall"]`` picks one of the calibrated recall targets).
+    sparsity: target fraction of inactive neurons for the oracle's rule. None
+              (the default): the calibrated per-layer thresholds when the model
+              has them (``mlx-flash calibrate``), else 0.5 (per-token top-k).
+              A value equal to the calibrated sparsity uses those thresholds too.
     direct_io: bypass the page cache (O_DIRECT / F_NOCACHE). Only turn off for
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
@@ -40,14 +46,15 @@ class FlashConfig:
     threads: int = 0
     chunk_bytes: int = 0
     max_gap_bytes: int = 16 * 1024
-    active: str = "oracle"
-    sparsity: float = 0.5
+    active: str = "auto"
+    sparsity: Optional[float] = None
     direct_io: bool = True
     scratch_neurons: int = 256
     policy: str = "lru"
     extra: dict = field(default_factory=dict)
 
-    ACTIVE_CHOICES = ("all", "oracle", "predictor")
+    ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("window", "lru")
 
     def __post_init__(self) -> None:
@@ -59,7 +66,7 @@ class FlashConfig:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
         if self.policy not in self.POLICY_CHOICES:
             raise ValueError(f"policy must be one of {self.POLICY_CHOICES}, got {self.policy!r}")
-        if not 0.0 <= self.sparsity < 1.0:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.threads < 0 or self.chunk_bytes < 0:
             raise ValueError("threads and chunk_bytes must be >= 0")

@@ -281,40 +281,69 @@ def _load_dense(path: Path) -> Engine:
     from .models import get_architecture
 
     config = _read_config(path)
-    get_architecture(config)  # clear error for architectures we do not run
+    arch = get_architecture(config)  # clear error for architectures we do not run
     if not list(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no .safetensors weights")
     from mlx_lm.utils import load_model
 
-    model, config = load_model(path)
+    model, config = load_model(path, get_model_classes=arch.get_classes)  # honours hidden_act, runs OPT
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return Engine(model, tokenizer, path, None)
 
 
-def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
+def _make_chooser(files, config: FlashConfig, act: str, act_param):
+    """The active-neuron chooser ``config.active`` names ("auto": the predictors when
+    the folder has them, else the oracle). The oracle uses the calibrated thresholds
+    when ``config.sparsity`` is None or equals the calibrated sparsity."""
     from .active import AllNeurons, Oracle
+    from .predictor import has_predictors, load_predictor_chooser, predictor_info
+    from .storage.format import bundle_parts, read_layer_weights
+
+    m = files.manifest
+    active = config.active
+    if active == "auto":
+        active = "predictor" if has_predictors(files) else "oracle"
+    if active == "all":
+        return AllNeurons(m.intermediate_size)
+    if active == "predictor":
+        return load_predictor_chooser(files, config)
+    gate_up, biases = [], []
+    for i in range(m.num_layers):
+        parts = dict(zip((p.role for p in bundle_parts(m)), read_layer_weights(files, i)))
+        gate_up.append((parts["gate"], parts.get("up")))
+        biases.append((parts.get("gate_bias"), parts.get("up_bias")))
+    mx.eval([a for pair in gate_up + biases for a in pair if a is not None])
+    info = predictor_info(m) or {}
+    calibrated = info.get("sparsity")
+    thresholds = None
+    sparsity = config.sparsity
+    if info.get("thresholds") and (sparsity is None or (calibrated is not None and abs(sparsity - calibrated) < 1e-9)):
+        thresholds, sparsity = info["thresholds"], calibrated
+    if sparsity is None:
+        sparsity = FlashConfig.DEFAULT_SPARSITY
+    return Oracle(gate_up, sparsity, act=act, thresholds=thresholds, biases=biases, act_param=act_param)
+
+
+def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     from .models import get_architecture
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
-    from .storage.format import load_dense_weights, open_flash, read_layer_weights
+    from .storage.format import bundle_layout, ffn_state_dict, load_dense_weights, open_flash
     from .storage.reader import FlashReader
 
     files = open_flash(path)
     m = files.manifest
     arch_cfg = dict(m.model_args)
     arch = get_architecture(arch_cfg)
-    act = arch_cfg.get("hidden_act", arch.ACTIVATION)
-    if act == "swish":
-        act = "silu"
+    act, act_param = arch.activation_of(arch_cfg)
+    layout = bundle_layout(m)
     tokenizer = load_tokenizer(path, eos_token_ids=arch_cfg.get("eos_token_id"))
 
     if dense:
         model = arch.build(arch_cfg)
         weights = load_dense_weights(files)
         for i in range(m.num_layers):
-            g, u, d = read_layer_weights(files, i)
-            for key, w in zip(arch.FFN_KEYS, (g, u, d)):
-                weights[f"model.layers.{i}.{key}.weight"] = w
+            weights.update(ffn_state_dict(files, i))
         model.load_weights(list(model.sanitize(weights).items()))
         mx.eval(model.parameters())
         eng = Engine(model, tokenizer, path, None)
@@ -329,39 +358,37 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         chunk = chunk or c
     dtype = getattr(mx, m.dtype)
     counters = FFNCounters()
+    chooser = _make_chooser(files, config, act, act_param)
     budget_bytes = config.budget_bytes(m.ffn_bytes_total)
+    if chooser.name == "predictor":  # the predictors live inside the FFN memory budget
+        budget_bytes = max(0, budget_bytes - chooser.resident_bytes)
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
     scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // m.bundle_bytes))
-    cache = NeuronCache.from_budget(
-        n_layers=m.num_layers,
-        n_neurons=m.intermediate_size,
-        bundle_elems=m.bundle_elems,
-        bundle_bytes=m.bundle_bytes,
-        dtype=dtype,
-        budget_bytes=budget_bytes,
-        window=config.window,
-        scratch_neurons=scratch_neurons,
-        lazy=config.policy == "lru",
-    )
+    try:
+        cache = NeuronCache.from_budget(
+            n_layers=m.num_layers,
+            n_neurons=m.intermediate_size,
+            bundle_elems=m.bundle_elems,
+            bundle_bytes=m.bundle_bytes,
+            dtype=dtype,
+            budget_bytes=budget_bytes,
+            window=config.window,
+            scratch_neurons=scratch_neurons,
+            lazy=config.policy == "lru",
+        )
+    except ValueError as e:
+        if chooser.name != "predictor":
+            raise
+        raise ValueError(f"{e} (the activation predictors take {chooser.resident_bytes} bytes of the "
+                         f"{config.budget_bytes(m.ffn_bytes_total)}-byte FFN budget: raise the budget or "
+                         f"calibrate with a smaller --rank)") from None
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
-    if config.active == "all":
-        chooser = AllNeurons(m.intermediate_size)
-    elif config.active == "oracle":
-        gate_up = []
-        for i in range(m.num_layers):
-            g, u, _ = read_layer_weights(files, i)
-            gate_up.append((g, u))
-        mx.eval(gate_up)
-        chooser = Oracle(gate_up, config.sparsity, act=act)
-    else:
-        from .predictor import load_predictor_chooser
-
-        chooser = load_predictor_chooser(files, config)
     scratch = (cache.scratch, cache.scratch_host)
 
     def factory(i: int) -> SparseFFN:
-        return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act)
+        return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
+                         layout=layout, act_param=act_param)
 
     model = arch.build(arch_cfg, factory)
     weights = model.sanitize(load_dense_weights(files))

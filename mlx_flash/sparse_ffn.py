@@ -10,6 +10,12 @@ Per forward pass (see docs/ARCHITECTURE.md):
    shared scratch buffer in chunks and never cached
 4. ``y = down_active · (act(gate_active · x) * (up_active · x))``  (compute time)
 
+The bundle's columns follow ``storage.format.bundle_layout``: per-neuron biases
+(OPT's fc1 bias, llama's ``mlp_bias``) sit inside the bundle, ungated FFNs (OPT:
+``fc2 · relu(fc1 · x + b)``) have no up part, dReLU applies ReLU to up too, and the
+output projection's bias (one vector per layer) is a dense parameter added by
+:meth:`SparseFFN.add_output_bias`.
+
 With every neuron active the result equals the dense FFN.
 """
 
@@ -22,24 +28,53 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .active import Chooser, activation
+from .active import Chooser, gated_activation
 from .stats import FFNCounters
 
 
-class SparseFFN(nn.Module):
-    """Drop-in replacement for an mlx-lm ``MLP`` whose weights live on disk."""
+class _OutputBias(nn.Module):
+    """Holds the output projection's dense bias under the dense model's key name
+    (``...mlp.down_proj.bias``, ``...mlp.fc2.bias``)."""
 
-    def __init__(self, layer: int, hidden: int, chooser: Chooser, cache, reader, scratch, counters: FFNCounters, act: str = "silu"):
+    def __init__(self, hidden: int):
         super().__init__()
+        self.bias = mx.zeros((hidden,))
+
+
+class SparseFFN(nn.Module):
+    """Drop-in replacement for an mlx-lm ``MLP`` whose weights live on disk.
+
+    layout: ``storage.format.bundle_layout(manifest)``; None means the plain
+        ``[gate | up | down]`` bundle of ``hidden`` elements each.
+    act, act_param: the FFN activation (``active.activation``); ``drelu`` also applies
+        ReLU to the up projection.
+    """
+
+    def __init__(self, layer: int, hidden: int, chooser: Chooser, cache, reader, scratch, counters: FFNCounters,
+                 act: str = "silu", *, layout: Optional[dict] = None, act_param: Optional[float] = None):
+        super().__init__()
+        if layout is None:
+            layout = {"gate": (0, hidden), "up": (hidden, 2 * hidden), "down": (2 * hidden, 3 * hidden)}
         # Plain attributes (not arrays/lists): nn.Module keeps them out of the parameters.
-        object.__setattr__(self, "_state", _State(layer, hidden, chooser, cache, reader, scratch, counters, activation(act)))
+        object.__setattr__(self, "_state", _State(layer, hidden, chooser, cache, reader, scratch, counters,
+                                                  gated_activation(act, act_param), layout))
+        object.__setattr__(self, "_out_bias", None)
+
+    def add_output_bias(self, name: str) -> None:
+        """Give this FFN a dense output bias, loaded as ``<name>.bias`` (e.g. ``down_proj``,
+        ``fc2``) so the dense model's key name fits."""
+        setattr(self, name, _OutputBias(self._state.hidden))
+        object.__setattr__(self, "_out_bias", name)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self._state.forward(x)
+        y = self._state.forward(x)
+        if self._out_bias is not None:
+            y = y + getattr(self, self._out_bias).bias.astype(y.dtype)
+        return y
 
 
 class _State:
-    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, act):
+    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout):
         self.layer = layer
         self.hidden = hidden
         self.chooser = chooser
@@ -47,14 +82,26 @@ class _State:
         self.reader = reader
         self.scratch = scratch  # (mx storage (S, elems), np uint8 host view (S, bundle_bytes))
         self.counters = counters
-        self.act = act
+        self.gated = gated
+        self.gate = slice(*layout["gate"])
+        self.down = slice(*layout["down"])
+        self.up = slice(*layout["up"]) if "up" in layout else None
+        self.gate_bias = layout.get("gate_bias")
+        self.up_bias = layout.get("up_bias")
 
     def _partial(self, xt: mx.array, w: mx.array, mask: Optional[mx.array]) -> mx.array:
-        d = self.hidden
-        h = self.act(xt @ w[:, :d].T) * (xt @ w[:, d : 2 * d].T)
+        g = xt @ w[:, self.gate].T
+        if self.gate_bias is not None:
+            g = g + w[:, self.gate_bias]
+        u = None
+        if self.up is not None:
+            u = xt @ w[:, self.up].T
+            if self.up_bias is not None:
+                u = u + w[:, self.up_bias]
+        h = self.gated(g, u)
         if mask is not None:
             h = h * mask
-        return h @ w[:, 2 * d :]
+        return h @ w[:, self.down]
 
     def forward(self, x: mx.array) -> mx.array:
         c = self.counters

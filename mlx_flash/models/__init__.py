@@ -3,23 +3,31 @@
 One module per architecture family (mlx-lm style). Each module exposes:
 
 - ``ModelArgs``: the mlx-lm dataclass of hyperparameters,
-- ``FFN_KEYS``: the weight names of one layer's FFN, in bundle order,
+- ``FFN_KEYS``: the weight names of one layer's FFN (without biases),
+- ``ACTIVATION``: the FFN activation when config.json names none,
+- ``activation_of(config)``: ``(name, param)`` of the model's FFN activation,
+- ``get_classes(config)``: ``(model_class, args_class)`` for mlx-lm's
+  ``load_model(get_model_classes=...)`` (dense loading, quantized folders included),
 - ``build(config, ffn_factory)``: the model with every layer's FFN replaced by
   ``ffn_factory(layer_index)`` (a flash ``SparseFFN``) or left dense when
   ``ffn_factory`` is None.
+
+The flash layout of each architecture's FFN (bundle parts, biases) lives in
+``storage.format.ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import llama
+from . import llama, opt
 
 #: config.json ``model_type`` -> architecture module
 ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
     "mistral": llama,
     "qwen2": llama,
+    "opt": opt,
 }
 
 

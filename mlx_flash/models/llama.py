@@ -3,26 +3,88 @@
 Attention, embeddings and norms are mlx-lm's own, kept dense in memory. Each
 layer's ``mlp`` (``down(silu(gate x) * up x)``) is swapped for the flash
 engine's ``SparseFFN`` so FFN weights come from disk neuron by neuron.
+
+mlx-lm's llama always uses SwiGLU. Sparse checkpoints (ProSparse, TurboSparse,
+``mlx-flash relufy`` output) say otherwise in config.json's ``hidden_act``:
+``relu``, ``relu2`` (squared ReLU), ``drelu`` (ReLU on gate and up:
+``relu(gate x) * relu(up x)``) or ``fatrelu`` (ProSparse: ``g`` where
+``g > hidden_act_param``). For those the dense model's MLP is swapped for
+:class:`ActMLP`, which honours ``hidden_act``, so dense and flash runs compute
+the same function. ``mlp_bias`` (biases on gate, up and down) is supported.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.llama import ModelArgs  # noqa: F401  (re-exported)
 from mlx_lm.utils import _get_classes
 
+from ..active import config_activation, gated_activation
+
 #: per-layer FFN weight names, in bundle order: gate row i | up row i | down column i
 FFN_KEYS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ACTIVATION = "silu"
+#: the module whose bias is the FFN's dense output bias (with ``mlp_bias``)
+OUTPUT_BIAS = "down_proj"
+
+
+class ActMLP(nn.Module):
+    """``down(act(gate x) * up x)`` with the activation named in config.json
+    (``drelu``: ``down(relu(gate x) * relu(up x))``). Same parameter names as mlx-lm's MLP."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str, act_param: Optional[float] = None, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        object.__setattr__(self, "_gated", gated_activation(act, act_param))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
+
+
+def activation_of(config: dict):
+    """``(name, param)`` of the FFN activation of a llama-family config."""
+    return config_activation(config, ACTIVATION)
+
+
+def _swap_mlps(model: nn.Module, config: dict) -> None:
+    act, param = activation_of(config)
+    if act == "silu":
+        return  # mlx-lm's own MLP (fused SwiGLU)
+    for layer in model.layers:
+        old = layer.mlp
+        dim, hidden_dim = old.gate_proj.weight.shape[1], old.gate_proj.weight.shape[0]
+        layer.mlp = ActMLP(dim, hidden_dim, act, param, bias=bool(config.get("mlp_bias", False)))
+
+
+def get_classes(config: dict):
+    """``(model_class, args_class)`` for mlx-lm's ``load_model(get_model_classes=...)``:
+    mlx-lm's classes, with an MLP honouring ``hidden_act`` when it is not SwiGLU."""
+    model_class, args_class = _get_classes(config)
+    if activation_of(config)[0] == "silu":
+        return model_class, args_class
+
+    class ActModel(model_class):  # type: ignore[misc, valid-type]
+        def __init__(self, args):
+            super().__init__(args)
+            _swap_mlps(self, config)
+
+    ActModel.__name__ = ActModel.__qualname__ = f"{model_class.__name__}With{activation_of(config)[0].title()}"
+    return ActModel, args_class
 
 
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:
     """Instantiate the mlx-lm model for ``config``; swap each layer's FFN when asked."""
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = get_classes(config)
     model = model_class(args_class.from_dict(config))
     if ffn_factory is not None:
         for i, layer in enumerate(model.layers):
-            layer.mlp = ffn_factory(i)
+            ffn = ffn_factory(i)
+            if config.get("mlp_bias") and hasattr(ffn, "add_output_bias"):
+                ffn.add_output_bias(OUTPUT_BIAS)
+            layer.mlp = ffn
     return model

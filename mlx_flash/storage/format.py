@@ -9,7 +9,11 @@ A flash model is a folder::
                          dense_file, source, predictors, created, dense_quantization
       dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
       ffn.bin            per layer, per neuron i: [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
-                         contiguous ("row-column bundling": one read fetches one neuron). Each layer region
+                         contiguous ("row-column bundling": one read fetches one neuron). Models with FFN
+                         biases add each neuron's own bias elements to its bundle (``bundle_parts``: llama
+                         with mlp_bias ["gate", "gate_bias", "up", "up_bias", "down"], OPT ["fc1",
+                         "fc1_bias", "fc2"]); the output projection's bias is one vector per layer and
+                         stays in dense.safetensors (see ``ARCHITECTURES``, ``bundle_layout``). Each layer region
                          starts at a multiple of ``alignment`` (4096); padding is zeros; the file is padded
                          to a multiple of ``alignment`` too, so aligned direct reads never run past its end.
       config.json, tokenizer.json, tokenizer_config.json, ...   copied unchanged from the source
@@ -58,19 +62,81 @@ _NP_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    """How one architecture names its FFN: module paths (relative to ``...layers.N.``)
-    of the gate, up and down projections, in bundle order."""
+class BundlePart:
+    """One piece of a neuron's bundle.
 
-    ffn_modules: Tuple[str, str, str]
-    bundle_parts: Tuple[str, str, str] = ("gate", "up", "down")
+    name:   as listed in the manifest's ``bundle_parts``.
+    tensor: the source tensor, relative to ``<layers>.N.`` (e.g. ``mlp.gate_proj.weight``).
+    kind:   ``"row"`` (row i of an (intermediate, hidden) weight: hidden elements),
+            ``"col"`` (column i of a (hidden, intermediate) weight: hidden elements) or
+            ``"bias"`` (element i of an (intermediate,) bias: one element).
+    role:   what the FFN does with it: ``gate`` (the activation's input; OPT's fc1),
+            ``gate_bias``, ``up``, ``up_bias`` or ``down`` (the output projection; OPT's fc2).
+    """
+
+    name: str
+    tensor: str
+    kind: str
+    role: str
+
+    def elems(self, hidden: int) -> int:
+        return 1 if self.kind == "bias" else hidden
+
+
+BUNDLE_PARTS: Dict[str, BundlePart] = {p.name: p for p in (
+    BundlePart("gate", "mlp.gate_proj.weight", "row", "gate"),
+    BundlePart("gate_bias", "mlp.gate_proj.bias", "bias", "gate_bias"),
+    BundlePart("up", "mlp.up_proj.weight", "row", "up"),
+    BundlePart("up_bias", "mlp.up_proj.bias", "bias", "up_bias"),
+    BundlePart("down", "mlp.down_proj.weight", "col", "down"),
+    BundlePart("fc1", "fc1.weight", "row", "gate"),
+    BundlePart("fc1_bias", "fc1.bias", "bias", "gate_bias"),
+    BundlePart("fc2", "fc2.weight", "col", "down"),
+)}
+"""Every bundle part any architecture uses, by manifest name."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture lays out its FFN.
+
+    ffn_modules:  FFN module paths relative to ``<layers>.N.``: their tensors are FFN tensors.
+    bundle_parts: the bundle, in order, for a model without FFN biases.
+    biased_parts: the bundle when ``bias_flag`` (a config.json key, default ``bias_default``)
+                  turns FFN biases on; the output projection's bias (``dense_biases``) is one
+                  vector per layer, not per neuron, and stays in ``dense.safetensors``.
+    layer_prefix: where layers live in the model's (canonical) key names.
+    intermediate_key: config.json's name for the number of FFN neurons.
+    """
+
+    ffn_modules: Tuple[str, ...]
+    bundle_parts: Tuple[str, ...] = ("gate", "up", "down")
+    biased_parts: Tuple[str, ...] = ("gate", "gate_bias", "up", "up_bias", "down")
+    bias_flag: str = "mlp_bias"
+    bias_default: bool = False
+    dense_biases: Tuple[str, ...] = ("mlp.down_proj.bias",)
+    layer_prefix: str = "model.layers"
+    intermediate_key: str = "intermediate_size"
+
+    def has_biases(self, config: Mapping[str, Any]) -> bool:
+        v = config.get(self.bias_flag)
+        return self.bias_default if v is None else bool(v)
+
+    def parts(self, config: Mapping[str, Any]) -> Tuple[BundlePart, ...]:
+        """The bundle parts, in order, of a model with this ``config``."""
+        names = self.biased_parts if self.has_biases(config) else self.bundle_parts
+        return tuple(BUNDLE_PARTS[n] for n in names)
 
 
 _LLAMA_FFN = ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+_OPT_FFN = ArchSpec(("fc1", "fc2"), bundle_parts=("fc1", "fc2"), biased_parts=("fc1", "fc1_bias", "fc2"),
+                    bias_flag="enable_bias", bias_default=True, dense_biases=("fc2.bias",),
+                    layer_prefix="model.decoder.layers", intermediate_key="ffn_dim")
 ARCHITECTURES: Dict[str, ArchSpec] = {
     "llama": _LLAMA_FFN,
     "mistral": _LLAMA_FFN,
     "qwen2": _LLAMA_FFN,  # attention biases are dense weights: nothing special
+    "opt": _OPT_FFN,      # bundle: fc1 row i | fc1 bias i | fc2 column i; fc2's bias is dense
 }
 """config.json ``model_type`` -> FFN layout. The keys are the supported architectures."""
 
@@ -291,19 +357,22 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
             raise FlashFormatError(f"{where}: field '{name}' must be > 0, got {getattr(m, name)}")
     if m.alignment & (m.alignment - 1):
         raise FlashFormatError(f"{where}: field 'alignment' must be a power of two, got {m.alignment}")
-    if list(m.bundle_parts) != list(spec.bundle_parts):
-        raise FlashFormatError(f"{where}: field 'bundle_parts' is {m.bundle_parts}, expected {list(spec.bundle_parts)}")
-    if m.bundle_elems != len(spec.bundle_parts) * m.hidden_size:
+    parts = spec.parts(m.model_args)
+    expect_parts = [p.name for p in parts]
+    if list(m.bundle_parts) != expect_parts:
+        raise FlashFormatError(f"{where}: field 'bundle_parts' is {m.bundle_parts}, expected {expect_parts}")
+    elems = sum(p.elems(m.hidden_size) for p in parts)
+    if m.bundle_elems != elems:
         raise FlashFormatError(
-            f"{where}: field 'bundle_elems' is {m.bundle_elems}, expected {len(spec.bundle_parts)} * hidden_size "
-            f"= {len(spec.bundle_parts) * m.hidden_size}"
+            f"{where}: field 'bundle_elems' is {m.bundle_elems}, expected {elems} for parts {expect_parts} "
+            f"(hidden_size {m.hidden_size})"
         )
     if m.bundle_bytes != m.bundle_elems * DTYPE_SIZES[m.dtype]:
         raise FlashFormatError(
             f"{where}: field 'bundle_bytes' is {m.bundle_bytes}, expected bundle_elems * sizeof({m.dtype}) "
             f"= {m.bundle_elems * DTYPE_SIZES[m.dtype]}"
         )
-    for name, arg in (("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+    for name, arg in (("hidden_size", "hidden_size"), ("intermediate_size", spec.intermediate_key),
                       ("num_layers", "num_hidden_layers")):
         v = m.model_args.get(arg)
         if v is not None and v != getattr(m, name):
@@ -404,11 +473,33 @@ def _np_to_mx(a: np.ndarray, dtype: str) -> mx.array:
     return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
 
 
+def bundle_parts(manifest: Manifest) -> Tuple[BundlePart, ...]:
+    """The manifest's bundle parts, in bundle order."""
+    try:
+        return tuple(BUNDLE_PARTS[n] for n in manifest.bundle_parts)
+    except KeyError as e:
+        raise FlashFormatError(f"{MANIFEST_FILE}: field 'bundle_parts' names an unknown part {e.args[0]!r}") from None
+
+
+def bundle_layout(manifest: Manifest) -> Dict[str, Union[Tuple[int, int], int]]:
+    """Where each role lives inside a bundle row of ``bundle_elems`` elements:
+    ``{"gate": (start, stop), "down": (start, stop), "up": (start, stop)?,
+    "gate_bias": index?, "up_bias": index?}`` (roles the model lacks are absent)."""
+    out: Dict[str, Union[Tuple[int, int], int]] = {}
+    pos = 0
+    for part in bundle_parts(manifest):
+        n = part.elems(manifest.hidden_size)
+        out[part.role] = pos if part.kind == "bias" else (pos, pos + n)
+        pos += n
+    return out
+
+
 def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     """Raw bundle bytes (uint8, shape ``(n, bundle_bytes)`` or flat, a multiple of
     ``bundle_bytes`` long) → an ``mx.array`` of shape ``(n, bundle_elems)`` in the
-    model dtype. Columns ``[0:h]`` are gate, ``[h:2h]`` up, ``[2h:3h]`` down
-    (h = hidden_size). Copies (``mx.array`` owns its memory)."""
+    model dtype. Columns follow :func:`bundle_layout` (llama without biases:
+    ``[0:h]`` gate, ``[h:2h]`` up, ``[2h:3h]`` down, h = hidden_size).
+    Copies (``mx.array`` owns its memory)."""
     b = np.ascontiguousarray(buf_u8)
     if b.dtype != np.uint8:
         raise TypeError(f"bundle_view expects uint8 bytes, got {b.dtype}")
@@ -418,13 +509,15 @@ def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     return _np_to_mx(typed, manifest.dtype)
 
 
-def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, mx.array, mx.array]:
+def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, ...]:
     """Read one layer's whole FFN with a plain buffered read (for the oracle, dense
     loading and tests; the engine's sparse path uses ``FlashReader``).
 
-    Returns ``(gate [inter, hidden], up [inter, hidden], down [hidden, inter])`` in
-    the stored dtype: ``gate_proj.weight``, ``up_proj.weight``, ``down_proj.weight``
-    exactly as in the source model.
+    Returns one array per bundle part, in bundle order, in the stored dtype and
+    exactly as in the source model: row parts ``[inter, hidden]``, column parts
+    ``[hidden, inter]``, biases ``[inter]``. For llama without biases that is
+    ``(gate_proj.weight, up_proj.weight, down_proj.weight)``; see
+    :func:`ffn_state_dict` for the key names.
     """
     m = files.manifest
     off, size = m.layer_range(layer)
@@ -440,10 +533,28 @@ def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, mx.arra
             got += n
     h = m.hidden_size
     typed = raw.view(numpy_storage_dtype(m.dtype)).reshape(m.intermediate_size, m.bundle_elems)
-    gate = np.ascontiguousarray(typed[:, :h])
-    up = np.ascontiguousarray(typed[:, h : 2 * h])
-    down = np.ascontiguousarray(typed[:, 2 * h :].T)
-    return _np_to_mx(gate, m.dtype), _np_to_mx(up, m.dtype), _np_to_mx(down, m.dtype)
+    out = []
+    pos = 0
+    for part in bundle_parts(m):
+        n = part.elems(h)
+        block = typed[:, pos : pos + n]
+        if part.kind == "col":
+            block = block.T
+        elif part.kind == "bias":
+            block = block[:, 0]
+        out.append(_np_to_mx(np.ascontiguousarray(block), m.dtype))
+        pos += n
+    return tuple(out)
+
+
+def ffn_state_dict(files: FlashFiles, layer: int) -> Dict[str, mx.array]:
+    """One layer's FFN tensors from ``ffn.bin`` under the architecture's key names
+    (``model.layers.N.mlp.gate_proj.weight``, ``model.decoder.layers.N.fc1.bias``, ...):
+    with :func:`load_dense_weights` and the model's ``sanitize``, the whole model."""
+    m = files.manifest
+    prefix = ARCHITECTURES[m.architecture].layer_prefix
+    return {f"{prefix}.{layer}.{part.tensor}": w
+            for part, w in zip(bundle_parts(m), read_layer_weights(files, layer))}
 
 
 def load_dense_weights(files: FlashFiles) -> Dict[str, mx.array]:
@@ -631,13 +742,15 @@ def write_flash(
         raise ValueError(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype!r}")
     n_layers = _cfg_int(config, "num_hidden_layers", f"{what} config.json")
     hidden = _cfg_int(config, "hidden_size", f"{what} config.json")
-    inter = _cfg_int(config, "intermediate_size", f"{what} config.json")
+    inter = _cfg_int(config, spec.intermediate_key, f"{what} config.json")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
     qcfg = config.get("quantization") or config.get("quantization_config")
+    parts = spec.parts(config)
+    biased = spec.has_biases(config)
+    bias_tensors = {p.tensor for p in parts if p.kind == "bias"}
 
     # ---- find and check the FFN tensors of every layer before writing anything
-    ffn_modules: List[Tuple[str, str, str]] = [None] * n_layers  # type: ignore[list-item]
     prefixes: Dict[int, str] = {}
     for key in weights:
         mt = _LAYER_KEY.match(key)
@@ -649,35 +762,43 @@ def write_flash(
                 i = int(mt["layer"])
                 if i >= n_layers:
                     raise FlashFormatError(f"{what}: tensor {key!r} is for layer {i}, config says {n_layers} layers")
-                if rest == mod + ".bias":
-                    raise FlashFormatError(f"{what}: tensor {key!r}: FFN biases (mlp_bias) are not supported")
+                if rest == mod + ".bias" and not (biased and (rest in bias_tensors or rest in spec.dense_biases)):
+                    raise FlashFormatError(f"{what}: tensor {key!r}: an FFN bias, but config.json says "
+                                           f"{spec.bias_flag} = {str(biased).lower()}")
                 prefixes.setdefault(i, mt["prefix"])
+    ffn_prefix: List[str] = []
     for i in range(n_layers):
         pre = prefixes.get(i)
         if pre is None:
             raise FlashFormatError(f"{what}: layer {i} has no FFN weights ({spec.ffn_modules[0]}.weight missing)")
-        mods = tuple(f"{pre}.{i}.{m}" for m in spec.ffn_modules)
-        for mod in mods:
-            if f"{mod}.weight" not in weights:
-                raise FlashFormatError(f"{what}: tensor {mod}.weight is missing")
-        ffn_modules[i] = mods  # type: ignore[call-overload]
+        for t in [part.tensor for part in parts] + (list(spec.dense_biases) if biased else []):
+            if f"{pre}.{i}.{t}" not in weights:
+                raise FlashFormatError(f"{what}: tensor {pre}.{i}.{t} is missing")
+        ffn_prefix.append(f"{pre}.{i}")
 
-    first = weights[f"{ffn_modules[0][0]}.weight"]
-    src_dtype = weights.get(f"{ffn_modules[0][0]}.scales", first).dtype
+    first = weights[f"{ffn_prefix[0]}.{parts[0].tensor}"]
+    src_dtype = weights.get(f"{ffn_prefix[0]}.{parts[0].tensor[: -len('.weight')]}.scales", first).dtype
     del first
     out_dtype = dtype or _dtype_name(src_dtype)
     if out_dtype not in DTYPE_SIZES:
         raise FlashFormatError(f"{what}: FFN weights are {out_dtype}; pass dtype= one of {sorted(DTYPE_SIZES)}")
     mx_out = getattr(mx, out_dtype)
     item = DTYPE_SIZES[out_dtype]
-    bundle_elems = 3 * hidden
+    bundle_elems = sum(p.elems(hidden) for p in parts)
     bundle_bytes = bundle_elems * item
     layer_size = inter * bundle_bytes
     offsets = [i * _align(layer_size) for i in range(n_layers)]
     ffn_size = _align(offsets[-1] + layer_size)
 
     # ---- disk space check up front
-    ffn_keys = {f"{m}.{s}" for mods in ffn_modules for m in mods for s in ("weight", "scales", "biases")}
+    ffn_keys = set()
+    for pre in ffn_prefix:
+        for part in parts:
+            if part.kind == "bias":
+                ffn_keys.add(f"{pre}.{part.tensor}")
+            else:
+                mod = f"{pre}.{part.tensor[: -len('.weight')]}"
+                ffn_keys.update(f"{mod}.{s}" for s in ("weight", "scales", "biases"))
     dense_estimate = sum(v.nbytes for k, v in weights.items() if k not in ffn_keys)
     if dtype is not None:
         dense_estimate = dense_estimate * 2  # worst case float16 → float32
@@ -695,20 +816,30 @@ def write_flash(
         with open(tmp / FFN_FILE, "wb") as f:
             set_nocache(f.fileno())  # macOS: keep ffn.bin out of the cache the reader bypasses
             pos = 0
-            for i, (g_mod, u_mod, d_mod) in enumerate(ffn_modules):
-                gate = _dequantize(weights, g_mod, hidden, qcfg, what)
-                up = _dequantize(weights, u_mod, hidden, qcfg, what)
-                down = _dequantize(weights, d_mod, inter, qcfg, what)
-                for name, arr, shape in ((g_mod, gate, (inter, hidden)), (u_mod, up, (inter, hidden)),
-                                         (d_mod, down, (hidden, inter))):
+            for i, pre in enumerate(ffn_prefix):
+                pieces = []
+                for part in parts:
+                    name = f"{pre}.{part.tensor}"
+                    if part.kind == "bias":
+                        arr = weights.pop(name)
+                        shape: Tuple[int, ...] = (inter,)
+                    else:
+                        mod = name[: -len(".weight")]
+                        arr = _dequantize(weights, mod, hidden if part.kind == "row" else inter, qcfg, what)
+                        shape = (inter, hidden) if part.kind == "row" else (hidden, inter)
                     if tuple(arr.shape) != shape:
-                        raise FlashFormatError(f"{what}: tensor {name}.weight has shape {tuple(arr.shape)}, "
+                        raise FlashFormatError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, "
                                                f"expected {shape} (hidden_size {hidden}, intermediate_size {inter})")
                     if not mx.issubdtype(arr.dtype, mx.floating):
-                        raise FlashFormatError(f"{what}: tensor {name}.weight has dtype {arr.dtype}, expected floats")
-                bundle = mx.concatenate([gate.astype(mx_out), up.astype(mx_out), down.T.astype(mx_out)], axis=1)
+                        raise FlashFormatError(f"{what}: tensor {name} has dtype {arr.dtype}, expected floats")
+                    if part.kind == "col":
+                        arr = arr.T
+                    elif part.kind == "bias":
+                        arr = arr[:, None]
+                    pieces.append(arr.astype(mx_out))
+                bundle = mx.concatenate(pieces, axis=1)
+                del pieces, arr
                 mx.eval(bundle)
-                del gate, up, down, arr
                 raw = _np_bytes(bundle)
                 del bundle
                 assert raw.nbytes == layer_size
@@ -765,7 +896,7 @@ def write_flash(
             num_layers=n_layers,
             hidden_size=hidden,
             intermediate_size=inter,
-            bundle_parts=list(spec.bundle_parts),
+            bundle_parts=[p.name for p in parts],
             bundle_elems=bundle_elems,
             bundle_bytes=bundle_bytes,
             layers=entries,
@@ -841,7 +972,12 @@ __all__ = [
     "LayerEntry",
     "MANIFEST_FILE",
     "Manifest",
+    "BUNDLE_PARTS",
+    "BundlePart",
+    "bundle_layout",
+    "bundle_parts",
     "bundle_view",
+    "ffn_state_dict",
     "convert_to_flash",
     "load_dense_weights",
     "numpy_storage_dtype",

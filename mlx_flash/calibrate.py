@@ -1,0 +1,856 @@
+"""Calibration: activation thresholds and low-rank predictors for a flash model.
+
+``calibrate(flash_dir, sparsity=..., rank=...)`` (and ``mlx-flash calibrate``):
+
+1. **Text.** The project's own prompts (``resources/calibration/prompts.txt``) go
+   through the model's chat template and the dense model answers them (batched,
+   temperature 0.7 with min-p 0.05, a fixed seed), optionally plus a user text file. Every token the model
+   reads — prompt and answer — is calibration data (the system prompt the chat
+   template repeats is counted once).
+2. **Collection.** While that text runs through the dense model (float32 compute:
+   much faster than bfloat16 on CPUs, same weights), each layer's FFN input ``x``
+   (after ``post_attention_layernorm``) is recorded (float16). The gated activation
+   ``h = act(gate x) * (up x)`` is recomputed per layer from the same layer's
+   weights when fitting (memory: tokens × layers × hidden × 2 bytes, not × ffn).
+3. **Sparsity rule.** A neuron is active for a token when ``|h|`` passes its layer's
+   threshold: the calibration data's ``sparsity`` quantile of ``|h|`` in that layer
+   (CATS/TEAL style). ReLU-family models (relu, relu2, drelu, fatrelu; OPT) use the
+   exact rule ``h != 0`` (threshold 0). Per-neuron activation frequencies are
+   kept for the hot-neuron cache policy.
+4. **Predictors.** Per layer ``sigmoid(B (A x) + b)`` of rank ``r``, fitted in
+   closed form on about 80% of the sequences: reduced-rank ridge regression of the
+   clipped log-magnitude ``log(|h| / threshold)`` (so the logit is positive where the
+   neuron is active and large activations rank first). Optional Adam epochs on the
+   weighted BCE (a missed active neuron costs ``pos_weight`` times a needless one)
+   refine it; measured on SmolLM2-135M they do not help on unseen text (default 0).
+5. **Cutoffs.** On 10% held-out sequences, each layer's probability cutoff for the
+   recall targets 0.9 … 0.999; recall, precision and the predicted active fraction
+   are reported on the last 10% (sequences used neither for fitting nor cutoffs).
+6. **Saving.** ``predictors.safetensors`` and ``manifest.json`` (field
+   ``predictors``) are written only at the very end, each atomically; a cancel
+   (progress callback returning False) before that leaves the folder untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .active import gated_activation, is_exact
+from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
+                        logit_to_prob, prob_to_logit, save_predictors)
+from .progress import Cancelled, ProgressCallback, report, scaled
+
+DEFAULT_SPARSITY = 0.35
+DEFAULT_TOKENS = 6144
+DEFAULT_EPOCHS = 0
+DEFAULT_POS_WEIGHT = 4.0
+DEFAULT_RIDGE = 0.1
+DEFAULT_MAX_NEW = 96
+GEN_TEMPERATURE = 0.7
+GEN_MIN_P = 0.05  # min-p truncation: as cheap as plain sampling (top-p sorts the vocabulary every step)
+LOG_CLIP = 6.0
+PROMPTS_FILE = "calibration/prompts.txt"
+
+
+# --------------------------------------------------------------------------- the dense model
+def model_activation(model_args: dict) -> Tuple[str, Optional[float]]:
+    """``(name, param)`` of a model config's FFN activation (the architecture's rule)."""
+    from .models import get_architecture
+
+    return get_architecture(dict(model_args)).activation_of(dict(model_args))
+
+
+def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
+    """The whole model (FFN read fully from ``ffn.bin``) in memory, floating weights
+    cast to ``dtype`` (None keeps the stored dtype). For calibration and evaluation."""
+    from .models import get_architecture
+    from .storage.format import ffn_state_dict, load_dense_weights
+
+    m = files.manifest
+    arch_cfg = dict(m.model_args)
+    arch = get_architecture(arch_cfg)
+    model = arch.build(arch_cfg)
+    weights = load_dense_weights(files)
+    for i in range(m.num_layers):
+        weights.update(ffn_state_dict(files, i))
+    if dtype is not None:
+        dt = getattr(mx, dtype)
+        weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    model.load_weights(list(model.sanitize(weights).items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def layer_ffn_parts(files, layer: int) -> Dict[str, mx.array]:
+    """One layer's FFN tensors by role (``gate``, ``up``, ``down``, ``gate_bias``, ``up_bias``)."""
+    from .storage.format import bundle_parts, read_layer_weights
+
+    return dict(zip((p.role for p in bundle_parts(files.manifest)), read_layer_weights(files, layer)))
+
+
+Hook = Callable[[int, mx.array, mx.array], mx.array]
+"""``hook(layer, x, h) -> h'``: sees a layer's FFN input and hidden activation, returns
+the activation to project down (``h`` itself, or ``h`` masked)."""
+
+
+def _ffn_modules(mlp: nn.Module):
+    """(gate, up or None, down) Linear modules of an mlx-lm / mlx-flash FFN."""
+    if hasattr(mlp, "gate_proj"):
+        return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if hasattr(mlp, "fc1"):
+        return mlp.fc1, None, mlp.fc2
+    raise ValueError(f"cannot hook FFN {type(mlp).__name__}: expected gate_proj/up_proj/down_proj or fc1/fc2")
+
+
+class HookedMLP(nn.Module):
+    """An FFN ``down(f(gate x, up x))`` that shows ``x`` and ``h = f(...)`` to a hook."""
+
+    def __init__(self, mlp: nn.Module, layer: int, act: str, hook: Hook, act_param: Optional[float] = None):
+        super().__init__()
+        self.inner = mlp
+        _ffn_modules(mlp)  # fail early
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_gated", gated_activation(act, act_param))
+        object.__setattr__(self, "_hook", hook)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up, down = _ffn_modules(self.inner)
+        h = self._gated(gate(x), up(x) if up is not None else None)
+        return down(self._hook(self._layer, x, h))
+
+
+def install_hooks(model: nn.Module, act, hook: Hook) -> None:
+    """Wrap every layer's ``mlp`` of the model in a :class:`HookedMLP`.
+    ``act``: an activation name or ``(name, param)``."""
+    name, param = (act, None) if isinstance(act, str) else act
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp.inner if isinstance(layer.mlp, HookedMLP) else layer.mlp
+        layer.mlp = HookedMLP(mlp, i, name, hook, param)
+
+
+def hidden_states(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
+    """The final hidden states (before ``lm_head``): collection needs no logits."""
+    return model.model(tokens, cache=cache)
+
+
+def _head(model: nn.Module):
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return head
+    inner = model.model
+    emb = getattr(inner, "embed_tokens", None) or getattr(getattr(inner, "decoder", None), "embed_tokens", None)
+    return emb.as_linear if emb is not None else None
+
+
+def last_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
+    """Logits of the last position only (B, vocab): the head on one row per sequence."""
+    head = _head(model)
+    if head is None:
+        return model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+    return head(hidden_states(model, tokens, cache)[:, -1, :]).astype(mx.float32)
+
+
+# --------------------------------------------------------------------------- calibration text
+def read_prompts(path: Optional[Union[str, Path]] = None) -> List[str]:
+    """The calibration prompts: one per line, ``#`` comments and blank lines skipped,
+    a literal ``\\n`` becomes a line break."""
+    from .paths import resources_dir
+
+    p = Path(path) if path is not None else resources_dir() / PROMPTS_FILE
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line.replace("\\n", "\n"))
+    if not out:
+        raise ValueError(f"{p}: no prompts")
+    return out
+
+
+def chat_tokens(tokenizer, prompt: str) -> List[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = seqs[0][i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+class Collector:
+    """Per-layer FFN inputs (float16) of every valid token position, plus a
+    sequence id per token (for held-out splits). The gated activations are
+    recomputed per layer when fitting (less memory than keeping them)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.x: List[List[np.ndarray]] = [[] for _ in range(num_layers)]
+        self.seq: List[np.ndarray] = []
+        self.tokens = 0
+        self._pending: Dict[int, mx.array] = {}
+
+    def hook(self, layer: int, x: mx.array, h: mx.array) -> mx.array:
+        self._pending[layer] = x.astype(mx.float16)
+        return h
+
+    def pending_arrays(self) -> List[mx.array]:
+        return list(self._pending.values())
+
+    def take(self, valid: np.ndarray, seq_ids: np.ndarray, limit: Optional[int] = None) -> int:
+        """Keep the positions where ``valid`` (B, L) is True (at most ``limit``); returns how many."""
+        valid = np.asarray(valid, dtype=bool)
+        if limit is not None and valid.sum() > limit:
+            flat = valid.reshape(-1).copy()
+            keep = np.flatnonzero(flat)[:max(0, limit)]
+            flat[:] = False
+            flat[keep] = True
+            valid = flat.reshape(valid.shape)
+        n = int(valid.sum())
+        if n:
+            for layer, x in self._pending.items():
+                self.x[layer].append(np.array(x)[valid])
+            self.seq.append(np.broadcast_to(np.asarray(seq_ids)[:, None], valid.shape)[valid])
+            self.tokens += n
+        self._pending.clear()
+        return n
+
+    def reset(self) -> None:
+        self.x = [[] for _ in range(self.num_layers)]
+        self.seq = []
+        self.tokens = 0
+        self._pending.clear()
+
+    def finish(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(x (num_layers, T, hidden) float16, sequence id (T,)); frees the chunks."""
+        X = np.stack([np.concatenate(c) for c in self.x])
+        seq = np.concatenate(self.seq)
+        self.x = []
+        return X, seq
+
+
+def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Collector, *, max_new: int,
+                         budget: int, temperature: float = GEN_TEMPERATURE, min_p: float = GEN_MIN_P, seed: int = 0,
+                         batch_size: int = 64, seq_offset: int = 0,
+                         progress: Optional[ProgressCallback] = None) -> Tuple[int, List[str]]:
+    """Answer ``prompts`` with the dense model (batched, chat template) and collect the
+    activations of every token read (prompt and answer) until ``budget`` tokens.
+    Returns (tokens collected, the answers)."""
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, min_p=min_p)
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    encoded = [chat_tokens(tokenizer, p) for p in prompts]
+    prefix = _common_prefix(encoded) if len(encoded) > 1 else 0
+    answers: List[List[int]] = [[] for _ in prompts]
+    collected = 0
+    total_steps = max(1, len(range(0, len(encoded), batch_size)) * (max_new + 1))
+    done_steps = 0
+    for b0 in range(0, len(encoded), batch_size):
+        if collected >= budget:
+            break
+        rows = encoded[b0 : b0 + batch_size]
+        B = len(rows)
+        lmax = max(len(r) for r in rows)
+        pad = [lmax - len(r) for r in rows]
+        toks = mx.array([[0] * p + r for p, r in zip(pad, rows)])
+        # one sequence needs no padding: the model's own cache (works for every architecture)
+        cache = [BatchKVCache(pad) for _ in model.layers] if B > 1 else make_prompt_cache(model)
+        seq_ids = np.arange(b0, b0 + B) + seq_offset
+        # the shared chat prefix (system prompt) counts once: only in the first sequence
+        skip = np.array([pad[i] + (0 if b0 + i == 0 else prefix) for i in range(B)])
+        valid = np.arange(lmax)[None, :] >= skip[:, None]
+        report(progress, done_steps / total_steps, f"reading {B} prompts")
+        logits = last_logits(model, toks, cache)
+        mx.eval(logits, collector.pending_arrays())
+        collected += collector.take(valid, seq_ids, budget - collected)
+        alive = np.ones(B, dtype=bool)
+        for step in range(max_new):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            y = sampler(logprobs)
+            y_np = np.array(y).reshape(-1)
+            for i in range(B):
+                if alive[i]:
+                    t = int(y_np[i])
+                    if t in eos:
+                        alive[i] = False
+                    else:
+                        answers[b0 + i].append(t)
+            done_steps += 1
+            report(progress, done_steps / total_steps, f"generating: {collected} tokens")
+            if not alive.any() or collected >= budget or step == max_new - 1:
+                break
+            logits = last_logits(model, y.reshape(B, 1), cache)
+            mx.eval(logits, collector.pending_arrays())
+            collected += collector.take(alive[:, None], seq_ids, budget - collected)
+        done_steps = (b0 // batch_size + 1) * (max_new + 1)
+        report(progress, done_steps / total_steps, f"generating: {collected} tokens")
+    texts = [tokenizer.decode(a) for a in answers]
+    return collected, texts
+
+
+def collect_text(model, tokenizer, text: str, collector: Collector, *, budget: int, seq_len: int = 256,
+                 batch_size: int = 8, seq_offset: int = 0, progress: Optional[ProgressCallback] = None) -> int:
+    """Collect activations on plain ``text`` (independent chunks of ``seq_len`` tokens)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))[:budget]
+    chunks = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    collected = 0
+    for b0 in range(0, len(chunks), batch_size):
+        rows = chunks[b0 : b0 + batch_size]
+        lmax = max(len(r) for r in rows)
+        toks = mx.array([r + [0] * (lmax - len(r)) for r in rows])  # right padding: causal, never attended
+        valid = np.arange(lmax)[None, :] < np.array([len(r) for r in rows])[:, None]
+        out = hidden_states(model, toks)
+        mx.eval(out, collector.pending_arrays())
+        collected += collector.take(valid, np.arange(b0, b0 + len(rows)) + seq_offset)
+        report(progress, (b0 + len(rows)) / len(chunks), f"reading text: {collected} tokens")
+    return collected
+
+
+# --------------------------------------------------------------------------- thresholds
+def quantile_threshold(abs_h: np.ndarray, sparsity: float) -> float:
+    """The ``sparsity`` quantile of a layer's |h| values (0 for sparsity 0)."""
+    if sparsity <= 0:
+        return 0.0
+    flat = np.asarray(abs_h, dtype=np.float32).reshape(-1)
+    k = min(len(flat) - 1, max(0, int(round(sparsity * (len(flat) - 1)))))
+    return float(np.partition(flat, k)[k])
+
+
+def thresholds_for(abs_h: Sequence[np.ndarray], sparsities: Sequence[float], act: str = "silu") -> Dict[float, List[float]]:
+    """Per-layer thresholds for several sparsities at once (0 for ReLU models)."""
+    if is_exact(act):
+        return {s: [0.0] * len(abs_h) for s in sparsities}
+    out: Dict[float, List[float]] = {s: [] for s in sparsities}
+    for h in abs_h:
+        qs = np.quantile(np.asarray(h, dtype=np.float32).reshape(-1), list(sparsities))
+        for s, q in zip(sparsities, qs):
+            out[s].append(float(q) if s > 0 else 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------- fitting one layer
+def hidden_activation(x: mx.array, parts: Dict[str, mx.array], act: str = "silu",
+                      act_param: Optional[float] = None) -> mx.array:
+    """The FFN's hidden activation ``f(x gate^T + gate_bias, x up^T + up_bias)`` (tokens × neurons)
+    from a layer's tensors by role (``up`` absent for ungated FFNs such as OPT's)."""
+    f32 = {k: v.astype(mx.float32) for k, v in parts.items()}
+    g = x @ f32["gate"].T
+    if "gate_bias" in f32:
+        g = g + f32["gate_bias"]
+    u = None
+    if "up" in f32:
+        u = x @ f32["up"].T
+        if "up_bias" in f32:
+            u = u + f32["up_bias"]
+    return gated_activation(act, act_param)(g, u)
+
+
+def fit_low_rank(x: mx.array, t: mx.array, rank: int, ridge: float = DEFAULT_RIDGE) -> Tuple[mx.array, mx.array, mx.array]:
+    """Reduced-rank ridge regression ``t ≈ (x A) B + b`` (closed form).
+
+    ``W`` = the ridge solution of ``t`` on centred ``x`` (ridge ``ridge * trace(C) / hidden``);
+    ``B`` = the top-``rank`` right singular vectors of the fitted values ``x W`` (found
+    from a hidden × hidden eigenproblem), ``A = W B^T``. Returns float32 (A, B, b).
+    """
+    cpu = mx.cpu  # linalg runs on the CPU stream on every backend
+    x = x.astype(mx.float32)
+    t = t.astype(mx.float32)
+    h = x.shape[1]
+    mu = mx.mean(x, axis=0)
+    tm = mx.mean(t, axis=0)
+    xc = x - mu
+    C = xc.T @ xc
+    C = C + (ridge * mx.trace(C) / h + 1e-8) * mx.eye(h)
+    W = mx.linalg.solve(C, xc.T @ (t - tm), stream=cpu)       # hidden × n
+    L = mx.linalg.cholesky(C, stream=cpu)                      # C = L L^T
+    M = L.T @ W                                                # |x W|^2 = |M|^2 (rows of x W span)
+    evals, U = mx.linalg.eigh(M @ M.T, stream=cpu)             # ascending
+    r = min(rank, h)
+    U = U[:, ::-1][:, :r]
+    ev = mx.maximum(evals[::-1][:r], 1e-12)
+    V = (M.T @ U) / mx.sqrt(ev)                                # n × r, orthonormal columns
+    A = W @ V
+    B = V.T
+    b = tm - (mu @ A) @ B
+    if r < rank:  # more rank than inputs: pad with zeros (same predictions)
+        A = mx.concatenate([A, mx.zeros((h, rank - r))], axis=1)
+        B = mx.concatenate([B, mx.zeros((rank - r, B.shape[1]))], axis=0)
+    mx.eval(A, B, b)
+    return A, B, b
+
+
+def weighted_bce(z: mx.array, y: mx.array, pos_weight: float) -> mx.array:
+    """Mean of ``pos_weight * y * softplus(-z) + (1 - y) * softplus(z)``: a missed active
+    neuron costs ``pos_weight`` times a needless one."""
+    return mx.mean(pos_weight * y * nn.softplus(-z) + (1.0 - y) * nn.softplus(z))
+
+
+def finetune_bce(A: mx.array, B: mx.array, b: mx.array, x: mx.array, y: mx.array, *, epochs: int,
+                 pos_weight: float = DEFAULT_POS_WEIGHT, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
+                 cancel: Optional[Callable[[], None]] = None) -> Tuple[mx.array, mx.array, mx.array, List[float]]:
+    """Adam on the weighted BCE of ``sigmoid((x A) B + b)`` against labels ``y`` (bool).
+
+    Gradients are written out (``dz = w (sigmoid(z) - y)``): one transcendental per
+    element, which matters on CPUs. Returns (A, B, b, mean loss per epoch)."""
+    import mlx.optimizers as optim
+
+    T, n = y.shape
+    steps_per_epoch = max(1, T // batch_size)
+    total = steps_per_epoch * epochs
+    opt = optim.Adam(learning_rate=optim.cosine_decay(lr, total, lr * 0.05))
+    params = {"A": A, "B": B, "b": b}
+    rng = np.random.default_rng(seed)
+    yf = y.astype(mx.float32)
+    losses: List[float] = []
+    for _ in range(epochs):
+        perm = rng.permutation(T)
+        acc = []
+        for s in range(steps_per_epoch):
+            idx = mx.array(perm[s * batch_size : (s + 1) * batch_size])
+            xb, yb = x[idx], yf[idx]
+            a = xb @ params["A"]
+            z = a @ params["B"] + params["b"]
+            w = 1.0 + (pos_weight - 1.0) * yb
+            dz = w * (mx.sigmoid(z) - yb) / (xb.shape[0] * n)
+            grads = {"A": xb.T @ (dz @ params["B"].T), "B": a.T @ dz, "b": mx.sum(dz, axis=0)}
+            params = opt.apply_gradients(grads, params)
+            if s % 8 == 0:
+                acc.append(weighted_bce(z, yb, pos_weight))
+            mx.eval(params, opt.state)
+            if cancel is not None:
+                cancel()
+        losses.append(float(mx.mean(mx.stack(acc)).item()))
+    return params["A"], params["B"], params["b"], losses
+
+
+@dataclass
+class LayerFit:
+    """One layer's calibration result."""
+
+    weights: PredictorWeights          # one layer, stored dtype
+    threshold: float
+    frequency: np.ndarray              # (n,) fraction of calibration tokens each neuron is active on
+    cutoffs: Dict[float, float]        # recall target → probability cutoff
+    counts: Dict[float, Dict[str, int]]  # recall target → test tp/fp/fn/predicted/true/cells
+    train_loss: float
+    val_loss: float
+    finetune_losses: List[float]
+
+
+def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsity: float, rank: int,
+              train: np.ndarray, val: np.ndarray, test: np.ndarray, ridge: float = DEFAULT_RIDGE,
+              epochs: int = 0, pos_weight: float = DEFAULT_POS_WEIGHT, predictor_dtype: mx.Dtype = mx.float16,
+              recalls: Sequence[float] = RECALL_TARGETS, seed: int = 0, act_param: Optional[float] = None,
+              cancel: Optional[Callable[[], None]] = None) -> LayerFit:
+    """Threshold, labels, predictor, cutoffs and test counts of one layer.
+
+    x_np: (T, hidden) float16 FFN inputs; parts: the layer's FFN tensors by role.
+    The predictor regresses the clipped log-magnitude ``log(|h| / threshold)`` (so its
+    logit is positive where the neuron is predicted active and large activations rank
+    first), optionally refined with Adam on the weighted BCE (``epochs``)."""
+    x = mx.array(x_np).astype(mx.float32)
+    a = mx.abs(hidden_activation(x, parts, act, act_param))
+    a_np = np.array(a)
+    if is_exact(act):  # ReLU family: active exactly where h != 0
+        thr = 0.0
+        pos = a_np[a_np > 0]
+        scale = float(np.median(pos)) if pos.size else 1.0
+    else:
+        thr = quantile_threshold(a_np, sparsity)
+        scale = thr if thr > 0 else float(np.median(a_np)) + 1e-12
+    y = a > thr
+    freq = np.array(mx.mean(y.astype(mx.float32), axis=0))
+    target = mx.clip(mx.log(a / scale + 1e-12), -LOG_CLIP, LOG_CLIP)
+    tr = mx.array(train)
+    A, B, b = fit_low_rank(x[tr], target[tr], rank, ridge)
+    ft_losses: List[float] = []
+    if epochs > 0:
+        A, B, b, ft_losses = finetune_bce(A, B, b, x[tr], y[tr], epochs=epochs, pos_weight=pos_weight, seed=seed,
+                                          cancel=cancel)
+    w = PredictorWeights([A.astype(predictor_dtype)], [B.astype(predictor_dtype)], [b.astype(predictor_dtype)])
+    mx.eval(w.A, w.B, w.b)
+
+    def loss_on(idx: np.ndarray) -> float:
+        if len(idx) == 0:
+            return float("nan")
+        sub = mx.array(idx[:4096])
+        return float(weighted_bce(w.logits(0, x[sub]), y[sub].astype(mx.float32), pos_weight).item())
+
+    # cutoffs on val: the largest logit keeping ``recall`` of the true-active pairs
+    cut: Dict[float, float] = {}
+    vi = mx.array(val)
+    zv = np.array(w.logits(0, x[vi]))
+    posv = np.sort(zv[np.array(y[vi])])
+    for r in recalls:
+        if len(posv) == 0:
+            cut[r] = 0.5
+            continue
+        k = int(math.floor((1.0 - r) * len(posv)))
+        c = float(np.nextafter(posv[k], -np.inf)) if k < len(posv) else float(posv[-1])
+        cut[r] = logit_to_prob(c)
+    # test counts with the chooser's own comparison
+    ti = mx.array(test)
+    zt = w.logits(0, x[ti])
+    yt = y[ti]
+    counts: Dict[float, Dict[str, int]] = {}
+    for r in recalls:
+        p = zt > prob_to_logit(cut[r])
+        tp = int(mx.sum(p & yt).item())
+        npred = int(mx.sum(p).item())
+        ntrue = int(mx.sum(yt).item())
+        counts[r] = {"tp": tp, "fp": npred - tp, "fn": ntrue - tp, "predicted": npred, "true": ntrue,
+                     "cells": int(len(test) * y.shape[1])}
+    return LayerFit(w, thr, freq, cut, counts, loss_on(train), loss_on(val), ft_losses)
+
+
+def split_by_sequence(seq: np.ndarray, fractions=(0.1, 0.1), seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) token indices; whole sequences go to one side (no neighbour leaks)."""
+    ids, counts = np.unique(seq, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    total = len(seq)
+    groups: List[List[int]] = [[], [], []]
+    filled = [0, 0]
+    for j in order:
+        for g in (0, 1):
+            if filled[g] < fractions[g] * total and (len(ids) - sum(map(len, groups)) > 1):
+                groups[g + 1].append(ids[j])
+                filled[g] += counts[j]
+                break
+        else:
+            groups[0].append(ids[j])
+    out = []
+    for g in groups:
+        out.append(np.flatnonzero(np.isin(seq, g)) if g else np.zeros(0, dtype=np.int64))
+    train, val, test = out
+    if len(val) == 0 or len(test) == 0 or len(train) < 0.5 * total:  # few sequences: token splits
+        perm = np.random.default_rng(seed).permutation(total)
+        nv = max(1, int(total * fractions[0]))
+        nt = max(1, int(total * fractions[1]))
+        val, test, train = np.sort(perm[:nv]), np.sort(perm[nv : nv + nt]), np.sort(perm[nv + nt :])
+    return train, val, test
+
+
+# --------------------------------------------------------------------------- the whole run
+@dataclass
+class CalibrationReport:
+    flash_dir: str
+    sparsity: float
+    rank: int
+    recall: float
+    tokens: int
+    tokens_train: int
+    tokens_val: int
+    tokens_test: int
+    thresholds: List[float]
+    cutoffs: Dict[str, List[float]]
+    train_loss: float
+    val_loss: float
+    finetune_loss: List[float]
+    held_out: Dict[str, Dict[str, float]]  # recall target → {recall, precision, predicted_fraction, ...}
+    predictor_bytes: int
+    seconds: Dict[str, float]
+    sources: Dict[str, object]
+    samples: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"calibrated {self.flash_dir}",
+                 f"  sparsity {self.sparsity:.0%}, rank {self.rank}, {self.tokens} tokens "
+                 f"({self.tokens_train} train / {self.tokens_val} cutoffs / {self.tokens_test} test)",
+                 f"  weighted BCE: train {self.train_loss:.4f}, held-out {self.val_loss:.4f}"
+                 + (f" (Adam epochs: {', '.join(f'{v:.4f}' for v in self.finetune_loss)})" if self.finetune_loss else ""),
+                 f"  predictors: {self.predictor_bytes / 1e6:.1f} MB"]
+        for r, m in self.held_out.items():
+            mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
+            lines.append(f"  recall target {r}: test recall {m['recall']:.3f}, precision {m['precision']:.3f}, "
+                         f"predicted active {m['predicted_fraction']:.1%} (true {m['true_fraction']:.1%}){mark}")
+        s = self.seconds
+        lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class CalibrationData:
+    """What collection gathered: per-layer FFN inputs and where they came from."""
+
+    X: np.ndarray                  # (num_layers, T, hidden) float16
+    seq: np.ndarray                # (T,) sequence id of each token
+    sources: Dict[str, object]
+    answers: List[str]
+    seconds: Dict[str, float]
+
+    def save(self, path: Union[str, Path]) -> None:
+        """For experiments: an ``.npz`` with X, seq and the sources as JSON."""
+        import json
+
+        np.savez(path, X=self.X, seq=self.seq, sources=json.dumps(self.sources),
+                 answers=json.dumps(self.answers))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "CalibrationData":
+        import json
+
+        z = np.load(path)
+        return cls(z["X"], z["seq"], json.loads(str(z["sources"])), json.loads(str(z["answers"])), {})
+
+
+def collect_calibration(
+    files,
+    *,
+    text: Optional[Union[str, Path]] = None,
+    tokens: int = DEFAULT_TOKENS,
+    max_new_tokens: int = DEFAULT_MAX_NEW,
+    prompts: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    dtype: Optional[str] = "float32",
+    progress: Optional[ProgressCallback] = None,
+) -> CalibrationData:
+    """Run the calibration text through the dense model and keep each layer's FFN inputs."""
+    from mlx_lm.utils import load_tokenizer
+
+    t_start = time.perf_counter()
+    seconds: Dict[str, float] = {}
+    m = files.manifest
+    act, act_param = model_activation(m.model_args)
+    report(progress, 0.0, "loading the model")
+    tokenizer = load_tokenizer(files.root, eos_token_ids=m.model_args.get("eos_token_id"))
+    model = load_dense_model(files, dtype)
+    collector = Collector(m.num_layers)
+    install_hooks(model, (act, act_param), collector.hook)
+    seconds["load"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    user_text = Path(text).expanduser().read_text(encoding="utf-8") if text is not None else None
+    text_budget = tokens // 2 if user_text else 0
+    prompt_list = list(prompts) if prompts is not None else read_prompts()
+    gen_progress = scaled(progress, 0.05, 0.85 if user_text else 1.0)
+    try:
+        got_chat, answers = generate_and_collect(model, tokenizer, prompt_list, collector, max_new=max_new_tokens,
+                                                 budget=tokens - text_budget, seed=seed, progress=gen_progress)
+    except Cancelled:
+        raise
+    except Exception:  # an architecture without batched (left-padded) caches: one prompt at a time
+        collector.reset()
+        got_chat, answers = generate_and_collect(model, tokenizer, prompt_list, collector, max_new=max_new_tokens,
+                                                 budget=tokens - text_budget, seed=seed, batch_size=1,
+                                                 progress=gen_progress)
+    got_text = 0
+    if user_text:
+        got_text = collect_text(model, tokenizer, user_text, collector, budget=tokens - got_chat,
+                                seq_offset=len(prompt_list), progress=scaled(progress, 0.85, 1.0))
+    seconds["collect"] = time.perf_counter() - t0
+    X, seq = collector.finish()
+    sources = {
+        "prompts": f"resources/{PROMPTS_FILE}" if prompts is None else "custom",
+        "prompt_count": len(prompt_list),
+        "generated": {"max_new_tokens": max_new_tokens, "temperature": GEN_TEMPERATURE, "min_p": GEN_MIN_P,
+                      "seed": seed},
+        "chat_tokens": int(got_chat),
+        "text": str(Path(text).expanduser().resolve()) if text is not None else None,
+        "text_tokens": int(got_text),
+        "compute_dtype": dtype or m.dtype,
+    }
+    return CalibrationData(X, seq, sources, answers, seconds)
+
+
+def fit_predictors(
+    files,
+    data: CalibrationData,
+    *,
+    sparsity: float = DEFAULT_SPARSITY,
+    rank: int = DEFAULT_RANK,
+    recall: float = DEFAULT_RECALL,
+    epochs: int = DEFAULT_EPOCHS,
+    pos_weight: float = DEFAULT_POS_WEIGHT,
+    ridge: float = DEFAULT_RIDGE,
+    seed: int = 0,
+    predictor_dtype: str = "float16",
+    progress: Optional[ProgressCallback] = None,
+) -> Tuple[PredictorWeights, Dict[str, object]]:
+    """Thresholds, predictors, cutoffs and held-out metrics for every layer.
+    Returns the weights and the manifest's ``predictors`` record (not yet saved)."""
+    t0 = time.perf_counter()
+    m = files.manifest
+    act, act_param = model_activation(m.model_args)
+    X, seq = data.X, data.seq
+    T = len(seq)
+    if T < 32:
+        raise ValueError(f"only {T} calibration tokens collected; need at least 32")
+    train_idx, val_idx, test_idx = split_by_sequence(seq, seed=seed)
+    pdt = getattr(mx, predictor_dtype)
+    fits: List[LayerFit] = []
+    cancel = (lambda: report(progress, len(fits) / m.num_layers, f"fitting layer {len(fits) + 1}/{m.num_layers}"))
+    for i in range(m.num_layers):
+        report(progress, i / m.num_layers, f"fitting layer {i + 1}/{m.num_layers}")
+        parts = layer_ffn_parts(files, i)
+        parts.pop("down", None)
+        fits.append(fit_layer(X[i], parts, act=act, act_param=act_param, sparsity=sparsity, rank=rank,
+                              train=train_idx, val=val_idx, test=test_idx, ridge=ridge, epochs=epochs,
+                              pos_weight=pos_weight, predictor_dtype=pdt, seed=seed + i,
+                              cancel=cancel if epochs else None))
+        del parts
+    report(progress, 1.0, "fitted")
+    weights = PredictorWeights([f.weights.A[0] for f in fits], [f.weights.B[0] for f in fits],
+                               [f.weights.b[0] for f in fits], np.stack([f.frequency for f in fits]))
+    held_out: Dict[str, Dict[str, float]] = {}
+    for r in RECALL_TARGETS:
+        tot = {k: sum(f.counts[r][k] for f in fits) for k in ("tp", "fp", "fn", "predicted", "true", "cells")}
+        held_out[str(r)] = {
+            "recall": tot["tp"] / max(1, tot["tp"] + tot["fn"]),
+            "precision": tot["tp"] / max(1, tot["predicted"]),
+            "predicted_fraction": tot["predicted"] / max(1, tot["cells"]),
+            "true_fraction": tot["true"] / max(1, tot["cells"]),
+        }
+    info: Dict[str, object] = {
+        "file": PREDICTOR_FILE,
+        "id": uuid.uuid4().hex,
+        "version": 1,
+        "kind": "low-rank",
+        "fit": "reduced-rank ridge regression of log(|h|/threshold)"
+               + (f" + {epochs} Adam epochs of weighted BCE" if epochs else ""),
+        "rank": int(rank),
+        "dtype": predictor_dtype,
+        "rule": "exact (h != 0)" if is_exact(act) else "abs-gated-quantile",
+        "activation": act,
+        "sparsity": float(sparsity),
+        "thresholds": [float(f.threshold) for f in fits],
+        "recall": float(recall),
+        "cutoffs": {str(r): [float(f.cutoffs[r]) for f in fits] for r in RECALL_TARGETS},
+        "train_loss": float(np.mean([f.train_loss for f in fits])),
+        "val_loss": float(np.nanmean([f.val_loss for f in fits])),
+        "finetune_loss": ([float(np.mean([f.finetune_losses[e] for f in fits])) for e in range(epochs)]
+                          if epochs else []),
+        "pos_weight": float(pos_weight),
+        "ridge": float(ridge),
+        "epochs": int(epochs),
+        "held_out": held_out,
+        "bytes": int(weights.nbytes),
+        "calibration": {**data.sources, "tokens": int(T), "train_tokens": int(len(train_idx)),
+                        "cutoff_tokens": int(len(val_idx)), "test_tokens": int(len(test_idx))},
+        "seconds": {**{k: round(v, 2) for k, v in data.seconds.items()},
+                    "fit": round(time.perf_counter() - t0, 2)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return weights, info
+
+
+def save_calibration(flash_dir: Union[str, Path], weights: PredictorWeights, info: Dict[str, object]) -> None:
+    """Write ``predictors.safetensors`` then the manifest's ``predictors`` field, each atomically.
+    The two share ``info["id"]``; a predictor file whose id the manifest does not name is refused
+    at load, so a crash between the two writes cannot pair old cutoffs with new weights."""
+    from .storage.format import Manifest
+
+    root = Path(flash_dir).expanduser()
+    fresh = Manifest.load(root)  # the manifest as it is now (keeps every other field)
+    fresh.predictors = dict(info)
+    save_predictors(root / PREDICTOR_FILE, weights, file_id=str(info["id"]))
+    fresh.save(root)
+
+
+def calibrate(
+    flash_dir: Union[str, Path],
+    *,
+    sparsity: float = DEFAULT_SPARSITY,
+    rank: int = DEFAULT_RANK,
+    text: Optional[Union[str, Path]] = None,
+    tokens: int = DEFAULT_TOKENS,
+    recall: float = DEFAULT_RECALL,
+    epochs: int = DEFAULT_EPOCHS,
+    pos_weight: float = DEFAULT_POS_WEIGHT,
+    ridge: float = DEFAULT_RIDGE,
+    max_new_tokens: int = DEFAULT_MAX_NEW,
+    prompts: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    dtype: Optional[str] = "float32",
+    predictor_dtype: str = "float16",
+    progress: Optional[ProgressCallback] = None,
+) -> CalibrationReport:
+    """Fit thresholds and predictors for the flash model at ``flash_dir`` and store them
+    (``predictors.safetensors`` + the manifest's ``predictors`` field).
+
+    sparsity: target fraction of inactive FFN neurons (ignored for ReLU-family models,
+        whose rule is exact: ``h != 0``).
+    rank: predictor rank r.  text: optional user text file (it gets half the tokens).
+    tokens: calibration tokens in all.  recall: the default recall target (cutoffs for
+    every target in ``RECALL_TARGETS`` are stored; ``FlashConfig.extra["recall"]`` picks
+    another at load).  epochs: Adam epochs of weighted-BCE refinement after the
+    closed-form fit (0: none).  dtype: compute dtype of the dense model (float32 is
+    much faster than bfloat16 on CPUs).
+    progress: ``callback(fraction, message)``; returning False cancels (``Cancelled``)
+    and nothing is written.
+    """
+    from .storage.format import open_flash
+
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if float(recall) not in RECALL_TARGETS:
+        raise ValueError(f"recall must be one of {RECALL_TARGETS}, got {recall}")
+    if tokens < 64:
+        raise ValueError(f"tokens must be >= 64, got {tokens}")
+    t_start = time.perf_counter()
+    root = Path(flash_dir).expanduser()
+    files = open_flash(root)
+    data = collect_calibration(files, text=text, tokens=tokens, max_new_tokens=max_new_tokens, prompts=prompts,
+                               seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
+    weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
+                                   pos_weight=pos_weight, ridge=ridge, seed=seed, predictor_dtype=predictor_dtype,
+                                   progress=scaled(progress, 0.6, 0.99))
+    report(progress, 0.99, "saving")  # the last chance to cancel: nothing is written before this
+    info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    save_calibration(root, weights, info)
+    report(progress, 1.0, "done")
+    cal = info["calibration"]
+    return CalibrationReport(
+        flash_dir=str(root), sparsity=float(sparsity), rank=int(rank), recall=float(recall), tokens=int(cal["tokens"]),
+        tokens_train=int(cal["train_tokens"]), tokens_val=int(cal["cutoff_tokens"]),
+        tokens_test=int(cal["test_tokens"]), thresholds=info["thresholds"], cutoffs=info["cutoffs"],
+        train_loss=info["train_loss"], val_loss=info["val_loss"], finetune_loss=info["finetune_loss"],
+        held_out=info["held_out"], predictor_bytes=int(weights.nbytes), seconds=dict(info["seconds"]),
+        sources=data.sources, samples=data.answers[:3])
+
+
+__all__ = [
+    "CalibrationData",
+    "CalibrationReport",
+    "Collector",
+    "collect_calibration",
+    "fit_predictors",
+    "save_calibration",
+    "DEFAULT_SPARSITY",
+    "DEFAULT_TOKENS",
+    "HookedMLP",
+    "LayerFit",
+    "calibrate",
+    "finetune_bce",
+    "fit_layer",
+    "fit_low_rank",
+    "install_hooks",
+    "load_dense_model",
+    "read_prompts",
+    "thresholds_for",
+    "weighted_bce",
+]
