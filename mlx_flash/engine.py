@@ -142,6 +142,8 @@ class Engine:
         tic = time.perf_counter()
         prompt_arr = mx.array(tokens)
         for start in range(0, len(tokens) - 1, prefill_step):
+            if should_stop is not None and should_stop():
+                return  # stopped while reading the prompt: nothing generated
             chunk = prompt_arr[start : min(start + prefill_step, len(tokens) - 1)]
             self.model(chunk[None], cache=kv)
             mx.eval([c.state for c in kv])

@@ -115,3 +115,19 @@ def test_policies_keep_budget_and_quality(tiny, policy):
     for lc in eng.cache.layers:
         lc.check_invariants()
     eng.close()
+
+
+def test_stop_during_prompt_and_after_tokens(tiny):
+    src, dst, _ = tiny
+    eng = load(dst, FlashConfig(active="all", budget=0.5, scratch_neurons=32, threads=2))
+    long_prompt = list(range(1, 200)) * 3
+    assert list(eng.stream_generate(long_prompt, 10, should_stop=lambda: True, prefill_step=64)) == []
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3 + 1  # the first call is before the only prefill chunk
+
+    out = list(eng.stream_generate("abc", 50, should_stop=stop_after_three))
+    assert out[-1].finish_reason == "cancelled" and len(out) <= 4
+    eng.close()
