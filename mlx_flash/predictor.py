@@ -30,8 +30,6 @@ the manifest is refused).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -121,20 +119,10 @@ def save_predictors(path: Union[str, Path], weights: PredictorWeights, *, file_i
     meta = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "id": file_id,
             "num_layers": str(weights.num_layers), "rank": str(weights.rank)}
     meta.update(extra_metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the folder's other files are world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .atomic import atomic_path
+
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
     return path
 
 

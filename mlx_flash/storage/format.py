@@ -290,17 +290,9 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            _unlink_quiet(Path(tmp))
-            raise
-        return p
+        from ..atomic import atomic_write_text
+
+        return atomic_write_text(p, self.to_json())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Manifest":

@@ -343,17 +343,9 @@ def cached_probe(directory: Union[str, Path], max_age_days: float = 30, *, refre
     path.parent.mkdir(parents=True, exist_ok=True)
     allres = _load_all(path)
     allres[str(res.device)] = res.to_dict()
-    fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(allres, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(allres, indent=2))
     return res
 
 
