@@ -558,13 +558,6 @@ def load_dense_weights(files: FlashFiles) -> Dict[str, mx.array]:
 
 
 # --------------------------------------------------------------------------- writing
-def _unlink_quiet(p: Path) -> None:
-    try:
-        p.unlink()
-    except OSError:
-        pass
-
-
 def _np_bytes(a: mx.array) -> np.ndarray:
     """An evaluated mx array's bytes as a C-contiguous uint8 numpy array."""
     if a.dtype == mx.bfloat16:
