@@ -12,7 +12,7 @@ from typing import List, Optional
 from PySide6.QtCore import QByteArray, QEvent, QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
+    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
     QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
@@ -23,6 +23,7 @@ from .history import COMPLETE, ERROR, STOPPED, STREAMING, History, title_from
 from .widgets.chat_view import ChatView, MessageWidget
 from .widgets.conversation_list import ConversationList
 from .widgets.model_library import ModelLibraryPage, flash_config_for
+from .widgets.progress_card import ProgressCard
 from .widgets.prompt_box import Composer
 from .widgets.settings_panel import ChatSettingsPanel
 from .widgets.stats_panel import StatsPanel
@@ -73,30 +74,11 @@ class Notice(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
-class Banner(QFrame):
+class Banner(ProgressCard):
     """Progress of preparing / loading the model, shown above the chat."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.setObjectName("ProgressCard")
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(14, 10, 14, 10)
-        row = QHBoxLayout()
-        self.title = QLabel("")
-        self.title.setStyleSheet("font-weight: 600;")
-        row.addWidget(self.title, 1)
-        self.percent = QLabel("")
-        self.percent.setObjectName("Muted")
-        row.addWidget(self.percent)
-        lay.addLayout(row)
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 1000)
-        self.bar.setTextVisible(False)
-        self.bar.setFixedHeight(8)
-        lay.addWidget(self.bar)
-        self.message = QLabel("")
-        self.message.setObjectName("Muted")
-        lay.addWidget(self.message)
         self.hide()
 
     def start(self, title: str, busy: bool = False) -> None:
@@ -109,13 +91,6 @@ class Banner(QFrame):
             self.bar.setRange(0, 1000)
             self.bar.setValue(0)
         self.show()
-
-    def set_progress(self, fraction: float, message: str) -> None:
-        if self.bar.maximum() == 0:
-            self.bar.setRange(0, 1000)
-        self.bar.setValue(int(fraction * 1000))
-        self.percent.setText(f"{fraction * 100:.0f}%")
-        self.message.setText(message)
 
 
 class _Generation:

@@ -13,12 +13,13 @@ from PySide6.QtCore import QSettings, Qt, QUrl, Signal
 from PySide6.QtGui import QColor, QDesktopServices
 from PySide6.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QHeaderView, QInputDialog, QLabel,
-    QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QMessageBox, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from mlx_flash import library, paths
 
 from .. import theme, workers
+from .progress_card import ProgressCard
 
 # ----------------------------------------------------------------- per-model settings
 MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto"}
@@ -118,39 +119,9 @@ class DropZone(QFrame):
         self.style().polish(self)
 
 
-class ImportProgress(QFrame):
-    cancel_requested = Signal()
-
+class ImportProgress(ProgressCard):
     def __init__(self, parent=None):
-        super().__init__(parent)
-        self.setObjectName("ProgressCard")
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(14, 10, 14, 10)
-        row = QHBoxLayout()
-        self.title = QLabel("Importing")
-        self.title.setStyleSheet("font-weight: 600;")
-        row.addWidget(self.title, 1)
-        self.percent = QLabel("0%")
-        self.percent.setObjectName("Muted")
-        row.addWidget(self.percent)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setProperty("kind", "danger")
-        self.cancel_btn.clicked.connect(self.cancel_requested)
-        row.addWidget(self.cancel_btn)
-        lay.addLayout(row)
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 1000)
-        self.bar.setTextVisible(False)
-        self.bar.setFixedHeight(8)
-        lay.addWidget(self.bar)
-        self.message = QLabel("")
-        self.message.setObjectName("Muted")
-        lay.addWidget(self.message)
-
-    def set_progress(self, fraction: float, message: str) -> None:
-        self.bar.setValue(int(fraction * 1000))
-        self.percent.setText(f"{fraction * 100:.0f}%")
-        self.message.setText(message)
+        super().__init__(parent, title="Importing", percent="0%", cancellable=True)
 
 
 class ModelLibraryPage(QWidget):
