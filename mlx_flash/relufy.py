@@ -14,6 +14,7 @@ How (no GPU, minutes not days):
    through the chat template, answered by the original model (sampled, fixed seed,
    several rounds until ``tokens``), optionally plus a user text file; concatenated and
    cut into ``seq_len``-token chunks (90% train, 10% held out for the reported errors).
+   The text file gives at most half of the tokens.
 2. **Layer by layer, in order.** The calibration chunks flow through the already
    converted layers (the *student* stream). For layer ``l``: the attention part runs
    on the student stream, giving the FFN input ``x``; the original FFN's output on that
@@ -85,7 +86,7 @@ class RelufySettings:
     e2e_lr: float = 1e-3
     max_new: int = 192                   # answer length when generating calibration text
     seed: int = 0
-    text: str = ""                       # extra calibration text file ("" none); its hash is kept too
+    text: str = ""                       # extra calibration text file ("" none; at most half the tokens)
     text_hash: str = ""
 
     def __post_init__(self) -> None:
@@ -285,9 +286,9 @@ def calibration_tokens(model, tokenizer, s: RelufySettings, progress: Optional[P
     prompts = read_prompts()
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
     stream: List[int] = []
-    if s.text:
+    if s.text:  # at most half of the tokens; the model's answers give the rest
         stream += list(tokenizer.encode(Path(s.text).expanduser().read_text(encoding="utf-8"),
-                                        add_special_tokens=False))
+                                        add_special_tokens=False))[: s.tokens // 2]
     need = s.tokens + s.seq_len
     sampler = make_sampler(temp=0.8, top_p=0.95)
     rnd = 0
