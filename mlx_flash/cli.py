@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--compensate", type=float, default=rd.compensate,
                     help=f"weight of the residual-stream correction in the target, 0..1 (default {rd.compensate})")
     rf.add_argument("--e2e-steps", type=int, default=rd.e2e_steps,
-                    help="end-to-end fine-tune steps of the biases after the layers (default 0)")
+                    help=f"end-to-end fine-tune steps of the biases after the layers (default {rd.e2e_steps}; 0: none)")
     rf.add_argument("--seed", type=int, default=rd.seed)
     rf.add_argument("--work-dir", default=None, help="checkpoint folder (default: .DST.relufy next to DST)")
     rf.add_argument("--keep-work", action="store_true", help="keep the checkpoint folder after success")

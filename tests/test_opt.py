@@ -289,3 +289,20 @@ def test_exact_rule_matches_fc1_sign(opt):
     assert np.array_equal(ids, np.flatnonzero(want.any(axis=0)))
     assert np.array_equal(mask, want[:, ids])
     eng.close()
+
+
+def test_left_padded_batch_matches_single_rows(opt):
+    """mlx-lm's BatchKVCache (left padding, per-row offsets): positions count from each row's first token."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    src, _ = opt
+    model = load(src).model
+    rows = [TOKENS[:7], TOKENS[:4]]
+    pad = [0, 3]
+    cache = [BatchKVCache(pad) for _ in model.layers]
+    batch = mx.array([[0] * p + r for p, r in zip(pad, rows)])
+    got = np.array(model(batch, cache=cache)[:, -1, :])
+    nxt = np.array(model(mx.array([[9], [9]]), cache=cache)[:, -1, :])
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(got[i], np.array(model(mx.array([r])))[0, -1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(nxt[i], np.array(model(mx.array([r + [9]])))[0, -1], rtol=1e-4, atol=1e-4)

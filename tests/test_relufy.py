@@ -16,7 +16,7 @@ from mlx_flash.relufy import RelufySettings, default_work_dir, relufy
 from mlx_flash.storage.format import open_flash
 from tests.tiny import make_tiny_flash
 
-FAST = dict(tokens=1024, seq_len=64, steps=20, batch=256, max_new=16, sparsity=0.7)
+FAST = dict(tokens=1024, seq_len=64, steps=20, batch=256, max_new=16, sparsity=0.7, e2e_steps=5)
 TOKENS = [5, 17, 99, 3, 42, 7, 8, 120, 64, 33]
 
 
@@ -119,9 +119,21 @@ def test_cli(src, tmp_path):
 
     dst = tmp_path / "cli.flash"
     args = ["relufy", str(src), str(dst), "--tokens", "1024", "--steps", "10", "--batch", "256", "--quiet",
+            "--e2e-steps", "3",
             "--json", str(tmp_path / "r.json"), "--sparsity", "0.6"]
     assert main(args) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["settings"]["sparsity"] == 0.6 and len(rep["layers"]) == 3
     assert open_flash(dst).manifest.model_args["hidden_act"] == "relu"
     assert main(args) == 1  # dst exists: a clear error, not a traceback
+
+
+def test_changed_e2e_settings_keep_the_layers(src, tmp_path):
+    dst = tmp_path / "relu.flash"
+    relufy(src, dst, keep_work=True, **{**FAST, "e2e_steps": 2})
+    msgs = []
+    rep = relufy(src, dst, overwrite=True, progress=lambda f, m: msgs.append(m), **{**FAST, "e2e_steps": 4})
+    assert msgs[0] == "end-to-end settings changed: keeping the finished layers"
+    assert not any(m.startswith(("layer 0:", "layer 1:", "layer 2:", "calibration text")) for m in msgs)
+    assert rep.e2e["steps"] == 4 and any(m.startswith("end-to-end: step 4/4") for m in msgs)
+    assert dst.is_dir() and not default_work_dir(dst).exists()

@@ -142,9 +142,14 @@ class Decoder(nn.Module):
         else:
             cache = [None] * len(self.layers)
         n_pos = self.embed_positions.weight.shape[0] - POSITION_OFFSET
-        if offset + L > n_pos:
-            raise ValueError(f"OPT: {offset + L} positions exceed max_position_embeddings {n_pos}")
-        h = h + self.embed_positions(mx.arange(offset, offset + L) + POSITION_OFFSET).astype(h.dtype)
+        if isinstance(offset, mx.array):  # BatchKVCache: per-row offsets, negative over left padding
+            pos = mx.maximum(offset[:, None] + mx.arange(L)[None], 0)
+            last = int(mx.max(offset).item()) + L
+        else:
+            pos, last = mx.arange(offset, offset + L), offset + L
+        if last > n_pos:
+            raise ValueError(f"OPT: {last} positions exceed max_position_embeddings {n_pos}")
+        h = h + self.embed_positions(pos + POSITION_OFFSET).astype(h.dtype)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
