@@ -30,9 +30,15 @@ How (no GPU, minutes not days):
    - ``compensate=α``: the target is ``(1-α)·FFN(x) + α·(teacher stream after the layer −
      student stream before the FFN)``: the new FFN also pulls the residual stream back
      towards the original model's, so errors do not pile up layer after layer.
-   - ``e2e_steps``: a short end-to-end fine-tune of the biases only (shifts included,
-     ~0.1% of the weights) on the original model's next-token distribution (KL), all
-     layers at once, keeping each layer at its sparsity.
+   - ``e2e_steps`` (default 40): a short end-to-end fine-tune of the biases only (shifts
+     included, ~0.1% of the weights) on the original model's next-token distribution (KL),
+     all layers at once, keeping each layer at its sparsity.
+
+   Measured on the default model (SmolLM2-135M, 70% target, KJV Genesis, dense ppl 7.07):
+   plain layer-local distillation ppl 74.3; + compensation and staging 52.1; + 60 end-to-end
+   steps 32.5 (67% exact zeros; thresholding the original reaches that ppl at ~82%); with
+   half of the calibration text from KJV Exodus, 14.7 at 70.5% (thresholding: ~11.5 at the
+   same sparsity). The calibration text's domain matters more than any of the above.
 
 3. **Output.** ``write_flash``: dense part unchanged, new FFN bundles ``[gate |
    gate_bias | up | up_bias | down]`` in the source dtype, ``down`` bias dense.
