@@ -52,16 +52,10 @@ CHATML = (
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    from tests.tiny import _bytes_to_unicode
+
+    table = _bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
