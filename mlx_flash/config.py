@@ -35,6 +35,10 @@ class FlashConfig:
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
               neurons that do not fit in the cache.
+    prefill:  how the prompt is read: "all" (the default: every FFN neuron, exact;
+              a prompt's tokens together use nearly all neurons anyway, and an
+              exact KV cache keeps the answer from drifting) or "sparse" (each
+              prompt token through the active-set choice, like generated tokens).
     policy:   neuron cache policy: "window" (the paper's: neurons not active in
               the last ``window`` tokens are deleted each token) or "lru" (the
               same deletions deferred until their rows are needed, so stale
@@ -51,9 +55,11 @@ class FlashConfig:
     direct_io: bool = True
     scratch_neurons: int = 256
     policy: str = "lru"
+    prefill: str = "all"
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("window", "lru")
 
@@ -66,6 +72,8 @@ class FlashConfig:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
         if self.policy not in self.POLICY_CHOICES:
             raise ValueError(f"policy must be one of {self.POLICY_CHOICES}, got {self.policy!r}")
+        if self.prefill not in self.PREFILL_CHOICES:
+            raise ValueError(f"prefill must be one of {self.PREFILL_CHOICES}, got {self.prefill!r}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.threads < 0 or self.chunk_bytes < 0:

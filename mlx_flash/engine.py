@@ -97,6 +97,20 @@ class Engine:
             n += self.chooser.resident_bytes
         return n
 
+    def _sparse_ffns(self) -> list:
+        if not hasattr(self, "_ffns"):
+            from .sparse_ffn import SparseFFN
+
+            self._ffns = [m for _, m in self.model.named_modules() if isinstance(m, SparseFFN)]
+        return self._ffns
+
+    def _exact_prefill(self, on: bool) -> None:
+        """While reading a prompt with ``FlashConfig.prefill == "all"``: every FFN neuron."""
+        if self.config is None or self.config.prefill != "all":
+            return
+        for ffn in self._sparse_ffns():
+            ffn._state.all_neurons = on
+
     # ------------------------------------------------------------- prompting
     def encode(self, prompt: Prompt, system: Optional[str] = None) -> List[int]:
         """Token ids for a plain string, a list of ids, or chat messages."""
@@ -141,12 +155,16 @@ class Engine:
 
         tic = time.perf_counter()
         prompt_arr = mx.array(tokens)
-        for start in range(0, len(tokens) - 1, prefill_step):
-            if should_stop is not None and should_stop():
-                return  # stopped while reading the prompt: nothing generated
-            chunk = prompt_arr[start : min(start + prefill_step, len(tokens) - 1)]
-            self.model(chunk[None], cache=kv)
-            mx.eval([c.state for c in kv])
+        self._exact_prefill(True)
+        try:
+            for start in range(0, len(tokens) - 1, prefill_step):
+                if should_stop is not None and should_stop():
+                    return  # stopped while reading the prompt: nothing generated
+                chunk = prompt_arr[start : min(start + prefill_step, len(tokens) - 1)]
+                self.model(chunk[None], cache=kv)
+                mx.eval([c.state for c in kv])
+        finally:
+            self._exact_prefill(False)
         y = prompt_arr[-1:]
         prompt_time = None
         gen_tic = None

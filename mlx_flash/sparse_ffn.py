@@ -88,6 +88,7 @@ class _State:
         self.up = slice(*layout["up"]) if "up" in layout else None
         self.gate_bias = layout.get("gate_bias")
         self.up_bias = layout.get("up_bias")
+        self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
 
     def _partial(self, xt: mx.array, w: mx.array, mask: Optional[mx.array]) -> mx.array:
         g = xt @ w[:, self.gate].T
@@ -110,7 +111,10 @@ class _State:
         mx.eval(xt)  # attention etc. up to here is compute, not predictor time
 
         t0 = time.perf_counter()
-        ids, mask = self.chooser.choose(self.layer, xt)
+        if self.all_neurons:
+            ids, mask = np.arange(self.cache.n_neurons, dtype=np.int64), None
+        else:
+            ids, mask = self.chooser.choose(self.layer, xt)
         t1 = time.perf_counter()
         c.predictor_s += t1 - t0
 

@@ -131,3 +131,25 @@ def test_stop_during_prompt_and_after_tokens(tiny):
     out = list(eng.stream_generate("abc", 50, should_stop=stop_after_three))
     assert out[-1].finish_reason == "cancelled" and len(out) <= 4
     eng.close()
+
+
+def test_prefill_reads_the_prompt_with_every_neuron(tiny):
+    """prefill="all" (the default): prompt tokens use the whole FFN, generated tokens the choice;
+    prefill="sparse": prompt tokens go through the choice too."""
+    _, dst, _ = tiny
+    prompt = [5, 17, 99, 3, 42, 7, 8, 120, 11, 12]  # read in one chunk: neurons counted once per chunk
+    union = {}
+    for prefill in ("all", "sparse"):
+        eng = load(dst, FlashConfig(active="oracle", sparsity=0.95, budget=0.5, scratch_neurons=64,
+                                    threads=2, prefill=prefill))
+        m = eng.files.manifest
+        steps = list(eng.stream_generate(prompt, 4))
+        generated = sum(r.stats.neurons_active for r in steps)
+        prompt_active = eng.counters.neurons_active - generated
+        union[prefill] = prompt_active / (m.num_layers * m.intermediate_size)
+        assert all(r.stats.neurons_active < m.num_layers * m.intermediate_size for r in steps)
+        eng.close()
+    assert union["all"] == 1.0
+    assert union["sparse"] < 0.8  # 9 tokens at 95% sparsity: about 1 - 0.95**9 = 37% of the neurons
+    with pytest.raises(ValueError, match="prefill"):
+        FlashConfig(prefill="none")
