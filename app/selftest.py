@@ -8,7 +8,8 @@ No window is shown. In order it checks:
    module fails here, not in the user's hands);
 3. the model loads through the **flash** engine: ``--model PATH`` (a ``.flash`` folder), else the
    embedded default model, prepared once into the data folder with
-   :func:`mlx_flash.default_model.ensure_default_flash` exactly as the app does;
+   :func:`mlx_flash.default_model.ensure_default_flash` exactly as the app does (conversion and
+   predictor calibration: ~2.5 min on 2 cores with OpenBLAS);
 4. a few tokens are generated; the text and the Stats summary are printed.
 
 Exit status 0 when everything worked; 1 with the error (and its traceback on stderr) otherwise.
@@ -104,6 +105,9 @@ def run_engine(model: Optional[str], tokens: int, prompt: str, active: str) -> L
 
     _say(f"MLX {mx.__version__}, device {mx.default_device()}")
     _say(f"data folder: {paths.data_dir()}")
+    from mlx_flash import platform_blas
+
+    _say(platform_blas.status())
     t = time.perf_counter()
     if model:
         path = Path(model).expanduser()

@@ -62,6 +62,16 @@ LOG_CLIP = 6.0
 PROMPTS_FILE = "calibration/prompts.txt"
 
 
+def auto_tokens() -> int:
+    """Calibration tokens when the user does not say: :data:`DEFAULT_TOKENS` with a fast
+    BLAS (~2.5 min for the default model on 2 cores), a third of it without one (MLX's
+    bundled reference BLAS makes float32 matmuls ~30x slower on Linux; see
+    :mod:`mlx_flash.platform_blas`)."""
+    from . import platform_blas
+
+    return DEFAULT_TOKENS if platform_blas.fast_blas() else DEFAULT_TOKENS // 3
+
+
 # --------------------------------------------------------------------------- the dense model
 def model_activation(model_args: dict) -> Tuple[str, Optional[float]]:
     """``(name, param)`` of a model config's FFN activation (the architecture's rule)."""

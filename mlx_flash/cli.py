@@ -58,8 +58,9 @@ def flash_config_from_args(args) -> FlashConfig:
     )
 
 
-def resolve_model(name: Optional[str], flash: bool) -> Path:
-    """A path, a library name, or the default model (prepared with a progress bar)."""
+def resolve_model(name: Optional[str], flash: bool, calibrate: bool = True) -> Path:
+    """A path, a library name, or the default model (prepared with a progress bar;
+    ``calibrate``: its flash form with predictors)."""
     from . import default_model, paths
     from .progress import tqdm_callback
 
@@ -72,7 +73,8 @@ def resolve_model(name: Optional[str], flash: bool) -> Path:
                 return cand
         raise FileNotFoundError(f"model not found: {name}")
     if flash:
-        return default_model.ensure_default_flash(progress=tqdm_callback("Preparing default model"))
+        return default_model.ensure_default_flash(progress=tqdm_callback("Preparing default model"),
+                                                  calibrate=calibrate)
     return default_model.ensure_default_mlx(progress=tqdm_callback("Preparing default model"))
 
 
@@ -185,9 +187,10 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
     from .library import convert_any
 
+    calibrate = dst.suffix == ".flash" and not args.no_calibrate
     out = convert_any(src, dst, dtype=args.dtype, progress=tqdm_callback(f"Converting {src.name}"),
-                      overwrite=args.overwrite)
-    print(f"wrote {out}")
+                      overwrite=args.overwrite, calibrate=calibrate)
+    print(f"wrote {out}" + (" (with activation predictors)" if calibrate else ""))
     return 0
 
 
@@ -220,18 +223,28 @@ def cmd_prepare(args) -> int:
     from . import default_model
     from .progress import tqdm_callback
 
+    from . import platform_blas
+
     mlx_dir = default_model.ensure_default_mlx(progress=tqdm_callback("Converting GGUF"))
-    flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Writing flash format"))
-    print(f"default model ready:\n  dense: {mlx_dir}\n  flash: {flash_dir}")
+    calibrate = not args.no_calibrate
+    if calibrate and not default_model.is_calibrated(default_model.default_flash_dir()):
+        print(platform_blas.status() + ("" if platform_blas.fast_blas() else
+              f": calibration uses fewer tokens and takes ~10 min; "
+              f"apt-get install {platform_blas.DEBIAN_PACKAGE} makes it ~2.5 min"))
+    flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Preparing flash model"),
+                                                   calibrate=calibrate)
+    cal = "with activation predictors" if default_model.is_calibrated(flash_dir) else "not calibrated"
+    print(f"default model ready:\n  dense: {mlx_dir}\n  flash: {flash_dir} ({cal})")
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from .calibrate import auto_tokens, calibrate
     from .progress import tqdm_callback
 
-    path = resolve_model(args.model_path, True)
-    rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text, tokens=args.tokens,
+    path = resolve_model(args.model_path, True, calibrate=False)
+    rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
+                    tokens=args.tokens or auto_tokens(),
                     recall=args.recall, epochs=args.epochs,
                     progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
@@ -362,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dst", help="a folder ending in .flash gives the flash format, else an mlx-lm folder")
     cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
     cv.add_argument("--overwrite", action="store_true")
+    cv.add_argument("--no-calibrate", action="store_true",
+                    help="skip fitting the activation predictors (.flash destinations; "
+                         "run `mlx-flash calibrate` later)")
     cv.set_defaults(func=cmd_convert)
 
     ms = sub.add_parser("models", help="list the models in the library")
@@ -396,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
 
-    pp = sub.add_parser("prepare", help="prepare the embedded default model (once; later runs reuse it)")
+    pp = sub.add_parser("prepare", help="prepare the embedded default model (once; later runs reuse it): "
+                                        "GGUF -> mlx-lm folder -> .flash with activation predictors")
+    pp.add_argument("--no-calibrate", action="store_true", help="skip fitting the activation predictors")
     pp.set_defaults(func=cmd_prepare)
 
     from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS
@@ -411,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--recall", type=float, default=DEFAULT_RECALL, choices=RECALL_TARGETS,
                     help=f"default recall target of the predictors (default {DEFAULT_RECALL})")
     ca.add_argument("--text", default=None, help="a text file to calibrate on too (gets half the tokens)")
-    ca.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                    help=f"calibration tokens in all (default {DEFAULT_TOKENS})")
+    ca.add_argument("--tokens", type=int, default=None,
+                    help=f"calibration tokens in all (default {DEFAULT_TOKENS}; a third of it where "
+                         "no fast BLAS is found: see mlx_flash/platform_blas.py)")
     ca.add_argument("--epochs", type=int, default=0, help="Adam epochs of weighted-BCE refinement (default 0)")
     ca.add_argument("--json", default=None, help="write the calibration report as JSON here")
     ca.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

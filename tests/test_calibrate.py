@@ -200,3 +200,65 @@ def test_default_model_predictor_recall(tmp_path):
         ev = evaluate(flash, text=text, tokens=1024, modes=("oracle", "predictor"))
         assert ev.modes["predictor"].recall > 0.95
         assert ev.modes["predictor"].perplexity < 1.2 * ev.modes["oracle"].perplexity
+
+
+# --------------------------------------------------------------------------- the calibrated default model
+@pytest.fixture(scope="module")
+def calibrated_default(tmp_path_factory):
+    """The default model as `make model` / `mlx-flash prepare` leaves it: flash format with
+    predictors. `make test` prepares it before the tests run, so the user's copy is reused
+    (read only); without it (a bare `pytest`) it is prepared here in a temporary home
+    (~2.5 min with OpenBLAS on 2 cores, longer without)."""
+    from mlx_flash import default_model
+    from mlx_flash.paths import HOME_ENV
+
+    folder = default_model.default_flash_dir()
+    if default_model.is_calibrated(folder):
+        yield folder
+        return
+    home = tmp_path_factory.mktemp("default_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HOME_ENV, str(home))
+        yield default_model.ensure_default_flash()
+
+
+def test_default_model_is_calibrated_and_chats_with_predictors(calibrated_default):
+    from mlx_flash.config import FlashConfig
+    from mlx_flash.engine import load
+    from mlx_flash.storage.format import Manifest
+
+    info = Manifest.load(calibrated_default).predictors
+    held = info["held_out"]["0.99"]  # sequences used neither for fitting nor for the cutoffs
+    assert held["recall"] > 0.97
+    assert held["predicted_fraction"] < 0.995
+    m = Manifest.load(calibrated_default)
+    eng = load(calibrated_default, FlashConfig())  # the defaults: auto -> predictor
+    try:
+        assert eng.chooser.name == "predictor"
+        per_token = m.num_layers * m.intermediate_size
+        qa = {"What is the capital of France?": "Paris", "What is the capital of Japan?": "Tokyo",
+              "How many days are in a week?": "7", "What is 2 + 2?": "4"}
+        right = 0
+        for q, a in qa.items():
+            steps = list(eng.stream_generate([{"role": "user", "content": q}], max_tokens=16))
+            right += a in "".join(r.text for r in steps)
+            assert all(0 < r.stats.neurons_active < per_token for r in steps)  # the predictor skipped neurons
+        # measured: 4/4, as dense (the answers are short greedy ones; a flip of a close first token is
+        # possible on another BLAS, hence 3)
+        assert right >= 3
+    finally:
+        eng.close()
+
+
+def test_default_model_predictor_on_unseen_text(calibrated_default, tmp_path):
+    from mlx_flash import corpus
+
+    if not corpus.available():
+        pytest.skip(f"no KJV text ({corpus.INSTALL_HINT})")
+    text = tmp_path / "genesis.txt"
+    text.write_text(corpus.kjv_text("Genesis 1:1-50:26"))
+    ev = evaluate(calibrated_default, text=text, tokens=256, modes=("dense", "oracle", "predictor"))
+    pred, dense = ev.modes["predictor"], ev.modes["dense"]
+    assert pred.recall > 0.95
+    assert pred.perplexity < 1.05 * dense.perplexity
+    assert pred.active_fraction < 1.0

@@ -47,8 +47,17 @@ def test_convert_gguf_to_flash_and_list(tmp_path, home, capsys):
     assert main(["convert", str(gguf), str(dst)]) == 0
     manifest = json.loads((dst / "manifest.json").read_text())
     assert manifest["architecture"] == "llama"
+    # conversion to .flash calibrates the activation predictors by default
+    assert manifest["predictors"] and (dst / "predictors.safetensors").is_file()
+    assert "with activation predictors" in capsys.readouterr().out
     assert main(["models"]) == 0
     assert "tiny.flash" in capsys.readouterr().out
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(".")]  # no work folder left behind
+
+    plain = home / "models" / "plain.flash"
+    assert main(["convert", str(gguf), str(plain), "--no-calibrate"]) == 0
+    assert json.loads((plain / "manifest.json").read_text())["predictors"] is None
+    assert not (plain / "predictors.safetensors").exists()
 
 
 def test_errors_are_clear(tmp_path, home, capsys):
