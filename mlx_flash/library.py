@@ -34,7 +34,9 @@ def _dir_size(p: Path) -> int:
 
 
 def _param_count(cfg: dict) -> int:
-    """Parameters of a llama-family model from its config (no weights needed)."""
+    """Parameters of a llama-family or OPT model from its config (no weights needed)."""
+    if cfg.get("model_type") == "opt":
+        return _opt_param_count(cfg)
     try:
         h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
         ffn, v = cfg["intermediate_size"], cfg["vocab_size"]
@@ -46,6 +48,21 @@ def _param_count(cfg: dict) -> int:
         head = 0 if cfg.get("tie_word_embeddings", True) else v * h
         return n * per_layer + v * h + h + head
     except (KeyError, TypeError, ZeroDivisionError):
+        return 0
+
+
+def _opt_param_count(cfg: dict) -> int:
+    """OPT: biased q/k/v/out and fc1/fc2, two LayerNorms per layer, learned positions
+    (offset 2), optional project_in/out when ``word_embed_proj_dim`` != hidden, tied head."""
+    try:
+        h, n, ffn, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["ffn_dim"], cfg["vocab_size"]
+        wd = cfg.get("word_embed_proj_dim") or h
+        per_layer = 4 * h * h + 4 * h + 2 * h * ffn + ffn + h + 4 * h
+        emb = v * wd + (cfg.get("max_position_embeddings", 2048) + 2) * h
+        proj = 2 * h * wd if wd != h else 0
+        final_norm = 2 * h if cfg.get("do_layer_norm_before", True) else 0
+        return n * per_layer + emb + proj + final_norm
+    except (KeyError, TypeError):
         return 0
 
 

@@ -306,3 +306,13 @@ def test_left_padded_batch_matches_single_rows(opt):
     for i, r in enumerate(rows):
         np.testing.assert_allclose(got[i], np.array(model(mx.array([r])))[0, -1], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(nxt[i], np.array(model(mx.array([r + [9]])))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"proj_dim": 32, "pre_ln": False}])
+def test_library_counts_opt_parameters(tmp_path, kw):
+    """The library's parameter count from config.json equals the elements stored."""
+    from mlx_flash.library import describe
+
+    src = make_tiny_opt(tmp_path / "opt", max_pos=64, **kw)
+    stored = sum(v.size for v in mx.load(str(src / "model.safetensors")).values())
+    assert describe(src).parameters == stored
