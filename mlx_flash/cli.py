@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -76,6 +77,17 @@ def resolve_model(name: Optional[str], flash: bool, calibrate: bool = True) -> P
         return default_model.ensure_default_flash(progress=tqdm_callback("Preparing default model"),
                                                   calibrate=calibrate)
     return default_model.ensure_default_mlx(progress=tqdm_callback("Preparing default model"))
+
+
+def library_destination(dst: str) -> Path:
+    """A bare name (no folder part) means a new model in the library: ``<models>/<name>.flash``;
+    anything else is a path."""
+    from . import paths
+
+    if os.sep in dst or (os.altsep and os.altsep in dst) or dst.startswith((".", "~")):
+        return Path(dst).expanduser()
+    name = dst if dst.endswith(".flash") else f"{dst}.flash"
+    return paths.models_dir() / name
 
 
 def load_engine(args):
@@ -332,6 +344,7 @@ def cmd_relufy(args) -> int:
     from .relufy import RelufySettings, default_work_dir, relufy
 
     src = resolve_model(args.src, True)
+    args.dst = str(library_destination(args.dst))
     settings = RelufySettings(sparsity=args.sparsity, act=args.act, tokens=args.tokens, text=args.text,
                               steps=args.steps, batch=args.batch, lr=args.lr, schedule=args.schedule,
                               compensate=args.compensate, e2e_steps=args.e2e_steps, seed=args.seed)
@@ -455,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("relufy", help="turn a SwiGLU .flash model into an exactly sparse ReLU one (CPU, "
                                        "layer-wise distillation; resumable)")
     rf.add_argument("src", metavar="MODEL.flash", help="the SwiGLU flash model (a folder or library name)")
-    rf.add_argument("dst", metavar="DST.flash", help="the ReLU flash model to write")
+    rf.add_argument("dst", metavar="DST.flash", help="the ReLU flash model to write: a path, or a bare name for a new model in the library")
     rf.add_argument("--sparsity", type=float, default=rd.sparsity, help=f"exact zeros per layer (default {rd.sparsity})")
     rf.add_argument("--act", choices=("relu", "relu2"), default=rd.act, help="relu or squared relu (default relu)")
     rf.add_argument("--tokens", type=int, default=rd.tokens, help=f"calibration tokens (default {rd.tokens})")

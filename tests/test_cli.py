@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,12 @@ def test_errors_are_clear(tmp_path, home, capsys):
     assert "error:" in err and "not a GGUF file" in err
     assert not (tmp_path / "out.flash").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bare_destination_names_go_to_the_library(home, tmp_path):
+    from mlx_flash.cli import library_destination
+
+    assert library_destination("my-relu") == home / "models" / "my-relu.flash"
+    assert library_destination("my-relu.flash") == home / "models" / "my-relu.flash"
+    assert library_destination(str(tmp_path / "x.flash")) == tmp_path / "x.flash"
+    assert library_destination("./x.flash") == Path("./x.flash")
