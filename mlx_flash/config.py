@@ -39,10 +39,25 @@ class FlashConfig:
               a prompt's tokens together use nearly all neurons anyway, and an
               exact KV cache keeps the answer from drifting) or "sparse" (each
               prompt token through the active-set choice, like generated tokens).
-    policy:   neuron cache policy: "window" (the paper's: neurons not active in
-              the last ``window`` tokens are deleted each token) or "lru" (the
-              same deletions deferred until their rows are needed, so stale
-              neurons may still hit).
+    policy:   neuron cache policy (``mlx_flash.neuron_cache``; every policy uses
+              the same preallocated rows under the same budget):
+              "auto" (the default: on a calibrated model, the share of pinned hot
+              neurons measured best, i.e. fewest bytes read per token — stored with
+              the calibration, else simulated at load on tokens sampled from the
+              calibrated neuron frequencies — resolving to "lru", "hot" or
+              "hot+window"; without calibration "lru"),
+              "window" (the paper's: neurons not active in the last ``window``
+              tokens are deleted each token),
+              "lru" (the same deletions deferred until their rows are needed, so
+              stale neurons may still hit),
+              "hot" (each layer's rows all hold its most frequently active neurons,
+              pinned; other active neurons stream every token; needs calibration),
+              "hot+window" (``hot_fraction`` of the rows pinned hot neurons, the rest
+              "lru"; needs calibration).
+              The engine records what it ran, and why, in ``Engine.policy_info``.
+    hot_fraction: share of each layer's cache rows pinned with hot neurons, in
+              [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
+              Only "auto" and "hot+window" take a value ("hot" means 1).
     """
 
     budget: float = 0.5
@@ -54,14 +69,15 @@ class FlashConfig:
     sparsity: Optional[float] = None
     direct_io: bool = True
     scratch_neurons: int = 256
-    policy: str = "lru"
+    policy: str = "auto"
+    hot_fraction: Optional[float] = None
     prefill: str = "all"
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
-    POLICY_CHOICES = ("window", "lru")
+    POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
@@ -72,6 +88,11 @@ class FlashConfig:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
         if self.policy not in self.POLICY_CHOICES:
             raise ValueError(f"policy must be one of {self.POLICY_CHOICES}, got {self.policy!r}")
+        if self.hot_fraction is not None:
+            if not 0.0 <= self.hot_fraction <= 1.0:
+                raise ValueError(f"hot_fraction must be in [0, 1], got {self.hot_fraction}")
+            if self.policy not in ("auto", "hot+window") and not (self.policy == "hot" and self.hot_fraction == 1.0):
+                raise ValueError(f"hot_fraction applies to policy 'hot+window' or 'auto', not {self.policy!r}")
         if self.prefill not in self.PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {self.PREFILL_CHOICES}, got {self.prefill!r}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

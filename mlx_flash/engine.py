@@ -58,7 +58,8 @@ class Engine:
     """A loaded model plus everything it needs to generate (Qt-free)."""
 
     def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
-                 files=None, cache=None, reader=None, chooser=None, counters=None):
+                 files=None, cache=None, reader=None, chooser=None, counters=None,
+                 policy_info: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -70,6 +71,9 @@ class Engine:
         self.counters = counters or FFNCounters()
         self.dense_bytes = _param_bytes(model)
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
+        # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
+        # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
+        self.policy_info = policy_info
 
     # ------------------------------------------------------------------ info
     @property
@@ -394,7 +398,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
             budget_bytes=budget_bytes,
             window=config.window,
             scratch_neurons=scratch_neurons,
-            lazy=config.policy == "lru",
+            lazy=config.policy != "window",
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -404,6 +408,11 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
                          f"calibrate with a smaller --rank)") from None
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+    try:
+        policy_info = _apply_cache_policy(files, config, chooser, cache, reader)
+    except BaseException:
+        reader.close()
+        raise
     scratch = (cache.scratch, cache.scratch_host)
 
     def factory(i: int) -> SparseFFN:
@@ -415,4 +424,70 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
-                  chooser=chooser, counters=counters)
+                  chooser=chooser, counters=counters, policy_info=policy_info)
+
+
+def _chooser_density(chooser):
+    """``(density, recall)`` of the chooser's picks relative to the calibrated active
+    neurons (``neuron_cache.chosen_frequencies``): the predictor's held-out predicted
+    fraction and recall at its recall target; every neuron for "all"; the oracle's
+    top-k share without calibrated thresholds; else (None, 1): the frequencies as they are."""
+    name = getattr(chooser, "name", "")
+    if name == "all":
+        return 1.0, 1.0
+    if name == "predictor":
+        held = (getattr(chooser, "info", None) or {}).get("held_out") or {}
+        for key, h in held.items():
+            try:
+                if chooser.recall is not None and abs(float(key) - float(chooser.recall)) < 1e-9:
+                    return float(h["predicted_fraction"]), float(h["recall"])
+            except (KeyError, TypeError, ValueError):
+                break
+        return None, 1.0
+    if name == "oracle" and getattr(chooser, "thresholds", None) is None:
+        return 1.0 - float(chooser.sparsity), 1.0
+    return None, 1.0
+
+
+def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> dict:
+    """Resolve ``config.policy`` ("auto": see ``neuron_cache.resolve_auto_policy``), pin
+    the hot neurons it asks for and read them from disk once. Returns ``Engine.policy_info``."""
+    from .neuron_cache import STORED_KEY, CachePolicy, ReadModel, resolve_auto_policy
+    from .predictor import CALIBRATE_HINT, PredictorError, load_frequencies, predictor_info
+
+    asked = config.policy
+    t0 = time.perf_counter()
+    freqs = None
+    if asked in ("auto", "hot", "hot+window"):
+        freqs = getattr(chooser, "frequencies", None)
+        if freqs is None:
+            try:
+                freqs = load_frequencies(files)
+            except PredictorError as e:
+                if asked != "auto":
+                    raise ValueError(f"cache policy {asked!r} needs the calibrated neuron frequencies, "
+                                     f"but the predictors cannot be read: {e}") from None
+                freqs = None
+    if asked == "auto":
+        stored = (predictor_info(files.manifest) or {}).get(STORED_KEY)
+        density, recall = _chooser_density(chooser)
+        policy, info = resolve_auto_policy(freqs, cache.layers[0].capacity, config.window,
+                                           hot_fraction=config.hot_fraction, stored=stored,
+                                           read_model=ReadModel.of_reader(reader, cache.scratch_neurons),
+                                           density=density, recall=recall)
+    else:
+        if asked in ("hot", "hot+window") and freqs is None:
+            raise ValueError(f"cache policy {asked!r} pins each layer's most frequently active neurons, but "
+                             f"{files.root} has no calibrated neuron frequencies: {CALIBRATE_HINT} "
+                             f"(or use --policy lru / window / auto)")
+        policy = CachePolicy.make(asked, config.hot_fraction)
+        info = {**policy.to_dict(), "reason": "asked for", "source": "config"}
+
+    def fill(layer: int, plan) -> None:
+        reader.read(layer, plan.load_ids, plan.load_dest)
+
+    pinned = cache.apply_policy(policy, freqs, fill=fill)
+    info.update(asked=asked, window=config.window, capacity=cache.layers[0].capacity,
+                pinned=int(sum(len(p) for p in pinned)), preload_bytes=int(cache.stats.preload_bytes),
+                load_seconds=round(time.perf_counter() - t0, 4))
+    return info

@@ -37,6 +37,49 @@ count as forced. ``lazy=False`` gives the paper's eager behaviour (the resident
 set is then at most the union of the last ``window`` tokens' active sets plus
 the pinned neurons), useful to reproduce the paper's memory numbers.
 
+Policies (``CachePolicy``; ``FlashConfig.policy``). Every policy runs on the
+same storage (one preallocated matrix per layer, swap-delete + append) under the
+same budget; they differ in which neurons may occupy the rows:
+
+* ``window``: the paper's eager sliding window (``lazy=False``).
+* ``lru``: the lazy window above, i.e. LRU over the non-active neurons.
+* ``hot``: per layer, the ``capacity`` neurons most often active on the
+  calibration text (``hot_ids`` of the calibrated ``frequencies``) are pinned and
+  fill every row; other active neurons are never cached: they stream through the
+  scratch buffer each token (``overflow``). No evictions, no moves.
+* ``hot+window``: the top ``hot_fraction`` of each layer's rows are pinned hot
+  neurons, the other rows run the lazy window (LRU) for everything else.
+
+``NeuronCache.apply_policy`` sets a policy on every layer (eviction mode + pins)
+and hands back the rows to fill from disk. ``simulate`` replays per-token active
+sets through a real ``LayerCache`` with one-byte bundles (the same code, not a
+model of it) and returns its counters (``SimStats``), optionally with the disk bytes
+the reads would cost (``ReadModel``: the reader's own request planning);
+``choose_hot_fraction`` runs it for several hot fractions (0 = ``lru`` … 1 = ``hot``)
+and keeps the best measured hit rate (ties: the smaller fraction).
+
+Under ``FlashConfig.policy = "auto"`` the engine picks the fraction by measurement
+(``resolve_auto_policy``): a choice stored with the calibration
+(``predictors["cache_policy"]``, measured on real activation traces, see
+``measure_policy_record``), or else a simulation on sequences sampled
+independently per token from the calibrated frequencies (``sample_active_sets``),
+adjusted to what the chooser picks (``chosen_frequencies``: the predictor's
+held-out recall and predicted fraction; at recall 0.99 the default model's
+predictor picks ~96% of the neurons, not the 65% truly active). Independent
+sampling is a faithful stand-in because, measured on the default model, shuffling
+the token order leaves the window reuse unchanged: reuse comes from the frequency
+skew, not from temporal locality.
+
+The engine ranks the simulated fractions by the bytes the reads cost, not by hit
+rate. Under independent tokens pinning the most frequent neurons always wins on
+hit rate, but the disk pays per 4 KiB block and coalesced gap: on the default model
+at a 50% budget every policy hits ~47%, yet ``hot`` reads ~150 MB per token and
+``lru`` ~104 MB. ``hot`` streams the neurons scattered between its pinned ones;
+``lru`` gives the rows to the missing neurons in id order, so what it streams is
+the high-id tail, contiguous ranges. (Checked on the default model at 25/50/75%
+budgets: the simulated hit rates and bytes per token order the policies as the
+real runs do, and ``auto`` picks the measured best, ``lru``.)
+
 Synchronisation: ``step``/``pin`` move bytes in ``storage`` through the host
 view at once, while MLX evaluates lazily. Evaluate every computation that reads
 ``storage`` (or the scratch buffer) before the next ``step``/``pin``/scratch
@@ -45,8 +88,9 @@ fill on it; the engine evaluates once per token and once per scratch chunk.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -169,6 +213,7 @@ class LayerCache:
         self.slot_of = np.full(self.n_neurons, -1, dtype=np.int32)
         self.last_used = np.full(self.n_neurons, _NEVER, dtype=np.int64)
         self.pinned = np.zeros(self.n_neurons, dtype=bool)
+        self.n_pinned = 0
         self._pos = np.zeros(self.n_neurons, dtype=np.int64)  # scratch for duplicate checks
         self.n_used = 0
         self.t = 0  # step counter: the current token is step t (first token: 1)
@@ -275,7 +320,10 @@ class LayerCache:
         hit_mask = self.slot_of[ids] >= 0
         missing = ids[~hit_mask]
 
-        self._make_room(len(missing))
+        if self.n_pinned < self.capacity:
+            self._make_room(len(missing))
+        # else every row holds a pinned neuron ("hot" policy): nothing can be evicted,
+        # free == 0 and all missing neurons are overflow.
         free = self.capacity - self.n_used
         overflow = missing[:0]
         if len(missing) > free:
@@ -313,6 +361,7 @@ class LayerCache:
         hit_mask = self.slot_of[ids] >= 0
         missing = np.sort(ids[~hit_mask])
         self.pinned[ids] = True  # before eviction: protects the resident ones
+        self.n_pinned = total
         self._make_room(len(missing), keep_current=False)
         assert self.capacity - self.n_used >= len(missing)
         load_slots, load_dest = self._append(missing)
@@ -323,6 +372,7 @@ class LayerCache:
     def unpin(self, ids: np.ndarray) -> None:
         """Let ``ids`` be evicted again (they stay resident until their rows are needed)."""
         self.pinned[self._ids(ids)] = False
+        self.n_pinned = int(np.count_nonzero(self.pinned))
 
     def clear(self) -> None:
         """Empty the cache: no resident or pinned neurons, window restarted. Keeps stats."""
@@ -330,6 +380,7 @@ class LayerCache:
         self.slot_of[:] = -1
         self.last_used[:] = _NEVER
         self.pinned[:] = False
+        self.n_pinned = 0
         self.n_used = 0
         self.t = 0
 
@@ -344,6 +395,7 @@ class LayerCache:
         assert np.array_equal(self.slot_of[live], np.arange(n, dtype=np.int32)), "slot_of != slot_ids"
         assert np.count_nonzero(self.slot_of >= 0) == n, "slot_of points at a neuron not in storage"
         assert np.all(self.slot_of[self.pinned] >= 0), "a pinned neuron is not resident"
+        assert self.n_pinned == np.count_nonzero(self.pinned) <= self.capacity, "n_pinned out of date"
         assert self.resident_bytes <= self.capacity_bytes
         assert self._host.ctypes.data == _host_view(self.storage).ctypes.data, "storage reallocated"
 
@@ -369,6 +421,7 @@ class NeuronCache:
         mx.eval(self.scratch)
         self.scratch_host = _host_view(self.scratch)
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
+        self.policy = CachePolicy("lru" if first.lazy else "window")
 
     @classmethod
     def from_budget(
@@ -445,3 +498,476 @@ class NeuronCache:
     def clear(self) -> None:
         for c in self.layers:
             c.clear()
+
+    def apply_policy(
+        self,
+        policy: Union["CachePolicy", str],
+        frequencies: Optional[np.ndarray] = None,
+        fill: Optional[Callable[[int, StepPlan], Any]] = None,
+    ) -> List[np.ndarray]:
+        """Run every layer under ``policy``: its eviction mode, and its hot neurons pinned.
+
+        ``frequencies`` (num_layers, n): how often each neuron is active (calibration);
+        needed when the policy pins (``hot``, ``hot+window``). Earlier pins are released
+        first. ``fill(layer, plan)`` must load the pinned rows that are not resident yet
+        (``reader.read(layer, plan.load_ids, plan.load_dest)``); their bytes count as
+        ``CacheStats.preload_bytes``, not as misses. Returns the pinned ids per layer.
+        """
+        pol = policy if isinstance(policy, CachePolicy) else CachePolicy.make(policy)
+        freqs = None
+        if pol.hot_fraction > 0:
+            if frequencies is None:
+                raise ValueError(f"cache policy {pol.name!r} pins the most frequently active neurons: "
+                                 "it needs calibrated neuron frequencies")
+            freqs = np.asarray(frequencies, dtype=np.float64)
+            want = (len(self.layers), self.layers[0].n_neurons)
+            if freqs.shape != want:
+                raise ValueError(f"frequencies have shape {freqs.shape}, expected {want}")
+        pinned = []
+        for i, c in enumerate(self.layers):
+            c.lazy = pol.lazy
+            if c.n_pinned:
+                c.unpin(np.flatnonzero(c.pinned))
+            k = pol.pinned_rows(c.capacity)
+            ids = hot_ids(freqs[i], k) if k else np.empty(0, dtype=np.int64)
+            plan = c.pin(ids)
+            if fill is not None and len(plan.load_ids):
+                fill(i, plan)
+            pinned.append(ids)
+        self.policy = pol
+        return pinned
+
+
+# ----------------------------------------------------------------------------- policies
+POLICY_NAMES = ("window", "lru", "hot", "hot+window")
+"""The cache policies (``FlashConfig.policy`` adds "auto": chosen at load)."""
+DEFAULT_HOT_FRACTION = 0.5
+"""``hot+window`` without a fraction: half of each layer's rows pinned."""
+HOT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+"""The pinned shares ``choose_hot_fraction`` compares (0 = ``lru``, 1 = ``hot``)."""
+STORED_KEY = "cache_policy"
+"""Key of a measured choice in the manifest's ``predictors`` field (``measure_policy_record``)."""
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Which neurons may occupy a layer's rows.
+
+    name: ``window`` (eager sliding window), ``lru`` (lazy window), ``hot`` (every
+        row pinned with the most frequently active neurons; the rest stream),
+        ``hot+window`` (``hot_fraction`` of the rows pinned, the rest lazy window).
+    hot_fraction: share of each layer's capacity pinned with hot neurons
+        (0 for ``window``/``lru``, 1 for ``hot``).
+    """
+
+    name: str = "lru"
+    hot_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICY_NAMES:
+            raise ValueError(f"cache policy must be one of {POLICY_NAMES}, got {self.name!r}")
+        f = float(self.hot_fraction)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"hot_fraction must be in [0, 1], got {self.hot_fraction}")
+        if self.name in ("window", "lru") and f != 0.0:
+            raise ValueError(f"cache policy {self.name!r} pins nothing (hot_fraction 0), got {f}")
+        if self.name == "hot" and f != 1.0:
+            raise ValueError(f"cache policy 'hot' pins every row (hot_fraction 1), got {f}; use 'hot+window'")
+
+    @classmethod
+    def make(cls, name: str, hot_fraction: Optional[float] = None) -> "CachePolicy":
+        """``name`` with its natural fraction when ``hot_fraction`` is None (hot: 1,
+        hot+window: ``DEFAULT_HOT_FRACTION``, window/lru: 0)."""
+        if hot_fraction is None:
+            hot_fraction = {"hot": 1.0, "hot+window": DEFAULT_HOT_FRACTION}.get(name, 0.0)
+        return cls(name, float(hot_fraction))
+
+    @classmethod
+    def from_fraction(cls, hot_fraction: float) -> "CachePolicy":
+        """The policy that pins ``hot_fraction`` of the rows: 0 → lru, 1 → hot, else hot+window."""
+        f = float(hot_fraction)
+        if f <= 0.0:
+            return cls("lru", 0.0)
+        if f >= 1.0:
+            return cls("hot", 1.0)
+        return cls("hot+window", f)
+
+    @property
+    def lazy(self) -> bool:
+        """Eviction mode of the unpinned rows (only ``window`` is eager)."""
+        return self.name != "window"
+
+    def pinned_rows(self, capacity: int) -> int:
+        """Rows pinned in a layer of ``capacity`` rows."""
+        return int(min(capacity, max(0, np.floor(self.hot_fraction * capacity + 0.5))))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "hot_fraction": self.hot_fraction}
+
+
+def hot_ids(frequencies: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` most frequently active neurons of one layer (ties: lower id), sorted."""
+    f = np.asarray(frequencies, dtype=np.float64).reshape(-1)
+    k = int(min(max(k, 0), len(f)))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(np.argsort(-f, kind="stable")[:k]).astype(np.int64)
+
+
+def sample_active_sets(frequencies: np.ndarray, tokens: int, seed: int = 0) -> np.ndarray:
+    """``tokens`` synthetic active sets of one layer, each neuron active independently
+    with its frequency (Bernoulli): a (tokens, n) bool matrix for ``simulate``."""
+    f = np.asarray(frequencies, dtype=np.float64).reshape(-1)
+    return np.random.default_rng(seed).random((int(tokens), len(f))) < f
+
+
+def chosen_frequencies(frequencies: np.ndarray, density: Optional[float] = None, recall: float = 1.0) -> np.ndarray:
+    """How often the engine's chooser picks each neuron, from how often it is truly active.
+
+    A chooser that finds a ``recall`` share of each neuron's activations and pads its
+    choice with inactive neurons up to a mean ``density`` (the predictor: its held-out
+    recall and predicted fraction, measured at calibration) picks neuron i with
+    probability ``recall * f_i + q * (1 - f_i)``, ``q`` set so the mean is ``density``;
+    a sparser choice (the oracle's top-k at a higher sparsity) scales ``f`` down.
+    ``density`` None: the frequencies as they are (the oracle at the calibrated thresholds).
+    """
+    f = np.clip(np.asarray(frequencies, dtype=np.float64), 0.0, 1.0)
+    if density is None:
+        return f
+    density = float(np.clip(density, 0.0, 1.0))
+    m = float(f.mean())
+    base, bm = recall * f, recall * m
+    if density >= bm:
+        q = (density - bm) / max(1e-12, 1.0 - m)
+        return np.clip(base + q * (1.0 - f), 0.0, 1.0)
+    return base * (density / max(bm, 1e-12))
+
+
+def _iter_sets(active_sets):
+    if isinstance(active_sets, np.ndarray) and active_sets.dtype == bool:
+        if active_sets.ndim != 2:
+            raise ValueError(f"a boolean active-set matrix must be (tokens, n), got shape {active_sets.shape}")
+        for row in active_sets:
+            yield np.flatnonzero(row)
+    else:
+        for a in active_sets:
+            a = np.asarray(a)
+            yield np.flatnonzero(a) if a.dtype == bool else a.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class ReadModel:
+    """How the flash reader turns a read of neuron ids into disk bytes, for ``simulate``.
+
+    The same coalescing as ``FlashReader`` (``storage.reader.coalesced_runs``):
+    bundles aligned to ``alignment``, neighbours closer than ``max_gap_bytes``
+    merged (the gap is read too). Overflow streams in reads of ``scratch_neurons``
+    ids, as ``SparseFFN`` does. Layer regions start at aligned offsets, so offset 0
+    stands for any layer. Splitting runs into ``chunk_bytes`` requests does not
+    change the bytes (except a chunk wholly inside a gap, which the reader skips:
+    only possible when ``chunk_bytes < max_gap_bytes``; counted here).
+    """
+
+    bundle_bytes: int
+    alignment: int = 4096
+    max_gap_bytes: int = 16 * 1024
+    chunk_bytes: int = 1 << 20
+    scratch_neurons: int = 256
+
+    @classmethod
+    def of_reader(cls, reader, scratch_neurons: int) -> "ReadModel":
+        return cls(reader.bundle_bytes, reader.alignment, reader.max_gap_bytes, reader.chunk_bytes,
+                   max(1, int(scratch_neurons)))
+
+    def bytes_read(self, ids: np.ndarray, breaks: Optional[np.ndarray] = None) -> int:
+        """Disk bytes of reading the distinct ids ``ids`` (sorted) in one ``reader.read``;
+        ``breaks``: indices where a separate read call starts (ids sorted within each)."""
+        if len(ids) == 0:
+            return 0
+        from .storage.reader import coalesced_runs
+
+        starts = np.asarray(ids, dtype=np.int64) * self.bundle_bytes
+        lo, hi = coalesced_runs(starts, self.bundle_bytes, self.alignment, self.max_gap_bytes, breaks)
+        return int((hi - lo).sum())
+
+    def step_bytes(self, plan: StepPlan) -> int:
+        """Disk bytes of one token: the loads in one read, the overflow in scratch-sized reads."""
+        n_load, k = len(plan.load_ids), self.scratch_neurons
+        breaks = np.arange(n_load, n_load + len(plan.overflow_ids), k)
+        return self.bytes_read(np.concatenate([plan.load_ids, plan.overflow_ids]), breaks)
+
+
+@dataclass
+class SimStats(CacheStats):
+    """``CacheStats`` of a simulation, plus the disk bytes its reads would cost
+    (with a ``ReadModel``; 0 without)."""
+
+    bytes_read: int = 0
+
+    @property
+    def bytes_read_per_token(self) -> float:
+        return self.bytes_read / self.steps if self.steps else 0.0
+
+    def __add__(self, other: CacheStats) -> "SimStats":
+        return SimStats(**{f.name: getattr(self, f.name) + getattr(other, f.name, 0) for f in fields(self)})
+
+
+def simulate(
+    active_sets,
+    n_neurons: int,
+    capacity: int,
+    policy: Union[CachePolicy, str] = "lru",
+    window: int = 5,
+    frequencies: Optional[np.ndarray] = None,
+    hot_fraction: Optional[float] = None,
+    warmup: int = 0,
+    read_model: Optional[ReadModel] = None,
+) -> SimStats:
+    """Replay one layer's per-token active sets through a real ``LayerCache`` (one-byte
+    bundles, nothing read) and return its counters.
+
+    ``active_sets``: a (tokens, n) bool matrix or a sequence of id (or bool mask) arrays.
+    ``policy``: a ``CachePolicy`` or a name (with ``hot_fraction`` as in
+    ``CachePolicy.make``); pinning policies need the layer's ``frequencies`` (n,).
+    ``warmup``: tokens replayed before counting (``preload_bytes`` is kept).
+    ``read_model``: also count the disk bytes the reads would cost (``bytes_read``):
+    the hit rate alone misses that scattered ids cost whole aligned blocks and gaps.
+    """
+    pol = policy if isinstance(policy, CachePolicy) else CachePolicy.make(policy, hot_fraction)
+    c = LayerCache(n_neurons, capacity, 1, mx.uint8, window, pol.lazy)
+    k = pol.pinned_rows(c.capacity)
+    if k:
+        if frequencies is None:
+            raise ValueError(f"simulating cache policy {pol.name!r} needs the neurons' frequencies")
+        c.pin(hot_ids(frequencies, k))
+    nbytes = 0
+    for t, ids in enumerate(_iter_sets(active_sets)):
+        if warmup and t == warmup:
+            pre = c.stats.preload_bytes
+            c.reset_stats()
+            c.stats.preload_bytes = pre
+            nbytes = 0
+        plan = c.step(ids)
+        if read_model is not None:
+            nbytes += read_model.step_bytes(plan)
+    return SimStats(**asdict(c.stats), bytes_read=nbytes)
+
+
+OBJECTIVES = ("hit_rate", "bytes_read")
+
+
+def simulate_fractions(
+    active_sets,
+    n_neurons: int,
+    capacity: int,
+    frequencies: np.ndarray,
+    window: int = 5,
+    fractions: Sequence[float] = HOT_FRACTIONS,
+    warmup: int = 0,
+    read_model: Optional[ReadModel] = None,
+) -> Dict[float, SimStats]:
+    """``simulate`` with ``CachePolicy.from_fraction(f)`` (0 = lru, 1 = hot) for each f.
+
+    One layer: ``active_sets`` as in ``simulate`` and ``frequencies`` (n,). Several
+    layers: ``frequencies`` (layers, n) and ``active_sets`` one sequence per layer
+    (their counters are pooled).
+    """
+    freqs = np.asarray(frequencies, dtype=np.float64)
+    if freqs.ndim == 1:
+        layers = [(active_sets, freqs)]
+    else:
+        sets = list(active_sets)
+        if len(sets) != len(freqs):
+            raise ValueError(f"{len(sets)} layers of active sets for {len(freqs)} layers of frequencies")
+        layers = list(zip(sets, freqs))
+    if not len(fractions):
+        raise ValueError("no hot fractions to compare")
+    out: Dict[float, SimStats] = {}
+    for f in fractions:
+        pol = CachePolicy.from_fraction(f)
+        total = SimStats()
+        for s_, fr in layers:
+            total = total + simulate(s_, n_neurons, capacity, pol, window, fr, warmup=warmup, read_model=read_model)
+        out[float(f)] = total
+    return out
+
+
+def pick_fraction(stats: Mapping[float, CacheStats], objective: str = "hit_rate", tol: Optional[float] = None) -> float:
+    """The best fraction of a ``simulate_fractions`` table; near-ties go to the smaller one.
+
+    ``hit_rate``: highest hit rate, ties within ``tol`` (absolute, default 0.001).
+    ``bytes_read``: fewest bytes read (needs a ``ReadModel``), ties within ``tol``
+    (relative, default 0.01).
+    """
+    if objective == "hit_rate":
+        score = {f: st.hit_rate for f, st in stats.items()}
+        best = max(score.values())
+        tol = 1e-3 if tol is None else tol
+        return min(f for f, v in score.items() if v >= best - tol)
+    if objective == "bytes_read":
+        score = {f: float(getattr(st, "bytes_read", 0)) for f, st in stats.items()}
+        best = min(score.values())
+        tol = 0.01 if tol is None else tol
+        return min(f for f, v in score.items() if v <= best * (1 + tol))
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def choose_hot_fraction(
+    active_sets,
+    n_neurons: int,
+    capacity: int,
+    frequencies: np.ndarray,
+    window: int = 5,
+    fractions: Sequence[float] = HOT_FRACTIONS,
+    warmup: int = 0,
+    tol: Optional[float] = None,
+    objective: str = "hit_rate",
+    read_model: Optional[ReadModel] = None,
+) -> Tuple[float, Dict[float, float]]:
+    """The pinned share with the best simulated hit rate, and the table ``{fraction: hit rate}``.
+
+    Measured, not guessed: ``simulate_fractions`` replays ``active_sets`` (one layer, or
+    one sequence per layer with 2-D ``frequencies``) for each fraction. Hit rates within
+    ``tol`` of the best are a tie: the smaller fraction wins (fewer pinned rows, less
+    preloading, more room for the window). ``objective="bytes_read"`` (with a
+    ``read_model``) ranks by the disk bytes the reads cost instead (``pick_fraction``).
+    """
+    if objective == "bytes_read" and read_model is None:
+        raise ValueError("objective 'bytes_read' needs a read_model")
+    stats = simulate_fractions(active_sets, n_neurons, capacity, frequencies, window, fractions, warmup, read_model)
+    return pick_fraction(stats, objective, tol), {f: st.hit_rate for f, st in stats.items()}
+
+
+def measure_policy_record(
+    active_sets_by_layer,
+    frequencies: np.ndarray,
+    capacity_fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75),
+    window: int = 5,
+    fractions: Sequence[float] = HOT_FRACTIONS,
+    warmup: int = 20,
+    source: str = "calibration",
+    read_model: Optional[ReadModel] = None,
+) -> Dict[str, Any]:
+    """A measured choice to store as ``predictors["cache_policy"]`` (JSON).
+
+    ``active_sets_by_layer``: per layer, the real per-token active sets in token order
+    (e.g. held-out calibration tokens: frequencies fitted on the same tokens favour
+    ``hot``). For each capacity (fraction of a layer's neurons) the best hot fraction
+    (by bytes read with a ``read_model``, else by hit rate) and the tables; the engine
+    uses the entry nearest its capacity.
+    """
+    freqs = np.asarray(frequencies, dtype=np.float64)
+    sets = list(active_sets_by_layer)
+    n = freqs.shape[1]
+    objective = "hit_rate" if read_model is None else "bytes_read"
+    choices = []
+    for cf in capacity_fractions:
+        cap = max(1, int(round(float(cf) * n)))
+        stats = simulate_fractions(sets, n, cap, freqs, window, fractions, warmup, read_model)
+        entry = {"capacity": float(cf), "hot_fraction": pick_fraction(stats, objective),
+                 "hit_rates": {str(k): round(v.hit_rate, 6) for k, v in stats.items()}}
+        if read_model is not None:
+            entry["bytes_read_per_token"] = {str(k): round(v.bytes_read_per_token, 1) for k, v in stats.items()}
+        choices.append(entry)
+    tokens = len(sets[0]) if sets else 0
+    return {"version": 1, "source": source, "objective": objective, "tokens": int(tokens), "layers": len(sets),
+            "window": int(window), "choices": choices}
+
+
+def stored_choice(record: Optional[Mapping[str, Any]], capacity_fraction: float,
+                  max_distance: float = 0.125) -> Optional[Dict[str, Any]]:
+    """The entry of a ``measure_policy_record`` record nearest ``capacity_fraction``
+    (within ``max_distance``), or None (no record, or none measured near this capacity)."""
+    if not isinstance(record, Mapping):
+        return None
+    best = None
+    for ch in record.get("choices") or []:
+        try:
+            d = abs(float(ch["capacity"]) - capacity_fraction)
+            f = float(ch["hot_fraction"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if 0.0 <= f <= 1.0 and d <= max_distance and (best is None or d < best[0]):
+            best = (d, ch)
+    return dict(best[1]) if best else None
+
+
+AUTO_TOKENS = 200
+AUTO_LAYERS = 4
+AUTO_WARMUP = 20
+
+
+def resolve_auto_policy(
+    frequencies: Optional[np.ndarray],
+    capacity: int,
+    window: int = 5,
+    *,
+    hot_fraction: Optional[float] = None,
+    stored: Optional[Mapping[str, Any]] = None,
+    read_model: Optional[ReadModel] = None,
+    density: Optional[float] = None,
+    recall: float = 1.0,
+    tokens: int = AUTO_TOKENS,
+    n_layers: int = AUTO_LAYERS,
+    warmup: int = AUTO_WARMUP,
+    seed: int = 0,
+) -> Tuple[CachePolicy, Dict[str, Any]]:
+    """``FlashConfig.policy == "auto"``: the policy for per-layer ``capacity``, and why.
+
+    No ``frequencies`` (uncalibrated model): ``lru``. A given ``hot_fraction``: that
+    share pinned. Else a choice measured on real traces (``stored``, the
+    ``predictors["cache_policy"]`` record) near this capacity; else
+    ``simulate_fractions`` on ``tokens`` synthetic tokens (``sample_active_sets``:
+    independent per token, from ``chosen_frequencies(frequencies, density, recall)``:
+    what the chooser picks, not only the truly active neurons) of ``n_layers`` evenly
+    spaced layers, ranked by the bytes
+    the reads cost when a ``read_model`` is given (what the disk pays: scattered
+    streamed ids cost whole blocks and coalesced gaps), else by hit rate. The info
+    dict has name, hot_fraction, reason, source and, when measured, hit_rates (and
+    bytes_read_per_token: one layer's simulated reads).
+    """
+    def done(pol: CachePolicy, reason: str, source: str, **kw) -> Tuple[CachePolicy, Dict[str, Any]]:
+        return pol, {**pol.to_dict(), "reason": reason, "source": source, **kw}
+
+    if frequencies is None:
+        return done(CachePolicy("lru"), "no calibrated neuron frequencies (run `mlx-flash calibrate`): "
+                    "the lazy window", "default")
+    freqs = np.asarray(frequencies, dtype=np.float64)
+    n = freqs.shape[-1]
+    if hot_fraction is not None:
+        return done(CachePolicy.from_fraction(hot_fraction), f"hot fraction {hot_fraction:g} was given", "config")
+    if capacity >= n:
+        return done(CachePolicy("lru"), "every neuron fits in the cache: nothing to choose", "default")
+    if capacity <= 0:
+        return done(CachePolicy("lru"), "the cache has no rows: every neuron streams", "default")
+    entry = stored_choice(stored, capacity / n)
+    if entry is not None:
+        f = float(entry["hot_fraction"])
+        kw = {"hit_rates": {float(k): float(v) for k, v in (entry.get("hit_rates") or {}).items()}}
+        if entry.get("bytes_read_per_token"):
+            kw["bytes_read_per_token"] = {float(k): float(v) for k, v in entry["bytes_read_per_token"].items()}
+        return done(CachePolicy.from_fraction(f),
+                    f"measured on {stored.get('source', 'calibration')} traces at {float(entry['capacity']):.0%} "
+                    f"capacity: {f:.0%} of the rows pinned is best", "stored", **kw)
+    t0 = time.perf_counter()
+    L = freqs.shape[0] if freqs.ndim == 2 else 1
+    freqs = chosen_frequencies(freqs.reshape(L, n), density, recall)
+    layers = np.unique(np.linspace(0, L - 1, min(n_layers, L)).round().astype(int))
+    sets = [sample_active_sets(freqs[i], tokens + warmup, seed + int(i)) for i in layers]
+    stats = simulate_fractions(sets, n, capacity, freqs[layers], window, warmup=warmup, read_model=read_model)
+    objective = "hit_rate" if read_model is None else "bytes_read"
+    f = pick_fraction(stats, objective)
+    hit = {k: v.hit_rate for k, v in stats.items()}
+    kw: Dict[str, Any] = {"hit_rates": hit, "objective": objective, "layers": [int(i) for i in layers],
+                          "chosen_fraction": round(float(freqs.mean()), 4)}
+    how = f"hit rate {hit[f]:.1%} (lru {hit.get(0.0, float('nan')):.1%}, hot {hit.get(1.0, float('nan')):.1%})"
+    if read_model is not None:
+        per = {k: v.bytes_read / max(1, v.steps) for k, v in stats.items()}
+        kw["bytes_read_per_token"] = per
+        how = (f"fewest bytes read, {per[f] / 1e3:.0f} kB per layer-token (lru {per.get(0.0, 0) / 1e3:.0f}, "
+               f"hot {per.get(1.0, 0) / 1e3:.0f}); {how}")
+    kw["seconds"] = round(time.perf_counter() - t0, 4)
+    return done(CachePolicy.from_fraction(f),
+                f"simulated {tokens} tokens on {len(layers)} layers, each neuron chosen independently with its "
+                f"calibrated frequency ({freqs.mean():.0%} chosen per token): {f:.0%} of the rows pinned gives the "
+                f"{how}", "simulated", **kw)

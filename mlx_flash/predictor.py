@@ -295,6 +295,21 @@ def load_predictor_chooser(files, config=None) -> PredictorChooser:
     return PredictorChooser(weights, cutoffs, recall=recall, info=info)
 
 
+def load_frequencies(files) -> Optional[np.ndarray]:
+    """The calibrated per-neuron activation frequencies ``(num_layers, n)`` float32 of an
+    opened flash folder (what the hot-neuron cache policies pin by), or None when the
+    model has no predictors or its calibration kept no frequencies. Raises
+    :class:`PredictorError` when the predictor file is there but broken."""
+    if not has_predictors(files):
+        return None
+    m = files.manifest
+    info = predictor_info(m)
+    path = Path(files.root) / str(info.get("file", PREDICTOR_FILE))
+    weights = load_predictors(path, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                              n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))
+    return weights.frequencies
+
+
 __all__ = [
     "CALIBRATE_HINT",
     "DEFAULT_RANK",
@@ -305,6 +320,7 @@ __all__ = [
     "PredictorWeights",
     "RECALL_TARGETS",
     "has_predictors",
+    "load_frequencies",
     "load_predictor_chooser",
     "load_predictors",
     "predictor_info",

@@ -77,6 +77,57 @@ class _Plan:
     n_hi: np.ndarray  # one past the last neuron overlapping each request
 
 
+def coalesced_runs(starts: np.ndarray, bundle_bytes: int, alignment: int, max_gap_bytes: int,
+                   breaks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Aligned byte runs ``[lo, hi)`` covering bundles at sorted, distinct offsets ``starts``:
+    each bundle expanded to ``alignment``, neighbours whose aligned gap is at most
+    ``max_gap_bytes`` merged. ``breaks``: indices into ``starts`` where a new run must
+    start anyway (separate read calls)."""
+    a = alignment
+    a_lo = (starts // a) * a
+    a_hi = -(-(starts + bundle_bytes) // a) * a
+    # runs: split where the aligned gap to the previous neuron exceeds max_gap
+    split = a_lo[1:] - a_hi[:-1] > max_gap_bytes
+    if breaks is not None and len(breaks):
+        b = np.asarray(breaks, dtype=np.int64)
+        split[b[(b >= 1) & (b < len(starts))] - 1] = True
+    cut = np.flatnonzero(split) + 1
+    run_first = np.concatenate(([0], cut))
+    run_last = np.concatenate((cut, [len(starts)])) - 1
+    return a_lo[run_first], a_hi[run_last]
+
+
+def plan_requests(starts: np.ndarray, bundle_bytes: int, alignment: int, max_gap_bytes: int,
+                  chunk_bytes: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The read requests for bundles at sorted, distinct byte offsets ``starts`` (int64).
+
+    Steps 2-3 of the module docstring: align each bundle to ``alignment``, coalesce
+    neighbours whose aligned gap is at most ``max_gap_bytes``, split runs at
+    ``chunk_bytes`` (a multiple of ``alignment``), drop chunks wholly inside a gap.
+    Returns ``(req_lo, req_hi, n_lo, n_hi)``: request byte ranges ``[lo, hi)`` and, per
+    request, the first and one-past-last bundle (index into ``starts``) it overlaps.
+    ``(req_hi - req_lo).sum()`` is what the read costs (``ReadStats.bytes_read``).
+    """
+    ends = starts + bundle_bytes
+    run_lo, run_hi = coalesced_runs(starts, bundle_bytes, alignment, max_gap_bytes)
+    # split runs into chunk-sized requests
+    c = chunk_bytes
+    nreq = -(-(run_hi - run_lo) // c)
+    if int(nreq.max()) == 1:
+        req_lo, req_hi = run_lo, run_hi
+    else:
+        rep = np.repeat(np.arange(len(run_lo)), nreq)
+        k = np.arange(rep.size) - np.repeat(np.cumsum(nreq) - nreq, nreq)
+        req_lo = run_lo[rep] + k * c
+        req_hi = np.minimum(req_lo + c, run_hi[rep])
+    n_lo = np.searchsorted(ends, req_lo, side="right")  # first bundle ending after lo
+    n_hi = np.searchsorted(starts, req_hi, side="left")  # first bundle starting at/after hi
+    keep = n_lo < n_hi  # a chunk that falls wholly inside a coalesced gap is not read
+    if not keep.all():
+        req_lo, req_hi, n_lo, n_hi = req_lo[keep], req_hi[keep], n_lo[keep], n_hi[keep]
+    return req_lo, req_hi, n_lo, n_hi
+
+
 class FlashReader:
     """Reads neuron bundles of one flash model. Thread-safe for one caller at a
     time (calls are serialised by a lock; each call is parallel inside).
@@ -224,29 +275,7 @@ class FlashReader:
             mask = src_rows != np.arange(len(ids))
             dup_rows, dup_src = np.flatnonzero(mask), src_rows[mask]
         starts = self._offsets[layer] + uniq * bb
-        ends = starts + bb
-        a_lo = (starts // a) * a
-        a_hi = -(-ends // a) * a
-        # runs: split where the aligned gap to the previous neuron exceeds max_gap
-        cut = np.flatnonzero(a_lo[1:] - a_hi[:-1] > self.max_gap_bytes) + 1
-        run_first = np.concatenate(([0], cut))
-        run_last = np.concatenate((cut, [len(uniq)])) - 1
-        run_lo, run_hi = a_lo[run_first], a_hi[run_last]
-        # split runs into chunk-sized requests
-        c = self.chunk_bytes
-        nreq = -(-(run_hi - run_lo) // c)
-        if int(nreq.max()) == 1:
-            req_lo, req_hi = run_lo, run_hi
-        else:
-            rep = np.repeat(np.arange(len(run_lo)), nreq)
-            k = np.arange(rep.size) - np.repeat(np.cumsum(nreq) - nreq, nreq)
-            req_lo = run_lo[rep] + k * c
-            req_hi = np.minimum(req_lo + c, run_hi[rep])
-        n_lo = np.searchsorted(ends, req_lo, side="right")  # first bundle ending after lo
-        n_hi = np.searchsorted(starts, req_hi, side="left")  # first bundle starting at/after hi
-        keep = n_lo < n_hi  # a chunk that falls wholly inside a coalesced gap is not read
-        if not keep.all():
-            req_lo, req_hi, n_lo, n_hi = req_lo[keep], req_hi[keep], n_lo[keep], n_hi[keep]
+        req_lo, req_hi, n_lo, n_hi = plan_requests(starts, bb, a, self.max_gap_bytes, self.chunk_bytes)
         return _Plan(starts, first.astype(np.int64), req_lo, req_hi, n_lo, n_hi), dup_rows, dup_src
 
     def _split(self, plan: _Plan) -> List[Tuple[int, int]]:
