@@ -157,6 +157,8 @@ class BenchRow:
     disk_gbps_same_threads: Optional[float] = None  # probe at that chunk size and the reader's threads
     io_efficiency: Optional[float] = None  # io_gbps / disk_best_gbps
     read_mode: str = ""                   # O_DIRECT / F_NOCACHE / buffered
+    policy: Optional[Dict[str, Any]] = None  # the cache policy the engine ran (Engine.policy_info)
+    preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -194,6 +196,60 @@ class SweepPoint:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+POLICIES = ("window", "lru", "hot", "hot+window")
+"""The cache policies the speed test compares (FlashConfig.policy); "auto" is run too."""
+DEFAULT_POLICY_BUDGETS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class PolicyPoint:
+    """One (cache policy, budget) point of the policy comparison."""
+
+    policy: str                           # as asked: window / lru / hot / hot+window / auto
+    budget: float
+    budget_bytes: int = 0
+    resolved: str = ""                    # what the engine ran ("auto" resolves to one of the others)
+    hot_fraction: Optional[float] = None  # share of the cache pinned with hot neurons
+    hit_rate: Optional[float] = None
+    bytes_read_per_token: float = 0.0
+    bytes_useful_per_token: float = 0.0
+    neurons_loaded_per_token: float = 0.0
+    neurons_streamed_per_token: float = 0.0
+    tokens_per_s: float = 0.0
+    ms_total: float = 0.0
+    ms_io: float = 0.0
+    preload_bytes: int = 0
+    reason: str = ""
+    error: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PolicyPoint":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _policy_point(policy: str, b: float, row: BenchRow) -> PolicyPoint:
+    info = row.policy or {}
+    return PolicyPoint(
+        policy=policy, budget=b, budget_bytes=row.budget_bytes, resolved=str(info.get("name", policy)),
+        hot_fraction=info.get("hot_fraction"), hit_rate=row.hit_rate, bytes_read_per_token=row.bytes_read_per_token,
+        bytes_useful_per_token=row.bytes_useful_per_token, neurons_loaded_per_token=row.neurons_loaded_per_token,
+        neurons_streamed_per_token=row.neurons_streamed_per_token, tokens_per_s=row.tokens_per_s,
+        ms_total=row.ms_total, ms_io=row.ms_io, preload_bytes=row.preload_bytes, reason=str(info.get("reason", "")))
+
+
+def best_policy(points: Sequence[PolicyPoint], budget: float) -> Optional[PolicyPoint]:
+    """The measured best named policy at ``budget``: fewest bytes read per token (the
+    disk is the bottleneck the cache exists for), then highest tokens/s."""
+    cands = [p for p in points if p.error is None and p.policy != "auto" and abs(p.budget - budget) < 1e-9]
+    if not cands:
+        return None
+    return min(cands, key=lambda p: (round(p.bytes_read_per_token / 1e3), -p.tokens_per_s))
+
+
 @dataclass
 class BenchReport:
     """Everything one :func:`run_bench` measured. ``rows`` holds measured
@@ -214,6 +270,8 @@ class BenchReport:
     ratios: Dict[str, float] = field(default_factory=dict)
     probe: Any = None                     # a ProbeResult (or None)
     sweep: List[SweepPoint] = field(default_factory=list)
+    policies: List[PolicyPoint] = field(default_factory=list)
+    policy_active: str = ""               # the active-set choice the policy comparison used
     skipped: List[Dict[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     shape: Optional[Dict[str, Any]] = None
@@ -232,6 +290,7 @@ class BenchReport:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["rows"] = [r.to_dict() for r in self.rows]
         d["sweep"] = [p.to_dict() for p in self.sweep]
+        d["policies"] = [p.to_dict() for p in self.policies]
         d["probe"] = self.probe.to_dict() if self.probe is not None else None
         return _jsonable(d)
 
@@ -252,6 +311,7 @@ class BenchReport:
         kw = {k: v for k, v in d.items() if k in names}
         kw["rows"] = [BenchRow.from_dict(r) for r in d.get("rows", [])]
         kw["sweep"] = [SweepPoint.from_dict(p) for p in d.get("sweep", [])]
+        kw["policies"] = [PolicyPoint.from_dict(p) for p in d.get("policies", [])]
         kw["probe"] = ProbeResult.from_dict(d["probe"]) if d.get("probe") else None
         return cls(**kw)
 
@@ -446,6 +506,9 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
         reads = engine.reader.reset_totals() if engine.reader is not None else None
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
+        row.policy = _jsonable(getattr(engine, "policy_info", None))
+        if engine.cache is not None:
+            row.preload_bytes = int(engine.cache.stats.preload_bytes)
         if engine.reader is not None:
             row.threads = engine.reader.threads
             row.chunk_bytes = engine.reader.chunk_bytes
@@ -670,6 +733,9 @@ def run_bench(
     ppl_tokens: int = DEFAULT_PPL_TOKENS,
     reference: Optional[str] = None,
     seed: int = 0,
+    policies: Optional[Sequence[str]] = None,
+    policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
+    policy_active: str = "auto",
 ) -> BenchReport:
     """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
 
@@ -694,6 +760,10 @@ def run_bench(
                ``probe_kwargs`` go to ``cached_probe``); a ProbeResult; False: none.
     ppl_tokens: tokens of the reference text for perplexity (0: no perplexity);
                ``reference`` replaces ``resources/reference.txt``.
+    policies:  cache policies to compare (e.g. :data:`POLICIES`; "auto" is added) at each
+               of ``policy_budgets``, with the ``policy_active`` neuron choice (default
+               the engine's: predictor when calibrated): hit rate, bytes per token,
+               tokens/s, and which one "auto" picks and why.
     """
     from .engine import is_flash_dir
     from .storage.format import open_flash
@@ -732,6 +802,11 @@ def run_bench(
         stages.append(("probe", 1.0))
     stages += [(n, 1.0) for n in names]
     stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
+    pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []
+    for pname in pol_list:
+        if pname not in FlashConfig.POLICY_CHOICES:
+            raise ValueError(f"unknown cache policy {pname!r}; known: {', '.join(FlashConfig.POLICY_CHOICES)}")
+    stages += [("policies", 0.6 * len(pol_list) * len(policy_budgets))] if pol_list else []
     if shape_obj is not None:
         stages += [("shape-build", 1.0), ("shape-naive", 1.5), ("shape-oracle", 1.0)]
     total = sum(w for _, w in stages)
@@ -823,6 +898,25 @@ def run_bench(
                 rep.sweep.append(SweepPoint(config=c, budget=b, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
                                             error=str(e)))
         _report(cb, 1.0, "sweep done")
+
+    # ---- the cache policies, side by side at a few budgets
+    if pol_list:
+        cb = stage("policies")
+        rep.policy_active = policy_active
+        pts = [(pname, float(b)) for b in policy_budgets for pname in pol_list]
+        for k, (pname, b) in enumerate(pts):
+            sub = scaled(cb, k / len(pts), (k + 1) / len(pts))
+            cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "budget": b, "policy": pname,
+                                         "active": policy_active})
+            try:
+                row, _, _ = _run_real(f"policy {pname}", path, cfg, prompt, tokens, warmup, None, probe_res, sub)
+                rep.policies.append(_policy_point(pname, b, row))
+            except Cancelled:
+                raise
+            except (ValueError, _Skip) as e:  # e.g. hot policies on a model without frequencies
+                rep.policies.append(PolicyPoint(policy=pname, budget=b,
+                                                budget_bytes=cfg.budget_bytes(m.ffn_bytes_total), error=str(e)))
+        _report(cb, 1.0, "policies done")
 
     # ---- the large-shape rows (replayed traces)
     if shape_obj is not None:
@@ -1037,6 +1131,8 @@ def format_table(report: BenchReport) -> str:
             if p.error:
                 lines.append(f"- {p.config} at {p.budget:.0%}: {p.error}" if p.budget <= 1 else
                              f"- {p.config} at {_fb(p.budget)}: {p.error}")
+    if r.policies:
+        lines += [""] + format_policies(r)
     if r.trace:
         t = r.trace
         lines.append("")
@@ -1058,6 +1154,54 @@ def format_table(report: BenchReport) -> str:
         lines.append("Notes:")
         lines += [f"- {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def format_policies(report: BenchReport) -> List[str]:
+    """The cache-policy comparison as Markdown lines."""
+    r = report
+    pts = r.policies
+    lines = [f"Cache policies (neuron choice: {r.policy_active or 'auto'}; per generated token: hit rate; "
+             "read; tok/s):"]
+    budgets = sorted({p.budget for p in pts})
+    pols = list(dict.fromkeys(p.policy for p in pts))
+    lines.append("| budget | " + " | ".join(pols) + " | best measured |")
+    lines.append("|---|" + "---|" * (len(pols) + 1))
+    for b in budgets:
+        cells = []
+        for pol in pols:
+            p = next((p for p in pts if p.policy == pol and p.budget == b), None)
+            if p is None:
+                cells.append("")
+            elif p.error:
+                cells.append("error")
+            else:
+                tag = f" → {p.resolved}" + (f" ({p.hot_fraction:.0%} hot)" if p.hot_fraction else "") \
+                    if pol == "auto" else ""
+                cells.append(f"{_f(p.hit_rate, '{:.0%}')}; {_fb(p.bytes_read_per_token)}; "
+                             f"{p.tokens_per_s:.2f}{tag}")
+        best = best_policy(pts, b)
+        label = f"{b:.0%}" if b <= 1 else _fb(b)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best.policy if best else ''} |")
+    for p in pts:
+        if p.error:
+            lines.append(f"- {p.policy} at {p.budget:.0%}: {p.error}")
+    autos = [p for p in pts if p.policy == "auto" and p.error is None]
+    for p in autos:
+        best = best_policy(pts, p.budget)
+        verdict = ""
+        if best is not None:
+            same = best.policy == p.resolved
+            verdict = (" — the same as the measured best" if same else
+                       f" — measured best here: {best.policy} ({_fb(best.bytes_read_per_token)}/token vs "
+                       f"{_fb(p.bytes_read_per_token)})")
+        lines.append(f"- auto at {p.budget:.0%} ran {p.resolved}"
+                     + (f" with {p.hot_fraction:.0%} of the cache pinned" if p.hot_fraction else "")
+                     + (f": {p.reason}" if p.reason else "") + verdict)
+    pre = [p for p in pts if p.preload_bytes and p.error is None]
+    if pre:
+        lines.append("- pinned hot neurons are read once at load (not counted per token): " +
+                     ", ".join(f"{p.policy} at {p.budget:.0%} {_fb(p.preload_bytes)}" for p in pre))
+    return lines
 
 
 # ----------------------------------------------------------------------------- plots
@@ -1131,6 +1275,28 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
         ax.set_title(f"{report.model_name}: speed vs memory budget", fontsize=10)
         save(fig, "bench_budget_sweep.png")
 
+    # ---- cache policies: hit rate and bytes per token vs budget
+    pps = [p for p in report.policies if p.error is None]
+    if pps:
+        fig = Figure(figsize=(11, 4.0))
+        axes = fig.subplots(1, 3)
+        for pol in dict.fromkeys(p.policy for p in pps):
+            ps = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
+            xs = [100 * p.budget for p in ps]
+            style = dict(marker="o", label=pol, ls="--" if pol == "auto" else "-")
+            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in ps], **style)
+            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in ps], **style)
+            axes[2].plot(xs, [p.tokens_per_s for p in ps], **style)
+        for ax, yl in zip(axes, ("hit rate (%)", "MB read per token", "tokens / s")):
+            ax.set_xlabel("FFN memory budget (%)")
+            ax.set_ylabel(yl)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{report.model_name}: neuron cache policies ({report.policy_active or 'auto'} neuron choice)",
+                     fontsize=10)
+        save(fig, "bench_policies.png")
+
     # ---- the disk probe
     pr = report.probe
     if pr is not None and pr.table:
@@ -1158,7 +1324,7 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
 
 
 __all__ = [
-    "ALIASES", "BenchReport", "BenchRow", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "ALIASES", "BenchReport", "BenchRow", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
     "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
     "default_flash_model", "ensure_shape_model", "format_table", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
 ]

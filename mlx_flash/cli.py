@@ -20,8 +20,14 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                    help="run through the flash engine (FFN weights read from disk)")
     p.add_argument("--budget", default="50%", help="FFN memory budget: '50%%', '0.5', '80MB' (flash)")
     p.add_argument("--window", type=int, default=5, help="sliding window k in tokens (flash)")
-    p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default="lru",
-                   help="neuron cache policy: window (the paper's eager deletion) or lru (deferred)")
+    p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default="auto",
+                   help="neuron cache policy (flash): auto (the default: on a calibrated model the measured best "
+                        "share of pinned hot neurons, else lru), window (the paper's eager deletion), lru "
+                        "(deferred deletion), hot (rows pinned with the most frequently active neurons, the "
+                        "rest streamed), hot+window (--hot-fraction of the rows pinned, the rest lru)")
+    p.add_argument("--hot-fraction", type=float, default=None, metavar="F",
+                   help="share of each layer's cache rows pinned with hot neurons, 0..1 (hot+window, auto; "
+                        "default: hot+window 0.5, auto measured)")
     p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
                    help="active-neuron choice: auto (predictor when calibrated, else oracle; the default), "
@@ -50,7 +56,8 @@ def flash_config_from_args(args) -> FlashConfig:
     return FlashConfig(
         budget=parse_budget(args.budget),
         window=args.window,
-        policy=args.policy,
+        policy=getattr(args, "policy", "auto"),
+        hot_fraction=getattr(args, "hot_fraction", None),
         threads=args.threads,
         active=active,
         sparsity=args.sparsity,
@@ -297,6 +304,17 @@ def _parse_sweep(text: str) -> List[float]:
     return out
 
 
+def _parse_policies(text: Optional[str]) -> Optional[List[str]]:
+    """``--policies``: "all" (every named policy) or a comma-separated list; None: no comparison."""
+    if not text:
+        return None
+    from .bench import POLICIES
+
+    if text.strip() == "all":
+        return list(POLICIES)
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def cmd_bench(args) -> int:
     from .bench import default_flash_model, format_table, run_bench, save_plots
     from .progress import tqdm_callback
@@ -323,6 +341,9 @@ def cmd_bench(args) -> int:
         shape_tokens=args.shape_tokens,
         probe=not args.no_probe,
         ppl_tokens=args.ppl_tokens,
+        policies=_parse_policies(args.policies),
+        policy_budgets=_parse_sweep(args.policy_budgets),
+        policy_active=args.policy_active,
     )
     text = format_table(report)
     print(text)
@@ -417,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add naive/flash rows on a random model of this FFN shape, replaying the real model's traces")
     b.add_argument("--shape-gib", type=float, default=2.0, help="size of the --shape model's FFN on disk (GiB)")
     b.add_argument("--shape-tokens", type=int, default=None, help="tokens replayed on the --shape model")
+    b.add_argument("--policies", default=None,
+                   help="compare neuron-cache policies: 'all' (window, lru, hot, hot+window, plus auto) "
+                        "or a comma-separated list")
+    b.add_argument("--policy-budgets", default="25,50,75", help="budgets (%%) of the policy comparison")
+    b.add_argument("--policy-active", default="auto", choices=["auto", "all", "oracle", "predictor"],
+                   help="neuron choice of the policy comparison (default auto: predictor when calibrated)")
     b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
     b.add_argument("--json", default=None, help="write the report as JSON here")

@@ -323,3 +323,39 @@ def test_cli_bench(tiny, tmp_path, capsys):
     assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE]
     assert (tmp_path / "plots" / "bench_ms_per_token.png").is_file()
     assert (tmp_path / "b.md").read_text().startswith("# mlx-flash bench")
+
+
+def test_cache_policies_side_by_side(tiny, tmp_path, capsys):
+    """The policy comparison on a calibrated tiny model: every policy at every budget, what
+    auto ran, the table, the plot, the JSON round trip and the CLI flag."""
+    import shutil
+
+    from mlx_flash.bench import POLICIES, BenchReport, best_policy, format_table, save_plots
+    from mlx_flash.calibrate import calibrate
+    from mlx_flash.cli import main
+
+    flash = tmp_path / "cal.flash"
+    shutil.copytree(tiny, flash)
+    calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=["hi", "a story", "cats"])
+    rep = run_bench(flash, tokens=5, configs=["naive"], probe=False, ppl_tokens=0, policies=POLICIES,
+                    policy_budgets=(0.25, 0.75), policy_active="oracle",
+                    flash_config=FlashConfig(scratch_neurons=16, threads=2))
+    assert {(p.policy, p.budget) for p in rep.policies} == {(q, b) for q in (*POLICIES, "auto") for b in (0.25, 0.75)}
+    assert all(p.error is None for p in rep.policies), [p.error for p in rep.policies]
+    for p in rep.policies:
+        assert p.hit_rate is not None and 0 <= p.hit_rate <= 1 and p.tokens_per_s > 0
+        assert p.resolved in POLICIES
+        assert (p.preload_bytes > 0) == (p.resolved in ("hot", "hot+window"))
+    auto = [p for p in rep.policies if p.policy == "auto"]
+    assert all(p.reason for p in auto)
+    text = format_table(rep)
+    assert "Cache policies (neuron choice: oracle" in text and "auto at 25% ran" in text
+    assert best_policy(rep.policies, 0.25).policy in POLICIES
+    back = BenchReport.from_json(rep.to_json())
+    assert [p.to_dict() for p in back.policies] == [p.to_dict() for p in rep.policies]
+    assert (tmp_path / "plots" / "bench_policies.png") in save_plots(rep, tmp_path / "plots")
+    # the CLI flag
+    assert main(["bench", "--model", str(flash), "--configs", "naive", "--tokens", "4", "--no-probe",
+                 "--ppl-tokens", "0", "--policies", "lru,hot", "--policy-budgets", "50", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "Cache policies" in out and "| 50% |" in out

@@ -65,6 +65,33 @@ def report_rows(d: Dict[str, Any]) -> List[Dict[str, Any]]:
     return []
 
 
+def policy_table_html(d: Dict[str, Any]) -> str:
+    """The report's cache-policy comparison as a small HTML table ("" when it has none)."""
+    pts = d.get("policies") or []
+    if not pts:
+        return ""
+    budgets = sorted({p["budget"] for p in pts})
+    pols = list(dict.fromkeys(p["policy"] for p in pts))
+    head = "".join(f"<th>&nbsp;{p}&nbsp;</th>" for p in pols)
+    rows = []
+    for b in budgets:
+        cells = []
+        for pol in pols:
+            p = next((p for p in pts if p["policy"] == pol and p["budget"] == b), None)
+            if p is None:
+                cells.append("<td></td>")
+            elif p.get("error"):
+                cells.append(f"<td title='{p['error']}'>error</td>")
+            else:
+                extra = f" → {p.get('resolved')}" if pol == "auto" else ""
+                hr = p.get("hit_rate")
+                cells.append(f"<td>&nbsp;{(hr or 0):.0%} · {theme.human_bytes(p['bytes_read_per_token'])} · "
+                             f"{p['tokens_per_s']:.2f} tok/s{extra}&nbsp;</td>")
+        rows.append(f"<tr><td><b>{b:.0%}</b></td>{''.join(cells)}</tr>")
+    return ("<b>Cache policies</b> (hit rate · read per token · tokens/s):"
+            f"<table><tr><th>budget</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def _cell(value, fmt) -> str:
     if value is None:
         return "–"
@@ -123,6 +150,10 @@ class SpeedTestDialog(QDialog):
         self.probe = QCheckBox("Measure the disk (once per machine)")
         self.probe.setChecked(True)
         opts.addWidget(self.probe)
+        self.policies = QCheckBox("Compare cache policies (25/50/75%)")
+        self.policies.setToolTip("Also run window, LRU, hot and hot+window neuron caches, plus the engine's "
+                                 "automatic choice, at 25, 50 and 75% of the FFN (about 15 more runs)")
+        opts.addWidget(self.policies)
         opts.addStretch(1)
         self.run_btn = QPushButton("  Run")
         self.run_btn.setIcon(theme.icon("play", "#ffffff"))
@@ -270,6 +301,7 @@ class SpeedTestDialog(QDialog):
         bench = _bench()
         path, budget, tokens, probe = self.model_path, self.budget.value() / 100.0, self.tokens.value(), \
             self.probe.isChecked()
+        policies = self.policies.isChecked() and "policies" in inspect.signature(bench.run_bench).parameters
         params = inspect.signature(bench.run_bench).parameters
         flash_config = None
         if self.settings is not None:
@@ -285,6 +317,8 @@ class SpeedTestDialog(QDialog):
                 kw["probe"] = probe
             if "flash_config" in params and flash_config is not None:
                 kw["flash_config"] = flash_config
+            if policies:
+                kw["policies"] = list(bench.POLICIES)
             return bench.run_bench(path, **kw)
 
         w = workers.Worker(job)
@@ -357,6 +391,9 @@ class SpeedTestDialog(QDialog):
         ratios = d.get("ratios") or {}
         if ratios:
             notes.append("Speed ratios: " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
+        pol = policy_table_html(d)
+        if pol:
+            notes.append(pol)
         notes += [str(n) for n in (d.get("notes") or [])]
         self.notes.setHtml("<br>".join(notes) if notes else "")
         budget = d.get("budget")

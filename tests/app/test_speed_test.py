@@ -77,3 +77,24 @@ def test_report_view_from_a_dict(qtbot):
     assert dlg.table.item(1, 7).text() == "90%" and dlg.table.item(1, 9).text() == "–"
     assert "naive" in dlg.notes.toPlainText()
     assert dlg.save_json_btn.isEnabled() and not dlg.save_plots_btn.isEnabled()
+
+
+def test_speed_test_compares_cache_policies(make_window, qtbot, tiny_models):
+    from app.widgets import speed_test
+
+    if not speed_test.bench_available():
+        pytest.skip("mlx_flash.bench is not in this build")
+    w = make_window(load=False)
+    dlg = w.open_speed_test(tiny_models["flash"])
+    dlg.probe.setChecked(False)
+    dlg.tokens.setValue(4)
+    dlg.policies.setChecked(True)
+    assert dlg.run()
+    qtbot.waitUntil(lambda: not dlg.running, timeout=6 * WAIT)
+    assert dlg.report_dict is not None, dlg.summary.text()
+    pts = dlg.report_dict["policies"]
+    assert {p["policy"] for p in pts} == {"window", "lru", "hot", "hot+window", "auto"}
+    assert sorted({p["budget"] for p in pts}) == [0.25, 0.5, 0.75]
+    text = dlg.notes.toPlainText()
+    assert "Cache policies" in text and "hot+window" in text
+    dlg.close()
