@@ -395,6 +395,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
             window=config.window,
             scratch_neurons=scratch_neurons,
             lazy=config.policy == "lru",
+            layout=layout,
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -404,7 +405,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
                          f"calibrate with a smaller --rank)") from None
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
-    scratch = (cache.scratch, cache.scratch_host)
+    scratch = cache.scratch
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
