@@ -633,6 +633,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     from .sparse_ffn import SparseFFN
     from .stats import FFNCounters
     from .storage.platform_io import drop_page_cache
+    from .storage.format import bundle_layout
     from .storage.probe import load_cached_choice
     from .storage.reader import FlashReader
     from .traces import ReplayChooser
@@ -649,11 +650,11 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     cache = NeuronCache.from_budget(
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
-        window=cfg.window, scratch_neurons=cfg.scratch_neurons)
+        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m))
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=cfg.max_gap_bytes,
                          direct=cfg.direct_io)
     try:
-        ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, (cache.scratch, cache.scratch_host),
+        ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
                           counters, act="silu") for i in range(m.num_layers)]
         drop_page_cache(files.ffn_path)
         _free_mlx()

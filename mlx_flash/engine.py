@@ -399,6 +399,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
             window=config.window,
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
+            layout=layout,
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -413,7 +414,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     except BaseException:
         reader.close()
         raise
-    scratch = (cache.scratch, cache.scratch_host)
+    scratch = cache.scratch
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,

@@ -1,12 +1,16 @@
 """DRAM neuron management: "LLM in a Flash" (arXiv 2312.11514) Section 3.3, Fig. 6.
 
-Each layer owns one preallocated matrix ``storage`` of shape
-``(capacity, bundle_elems)``. Row ``s`` holds the bundle of the neuron in slot
-``s``: ``[gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]``.
-The first ``n_used`` rows are live, the rest free. A zero-copy writable
-``uint8`` numpy view of the same memory (``_host``) is what the flash reader
-fills, so loading a neuron is one ``pread`` straight into the matrix the FFN
-multiplies with. Nothing is reallocated per token:
+Each layer owns preallocated rows (:class:`RowStore`, ``LayerCache.rows``) for
+``capacity`` neurons. Slot ``s`` holds the neuron in it: with the model's bundle
+layout the rows are role-major, one matrix per role (``rows["gate"][s]`` =
+``gate_proj.weight[i, :]``, ``rows["up"][s]``, ``rows["down"][s]`` =
+``down_proj.weight[:, i]``, per-neuron biases), so the FFN multiplies contiguous
+matrices; without a layout one ``(capacity, bundle_elems)`` matrix of whole
+bundles (``LayerCache.storage``). The first ``n_used`` slots are live, the rest
+free. Zero-copy writable ``uint8`` numpy views of the same memory are what the
+flash reader fills (it scatters each bundle's parts into the role matrices as it
+copies out of its aligned read buffer), so loading a neuron is one read straight
+into the matrices the FFN multiplies with. Nothing is reallocated per token:
 
 * **delete** = copy the last live row into the freed slot (swap-delete), so the
   live rows stay the contiguous prefix ``[0, n_used)``;
@@ -38,7 +42,7 @@ set is then at most the union of the last ``window`` tokens' active sets plus
 the pinned neurons), useful to reproduce the paper's memory numbers.
 
 Policies (``CachePolicy``; ``FlashConfig.policy``). Every policy runs on the
-same storage (one preallocated matrix per layer, swap-delete + append) under the
+same storage (preallocated rows per layer, swap-delete + append) under the
 same budget; they differ in which neurons may occupy the rows:
 
 * ``window``: the paper's eager sliding window (``lazy=False``).
@@ -80,10 +84,10 @@ the high-id tail, contiguous ranges. (Checked on the default model at 25/50/75%
 budgets: the simulated hit rates and bytes per token order the policies as the
 real runs do, and ``auto`` picks the measured best, ``lru``.)
 
-Synchronisation: ``step``/``pin`` move bytes in ``storage`` through the host
-view at once, while MLX evaluates lazily. Evaluate every computation that reads
-``storage`` (or the scratch buffer) before the next ``step``/``pin``/scratch
-fill on it; the engine evaluates once per token and once per scratch chunk.
+Synchronisation: ``step``/``pin`` move bytes in the rows through the host
+views at once, while MLX evaluates lazily. Evaluate every computation that reads
+the rows (or the scratch buffer) before the next ``step``/``pin``/scratch
+fill on them; the engine evaluates once per token and once per scratch chunk.
 """
 
 from __future__ import annotations
@@ -104,8 +108,9 @@ class StepPlan:
 
     ``hit_ids[k]`` is resident in row ``hit_slots[k]``. ``load_ids[k]`` was given
     row ``load_slots[k]`` (a contiguous range ``load_start .. load_start+n``); the
-    caller must fill ``load_dest[k]`` (a writable uint8 view of those storage rows)
-    with that neuron's bundle, e.g. ``reader.read(layer, load_ids, load_dest)``.
+    caller must fill ``load_dest[k]`` (a writable uint8 view of those rows, or a
+    :class:`~mlx_flash.storage.reader.SplitRows` for role-major rows) with that
+    neuron's bundle, e.g. ``reader.read(layer, load_ids, load_dest)``.
     ``overflow_ids`` are active but not cached (stream them through scratch).
     Ids are int64, slots int32; ``load_ids`` and ``overflow_ids`` are sorted.
     """
@@ -128,7 +133,7 @@ class StepPlan:
 
     @property
     def active_slots(self) -> np.ndarray:
-        """Storage rows of ``active_ids`` (for ``mx.take(storage, slots, axis=0)``)."""
+        """Rows of ``active_ids`` (for ``mx.take(rows[role], slots, axis=0)``)."""
         return np.concatenate([self.hit_slots, self.load_slots])
 
 
@@ -170,6 +175,86 @@ def _host_view(a: mx.array) -> np.ndarray:
     return host
 
 
+def _segments(bundle_elems: int, layout: Optional[dict]) -> List[Tuple[str, int, int]]:
+    """``[(role, start, stop)]`` in bundle order, tiling ``[0, bundle_elems)``. ``layout``
+    is ``storage.format.bundle_layout``'s dict (role -> (start, stop), or an int index
+    for a per-neuron bias); None gives one segment, ``"bundle"``."""
+    if layout is None:
+        return [("bundle", 0, bundle_elems)]
+    segs = sorted(((r, v, v + 1) if isinstance(v, int) else (r, int(v[0]), int(v[1]))
+                   for r, v in layout.items()), key=lambda t: t[1])
+    edge = 0
+    for r, a, b in segs:
+        if a != edge or b <= a:
+            raise ValueError(f"bundle layout {layout} does not tile {bundle_elems} elements")
+        edge = b
+    if edge != bundle_elems:
+        raise ValueError(f"bundle layout covers {edge} of {bundle_elems} elements")
+    return segs
+
+
+class RowStore:
+    """Preallocated neuron rows, **role-major**: one ``(rows, width)`` MLX matrix per
+    bundle role (``gate``, ``up``, ``down``, per-neuron biases), each with a writable
+    uint8 numpy view of the same memory. Row ``s`` of every matrix belongs to the
+    same neuron. Compared with one ``(rows, bundle_elems)`` bundle matrix, the FFN
+    multiplies contiguous matrices instead of strided column slices (measured on the
+    2-core CPU, 1,000 of 1,536 neurons, bfloat16: 4.5 ms gathered from a bundle
+    matrix, 3.5 ms gathered role-major, 2.2 ms over a role-major resident prefix).
+
+    The flash reader fills rows through :meth:`dest` (a :class:`SplitRows` that
+    scatters each bundle's bytes into the role matrices while copying out of its
+    aligned buffer); :meth:`move` copies rows (swap-delete). Without a layout there
+    is one role, ``"bundle"``, and :meth:`dest` is a plain uint8 row view.
+    """
+
+    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout: Optional[dict] = None):
+        self.rows = int(rows)
+        self.bundle_elems = int(bundle_elems)
+        self.dtype = dtype
+        self.bundle_bytes = self.bundle_elems * dtype.size
+        self.segments = _segments(self.bundle_elems, layout)
+        self.mats: Dict[str, mx.array] = {}
+        self.hosts: Dict[str, np.ndarray] = {}
+        for role, a, b in self.segments:
+            m = mx.zeros((self.rows, b - a), dtype)
+            mx.eval(m)
+            self.mats[role] = m
+            self.hosts[role] = _host_view(m)
+        self._single = len(self.segments) == 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.bundle_bytes
+
+    def __getitem__(self, role: str) -> mx.array:
+        return self.mats[role]
+
+    def move(self, dest: np.ndarray, src: np.ndarray) -> None:
+        """Copy rows ``src`` to rows ``dest`` in every role matrix."""
+        for h in self.hosts.values():
+            h[dest] = h[src]
+
+    def dest(self, start: int, k: int):
+        """Rows ``start .. start+k`` as a read destination of shape ``(k, bundle_bytes)``."""
+        if self._single:
+            return self.hosts[self.segments[0][0]][start : start + k]
+        from .storage.reader import SplitRows
+
+        sz = self.dtype.size
+        return SplitRows([(a * sz, b * sz, self.hosts[r][start : start + k]) for r, a, b in self.segments],
+                         k, self.bundle_bytes)
+
+    def row_bytes(self, rows) -> np.ndarray:
+        """The bundles in ``rows`` as ``(len, bundle_bytes)`` uint8 (a copy; for tests)."""
+        rows = np.asarray(rows)
+        return np.concatenate([self.hosts[r][rows] for r, _, _ in self.segments], axis=1)
+
+    def check(self) -> None:
+        for role, m in self.mats.items():
+            assert self.hosts[role].ctypes.data == _host_view(m).ctypes.data, "storage reallocated"
+
+
 class LayerCache:
     """One layer's resident neurons: a preallocated bundle matrix plus numpy bookkeeping.
 
@@ -180,6 +265,8 @@ class LayerCache:
         dtype: MLX dtype of the weights.
         window: sliding window k in tokens (>= 1), this token included.
         lazy: evict outside-window neurons only when their rows are needed.
+        layout: the bundle's roles (``storage.format.bundle_layout``): the rows are then
+            kept role-major (:class:`RowStore`); None keeps whole bundles in one matrix.
     """
 
     def __init__(
@@ -190,6 +277,7 @@ class LayerCache:
         dtype: mx.Dtype,
         window: int = 5,
         lazy: bool = True,
+        layout: Optional[dict] = None,
     ):
         if n_neurons < 1 or bundle_elems < 1:
             raise ValueError("n_neurons and bundle_elems must be >= 1")
@@ -205,9 +293,7 @@ class LayerCache:
         self.window = int(window)
         self.lazy = bool(lazy)
 
-        self.storage = mx.zeros((self.capacity, self.bundle_elems), dtype)
-        mx.eval(self.storage)
-        self._host = _host_view(self.storage)
+        self.rows = RowStore(self.capacity, self.bundle_elems, dtype, layout)
 
         self.slot_ids = np.full(self.capacity, -1, dtype=np.int32)
         self.slot_of = np.full(self.n_neurons, -1, dtype=np.int32)
@@ -220,6 +306,13 @@ class LayerCache:
         self.stats = CacheStats()
 
     # ------------------------------------------------------------------ sizes
+    @property
+    def storage(self) -> mx.array:
+        """The bundle matrix ``(capacity, bundle_elems)`` of a cache without a layout."""
+        if "bundle" not in self.rows.mats:
+            raise AttributeError("a role-major cache has no bundle matrix: use .rows[role]")
+        return self.rows.mats["bundle"]
+
     @property
     def resident_bytes(self) -> int:
         return self.n_used * self.bundle_bytes
@@ -263,7 +356,7 @@ class LayerCache:
         movers = new_n + np.flatnonzero(self.slot_of[tail] >= 0)  # live rows past the new end
         dest = np.sort(holes[holes < new_n])  # as many as movers
         if len(movers):
-            self._host[dest] = self._host[movers]
+            self.rows.move(dest, movers)
             moved = self.slot_ids[movers]
             self.slot_ids[dest] = moved
             self.slot_of[moved] = dest
@@ -304,7 +397,7 @@ class LayerCache:
         self.slot_ids[start : start + k] = ids
         self.slot_of[ids] = slots
         self.n_used = start + k
-        return slots, self._host[start : start + k]
+        return slots, self.rows.dest(start, k)
 
     # ------------------------------------------------------------------- API
     def step(self, active_ids: np.ndarray, priority: Optional[np.ndarray] = None) -> StepPlan:
@@ -397,18 +490,19 @@ class LayerCache:
         assert np.all(self.slot_of[self.pinned] >= 0), "a pinned neuron is not resident"
         assert self.n_pinned == np.count_nonzero(self.pinned) <= self.capacity, "n_pinned out of date"
         assert self.resident_bytes <= self.capacity_bytes
-        assert self._host.ctypes.data == _host_view(self.storage).ctypes.data, "storage reallocated"
+        self.rows.check()
 
 
 class NeuronCache:
     """The LayerCaches of all layers, plus the scratch buffer they share, under one budget.
 
-    ``scratch`` (an ``(scratch_neurons, bundle_elems)`` MLX matrix) and
-    ``scratch_host`` (its writable uint8 view) stream the overflow neurons of a
-    token chunk by chunk; layers run one after another, so one buffer serves all.
+    ``scratch`` (a :class:`RowStore` of ``scratch_neurons`` rows, with the layers'
+    layout) streams the overflow neurons of a token chunk by chunk; layers run one
+    after another, so one buffer serves all.
     """
 
-    def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None):
+    def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
+                 layout: Optional[dict] = None):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -417,9 +511,7 @@ class NeuronCache:
         self.bundle_bytes = first.bundle_bytes
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
-        self.scratch = mx.zeros((self.scratch_neurons, self.bundle_elems), self.dtype)
-        mx.eval(self.scratch)
-        self.scratch_host = _host_view(self.scratch)
+        self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout)
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
         self.policy = CachePolicy("lru" if first.lazy else "window")
 
@@ -435,6 +527,7 @@ class NeuronCache:
         window: int = 5,
         scratch_neurons: int = 256,
         lazy: bool = True,
+        layout: Optional[dict] = None,
     ) -> "NeuronCache":
         """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches.
 
@@ -456,8 +549,9 @@ class NeuronCache:
                 f"({n_layers} x {bundle_bytes} bytes); the minimum budget is {minimum} bytes"
             )
         capacity = min((budget_bytes - scratch_bytes) // n_layers // bundle_bytes, n_neurons)
-        layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy) for _ in range(n_layers)]
-        return cls(layers, scratch, budget_bytes)
+        layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout)
+                  for _ in range(n_layers)]
+        return cls(layers, scratch, budget_bytes, layout)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -73,6 +73,13 @@ class SparseFFN(nn.Module):
         return y
 
 
+#: Compute over the whole resident prefix (with a 0/1 mask) instead of gathering the
+#: active rows when at least this share of the resident neurons is active: a
+#: gather copies the rows first (measured on the 2-core CPU, bfloat16, 576 x 1536:
+#: gathering 1,000 rows 3.5 ms, the 1,536-row prefix 2.2 ms).
+PREFIX_MIN_SHARE = 0.4
+
+
 class _State:
     def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout):
         self.layer = layer
@@ -80,29 +87,41 @@ class _State:
         self.chooser = chooser
         self.cache = cache
         self.reader = reader
-        self.scratch = scratch  # (mx storage (S, elems), np uint8 host view (S, bundle_bytes))
+        self.scratch = scratch  # a neuron_cache.RowStore shared by all layers
         self.counters = counters
         self.gated = gated
-        self.gate = slice(*layout["gate"])
-        self.down = slice(*layout["down"])
-        self.up = slice(*layout["up"]) if "up" in layout else None
-        self.gate_bias = layout.get("gate_bias")
-        self.up_bias = layout.get("up_bias")
+        self.layout = layout
+        self.has_up = "up" in layout
+        self.gate_bias = "gate_bias" in layout
+        self.up_bias = "up_bias" in layout
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
 
-    def _partial(self, xt: mx.array, w: mx.array, mask: Optional[mx.array]) -> mx.array:
-        g = xt @ w[:, self.gate].T
-        if self.gate_bias is not None:
-            g = g + w[:, self.gate_bias]
+    def _roles(self, store, rows) -> dict:
+        """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a RowStore."""
+        mats = store.mats
+        if "bundle" in mats:  # whole bundles in one matrix: strided column views
+            m = mats["bundle"][rows]
+            out = {}
+            for role, v in self.layout.items():
+                out[role] = m[:, v : v + 1] if isinstance(v, int) else m[:, v[0] : v[1]]
+            return out
+        if isinstance(rows, slice):
+            return {role: m[rows] for role, m in mats.items()}
+        return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
+
+    def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array]) -> mx.array:
+        g = xt @ w["gate"].T
+        if self.gate_bias:
+            g = g + w["gate_bias"][:, 0]
         u = None
-        if self.up is not None:
-            u = xt @ w[:, self.up].T
-            if self.up_bias is not None:
-                u = u + w[:, self.up_bias]
+        if self.has_up:
+            u = xt @ w["up"].T
+            if self.up_bias:
+                u = u + w["up_bias"][:, 0]
         h = self.gated(g, u)
         if mask is not None:
             h = h * mask
-        return h @ w[:, self.down]
+        return h @ w["down"]
 
     def forward(self, x: mx.array) -> mx.array:
         c = self.counters
@@ -133,34 +152,47 @@ class _State:
             pos = np.empty(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
             pos[ids] = np.arange(len(ids))
 
-            def cols(sub_ids):
-                return mx.array(mask[:, pos[sub_ids]].astype(np.float32)).astype(xt.dtype)
+            def cols_np(sub_ids):
+                return mask[:, pos[sub_ids]]
         else:
-            def cols(sub_ids):
+            def cols_np(sub_ids):
                 return None
+
+        def cols(sub_ids):
+            m = cols_np(sub_ids)
+            return None if m is None else mx.array(m.astype(np.float32)).astype(xt.dtype)
 
         # Partial sums (cache part, then scratch chunks) accumulate in float32.
         y = mx.zeros((xt.shape[0], self.hidden), dtype=mx.float32)
+        n_used = self.cache.n_used
         if len(slots):
-            w = mx.take(self.cache.storage, mx.array(slots), axis=0)
-            y = y + self._partial(xt, w, cols(order))
+            if len(slots) == n_used and mask is None:  # every resident neuron is active: no mask at all
+                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)), None)
+            elif len(slots) >= PREFIX_MIN_SHARE * n_used:  # the resident prefix, inactive rows masked out
+                m = np.zeros((xt.shape[0], n_used), dtype=np.float32)
+                sub = cols_np(order)
+                m[:, slots] = 1.0 if sub is None else sub
+                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)),
+                                      mx.array(m).astype(xt.dtype))
+            else:
+                y = y + self._partial(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order))
         mx.eval(y)
         t3 = time.perf_counter()
         c.ffn_compute_s += t3 - t2
 
         overflow = plan.overflow_ids
         if len(overflow):
-            s_mx, s_host = self.scratch
-            step = s_host.shape[0]
+            store = self.scratch
+            step = store.rows
             for start in range(0, len(overflow), step):
                 chunk = overflow[start : start + step]
                 ta = time.perf_counter()
-                rs = self.reader.read(self.layer, chunk, s_host[: len(chunk)])
+                rs = self.reader.read(self.layer, chunk, store.dest(0, len(chunk)))
                 c.bytes_read += rs.bytes_read
                 c.bytes_useful += rs.bytes_useful
                 c.read_requests += rs.requests
                 tb = time.perf_counter()
-                y = y + self._partial(xt, s_mx[: len(chunk)], cols(chunk))
+                y = y + self._partial(xt, self._roles(store, slice(0, len(chunk))), cols(chunk))
                 mx.eval(y)  # the scratch rows are overwritten by the next chunk
                 tc = time.perf_counter()
                 c.io_s += tb - ta

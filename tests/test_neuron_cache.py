@@ -42,7 +42,7 @@ def _check_storage(c: LayerCache, ref: mx.array) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_host_view_writes_into_storage(dtype):
     c = LayerCache(n_neurons=8, capacity=4, bundle_elems=6, dtype=dtype)
-    assert c._host.shape == (4, 6 * dtype.size) and c._host.dtype == np.uint8
+    assert c.rows.hosts["bundle"].shape == (4, 6 * dtype.size) and c.rows.hosts["bundle"].dtype == np.uint8
     ref, ref_bytes = _bundles(8, 6, dtype)
     plan = c.step(np.array([5, 2]))
     assert plan.load_dest.shape == (2, c.bundle_bytes)
@@ -122,7 +122,7 @@ def test_from_budget_sizes_and_errors():
     bb = 12
     nc = NeuronCache.from_budget(3, 100, 6, bb, mx.float16, budget_bytes=8 * bb + 3 * 10 * bb + 5, scratch_neurons=8)
     assert [c.capacity for c in nc.layers] == [10, 10, 10]
-    assert nc.scratch.shape == (8, 6) and nc.scratch_host.shape == (8, bb)
+    assert nc.scratch["bundle"].shape == (8, 6) and nc.scratch.dest(0, 8).shape == (8, bb)
     assert nc.capacity_bytes == (8 + 30) * bb
     # the minimum budget works, one byte less does not
     NeuronCache.from_budget(3, 100, 6, bb, mx.float16, budget_bytes=8 * bb + 3 * bb, scratch_neurons=8)
@@ -225,17 +225,17 @@ def test_all_pinned_behaves_like_naive_flash():
 def test_no_reallocation():
     rng = np.random.default_rng(5)
     nc = NeuronCache.from_budget(2, 50, 8, 16, mx.float16, budget_bytes=16 * (8 + 2 * 10), scratch_neurons=8)
-    ptrs = [(id(c.storage), c._host.ctypes.data) for c in nc.layers]
-    scratch_ptr = nc.scratch_host.ctypes.data
+    ptrs = [(id(c.storage), c.rows.hosts["bundle"].ctypes.data) for c in nc.layers]
+    scratch_ptr = nc.scratch.hosts["bundle"].ctypes.data
     for _ in range(200):
         for c in nc.layers:
             plan = c.step(_random_active(rng, 50, 25))
             plan.load_dest[:] = 7
             mx.eval(mx.sum(mx.take(c.storage, mx.array(plan.active_slots), axis=0)))
-    assert ptrs == [(id(c.storage), c._host.ctypes.data) for c in nc.layers]
+    assert ptrs == [(id(c.storage), c.rows.hosts["bundle"].ctypes.data) for c in nc.layers]
     for c in nc.layers:
         c.check_invariants()  # also compares the storage buffer address with _host
-    assert nc.scratch_host.ctypes.data == scratch_ptr
+    assert nc.scratch.hosts["bundle"].ctypes.data == scratch_ptr
 
 
 def test_hit_rate_accounting():
@@ -358,3 +358,41 @@ def test_matches_oracle(seed):
         assert set(plan.overflow_ids.tolist()) == over
         assert set(c.resident_ids.tolist()) == o.res
     c.check_invariants()
+
+
+# ---------------------------------------------------------------- role-major rows
+LAYOUT = {"gate": (0, 4), "gate_bias": 4, "up": (5, 9), "down": (9, 13)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_role_major_rows_follow_swap_delete(dtype):
+    """With a layout, each role lives in its own contiguous matrix; loads scatter into
+    them and swap-delete moves every role's row together."""
+    rng = np.random.default_rng(5)
+    n, elems = 40, 13
+    ref, ref_bytes = _bundles(n, elems, dtype)
+    c = LayerCache(n, 12, elems, dtype, window=2, lazy=False, layout=LAYOUT)
+    assert set(c.rows.mats) == {"gate", "gate_bias", "up", "down"}
+    assert c.rows["up"].shape == (12, 4) and c.rows["gate_bias"].shape == (12, 1)
+    with pytest.raises(AttributeError):
+        c.storage  # noqa: B018 (no bundle matrix in a role-major cache)
+    for _ in range(200):
+        plan = c.step(_random_active(rng, n, 6))
+        _fill(plan, ref_bytes)
+        c.check_invariants()
+        live = c.slot_ids[: c.n_used].astype(np.int64)
+        for role, v in LAYOUT.items():
+            a, b = (v, v + 1) if isinstance(v, int) else v
+            if not len(live):
+                continue
+            want = np.array(ref[mx.array(live)][:, a:b].astype(mx.float32))
+            got = np.array(c.rows[role][: c.n_used].astype(mx.float32))
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(c.rows.row_bytes(np.arange(c.n_used)), ref_bytes[live])
+
+
+def test_role_major_layout_must_tile_the_bundle():
+    with pytest.raises(ValueError, match="tile"):
+        LayerCache(10, 4, 13, mx.float16, layout={"gate": (0, 4), "down": (5, 13)})
+    with pytest.raises(ValueError, match="covers"):
+        LayerCache(10, 4, 13, mx.float16, layout={"gate": (0, 4), "down": (4, 12)})

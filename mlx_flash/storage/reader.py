@@ -65,6 +65,83 @@ class ReadStats:
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+class SplitRows:
+    """A read destination whose bundle bytes go to several arrays by byte column:
+    ``parts`` = ``[(lo, hi, arr)]`` where ``arr`` (uint8, ``(n, hi - lo)``, rows
+    C-contiguous) receives bytes ``[lo, hi)`` of each bundle. The parts tile
+    ``[0, bundle_bytes)``. This is how a role-major neuron cache (separate gate /
+    up / down matrices, see :class:`mlx_flash.neuron_cache.RowStore`) is filled
+    straight from the reader's aligned buffers: the copy out of the buffer that
+    direct I/O needs anyway does the scatter, no extra pass."""
+
+    def __init__(self, parts, n: int, bundle_bytes: int):
+        self.parts = [(int(lo), int(hi), a) for lo, hi, a in parts]
+        self.shape = (int(n), int(bundle_bytes))
+        edge = 0
+        for lo, hi, a in sorted(self.parts, key=lambda p: p[0]):
+            if lo != edge or not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != (n, hi - lo):
+                raise ValueError("SplitRows parts must tile the bundle with uint8 (n, hi - lo) arrays")
+            if not a.flags.writeable or (n and a.strides[1] != 1):
+                raise ValueError("SplitRows parts must be writable with contiguous rows")
+            edge = hi
+        if edge != bundle_bytes:
+            raise ValueError(f"SplitRows parts cover {edge} of {bundle_bytes} bytes")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> "SplitRows":
+        if not isinstance(rows, slice):
+            raise TypeError("SplitRows supports row slices only")
+        parts = [(lo, hi, a[rows]) for lo, hi, a in self.parts]
+        return SplitRows(parts, parts[0][2].shape[0], self.shape[1])
+
+    def __setitem__(self, rows, block) -> None:
+        """``dest[rows] = bundles`` like a ``(n, bundle_bytes)`` array (rows: int, slice or indices)."""
+        block = np.asarray(block, dtype=np.uint8)
+        if np.isscalar(rows) or isinstance(rows, (int, np.integer)):
+            self.set_rows(slice(int(rows), int(rows) + 1), block.reshape(1, -1))
+        else:
+            self.set_rows(rows, block.reshape(-1, self.shape[1]))
+
+    def set_rows(self, rows, block: np.ndarray) -> None:
+        """``self[rows] = block`` (block: ``(k, bundle_bytes)`` uint8)."""
+        for lo, hi, a in self.parts:
+            a[rows] = block[:, lo:hi]
+
+    def set_bytes(self, row: int, a0: int, b0: int, data: np.ndarray) -> None:
+        """Bytes ``[a0, b0)`` of bundle ``row`` = ``data``."""
+        for lo, hi, a in self.parts:
+            x, y = max(lo, a0), min(hi, b0)
+            if x < y:
+                a[row, x - lo : y - lo] = data[x - a0 : y - a0]
+
+    def copy_rows(self, dst, src) -> None:
+        for _, _, a in self.parts:
+            a[dst] = a[src]
+
+    def to_array(self) -> np.ndarray:
+        """The rows as one ``(n, bundle_bytes)`` array (a copy; for tests and debugging)."""
+        out = np.empty(self.shape, dtype=np.uint8)
+        for lo, hi, a in self.parts:
+            out[:, lo:hi] = a
+        return out
+
+
+def _set_rows(out, rows, block: np.ndarray) -> None:
+    if isinstance(out, SplitRows):
+        out.set_rows(rows, block)
+    else:
+        out[rows] = block
+
+
+def _set_bytes(out, row: int, a0: int, b0: int, data: np.ndarray) -> None:
+    if isinstance(out, SplitRows):
+        out.set_bytes(row, a0, b0, data)
+    else:
+        out[row, a0:b0] = data
+
+
 @dataclass
 class _Plan:
     """Requests of one read call, all int64 numpy arrays (vectorised bookkeeping)."""
@@ -172,8 +249,9 @@ class FlashReader:
         """Read the bundles of neurons ``ids`` of ``layer`` into ``out``.
 
         ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
-        rows are C-contiguous (a row slice of a C-ordered matrix is fine). After
-        the call ``out[j]`` holds exactly the on-disk bytes of neuron ``ids[j]``.
+        rows are C-contiguous (a row slice of a C-ordered matrix is fine), or a
+        :class:`SplitRows` of that shape. After the call ``out[j]`` holds exactly
+        the on-disk bytes of neuron ``ids[j]``.
         Ids may be unsorted and repeated. Raises IndexError for a layer or id out
         of range, ValueError for a wrong ``out``, FlashFormatError if the file ends early.
         """
@@ -190,13 +268,17 @@ class FlashReader:
         ids_arr = ids_arr.astype(np.int64, copy=False)
         n = ids_arr.size
         bb = self.bundle_bytes
-        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2 or out.shape != (n, bb):
-            desc = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-            raise ValueError(f"out must be a uint8 array of shape ({n}, {bb}), got {desc}")
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
-        if n and out.strides[1] != 1:
-            raise ValueError("out rows must be contiguous (strides[1] == 1)")
+        if isinstance(out, SplitRows):
+            if out.shape != (n, bb):
+                raise ValueError(f"out must have shape ({n}, {bb}), got SplitRows {out.shape}")
+        else:
+            if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2 or out.shape != (n, bb):
+                desc = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+                raise ValueError(f"out must be a uint8 array of shape ({n}, {bb}), got {desc}")
+            if not out.flags.writeable:
+                raise ValueError("out is read-only")
+            if n and out.strides[1] != 1:
+                raise ValueError("out rows must be contiguous (strides[1] == 1)")
         if n == 0:
             return ReadStats(seconds=time.perf_counter() - t0)
         lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
@@ -213,7 +295,10 @@ class FlashReader:
                 futs = [self._pool.submit(self._work, k, plan, g0, g1, out) for k, (g0, g1) in enumerate(groups)]
                 results = [f.result() for f in futs]
             if dup_rows is not None:
-                out[dup_rows] = out[dup_src]
+                if isinstance(out, SplitRows):
+                    out.copy_rows(dup_rows, dup_src)
+                else:
+                    out[dup_rows] = out[dup_src]
             stats = ReadStats(
                 bytes_read=int((plan.req_hi - plan.req_lo).sum()),
                 bytes_useful=len(plan.starts) * bb,
@@ -330,17 +415,17 @@ class FlashReader:
                     dst = rows[j0:j1]
                     r_first = int(dst[0])
                     if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
-                        out[r_first : r_first + k] = block
+                        _set_rows(out, slice(r_first, r_first + k), block)
                     else:
-                        out[dst] = block
+                        _set_rows(out, dst, block)
                 # bundles straddling the request's edges: copy the part inside
                 for j in {i0, i1 - 1}:
                     if j0 <= j < j1:
                         continue
                     s = int(starts[j])
                     a, b = max(s, lo), min(s + bb, hi)
-                    out[int(rows[j]), a - s : b - s] = view[a - lo : b - lo]
+                    _set_bytes(out, int(rows[j]), a - s, b - s, view[a - lo : b - lo])
         return requests
 
 
-__all__ = ["FlashReader", "ReadStats"]
+__all__ = ["FlashReader", "ReadStats", "SplitRows"]

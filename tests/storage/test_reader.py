@@ -236,3 +236,30 @@ def test_aligned_buffer_and_drop_page_cache(small):
     if hasattr(os, "posix_fadvise"):
         assert drop_page_cache(small.ffn_path) is True
     assert drop_page_cache(Path("/nonexistent/file")) is False
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])
+@pytest.mark.parametrize("which", ["small", "wide"])
+def test_split_rows_scatter_bundles_by_role(request, which, threads, chunk_bytes):
+    """Reading into a SplitRows (role-major destination) gives each part exactly its
+    columns of the bundles, also for bundles that straddle two requests."""
+    from mlx_flash.storage.reader import SplitRows
+
+    files = request.getfixturevalue(which)
+    m = files.manifest
+    bb = m.bundle_bytes
+    cuts = [0, bb // 3, bb // 3 + 2, 2 * bb // 3, bb]  # uneven parts, one of 2 bytes
+    with FlashReader(files, threads=threads, chunk_bytes=chunk_bytes, max_gap_bytes=1 << 16) as r:
+        for seed in range(15):
+            rng = np.random.default_rng(100 + seed)
+            layer = int(rng.integers(m.num_layers))
+            ids = _random_ids(rng, m.intermediate_size)
+            parts = [(a, b, np.full((len(ids), b - a), 0xCD, np.uint8)) for a, b in zip(cuts, cuts[1:])]
+            r.read(layer, ids, SplitRows(parts, len(ids), bb))
+            got = np.concatenate([p[2] for p in parts], axis=1)
+            np.testing.assert_array_equal(got, _expected(files, layer, ids), err_msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="tile"):
+        SplitRows([(0, 4, np.zeros((2, 4), np.uint8)), (5, 8, np.zeros((2, 3), np.uint8))], 2, 8)
+    with pytest.raises(ValueError, match="cover"):
+        SplitRows([(0, 4, np.zeros((2, 4), np.uint8))], 2, 8)
