@@ -382,6 +382,12 @@ def cmd_relufy(args) -> int:
         Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
     print(f"wrote {args.dst}")
+    if not args.no_calibrate:
+        from .calibrate import auto_tokens, calibrate
+
+        cal = calibrate(args.dst, tokens=auto_tokens(),
+                        progress=tqdm_callback(f"Calibrating {Path(args.dst).name}", disable=args.quiet))
+        print(cal.summary())
     return 0
 
 
@@ -466,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
                     help=f"target fraction of inactive FFN neurons (default {DEFAULT_SPARSITY})")
     ca.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"predictor rank (default {DEFAULT_RANK})")
-    ca.add_argument("--recall", type=float, default=DEFAULT_RECALL, choices=RECALL_TARGETS,
-                    help=f"default recall target of the predictors (default {DEFAULT_RECALL})")
+    ca.add_argument("--recall", type=float, default=None, choices=RECALL_TARGETS,
+                    help=f"default recall target of the predictors (default {DEFAULT_RECALL}; "
+                         "0.999 for ReLU-family models)")
     ca.add_argument("--text", default=None, help="a text file to calibrate on too (gets half the tokens)")
     ca.add_argument("--tokens", type=int, default=None,
                     help=f"calibration tokens in all (default {DEFAULT_TOKENS}; a third of it where "
@@ -512,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--seed", type=int, default=rd.seed)
     rf.add_argument("--work-dir", default=None, help="checkpoint folder (default: .DST.relufy next to DST)")
     rf.add_argument("--keep-work", action="store_true", help="keep the checkpoint folder after success")
+    rf.add_argument("--no-calibrate", action="store_true",
+                    help="do not fit activation predictors for the result (mlx-flash calibrate later)")
     rf.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     rf.add_argument("--json", default=None, help="write the report as JSON here")
     rf.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -123,6 +123,7 @@ def test_relu_models_use_the_exact_rule(tmp_path):
     rep = calibrate(flash, sparsity=0.9, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
     info = open_flash(flash).manifest.predictors
     assert rep.thresholds == [0.0] * 3 and info["rule"].startswith("exact")
+    assert info["recall"] == rep.recall == 0.999  # the exact rule's default recall target
     freq = load_predictor_chooser(open_flash(flash)).frequencies
     assert 0.3 < float(freq.mean()) < 0.7  # random ReLU: about half, whatever the sparsity asked for
 

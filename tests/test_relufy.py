@@ -124,7 +124,9 @@ def test_cli(src, tmp_path):
     assert main(args) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["settings"]["sparsity"] == 0.6 and len(rep["layers"]) == 3
-    assert open_flash(dst).manifest.model_args["hidden_act"] == "relu"
+    m = open_flash(dst).manifest
+    assert m.model_args["hidden_act"] == "relu"
+    assert m.predictors and m.predictors["recall"] == 0.999  # calibrated for the exact rule by default
     assert main(args) == 1  # dst exists: a clear error, not a traceback
 
 
