@@ -43,13 +43,14 @@ test: model test-data
 test-all: model test-data
 	$(BIN)/python -m pytest -m ""
 
-# The speed test on the default model: table on stdout, JSON + Markdown + PNG plots into docs/bench/.
+# The speed test on the default model: table on stdout, JSON + Markdown + PNG plots into docs/bench/
+# (dense / naive / oracle / predictor, a budget sweep, and the cache policies at 25/50/75%).
 # Extra flags: make bench BENCH_ARGS="--shape 7b" (adds the 7B-shape rows replayed from real traces).
 BENCH_DIR  ?= docs/bench
 BENCH_ARGS ?=
 bench: model
-	$(BIN)/mlx-flash bench --sweep 10,25,50,75,100 --json $(BENCH_DIR)/bench.json --text $(BENCH_DIR)/bench.md \
-		--plots $(BENCH_DIR) $(BENCH_ARGS)
+	$(BIN)/mlx-flash bench --tokens 32 --sweep 10,25,50,75,100 --policies all --json $(BENCH_DIR)/bench.json \
+		--text $(BENCH_DIR)/bench.md --plots $(BENCH_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

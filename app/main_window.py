@@ -529,8 +529,12 @@ class MainWindow(QMainWindow):
             return "dense · all weights in memory"
         cfg = engine.config
         pct = f"{cfg.budget * 100:.0f}%" if cfg and cfg.budget <= 1 else theme.human_bytes(engine.budget_bytes)
+        info = getattr(engine, "policy_info", None) or {}
+        policy = info.get("name", cfg.policy if cfg else "?")
+        if info.get("hot_fraction") and policy == "hot+window":
+            policy += f" {info['hot_fraction']:.0%} hot"
         return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct} "
-                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'}")
+                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}")
 
     def _on_load_error(self, message: str) -> None:
         self._loader = None

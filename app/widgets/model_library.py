@@ -22,7 +22,14 @@ from .. import theme, workers
 from .progress_card import ProgressCard
 
 # ----------------------------------------------------------------- per-model settings
-MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto"}
+MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto", "policy": "auto"}
+POLICY_LABELS = {
+    "auto": "Automatic (measured best for this model)",
+    "lru": "Window, lazy (LRU)",
+    "window": "Window (the paper's, eager)",
+    "hot": "Hot neurons pinned",
+    "hot+window": "Hot neurons + window",
+}
 ACTIVE_LABELS = {
     "auto": "Automatic (predictor when the model has one)",
     "predictor": "Predictor (low-rank, the product mode)",
@@ -36,7 +43,7 @@ def _key(name: str) -> str:
 
 
 def model_settings(settings: QSettings, name: str) -> dict:
-    """The memory budget (% of the FFN), window, threads and neuron choice stored for ``name``."""
+    """The memory budget (% of the FFN), window, threads, neuron choice and cache policy stored for ``name``."""
     out = {}
     for k, d in MODEL_DEFAULTS.items():
         v = settings.value(f"{_key(name)}/{k}", d)
@@ -69,7 +76,7 @@ def predictor_available() -> bool:
 
 def flash_config_for(path: Path, settings: QSettings, base=None):
     """The FlashConfig to load ``path`` with: ``base`` (or the defaults) with this model's
-    budget, window, threads and neuron choice applied."""
+    budget, window, threads, neuron choice and cache policy applied."""
     from mlx_flash.config import FlashConfig
 
     base = base or FlashConfig()
@@ -84,6 +91,9 @@ def flash_config_for(path: Path, settings: QSettings, base=None):
         details = library.flash_details(path)
         active = "predictor" if details.get("has_predictors") and predictor_available() else base.active
     d["active"] = active
+    if ms["policy"] in FlashConfig.POLICY_CHOICES:
+        d["policy"] = ms["policy"]
+        d["hot_fraction"] = None
     return FlashConfig.from_dict(d)
 
 
@@ -267,6 +277,13 @@ class ModelLibraryPage(QWidget):
         for k, label in ACTIVE_LABELS.items():
             self.active.addItem(label, k)
         form2.addRow("Neuron choice", self.active)
+        self.policy = QComboBox()
+        for k, label in POLICY_LABELS.items():
+            self.policy.addItem(label, k)
+        self.policy.setToolTip("Which neurons keep the cache's rows: the last tokens' (window), the most "
+                               "frequently active ones (hot; needs calibration), or both. Automatic picks the "
+                               "one that reads the fewest bytes, measured by simulation on the calibration")
+        form2.addRow("Cache policy", self.policy)
         form_row.addLayout(form2, 1)
         sl.addLayout(form_row)
         srow = QHBoxLayout()
@@ -364,7 +381,8 @@ class ModelLibraryPage(QWidget):
         self.threads.setValue(ms["threads"])
         i = self.active.findData(ms["active"])
         self.active.setCurrentIndex(max(0, i))
-        for w in (self.budget, self.window, self.threads, self.active):
+        self.policy.setCurrentIndex(max(0, self.policy.findData(ms["policy"])))
+        for w in (self.budget, self.window, self.threads, self.active, self.policy):
             w.setEnabled(is_flash)
         self._details = library.flash_details(p) if is_flash else {}
         self._update_budget_label()
@@ -398,6 +416,7 @@ class ModelLibraryPage(QWidget):
         save_model_settings(self.settings, p.name, {
             "budget_pct": self.budget.value(), "window": self.window.value(),
             "threads": self.threads.value(), "active": self.active.currentData(),
+            "policy": self.policy.currentData(),
         })
         self.notice.emit("ok", f"Settings saved for {library.display_name(p)}.")
         self.settings_applied.emit(str(p))
