@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=880)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bench-policies", action="store_true",
+                    help="the speed test also compares the cache policies (about 15 more runs)")
     ap.add_argument("--first-run", action="store_true",
                     help="also show the first-run preparation (in a temporary data folder, cancelled midway)")
     args = ap.parse_args(argv)
@@ -153,8 +155,9 @@ def main(argv=None) -> int:
         dlg = win.open_speed_test(win.engine_path)
         dlg.resize(1280, 820)
         if speed_test.bench_available():
-            dlg.tokens.setValue(32)
+            dlg.tokens.setValue(16 if args.bench_policies else 32)
             dlg.probe.setChecked(True)
+            dlg.policies.setChecked(args.bench_policies)
             dlg.run()
             spin(lambda: not dlg.running, 1800, "the speed test")
             dlg.close_btn.setFocus()

@@ -115,8 +115,20 @@ def canonical_config(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- records
+class _Record:
+    """``to_dict`` / ``from_dict`` for the report's dataclasses (unknown keys are ignored on load)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class BenchRow:
+class BenchRow(_Record):
     """One configuration's measured figures (per-token figures: warm-up tokens left out).
 
     Times in ms, sizes in bytes, throughput in GB/s (10^9 B/s). ``None``: not
@@ -162,17 +174,10 @@ class BenchRow:
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "BenchRow":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
-class SweepPoint:
+class SweepPoint(_Record):
     """One (configuration, budget) point of the memory-budget sweep."""
 
     config: str
@@ -187,13 +192,6 @@ class SweepPoint:
     peak_memory: int = 0
     error: Optional[str] = None
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SweepPoint":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 POLICIES = ("window", "lru", "hot", "hot+window")
@@ -202,7 +200,7 @@ DEFAULT_POLICY_BUDGETS = (0.25, 0.5, 0.75)
 
 
 @dataclass
-class PolicyPoint:
+class PolicyPoint(_Record):
     """One (cache policy, budget) point of the policy comparison."""
 
     policy: str                           # as asked: window / lru / hot / hot+window / auto
@@ -222,23 +220,13 @@ class PolicyPoint:
     reason: str = ""
     error: Optional[str] = None
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "PolicyPoint":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _policy_point(policy: str, b: float, row: BenchRow) -> PolicyPoint:
     info = row.policy or {}
-    return PolicyPoint(
-        policy=policy, budget=b, budget_bytes=row.budget_bytes, resolved=str(info.get("name", policy)),
-        hot_fraction=info.get("hot_fraction"), hit_rate=row.hit_rate, bytes_read_per_token=row.bytes_read_per_token,
-        bytes_useful_per_token=row.bytes_useful_per_token, neurons_loaded_per_token=row.neurons_loaded_per_token,
-        neurons_streamed_per_token=row.neurons_streamed_per_token, tokens_per_s=row.tokens_per_s,
-        ms_total=row.ms_total, ms_io=row.ms_io, preload_bytes=row.preload_bytes, reason=str(info.get("reason", "")))
+    return PolicyPoint.from_dict({**row.to_dict(), "policy": policy, "budget": b, "error": None,
+                                  "resolved": str(info.get("name", policy)), "hot_fraction": info.get("hot_fraction"),
+                                  "reason": str(info.get("reason", ""))})
 
 
 def best_policy(points: Sequence[PolicyPoint], budget: float) -> Optional[PolicyPoint]:
@@ -979,9 +967,7 @@ def run_bench(
 
 
 def _sweep_point(c: str, b: float, row: BenchRow) -> SweepPoint:
-    return SweepPoint(config=c, budget=b, budget_bytes=row.budget_bytes, tokens_per_s=row.tokens_per_s,
-                      ms_total=row.ms_total, ms_io=row.ms_io, bytes_read_per_token=row.bytes_read_per_token,
-                      hit_rate=row.hit_rate, resident_bytes=row.resident_bytes, peak_memory=row.peak_memory)
+    return SweepPoint.from_dict({**row.to_dict(), "config": c, "budget": b, "error": None})
 
 
 def _standard_notes(rep: BenchReport, files) -> List[str]:

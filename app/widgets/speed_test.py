@@ -393,7 +393,8 @@ class SpeedTestDialog(QDialog):
             notes.append("Speed ratios: " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
         pol = policy_table_html(d)
         if pol:
-            notes.append(pol)
+            notes.insert(0, pol)
+        self.notes.setMaximumHeight(260 if pol else 130)
         notes += [str(n) for n in (d.get("notes") or [])]
         self.notes.setHtml("<br>".join(notes) if notes else "")
         budget = d.get("budget")
