@@ -225,6 +225,7 @@ class SpeedTestDialog(QDialog):
         self.notes.setStyleSheet("QTextBrowser { background: #14171c; border: 1px solid #2a2f38; border-radius: 8px; }")
         split.addWidget(self.notes)
         split.setSizes([160, 420, 110])
+        self.split = split
         lay.addWidget(split, 1)
 
         row = QHBoxLayout()
@@ -395,6 +396,8 @@ class SpeedTestDialog(QDialog):
         if pol:
             notes.insert(0, pol)
         self.notes.setMaximumHeight(260 if pol else 130)
+        if pol:  # room for the policy table under the plots
+            self.split.setSizes([160, 330, 200])
         notes += [str(n) for n in (d.get("notes") or [])]
         self.notes.setHtml("<br>".join(notes) if notes else "")
         budget = d.get("budget")
@@ -417,7 +420,7 @@ class SpeedTestDialog(QDialog):
             return
         names = [str(r.get("name", "?")) for r in rows]
         x = np.arange(len(rows), dtype=float)
-        ticks = [list(zip(x, [n.replace(" (", "\n(") for n in names]))]
+        ticks = [list(zip(x, [n.replace(" (", "\n(").replace("flash ", "flash\n") for n in names]))]
         tps = np.array([float(r.get("tokens_per_s") or 0) for r in rows])
         brushes = [pg.mkBrush(ROW_COLORS[i % len(ROW_COLORS)]) for i in range(len(rows))]
         self.plot_tps.addItem(pg.BarGraphItem(x=x, height=tps, width=0.6, brushes=brushes, pen=None))
@@ -443,6 +446,7 @@ class SpeedTestDialog(QDialog):
         for p in (self.plot_tps, self.plot_ms, self.plot_read):
             ax = p.getPlotItem().getAxis("bottom")
             ax.setTicks(ticks)
+            ax.setHeight(40 if any("\n" in t for _, t in ticks[0]) else 24)  # room for two-line labels
             ax.setTextPen(pg.mkPen(theme.MUTED))
             p.getPlotItem().getAxis("left").setTextPen(pg.mkPen(theme.MUTED))
             p.setXRange(-0.6, len(rows) - 0.4)
