@@ -76,9 +76,9 @@ def default_recall(act: str) -> float:
 
 def auto_tokens() -> int:
     """Calibration tokens when the user does not say: :data:`DEFAULT_TOKENS` with a fast
-    BLAS (~2.5 min for the default model on 2 cores), a third of it without one (MLX's
-    bundled reference BLAS makes float32 matmuls ~30x slower on Linux; see
-    :mod:`mlx_flash.platform_blas`)."""
+    BLAS (71 s for the default model on 2 cores), a third of it without one (MLX's
+    bundled reference BLAS makes float32 matmuls ~30x slower on Linux: 2,048 tokens took
+    516 s; see :mod:`mlx_flash.platform_blas`)."""
     from . import platform_blas
 
     return DEFAULT_TOKENS if platform_blas.fast_blas() else DEFAULT_TOKENS // 3
