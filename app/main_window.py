@@ -422,7 +422,8 @@ class MainWindow(QMainWindow):
     def prepare_default(self) -> None:
         flash = self.flash
         self.banner.start("Preparing the built-in model (first run only)…")
-        self.chat.empty.set_model("SmolLM2-135M-Instruct", "converting the embedded model into the flash format…")
+        self.chat.empty.set_model("SmolLM2-135M-Instruct", "converting the embedded model into the flash format "
+                                  "and training its activation predictors (about a minute)…")
         self.statusBar().showMessage("Preparing the built-in model…")
 
         def job(w: workers.Worker):
