@@ -103,7 +103,7 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
         except FlashFormatError:
             pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
     need_cal = calibrate and not (ready and is_calibrated(folder))
-    conv_end = 0.3 if need_cal else 1.0
+    conv_end = (0.3 if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
     if not ready:
         src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2 * conv_end))
         try:

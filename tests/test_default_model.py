@@ -112,12 +112,37 @@ def test_default_dir_and_reuse(default_dir):
     assert default_dir == default_model.default_mlx_dir() == models_dir() / "SmolLM2-135M-Instruct-mlx"
     assert default_model.is_complete(default_dir)
     before = (default_dir / "model.safetensors").stat().st_mtime_ns
-    t = time.perf_counter()
     assert default_model.ensure_default_mlx() == default_dir  # no second conversion
-    assert time.perf_counter() - t < 0.5
     assert (default_dir / "model.safetensors").stat().st_mtime_ns == before
     leftovers = [p.name for p in default_dir.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
+    """Preparing the flash model ends with calibration; cancelling it leaves a valid,
+    uncalibrated folder, and the next preparation only calibrates (no second conversion)."""
+    from mlx_flash.progress import Cancelled
+    from mlx_flash.storage.format import open_flash
+
+    seen = []
+
+    def cancel_once_calibrating(fraction, message=""):
+        seen.append((fraction, message))
+        return message != "loading the model"  # calibration's first step (conversion is done by then)
+
+    with pytest.raises(Cancelled):
+        default_model.ensure_default_flash(progress=cancel_once_calibrating)
+    folder = default_model.default_flash_dir()
+    open_flash(folder)  # complete and valid
+    assert not default_model.is_calibrated(folder)
+    assert seen[-1] == (0.3, "loading the model")  # conversion takes the first 30% of the bar
+    before = (folder / "ffn.bin").stat().st_mtime_ns
+    msgs = []
+    with pytest.raises(Cancelled):
+        default_model.ensure_default_flash(progress=lambda f, m="": msgs.append((f, m)) or False)
+    assert (folder / "ffn.bin").stat().st_mtime_ns == before  # not converted again
+    assert msgs and msgs[0][0] == 0.0  # the bar is the calibration's alone now
+    assert default_model.ensure_default_flash(calibrate=False) == folder  # without calibration: as it is
 
 
 def test_answers_paris(loaded):
