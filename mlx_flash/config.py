@@ -42,9 +42,9 @@ class FlashConfig:
     policy:   neuron cache policy (``mlx_flash.neuron_cache``; every policy uses
               the same preallocated rows under the same budget):
               "auto" (the default: on a calibrated model, the share of pinned hot
-              neurons measured best, i.e. fewest bytes read per token — stored with
-              the calibration, else simulated at load on tokens sampled from the
-              calibrated neuron frequencies — resolving to "lru", "hot" or
+              neurons measured best, i.e. fewest bytes read per token, simulated at
+              load on tokens sampled from the calibrated neuron frequencies —
+              resolving to "lru", "hot" or
               "hot+window"; without calibration "lru"),
               "window" (the paper's: neurons not active in the last ``window``
               tokens are deleted each token),

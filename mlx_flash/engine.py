@@ -453,8 +453,8 @@ def _chooser_density(chooser):
 def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> dict:
     """Resolve ``config.policy`` ("auto": see ``neuron_cache.resolve_auto_policy``), pin
     the hot neurons it asks for and read them from disk once. Returns ``Engine.policy_info``."""
-    from .neuron_cache import STORED_KEY, CachePolicy, ReadModel, resolve_auto_policy
-    from .predictor import CALIBRATE_HINT, PredictorError, load_frequencies, predictor_info
+    from .neuron_cache import CachePolicy, ReadModel, resolve_auto_policy
+    from .predictor import CALIBRATE_HINT, PredictorError, load_frequencies
 
     asked = config.policy
     t0 = time.perf_counter()
@@ -470,10 +470,9 @@ def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> d
                                      f"but the predictors cannot be read: {e}") from None
                 freqs = None
     if asked == "auto":
-        stored = (predictor_info(files.manifest) or {}).get(STORED_KEY)
         density, recall = _chooser_density(chooser)
         policy, info = resolve_auto_policy(freqs, cache.layers[0].capacity, config.window,
-                                           hot_fraction=config.hot_fraction, stored=stored,
+                                           hot_fraction=config.hot_fraction,
                                            read_model=ReadModel.of_reader(reader, cache.scratch_neurons),
                                            density=density, recall=recall)
     else:

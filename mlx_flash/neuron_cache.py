@@ -63,9 +63,7 @@ the reads would cost (``ReadModel``: the reader's own request planning);
 and keeps the best measured hit rate (ties: the smaller fraction).
 
 Under ``FlashConfig.policy = "auto"`` the engine picks the fraction by measurement
-(``resolve_auto_policy``): a choice stored with the calibration
-(``predictors["cache_policy"]``, measured on real activation traces, see
-``measure_policy_record``), or else a simulation on sequences sampled
+(``resolve_auto_policy``): a simulation on sequences sampled
 independently per token from the calibrated frequencies (``sample_active_sets``),
 adjusted to what the chooser picks (``chosen_frequencies``: the predictor's
 held-out recall and predicted fraction; at recall 0.99 the default model's
@@ -639,8 +637,6 @@ DEFAULT_HOT_FRACTION = 0.5
 """``hot+window`` without a fraction: half of each layer's rows pinned."""
 HOT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 """The pinned shares ``choose_hot_fraction`` compares (0 = ``lru``, 1 = ``hot``)."""
-STORED_KEY = "cache_policy"
-"""Key of a measured choice in the manifest's ``predictors`` field (``measure_policy_record``)."""
 
 
 @dataclass(frozen=True)
@@ -932,60 +928,6 @@ def choose_hot_fraction(
     return pick_fraction(stats, objective, tol), {f: st.hit_rate for f, st in stats.items()}
 
 
-def measure_policy_record(
-    active_sets_by_layer,
-    frequencies: np.ndarray,
-    capacity_fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75),
-    window: int = 5,
-    fractions: Sequence[float] = HOT_FRACTIONS,
-    warmup: int = 20,
-    source: str = "calibration",
-    read_model: Optional[ReadModel] = None,
-) -> Dict[str, Any]:
-    """A measured choice to store as ``predictors["cache_policy"]`` (JSON).
-
-    ``active_sets_by_layer``: per layer, the real per-token active sets in token order
-    (e.g. held-out calibration tokens: frequencies fitted on the same tokens favour
-    ``hot``). For each capacity (fraction of a layer's neurons) the best hot fraction
-    (by bytes read with a ``read_model``, else by hit rate) and the tables; the engine
-    uses the entry nearest its capacity.
-    """
-    freqs = np.asarray(frequencies, dtype=np.float64)
-    sets = list(active_sets_by_layer)
-    n = freqs.shape[1]
-    objective = "hit_rate" if read_model is None else "bytes_read"
-    choices = []
-    for cf in capacity_fractions:
-        cap = max(1, int(round(float(cf) * n)))
-        stats = simulate_fractions(sets, n, cap, freqs, window, fractions, warmup, read_model)
-        entry = {"capacity": float(cf), "hot_fraction": pick_fraction(stats, objective),
-                 "hit_rates": {str(k): round(v.hit_rate, 6) for k, v in stats.items()}}
-        if read_model is not None:
-            entry["bytes_read_per_token"] = {str(k): round(v.bytes_read_per_token, 1) for k, v in stats.items()}
-        choices.append(entry)
-    tokens = len(sets[0]) if sets else 0
-    return {"version": 1, "source": source, "objective": objective, "tokens": int(tokens), "layers": len(sets),
-            "window": int(window), "choices": choices}
-
-
-def stored_choice(record: Optional[Mapping[str, Any]], capacity_fraction: float,
-                  max_distance: float = 0.125) -> Optional[Dict[str, Any]]:
-    """The entry of a ``measure_policy_record`` record nearest ``capacity_fraction``
-    (within ``max_distance``), or None (no record, or none measured near this capacity)."""
-    if not isinstance(record, Mapping):
-        return None
-    best = None
-    for ch in record.get("choices") or []:
-        try:
-            d = abs(float(ch["capacity"]) - capacity_fraction)
-            f = float(ch["hot_fraction"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if 0.0 <= f <= 1.0 and d <= max_distance and (best is None or d < best[0]):
-            best = (d, ch)
-    return dict(best[1]) if best else None
-
-
 AUTO_TOKENS = 200
 AUTO_LAYERS = 4
 AUTO_WARMUP = 20
@@ -997,7 +939,6 @@ def resolve_auto_policy(
     window: int = 5,
     *,
     hot_fraction: Optional[float] = None,
-    stored: Optional[Mapping[str, Any]] = None,
     read_model: Optional[ReadModel] = None,
     density: Optional[float] = None,
     recall: float = 1.0,
@@ -1009,9 +950,7 @@ def resolve_auto_policy(
     """``FlashConfig.policy == "auto"``: the policy for per-layer ``capacity``, and why.
 
     No ``frequencies`` (uncalibrated model): ``lru``. A given ``hot_fraction``: that
-    share pinned. Else a choice measured on real traces (``stored``, the
-    ``predictors["cache_policy"]`` record) near this capacity; else
-    ``simulate_fractions`` on ``tokens`` synthetic tokens (``sample_active_sets``:
+    share pinned. Else ``simulate_fractions`` on ``tokens`` synthetic tokens (``sample_active_sets``:
     independent per token, from ``chosen_frequencies(frequencies, density, recall)``:
     what the chooser picks, not only the truly active neurons) of ``n_layers`` evenly
     spaced layers, ranked by the bytes
@@ -1034,15 +973,6 @@ def resolve_auto_policy(
         return done(CachePolicy("lru"), "every neuron fits in the cache: nothing to choose", "default")
     if capacity <= 0:
         return done(CachePolicy("lru"), "the cache has no rows: every neuron streams", "default")
-    entry = stored_choice(stored, capacity / n)
-    if entry is not None:
-        f = float(entry["hot_fraction"])
-        kw = {"hit_rates": {float(k): float(v) for k, v in (entry.get("hit_rates") or {}).items()}}
-        if entry.get("bytes_read_per_token"):
-            kw["bytes_read_per_token"] = {float(k): float(v) for k, v in entry["bytes_read_per_token"].items()}
-        return done(CachePolicy.from_fraction(f),
-                    f"measured on {stored.get('source', 'calibration')} traces at {float(entry['capacity']):.0%} "
-                    f"capacity: {f:.0%} of the rows pinned is best", "stored", **kw)
     t0 = time.perf_counter()
     L = freqs.shape[0] if freqs.ndim == 2 else 1
     freqs = chosen_frequencies(freqs.reshape(L, n), density, recall)

@@ -12,8 +12,8 @@ import pytest
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.neuron_cache import (CachePolicy, CacheStats, LayerCache, NeuronCache, ReadModel, choose_hot_fraction,
-                                    chosen_frequencies, hot_ids, measure_policy_record, pick_fraction, resolve_auto_policy,
-                                    sample_active_sets, simulate, simulate_fractions, stored_choice)
+                                    chosen_frequencies, hot_ids, pick_fraction, resolve_auto_policy,
+                                    sample_active_sets, simulate, simulate_fractions)
 from tests.tiny import make_tiny_flash
 
 POLICIES = ("window", "lru", "hot", "hot+window")
@@ -278,16 +278,6 @@ def test_resolve_auto_policy():
     assert info["layers"] == [0, 2, 3, 5] and set(info["hit_rates"]) == {0.0, 0.25, 0.5, 0.75, 0.9, 1.0}
     pol, info = resolve_auto_policy(f, 50, tokens=100, read_model=ReadModel(16, 16, 0, 1 << 20, 8))
     assert info["objective"] == "bytes_read" and set(info["bytes_read_per_token"]) == set(info["hit_rates"])
-    # a measured record stored with the calibration wins over the simulation
-    sets = [sample_active_sets(f[i], 80, seed=i) for i in range(6)]
-    record = measure_policy_record(sets, f, capacity_fractions=(0.1, 0.25, 0.5), warmup=10)
-    assert [c["capacity"] for c in record["choices"]] == [0.1, 0.25, 0.5] and record["tokens"] == 80
-    record["choices"][1]["hot_fraction"] = 0.75  # make it recognisable
-    pol, info = resolve_auto_policy(f, 50, stored=record)
-    assert pol == CachePolicy("hot+window", 0.75) and info["source"] == "stored"
-    assert stored_choice(record, 0.9) is None  # nothing measured near 90% capacity
-    pol, info = resolve_auto_policy(f, 180, stored=record, tokens=50)
-    assert info["source"] == "simulated"
 
 
 def _hr(h: float) -> CacheStats:
