@@ -97,14 +97,9 @@ class _State:
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
 
     def _roles(self, store, rows) -> dict:
-        """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a RowStore."""
+        """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a
+        role-major RowStore (the engine builds its caches with the bundle layout)."""
         mats = store.mats
-        if "bundle" in mats:  # whole bundles in one matrix: strided column views
-            m = mats["bundle"][rows]
-            out = {}
-            for role, v in self.layout.items():
-                out[role] = m[:, v : v + 1] if isinstance(v, int) else m[:, v[0] : v[1]]
-            return out
         if isinstance(rows, slice):
             return {role: m[rows] for role, m in mats.items()}
         return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
