@@ -175,7 +175,6 @@ class BenchRow(_Record):
     notes: List[str] = field(default_factory=list)
 
 
-
 @dataclass
 class SweepPoint(_Record):
     """One (configuration, budget) point of the memory-budget sweep."""
@@ -191,7 +190,6 @@ class SweepPoint(_Record):
     resident_bytes: int = 0
     peak_memory: int = 0
     error: Optional[str] = None
-
 
 
 POLICIES = ("window", "lru", "hot", "hot+window")
@@ -219,7 +217,6 @@ class PolicyPoint(_Record):
     preload_bytes: int = 0
     reason: str = ""
     error: Optional[str] = None
-
 
 
 def _policy_point(policy: str, b: float, row: BenchRow) -> PolicyPoint:

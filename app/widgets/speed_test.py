@@ -302,8 +302,8 @@ class SpeedTestDialog(QDialog):
         bench = _bench()
         path, budget, tokens, probe = self.model_path, self.budget.value() / 100.0, self.tokens.value(), \
             self.probe.isChecked()
-        policies = self.policies.isChecked() and "policies" in inspect.signature(bench.run_bench).parameters
         params = inspect.signature(bench.run_bench).parameters
+        policies = self.policies.isChecked() and "policies" in params
         flash_config = None
         if self.settings is not None:
             from .model_library import flash_config_for

@@ -9,16 +9,24 @@ import pytest
 from .conftest import WAIT
 
 
-def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_path):
+def _bench_dialog(make_window, tiny_models, tokens: int):
+    """The speed-test dialog on the tiny flash model, no disk probe, ``tokens`` per configuration."""
     from app.widgets import speed_test
 
     if not speed_test.bench_available():
         pytest.skip("mlx_flash.bench is not in this build")
     w = make_window(load=False)
     dlg = w.open_speed_test(tiny_models["flash"])
-    assert dlg.isVisible() and dlg.run_btn.isEnabled()
     dlg.probe.setChecked(False)
-    dlg.tokens.setValue(6)
+    dlg.tokens.setValue(tokens)
+    return dlg
+
+
+def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_path):
+    from app.widgets import speed_test
+
+    dlg = _bench_dialog(make_window, tiny_models, 6)
+    assert dlg.isVisible() and dlg.run_btn.isEnabled()
     assert dlg.run()
     assert dlg.running and dlg.cancel_btn.isVisible()
     qtbot.waitUntil(lambda: not dlg.running, timeout=3 * WAIT)
@@ -36,14 +44,7 @@ def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_pat
 
 
 def test_speed_test_cancel(make_window, qtbot, tiny_models):
-    from app.widgets import speed_test
-
-    if not speed_test.bench_available():
-        pytest.skip("mlx_flash.bench is not in this build")
-    w = make_window(load=False)
-    dlg = w.open_speed_test(tiny_models["flash"])
-    dlg.probe.setChecked(False)
-    dlg.tokens.setValue(200)
+    dlg = _bench_dialog(make_window, tiny_models, 200)
     dlg.run()
     dlg.cancel()
     qtbot.waitUntil(lambda: not dlg.running, timeout=3 * WAIT)
@@ -80,14 +81,7 @@ def test_report_view_from_a_dict(qtbot):
 
 
 def test_speed_test_compares_cache_policies(make_window, qtbot, tiny_models):
-    from app.widgets import speed_test
-
-    if not speed_test.bench_available():
-        pytest.skip("mlx_flash.bench is not in this build")
-    w = make_window(load=False)
-    dlg = w.open_speed_test(tiny_models["flash"])
-    dlg.probe.setChecked(False)
-    dlg.tokens.setValue(4)
+    dlg = _bench_dialog(make_window, tiny_models, 4)
     dlg.policies.setChecked(True)
     assert dlg.run()
     qtbot.waitUntil(lambda: not dlg.running, timeout=6 * WAIT)
