@@ -428,10 +428,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     layout = bundle_layout(m)
     tokenizer = _load_tokenizer(path, arch_cfg.get("eos_token_id"))
     context = arch_cfg.get("max_position_embeddings")
-    # the side files' checksums now: they are read whole below anyway
-    verify_file(files, DENSE_FILE)
-    if (files.root / PREDICTOR_FILE).is_file():
-        verify_file(files, PREDICTOR_FILE)
+    verify_file(files, DENSE_FILE)  # read whole below anyway
 
     if dense:
         model = arch.build(arch_cfg)
@@ -500,6 +497,8 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     weights = model.sanitize(load_dense_weights(files))
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
+    if (files.root / PREDICTOR_FILE).is_file():  # after the predictors' own checks, whose messages are specific
+        verify_file(files, PREDICTOR_FILE)
     if config.verify == "load":
         verifier.wait()
     verifier.raise_if_failed()  # a layer found corrupt while loading: fail the load, not a token
