@@ -168,6 +168,12 @@ class Engine:
         seed: Optional[int] = None,
     ) -> Iterator[Response]:
         """Yield a :class:`Response` per generated token; the last has a finish_reason."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be more than 0 and at most 1, got {top_p}")
         tokens = self.encode(prompt, system)
         if not tokens:
             raise ValueError("empty prompt")
