@@ -513,8 +513,6 @@ class MainWindow(QMainWindow):
                                          if engine.notes else ""))
         self.mode_chip.setToolTip("\n".join(engine.notes))
         self.mode_chip.show()
-        if engine.notes:
-            self.notice.show_message("warning", "Note: " + " · ".join(engine.notes))
         self.status_model.setText(f"{name} · {engine.mode}")
         self.status_mem.setText(f"weights in memory {theme.human_bytes(engine.resident_bytes())}")
         self.stats_panel.set_engine(name, engine.mode, budget_bytes=engine.budget_bytes, ffn_bytes=engine.ffn_bytes,

@@ -363,3 +363,21 @@ def test_prompt_longer_than_context_warns(good, tmp_path, home, capsys):
         assert any("context of 8" in n for n in notes) and not eng.notes
     finally:
         eng.close()
+
+
+def test_app_shows_the_engine_fallback_on_the_model_chip(good, tmp_path, home, qtbot):
+    from PySide6.QtCore import QSettings
+
+    from app.main_window import MainWindow
+
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+    w = MainWindow(model_path=str(good[0]), config=FlashConfig(scratch_neurons=32, threads=2),
+                   history_path=tmp_path / "history.sqlite", settings=settings)
+    qtbot.addWidget(w)
+    w.show()
+    with qtbot.waitSignal(w.engine_ready, timeout=60000):
+        w.start()
+    assert w.engine.mode == "flash-oracle"  # 50% budget, not calibrated
+    assert "⚠ 1 note" in w.mode_chip.text()
+    assert "falling back to the oracle" in w.mode_chip.toolTip()
+    w.close()
