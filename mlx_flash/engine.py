@@ -409,9 +409,9 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     from .storage.format import open_flash
 
     files = open_flash(path)
-    # ffn.bin's per-layer checksums: hashed in a background thread from now on, overlapping the
-    # rest of loading; every SparseFFN waits for its layer (dense=True verifies while reading).
-    verifier = None if dense else BackgroundVerifier(files, direct=config.direct_io)
+    # dense.safetensors' and ffn.bin's per-layer checksums: hashed in a background thread from now
+    # on, overlapping the rest of loading; every SparseFFN waits for its layer (dense=True: below).
+    verifier = None if dense else BackgroundVerifier(files, direct=config.direct_io, side_files=(DENSE_FILE,))
     try:
         return _build_flash(path, files, config, dense, verifier)
     except BaseException:
@@ -434,15 +434,15 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     layout = bundle_layout(m)
     tokenizer = _load_tokenizer(path, arch_cfg.get("eos_token_id"))
     context = arch_cfg.get("max_position_embeddings")
-    verify_file(files, DENSE_FILE)  # read whole below anyway
 
     if dense:
+        verify_file(files, DENSE_FILE)  # and read_layer_weights verifies each layer
         model = arch.build(arch_cfg)
         weights = load_dense_weights(files)
         for i in range(m.num_layers):
             weights.update(ffn_state_dict(files, i))
         model.load_weights(list(model.sanitize(weights).items()))
-        mx.eval(model.parameters())  # read_layer_weights verified every layer
+        mx.eval(model.parameters())
         return Engine(model, tokenizer, path, None, context_length=context)
 
     threads, chunk = config.threads, config.chunk_bytes

@@ -476,18 +476,17 @@ class LayerHasher:
     def checksum(self, layer: int) -> str:
         off, size = self.files.manifest.layer_range(layer)
         h = hashlib.blake2b()
-        mv = memoryview(self._buf)
         pos, end = off, off + size
-        while pos < end:
-            # aligned lengths (the file is padded to the alignment); hash only the region
-            want = min(CHECKSUM_BLOCK, -(-(end - pos) // ALIGNMENT) * ALIGNMENT)
-            got = pread_exact(self._f.fd, self._buf, pos, want)
-            use = min(got, end - pos)
-            if use <= 0:
-                raise FlashFormatError(f"{self.files.ffn_path}: unexpected end of file in layer {layer}")
-            h.update(mv[:use])
-            pos += use
-        mv.release()
+        with memoryview(self._buf) as mv:
+            while pos < end:
+                # aligned lengths (the file is padded to the alignment); hash only the region
+                want = min(CHECKSUM_BLOCK, -(-(end - pos) // ALIGNMENT) * ALIGNMENT)
+                got = pread_exact(self._f.fd, self._buf, pos, want)
+                use = min(got, end - pos)
+                if use <= 0:
+                    raise FlashFormatError(f"{self.files.ffn_path}: unexpected end of file in layer {layer}")
+                h.update(mv[:use])
+                pos += use
         return h.hexdigest()
 
     def verify(self, layer: int) -> None:

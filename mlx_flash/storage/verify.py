@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from .format import ChecksumError, FlashFiles, LayerHasher
+from .format import ChecksumError, FlashFiles, LayerHasher, verify_file
 
 
 class BackgroundVerifier:
-    """Verify every layer of an opened flash folder once, in a background thread."""
+    """Verify every layer of an opened flash folder once, in a background thread;
+    ``side_files`` (e.g. ``dense.safetensors``, checked against ``Manifest.checksums``)
+    first: a failure there fails every layer's check."""
 
-    def __init__(self, files: FlashFiles, *, direct: bool = True, start: bool = True):
+    def __init__(self, files: FlashFiles, *, direct: bool = True, start: bool = True,
+                 side_files: Sequence[str] = ()):
         self.files = files
         self.direct = direct
+        self.side_files = tuple(side_files)
         n = files.manifest.num_layers
         self._done = [threading.Event() for _ in range(n)]
         self._error: Optional[BaseException] = None
@@ -42,6 +46,8 @@ class BackgroundVerifier:
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
+            for name in self.side_files:
+                verify_file(self.files, name)
             with LayerHasher(self.files, direct=self.direct) as hasher:
                 for i, ev in enumerate(self._done):
                     if self._stop:
@@ -66,7 +72,8 @@ class BackgroundVerifier:
         if isinstance(e, ChecksumError):
             raise ChecksumError(str(e)) from None  # a fresh exception per caller (no shared traceback)
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"{self.files.ffn_path}: cannot be read to verify it: {e.strerror or e}") from None
+            raise OSError(e.errno, f"{e.filename or self.files.ffn_path}: cannot be read to verify it: "
+                                   f"{e.strerror or e}") from None
         raise ChecksumError(f"{self.files.ffn_path}: could not be verified ({e!r})") from None
 
     def check(self, layer: int) -> None:
