@@ -508,7 +508,10 @@ class MainWindow(QMainWindow):
         name = library.display_name(self.engine_path)
         self.setWindowTitle(f"{name} — mlx-flash")
         detail = self._engine_detail(engine)
-        self.mode_chip.setText(detail)
+        # how the model runs, with the engine's warnings (a fallback, a clamped budget) on the chip
+        self.mode_chip.setText(detail + (f" · ⚠ {len(engine.notes)} note{'s' if len(engine.notes) > 1 else ''}"
+                                         if engine.notes else ""))
+        self.mode_chip.setToolTip("\n".join(engine.notes))
         self.mode_chip.show()
         self.status_model.setText(f"{name} · {engine.mode}")
         self.status_mem.setText(f"weights in memory {theme.human_bytes(engine.resident_bytes())}")
@@ -751,6 +754,9 @@ class MainWindow(QMainWindow):
             return
         if g.t_first is None:
             g.t_first = time.perf_counter()
+            new = [n for n in r.stats.notes if self.engine is None or n not in self.engine.notes]
+            if new:  # this prompt's own warnings (e.g. longer than the model's context)
+                self.notice.show_message("warning", "Note: " + " · ".join(new))
         g.text += r.text
         g.stats = r.stats
         g.tokens += 1

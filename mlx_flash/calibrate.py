@@ -782,12 +782,13 @@ def save_calibration(flash_dir: Union[str, Path], weights: PredictorWeights, inf
     """Write ``predictors.safetensors`` then the manifest's ``predictors`` field, each atomically.
     The two share ``info["id"]``; a predictor file whose id the manifest does not name is refused
     at load, so a crash between the two writes cannot pair old cutoffs with new weights."""
-    from .storage.format import Manifest
+    from .storage.format import Manifest, file_checksum
 
     root = Path(flash_dir).expanduser()
     fresh = Manifest.load(root)  # the manifest as it is now (keeps every other field)
     fresh.predictors = dict(info)
     save_predictors(root / PREDICTOR_FILE, weights, file_id=str(info["id"]))
+    fresh.checksums[PREDICTOR_FILE] = file_checksum(root / PREDICTOR_FILE)
     fresh.save(root)
 
 

@@ -6,10 +6,45 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import FlashConfig, parse_budget
+from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
+
+
+def _budget_arg(text: str) -> float:
+    """argparse type of ``--budget``: :func:`mlx_flash.config.parse_budget`'s one syntax."""
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (lo < v if lo_open else lo <= v) or not v <= hi:
+            raise argparse.ArgumentTypeError(f"must be {'more than' if lo_open else 'at least'} {lo:g} and at "
+                                             f"most {hi:g}, got {text}")
+        return v
+    return parse
+
+
+MAX_TEMPERATURE = 5.0  # the app's slider goes to 2; beyond ~5 sampling is noise
 
 
 def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> None:
@@ -18,7 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                         "default: the embedded SmolLM2-135M-Instruct, prepared on first use")
     p.add_argument("--flash", action="store_true", default=flash_default,
                    help="run through the flash engine (FFN weights read from disk)")
-    p.add_argument("--budget", default="50%", help="FFN memory budget: '50%%', '0.5', '80MB' (flash)")
+    p.add_argument("--budget", default="50%", type=_budget_arg,
+                   help="FFN memory budget (flash): " + BUDGET_SYNTAX.replace("%", "%%") + "; default 50%%")
     p.add_argument("--window", type=int, default=5, help="sliding window k in tokens (flash)")
     p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default="auto",
                    help="neuron cache policy (flash): auto (the default: on a calibrated model the measured best "
@@ -41,9 +77,10 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens to generate (>= 1)")
+    p.add_argument("--temp", type=_float_in(0.0, MAX_TEMPERATURE), default=0.0,
+                   help=f"sampling temperature, 0..{MAX_TEMPERATURE:g} (0: greedy)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling, (0, 1]")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt for chat templates")
 
@@ -106,7 +143,18 @@ def load_engine(args):
     if is_flash_dir(path) and not args.flash:
         # A flash folder without --flash: still the flash engine (it is what the folder is for).
         pass
-    return load(path, flash_config_from_args(args))
+    engine = load(path, flash_config_from_args(args))
+    for note in engine.notes:
+        print(f"[mlx-flash] warning: {note}", file=sys.stderr)
+    return engine
+
+
+def print_new_notes(stats, engine, shown: set) -> None:
+    """Stats notes beyond the engine's (printed at load), once each, to stderr."""
+    for note in stats.notes:
+        if note not in engine.notes and note not in shown:
+            shown.add(note)
+            print(f"[mlx-flash] warning: {note}", file=sys.stderr)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -147,15 +195,19 @@ def cmd_generate(args) -> int:
         prompt = sys.stdin.read()
     if not args.raw:
         prompt = [{"role": "user", "content": prompt}]
-    stats = []
-    for r in engine.stream_generate(prompt, args.max_tokens, temperature=args.temp, top_p=args.top_p,
-                                    system=args.system, seed=args.seed):
-        print(r.text, end="", flush=True)
-        stats.append(r.stats)
-    print()
-    if args.verbose:
-        print_summary(stats)
-    engine.close()
+    stats, shown = [], set()
+    try:
+        for r in engine.stream_generate(prompt, args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                                        system=args.system, seed=args.seed):
+            if not stats:
+                print_new_notes(r.stats, engine, shown)
+            print(r.text, end="", flush=True)
+            stats.append(r.stats)
+        print()
+        if args.verbose:
+            print_summary(stats)
+    finally:
+        engine.close()
     return 0
 
 
@@ -179,10 +231,12 @@ def cmd_chat(args) -> int:
             print("[history cleared]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        reply, stats = [], []
+        reply, stats, shown = [], [], set()
         try:
             for r in engine.stream_generate(messages, args.max_tokens, temperature=args.temp, top_p=args.top_p,
                                             system=args.system, seed=args.seed):
+                if not stats:
+                    print_new_notes(r.stats, engine, shown)
                 print(r.text, end="", flush=True)
                 reply.append(r.text)
                 stats.append(r.stats)
@@ -210,6 +264,24 @@ def cmd_convert(args) -> int:
     out = convert_any(src, dst, dtype=args.dtype, progress=tqdm_callback(f"Converting {src.name}"),
                       overwrite=args.overwrite, calibrate=calibrate)
     print(f"wrote {out}" + (" (with activation predictors)" if calibrate else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .engine import is_flash_dir
+    from .progress import tqdm_callback
+    from .storage.format import open_flash, verify_checksums
+
+    path = resolve_model(args.model_path, True, calibrate=False)
+    if not is_flash_dir(path):
+        print(f"error: {path} is not a flash folder (no manifest.json): only flash folders carry checksums",
+              file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    checked = verify_checksums(open_flash(path), progress=tqdm_callback(f"Verifying {path.name}",
+                                                                         disable=args.quiet))
+    print(f"ok: {path}: {', '.join(checked)} match the manifest's checksums "
+          f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -420,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "run `mlx-flash calibrate` later)")
     cv.set_defaults(func=cmd_convert)
 
+    vf = sub.add_parser("verify", help="check a .flash model's files against its manifest's checksums "
+                                       "(exit 0: intact, 1: corrupt; names the file and layer)")
+    vf.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                    help="a .flash folder or library name (default: the embedded model)")
+    vf.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    vf.set_defaults(func=cmd_verify)
+
     ms = sub.add_parser("models", help="list the models in the library")
     ms.set_defaults(func=cmd_models)
 
@@ -429,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed test: dense vs naive flash vs flash, one run (JSON, plots)")
     b.add_argument("--model", "-m", default=None,
                    help="a .flash folder or a library name (default: the embedded SmolLM2-135M-Instruct)")
-    b.add_argument("--budget", default="50%", help="FFN memory budget of the flash rows: '50%%', '0.5', '80MB'")
+    b.add_argument("--budget", default="50%", type=_budget_arg,
+                   help="FFN memory budget of the flash rows: " + BUDGET_SYNTAX.replace("%", "%%"))
     b.add_argument("--tokens", type=int, default=64, help="generated tokens per configuration (greedy)")
     b.add_argument("--warmup", type=int, default=1, help="first tokens left out of the per-token figures")
     b.add_argument("--configs", default=None,
@@ -531,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from .progress import Cancelled
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: usage error (2, message already printed) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except (KeyboardInterrupt, Cancelled):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
@@ -21,7 +23,8 @@ class FlashConfig:
               request (the gap is read and thrown away): fewer, larger reads.
     active:   how each token's active neurons are chosen:
               "auto" (the default: "predictor" when the flash folder has
-              calibrated predictors, else "oracle"),
+              calibrated predictors; without them "all" when the budget holds the
+              whole FFN, else "oracle", with a note in ``Engine.notes``),
               "all" (naive flash, the paper's baseline: every neuron),
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
@@ -58,6 +61,12 @@ class FlashConfig:
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).
+    verify:   when ``ffn.bin``'s per-layer checksums are checked (they always are,
+              once per load; ``dense.safetensors`` and ``predictors.safetensors`` are
+              checked at load either way): "background" (the default: a thread hashes
+              the layers from the moment the model is opened; each layer's FFN waits
+              for its own layer before its output is used) or "load" (``load`` returns
+              only when every layer is verified).
     """
 
     budget: float = 0.5
@@ -72,16 +81,19 @@ class FlashConfig:
     policy: str = "auto"
     hot_fraction: Optional[float] = None
     prefill: str = "all"
+    verify: str = "background"
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
+    VERIFY_CHOICES = ("background", "load")
 
     def __post_init__(self) -> None:
-        if self.budget <= 0:
-            raise ValueError(f"budget must be > 0, got {self.budget}")
+        if not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget) or self.budget <= 0:
+            raise ValueError(f"budget must be a finite number > 0 (a fraction <= 1 of the FFN, or bytes), "
+                             f"got {self.budget!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.active not in self.ACTIVE_CHOICES:
@@ -93,6 +105,8 @@ class FlashConfig:
                 raise ValueError(f"hot_fraction must be in [0, 1], got {self.hot_fraction}")
             if self.policy not in ("auto", "hot+window") and not (self.policy == "hot" and self.hot_fraction == 1.0):
                 raise ValueError(f"hot_fraction applies to policy 'hot+window' or 'auto', not {self.policy!r}")
+        if self.verify not in self.VERIFY_CHOICES:
+            raise ValueError(f"verify must be one of {self.VERIFY_CHOICES}, got {self.verify!r}")
         if self.prefill not in self.PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {self.PREFILL_CHOICES}, got {self.prefill!r}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -115,16 +129,57 @@ class FlashConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def parse_budget(text: Union[str, float, int]) -> float:
-    """Parse a budget as the CLI takes it: "50%", "0.5", "300MB", "1.5GiB", "123456"."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip().lower().replace(" ", "")
-    if s.endswith("%"):
-        return float(s[:-1]) / 100.0
-    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
-    for u, m in units.items():
-        if s.endswith(u):
-            return float(s[: -len(u)]) * m
-    return float(s)
+BUDGET_SYNTAX = ("a share of the model's FFN as a percentage (\"50%\", more than 0 and at most 100%) or a "
+                 "fraction (\"0.5\", more than 0 and at most 1), or a size with a unit (\"512MB\", "
+                 "\"1.5GiB\", \"300000B\"; units B, KB, MB, GB, KiB, MiB, GiB)")
+"""What ``parse_budget`` accepts, for messages and help texts."""
 
+_BUDGET_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
+_BUDGET_RE = re.compile(r"^(?P<num>[-+]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(?P<unit>%|[kmg]i?b|b)?$")
+
+
+def parse_budget(text: Union[str, float, int]) -> float:
+    """The FFN memory budget from its one text syntax (CLI ``--budget``, the app):
+
+    - ``"50%"``: a share of the model's FFN bytes, more than 0% and at most 100% → 0.5
+    - ``"0.5"``: the same as a fraction, more than 0 and at most 1 → 0.5
+    - ``"512MB"``, ``"1.5GiB"``, ``"300000B"``: a size (B, KB, MB, GB decimal; KiB, MiB,
+      GiB binary) → bytes (a whole number > 1)
+
+    A bare number above 1 is refused ("50" could mean 50% or 50 bytes): write ``50%`` or
+    ``50MB``. Numbers (not text) are taken as :attr:`FlashConfig.budget` takes them.
+    Anything else raises ValueError saying what is allowed. A size larger than the
+    model's FFN is accepted here (the size of the FFN is not known yet); the engine
+    clamps it to what the FFN can use and says so (``Engine.notes``)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        v = float(text)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"budget {text!r}: must be a positive number")
+        return v
+    raw = str(text)
+    s = raw.strip().lower().replace(" ", "")
+    mt = _BUDGET_RE.match(s)
+    if not mt:
+        raise ValueError(f"budget {raw!r} is not understood: give {BUDGET_SYNTAX}")
+    v = float(mt["num"])
+    unit = mt["unit"]
+    if not math.isfinite(v):
+        raise ValueError(f"budget {raw!r} is not a finite number: give {BUDGET_SYNTAX}")
+    if v <= 0:
+        raise ValueError(f"budget {raw!r} is out of range: it must be more than 0 ({BUDGET_SYNTAX})")
+    if unit == "%":
+        if not v <= 100:
+            hint = " (the whole FFN is 100%; a larger budget buys nothing)" if v > 100 else ""
+            raise ValueError(f"budget {raw!r} is out of range: a percentage must be more than 0% and at most "
+                             f"100%{hint}")
+        return v / 100.0
+    if unit is None:
+        if not 0 < v <= 1:
+            raise ValueError(f"budget {raw!r} is ambiguous or out of range: a bare number is a fraction of the "
+                             f"FFN, more than 0 and at most 1; write {raw.strip()}% for a share or "
+                             f"{raw.strip()}MB for a size")
+        return v
+    n = v * _BUDGET_UNITS[unit]
+    if not math.isfinite(n) or round(n) < 2:
+        raise ValueError(f"budget {raw!r} is out of range: a size must be at least 2 bytes (e.g. \"512MB\")")
+    return float(round(n))  # > 1: bytes (FlashConfig reads values <= 1 as fractions)

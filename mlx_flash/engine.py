@@ -27,7 +27,10 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
 from .config import FlashConfig
+from .predictor import CALIBRATE_HINT, PREDICTOR_FILE, has_predictors, predictor_info
 from .stats import FFNCounters, Stats, process_rss
+from .storage.format import DENSE_FILE, verify_file
+from .storage.verify import BackgroundVerifier
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -50,6 +53,20 @@ def is_flash_dir(path: Union[str, Path]) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""A model folder needs one of these for ``load_tokenizer`` (fast tokenizer, SentencePiece,
+GPT-2 style BPE with merges.txt)."""
+
+
+def _load_tokenizer(path: Path, eos_token_ids):
+    """The folder's tokenizer, or a :class:`ModelLoadError` saying it has none (rather
+    than transformers' advice to install sentencepiece)."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)} is missing): "
+                             "copy the tokenizer files of the original model into it, or convert the model again")
+    return load_tokenizer(path, eos_token_ids=eos_token_ids)
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
@@ -59,7 +76,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
                  files=None, cache=None, reader=None, chooser=None, counters=None,
-                 policy_info: Optional[dict] = None):
+                 policy_info: Optional[dict] = None, notes: Sequence[str] = (),
+                 context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -74,6 +92,11 @@ class Engine:
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
         # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
         self.policy_info = policy_info
+        # What a user should know about how this model runs (a fallback, a clamped budget):
+        # the CLI prints them to stderr, the app shows them; each Stats carries them too.
+        self.notes: List[str] = list(notes)
+        self.context_length = context_length  # max_position_embeddings, when the config has it
+        self.verifier = verifier  # ffn.bin's per-layer checksums, checked in the background
 
     # ------------------------------------------------------------------ info
     @property
@@ -145,9 +168,20 @@ class Engine:
         seed: Optional[int] = None,
     ) -> Iterator[Response]:
         """Yield a :class:`Response` per generated token; the last has a finish_reason."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be more than 0 and at most 1, got {top_p}")
         tokens = self.encode(prompt, system)
         if not tokens:
             raise ValueError("empty prompt")
+        notes = list(self.notes)
+        if self.context_length and len(tokens) > self.context_length:
+            notes.append(f"the prompt has {len(tokens)} tokens, more than this model's context of "
+                         f"{self.context_length} (max_position_embeddings): the answer may be poor; "
+                         "shorten the prompt or start a new chat")
         if seed is not None:
             mx.random.seed(seed)
         sampler = make_sampler(temp=temperature, top_p=top_p)
@@ -214,6 +248,7 @@ class Engine:
                 prompt_tokens=len(tokens),
                 prompt_tps=len(tokens) / prompt_time if prompt_time else 0.0,
                 mode=self.mode,
+                notes=notes,
             )
             if token in eos:
                 finish = "stop"
@@ -260,6 +295,8 @@ class Engine:
             self.cache.reset_stats()
 
     def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
         if self.reader is not None:
             self.reader.close()
 
@@ -310,23 +347,43 @@ def _load_dense(path: Path) -> Engine:
         raise ModelLoadError(f"{path} has no .safetensors weights")
     from mlx_lm.utils import load_model
 
+    tokenizer = _load_tokenizer(path, config.get("eos_token_id"))
     model, config = load_model(path, get_model_classes=arch.get_classes)  # honours hidden_act, runs OPT
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return Engine(model, tokenizer, path, None)
+    return Engine(model, tokenizer, path, None, context_length=config.get("max_position_embeddings"))
 
 
-def _make_chooser(files, config: FlashConfig, act: str, act_param):
-    """The active-neuron chooser ``config.active`` names ("auto": the predictors when
-    the folder has them, else the oracle). The oracle uses the calibrated thresholds
-    when ``config.sparsity`` is None or equals the calibrated sparsity."""
+def _fmt_mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes: int, notes: List[str]):
+    """The active-neuron chooser ``config.active`` names. "auto": the predictors when the
+    folder has them; without them every neuron ("all") when ``budget_bytes`` holds the
+    whole FFN (nothing to save), else the oracle — either way with a note in ``notes``
+    (saying so when the manifest records predictors whose file is gone). The oracle uses
+    the calibrated thresholds when ``config.sparsity`` is None or equals the calibrated sparsity."""
     from .active import AllNeurons, Oracle
-    from .predictor import has_predictors, load_predictor_chooser, predictor_info
+    from .predictor import load_predictor_chooser
     from .storage.format import bundle_parts, read_layer_weights
 
     m = files.manifest
     active = config.active
     if active == "auto":
-        active = "predictor" if has_predictors(files) else "oracle"
+        info = predictor_info(m)
+        if has_predictors(files):
+            active = "predictor"
+        else:
+            why = (f"manifest.json records activation predictors but {files.root / info.get('file', PREDICTOR_FILE)} "
+                   f"is missing" if info else "this model has no activation predictors (not calibrated)")
+            if budget_bytes >= m.ffn_bytes_total:
+                active = "all"
+                notes.append(f"{why}: every FFN neuron runs (the budget holds the whole FFN); {CALIBRATE_HINT}")
+            else:
+                active = "oracle"
+                sp = config.sparsity if config.sparsity is not None else FlashConfig.DEFAULT_SPARSITY
+                notes.append(f"{why}: falling back to the oracle, which drops the {sp:.0%} weakest neurons of "
+                             f"each token and holds every layer's gate/up weights in memory; {CALIBRATE_HINT}, "
+                             f"or give a 100% budget to run every neuron")
     if active == "all":
         return AllNeurons(m.intermediate_size)
     if active == "predictor":
@@ -349,29 +406,44 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param):
 
 
 def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
+    from .storage.format import open_flash
+
+    files = open_flash(path)
+    # dense.safetensors' and ffn.bin's per-layer checksums: hashed in a background thread from now
+    # on, overlapping the rest of loading; every SparseFFN waits for its layer (dense=True: below).
+    verifier = None if dense else BackgroundVerifier(files, direct=config.direct_io, side_files=(DENSE_FILE,))
+    try:
+        return _build_flash(path, files, config, dense, verifier)
+    except BaseException:
+        if verifier is not None:
+            verifier.close()
+        raise
+
+
+def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) -> Engine:
     from .models import get_architecture
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
-    from .storage.format import bundle_layout, ffn_state_dict, load_dense_weights, open_flash
+    from .storage.format import bundle_layout, ffn_state_dict, load_dense_weights
     from .storage.reader import FlashReader
 
-    files = open_flash(path)
     m = files.manifest
     arch_cfg = dict(m.model_args)
     arch = get_architecture(arch_cfg)
     act, act_param = arch.activation_of(arch_cfg)
     layout = bundle_layout(m)
-    tokenizer = load_tokenizer(path, eos_token_ids=arch_cfg.get("eos_token_id"))
+    tokenizer = _load_tokenizer(path, arch_cfg.get("eos_token_id"))
+    context = arch_cfg.get("max_position_embeddings")
 
     if dense:
+        verify_file(files, DENSE_FILE)  # and read_layer_weights verifies each layer
         model = arch.build(arch_cfg)
         weights = load_dense_weights(files)
         for i in range(m.num_layers):
             weights.update(ffn_state_dict(files, i))
         model.load_weights(list(model.sanitize(weights).items()))
         mx.eval(model.parameters())
-        eng = Engine(model, tokenizer, path, None)
-        return eng
+        return Engine(model, tokenizer, path, None, context_length=context)
 
     threads, chunk = config.threads, config.chunk_bytes
     if not threads or not chunk:
@@ -382,8 +454,15 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         chunk = chunk or c
     dtype = getattr(mx, m.dtype)
     counters = FFNCounters()
-    chooser = _make_chooser(files, config, act, act_param)
+    notes: List[str] = []
     budget_bytes = config.budget_bytes(m.ffn_bytes_total)
+    chooser = _make_chooser(files, config, act, act_param, budget_bytes, notes)
+    most = m.ffn_bytes_total + (chooser.resident_bytes if chooser.name == "predictor" else 0)
+    if budget_bytes > most:
+        notes.append(f"the budget of {_fmt_mb(budget_bytes)} is more than this model can use "
+                     f"({_fmt_mb(most)}: the whole FFN{' plus the predictors' if most > m.ffn_bytes_total else ''}); "
+                     f"using {_fmt_mb(most)}")
+        budget_bytes = most
     if chooser.name == "predictor":  # the predictors live inside the FFN memory budget
         budget_bytes = max(0, budget_bytes - chooser.resident_bytes)
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
@@ -418,14 +497,20 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
-                         layout=layout, act_param=act_param)
+                         layout=layout, act_param=act_param, verifier=verifier)
 
     model = arch.build(arch_cfg, factory)
     weights = model.sanitize(load_dense_weights(files))
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
+    if (files.root / PREDICTOR_FILE).is_file():  # after the predictors' own checks, whose messages are specific
+        verify_file(files, PREDICTOR_FILE)
+    if config.verify == "load":
+        verifier.wait()
+    verifier.raise_if_failed()  # a layer found corrupt while loading: fail the load, not a token
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
-                  chooser=chooser, counters=counters, policy_info=policy_info)
+                  chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
+                  context_length=context, verifier=verifier)
 
 
 def _chooser_density(chooser):

@@ -112,6 +112,9 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no such file or folder: {src}")
+    if (src / "manifest.json").is_file():
+        raise ValueError(f"{src} is already in the flash format: nothing to convert (load it as it is, "
+                         "or import it into the library)")
     if not (calibrate and dst.suffix == ".flash"):
         return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
     if dst.exists() and not overwrite:
@@ -135,10 +138,12 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
              overwrite: bool) -> Path:
     from .storage.format import convert_to_flash
 
+    from .convert.gguf import is_gguf
+
     to_flash = dst.suffix == ".flash"
     if src.is_file():
-        if src.suffix.lower() != ".gguf":
-            raise ValueError(f"{src.name}: not a GGUF file or a model folder")
+        if not is_gguf(src):  # the GGUF magic, whatever the file is called
+            raise ValueError(f"{src.name}: not a GGUF file (it does not start with b'GGUF') or a model folder")
         from .convert.gguf import convert_gguf
 
         if not to_flash:
@@ -174,11 +179,12 @@ def check_importable(src: Path) -> str:
     if not src.exists():
         raise ImportRejected(f"{src} does not exist")
     if src.is_file():
-        if src.suffix.lower() != ".gguf":
+        from .convert.gguf import is_gguf, read_gguf_info
+
+        if not is_gguf(src):
             raise ImportRejected(
                 f"{src.name} is not a model: drop a .gguf file or a model folder "
                 "(mlx-lm / Hugging Face, with config.json and .safetensors weights)")
-        from .convert.gguf import read_gguf_info
 
         try:
             info = read_gguf_info(src)
@@ -191,8 +197,14 @@ def check_importable(src: Path) -> str:
     if not src.is_dir():
         raise ImportRejected(f"{src} is neither a file nor a folder")
     if (src / "manifest.json").is_file():
+        from .storage.format import FlashFormatError, open_flash
+
         if describe(src) is None:
             raise ImportRejected(f"{src.name}: manifest.json is unreadable")
+        try:
+            open_flash(src)  # manifest fields, file sizes (a truncated ffn.bin), dense file present
+        except FlashFormatError as e:
+            raise ImportRejected(f"{src.name} cannot be imported: {e}") from None
         return "flash"
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -268,6 +280,7 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     when ``name`` is taken (without ``name`` a free one is chosen).
     """
     from .progress import report
+    from .storage.format import ChecksumError, open_flash, verify_checksums
 
     src = Path(src).expanduser()
     kind = check_importable(src)
@@ -295,7 +308,13 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, out)
                 done += f.stat().st_size
-                report(scaled(progress, 0.0, conv_end), done / total, f"copying {f.name}")
+                report(scaled(progress, 0.0, conv_end * 0.5), done / total, f"copying {f.name}")
+            # the copy, checked against the manifest's checksums (names the file and the layer)
+            try:
+                verify_checksums(open_flash(tmp), progress=scaled(progress, conv_end * 0.5, conv_end))
+            except ChecksumError as e:
+                raise ImportRejected(f"{src.name} cannot be imported: "
+                                     f"{str(e).replace(str(tmp), str(src))}") from None
         else:
             convert_any(src, tmp, dtype=dtype, progress=scaled(progress, 0.0, conv_end))
         if do_cal:

@@ -48,16 +48,21 @@ class SparseFFN(nn.Module):
         ``[gate | up | down]`` bundle of ``hidden`` elements each.
     act, act_param: the FFN activation (``active.activation``); ``drelu`` also applies
         ReLU to the up projection.
+    verifier: a ``storage.verify.BackgroundVerifier``: each pass waits until this layer's
+        region of ``ffn.bin`` is verified (at once after the first time) and raises its
+        ``ChecksumError`` before the output is used.
     """
 
     def __init__(self, layer: int, hidden: int, chooser: Chooser, cache, reader, scratch, counters: FFNCounters,
-                 act: str = "silu", *, layout: Optional[dict] = None, act_param: Optional[float] = None):
+                 act: str = "silu", *, layout: Optional[dict] = None, act_param: Optional[float] = None,
+                 verifier=None):
         super().__init__()
         if layout is None:
             layout = {"gate": (0, hidden), "up": (hidden, 2 * hidden), "down": (2 * hidden, 3 * hidden)}
         # Plain attributes (not arrays/lists): nn.Module keeps them out of the parameters.
         object.__setattr__(self, "_state", _State(layer, hidden, chooser, cache, reader, scratch, counters,
-                                                  gated_activation(act, act_param), layout))
+                                                  gated_activation(act, act_param), layout,
+                                                  verifier))
         object.__setattr__(self, "_out_bias", None)
 
     def add_output_bias(self, name: str) -> None:
@@ -81,8 +86,9 @@ PREFIX_MIN_SHARE = 0.4
 
 
 class _State:
-    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout):
+    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout, verifier=None):
         self.layer = layer
+        self.verifier = verifier
         self.hidden = hidden
         self.chooser = chooser
         self.cache = cache
@@ -197,4 +203,6 @@ class _State:
         c.neurons_hit += len(plan.hit_ids)
         c.neurons_loaded += len(plan.load_ids)
         c.neurons_streamed += len(overflow)
+        if self.verifier is not None:
+            self.verifier.check(self.layer)  # never hand on an output computed from corrupt weights
         return y.astype(x.dtype).reshape(*shape[:-1], self.hidden)

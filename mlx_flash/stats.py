@@ -51,6 +51,7 @@ class Stats:
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
     mode: str = "dense"
+    notes: list = field(default_factory=list)  # warnings about this run (Engine.notes + this prompt's)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

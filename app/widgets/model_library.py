@@ -77,12 +77,12 @@ def predictor_available() -> bool:
 def flash_config_for(path: Path, settings: QSettings, base=None):
     """The FlashConfig to load ``path`` with: ``base`` (or the defaults) with this model's
     budget, window, threads, neuron choice and cache policy applied."""
-    from mlx_flash.config import FlashConfig
+    from mlx_flash.config import FlashConfig, parse_budget
 
     base = base or FlashConfig()
     ms = model_settings(settings, Path(path).name)
     d = base.to_dict()
-    d["budget"] = max(1, min(100, ms["budget_pct"])) / 100.0
+    d["budget"] = parse_budget(f"{max(1, min(100, int(ms['budget_pct'])))}%")  # the CLI's syntax; the spin box: 1..100
     d["window"] = max(1, ms["window"])
     if ms["threads"]:
         d["threads"] = ms["threads"]

@@ -348,6 +348,16 @@ class GGUFFile:
         self.close()
 
 
+def is_gguf(path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic (b"GGUF"), whatever its
+    name ends in: what the library and the CLI go by, not the extension."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except (IsADirectoryError, FileNotFoundError, PermissionError):
+        return False
+
+
 def read_gguf_info(path) -> Dict[str, Any]:
     """Cheap inspection of a GGUF file for the model library (no tensor data is read).
 

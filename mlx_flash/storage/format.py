@@ -46,8 +46,8 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
-from ..progress import ProgressCallback, report
-from .platform_io import drop_page_cache, set_nocache
+from ..progress import ProgressCallback, report, scaled
+from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
 FORMAT_VERSION = 1
 ALIGNMENT = 4096
@@ -153,6 +153,12 @@ class FlashFormatError(ValueError):
     The message names the file and the field or tensor that is wrong."""
 
 
+class ChecksumError(FlashFormatError):
+    """A file of a flash folder does not match the blake2b checksum its manifest records:
+    the file is corrupt or was modified. The message names the file (and the layer of
+    ``ffn.bin``). Never compute with such weights."""
+
+
 # --------------------------------------------------------------------------- manifest
 @dataclass
 class LayerEntry:
@@ -190,6 +196,10 @@ class Manifest:
     predictors: Optional[Dict[str, Any]] = None
     created: str = ""
     dense_quantization: Optional[Dict[str, Any]] = None
+    checksums: Dict[str, str] = field(default_factory=dict)
+    """blake2b (hex) of whole side files by name: ``dense.safetensors`` (written by
+    :func:`write_flash`), ``predictors.safetensors`` (written by calibration). Older
+    manifests have none: those files are then not checked."""
     format_version: int = FORMAT_VERSION
     extra: Dict[str, Any] = field(default_factory=dict)
     """Unknown manifest fields, kept so that load → save round-trips them."""
@@ -246,7 +256,8 @@ class Manifest:
             "bundle_elems": int, "bundle_bytes": int, "layers": list, "ffn_size": int,
         }
         optional = {"alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
-                    "predictors": (dict, type(None)), "dense_quantization": (dict, type(None))}
+                    "predictors": (dict, type(None)), "dense_quantization": (dict, type(None)),
+                    "checksums": dict}
         kw: Dict[str, Any] = {}
         for name, typ in list(required.items()) + list(optional.items()):
             if name not in d:
@@ -270,6 +281,9 @@ class Manifest:
                     raise FlashFormatError(f"{where}: field 'layers[{i}].{nm}' has type {type(v).__name__}, expected {typ.__name__}")
             layers.append(LayerEntry(off, size, ck))
         kw["layers"] = layers
+        for name, ck in kw.get("checksums", {}).items():
+            if not isinstance(ck, str):
+                raise FlashFormatError(f"{where}: field 'checksums.{name}' has type {type(ck).__name__}, expected str")
         kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 
@@ -424,31 +438,114 @@ def open_flash(path: Union[str, Path]) -> FlashFiles:
     return FlashFiles(root=root, manifest=m, ffn_path=ffn_path, dense_path=dense_path)
 
 
-def verify_checksums(files: FlashFiles, progress: Optional[ProgressCallback] = None) -> None:
-    """Hash every layer region of ``ffn.bin`` and compare with the manifest (slow:
-    reads the whole FFN). Mismatch → :class:`FlashFormatError` naming the layer."""
-    m = files.manifest
-    block = 8 << 20
-    buf = bytearray(block)
+CHECKSUM_BLOCK = 8 << 20
+"""Bytes per read when hashing (one large sequential read at a time)."""
+
+
+def file_checksum(path: Union[str, Path]) -> str:
+    """blake2b (hex, default 64-byte digest) of a whole file: what ``Manifest.checksums`` records."""
+    h = hashlib.blake2b()
+    buf = bytearray(CHECKSUM_BLOCK)
     mv = memoryview(buf)
-    with open(files.ffn_path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(mv)
+            if not n:
+                break
+            h.update(mv[:n])
+    return h.hexdigest()
+
+
+def _layer_mismatch(files: FlashFiles, layer: int) -> ChecksumError:
+    return ChecksumError(
+        f"{files.ffn_path}: layer {layer} checksum mismatch (manifest field 'layers[{layer}].checksum'): "
+        f"the file is corrupt or was modified; the model cannot be used (convert or import it again)"
+    )
+
+
+class LayerHasher:
+    """Hashes layer regions of ``ffn.bin`` with large sequential reads that bypass the
+    page cache (``open_uncached``; buffered where the filesystem refuses, silently):
+    verifying a model does not fill the page cache with its FFN. One per thread."""
+
+    def __init__(self, files: FlashFiles, *, direct: bool = True):
+        self.files = files
+        self._f = open_uncached(files.ffn_path, direct=direct, warn=False)
+        self._buf = aligned_buffer(CHECKSUM_BLOCK)
+
+    def checksum(self, layer: int) -> str:
+        off, size = self.files.manifest.layer_range(layer)
+        h = hashlib.blake2b()
+        pos, end = off, off + size
+        with memoryview(self._buf) as mv:
+            while pos < end:
+                # aligned lengths (the file is padded to the alignment); hash only the region
+                want = min(CHECKSUM_BLOCK, -(-(end - pos) // ALIGNMENT) * ALIGNMENT)
+                got = pread_exact(self._f.fd, self._buf, pos, want)
+                use = min(got, end - pos)
+                if use <= 0:
+                    raise FlashFormatError(f"{self.files.ffn_path}: unexpected end of file in layer {layer}")
+                h.update(mv[:use])
+                pos += use
+        return h.hexdigest()
+
+    def verify(self, layer: int) -> None:
+        """Raise :class:`ChecksumError` naming the layer when its region does not match."""
+        if self.checksum(layer) != self.files.manifest.layers[layer].checksum:
+            raise _layer_mismatch(self.files, layer)
+
+    def close(self) -> None:
+        self._f.close()
+        self._buf.close()
+
+    def __enter__(self) -> "LayerHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def verify_file(files: FlashFiles, name: str) -> bool:
+    """Check the side file ``name`` (``dense.safetensors``, ``predictors.safetensors``)
+    against ``Manifest.checksums``. Returns False when the manifest records no checksum
+    for it (older folders); raises :class:`ChecksumError` when it does not match or is
+    missing."""
+    want = files.manifest.checksums.get(name)
+    if want is None:
+        return False
+    path = files.root / _plain_name(name, "checksums", str(files.root / MANIFEST_FILE))
+    if not path.is_file():
+        raise ChecksumError(f"{path}: {name} is missing (manifest field 'checksums.{name}' records it)")
+    if file_checksum(path) != want:
+        raise ChecksumError(f"{path}: {name} checksum mismatch (manifest field 'checksums.{name}'): "
+                            "the file is corrupt or was modified")
+    return True
+
+
+def verify_checksums(files: FlashFiles, progress: Optional[ProgressCallback] = None) -> List[str]:
+    """Hash every layer region of ``ffn.bin`` and every side file the manifest has a
+    checksum for (slow: reads the whole model). Returns what was checked (file names,
+    ``ffn.bin`` as ``"ffn.bin (N layers)"``). A mismatch raises :class:`ChecksumError`
+    naming the file and the layer; ``progress`` returning False cancels."""
+    m = files.manifest
+    side = sorted(m.checksums)
+    total = sum(e.size for e in m.layers) + sum(
+        (files.root / n).stat().st_size for n in side if (files.root / n).is_file()) or 1
+    done = 0
+    checked: List[str] = []
+    for name in side:
+        report(progress, done / total, f"checking {name}")
+        verify_file(files, name)
+        done += (files.root / name).stat().st_size
+        checked.append(name)
+    with LayerHasher(files) as hasher:
         for i, e in enumerate(m.layers):
-            report(progress, i / max(1, m.num_layers), f"checking layer {i + 1}/{m.num_layers}")
-            h = hashlib.blake2b()
-            f.seek(e.offset)
-            left = e.size
-            while left:
-                n = f.readinto(mv[: min(block, left)])
-                if not n:
-                    raise FlashFormatError(f"{files.ffn_path}: unexpected end of file in layer {i}")
-                h.update(mv[:n])
-                left -= n
-            if h.hexdigest() != e.checksum:
-                raise FlashFormatError(
-                    f"{files.ffn_path}: layer {i} checksum mismatch (manifest field 'layers[{i}].checksum'): "
-                    "the file is corrupt or was modified"
-                )
+            report(progress, done / total, f"checking {m.ffn_file} layer {i + 1}/{m.num_layers}")
+            hasher.verify(i)
+            done += e.size
+    checked.append(f"{m.ffn_file} ({m.num_layers} layers)")
     report(progress, 1.0, "checksums ok")
+    return checked
 
 
 # --------------------------------------------------------------------------- reading
@@ -501,9 +598,11 @@ def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     return _np_to_mx(typed, manifest.dtype)
 
 
-def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, ...]:
+def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) -> Tuple[mx.array, ...]:
     """Read one layer's whole FFN with a plain buffered read (for the oracle, dense
-    loading and tests; the engine's sparse path uses ``FlashReader``).
+    loading and tests; the engine's sparse path uses ``FlashReader``). ``verify``
+    (the default) checks the bytes read against the layer's checksum (a
+    :class:`ChecksumError` naming the layer; hashing costs ~1 ms per MB).
 
     Returns one array per bundle part, in bundle order, in the stored dtype and
     exactly as in the source model: row parts ``[inter, hidden]``, column parts
@@ -523,6 +622,8 @@ def read_layer_weights(files: FlashFiles, layer: int) -> Tuple[mx.array, ...]:
             if not n:
                 raise FlashFormatError(f"{files.ffn_path}: unexpected end of file in layer {layer}")
             got += n
+    if verify and hashlib.blake2b(memoryview(raw)).hexdigest() != m.layers[layer].checksum:
+        raise _layer_mismatch(files, layer)
     h = m.hidden_size
     typed = raw.view(numpy_storage_dtype(m.dtype)).reshape(m.intermediate_size, m.bundle_elems)
     out = []
@@ -646,6 +747,9 @@ def convert_to_flash(
     message when the disk is full.
     """
     src = Path(src).expanduser()
+    if (src / MANIFEST_FILE).is_file():
+        raise FlashFormatError(f"{src} is already in the flash format: nothing to convert "
+                               "(load it as it is, or import it into the library)")
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise FlashFormatError(f"{cfg_path}: config.json is missing (not a model folder?)")
@@ -863,6 +967,7 @@ def write_flash(
             model_args.pop("quantization_config", None)
         mx.save_safetensors(str(tmp / DENSE_FILE), dense, metadata={"format": "mlx"})
         del dense
+        checksums = {DENSE_FILE: file_checksum(tmp / DENSE_FILE)}
 
         # ---- side files
         for name, content in (extra_files or {}).items():
@@ -889,10 +994,13 @@ def write_flash(
             source=source,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             dense_quantization=dict(qcfg) if (qcfg and still_quantized) else None,
+            checksums=checksums,
         )
         validate_manifest(manifest, f"{dst / MANIFEST_FILE}")
         manifest.save(tmp / MANIFEST_FILE)
         _fsync_dir(tmp)
+        # read what reached the disk back against the checksums of what was written
+        verify_checksums(open_flash(tmp), progress=scaled(progress, n_layers / (n_layers + 1), 0.999))
 
         # ---- publish
         report(progress, 1.0, "publishing")  # last chance to cancel
@@ -959,6 +1067,11 @@ __all__ = [
     "Manifest",
     "BUNDLE_PARTS",
     "BundlePart",
+    "CHECKSUM_BLOCK",
+    "ChecksumError",
+    "LayerHasher",
+    "file_checksum",
+    "verify_file",
     "bundle_layout",
     "bundle_parts",
     "bundle_view",
