@@ -13,6 +13,7 @@ user pressed Stop) | ``interrupted`` (the app died while it streamed) | ``error`
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -89,22 +90,115 @@ def _loads(s: Optional[str]) -> dict:
         return {}
 
 
+_COLUMNS = {
+    "conversations": {"id", "title", "created", "updated", "model", "system_prompt", "settings"},
+    "messages": {"id", "conversation_id", "role", "content", "status", "created", "updated", "meta"},
+}
+
+
+class _Unusable(Exception):
+    """The file is not a usable history database (damaged, or not SQLite at all)."""
+
+
+class _NotWritable(Exception):
+    """The database cannot be written here (read-only, full disk, no permission, newer schema)."""
+
+
+def _aside_path(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cand, i = path.with_name(f"{path.name}.corrupt-{stamp}"), 2
+    while cand.exists() or Path(f"{cand}-wal").exists():
+        cand, i = path.with_name(f"{path.name}.corrupt-{stamp}-{i}"), i + 1
+    return cand
+
+
 class History:
-    """The chat history database. Use from one thread (the GUI thread in the app)."""
+    """The chat history database. Use from one thread (the GUI thread in the app).
+
+    Opening never fails for a bad file: a damaged database (not SQLite, malformed, failing
+    ``quick_check``, tables without the needed columns, a folder in its place) is moved aside
+    to ``history.sqlite3.corrupt-YYYYmmdd-HHMMSS`` (with its ``-wal``/``-shm`` files) and a new
+    one is started; a database that cannot be written (read-only or full disk, no permission,
+    written by a newer mlx-flash) is left alone and the history lives in memory for this
+    session. :attr:`problem` then says what happened, for the app to tell the user;
+    :attr:`moved_aside` is where the damaged file went.
+    """
 
     def __init__(self, path: Union[str, Path, None] = None):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        self.problem: Optional[str] = None
+        self.moved_aside: Optional[Path] = None
+        self.in_memory = False
+        self._db: Optional[sqlite3.Connection] = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open(self.path)
+        except _Unusable as e:
+            self.close()
+            try:
+                self.moved_aside = self._move_aside()
+                self._open(self.path)
+            except (OSError, sqlite3.Error, _Unusable) as e2:
+                self.close()
+                self._open_memory(f"the chat history {self.path} is damaged ({e}) and could not be moved aside "
+                                  f"({e2})")
+                return
+            self.problem = (f"The chat history was damaged ({e}) and could not be read. It was kept as "
+                            f"{self.moved_aside} and a new, empty history was started.")
+        except _NotWritable as e:
+            self.close()
+            self._open_memory(str(e))
+        except (OSError, sqlite3.Error) as e:
+            self.close()
+            self._open_memory(f"{self.path} cannot be opened ({e})")
+
+    def _open(self, path: Path) -> None:
+        if path.is_dir():
+            raise _Unusable("a folder is in its place")
+        db = self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        db.row_factory = sqlite3.Row
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise _NotWritable(f"{path} was written by a newer mlx-flash (schema {version})")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Unusable(f"integrity check: {check}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_SCHEMA)
+            for table, cols in _COLUMNS.items():
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if not cols <= have:
+                    raise _Unusable(f"table {table} lacks {', '.join(sorted(cols - have))}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.OperationalError as e:
+            msg = str(e).lower()
+            if "readonly" in msg or "read-only" in msg or "disk is full" in msg or "unable to open" in msg:
+                raise _NotWritable(f"{path} cannot be written ({e})") from None
+            if "locked" in msg or "busy" in msg:
+                raise
+            raise _Unusable(str(e)) from None
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            raise _Unusable(str(e)) from None
+
+    def _open_memory(self, why: str) -> None:
+        self.in_memory = True
+        self._db = sqlite3.connect(":memory:", isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
         self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} was written by a newer mlx-flash (schema {version})")
         self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.problem = f"Chats are not saved in this session: {why}."
+
+    def _move_aside(self) -> Path:
+        aside = _aside_path(self.path)
+        os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                os.replace(side, Path(f"{aside}{suffix}"))
+        return aside
 
     # --------------------------------------------------------------- life cycle
     def close(self) -> None:

@@ -154,6 +154,9 @@ class MainWindow(QMainWindow):
             self.notice.show_message(
                 "info", f"{self.recovered} answer{'s were' if self.recovered > 1 else ' was'} interrupted when the "
                         "app last closed; the partial text is kept and marked “interrupted”.")
+        startup_problems = [p for p in (self.history.problem, self.library.broken_text()) if p]
+        if startup_problems:  # a damaged history or library entry: said, never fatal
+            self.notice.show_message("error", "\n\n".join(startup_problems))
 
     # =================================================================== layout
     def _build(self) -> None:

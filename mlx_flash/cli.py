@@ -214,13 +214,15 @@ def cmd_convert(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .library import list_models
+    from .library import scan_library
 
-    models = list_models()
-    if not models:
+    models, broken = scan_library()
+    if not models and not broken:
         print("no models yet (the default model is prepared on first use)")
     for m in models:
         print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {m.size_bytes / 1e6:9.1f} MB  {m.path}")
+    for b in broken:  # listed, not fatal: the others stay usable
+        print(f"warning: skipped {b.path}: {b.reason}", file=sys.stderr)
     return 0
 
 
