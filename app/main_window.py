@@ -128,6 +128,7 @@ class MainWindow(QMainWindow):
         self.config = config
         self.settings = settings or theme.settings()
         self.history = History(history_path)
+        self.history.on_problem = lambda text: self.notice.show_message("error", text)  # e.g. the disk filled up
         self.recovered = self.history.recover()
         self.engine = None
         self.engine_path: Optional[Path] = None
