@@ -303,10 +303,15 @@ def destination_lock(dst: PathLike, *, wait: bool = False, progress: Optional[Pr
         return
     with translate_write_errors(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
+        unnamed = 0
         while True:
             fd, pid = _try_lock(path)
             if fd is not None:
                 break
+            if pid is None and unnamed < 40:  # a holder between flock and writing its pid, or clean_stale's probe
+                unnamed += 1
+                time.sleep(0.025)
+                continue
             if not wait:
                 raise DestinationBusy(dst, pid)
             report(progress, 0.0, f"waiting for process {pid or '?'} writing {dst.name}")

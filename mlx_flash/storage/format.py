@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
-from ..atomic import FolderBuild
+from ..atomic import FolderBuild, atomic_write_text
 from ..progress import ProgressCallback, report
 from .platform_io import drop_page_cache, set_nocache
 
@@ -289,8 +289,6 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_FILE
-        from ..atomic import atomic_write_text
-
         return atomic_write_text(p, self.to_json())
 
     @classmethod
