@@ -43,6 +43,10 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 #: ``.NAME.KIND-PID-HEX[SUFFIX]``: a temporary made by this module (file or folder).
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|work)-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>[^/]*)$")
 _LOCK_RE = re.compile(r"^\.(?P<name>.+)\.lock$")
+#: temporaries of mlx-flash versions before pids were in the names (``tempfile.mkdtemp`` suffixes): removed
+#: once a day old, since nothing tells whether their process still runs.
+_LEGACY_RE = re.compile(r"^\.(?:(?:convert|import|gguf)-|.+\.(?:tmp|old)-)[a-z0-9_]{8}$")
+LEGACY_AGE_S = 24 * 3600
 
 
 # --------------------------------------------------------------------------- errors
@@ -214,6 +218,14 @@ def clean_stale(folder: PathLike, *, depth: int = 2) -> List[Path]:
             continue
         if _LOCK_RE.match(name) and p.is_file() and _remove_unheld_lock(p):
             removed.append(p)
+        elif _LEGACY_RE.match(name) and p.is_dir() and not p.is_symlink():
+            try:
+                old = time.time() - p.stat().st_mtime > LEGACY_AGE_S
+            except OSError:
+                continue
+            if old:
+                _remove(p)
+                removed.append(p)
     return removed
 
 

@@ -222,7 +222,7 @@ def cmd_models(args) -> int:
     for m in models:
         print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {m.size_bytes / 1e6:9.1f} MB  {m.path}")
     for b in broken:  # listed, not fatal: the others stay usable
-        print(f"warning: skipped {b.path}: {b.reason}", file=sys.stderr)
+        print(f"warning: {b.reason} (not listed: {b.path})", file=sys.stderr)
     return 0
 
 

@@ -784,7 +784,9 @@ def write_flash(
     dense_estimate = sum(v.nbytes for k, v in weights.items() if k not in ffn_keys)
     if dtype is not None:
         dense_estimate = dense_estimate * 2  # worst case float16 → float32
-    need = ffn_size + dense_estimate + (1 << 20)
+    extra_bytes = sum(len(c) if isinstance(c, (str, bytes)) else Path(c).stat().st_size
+                      for c in (extra_files or {}).values())  # tokenizer files: megabytes
+    need = ffn_size + dense_estimate + extra_bytes + (1 << 20)
     # locks dst, removes stale temporaries, checks the space, makes the temp folder (atomic.py)
     build = FolderBuild(dst, overwrite=overwrite, need=need)
     tmp = build.tmp

@@ -601,3 +601,44 @@ def test_history_on_a_disk_that_fills_up_goes_on_in_memory(small_fs):
     assert h2.problem is None
     assert h2.messages(h2.conversations()[0].id)[0].content == "saved before the disk filled"
     h2.close()
+
+
+def test_old_unnamed_temporaries_go_after_a_day_recent_ones_stay(home):
+    """Temp folders of versions before the pid was in the name: a day old means abandoned."""
+    models = home / "models"
+    old = [models / ".convert-ab_cd123", models / ".Model.flash.tmp-k2j4h5g6"]
+    recent = models / ".import-zz9yy8xx"
+    for p in old + [recent]:
+        (p / "x").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    for p in old:
+        os.utime(p, (day_ago, day_ago))
+
+    assert library.list_models() == []
+
+    assert not any(p.exists() for p in old) and recent.is_dir()
+
+
+def test_lock_refuses_another_thread_and_reenters_in_the_same_one(tmp_path):
+    import threading
+
+    from mlx_flash.atomic import destination_lock
+
+    dst = tmp_path / "Model.flash"
+    errors = []
+    with destination_lock(dst), destination_lock(dst):             # re-entrant in this thread
+        t = threading.Thread(target=lambda: errors.append(_try(dst)))
+        t.start()
+        t.join()
+    assert isinstance(errors[0], DestinationBusy) and f"pid {os.getpid()}" in str(errors[0])
+    assert list(tmp_path.iterdir()) == []                          # the lock file went with the lock
+
+
+def _try(dst):
+    from mlx_flash.atomic import destination_lock
+
+    try:
+        with destination_lock(dst):
+            return None
+    except DestinationBusy as e:
+        return e
