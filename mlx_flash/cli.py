@@ -263,11 +263,14 @@ def cmd_calibrate(args) -> int:
     from .calibrate import auto_tokens, calibrate
     from .progress import tqdm_callback
 
+    from .atomic import destination_lock
+
     path = resolve_model(args.model_path, True, calibrate=False)
-    rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
-                    tokens=args.tokens or auto_tokens(),
-                    recall=args.recall, epochs=args.epochs,
-                    progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
+    with destination_lock(path):  # not while another process converts or calibrates it
+        rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
+                        tokens=args.tokens or auto_tokens(),
+                        recall=args.recall, epochs=args.epochs,
+                        progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
