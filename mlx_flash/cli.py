@@ -263,10 +263,11 @@ def cmd_calibrate(args) -> int:
     from .calibrate import auto_tokens, calibrate
     from .progress import tqdm_callback
 
-    from .atomic import destination_lock
+    from .atomic import clean_stale, destination_lock
 
     path = resolve_model(args.model_path, True, calibrate=False)
     with destination_lock(path):  # not while another process converts or calibrates it
+        clean_stale(path.parent)  # what a killed calibration left in the folder (and next to it)
         rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
                         tokens=args.tokens or auto_tokens(),
                         recall=args.recall, epochs=args.epochs,

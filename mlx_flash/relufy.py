@@ -69,7 +69,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text, destination_lock, write_error
+from .atomic import atomic_path, atomic_write_text, clean_stale, destination_lock, write_error
 from .progress import ProgressCallback, report, scaled
 
 DEFAULT_SPARSITY = 0.7
@@ -508,6 +508,7 @@ def relufy(
     work = Path(work_dir).expanduser() if work_dir else default_work_dir(dst)
     held = contextlib.ExitStack()  # dst (and so its work folder) is ours until the end
     held.enter_context(destination_lock(dst))
+    clean_stale(dst.parent, depth=1)
     try:
         _open_work(work, s, _source_fingerprint(files), progress)
     except BaseException as e:

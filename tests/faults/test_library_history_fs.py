@@ -642,3 +642,28 @@ def _try(dst):
             return None
     except DestinationBusy as e:
         return e
+
+
+def test_temp_files_of_a_killed_calibration_inside_a_model_go_at_listing(home, tiny_flash):
+    """A calibration killed while it saved leaves ``.predictors.safetensors.tmp-PID-…`` in the model."""
+    import shutil
+
+    model = home / "models" / "Model.flash"
+    shutil.copytree(tiny_flash, model)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        stale = model / f".predictors.safetensors.tmp-{dead.pid}-0123abcd.k1x.safetensors"
+        live = model / f".manifest.json.tmp-{alive.pid}-89abcdef.zz.tmp"
+        stale.write_bytes(b"x" * 1000)
+        live.write_bytes(b"y")
+        before = {p.name for p in model.iterdir() if not p.name.startswith(".")}
+
+        assert [m.name for m in library.list_models()] == ["Model.flash"]
+
+        assert not stale.exists() and live.exists()
+        assert {p.name for p in model.iterdir() if not p.name.startswith(".")} == before
+    finally:
+        alive.kill()
+        alive.wait()
