@@ -667,3 +667,28 @@ def test_temp_files_of_a_killed_calibration_inside_a_model_go_at_listing(home, t
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder even root cannot write into (``chattr +i``: immutable, EPERM); ``chmod`` would not
+    stop root. Skipped where chattr is missing or the filesystem does not support it."""
+    d = tmp_path / "locked"
+    d.mkdir()
+    r = subprocess.run(["chattr", "+i", str(d)], capture_output=True, text=True) if sys.platform == "linux" else None
+    if r is None or r.returncode:
+        pytest.skip(f"cannot make an immutable folder: {r.stderr.strip() if r else 'not Linux'}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+def test_convert_into_a_folder_without_permission(unwritable_dir, tiny_src, capsys):
+    rc, out, err = run_cli(capsys, "convert", tiny_src, unwritable_dir / "Model.flash", "--no-calibrate")
+
+    assert rc == 1 and out == ""
+    assert err.strip() == (f"error: cannot write {unwritable_dir / 'Model.flash'}: permission denied "
+                           f"({unwritable_dir / '.Model.flash.lock'}); nothing was written "
+                           "(choose a folder you can write to)")
+    assert list(unwritable_dir.iterdir()) == []
