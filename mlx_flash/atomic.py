@@ -41,7 +41,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 #: ``.NAME.KIND-PID-HEX[SUFFIX]``: a temporary made by this module (file or folder).
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|work)-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>[^/]*)$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|work|trash)-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>[^/]*)$")
 _LOCK_RE = re.compile(r"^\.(?P<name>.+)\.lock$")
 #: temporaries of mlx-flash versions before pids were in the names (``tempfile.mkdtemp`` suffixes): removed
 #: once a day old, since nothing tells whether their process still runs.
@@ -195,9 +195,10 @@ def _remove(p: Path) -> None:
 
 
 def clean_stale(folder: PathLike, *, depth: int = 2) -> List[Path]:
-    """Remove the temporaries (``.NAME.tmp|old|work-PID-…``) of processes that are no longer
-    running, and unheld lock files, in ``folder`` and (``depth`` 2) its non-hidden sub-folders;
-    return what was removed. Never touches a temporary whose process is alive."""
+    """Remove the temporaries (``.NAME.tmp|old|work|trash-PID-…``) of processes that are no longer
+    running (an ``old`` whose destination is missing is moved back instead) and unheld lock files,
+    in ``folder`` and (``depth`` 2) its non-hidden sub-folders; return what was removed. Never
+    touches a temporary whose process is alive."""
     folder = Path(folder)
     removed: List[Path] = []
     try:
@@ -213,6 +214,13 @@ def clean_stale(folder: PathLike, *, depth: int = 2) -> List[Path]:
         m = _TEMP_RE.match(name)
         if m:
             if not pid_alive(int(m["pid"])):
+                target = folder / m["name"]
+                if m["kind"] == "old" and not m["suffix"] and not (target.exists() or target.is_symlink()):
+                    # killed between moving the old version aside and moving the new one in: put it back
+                    # (if that fails, keep it: it is the user's model)
+                    with contextlib.suppress(OSError):
+                        os.replace(p, target)
+                    continue
                 _remove(p)
                 removed.append(p)
             continue
@@ -328,8 +336,11 @@ def destination_lock(dst: PathLike, *, wait: bool = False, progress: Optional[Pr
                 raise DestinationBusy(dst, pid)
             report(progress, 0.0, f"waiting for process {pid or '?'} writing {dst.name}")
             time.sleep(poll)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid only names the holder in messages: a full disk must not cost the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
     with _held_mu:
         _held[key] = [fd, 1]
     try:

@@ -250,7 +250,7 @@ def remove_model(path: Path) -> None:
                                    or (path / "config.json").exists())):
             raise ValueError(f"{path} is not a model folder") from None
     with destination_lock(path), translate_write_errors(path, what=f"the library folder {path.parent}"):
-        gone = path.parent / temp_name(path.name, "old")
+        gone = path.parent / temp_name(path.name, "trash")  # a killed removal's rest goes at the next scan
         os.replace(path, gone)
     shutil.rmtree(gone, ignore_errors=True)
 

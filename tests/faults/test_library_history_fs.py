@@ -692,3 +692,21 @@ def test_convert_into_a_folder_without_permission(unwritable_dir, tiny_src, caps
                            f"({unwritable_dir / '.Model.flash.lock'}); nothing was written "
                            "(choose a folder you can write to)")
     assert list(unwritable_dir.iterdir()) == []
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_model_back(home, tiny_flash):
+    """Overwriting moves the old folder to ``.NAME.old-PID-…`` then the new one in; a kill between
+    the two leaves no model under the name: the next scan moves the old one back, never deletes it."""
+    import shutil
+
+    models = home / "models"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = models / f".Model.flash.old-{dead.pid}-0badc0de"
+    shutil.copytree(tiny_flash, aside)
+    shutil.copytree(tiny_flash, models / f".Model.flash.tmp-{dead.pid}-0badc0df")   # the new, unpublished
+    before = snapshot(aside)
+
+    assert [m.name for m in library.list_models()] == ["Model.flash"]
+
+    assert snapshot(models / "Model.flash") == before and hidden_leftovers(models) == []
