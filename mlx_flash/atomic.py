@@ -328,7 +328,8 @@ def destination_lock(dst: PathLike, *, wait: bool = False, progress: Optional[Pr
             fd, pid = _try_lock(path)
             if fd is not None:
                 break
-            if pid is None and unnamed < 40:  # a holder between flock and writing its pid, or clean_stale's probe
+            # a holder between its flock and writing its pid, or clean_stale probing a dead process's file
+            if (pid is None or not pid_alive(pid)) and unnamed < 40:
                 unnamed += 1
                 time.sleep(0.025)
                 continue
