@@ -710,3 +710,25 @@ def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_model_back(home
     assert [m.name for m in library.list_models()] == ["Model.flash"]
 
     assert snapshot(models / "Model.flash") == before and hidden_leftovers(models) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="tells zombies by /proc (Linux)")
+def test_a_killed_process_not_yet_reaped_counts_as_dead(tmp_path):
+    """A SIGKILLed convert whose parent has not waited for it yet is a zombie: kill(pid, 0) still
+    succeeds, but its temporaries are abandoned all the same."""
+    from mlx_flash.atomic import clean_stale, pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        tmp = tmp_path / f".M.flash.tmp-{child.pid}-0123abcd"
+        tmp.mkdir()
+        assert pid_alive(child.pid) and clean_stale(tmp_path) == [] and tmp.exists()
+        child.send_signal(signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{child.pid}").exists()
+                 or Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z",
+                 "the child to die")
+        assert not pid_alive(child.pid)                             # not reaped: a zombie
+        assert clean_stale(tmp_path) == [tmp] and not tmp.exists()
+    finally:
+        child.kill()
+        child.wait()
