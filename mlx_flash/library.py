@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import paths
+from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
+                     scratch_dir, temp_name, translate_write_errors)
 from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
 
@@ -66,37 +67,87 @@ def _opt_param_count(cfg: dict) -> int:
         return 0
 
 
-def describe(path: Path) -> Optional[ModelEntry]:
+class BrokenModel(ValueError):
+    """A folder in the library that cannot be used as a model (the message says why)."""
+
+
+@dataclass
+class BrokenEntry:
+    """A library folder that is not a usable model: listed with the reason, never loaded."""
+    name: str
+    path: Path
+    reason: str
+
+
+def inspect(path: Path) -> ModelEntry:
+    """The library entry for the model folder ``path``, or :class:`BrokenModel` saying what is
+    wrong (no manifest/config, bad JSON, wrong types, missing or truncated files)."""
+    from .storage.format import FlashFormatError, open_flash
+
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if not path.is_dir():
+        raise BrokenModel(f"{path.name}: not a folder")
+    if (path / "manifest.json").exists():
         kind = "flash"
         try:
-            cfg = json.loads((path / "manifest.json").read_text()).get("model_args", {})
-        except (OSError, json.JSONDecodeError):
-            return None
-    elif (path / "config.json").is_file():
+            cfg = open_flash(path).manifest.model_args
+        except (OSError, FlashFormatError) as e:
+            raise BrokenModel(f"{path.name}: damaged flash model: {str(e).replace(str(path) + os.sep, '')}") from None
+    elif path.suffix == ".flash":
+        raise BrokenModel(f"{path.name}: damaged flash model: manifest.json is missing")
+    elif (path / "config.json").exists():
         kind = "mlx"
         try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+            cfg = json.loads((path / "config.json").read_bytes())
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+            raise BrokenModel(f"{path.name}: config.json is unreadable ({e})") from None
+        if not isinstance(cfg, dict):
+            raise BrokenModel(f"{path.name}: config.json holds a {type(cfg).__name__}, not a JSON object")
+        if not any(path.glob("*.safetensors")):
+            raise BrokenModel(f"{path.name}: no .safetensors weights")
     else:
+        raise BrokenModel(f"{path.name}: not a model folder (no manifest.json or config.json)")
+    try:
+        size = _dir_size(path)
+    except OSError as e:  # a file vanished or is unreadable while we count
+        raise BrokenModel(f"{path.name}: cannot read the folder ({e})") from None
+    return ModelEntry(path.name, path, kind, str(cfg.get("model_type", "?")), size, _param_count(cfg))
+
+
+def describe(path: Path) -> Optional[ModelEntry]:
+    """:func:`inspect`, or None for a folder that is not a usable model."""
+    try:
+        return inspect(path)
+    except BrokenModel:
         return None
-    return ModelEntry(path.name, path, kind, str(cfg.get("model_type", "?")), _dir_size(path), _param_count(cfg))
+
+
+def scan_library(root: Optional[Path] = None) -> Tuple[List[ModelEntry], List[BrokenEntry]]:
+    """The library's models and its broken folders (each with the reason), by name. Also removes
+    temporaries left by killed conversions (:func:`mlx_flash.atomic.clean_stale`)."""
+    root = Path(root) if root else paths.models_dir()
+    if not root.is_dir():
+        return [], []
+    clean_stale(root)
+    out: List[ModelEntry] = []
+    broken: List[BrokenEntry] = []
+    try:
+        children = sorted(root.iterdir())
+    except OSError:
+        return [], []
+    for p in children:
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        try:
+            out.append(inspect(p))
+        except BrokenModel as e:
+            broken.append(BrokenEntry(p.name, p, str(e)))
+    return out, broken
 
 
 def list_models(root: Optional[Path] = None) -> List[ModelEntry]:
-    root = Path(root) if root else paths.models_dir()
-    if not root.is_dir():
-        return []
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or not p.is_dir():
-            continue
-        e = describe(p)
-        if e is not None:
-            out.append(e)
-    return out
+    """The usable models in the library (see :func:`scan_library` for the broken ones)."""
+    return scan_library(root)[0]
 
 
 def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
@@ -115,27 +166,58 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
     if (src / "manifest.json").is_file():
         raise ValueError(f"{src} is already in the flash format: nothing to convert (load it as it is, "
                          "or import it into the library)")
-    if not (calibrate and dst.suffix == ".flash"):
-        return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists (use overwrite)")
-    from . import calibrate as _cal
+    with destination_lock(dst):
+        if not (calibrate and dst.suffix == ".flash"):
+            return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} exists (use overwrite)")
+        from . import calibrate as _cal
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
-    try:
-        tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False)
-        _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, 0.3, 1.0))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        clean_stale(dst.parent, depth=1)
+        check_space(dst.parent, *_convert_need(src, dst, dtype))
+        with scratch_dir(dst) as work:
+            tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False,
+                           check=False)
+            _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, 0.3, 1.0))
+            with translate_write_errors(dst):
+                publish_dir(tmp, dst, overwrite)
     return dst
 
 
+def _source_bytes(src: Path, dtype: Optional[str]) -> int:
+    """About the bytes of a flash folder made from the model folder ``src`` (its weights, scaled
+    to ``dtype``)."""
+    from .storage.format import DTYPE_SIZES
+
+    total = 0
+    for f in src.glob("*.safetensors"):
+        total += f.stat().st_size
+    if dtype in DTYPE_SIZES:
+        try:
+            cfg = json.loads((src / "config.json").read_text())
+            have = {"float32": 4}.get(str(cfg.get("torch_dtype")), 2)
+        except (OSError, ValueError, AttributeError):
+            have = 2
+        total = total * DTYPE_SIZES[dtype] // have
+    return total + (8 << 20)
+
+
+def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]:
+    """Bytes a conversion of ``src`` to ``dst`` writes in all (every stage, temporaries included)
+    and a description of the stages, for the space check's message."""
+    if src.is_file():
+        from .convert.gguf import output_bytes
+
+        mid = output_bytes(src, dtype or "bfloat16")
+        if dst.suffix != ".flash":
+            return mid, f"{dst} (from {src.name})"
+        return 2 * mid, (f"{dst} from {src.name} (a temporary mlx folder of {fmt_bytes(mid)}, then the flash "
+                         f"folder of about {fmt_bytes(mid)})")
+    return _source_bytes(src, dtype), f"{dst} (from {src.name})"
+
+
 def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[ProgressCallback],
-             overwrite: bool) -> Path:
+             overwrite: bool, check: bool = True) -> Path:
     from .storage.format import convert_to_flash
 
     from .convert.gguf import is_gguf
@@ -149,19 +231,33 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
         if not to_flash:
             return convert_gguf(src, dst, dtype=dtype or "bfloat16", progress=progress, overwrite=overwrite)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=dst.parent) as tmp:
-            mid = convert_gguf(src, Path(tmp) / "mlx", dtype=dtype or "bfloat16", progress=scaled(progress, 0.0, 0.5))
-            return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
+        if check:  # both stages: the temporary mlx folder and the flash folder
+            check_space(dst.parent, *_convert_need(src, dst, dtype))
+        with destination_lock(dst):
+            if dst.exists() and not overwrite:
+                raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+            with scratch_dir(dst) as tmp:
+                mid = convert_gguf(src, tmp / "mlx", dtype=dtype or "bfloat16", progress=scaled(progress, 0.0, 0.5))
+                return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
     if to_flash:
         return convert_to_flash(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
     raise ValueError(f"{src} is already a model folder: convert it to a .flash folder (destination ending in .flash)")
 
 
 def remove_model(path: Path) -> None:
+    """Delete a model folder, a broken one included (but not a folder that never was a model).
+    It is first renamed to a hidden temporary, so an interrupted removal leaves no half model."""
     path = Path(path)
-    if describe(path) is None:
-        raise ValueError(f"{path} is not a model folder")
-    shutil.rmtree(path)
+    try:
+        inspect(path)
+    except BrokenModel:
+        if not (path.is_dir() and (path.suffix == ".flash" or (path / "manifest.json").exists()
+                                   or (path / "config.json").exists())):
+            raise ValueError(f"{path} is not a model folder") from None
+    with destination_lock(path), translate_write_errors(path, what=f"the library folder {path.parent}"):
+        gone = path.parent / temp_name(path.name, "trash")  # a killed removal's rest goes at the next scan
+        os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- import
@@ -197,14 +293,10 @@ def check_importable(src: Path) -> str:
     if not src.is_dir():
         raise ImportRejected(f"{src} is neither a file nor a folder")
     if (src / "manifest.json").is_file():
-        from .storage.format import FlashFormatError, open_flash
-
-        if describe(src) is None:
-            raise ImportRejected(f"{src.name}: manifest.json is unreadable")
         try:
-            open_flash(src)  # manifest fields, file sizes (a truncated ffn.bin), dense file present
-        except FlashFormatError as e:
-            raise ImportRejected(f"{src.name} cannot be imported: {e}") from None
+            inspect(src)
+        except BrokenModel as e:
+            raise ImportRejected(str(e)) from None
         return "flash"
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -291,11 +383,15 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     dst = root / f"{name}.flash"
     if dst.exists():
         raise FileExistsError(f"a model named {name!r} is already in the library")
-    root.mkdir(parents=True, exist_ok=True)
     do_cal = calibrate and calibration_available()
     conv_end = 0.7 if do_cal else 1.0
     report(progress, 0.0, f"importing {src.name}")
-    work = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
+    need, what = _convert_need(src, dst, dtype) if kind != "flash" else (_dir_size(src), f"{dst} (a copy of {src.name})")
+    try:
+        build = FolderBuild(dst, need=need, what=what)
+    except FileExistsError:
+        raise FileExistsError(f"a model named {name!r} is already in the library") from None
+    work = build.tmp
     try:
         tmp = work / f"{name}.flash"
         if kind == "flash":
@@ -322,11 +418,15 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
 
             _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, conv_end, 0.99))
         report(progress, 0.995, "finishing")  # last chance to cancel
-        if dst.exists():
-            raise FileExistsError(f"a model named {name!r} appeared in the library during the import")
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for f in tmp.iterdir():  # the model's files become the published folder's
+            os.replace(f, work / f.name)
+        tmp.rmdir()
+    except BaseException as e:
+        raise build.fail(e)
+    try:
+        build.publish()
+    except FileExistsError:
+        raise FileExistsError(f"a model named {name!r} appeared in the library during the import") from None
     report(progress, 1.0, f"imported {name}")
     return dst
 
@@ -340,9 +440,10 @@ def rename_model(path: Path, new_name: str) -> Path:
     dst = path.parent / (f"{new_name}.flash" if path.suffix == ".flash" else new_name)
     if dst == path:
         return path
-    if dst.exists():
-        raise FileExistsError(f"a model named {new_name!r} is already in the library")
-    os.replace(path, dst)
+    with destination_lock(path), destination_lock(dst), translate_write_errors(dst, what=f"{dst}"):
+        if dst.exists():
+            raise FileExistsError(f"a model named {new_name!r} is already in the library")
+        os.replace(path, dst)
     return dst
 
 
@@ -360,7 +461,7 @@ def flash_details(path: Path) -> dict:
 
     try:
         m = Manifest.load(Path(path))
-    except (OSError, FlashFormatError):
+    except (OSError, FlashFormatError):  # FlashFormatError: bad JSON, wrong types, missing fields
         return {}
     return {"ffn_bytes": m.ffn_bytes_total, "dtype": m.dtype, "layers": m.num_layers,
             "has_predictors": bool(m.predictors), "source": m.source}

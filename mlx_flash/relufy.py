@@ -55,10 +55,10 @@ so a rerun with the same settings continues where it stopped. A cancel leaves no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +69,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_text, clean_stale, destination_lock, write_error
 from .progress import ProgressCallback, report, scaled
 
 DEFAULT_SPARSITY = 0.7
@@ -343,18 +344,13 @@ def calibration_tokens(model, tokenizer, s: RelufySettings, progress: Optional[P
 
 # --------------------------------------------------------------------------- work folder
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_layer(work: Path, layer: int, ffn: ShiftedReluFFN, res: LayerResult) -> None:
-    tmp = work / f".layer_{layer:03d}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), ffn.state(), metadata={"result": json.dumps(asdict(res))})
-    os.replace(tmp, work / f"layer_{layer:03d}.safetensors")
+    with atomic_path(work / f"layer_{layer:03d}.safetensors", suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), ffn.state(), metadata={"result": json.dumps(asdict(res))})
 
 
 def _load_layer(work: Path, layer: int, act: str) -> Tuple[ShiftedReluFFN, LayerResult]:
@@ -378,9 +374,7 @@ def _spent(work: Path) -> float:
 
 def _add_spent(work: Path, seconds: float) -> None:
     if work.is_dir():
-        tmp = work / f".{SPENT_FILE}.tmp"
-        tmp.write_text(json.dumps({"seconds": _spent(work) + seconds}))
-        os.replace(tmp, work / SPENT_FILE)
+        atomic_write_text(work / SPENT_FILE, json.dumps({"seconds": _spent(work) + seconds}))
 
 
 def _source_fingerprint(files) -> str:
@@ -426,9 +420,7 @@ def _open_work(work: Path, s: RelufySettings, fingerprint: str, progress) -> Non
             if not keep(f):
                 f.unlink() if f.is_file() else shutil.rmtree(f)
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(json.dumps(want, indent=2))
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(want, indent=2))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -514,7 +506,14 @@ def relufy(
     if cfg.get("mlp_bias"):
         raise ValueError(f"{src}: models with FFN biases (mlp_bias) are not supported by relufy")
     work = Path(work_dir).expanduser() if work_dir else default_work_dir(dst)
-    _open_work(work, s, _source_fingerprint(files), progress)
+    held = contextlib.ExitStack()  # dst (and so its work folder) is ours until the end
+    held.enter_context(destination_lock(dst))
+    clean_stale(dst.parent, depth=1)
+    try:
+        _open_work(work, s, _source_fingerprint(files), progress)
+    except BaseException as e:
+        held.close()
+        raise write_error(e, dst, what=f"{dst} (its work folder {work})")
 
     try:
         n_layers = m.num_layers
@@ -600,8 +599,8 @@ def relufy(
                     layer.mlp = f
                 e2e = finetune_biases(teacher, student, tokens[~val_chunks], s, scaled(progress, p_layers_end, 0.9))
                 state = {f"{i}.{k}": f[k] for i, f in enumerate(ffns) for k in ("gate_bias", "up_bias", "down_bias")}
-                mx.save_safetensors(str(work / ".e2e.tmp.safetensors"), state, metadata={"e2e": json.dumps(e2e)})
-                os.replace(work / ".e2e.tmp.safetensors", e2e_path)
+                with atomic_path(e2e_path, suffix=".safetensors") as tmp:
+                    mx.save_safetensors(str(tmp), state, metadata={"e2e": json.dumps(e2e)})
         del teacher, S, T
 
         # ---- write the new flash model
@@ -625,13 +624,18 @@ def relufy(
         write_flash(dst, config=new_cfg, weights=weights, extra_files=extra, dtype=m.dtype,
                     source=f"relufy({m.source or src}) sparsity {s.sparsity}", overwrite=overwrite,
                     progress=scaled(progress, 0.9, 1.0))
-    except BaseException:
-        _add_spent(work, time.perf_counter() - t_start)  # cancelled or failed: the time still counts
-        raise
-    if keep_work:
-        _add_spent(work, rep.seconds)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # the disk may be full
+            _add_spent(work, time.perf_counter() - t_start)  # cancelled or failed: the time still counts
+        held.close()
+        raise write_error(e, dst, what=f"{dst} (or its work folder {work})")
+    try:
+        if keep_work:
+            _add_spent(work, rep.seconds)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        held.close()
     return rep
 
 

@@ -153,6 +153,7 @@ class ModelLibraryPage(QWidget):
         self.settings = settings
         self.current_path: Optional[Path] = None   # the model loaded in the chat
         self._entries: List[library.ModelEntry] = []
+        self._broken: List[library.BrokenEntry] = []
         self._import_worker: Optional[workers.Worker] = None
         self._queue: List[Path] = []
         self._importing: Optional[Path] = None
@@ -169,6 +170,12 @@ class ModelLibraryPage(QWidget):
         self.subtitle.setObjectName("Muted")
         self.subtitle.setTextInteractionFlags(Qt.TextSelectableByMouse)
         col.addWidget(self.subtitle)
+        self.broken_note = QLabel("")  # damaged folders in the library: named with the reason, not listed
+        self.broken_note.setObjectName("Warning")
+        self.broken_note.setWordWrap(True)
+        self.broken_note.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.broken_note.hide()
+        col.addWidget(self.broken_note)
         head.addLayout(col, 1)
         self.import_file_btn = QPushButton("  Import GGUF file…")
         self.import_file_btn.setIcon(theme.icon("file"))
@@ -303,7 +310,9 @@ class ModelLibraryPage(QWidget):
     # --------------------------------------------------------------- listing
     def refresh(self, select: Optional[Path] = None) -> None:
         prev = select or self.selected_path()
-        self._entries = library.list_models()
+        self._entries, self._broken = library.scan_library()
+        self.broken_note.setText(self.broken_text())
+        self.broken_note.setVisible(bool(self._broken))
         self.table.setRowCount(len(self._entries))
         for r, e in enumerate(self._entries):
             name = library.display_name(e)
@@ -340,6 +349,20 @@ class ModelLibraryPage(QWidget):
 
     def entries(self) -> List[library.ModelEntry]:
         return list(self._entries)
+
+    def broken(self) -> List[library.BrokenEntry]:
+        """Folders in the library that are not usable models (each with the reason)."""
+        return list(self._broken)
+
+    def broken_text(self) -> str:
+        """What the page says about damaged folders ("" when there are none)."""
+        if not self._broken:
+            return ""
+        n = len(self._broken)
+        lines = [f"{n} folder{'s' if n != 1 else ''} in the library {'are' if n != 1 else 'is'} damaged and "
+                 f"not listed (remove or re-import {'them' if n != 1 else 'it'}):"]
+        lines += [f"• {b.reason}" for b in self._broken]
+        return "\n".join(lines)
 
     def selected_path(self) -> Optional[Path]:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []

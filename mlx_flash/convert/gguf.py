@@ -20,7 +20,8 @@ RoPE expects.
 
 Writing is atomic: everything goes into a hidden temporary folder next to ``dst`` that
 is renamed to ``dst`` at the end; on any error (or a cancel from the progress callback)
-the temporary folder is removed and ``dst`` is left as it was.
+the temporary folder is removed and ``dst`` is left as it was (:mod:`mlx_flash.atomic`: the
+destination is locked while it is written).
 """
 
 from __future__ import annotations
@@ -30,10 +31,7 @@ import json
 import logging
 import math
 import mmap
-import os
 import re
-import secrets
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..atomic import DISK_FULL, FolderBuild, WriteError, free_bytes, write_error
 from ..progress import ProgressCallback, report, scaled
 
 logger = logging.getLogger(__name__)
@@ -856,16 +855,17 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> OSError:
-    """Turn a failed write into an OSError that names the file and the free space."""
-    try:
-        free = shutil.disk_usage(dst.parent).free
-    except OSError:
-        free = -1
-    code = getattr(e, "errno", None) or (errno.ENOSPC if 0 <= free < need else errno.EIO)
+    """Turn a failed write into a one-line error that names the file and the free space
+    (:func:`mlx_flash.atomic.write_error` for a full disk or a permission problem)."""
+    t = write_error(e, dst, need=need, what=f"{file.name} for {dst}")
+    if t is not e:
+        return t
+    free = free_bytes(dst.parent)
     free_s = _fmt_bytes(free) if free >= 0 else "unknown"
-    return OSError(code, f"could not write {file.name} for {dst} ({e}); the conversion needs about "
-                         f"{_fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
-                         f"another folder")
+    return WriteError(getattr(e, "errno", None) or errno.EIO,
+                      f"could not write {file.name} for {dst} ({e}); the conversion needs about "
+                      f"{_fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
+                      f"another folder")
 
 
 def _shards(plans: List[_TensorPlan], nbytes: int, max_shard_bytes: int) -> List[List[_TensorPlan]]:
@@ -911,10 +911,6 @@ def _write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def _temp_dir_for(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-
-
 def convert_gguf(
     src,
     dst,
@@ -956,15 +952,10 @@ def convert_gguf(
 
         nbytes = _DTYPE_BYTES[dtype]
         shards = _shards(plans, nbytes, max_shard_bytes)
-        need = sum(math.prod(p.shape) for p in plans) * nbytes + 4 * len(json.dumps(tok_files)) + (32 << 20)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(dst.parent).free
-        if free < need:
-            raise OSError(errno.ENOSPC, f"not enough free disk space under {dst.parent} to convert {src.name}: "
-                                        f"about {_fmt_bytes(need)} is needed and {_fmt_bytes(free)} is free")
-
-        tmp = _temp_dir_for(dst)
-        tmp.mkdir()
+        need = _output_bytes(plans, tok_files, dtype)
+        # locks dst, removes stale temporaries, checks the space, makes the temp folder
+        build = FolderBuild(dst, overwrite=overwrite, need=need, what=f"{dst} (from {src.name})")
+        tmp = build.tmp
         try:
             try:
                 _write_json(tmp / "config.json", config)
@@ -1000,33 +991,25 @@ def convert_gguf(
                         "weight_map": weight_map,
                     })
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and "is free" not in str(e):
+                if e.errno in DISK_FULL and not isinstance(e, WriteError):
                     raise _disk_error(e, Path(e.filename or "the model"), dst, need) from e
                 raise
-            _install(tmp, dst, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        except BaseException as e:
+            raise build.fail(e)
+        build.publish()
     report(progress, 1.0, "done")
     return dst
 
 
-def _install(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``dst`` (replacing it only if ``overwrite``)."""
-    if dst.exists():
-        if not overwrite:
-            raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
-        old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-        os.replace(dst, old)
-        try:
-            os.replace(tmp, dst)
-        except BaseException:
-            os.replace(old, dst)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, dst)
+def _output_bytes(plans: List[_TensorPlan], tok_files: Dict[str, Any], dtype: str) -> int:
+    """About how many bytes :func:`convert_gguf` writes (weights, tokenizer, slack)."""
+    return sum(math.prod(p.shape) for p in plans) * _DTYPE_BYTES[dtype] + 4 * len(json.dumps(tok_files)) + (32 << 20)
+
+
+def output_bytes(src, dtype: str = "bfloat16") -> int:
+    """About how many bytes converting the GGUF file ``src`` to an mlx-lm folder writes
+    (reads only the header; raises :class:`GGUFError` like :func:`convert_gguf`)."""
+    with GGUFFile.open(src) as g:
+        hp = LlamaHParams.from_gguf(g)
+        return _output_bytes(_plan_tensors(g, hp), _tokenizer_files(g, hp), dtype)
 

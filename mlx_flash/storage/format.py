@@ -31,13 +31,11 @@ dtype or the requested ``dtype``; the dense part stays quantized (its
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +44,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
+from ..atomic import FolderBuild, atomic_write_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
@@ -304,8 +303,6 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_FILE
-        from ..atomic import atomic_write_text
-
         return atomic_write_text(p, self.to_json())
 
     @classmethod
@@ -891,14 +888,12 @@ def write_flash(
     dense_estimate = sum(v.nbytes for k, v in weights.items() if k not in ffn_keys)
     if dtype is not None:
         dense_estimate = dense_estimate * 2  # worst case float16 → float32
-    need = ffn_size + dense_estimate + (1 << 20)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst.parent).free
-    if free < need:
-        raise OSError(errno.ENOSPC, f"not enough disk space for {dst}: need about {need / 1e9:.2f} GB, "
-                                    f"{free / 1e9:.2f} GB free on {dst.parent}")
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    extra_bytes = sum(len(c) if isinstance(c, (str, bytes)) else Path(c).stat().st_size
+                      for c in (extra_files or {}).values())  # tokenizer files: megabytes
+    need = ffn_size + dense_estimate + extra_bytes + (1 << 20)
+    # locks dst, removes stale temporaries, checks the space, makes the temp folder (atomic.py)
+    build = FolderBuild(dst, overwrite=overwrite, need=need)
+    tmp = build.tmp
     try:
         report(progress, 0.0, f"converting {n_layers} layers")
         entries: List[LayerEntry] = []
@@ -1002,31 +997,10 @@ def write_flash(
         # read what reached the disk back against the checksums of what was written
         verify_checksums(open_flash(tmp), progress=scaled(progress, n_layers / (n_layers + 1), 0.999))
 
-        # ---- publish
         report(progress, 1.0, "publishing")  # last chance to cancel
-        old = None
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-        try:
-            os.replace(tmp, dst)
-        except BaseException:
-            if old is not None:
-                os.replace(old / dst.name, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(dst.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing {dst} (on {dst.parent}); nothing was written") from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    except BaseException as e:
+        raise build.fail(e)  # temp folder removed; a full disk / no permission: a one-line message
+    return build.publish()
 
 
 def _clear_mlx_cache() -> None:
