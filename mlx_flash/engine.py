@@ -352,7 +352,9 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     from .models import get_architecture
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
-    from .storage.format import bundle_layout, ffn_state_dict, load_dense_weights, open_flash
+    from .quantized import cast_floats, compute_dtype, quantize_like
+    from .storage.format import (bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, open_flash,
+                                 role_quantization)
     from .storage.reader import FlashReader
 
     files = open_flash(path)
@@ -361,17 +363,29 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     arch = get_architecture(arch_cfg)
     act, act_param = arch.activation_of(arch_cfg)
     layout = bundle_layout(m)
+    quant = role_quantization(m)
     tokenizer = load_tokenizer(path, eos_token_ids=arch_cfg.get("eos_token_id"))
 
+    def load_dense_part(model) -> Optional[mx.Dtype]:
+        """Dense weights into ``model`` (quantized modules stay quantized); a quantized
+        model runs in ``quantized.compute_dtype`` (returned; None: float model, as stored)."""
+        weights = model.sanitize(dense_weights)
+        quantized = quantize_like(model, weights, arch_cfg)
+        model.load_weights(list(weights.items()))
+        cd = None
+        if quantized or quant:
+            cd = compute_dtype(getattr(mx, m.dtype))
+            cast_floats(model, cd)
+        mx.eval(model.parameters())
+        return cd
+
+    dense_weights = load_dense_weights(files)
     if dense:
         model = arch.build(arch_cfg)
-        weights = load_dense_weights(files)
         for i in range(m.num_layers):
-            weights.update(ffn_state_dict(files, i))
-        model.load_weights(list(model.sanitize(weights).items()))
-        mx.eval(model.parameters())
-        eng = Engine(model, tokenizer, path, None)
-        return eng
+            dense_weights.update(ffn_state_dict(files, i))
+        load_dense_part(model)
+        return Engine(model, tokenizer, path, None)
 
     threads, chunk = config.threads, config.chunk_bytes
     if not threads or not chunk:
@@ -399,7 +413,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
             window=config.window,
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
-            layout=layout,
+            layout=bundle_segments(m),
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -415,15 +429,16 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         reader.close()
         raise
     scratch = cache.scratch
+    cdtype = compute_dtype(dtype) if quant else None
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
-                         layout=layout, act_param=act_param)
+                         layout=layout, act_param=act_param, quant=quant, compute_dtype=cdtype)
 
     model = arch.build(arch_cfg, factory)
-    weights = model.sanitize(load_dense_weights(files))
-    model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
+    cd = load_dense_part(model)
+    policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
+                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()})
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info)
 

@@ -16,6 +16,12 @@ The bundle's columns follow ``storage.format.bundle_layout``: per-neuron biases
 output projection's bias (one vector per layer) is a dense parameter added by
 :meth:`SparseFFN.add_output_bias`.
 
+Quantized bundles (flash format v2): the cache rows hold per role the packed words,
+scales and biases (``role``, ``role.scales``, ``role.biases``); gate/up are multiplied
+with ``mx.quantized_matmul(x, W, transpose=True)`` (rows = output features), down with
+``h @ W`` (``transpose=False``: the rows are ``down_proj.weight.T`` quantized along
+hidden), in ``quantized.compute_dtype`` (float32 on the CPU).
+
 With every neuron active the result equals the dense FFN.
 """
 
@@ -48,16 +54,20 @@ class SparseFFN(nn.Module):
         ``[gate | up | down]`` bundle of ``hidden`` elements each.
     act, act_param: the FFN activation (``active.activation``); ``drelu`` also applies
         ReLU to the up projection.
+    quant: ``storage.format.role_quantization(manifest)``: the quantized roles (empty: float).
+    compute_dtype: activation/scale dtype of the quantized matmuls (``quantized.compute_dtype``).
     """
 
     def __init__(self, layer: int, hidden: int, chooser: Chooser, cache, reader, scratch, counters: FFNCounters,
-                 act: str = "silu", *, layout: Optional[dict] = None, act_param: Optional[float] = None):
+                 act: str = "silu", *, layout: Optional[dict] = None, act_param: Optional[float] = None,
+                 quant: Optional[dict] = None, compute_dtype: Optional[mx.Dtype] = None):
         super().__init__()
         if layout is None:
             layout = {"gate": (0, hidden), "up": (hidden, 2 * hidden), "down": (2 * hidden, 3 * hidden)}
         # Plain attributes (not arrays/lists): nn.Module keeps them out of the parameters.
         object.__setattr__(self, "_state", _State(layer, hidden, chooser, cache, reader, scratch, counters,
-                                                  gated_activation(act, act_param), layout))
+                                                  gated_activation(act, act_param), layout, quant or {},
+                                                  compute_dtype))
         object.__setattr__(self, "_out_bias", None)
 
     def add_output_bias(self, name: str) -> None:
@@ -81,7 +91,7 @@ PREFIX_MIN_SHARE = 0.4
 
 
 class _State:
-    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout):
+    def __init__(self, layer, hidden, chooser, cache, reader, scratch, counters, gated, layout, quant, cdtype):
         self.layer = layer
         self.hidden = hidden
         self.chooser = chooser
@@ -94,6 +104,8 @@ class _State:
         self.has_up = "up" in layout
         self.gate_bias = "gate_bias" in layout
         self.up_bias = "up_bias" in layout
+        self.quant = quant
+        self.cdtype = cdtype
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
 
     def _roles(self, store, rows) -> dict:
@@ -104,19 +116,29 @@ class _State:
             return {role: m[rows] for role, m in mats.items()}
         return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
 
+    def _mm(self, x: mx.array, w: dict, role: str, rows_out: bool) -> mx.array:
+        """``x @ rows.T`` (``rows_out``: gate/up) or ``x @ rows`` (down) for float or quantized rows."""
+        q = self.quant.get(role)
+        if q is None:
+            return x @ (w[role].T if rows_out else w[role])
+        cd = self.cdtype or w[f"{role}.scales"].dtype
+        return mx.quantized_matmul(x.astype(cd), w[role], w[f"{role}.scales"].astype(cd),
+                                   w[f"{role}.biases"].astype(cd), transpose=rows_out,
+                                   group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
+
     def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array]) -> mx.array:
-        g = xt @ w["gate"].T
+        g = self._mm(xt, w, "gate", True)
         if self.gate_bias:
             g = g + w["gate_bias"][:, 0]
         u = None
         if self.has_up:
-            u = xt @ w["up"].T
+            u = self._mm(xt, w, "up", True)
             if self.up_bias:
                 u = u + w["up_bias"][:, 0]
         h = self.gated(g, u)
         if mask is not None:
-            h = h * mask
-        return h @ w["down"]
+            h = h * mask.astype(h.dtype)
+        return self._mm(h, w, "down", False)
 
     def forward(self, x: mx.array) -> mx.array:
         c = self.counters
