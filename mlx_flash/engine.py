@@ -380,6 +380,19 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         return cd
 
     dense_weights = load_dense_weights(files)
+    if dense and quant:  # the dense quantized model: every layer's bundles in memory, as stored
+        from .sparse_ffn import DenseFFN
+        from .storage.format import read_layer_segments
+
+        cd = compute_dtype(getattr(mx, m.dtype))
+        segs = [read_layer_segments(files, i) for i in range(m.num_layers)]
+        model = arch.build(arch_cfg, lambda i: DenseFFN(segs[i], act, act_param, quant, cd))
+        del segs
+        for name, mod in model.named_modules():  # the FFN rows are the model's own: load them as they are
+            if isinstance(mod, DenseFFN):
+                dense_weights.update({f"{name}.{k}": v for k, v in tree_flatten(mod.parameters())})
+        load_dense_part(model)
+        return Engine(model, tokenizer, path, None)
     if dense:
         model = arch.build(arch_cfg)
         for i in range(m.num_layers):

@@ -83,6 +83,60 @@ class SparseFFN(nn.Module):
         return y
 
 
+def ffn_rows(x: mx.array, w: dict, role: str, rows_out: bool, quant: dict, cdtype: Optional[mx.Dtype]) -> mx.array:
+    """``x @ rows.T`` (``rows_out``: gate/up, rows = output features) or ``x @ rows`` (down:
+    rows = ``down_proj.weight.T``) for float rows or quantized ones (``w[role]`` packed words,
+    ``w[role + ".scales"]``, ``w[role + ".biases"]``; ``quant[role]``: bits, group size, mode)."""
+    q = quant.get(role)
+    if q is None:
+        return x @ (w[role].T if rows_out else w[role])
+    cd = cdtype or w[f"{role}.scales"].dtype
+    return mx.quantized_matmul(x.astype(cd), w[role], w[f"{role}.scales"].astype(cd),
+                               w[f"{role}.biases"].astype(cd), transpose=rows_out,
+                               group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
+
+
+def ffn_partial(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant: dict,
+                cdtype: Optional[mx.Dtype]) -> mx.array:
+    """``down(act(gate x) * up x)`` over the neurons whose rows ``w`` holds (by role;
+    ``up``, ``gate_bias``, ``up_bias`` when the model has them), optionally masked."""
+    g = ffn_rows(xt, w, "gate", True, quant, cdtype)
+    if "gate_bias" in w:
+        g = g + w["gate_bias"][:, 0]
+    u = None
+    if "up" in w:
+        u = ffn_rows(xt, w, "up", True, quant, cdtype)
+        if "up_bias" in w:
+            u = u + w["up_bias"][:, 0]
+    h = gated(g, u)
+    if mask is not None:
+        h = h * mask.astype(h.dtype)
+    return ffn_rows(h, w, "down", False, quant, cdtype)
+
+
+class DenseFFN(nn.Module):
+    """A flash layer's whole FFN in memory, as stored (quantized rows stay quantized): what
+    ``engine.load(flash_dir, dense=True)`` runs for a quantized flash folder: the dense
+    quantized model, with the same arithmetic as every neuron through :class:`SparseFFN`.
+    ``segments``: ``storage.format.read_layer_segments``; parameters are named
+    ``gate``, ``gate_scales``, ... (counted by the engine's resident bytes)."""
+
+    def __init__(self, segments: dict, act: str, act_param: Optional[float], quant: dict,
+                 compute_dtype: Optional[mx.Dtype]):
+        super().__init__()
+        for name, a in segments.items():
+            setattr(self, name.replace(".", "_"), a)
+        object.__setattr__(self, "_names", list(segments))
+        object.__setattr__(self, "_cfg", (gated_activation(act, act_param), quant, compute_dtype))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gated, quant, cd = self._cfg
+        w = {n: getattr(self, n.replace(".", "_")) for n in self._names}
+        shape = x.shape
+        y = ffn_partial(x.reshape(-1, shape[-1]), w, None, gated=gated, quant=quant, cdtype=cd)
+        return y.astype(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
 #: Compute over the whole resident prefix (with a 0/1 mask) instead of gathering the
 #: active rows when at least this share of the resident neurons is active: a
 #: gather copies the rows first (measured on the 2-core CPU, bfloat16, 576 x 1536:
@@ -116,29 +170,8 @@ class _State:
             return {role: m[rows] for role, m in mats.items()}
         return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
 
-    def _mm(self, x: mx.array, w: dict, role: str, rows_out: bool) -> mx.array:
-        """``x @ rows.T`` (``rows_out``: gate/up) or ``x @ rows`` (down) for float or quantized rows."""
-        q = self.quant.get(role)
-        if q is None:
-            return x @ (w[role].T if rows_out else w[role])
-        cd = self.cdtype or w[f"{role}.scales"].dtype
-        return mx.quantized_matmul(x.astype(cd), w[role], w[f"{role}.scales"].astype(cd),
-                                   w[f"{role}.biases"].astype(cd), transpose=rows_out,
-                                   group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
-
     def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array]) -> mx.array:
-        g = self._mm(xt, w, "gate", True)
-        if self.gate_bias:
-            g = g + w["gate_bias"][:, 0]
-        u = None
-        if self.has_up:
-            u = self._mm(xt, w, "up", True)
-            if self.up_bias:
-                u = u + w["up_bias"][:, 0]
-        h = self.gated(g, u)
-        if mask is not None:
-            h = h * mask.astype(h.dtype)
-        return self._mm(h, w, "down", False)
+        return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype)
 
     def forward(self, x: mx.array) -> mx.array:
         c = self.counters

@@ -187,3 +187,15 @@ def test_version_1_folder_still_loads_and_generates(src_float, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(FlashFormatError, match="format_version 2"):
         Manifest.load(dst) and open_flash(dst)
+
+
+def test_dense_load_keeps_the_ffn_quantized(quant):
+    """``load(flash, dense=True)`` on a quantized folder: the dense quantized model (bundles
+    in memory as stored), the same arithmetic as every neuron through the flash FFN."""
+    _, dst, bits, _ = quant
+    d = load(dst, dense=True)
+    f = load(dst, FlashConfig(active="all", budget=1.0, threads=2))
+    assert np.array_equal(np.asarray(d.model(TOKS)), np.asarray(f.model(TOKS)))
+    ffn_params = LAYERS * FFN * 3 * HIDDEN
+    assert d.dense_bytes < f.dense_bytes + ffn_params * (bits / 8 + 0.3)  # not float FFN weights
+    f.close()
