@@ -352,7 +352,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     from .models import get_architecture
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
-    from .quantized import cast_floats, compute_dtype, quantize_like
+    from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
     from .storage.format import (bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, open_flash,
                                  role_quantization)
     from .storage.reader import FlashReader
@@ -376,6 +376,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
         if quantized or quant:
             cd = compute_dtype(getattr(mx, m.dtype))
             cast_floats(model, cd)
+            fast_cpu_modules(model)
         mx.eval(model.parameters())
         return cd
 

@@ -19,6 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+#: CPU: inputs with at most this many rows use ``mx.quantized_matmul``; more rows dequantize first.
+QMM_MAX_ROWS_CPU = 2
+#: Rows of a weight dequantized at once for a batched matmul on the CPU (8192 x 576 float32: 19 MB).
+DEQUANT_BLOCK = 8192
+
 
 def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
     """Activation and scale dtype for quantized matmuls on the default device: the stored
@@ -27,6 +32,68 @@ def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
     if mx.default_device().type == mx.gpu:
         return stored
     return mx.float32
+
+
+def use_quantized_matmul(x: mx.array) -> bool:
+    """Whether ``x`` (any leading shape) should go through ``mx.quantized_matmul`` on the
+    default device: always on a GPU, for at most ``QMM_MAX_ROWS_CPU`` rows on the CPU."""
+    return mx.default_device().type == mx.gpu or x.size // max(1, x.shape[-1]) <= QMM_MAX_ROWS_CPU
+
+
+def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: Optional[mx.array], *,
+                       transpose: bool, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """What ``mx.quantized_matmul`` computes, by dequantizing ``w`` (in blocks of ``DEQUANT_BLOCK``
+    rows) and a plain matmul in the scales' dtype: the CPU's fast path for batches."""
+    def deq(a, b):
+        return mx.dequantize(w[a:b], scales[a:b], None if biases is None else biases[a:b],
+                             group_size=group_size, bits=bits, mode=mode)
+
+    n = w.shape[0]
+    x = x.astype(scales.dtype)
+    if not transpose:  # x @ W, W rows = x's columns: accumulate over row blocks
+        y = None
+        for a in range(0, n, DEQUANT_BLOCK):
+            part = x[..., a : a + DEQUANT_BLOCK] @ deq(a, a + DEQUANT_BLOCK)
+            y = part if y is None else y + part
+        return y
+    return mx.concatenate([x @ deq(a, a + DEQUANT_BLOCK).T for a in range(0, n, DEQUANT_BLOCK)], axis=-1)
+
+
+class _CPUQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` that dequantizes for batched inputs on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if use_quantized_matmul(x):
+            return super().__call__(x)
+        y = dequantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+                               group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+class _CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose tied output projection dequantizes for batched inputs on the CPU."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if use_quantized_matmul(x):
+            return super().as_linear(x)
+        return dequantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+                                  group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
+def fast_cpu_modules(model: nn.Module) -> int:
+    """Give ``model``'s quantized linear and embedding modules the batched-input CPU path above
+    (a no-op on a GPU, where ``quantized_matmul`` is fast for any shape). Returns how many."""
+    if mx.default_device().type == mx.gpu:
+        return 0
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = _CPUQuantizedLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding:
+            m.__class__ = _CPUQuantizedEmbedding
+            n += 1
+    return n
 
 
 def quantize_like(model: nn.Module, weights: Mapping[str, mx.array], config: Mapping[str, Any]) -> bool:

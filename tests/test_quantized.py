@@ -116,6 +116,10 @@ def test_all_neurons_match_mlx_lm(quant, tmp_path):
             layer.mlp.down_proj = lin
         exact = same(TOKS).astype(mx.float32)
         assert np.allclose(np.asarray(out), np.asarray(exact), atol=2e-4, rtol=2e-4), budget
+        # one token: the CPU's quantized_matmul path (batches dequantize: quantized.use_quantized_matmul)
+        one = TOKS[:, :1]
+        assert np.allclose(np.asarray(eng.model(one).astype(mx.float32)),
+                           np.asarray(same(one).astype(mx.float32)), atol=2e-4, rtol=2e-4), budget
         eng.close()
 
 
