@@ -325,6 +325,11 @@ def _tname(typ) -> str:
 
 # --------------------------------------------------------------------------- quantized bundles
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+DOWN_BITS = 8
+"""Default bits of the re-quantized down rows of a quantized source (at least the source's bits).
+Measured on the default model (Q4_1 GGUF → 4-bit g32 folder; 1,024 tokens, every neuron active):
+down re-quantized at 4 bits costs +6.3% perplexity on resources/reference.txt and +10.5% on KJV
+Genesis, at 5 bits +1.1% / +5.2%, at 8 bits +0.0% / -0.2% (docs/ARCHITECTURE.md)."""
 
 
 def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str) -> None:
@@ -766,7 +771,7 @@ def convert_to_flash(
     overwrite: replace an existing ``dst`` (only after the new one is complete).
     dequantize_dense: for quantized sources, also dequantize the dense weights.
     source: recorded in the manifest (default: ``src``'s absolute path).
-    down_bits: quantized sources: bits of the re-quantized down columns (None: the source's).
+    down_bits: quantized sources: bits of the re-quantized down columns (None: ``DOWN_BITS``, 8).
     Raises FlashFormatError for unsupported architectures or inconsistent
     weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
     message when the disk is full.
@@ -852,8 +857,8 @@ def write_flash(
     quantization unless ``dtype`` is given (format version 2): gate/up rows are copied
     as they are (quantized along hidden, each row self-contained); down is quantized
     along the FFN dimension, so its columns are dequantized and ``down_proj.weight.T``
-    is re-quantized along hidden at ``down_bits`` (default: the source's bits) with the
-    source's group size (see :func:`_plan_ffn_quantization`).
+    is re-quantized along hidden at ``down_bits`` (default ``DOWN_BITS`` = 8, at least the source's
+    bits) with the source's group size (see :func:`_plan_ffn_quantization`).
     """
     dst = Path(dst).expanduser()
     what = source or "source model"
@@ -1095,8 +1100,8 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
     and group size; layers quantized otherwise (mixed-bit recipes) are re-quantized to the
     part's highest bits. Column parts (down: quantized along the FFN dimension in the
     source, so one neuron's column is spread over groups of other neurons) are
-    re-quantized along hidden at ``down_bits`` (default: the source's highest bits) with
-    the source's group size when it divides hidden (else 64 or 32)."""
+    re-quantized along hidden at ``down_bits`` (default: ``DOWN_BITS``, at least the source's
+    highest bits) with the source's group size when it divides hidden (else 64 or 32)."""
     plan: Dict[str, Any] = {}
     for part in parts:
         if part.kind == "bias":
@@ -1109,7 +1114,7 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
             continue
         bits, gs = max(qs)
         if part.kind == "col":
-            bits = down_bits or bits
+            bits = down_bits or max(DOWN_BITS, bits)
             if hidden % gs:
                 gs = next((g for g in (64, 32) if hidden % g == 0), 0)
         if bits not in QUANT_BITS or not gs or hidden % gs:
@@ -1163,6 +1168,7 @@ __all__ = [
     "read_layer_segments",
     "role_quantization",
     "READABLE_VERSIONS",
+    "DOWN_BITS",
     "bundle_view",
     "ffn_state_dict",
     "convert_to_flash",
