@@ -211,3 +211,26 @@ def test_dense_load_keeps_the_ffn_quantized(quant):
     ffn_params = LAYERS * FFN * 3 * HIDDEN
     assert d.dense_bytes - f.dense_bytes < ffn_params * 2  # the FFN in memory is not float weights
     f.close()
+
+
+def test_calibrate_evaluate_and_predictor_on_a_quantized_folder(quant, tmp_path):
+    """Calibration and evaluation see the quantized model dequantized (read_layer_weights,
+    load_dense_weights(dequantize=True)); the predictor-driven engine then runs quantized."""
+    import shutil
+
+    from mlx_flash.calibrate import calibrate
+    from mlx_flash.evaluate import evaluate
+
+    q, dst, bits, gs = quant
+    if (bits, gs) != (4, 32):
+        pytest.skip("one quantization is enough here")
+    flash = shutil.copytree(dst, tmp_path / "c.flash")
+    calibrate(flash, sparsity=0.5, rank=8, tokens=150, max_new_tokens=8, prompts=["Hello there", "A short story"])
+    eng = load(flash, FlashConfig(budget=0.6, threads=2))
+    assert eng.chooser.name == "predictor"
+    assert len(list(eng.stream_generate("hello", max_tokens=4))) == 4
+    eng.close()
+    text = tmp_path / "t.txt"
+    text.write_text("Hello world, this is a short text about nothing in particular. " * 20)
+    rep = evaluate(flash, text=text, tokens=120, chunk=60)
+    assert rep.modes["dense"].perplexity > 0 and rep.modes["predictor"].perplexity > 0
