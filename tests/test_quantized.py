@@ -213,18 +213,13 @@ def test_dense_load_keeps_the_ffn_quantized(quant):
     f.close()
 
 
-def test_calibrate_evaluate_and_predictor_on_a_quantized_folder(quant, tmp_path):
+def test_calibrate_evaluate_and_predictor_on_a_quantized_folder(src_float, tmp_path):
     """Calibration and evaluation see the quantized model dequantized (read_layer_weights,
     load_dense_weights(dequantize=True)); the predictor-driven engine then runs quantized."""
-    import shutil
-
     from mlx_flash.calibrate import calibrate
     from mlx_flash.evaluate import evaluate
 
-    q, dst, bits, gs = quant
-    if (bits, gs) != (4, 32):
-        pytest.skip("one quantization is enough here")
-    flash = shutil.copytree(dst, tmp_path / "c.flash")
+    flash = convert_to_flash(quantize_tiny(src_float, tmp_path / "q", bits=4, group_size=32), tmp_path / "c.flash")
     calibrate(flash, sparsity=0.5, rank=8, tokens=150, max_new_tokens=8, prompts=["Hello there", "A short story"])
     eng = load(flash, FlashConfig(budget=0.6, threads=2))
     assert eng.chooser.name == "predictor"
