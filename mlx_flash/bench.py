@@ -982,6 +982,16 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
         "flash oracle = the true active neurons from the full gate/up weights, which it holds in memory (counted in "
         "its resident bytes): an upper bound for a predictor, not a product mode.",
     ]
+    if files.manifest.quantized:
+        import mlx.core as mx
+
+        from .quantized import compute_dtype, describe
+        from .storage.format import role_quantization
+
+        cd = str(compute_dtype(getattr(mx, files.manifest.dtype))).rsplit(".", 1)[-1]
+        out.append(f"Quantized flash folder ({describe(role_quantization(files.manifest))}): dense = the dense "
+                   "quantized model (every bundle in memory as stored, what mlx-lm runs with these bits); peak/dense "
+                   f"compares each row's peak memory with it. Quantized matmuls run in {cd} here.")
     if any(r.perplexity is not None for r in rep.rows):
         out.append(f"Perplexity: {rep.perplexity_tokens} predicted tokens of resources/reference.txt (the project's "
                    "own prose) in one teacher-forced pass, after the generation.")
@@ -1057,7 +1067,10 @@ def format_table(report: BenchReport) -> str:
                  + (f", load average {la[0]:.2f} at the start" if la else "") + f"; run took {r.seconds:.0f} s.")
     lines.append("")
     head = ("| configuration | source | tok/s | ms/tok | predictor | I/O | compute | read/tok | useful/tok | "
-            "hit rate | resident | peak | perplexity | I/O GB/s | of disk |")
+            "hit rate | resident | peak | peak/dense | perplexity | I/O GB/s | of disk |")
+    # each row's peak against the dense row's (a quantized flash folder's dense row is the dense
+    # quantized model: what mlx-lm runs with the 4-bit weights)
+    dense_peak = next((row.peak_memory for row in r.rows if row.name == DENSE and row.peak_memory), None)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     skipped = [f"| {s['name']} | skipped: {s['reason']} |" for s in r.skipped]
     for k, row in enumerate(r.rows):
@@ -1068,7 +1081,8 @@ def format_table(report: BenchReport) -> str:
             f"| {row.name} | {row.source} | {row.tokens_per_s:.2f} | {row.ms_total:.1f} | {row.ms_predictor:.1f} | "
             f"{row.ms_io:.1f} | {row.ms_compute:.1f} | {_fb(row.bytes_read_per_token)} | "
             f"{_fb(row.bytes_useful_per_token)} | {_f(row.hit_rate, '{:.1%}')} | {_fb(row.resident_bytes)} | "
-            f"{_fb(row.peak_memory)} | {_f(row.perplexity, '{:.2f}')} | {_f(row.io_gbps, '{:.2f}')} | "
+            f"{_fb(row.peak_memory)} | {_f(row.peak_memory / dense_peak if dense_peak else None, '{:.2f}x')} | "
+            f"{_f(row.perplexity, '{:.2f}')} | {_f(row.io_gbps, '{:.2f}')} | "
             f"{_f(row.io_efficiency, '{:.0%}')} |")
     lines += skipped
     if r.ratios:

@@ -102,7 +102,7 @@ def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     arch_cfg = dict(m.model_args)
     arch = get_architecture(arch_cfg)
     model = arch.build(arch_cfg)
-    weights = load_dense_weights(files)
+    weights = load_dense_weights(files, dequantize=True)  # quantized models: float, the same values
     for i in range(m.num_layers):
         weights.update(ffn_state_dict(files, i))
     if dtype is not None:

@@ -491,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="convert a GGUF file or mlx-lm/HF folder (to mlx-lm or .flash)")
     cv.add_argument("src")
     cv.add_argument("dst", help="a folder ending in .flash gives the flash format, else an mlx-lm folder")
-    cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                    help="store the FFN in this float dtype (default: keep the source's; a quantized source "
+                         "stays quantized, and --dtype dequantizes its FFN)")
     cv.add_argument("--overwrite", action="store_true")
     cv.add_argument("--no-calibrate", action="store_true",
                     help="skip fitting the activation predictors (.flash destinations; "

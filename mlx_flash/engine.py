@@ -424,7 +424,8 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     from .models import get_architecture
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
-    from .storage.format import bundle_layout, ffn_state_dict, load_dense_weights
+    from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
+    from .storage.format import bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization
     from .storage.reader import FlashReader
 
     m = files.manifest
@@ -432,17 +433,45 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     arch = get_architecture(arch_cfg)
     act, act_param = arch.activation_of(arch_cfg)
     layout = bundle_layout(m)
+    quant = role_quantization(m)
     tokenizer = _load_tokenizer(path, arch_cfg.get("eos_token_id"))
     context = arch_cfg.get("max_position_embeddings")
 
-    if dense:
-        verify_file(files, DENSE_FILE)  # and read_layer_weights verifies each layer
-        model = arch.build(arch_cfg)
-        weights = load_dense_weights(files)
-        for i in range(m.num_layers):
-            weights.update(ffn_state_dict(files, i))
-        model.load_weights(list(model.sanitize(weights).items()))
+    def load_dense_part(model) -> Optional[mx.Dtype]:
+        """Dense weights into ``model`` (quantized modules stay quantized); a quantized
+        model runs in ``quantized.compute_dtype`` (returned; None: float model, as stored)."""
+        weights = model.sanitize(dense_weights)
+        quantized = quantize_like(model, weights, arch_cfg)
+        model.load_weights(list(weights.items()))
+        cd = None
+        if quantized or quant:
+            cd = compute_dtype(getattr(mx, m.dtype))
+            cast_floats(model, cd)
+            fast_cpu_modules(model)
         mx.eval(model.parameters())
+        return cd
+
+    if dense:
+        verify_file(files, DENSE_FILE)  # and read_layer_segments / read_layer_weights verify each layer
+    dense_weights = load_dense_weights(files)
+    if dense and quant:  # the dense quantized model: every layer's bundles in memory, as stored
+        from .sparse_ffn import DenseFFN
+        from .storage.format import read_layer_segments
+
+        cd = compute_dtype(getattr(mx, m.dtype))
+        segs = [read_layer_segments(files, i) for i in range(m.num_layers)]
+        model = arch.build(arch_cfg, lambda i: DenseFFN(segs[i], act, act_param, quant, cd))
+        del segs
+        for name, mod in model.named_modules():  # the FFN rows are the model's own: load them as they are
+            if isinstance(mod, DenseFFN):
+                dense_weights.update({f"{name}.{k}": v for k, v in tree_flatten(mod.parameters())})
+        load_dense_part(model)
+        return Engine(model, tokenizer, path, None, context_length=context)
+    if dense:
+        model = arch.build(arch_cfg)
+        for i in range(m.num_layers):
+            dense_weights.update(ffn_state_dict(files, i))
+        load_dense_part(model)
         return Engine(model, tokenizer, path, None, context_length=context)
 
     threads, chunk = config.threads, config.chunk_bytes
@@ -478,7 +507,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             window=config.window,
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
-            layout=layout,
+            layout=bundle_segments(m),
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -494,15 +523,16 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
         reader.close()
         raise
     scratch = cache.scratch
+    cdtype = compute_dtype(dtype) if quant else None
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
-                         layout=layout, act_param=act_param, verifier=verifier)
+                         layout=layout, act_param=act_param, quant=quant, compute_dtype=cdtype, verifier=verifier)
 
     model = arch.build(arch_cfg, factory)
-    weights = model.sanitize(load_dense_weights(files))
-    model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
+    cd = load_dense_part(model)
+    policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
+                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()})
     if (files.root / PREDICTOR_FILE).is_file():  # after the predictors' own checks, whose messages are specific
         verify_file(files, PREDICTOR_FILE)
     if config.verify == "load":

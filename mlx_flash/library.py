@@ -455,13 +455,19 @@ def display_name(entry_or_path) -> str:
 
 def flash_details(path: Path) -> dict:
     """What the library view shows about a flash folder beyond :func:`describe`:
-    ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``.
+    ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``,
+    ``quantization`` (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles).
     Empty for folders that are not flash models (or whose manifest is unreadable)."""
     from .storage.format import FlashFormatError, Manifest
 
+    from .quantized import describe as describe_quant
+    from .storage.format import role_quantization
+
     try:
         m = Manifest.load(Path(path))
+        quant = describe_quant(role_quantization(m))
     except (OSError, FlashFormatError):  # FlashFormatError: bad JSON, wrong types, missing fields
         return {}
     return {"ffn_bytes": m.ffn_bytes_total, "dtype": m.dtype, "layers": m.num_layers,
-            "has_predictors": bool(m.predictors), "source": m.source}
+            "has_predictors": bool(m.predictors), "source": m.source,
+            "quantization": quant}

@@ -173,21 +173,31 @@ def _host_view(a: mx.array) -> np.ndarray:
     return host
 
 
-def _segments(bundle_elems: int, layout: Optional[dict]) -> List[Tuple[str, int, int]]:
-    """``[(role, start, stop)]`` in bundle order, tiling ``[0, bundle_elems)``. ``layout``
-    is ``storage.format.bundle_layout``'s dict (role -> (start, stop), or an int index
-    for a per-neuron bias); None gives one segment, ``"bundle"``."""
-    if layout is None:
-        return [("bundle", 0, bundle_elems)]
-    segs = sorted(((r, v, v + 1) if isinstance(v, int) else (r, int(v[0]), int(v[1]))
-                   for r, v in layout.items()), key=lambda t: t[1])
+def _segments(bundle_elems: int, dtype: mx.Dtype, layout) -> List[Tuple[str, int, int, mx.Dtype]]:
+    """``[(name, byte_start, byte_stop, dtype)]`` in bundle order, tiling the bundle's bytes.
+
+    ``layout`` is ``storage.format.bundle_segments``'s list (byte ranges with their own
+    dtypes: a quantized role is three matrices, ``role`` uint32 words, ``role.scales``,
+    ``role.biases``), or ``storage.format.bundle_layout``'s dict (role -> (start, stop)
+    elements of ``dtype``, or an int index for a per-neuron bias); None gives one
+    segment, ``"bundle"``, of ``bundle_elems`` elements of ``dtype``."""
+    sz = dtype.size
+    if isinstance(layout, (list, tuple)):
+        segs = [(str(r), int(a), int(b), getattr(mx, d) if isinstance(d, str) else d) for r, a, b, d in layout]
+        total = segs[-1][2] if segs else 0
+    elif layout is None:
+        return [("bundle", 0, bundle_elems * sz, dtype)]
+    else:
+        segs = sorted(((r, v * sz, (v + 1) * sz, dtype) if isinstance(v, int) else
+                       (r, int(v[0]) * sz, int(v[1]) * sz, dtype) for r, v in layout.items()), key=lambda t: t[1])
+        total = bundle_elems * sz
     edge = 0
-    for r, a, b in segs:
-        if a != edge or b <= a:
-            raise ValueError(f"bundle layout {layout} does not tile {bundle_elems} elements")
+    for r, a, b, d in segs:
+        if a != edge or b <= a or (b - a) % d.size:
+            raise ValueError(f"bundle layout {layout} does not tile the bundle")
         edge = b
-    if edge != bundle_elems:
-        raise ValueError(f"bundle layout covers {edge} of {bundle_elems} elements")
+    if edge != total:
+        raise ValueError(f"bundle layout covers {edge} of {total} bytes")
     return segs
 
 
@@ -206,16 +216,16 @@ class RowStore:
     is one role, ``"bundle"``, and :meth:`dest` is a plain uint8 row view.
     """
 
-    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout: Optional[dict] = None):
+    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout=None):
         self.rows = int(rows)
         self.bundle_elems = int(bundle_elems)
         self.dtype = dtype
-        self.bundle_bytes = self.bundle_elems * dtype.size
-        self.segments = _segments(self.bundle_elems, layout)
+        self.segments = _segments(self.bundle_elems, dtype, layout)
+        self.bundle_bytes = self.segments[-1][2]
         self.mats: Dict[str, mx.array] = {}
         self.hosts: Dict[str, np.ndarray] = {}
-        for role, a, b in self.segments:
-            m = mx.zeros((self.rows, b - a), dtype)
+        for role, a, b, dt in self.segments:
+            m = mx.zeros((self.rows, (b - a) // dt.size), dt)
             mx.eval(m)
             self.mats[role] = m
             self.hosts[role] = _host_view(m)
@@ -239,14 +249,13 @@ class RowStore:
             return self.hosts[self.segments[0][0]][start : start + k]
         from .storage.reader import SplitRows
 
-        sz = self.dtype.size
-        return SplitRows([(a * sz, b * sz, self.hosts[r][start : start + k]) for r, a, b in self.segments],
+        return SplitRows([(a, b, self.hosts[r][start : start + k]) for r, a, b, _ in self.segments],
                          k, self.bundle_bytes)
 
     def row_bytes(self, rows) -> np.ndarray:
         """The bundles in ``rows`` as ``(len, bundle_bytes)`` uint8 (a copy; for tests)."""
         rows = np.asarray(rows)
-        return np.concatenate([self.hosts[r][rows] for r, _, _ in self.segments], axis=1)
+        return np.concatenate([self.hosts[r][rows] for r, _, _, _ in self.segments], axis=1)
 
     def check(self) -> None:
         for role, m in self.mats.items():
@@ -263,7 +272,8 @@ class LayerCache:
         dtype: MLX dtype of the weights.
         window: sliding window k in tokens (>= 1), this token included.
         lazy: evict outside-window neurons only when their rows are needed.
-        layout: the bundle's roles (``storage.format.bundle_layout``): the rows are then
+        layout: the bundle's roles (``storage.format.bundle_segments``, or the element layout
+            ``storage.format.bundle_layout`` of float bundles): the rows are then
             kept role-major (:class:`RowStore`); None keeps whole bundles in one matrix.
     """
 
@@ -287,11 +297,11 @@ class LayerCache:
         self.capacity = int(min(capacity, n_neurons))
         self.bundle_elems = int(bundle_elems)
         self.dtype = dtype
-        self.bundle_bytes = self.bundle_elems * dtype.size
         self.window = int(window)
         self.lazy = bool(lazy)
 
         self.rows = RowStore(self.capacity, self.bundle_elems, dtype, layout)
+        self.bundle_bytes = self.rows.bundle_bytes  # real bytes: quantized bundles weigh what they hold
 
         self.slot_ids = np.full(self.capacity, -1, dtype=np.int32)
         self.slot_of = np.full(self.n_neurons, -1, dtype=np.int32)
@@ -533,8 +543,9 @@ class NeuronCache:
         the whole FFN fits in the budget (nothing can overflow then). Raises
         ValueError when the budget cannot hold the scratch plus one neuron per layer.
         """
-        if bundle_bytes != bundle_elems * dtype.size:
-            raise ValueError(f"bundle_bytes {bundle_bytes} != bundle_elems {bundle_elems} * {dtype.size} bytes")
+        want = _segments(bundle_elems, dtype, layout)[-1][2]
+        if bundle_bytes != want:
+            raise ValueError(f"bundle_bytes {bundle_bytes} != {want}, the bytes of the bundle layout")
         budget_bytes = int(budget_bytes)
         full = n_layers * n_neurons * bundle_bytes
         scratch = 0 if budget_bytes >= full else max(0, min(int(scratch_neurons), n_neurons))

@@ -505,6 +505,9 @@ def relufy(
         raise ValueError(f"{src}: hidden_act is {activation_of(cfg)[0]!r}, not SwiGLU: nothing to ReLU-fy")
     if cfg.get("mlp_bias"):
         raise ValueError(f"{src}: models with FFN biases (mlp_bias) are not supported by relufy")
+    if m.quantized or m.dense_quantization:
+        raise ValueError(f"{src}: relufy trains float weights; this model is quantized: convert its source "
+                         f"with --dtype bfloat16 first")
     work = Path(work_dir).expanduser() if work_dir else default_work_dir(dst)
     held = contextlib.ExitStack()  # dst (and so its work folder) is ours until the end
     held.enter_context(destination_lock(dst))

@@ -174,3 +174,23 @@ if __name__ == "__main__":  # pragma: no cover - manual check
     d = make_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "tiny")
     m, t = mlx_lm.load(str(d))
     print(mlx_lm.generate(m, t, t.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True), max_tokens=10))
+
+
+def quantize_tiny(src: Union[str, Path], dst: Union[str, Path], *, bits: int = 4, group_size: int = 32,
+                  quant_predicate=None) -> Path:
+    """An mlx-lm quantized folder at ``dst`` made from the float folder ``src`` with mlx-lm's
+    own ``quantize_model`` (``config.json`` gains ``quantization``; ``quant_predicate`` as in
+    mlx-lm, e.g. per-module bits). Tokenizer files are copied."""
+    import shutil
+
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    src, dst = Path(src), Path(dst)
+    model, config = load_model(src)
+    model, config = quantize_model(model, config, group_size, bits, quant_predicate=quant_predicate)
+    save_model(dst, model)
+    save_config(config, config_path=dst / "config.json")
+    for p in src.iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(p, dst / p.name)
+    return dst

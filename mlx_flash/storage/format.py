@@ -48,7 +48,9 @@ from ..atomic import FolderBuild, atomic_write_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 adds ``quantization`` (quantized bundles); version 1 folders (float bundles) read unchanged."""
 ALIGNMENT = 4096
 MANIFEST_FILE = "manifest.json"
 FFN_FILE = "ffn.bin"
@@ -199,6 +201,9 @@ class Manifest:
     """blake2b (hex) of whole side files by name: ``dense.safetensors`` (written by
     :func:`write_flash`), ``predictors.safetensors`` (written by calibration). Older
     manifests have none: those files are then not checked."""
+    quantization: Optional[Dict[str, Any]] = None
+    """Version 2: per weight part of the bundle (``gate``, ``up``, ``down``, ``fc1``, ``fc2``)
+    ``{"bits", "group_size", "mode": "affine"}`` or ``"none"`` (float); None: float bundles."""
     format_version: int = FORMAT_VERSION
     extra: Dict[str, Any] = field(default_factory=dict)
     """Unknown manifest fields, kept so that load → save round-trips them."""
@@ -213,6 +218,11 @@ class Manifest:
     def itemsize(self) -> int:
         """Bytes per element of the stored dtype."""
         return DTYPE_SIZES[self.dtype]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any bundle part is stored quantized (format version 2)."""
+        return any(isinstance(v, Mapping) for v in (self.quantization or {}).values())
 
     def layer_range(self, layer: int) -> Tuple[int, int]:
         """``(offset, size)`` of ``layer``'s region in ``ffn.bin``."""
@@ -256,7 +266,7 @@ class Manifest:
         }
         optional = {"alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
                     "predictors": (dict, type(None)), "dense_quantization": (dict, type(None)),
-                    "checksums": dict}
+                    "checksums": dict, "quantization": (dict, type(None))}
         kw: Dict[str, Any] = {}
         for name, typ in list(required.items()) + list(optional.items()):
             if name not in d:
@@ -323,6 +333,83 @@ def _tname(typ) -> str:
     return typ.__name__
 
 
+# --------------------------------------------------------------------------- quantized bundles
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+DOWN_BITS = 8
+"""Default bits of the re-quantized down rows of a quantized source (at least the source's bits).
+Measured on the default model (Q4_1 GGUF → 4-bit g32 folder; 1,024 tokens, every neuron active):
+down re-quantized at 4 bits costs +6.3% perplexity on resources/reference.txt and +10.5% on KJV
+Genesis, at 5 bits +1.1% / +5.2%, at 8 bits +0.0% / -0.2% (docs/ARCHITECTURE.md)."""
+
+
+def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str) -> None:
+    q = m.quantization
+    if q is None:
+        return
+    weight_parts = {p.name for p in parts if p.kind != "bias"}
+    if set(q) != weight_parts:
+        raise FlashFormatError(f"{where}: field 'quantization' names parts {sorted(q)}, expected {sorted(weight_parts)}")
+    for name, spec in q.items():
+        if spec == "none":
+            continue
+        if not isinstance(spec, Mapping):
+            raise FlashFormatError(f"{where}: field 'quantization.{name}' must be an object or \"none\"")
+        bits, gs, mode = spec.get("bits"), spec.get("group_size"), spec.get("mode", "affine")
+        if bits not in QUANT_BITS or not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0 \
+                or m.hidden_size % gs or mode != "affine":
+            raise FlashFormatError(f"{where}: field 'quantization.{name}' is {dict(spec)}: expected affine "
+                                   f"bits in {QUANT_BITS} and a group_size dividing hidden_size {m.hidden_size}")
+
+
+def _part_quant(q: Optional[Mapping[str, Any]], part: BundlePart) -> Optional[Mapping[str, Any]]:
+    spec = (q or {}).get(part.name)
+    return spec if isinstance(spec, Mapping) and part.kind != "bias" else None
+
+
+def _bundle_pieces(parts, hidden: int, dtype: str, q) -> List[Tuple[str, int, str]]:
+    """``[(name, bytes, dtype)]`` of a bundle in order. A float part is one piece named
+    after its role; a quantized one three: ``role`` (packed uint32 words), ``role.scales``
+    and ``role.biases`` (``hidden / group_size`` each, in ``dtype``)."""
+    item = DTYPE_SIZES[dtype]
+    out: List[Tuple[str, int, str]] = []
+    for part in parts:
+        spec = _part_quant(q, part)
+        if spec is None:
+            out.append((part.role, part.elems(hidden) * item, dtype))
+        else:
+            groups = hidden // spec["group_size"]
+            out += [(part.role, hidden * spec["bits"] // 8, "uint32"),
+                    (f"{part.role}.scales", groups * item, dtype), (f"{part.role}.biases", groups * item, dtype)]
+    return out
+
+
+def bundle_segments(manifest: "Manifest") -> List[Tuple[str, int, int, str]]:
+    """Byte layout of one bundle: ``[(name, start, stop, dtype)]`` tiling ``[0, bundle_bytes)``.
+    Float bundles: one segment per role (``gate``, ``up``, ``down``, ``gate_bias`` ...);
+    quantized parts (format version 2): ``role`` (packed ``uint32`` words, MLX affine
+    packing), ``role.scales`` and ``role.biases``. What the neuron cache's role-major rows
+    (``neuron_cache.RowStore``) are made of."""
+    out, pos = [], 0
+    for name, nb, dt in _bundle_pieces(bundle_parts(manifest), manifest.hidden_size, manifest.dtype,
+                                       manifest.quantization):
+        out.append((name, pos, pos + nb, dt))
+        pos += nb
+    return out
+
+
+def role_quantization(manifest: "Manifest") -> Dict[str, Dict[str, Any]]:
+    """``{role: {"bits", "group_size", "mode"}}`` of the quantized roles (empty for float bundles).
+    Gate/up rows keep the source's quantization along hidden; ``down`` holds
+    ``down_proj.weight.T`` re-quantized along hidden (see docs/ARCHITECTURE.md)."""
+    out = {}
+    for part in bundle_parts(manifest):
+        spec = _part_quant(manifest.quantization, part)
+        if spec is not None:
+            out[part.role] = {"bits": int(spec["bits"]), "group_size": int(spec["group_size"]),
+                              "mode": spec.get("mode", "affine")}
+    return out
+
+
 # --------------------------------------------------------------------------- opening
 @dataclass
 class FlashFiles:
@@ -343,10 +430,13 @@ def _plain_name(name: str, field_name: str, where: str) -> str:
 def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
     """Check the manifest's own consistency (no file access). Raises
     :class:`FlashFormatError` naming ``where`` and the field."""
-    if m.format_version != FORMAT_VERSION:
+    if m.format_version not in READABLE_VERSIONS:
         raise FlashFormatError(
-            f"{where}: field 'format_version' is {m.format_version}; this mlx-flash reads version {FORMAT_VERSION}"
+            f"{where}: field 'format_version' is {m.format_version}; this mlx-flash reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (re-import the model with this version)"
         )
+    if m.quantization is not None and m.format_version < 2:
+        raise FlashFormatError(f"{where}: field 'quantization' needs format_version 2, got {m.format_version}")
     if m.architecture not in ARCHITECTURES:
         raise FlashFormatError(
             f"{where}: field 'architecture' is {m.architecture!r}: unsupported architecture "
@@ -370,10 +460,12 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
             f"{where}: field 'bundle_elems' is {m.bundle_elems}, expected {elems} for parts {expect_parts} "
             f"(hidden_size {m.hidden_size})"
         )
-    if m.bundle_bytes != m.bundle_elems * DTYPE_SIZES[m.dtype]:
+    _check_quantization(m, parts, where)
+    want_bytes = sum(nb for _, nb, _ in _bundle_pieces(parts, m.hidden_size, m.dtype, m.quantization))
+    if m.bundle_bytes != want_bytes:
         raise FlashFormatError(
-            f"{where}: field 'bundle_bytes' is {m.bundle_bytes}, expected bundle_elems * sizeof({m.dtype}) "
-            f"= {m.bundle_elems * DTYPE_SIZES[m.dtype]}"
+            f"{where}: field 'bundle_bytes' is {m.bundle_bytes}, expected {want_bytes} for parts {expect_parts} "
+            f"in {m.dtype}" + (" with the manifest's quantization" if m.quantization else "")
         )
     for name, arg in (("hidden_size", "hidden_size"), ("intermediate_size", spec.intermediate_key),
                       ("num_layers", "num_hidden_layers")):
@@ -589,24 +681,18 @@ def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     b = np.ascontiguousarray(buf_u8)
     if b.dtype != np.uint8:
         raise TypeError(f"bundle_view expects uint8 bytes, got {b.dtype}")
+    if manifest.quantization is not None:
+        raise ValueError("bundle_view reads float bundles; split quantized ones with bundle_segments")
     if b.size % manifest.bundle_bytes:
         raise ValueError(f"{b.size} bytes is not a whole number of {manifest.bundle_bytes}-byte bundles")
     typed = b.reshape(-1).view(numpy_storage_dtype(manifest.dtype)).reshape(-1, manifest.bundle_elems)
     return _np_to_mx(typed, manifest.dtype)
 
 
-def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) -> Tuple[mx.array, ...]:
-    """Read one layer's whole FFN with a plain buffered read (for the oracle, dense
-    loading and tests; the engine's sparse path uses ``FlashReader``). ``verify``
-    (the default) checks the bytes read against the layer's checksum (a
-    :class:`ChecksumError` naming the layer; hashing costs ~1 ms per MB).
-
-    Returns one array per bundle part, in bundle order, in the stored dtype and
-    exactly as in the source model: row parts ``[inter, hidden]``, column parts
-    ``[hidden, inter]``, biases ``[inter]``. For llama without biases that is
-    ``(gate_proj.weight, up_proj.weight, down_proj.weight)``; see
-    :func:`ffn_state_dict` for the key names.
-    """
+def _read_layer_raw(files: FlashFiles, layer: int, verify: bool = True) -> np.ndarray:
+    """One layer's bundles as ``(intermediate_size, bundle_bytes)`` uint8 (plain buffered read).
+    ``verify`` (the default) checks the bytes read against the layer's checksum (a
+    :class:`ChecksumError` naming the layer; hashing costs ~1 ms per MB)."""
     m = files.manifest
     off, size = m.layer_range(layer)
     raw = np.empty(size, dtype=np.uint8)
@@ -621,19 +707,53 @@ def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) ->
             got += n
     if verify and hashlib.blake2b(memoryview(raw)).hexdigest() != m.layers[layer].checksum:
         raise _layer_mismatch(files, layer)
-    h = m.hidden_size
-    typed = raw.view(numpy_storage_dtype(m.dtype)).reshape(m.intermediate_size, m.bundle_elems)
+    return raw.reshape(m.intermediate_size, m.bundle_bytes)
+
+
+def _segment_array(block_u8: np.ndarray, dtype: str) -> mx.array:
+    """``(n, bytes)`` uint8 → an ``mx.array`` ``(n, bytes / itemsize)`` of ``dtype`` (a copy)."""
+    b = np.ascontiguousarray(block_u8)
+    if dtype == "uint32":
+        return mx.array(b.view(np.uint32))
+    return _np_to_mx(b.view(numpy_storage_dtype(dtype)), dtype)
+
+
+def read_layer_segments(files: FlashFiles, layer: int, *, verify: bool = True) -> Dict[str, mx.array]:
+    """One layer's bundles split by :func:`bundle_segments`: ``{name: (intermediate_size, width)}``
+    as stored (quantized roles: packed ``uint32`` words, ``.scales``, ``.biases``)."""
+    raw = _read_layer_raw(files, layer, verify)
+    return {name: _segment_array(raw[:, a:b], dt) for name, a, b, dt in bundle_segments(files.manifest)}
+
+
+def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) -> Tuple[mx.array, ...]:
+    """Read one layer's whole FFN with a plain buffered read (for the oracle, dense
+    loading and tests; the engine's sparse path uses ``FlashReader``). ``verify`` (the
+    default) checks the layer's checksum (:class:`ChecksumError`).
+
+    Returns one array per bundle part, in bundle order, in the stored float dtype and
+    exactly as in the source model: row parts ``[inter, hidden]``, column parts
+    ``[hidden, inter]``, biases ``[inter]``. For llama without biases that is
+    ``(gate_proj.weight, up_proj.weight, down_proj.weight)``; see
+    :func:`ffn_state_dict` for the key names. Quantized bundles (format version 2) are
+    dequantized here (``mx.dequantize``; ``down`` from its re-quantized rows): this is
+    the one function that turns a quantized layer back into floats.
+    """
+    m = files.manifest
+    seg = read_layer_segments(files, layer, verify=verify)
+    quant = role_quantization(m)
     out = []
-    pos = 0
     for part in bundle_parts(m):
-        n = part.elems(h)
-        block = typed[:, pos : pos + n]
+        q = quant.get(part.role)
+        if q is not None:
+            block = mx.dequantize(seg[part.role], seg[f"{part.role}.scales"], seg[f"{part.role}.biases"],
+                                  group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
+        else:
+            block = seg[part.role]
         if part.kind == "col":
             block = block.T
         elif part.kind == "bias":
             block = block[:, 0]
-        out.append(_np_to_mx(np.ascontiguousarray(block), m.dtype))
-        pos += n
+        out.append(mx.contiguous(block) if part.kind != "bias" else block)
     return tuple(out)
 
 
@@ -647,12 +767,21 @@ def ffn_state_dict(files: FlashFiles, layer: int) -> Dict[str, mx.array]:
             for part, w in zip(bundle_parts(m), read_layer_weights(files, layer))}
 
 
-def load_dense_weights(files: FlashFiles) -> Dict[str, mx.array]:
-    """All non-FFN weights (mlx-lm key names) from ``dense.safetensors``."""
+def load_dense_weights(files: FlashFiles, *, dequantize: bool = False) -> Dict[str, mx.array]:
+    """All non-FFN weights (mlx-lm key names) from ``dense.safetensors``. Quantized modules
+    (``.weight`` + ``.scales`` + ``.biases``) come as stored, or as float ``.weight``
+    (the scales' dtype) with ``dequantize``."""
     try:
-        return dict(mx.load(str(files.dense_path)))
+        w = dict(mx.load(str(files.dense_path)))
     except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
         raise FlashFormatError(f"{files.dense_path}: cannot read {files.manifest.dense_file} ({e})") from None
+    if dequantize:
+        qcfg = files.manifest.model_args.get("quantization") or files.manifest.model_args.get("quantization_config")
+        for key in [k for k in w if k.endswith(".scales")]:
+            mod = key[: -len(".scales")]
+            if f"{mod}.weight" in w:
+                w[f"{mod}.weight"] = _dequantize(w, mod, None, qcfg, str(files.dense_path))
+    return w
 
 
 # --------------------------------------------------------------------------- writing
@@ -728,6 +857,7 @@ def convert_to_flash(
     overwrite: bool = False,
     dequantize_dense: bool = False,
     source: Optional[str] = None,
+    down_bits: Optional[int] = None,
 ) -> Path:
     """Convert an mlx-lm / Hugging Face model folder (``config.json`` + ``*.safetensors``,
     possibly sharded) into a flash folder at ``dst``; return ``dst``.
@@ -739,6 +869,7 @@ def convert_to_flash(
     overwrite: replace an existing ``dst`` (only after the new one is complete).
     dequantize_dense: for quantized sources, also dequantize the dense weights.
     source: recorded in the manifest (default: ``src``'s absolute path).
+    down_bits: quantized sources: bits of the re-quantized down columns (None: ``DOWN_BITS``, 8).
     Raises FlashFormatError for unsupported architectures or inconsistent
     weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
     message when the disk is full.
@@ -779,6 +910,7 @@ def convert_to_flash(
         progress=progress,
         overwrite=overwrite,
         dequantize_dense=dequantize_dense,
+        down_bits=down_bits,
     )
 
 
@@ -809,6 +941,7 @@ def write_flash(
     progress: Optional[ProgressCallback] = None,
     overwrite: bool = False,
     dequantize_dense: bool = False,
+    down_bits: Optional[int] = None,
 ) -> Path:
     """Write a flash folder from in-memory (preferably lazy) mlx-lm weights.
 
@@ -820,6 +953,13 @@ def write_flash(
     ``extra_files`` maps a file name in ``dst`` to a source path (copied) or
     contents (``str``/``bytes``); ``config.json`` is written from ``config``
     unless given here. Other arguments as in :func:`convert_to_flash`.
+
+    Quantized sources (MLX affine ``.weight``/``.scales``/``.biases``) keep their
+    quantization unless ``dtype`` is given (format version 2): gate/up rows are copied
+    as they are (quantized along hidden, each row self-contained); down is quantized
+    along the FFN dimension, so its columns are dequantized and ``down_proj.weight.T``
+    is re-quantized along hidden at ``down_bits`` (default ``DOWN_BITS`` = 8, at least the source's
+    bits) with the source's group size (see :func:`_plan_ffn_quantization`).
     """
     dst = Path(dst).expanduser()
     what = source or "source model"
@@ -862,16 +1002,23 @@ def write_flash(
                 raise FlashFormatError(f"{what}: tensor {pre}.{i}.{t} is missing")
         ffn_prefix.append(f"{pre}.{i}")
 
-    first = weights[f"{ffn_prefix[0]}.{parts[0].tensor}"]
-    src_dtype = weights.get(f"{ffn_prefix[0]}.{parts[0].tensor[: -len('.weight')]}.scales", first).dtype
+    first_mod = f"{ffn_prefix[0]}.{parts[0].tensor[: -len('.weight')]}"
+    first = weights[f"{first_mod}.weight"]
+    scales0 = weights.get(f"{first_mod}.scales")
+    src_dtype = (first if scales0 is None else scales0).dtype
     del first
     out_dtype = dtype or _dtype_name(src_dtype)
     if out_dtype not in DTYPE_SIZES:
         raise FlashFormatError(f"{what}: FFN weights are {out_dtype}; pass dtype= one of {sorted(DTYPE_SIZES)}")
     mx_out = getattr(mx, out_dtype)
-    item = DTYPE_SIZES[out_dtype]
+    keep_q = dtype is None and scales0 is not None and _quant_entry(qcfg, first_mod).get("mode", "affine") == "affine"
+    del scales0
+    fquant = _plan_ffn_quantization(weights, ffn_prefix, parts, hidden, inter, qcfg, down_bits, what) if keep_q else None
+    if fquant is not None and all(v == "none" for v in fquant.values()):
+        fquant = None
     bundle_elems = sum(p.elems(hidden) for p in parts)
-    bundle_bytes = bundle_elems * item
+    pieces_spec = _bundle_pieces(parts, hidden, out_dtype, fquant)
+    bundle_bytes = sum(nb for _, nb, _ in pieces_spec)
     layer_size = inter * bundle_bytes
     offsets = [i * _align(layer_size) for i in range(n_layers)]
     ffn_size = _align(offsets[-1] + layer_size)
@@ -904,28 +1051,38 @@ def write_flash(
                 pieces = []
                 for part in parts:
                     name = f"{pre}.{part.tensor}"
+                    spec = _part_quant(fquant, part)
                     if part.kind == "bias":
                         arr = weights.pop(name)
                         shape: Tuple[int, ...] = (inter,)
                     else:
                         mod = name[: -len(".weight")]
-                        arr = _dequantize(weights, mod, hidden if part.kind == "row" else inter, qcfg, what)
+                        in_dim = hidden if part.kind == "row" else inter
+                        if spec is not None and part.kind == "row" and _source_quant(weights, mod, in_dim) == \
+                                (spec["bits"], spec["group_size"]):  # copied as stored: exact
+                            _check_shape(weights[f"{mod}.weight"], (inter, hidden * spec["bits"] // 32), mod, what)
+                            pieces += [weights.pop(f"{mod}.weight"), weights.pop(f"{mod}.scales").astype(mx_out),
+                                       weights.pop(f"{mod}.biases").astype(mx_out)]
+                            continue
+                        arr = _dequantize(weights, mod, in_dim, qcfg, what)
                         shape = (inter, hidden) if part.kind == "row" else (hidden, inter)
-                    if tuple(arr.shape) != shape:
-                        raise FlashFormatError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, "
-                                               f"expected {shape} (hidden_size {hidden}, intermediate_size {inter})")
+                    _check_shape(arr, shape, name, what)
                     if not mx.issubdtype(arr.dtype, mx.floating):
                         raise FlashFormatError(f"{what}: tensor {name} has dtype {arr.dtype}, expected floats")
                     if part.kind == "col":
                         arr = arr.T
                     elif part.kind == "bias":
                         arr = arr[:, None]
-                    pieces.append(arr.astype(mx_out))
-                bundle = mx.concatenate(pieces, axis=1)
-                del pieces, arr
-                mx.eval(bundle)
-                raw = _np_bytes(bundle)
-                del bundle
+                    if spec is not None:  # re-quantized along hidden (down columns; mixed-bit sources)
+                        wq, sq, bq = mx.quantize(arr.astype(mx.float32), group_size=spec["group_size"],
+                                                 bits=spec["bits"])
+                        pieces += [wq, sq.astype(mx_out), bq.astype(mx_out)]
+                    else:
+                        pieces.append(arr.astype(mx_out))
+                    del arr
+                mx.eval(pieces)
+                raw = np.concatenate([_np_bytes(a).reshape(inter, -1) for a in pieces], axis=1).reshape(-1)
+                del pieces
                 assert raw.nbytes == layer_size
                 if offsets[i] > pos:
                     f.write(bytes(offsets[i] - pos))
@@ -984,6 +1141,7 @@ def write_flash(
             bundle_parts=[p.name for p in parts],
             bundle_elems=bundle_elems,
             bundle_bytes=bundle_bytes,
+            quantization=fquant,
             layers=entries,
             ffn_size=ffn_size,
             source=source,
@@ -1001,6 +1159,51 @@ def write_flash(
     except BaseException as e:
         raise build.fail(e)  # temp folder removed; a full disk / no permission: a one-line message
     return build.publish()
+
+
+def _check_shape(arr: mx.array, shape: Tuple[int, ...], name: str, what: str) -> None:
+    if tuple(arr.shape) != tuple(shape):
+        raise FlashFormatError(f"{what}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+
+
+def _source_quant(weights: Mapping[str, mx.array], module: str, in_dim: int) -> Optional[Tuple[int, int]]:
+    """``(bits, group_size)`` of a quantized source module from its shapes, None if float."""
+    s = weights.get(f"{module}.scales")
+    w = weights[f"{module}.weight"]
+    if s is None or w.dtype != mx.uint32 or (w.shape[-1] * 32) % in_dim or in_dim % s.shape[-1]:
+        return None
+    return w.shape[-1] * 32 // in_dim, in_dim // s.shape[-1]
+
+
+def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, qcfg, down_bits: Optional[int],
+                           what: str) -> Dict[str, Any]:
+    """The bundle's quantization per weight part (the manifest's ``quantization``) for a
+    quantized source. Row parts (gate/up: quantized along hidden) keep the source's bits
+    and group size; layers quantized otherwise (mixed-bit recipes) are re-quantized to the
+    part's highest bits. Column parts (down: quantized along the FFN dimension in the
+    source, so one neuron's column is spread over groups of other neurons) are
+    re-quantized along hidden at ``down_bits`` (default: ``DOWN_BITS``, at least the source's
+    highest bits) with the source's group size when it divides hidden (else 64 or 32)."""
+    plan: Dict[str, Any] = {}
+    for part in parts:
+        if part.kind == "bias":
+            continue
+        in_dim = hidden if part.kind == "row" else inter
+        found = [_source_quant(weights, f"{pre}.{part.tensor[: -len('.weight')]}", in_dim) for pre in ffn_prefix]
+        qs = [q for q in found if q is not None]
+        if not qs:
+            plan[part.name] = "none"
+            continue
+        bits, gs = max(qs)
+        if part.kind == "col":
+            bits = down_bits or max(DOWN_BITS, bits)
+            if hidden % gs:
+                gs = next((g for g in (64, 32) if hidden % g == 0), 0)
+        if bits not in QUANT_BITS or not gs or hidden % gs:
+            raise FlashFormatError(f"{what}: {part.tensor} cannot be stored quantized with bits={bits}, "
+                                   f"group_size={gs} (hidden_size {hidden}); convert with dtype='bfloat16'")
+        plan[part.name] = {"bits": int(bits), "group_size": int(gs), "mode": "affine"}
+    return plan
 
 
 def _clear_mlx_cache() -> None:
@@ -1048,6 +1251,11 @@ __all__ = [
     "verify_file",
     "bundle_layout",
     "bundle_parts",
+    "bundle_segments",
+    "read_layer_segments",
+    "role_quantization",
+    "READABLE_VERSIONS",
+    "DOWN_BITS",
     "bundle_view",
     "ffn_state_dict",
     "convert_to_flash",

@@ -210,10 +210,17 @@ def test_quantized_source(tmp_path):
     assert m.dtype == "float16"
     assert m.dense_quantization == {"group_size": 32, "bits": 4}
     assert m.model_args["quantization"] == {"group_size": 32, "bits": 4}
+    assert m.format_version == 2 and m.quantized  # the bits stay (tests/test_quantized.py checks them)
     g, u, d = read_layer_weights(files, 1)
+    p = "model.layers.1.mlp.gate_proj"
+    ref = mx.dequantize(qw[p + ".weight"], qw[p + ".scales"], qw[p + ".biases"], group_size=32, bits=4)
+    assert mx.array_equal(g, ref).item()
+    # the opt-out: float bundles, down dequantized exactly
+    fd = open_flash(convert_to_flash(src, tmp_path / "qd.flash", dtype="float16"))
+    assert fd.manifest.quantization is None and fd.manifest.dense_quantization == {"group_size": 32, "bits": 4}
     p = "model.layers.1.mlp.down_proj"
     ref = mx.dequantize(qw[p + ".weight"], qw[p + ".scales"], qw[p + ".biases"], group_size=32, bits=4)
-    assert mx.array_equal(d, ref).item()
+    assert mx.array_equal(read_layer_weights(fd, 1)[2], ref).item()
     dense = load_dense_weights(files)
     assert "model.layers.0.self_attn.q_proj.scales" in dense
     assert not [k for k in dense if ".mlp." in k]
