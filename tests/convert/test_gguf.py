@@ -372,7 +372,7 @@ def test_config_and_tokenizer_files(tmp_path):
 
     src = tmp_path / "tiny.gguf"
     write_gguf(src, qtype=Q.Q8_0)
-    dst = convert_gguf(src, tmp_path / "out")  # bfloat16 by default
+    dst = convert_gguf(src, tmp_path / "out", dtype="bfloat16")
     cfg = json.loads((dst / "config.json").read_text())
     tokens = toy_bpe_vocab()[0]
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
