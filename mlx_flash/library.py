@@ -142,9 +142,10 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
         from .convert.gguf import convert_gguf
 
         if not to_flash:
-            return convert_gguf(src, dst, dtype=dtype or "bfloat16", progress=progress, overwrite=overwrite)
+            return convert_gguf(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)  # None: keep the bits
         dst.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=dst.parent) as tmp:
+            # flash bundles are float until quantized bundles exist (issue #14): dequantize here
             mid = convert_gguf(src, Path(tmp) / "mlx", dtype=dtype or "bfloat16", progress=scaled(progress, 0.0, 0.5))
             return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
     if to_flash:
