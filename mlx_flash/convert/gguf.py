@@ -61,10 +61,10 @@ GROUP_SIZE = 32
 #: With ``dtype=None``: the MLX affine bits (group 32) each GGML block type is written with.
 #: The "exact" types are repacked as they are (scale and bias per 32 weights; only the
 #: float16 rounding of the K-quants' products d*scale and dmin*min differs); the others
-#: have 16-weight sub-blocks, which MLX cannot hold, and are dequantized and quantized
-#: again with ``mx.quantize`` (min/max affine) at these bits.
+#: have 16-weight sub-blocks (MLX's group sizes are 32, 64, 128) and are dequantized and
+#: quantized again (:func:`requantize`: min/max affine, error at most half a new step).
 KEEP_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5,
-             "Q6_K": 8, "Q3_K": 4, "Q2_K": 4}
+             "Q6_K": 8, "Q3_K": 5, "Q2_K": 4}
 REQUANTIZED = ("Q6_K", "Q3_K", "Q2_K")
 
 #: Float tensor types with ``dtype=None``: F16/BF16 keep their type; F32 (norms, biases)
@@ -356,19 +356,16 @@ class GGUFFile:
         ``w = scales * q + biases`` per group of 32.
 
         Exact types (:data:`KEEP_BITS` minus :data:`REQUANTIZED`) are repacked from their
-        blocks, ``bits`` being theirs; the others are dequantized and quantized again with
-        ``mx.quantize`` at ``bits``.
+        blocks, ``bits`` being theirs; the others are dequantized and quantized again
+        (:func:`requantize`) at ``bits``.
         """
-        import mlx.core as mx
-
         info = self.tensors[name]
         kind = info.type_name
         if len(info.dims) != 2 or kind not in KEEP_BITS:
             raise GGUFError(f"{self.path}: tensor '{name}' ({kind} {list(info.shape)}) cannot be kept quantized")
         rows, cols = info.shape
         if kind in REQUANTIZED:
-            w, s, b = mx.quantize(mx.array(self.read_float32(name)), group_size=GROUP_SIZE, bits=bits)
-            return np.array(w), np.array(s), np.array(b)
+            return requantize(self.read_float32(name), bits)
         if bits != KEEP_BITS[kind]:
             raise GGUFError(f"{self.path}: tensor '{name}' is {kind}, which maps to {KEEP_BITS[kind]} bits, not {bits}")
         _, quant_sizes = _ggml_types()
@@ -474,6 +471,27 @@ def _q5_k(b):
 
 _DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
              "Q4_K": _q4_k, "Q5_K": _q5_k}
+
+
+def requantize(w: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min/max affine quantization of float rows ``w`` (rows, cols) with group size 32:
+    ``(packed uint32, scales, biases)``. Scales and biases are float16 values (the bias
+    rounded down, the scale up, so the grid still spans the group), and every weight is
+    within half a step of the grid, scale / 2 with scale <= (max - min) / (2**bits - 1)
+    * (1 + 2**-10) + 2**-24 (the float16 spacing of tiny scales)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE).astype(np.float32)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    top = (1 << bits) - 1
+    bias = lo.astype(np.float16)
+    bias = np.where(bias > lo, np.nextafter(bias, np.float16(-np.inf)), bias).astype(np.float32)
+    scale = (hi - bias) / top
+    scale16 = scale.astype(np.float16)
+    scale = np.where(scale16 < scale, np.nextafter(scale16, np.float16(np.inf)), scale16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale[..., None] > 0, np.rint((g - bias[..., None]) / scale[..., None]), 0)
+    q = np.clip(q, 0, top).astype(np.uint8).reshape(rows, cols)
+    return pack_bits(q, bits), scale, bias
 
 
 def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
