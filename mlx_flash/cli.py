@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                     help="dequantize every weight to this dtype; by default a GGUF's quantized weights "
                          "stay quantized in an mlx-lm destination (MLX affine, group 32: Q4_x/Q4_K 4-bit, "
-                         "Q5_x/Q5_K 5-bit, Q8_0/Q6_K 8-bit, Q3_K/Q2_K 4-bit) and .flash destinations "
+                         "Q5_x/Q5_K/Q3_K 5-bit, Q8_0/Q6_K 8-bit, Q2_K 3-bit) and .flash destinations "
                          "are bfloat16")
     cv.add_argument("--overwrite", action="store_true")
     cv.add_argument("--no-calibrate", action="store_true",

@@ -64,7 +64,7 @@ GROUP_SIZE = 32
 #: have 16-weight sub-blocks (MLX's group sizes are 32, 64, 128) and are dequantized and
 #: quantized again (:func:`requantize`: min/max affine, error at most half a new step).
 KEEP_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5,
-             "Q6_K": 8, "Q3_K": 5, "Q2_K": 4}
+             "Q6_K": 8, "Q3_K": 5, "Q2_K": 3}
 REQUANTIZED = ("Q6_K", "Q3_K", "Q2_K")
 
 #: Float tensor types with ``dtype=None``: F16/BF16 keep their type; F32 (norms, biases)

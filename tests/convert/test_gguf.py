@@ -312,7 +312,7 @@ def test_keeps_the_bits(tmp_path, qtype):
     x = mx.array([[5, 70, 90, 100, 3, 250, 17, 42]])
     a, b = model(x), ref_model(x)
     assert a.shape == b.shape == (1, 8, len(toy_bpe_vocab()[0]))
-    # re-quantized: measured 0.7% (Q6_K), 5.3% (Q3_K), 1.5% (Q2_K) on these random-block models
+    # re-quantized: measured 0.7% (Q6_K), 5.3% (Q3_K), 3.8% (Q2_K) on these random-block models
     assert mx.abs(a - b).max().item() <= (0.1 if requantized else 2e-3) * mx.abs(b).max().item()
 
 
