@@ -1,7 +1,9 @@
 """Import a llama-family GGUF file (llama.cpp's format) as an mlx-lm model folder.
 
 The result is what ``mlx_lm.load`` reads: ``config.json`` (Hugging Face names),
-``model.safetensors`` (Hugging Face tensor names, dequantized to ``dtype``),
+``model.safetensors`` (Hugging Face tensor names; quantized blocks repacked as MLX affine
+quantization with group size 32, see :data:`KEEP_BITS`, or everything dequantized to a
+float ``dtype``),
 ``tokenizer.json`` (built with the ``tokenizers`` library from the GGUF's vocabulary),
 ``tokenizer_config.json`` (chat template, special tokens) and ``special_tokens_map.json``.
 
@@ -1039,8 +1041,8 @@ def _outputs(g: GGUFFile, plans: List[_TensorPlan], dtype: Optional[str]) -> Dic
     return out
 
 
-def _quantization_config(outputs: Dict[str, _Output]) -> Optional[Dict[str, Any]]:
-    """config.json's ``quantization`` as mlx-lm reads it: the bits of most weights as the
+def _quantization_config(plans: List[_TensorPlan], outputs: Dict[str, _Output]) -> Optional[Dict[str, Any]]:
+    """config.json's ``quantization`` as mlx-lm reads it: the bits of most bytes as the
     default, per-module entries (mlx-lm's ``class_predicate`` returns them as they are)
     for modules with other bits, ``false`` for 2-D weights kept in float."""
     counts: Dict[int, int] = {}
@@ -1051,14 +1053,12 @@ def _quantization_config(outputs: Dict[str, _Output]) -> Optional[Dict[str, Any]
         return None
     default = max(counts, key=lambda b: (counts[b], b))
     q: Dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
-    for name, o in outputs.items():
-        if not name.endswith(".weight") or o.bits == default:
+    for p in plans:
+        bits = outputs[p.dst].bits
+        if len(p.shape) != 2 or bits == default:
             continue
-        module = name[:-len(".weight")]
-        if o.bits:
-            q[module] = {"group_size": GROUP_SIZE, "bits": o.bits, "mode": "affine"}
-        elif not module.endswith("norm"):
-            q[module] = False
+        module = p.dst[:-len(".weight")]
+        q[module] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"} if bits else False
     return q
 
 
@@ -1178,7 +1178,7 @@ def convert_gguf(
         tok_files = _tokenizer_files(g, hp)
         outputs = _outputs(g, plans, dtype)
         config = hp.config(g.metadata, dtype or "float16")
-        quantization = _quantization_config(outputs)
+        quantization = _quantization_config(plans, outputs)
         if quantization:
             config["quantization"] = quantization
             config["quantization_config"] = quantization  # mlx-lm writes both (Hugging Face reads the second)

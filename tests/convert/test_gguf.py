@@ -333,6 +333,11 @@ def test_mixed_types_get_per_module_entries(tmp_path):
                  "lm_head": False, "model.layers.1.self_attn.v_proj": False}
     got = load_arrays(dst)
     assert got["lm_head.weight"].dtype == mx.float16 and "lm_head.scales" not in got
+    # sizes (shards, index, disk estimate) are the written bytes
+    sharded = convert_gguf(src, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 3 and set(index["weight_map"]) == set(got)
     assert got["model.layers.1.self_attn.v_proj.weight"].dtype == mx.bfloat16
     model, tok = mlx_lm.load(str(dst))
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
