@@ -5,10 +5,11 @@ it answers a factual question, greedy generation agrees with a plain greedy loop
 its perplexity on real English (KJV Genesis, from Debian's ``bible-kjv``) is sane, while
 the same model with q/k left in llama.cpp's order is far worse.
 
-Measured on the 2-core x86 CPU (MLX CPU build, no OpenBLAS): conversion ~1.5 s; the
-perplexity pass runs at ~15-18 tokens/s in bfloat16 (float32 is ~2x slower there without
-OpenBLAS), so the default run scores 256 tokens (perplexity 4.1; 50 with q/k left in
-llama.cpp's order) and the slow test 4096 (perplexity 7.1, ~4.5 minutes).
+The converted folder keeps the GGUF's bits (4-bit group 32, 8-bit embedding); the tests
+load it with float32 scales (MLX's CPU quantized matmul is ~40x slower with float16 ones).
+Measured on the 2-core x86 CPU (MLX CPU build, no OpenBLAS, shared with other jobs):
+conversion ~2 s; the default run scores 256 tokens of Genesis (perplexity 4.06; 50 with q/k
+left in llama.cpp's order) and the slow test 4096.
 """
 
 from __future__ import annotations
