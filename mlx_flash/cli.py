@@ -492,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst", help="a folder ending in .flash gives the flash format, else an mlx-lm folder")
     cv.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                    help="store the FFN in this float dtype (default: keep the source's; a quantized source "
-                         "stays quantized, and --dtype dequantizes its FFN)")
+                    help="dequantize every weight to this float dtype; by default quantized weights stay "
+                         "quantized: a GGUF's in MLX affine, group 32 (Q4_x/Q4_K 4-bit, Q5_x/Q5_K/Q3_K 5-bit, "
+                         "Q8_0/Q6_K 8-bit, Q2_K 3-bit), and a quantized folder's in the .flash bundles")
     cv.add_argument("--overwrite", action="store_true")
     cv.add_argument("--no-calibrate", action="store_true",
                     help="skip fitting the activation predictors (.flash destinations; "

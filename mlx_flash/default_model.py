@@ -5,12 +5,16 @@ package), converted once into the user's model library.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 from pathlib import Path
 from typing import Optional
 
 from .atomic import check_space, destination_lock
 from .paths import models_dir
-from .progress import ProgressCallback
+from .progress import ProgressCallback, report
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,19 +55,37 @@ def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
-def ensure_default_mlx(progress: Optional[ProgressCallback] = None, *, dtype: str = "bfloat16") -> Path:
-    """Convert the default GGUF into :func:`default_mlx_dir` unless already done; return it."""
+def is_quantized(folder: Path) -> bool:
+    """Whether ``folder``'s config.json has mlx-lm's ``quantization`` (the GGUF's bits kept).
+    Default folders converted before the import kept the bits are bfloat16."""
+    try:
+        return "quantization" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
+    """Convert the default GGUF into :func:`default_mlx_dir` unless already done; return it.
+
+    The folder keeps the GGUF's quantization (4-bit group 32, 8-bit embedding). A folder
+    from an earlier version (bfloat16: no ``quantization`` in config.json) is converted
+    again in place (the GGUF is local; about 2 s) and the progress message says so.
+    """
     from .convert.gguf import convert_gguf
 
     folder = default_mlx_dir()
-    if is_complete(folder):
+    if is_complete(folder) and is_quantized(folder):
         return folder
     # another process preparing it: wait for it (its progress is not ours to show) and reuse its result
     with destination_lock(folder, wait=True, progress=progress):
-        if is_complete(folder):
+        if is_complete(folder) and is_quantized(folder):
             return folder
+        if is_complete(folder):
+            logger.info("%s is a bfloat16 conversion from an earlier version: converting it again with the "
+                        "GGUF's 4-bit weights", folder)
+            report(progress, 0.0, "upgrading the default model to its 4-bit weights")
         # an incomplete folder here was not made by convert_gguf (it renames only when done)
-        return convert_gguf(gguf_path(), folder, dtype=dtype, progress=progress, overwrite=folder.exists())
+        return convert_gguf(gguf_path(), folder, progress=progress, overwrite=folder.exists())
 
 
 def default_flash_dir() -> Path:

@@ -349,6 +349,11 @@ def _load_dense(path: Path) -> Engine:
 
     tokenizer = _load_tokenizer(path, config.get("eos_token_id"))
     model, config = load_model(path, get_model_classes=arch.get_classes)  # honours hidden_act, runs OPT
+    if config.get("quantization"):  # a quantized folder runs in quantized.compute_dtype (float32 on CPU)
+        from .quantized import cast_floats, compute_dtype, fast_cpu_modules
+
+        cast_floats(model, compute_dtype(mx.float16))
+        fast_cpu_modules(model)
     return Engine(model, tokenizer, path, None, context_length=config.get("max_position_embeddings"))
 
 

@@ -208,7 +208,7 @@ def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]
     if src.is_file():
         from .convert.gguf import output_bytes
 
-        mid = output_bytes(src, dtype or "bfloat16")
+        mid = output_bytes(src, dtype)
         if dst.suffix != ".flash":
             return mid, f"{dst} (from {src.name})"
         return 2 * mid, (f"{dst} from {src.name} (a temporary mlx folder of {fmt_bytes(mid)}, then the flash "
@@ -229,7 +229,7 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
         from .convert.gguf import convert_gguf
 
         if not to_flash:
-            return convert_gguf(src, dst, dtype=dtype or "bfloat16", progress=progress, overwrite=overwrite)
+            return convert_gguf(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)  # None: keep the bits
         dst.parent.mkdir(parents=True, exist_ok=True)
         if check:  # both stages: the temporary mlx folder and the flash folder
             check_space(dst.parent, *_convert_need(src, dst, dtype))
@@ -237,7 +237,8 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
             if dst.exists() and not overwrite:
                 raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
             with scratch_dir(dst) as tmp:
-                mid = convert_gguf(src, tmp / "mlx", dtype=dtype or "bfloat16", progress=scaled(progress, 0.0, 0.5))
+                # None keeps the GGUF's bits: quantized mlx folder, then quantized flash bundles
+                mid = convert_gguf(src, tmp / "mlx", dtype=dtype, progress=scaled(progress, 0.0, 0.5))
                 return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
     if to_flash:
         return convert_to_flash(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)

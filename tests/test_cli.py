@@ -61,6 +61,19 @@ def test_convert_gguf_to_flash_and_list(tmp_path, home, capsys):
     assert not (plain / "predictors.safetensors").exists()
 
 
+def test_convert_gguf_to_mlx_keeps_the_bits_unless_a_dtype_is_given(tmp_path, home):
+    from gguf import GGMLQuantizationType as Q
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, qtype=Q.Q4_1)
+    assert main(["convert", str(gguf), str(tmp_path / "q4")]) == 0
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert main(["convert", str(gguf), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization" not in cfg and cfg["torch_dtype"] == "bfloat16"
+
+
 def test_errors_are_clear(tmp_path, home, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "-p", "x"]) != 0
     bad = tmp_path / "bad.gguf"

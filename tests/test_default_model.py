@@ -5,15 +5,18 @@ it answers a factual question, greedy generation agrees with a plain greedy loop
 its perplexity on real English (KJV Genesis, from Debian's ``bible-kjv``) is sane, while
 the same model with q/k left in llama.cpp's order is far worse.
 
-Measured on the 2-core x86 CPU (MLX CPU build, no OpenBLAS): conversion ~1.5 s; the
-perplexity pass runs at ~15-18 tokens/s in bfloat16 (float32 is ~2x slower there without
-OpenBLAS), so the default run scores 256 tokens (perplexity 4.1; 50 with q/k left in
-llama.cpp's order) and the slow test 4096 (perplexity 7.1, ~4.5 minutes).
+The converted folder keeps the GGUF's bits (4-bit group 32, 8-bit embedding); the tests
+load it with float32 scales (MLX's CPU quantized matmul is ~40x slower with float16 ones).
+Measured on the 2-core x86 CPU (MLX CPU build, no OpenBLAS, shared with other jobs):
+conversion ~2 s; the default run scores 256 tokens of Genesis (perplexity 4.06; 50 with q/k
+left in llama.cpp's order) and the slow test 4096.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 
 import mlx.core as mx
@@ -45,11 +48,19 @@ def default_dir(mlx_flash_home):
     return folder
 
 
-@pytest.fixture(scope="session")
-def loaded(default_dir):
+def load_float32(folder):
+    """mlx-lm's model with float32 scales, biases and norms: MLX's CPU quantized matmul is
+    ~40x faster with float32 than with float16/bfloat16 activations (FACTS.md)."""
     import mlx_lm
 
-    return mlx_lm.load(str(default_dir))
+    model, tok = mlx_lm.load(str(folder))
+    model.set_dtype(mx.float32)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def loaded(default_dir):
+    return load_float32(default_dir)
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +91,15 @@ def perplexity(model, ids, n_tokens: int, chunk: int = 512) -> tuple[float, floa
 
 
 def keep_llama_cpp_qk_order(model) -> None:
-    """Undo the converter's q/k un-permutation in place (what a converter without it gives)."""
+    """Undo the converter's q/k un-permutation in place (what a converter without it gives):
+    the rows of the packed weights and of their scales and biases."""
     args = model.args
     for layer in model.model.layers:
         for proj, heads in ((layer.self_attn.q_proj, args.num_attention_heads),
                             (layer.self_attn.k_proj, args.num_key_value_heads)):
-            w = proj.weight
-            proj.weight = mx.array(permute_qk(np.array(w.astype(mx.float32)), heads)).astype(w.dtype)
+            for name in ("weight", "scales", "biases"):
+                a = getattr(proj, name)
+                setattr(proj, name, mx.array(permute_qk(np.array(a), heads)))
 
 
 def test_kjv_corpus_is_prose(mlx_flash_home):
@@ -110,12 +123,45 @@ def test_gguf_path_and_info():
 
 def test_default_dir_and_reuse(default_dir):
     assert default_dir == default_model.default_mlx_dir() == models_dir() / "SmolLM2-135M-Instruct-mlx"
-    assert default_model.is_complete(default_dir)
+    assert default_model.is_complete(default_dir) and default_model.is_quantized(default_dir)
+    q = json.loads((default_dir / "config.json").read_text())["quantization"]
+    assert q == {"group_size": 32, "bits": 4, "mode": "affine",  # Q4_1; token_embd is Q8_0 (tied output)
+                 "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"}}
+    assert (default_dir / "model.safetensors").stat().st_size < 100e6  # bfloat16: 269 MB
     before = (default_dir / "model.safetensors").stat().st_mtime_ns
     assert default_model.ensure_default_mlx() == default_dir  # no second conversion
     assert (default_dir / "model.safetensors").stat().st_mtime_ns == before
     leftovers = [p.name for p in default_dir.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_bfloat16_folder_from_an_earlier_version_is_upgraded(default_dir, tmp_path):
+    from mlx_flash.convert.gguf import convert_gguf
+
+    keep = tmp_path / "keep"
+    shutil.move(default_dir, keep)
+    try:
+        convert_gguf(default_model.gguf_path(), default_dir, dtype="bfloat16")
+        assert default_model.is_complete(default_dir) and not default_model.is_quantized(default_dir)
+        msgs = []
+        assert default_model.ensure_default_mlx(progress=lambda f, m="": msgs.append(m)) == default_dir
+        assert default_model.is_quantized(default_dir) and "upgrading" in msgs[0]
+    finally:
+        shutil.rmtree(default_dir, ignore_errors=True)
+        shutil.move(keep, default_dir)
+
+
+def test_same_numbers_as_the_dequantized_conversion(loaded, tmp_path):
+    """Q4_1 and Q8_0 are MLX's affine 4-/8-bit exactly: the logits equal those of the
+    float32 (dequantized) conversion up to float rounding."""
+    from mlx_flash.convert.gguf import convert_gguf
+
+    model, tok = loaded
+    ref, _ = load_float32(convert_gguf(default_model.gguf_path(), tmp_path / "f32", dtype="float32"))
+    x = mx.array(tok.encode("In the beginning God created the heaven and the earth."))[None]
+    a, b = model(x), ref(x)
+    assert mx.abs(a - b).max().item() < 2e-3 * mx.abs(b).max().item()
+    assert (mx.argmax(a, -1) == mx.argmax(b, -1)).all().item()
 
 
 def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
@@ -168,7 +214,7 @@ def test_greedy_generation_matches_plain_greedy_loop(loaded):
     for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(temp=0.0)):
         streamed.append(r.token)
         tps = r.generation_tps
-    print(f"\n[default model] generation: {tps:.1f} tokens/s (bfloat16)")
+    print(f"\n[default model] generation: {tps:.1f} tokens/s (4-bit, float32 scales)")
 
     cache = make_prompt_cache(model)
     logits = model(mx.array(prompt)[None], cache=cache)
@@ -189,10 +235,10 @@ def test_perplexity_and_qk_order_matters(loaded, genesis_ids, default_dir):
     model, _ = loaded
     n = 256
     ppl, tps = perplexity(model, genesis_ids, n)
-    print(f"\n[default model] perplexity on {n} tokens of Genesis: {ppl:.2f} ({tps:.1f} tokens/s, bfloat16)")
+    print(f"\n[default model] perplexity on {n} tokens of Genesis: {ppl:.2f} ({tps:.1f} tokens/s, 4-bit)")
     assert 1.5 < ppl < 30
 
-    wrong, _ = mlx_lm.load(str(default_dir))
+    wrong, _ = load_float32(default_dir)
     keep_llama_cpp_qk_order(wrong)
     bad, _ = perplexity(wrong, genesis_ids, n)
     print(f"[default model] ... with q/k in llama.cpp's order: {bad:.2f}")
@@ -204,5 +250,5 @@ def test_perplexity_4k_tokens(loaded, genesis_ids):
     model, _ = loaded
     n = 4096
     ppl, tps = perplexity(model, genesis_ids, n)
-    print(f"\n[default model] perplexity on {n} tokens of Genesis: {ppl:.2f} ({tps:.1f} tokens/s, bfloat16)")
+    print(f"\n[default model] perplexity on {n} tokens of Genesis: {ppl:.2f} ({tps:.1f} tokens/s, 4-bit)")
     assert 1.5 < ppl < 30

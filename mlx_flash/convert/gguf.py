@@ -1,7 +1,9 @@
 """Import a llama-family GGUF file (llama.cpp's format) as an mlx-lm model folder.
 
 The result is what ``mlx_lm.load`` reads: ``config.json`` (Hugging Face names),
-``model.safetensors`` (Hugging Face tensor names, dequantized to ``dtype``),
+``model.safetensors`` (Hugging Face tensor names; quantized blocks repacked as MLX affine
+quantization with group size 32, see :data:`KEEP_BITS`, or everything dequantized to a
+float ``dtype``),
 ``tokenizer.json`` (built with the ``tokenizers`` library from the GGUF's vocabulary),
 ``tokenizer_config.json`` (chat template, special tokens) and ``special_tokens_map.json``.
 
@@ -50,9 +52,25 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 GGML_MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
 
-#: Output dtypes ``convert_gguf`` can write.
+#: Float dtypes ``convert_gguf`` can dequantize to (``dtype=None`` keeps the quantization).
 DTYPES = ("bfloat16", "float16", "float32")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+#: Group size of every quantized tensor written (MLX's affine modes take 32, 64 or 128).
+GROUP_SIZE = 32
+
+#: With ``dtype=None``: the MLX affine bits (group 32) each GGML block type is written with.
+#: The "exact" types are repacked as they are (scale and bias per 32 weights; only the
+#: float16 rounding of the K-quants' products d*scale and dmin*min differs); the others
+#: have 16-weight sub-blocks (MLX's group sizes are 32, 64, 128) and are dequantized and
+#: quantized again (:func:`requantize`: min/max affine, error at most half a new step).
+KEEP_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5,
+             "Q6_K": 8, "Q3_K": 5, "Q2_K": 3}
+REQUANTIZED = ("Q6_K", "Q3_K", "Q2_K")
+
+#: Float tensor types with ``dtype=None``: F16/BF16 keep their type; F32 (norms, biases)
+#: becomes float16 like the quantized tensors' scales (what mlx-lm's quantized folders hold).
+_KEEP_FLOAT = {"F32": "float16", "F16": "float16", "BF16": "bfloat16"}
 
 #: Largest single ``model*.safetensors`` file written (mlx-lm's own limit is 5 GB).
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
@@ -332,6 +350,41 @@ class GGUFFile:
             out = np.asarray(out, dtype=np.float32)
         return out.reshape(info.shape)
 
+    def read_quantized(self, name: str, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The 2-D quantized tensor ``name`` in MLX's affine layout with group size 32:
+        ``(weight, scales, biases)``, ``weight`` packed into uint32 (``cols * bits / 32``
+        per row), scales and biases float32 (``cols / 32`` per row), so that
+        ``w = scales * q + biases`` per group of 32.
+
+        Exact types (:data:`KEEP_BITS` minus :data:`REQUANTIZED`) are repacked from their
+        blocks, ``bits`` being theirs; the others are dequantized and quantized again
+        (:func:`requantize`) at ``bits``.
+        """
+        info = self.tensors[name]
+        kind = info.type_name
+        if len(info.dims) != 2 or kind not in KEEP_BITS:
+            raise GGUFError(f"{self.path}: tensor '{name}' ({kind} {list(info.shape)}) cannot be kept quantized")
+        rows, cols = info.shape
+        if kind in REQUANTIZED:
+            return requantize(self.read_float32(name), bits)
+        if bits != KEEP_BITS[kind]:
+            raise GGUFError(f"{self.path}: tensor '{name}' is {kind}, which maps to {KEEP_BITS[kind]} bits, not {bits}")
+        _, quant_sizes = _ggml_types()
+        block, type_size = quant_sizes[info.type_id]
+        blocks = self.raw_bytes(name).reshape(rows, cols // block, type_size)
+        out_w = np.empty((rows, cols * bits // 32), np.uint32)
+        out_s = np.empty((rows, cols // GROUP_SIZE), np.float32)
+        out_b = np.empty_like(out_s)
+        step = max(1, (1 << 22) // cols)  # rows per chunk: the temporaries stay ~100 MB
+        for r in range(0, rows, step):
+            chunk = blocks[r:r + step].reshape(-1, type_size)
+            q, sc, bi = _DECODERS[kind](chunk)
+            n = chunk.shape[0] // (cols // block)
+            out_w[r:r + n] = pack_bits(q.reshape(n, cols), bits)
+            out_s[r:r + n] = sc.reshape(n, -1)
+            out_b[r:r + n] = bi.reshape(n, -1)
+        return out_w, out_s, out_b
+
     def close(self) -> None:
         if self._map is not None:
             try:
@@ -355,6 +408,111 @@ def is_gguf(path) -> bool:
             return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
     except (IsADirectoryError, FileNotFoundError, PermissionError):
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# Block types -> MLX affine quantization (group 32): q (uint8), scale, bias per 32 weights
+# ---------------------------------------------------------------------------------------
+# Block layouts as in ggml-common.h (and gguf-py's gguf.quants dequantizers). Each decoder
+# takes (n_blocks, type_size) uint8 and returns q (n_blocks, block) uint8 with
+# w = scale * q + bias, scale and bias (n_blocks, block // 32) float32.
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes -> (n, 32): low nibbles are weights 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray, n: int) -> np.ndarray:
+    """(k, 4) bytes holding n=32 bits little-endian -> (k, 32) of 0/1."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")[:, :n]
+
+
+def _q4_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 2:18]), d, -8 * d
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q5_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 6:22]) | (_high_bits(b[:, 2:6], 32) << 4), d, -16 * d
+
+
+def _q5_1(b):
+    return _nibbles(b[:, 8:24]) | (_high_bits(b[:, 4:8], 32) << 4), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q8_0(b):
+    d = _f16(b[:, 0:2])
+    return (b[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
+
+
+def _k_scales(b):
+    """Q4_K/Q5_K super-block header: per 32-weight sub-block scale d*sc and bias -dmin*m."""
+    from gguf.quants import Q4_K
+
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+    return d * sc.astype(np.float32), -dmin * m.astype(np.float32)
+
+
+def _k_low_nibbles(qs):
+    """(n, 128) bytes -> (n, 8, 32): 32-byte chunk j holds sub-block 2j (low) and 2j+1 (high)."""
+    qs = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (qs & 0xF).reshape(-1, 8, 32)
+
+
+def _q4_k(b):
+    scale, bias = _k_scales(b)
+    return _k_low_nibbles(b[:, 16:144]).reshape(-1, 256), scale, bias
+
+
+def _q5_k(b):
+    scale, bias = _k_scales(b)
+    hi = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    return (_k_low_nibbles(b[:, 48:176]) | (hi << 4)).reshape(-1, 256), scale, bias
+
+
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+             "Q4_K": _q4_k, "Q5_K": _q5_k}
+
+
+def requantize(w: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min/max affine quantization of float rows ``w`` (rows, cols) with group size 32:
+    ``(packed uint32, scales, biases)``. Scales and biases are float16 values (the bias
+    rounded down, the scale up, so the grid still spans the group), and every weight is
+    within half a step of the grid, scale / 2 with scale <= (max - min) / (2**bits - 1)
+    * (1 + 2**-10) + 2**-24 (the float16 spacing of tiny scales)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE).astype(np.float32)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    top = (1 << bits) - 1
+    bias = lo.astype(np.float16)
+    bias = np.where(bias > lo, np.nextafter(bias, np.float16(-np.inf)), bias).astype(np.float32)
+    scale = (hi - bias) / top
+    scale16 = scale.astype(np.float16)
+    scale = np.where(scale16 < scale, np.nextafter(scale16, np.float16(np.inf)), scale16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale[..., None] > 0, np.rint((g - bias[..., None]) / scale[..., None]), 0)
+    q = np.clip(q, 0, top).astype(np.uint8).reshape(rows, cols)
+    return pack_bits(q, bits), scale, bias
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack (rows, n) integers below ``2**bits`` as MLX packs affine quantized weights:
+    a little-endian bit stream, ``bits`` per value, read as uint32 words."""
+    rows, n = q.shape
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    v = (q.reshape(rows, n // 8, 8).astype(np.uint64) << shifts).sum(axis=-1, dtype=np.uint64)
+    by = v.astype("<u8").view(np.uint8).reshape(rows, n // 8, 8)[..., :bits]
+    return np.ascontiguousarray(by).reshape(rows, n * bits // 8).view("<u4").astype(np.uint32)
 
 
 def read_gguf_info(path) -> Dict[str, Any]:
@@ -868,17 +1026,89 @@ def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> OSError:
                       f"another folder")
 
 
-def _shards(plans: List[_TensorPlan], nbytes: int, max_shard_bytes: int) -> List[List[_TensorPlan]]:
+@dataclass(frozen=True)
+class _Output:
+    """How one tensor is written: ``bits`` > 0 packed (group 32, float16 scales/biases),
+    else as a float array of ``dtype``."""
+
+    bits: int
+    dtype: str
+    n_bytes: int
+
+
+def _outputs(g: GGUFFile, plans: List[_TensorPlan], dtype: Optional[str]) -> Dict[str, _Output]:
+    """Per destination name: the written form and its exact size in bytes."""
+    out = {}
+    for p in plans:
+        n = math.prod(p.shape)
+        kind = g.tensors[p.src].type_name if p.src else "F32"
+        if dtype is None and kind in KEEP_BITS and len(p.shape) == 2:
+            bits = KEEP_BITS[kind]
+            out[p.dst] = _Output(bits, "float16", n * bits // 8 + 2 * 2 * n // GROUP_SIZE)
+        else:
+            fdtype = dtype or _KEEP_FLOAT.get(kind, "float16")
+            out[p.dst] = _Output(0, fdtype, n * _DTYPE_BYTES[fdtype])
+    return out
+
+
+def _quantization_config(plans: List[_TensorPlan], outputs: Dict[str, _Output]) -> Optional[Dict[str, Any]]:
+    """config.json's ``quantization`` as mlx-lm reads it: the bits of most bytes as the
+    default, per-module entries (mlx-lm's ``class_predicate`` returns them as they are)
+    for modules with other bits, ``false`` for 2-D weights kept in float."""
+    counts: Dict[int, int] = {}
+    for o in outputs.values():
+        if o.bits:
+            counts[o.bits] = counts.get(o.bits, 0) + o.n_bytes
+    if not counts:
+        return None
+    default = max(counts, key=lambda b: (counts[b], b))
+    q: Dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
+    for p in plans:
+        bits = outputs[p.dst].bits
+        if len(p.shape) != 2 or bits == default:
+            continue
+        module = p.dst[:-len(".weight")]
+        q[module] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"} if bits else False
+    return q
+
+
+def _shards(plans: List[_TensorPlan], outputs: Dict[str, _Output], max_shard_bytes: int) -> List[List[_TensorPlan]]:
     out: List[List[_TensorPlan]] = [[]]
     size = 0
     for p in plans:
-        b = math.prod(p.shape) * nbytes
+        b = outputs[p.dst].n_bytes
         if out[-1] and size + b > max_shard_bytes:
             out.append([])
             size = 0
         out[-1].append(p)
         size += b
     return out
+
+
+def _float16(a: np.ndarray, what: str) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if not np.isfinite(h).all() and np.isfinite(a).all():
+        raise GGUFError(f"{what}: quantization scales overflow float16; convert with a float dtype instead")
+    return h
+
+
+def _tensor_arrays(g: GGUFFile, p: _TensorPlan, o: _Output) -> Dict[str, Any]:
+    """The arrays written for one planned tensor (one, or weight + scales + biases)."""
+    import mlx.core as mx
+
+    if o.bits:
+        w, sc, bi = g.read_quantized(p.src, o.bits)
+        if p.unpermute_heads:  # a row permutation: packed rows, scales and biases move together
+            w, sc, bi = (unpermute_qk(a, p.unpermute_heads) for a in (w, sc, bi))
+        base = p.dst[:-len(".weight")]
+        what = f"{g.path}: tensor '{p.src}'"
+        return {p.dst: mx.array(w), f"{base}.scales": mx.array(_float16(sc, what)),
+                f"{base}.biases": mx.array(_float16(bi, what))}
+    w = g.read_float32(p.src) if p.src else np.zeros(p.shape, np.float32)
+    if p.unpermute_heads:
+        w = unpermute_qk(w, p.unpermute_heads)
+    return {p.dst: mx.array(w).astype(getattr(mx, o.dtype))}
 
 
 def _save_safetensors(path: Path, arrays: Dict[str, Any], dst: Path, need: int) -> None:
@@ -915,14 +1145,19 @@ def convert_gguf(
     src,
     dst,
     *,
-    dtype: str = "bfloat16",
+    dtype: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Convert the llama GGUF file ``src`` into the mlx-lm model folder ``dst``.
 
-    dtype:     "bfloat16" (default), "float16" or "float32" for every written tensor.
+    dtype:     None (default) keeps the quantization: every quantized 2-D weight becomes an
+               MLX affine quantized one, group size 32, with :data:`KEEP_BITS` bits
+               (``.weight`` packed uint32, ``.scales``/``.biases`` float16; config.json gets
+               mlx-lm's ``quantization`` with per-module entries where bits differ); float
+               tensors keep their type (F32 becomes float16). "bfloat16", "float16" or
+               "float32" dequantize every tensor to that dtype instead.
     progress:  ``callback(fraction, message)``; returning ``False`` cancels
                (:class:`~mlx_flash.progress.Cancelled` is raised, nothing is left behind).
     overwrite: replace an existing ``dst`` (only once the new folder is complete).
@@ -936,8 +1171,8 @@ def convert_gguf(
     import mlx.core as mx
 
     src, dst = Path(src), Path(dst)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be None (keep the quantization) or one of {DTYPES}, got {dtype!r}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
     report(progress, 0.0, f"reading {src.name}")
@@ -947,12 +1182,17 @@ def convert_gguf(
         plans = _plan_tensors(g, hp)
         tokenizer = build_tokenizer(g)
         tok_files = _tokenizer_files(g, hp)
-        config = hp.config(g.metadata, dtype)
+        outputs = _outputs(g, plans, dtype)
+        config = hp.config(g.metadata, dtype or "float16")
+        quantization = _quantization_config(plans, outputs)
+        if quantization:
+            config["quantization"] = quantization
+            config["quantization_config"] = quantization  # mlx-lm writes both (Hugging Face reads the second)
         report(progress, 0.02, "validated")
 
-        nbytes = _DTYPE_BYTES[dtype]
-        shards = _shards(plans, nbytes, max_shard_bytes)
-        need = _output_bytes(plans, tok_files, dtype)
+        shards = _shards(plans, outputs, max_shard_bytes)
+        total_bytes = sum(o.n_bytes for o in outputs.values())
+        need = _output_bytes(outputs, tok_files)
         # locks dst, removes stale temporaries, checks the space, makes the temp folder
         build = FolderBuild(dst, overwrite=overwrite, need=need, what=f"{dst} (from {src.name})")
         tmp = build.tmp
@@ -966,7 +1206,6 @@ def convert_gguf(
 
                 total = sum(g.tensors[p.src].n_bytes for p in plans if p.src) or 1
                 done = 0
-                target = getattr(mx, dtype)
                 weight_map: Dict[str, str] = {}
                 tensor_cb = scaled(progress, 0.05, 0.99)
                 for si, shard in enumerate(shards):
@@ -974,20 +1213,17 @@ def convert_gguf(
                              else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors")
                     arrays: Dict[str, Any] = {}
                     for p in shard:
-                        w = g.read_float32(p.src) if p.src else np.zeros(p.shape, np.float32)
-                        if p.unpermute_heads:
-                            w = unpermute_qk(w, p.unpermute_heads)
-                        a = mx.array(w).astype(target)
-                        mx.eval(a)
-                        arrays[p.dst] = a
-                        weight_map[p.dst] = fname
+                        written = _tensor_arrays(g, p, outputs[p.dst])
+                        mx.eval(list(written.values()))
+                        arrays.update(written)
+                        weight_map.update(dict.fromkeys(written, fname))
                         done += g.tensors[p.src].n_bytes if p.src else 0
                         report(tensor_cb, done / total, p.dst)
                     _save_safetensors(tmp / fname, arrays, dst, need)
                     del arrays
                 if len(shards) > 1:
                     _write_json(tmp / "model.safetensors.index.json", {
-                        "metadata": {"total_size": sum(math.prod(p.shape) for p in plans) * nbytes},
+                        "metadata": {"total_size": total_bytes},
                         "weight_map": weight_map,
                     })
             except OSError as e:
@@ -1001,15 +1237,17 @@ def convert_gguf(
     return dst
 
 
-def _output_bytes(plans: List[_TensorPlan], tok_files: Dict[str, Any], dtype: str) -> int:
-    """About how many bytes :func:`convert_gguf` writes (weights, tokenizer, slack)."""
-    return sum(math.prod(p.shape) for p in plans) * _DTYPE_BYTES[dtype] + 4 * len(json.dumps(tok_files)) + (32 << 20)
+def _output_bytes(outputs: Dict[str, _Output], tok_files: Dict[str, Any]) -> int:
+    """About how many bytes :func:`convert_gguf` writes (weights as written, tokenizer, slack)."""
+    return sum(o.n_bytes for o in outputs.values()) + 4 * len(json.dumps(tok_files)) + (32 << 20)
 
 
-def output_bytes(src, dtype: str = "bfloat16") -> int:
+def output_bytes(src, dtype: Optional[str] = None) -> int:
     """About how many bytes converting the GGUF file ``src`` to an mlx-lm folder writes
-    (reads only the header; raises :class:`GGUFError` like :func:`convert_gguf`)."""
+    (``dtype`` as :func:`convert_gguf` takes it; reads only the header; raises
+    :class:`GGUFError` like :func:`convert_gguf`)."""
     with GGUFFile.open(src) as g:
         hp = LlamaHParams.from_gguf(g)
-        return _output_bytes(_plan_tensors(g, hp), _tokenizer_files(g, hp), dtype)
+        plans = _plan_tensors(g, hp)
+        return _output_bytes(_outputs(g, plans, dtype), _tokenizer_files(g, hp))
 

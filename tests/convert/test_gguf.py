@@ -21,6 +21,7 @@ from pathlib import Path
 
 import gguf
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -93,29 +94,31 @@ def toy_bpe_vocab():
     return tokens, types, merges
 
 
-def random_weights(vocab: int, seed: int = 0, output: bool = False) -> dict[str, np.ndarray]:
+def random_weights(vocab: int, seed: int = 0, output: bool = False, hidden: int = HIDDEN,
+                   ffn: int = FFN) -> dict[str, np.ndarray]:
     """Float32 weights in Hugging Face names and order."""
     rng = np.random.default_rng(seed)
+    head_dim = hidden // HEADS
 
     def w(*shape, scale=0.08):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    out = {"model.embed_tokens.weight": w(vocab, HIDDEN, scale=0.5),
-           "model.norm.weight": 1 + w(HIDDEN, scale=0.1)}
+    out = {"model.embed_tokens.weight": w(vocab, hidden, scale=0.5),
+           "model.norm.weight": 1 + w(hidden, scale=0.1)}
     if output:
-        out["lm_head.weight"] = w(vocab, HIDDEN)
+        out["lm_head.weight"] = w(vocab, hidden)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         out.update({
-            p + "input_layernorm.weight": 1 + w(HIDDEN, scale=0.1),
-            p + "post_attention_layernorm.weight": 1 + w(HIDDEN, scale=0.1),
-            p + "self_attn.q_proj.weight": w(HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
-            p + "mlp.gate_proj.weight": w(FFN, HIDDEN),
-            p + "mlp.up_proj.weight": w(FFN, HIDDEN),
-            p + "mlp.down_proj.weight": w(HIDDEN, FFN),
+            p + "input_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "post_attention_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "self_attn.q_proj.weight": w(HEADS * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(KV_HEADS * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(KV_HEADS * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, HEADS * head_dim),
+            p + "mlp.gate_proj.weight": w(ffn, hidden),
+            p + "mlp.up_proj.weight": w(ffn, hidden),
+            p + "mlp.down_proj.weight": w(hidden, ffn),
         })
     return out
 
@@ -142,21 +145,22 @@ def gguf_name(hf: str) -> str:
 def write_gguf(path: Path, *, qtype=Q.F32, arch="llama", output=False, seed=0, weights=None,
                tensor_types: dict | None = None, extra_tensors: dict | None = None,
                metadata: dict | None = None, tokenizer_model="gpt2", pre="smollm",
-               add_bos=False) -> dict[str, np.ndarray]:
+               add_bos=False, hidden=HIDDEN, ffn=FFN) -> dict[str, np.ndarray]:
     """Write a tiny llama GGUF; 2-D weights in ``qtype``, norms in F32. Returns the
-    original (Hugging Face order, float32) weights."""
+    original (Hugging Face order, float32) weights; for the types gguf-py cannot quantize
+    (K-quants) the file holds random valid blocks instead (:func:`random_blocks`)."""
     tokens, types, merges = toy_bpe_vocab()
-    weights = weights if weights is not None else random_weights(len(tokens), seed, output)
+    weights = weights if weights is not None else random_weights(len(tokens), seed, output, hidden, ffn)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_dimension_count(hidden // HEADS)
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -189,10 +193,8 @@ def write_gguf(path: Path, *, qtype=Q.F32, arch="llama", output=False, seed=0, w
         else:
             try:
                 data = gguf.quants.quantize(t, tt)
-            except NotImplementedError:  # types gguf-py cannot make: random bytes will do
-                block, size = gguf.GGML_QUANT_SIZES[tt]
-                data = np.random.default_rng(0).integers(0, 256, (t.shape[0], t.shape[1] // block * size),
-                                                         dtype=np.uint8)
+            except NotImplementedError:  # types gguf-py cannot make: random valid blocks
+                data = random_blocks(tt, *t.shape, np.random.default_rng(seed))
             w.add_tensor(name, data, raw_dtype=tt)
     for name, (data, tt) in (extra_tensors or {}).items():
         w.add_tensor(name, data, raw_dtype=tt)
@@ -244,6 +246,129 @@ def test_roundtrip_weights(tmp_path, qtype):
     assert leftovers(tmp_path) == []
 
 
+def _dequantize_out(got: dict, module: str, bits: int, absolute: bool = False) -> np.ndarray:
+    """A written quantized tensor dequantized with float32 scales and biases (|scales|,
+    |biases| with ``absolute``: the bound on the float16 rounding)."""
+    s, b = (got[f"{module}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
+    if absolute:
+        s, b = mx.abs(s), mx.abs(b)
+    return np.array(mx.dequantize(got[f"{module}.weight"], s, b, group_size=32, bits=bits))
+
+
+def _gguf_reference(g: GGUFFile, name: str, qtype) -> np.ndarray:
+    """gguf-py's dequantization of a file tensor, q/k rows in Hugging Face order."""
+    info = g.tensors[name]
+    rows = info.shape[0]
+    ref = gguf.quants.dequantize(g.raw_bytes(name).reshape(rows, -1), qtype).reshape(info.shape)
+    heads = HEADS if "attn_q." in name else KV_HEADS if "attn_k." in name else 0
+    return unpermute_qk(ref, heads) if heads else ref
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K,
+                                   Q.Q6_K, Q.Q3_K, Q.Q2_K], ids=lambda q: q.name)
+def test_keeps_the_bits(tmp_path, qtype):
+    """Every block type becomes MLX affine group-32 tensors: equal to gguf-py's
+    dequantization up to the float16 rounding of K-quant scales (exact types), or within
+    half a step of the new grid (re-quantized types); mlx-lm loads the folder and its
+    logits match the float32 (dequantized) conversion's."""
+    import mlx_lm
+
+    from mlx_flash.convert.gguf import KEEP_BITS, REQUANTIZED
+
+    k_quant = qtype.name.endswith("_K")
+    hidden, ffn = (256, 512) if k_quant else (HIDDEN, FFN)  # K-quant rows are multiples of 256
+    src = tmp_path / "tiny.gguf"
+    write_gguf(src, qtype=qtype, hidden=hidden, ffn=ffn)
+    dst = convert_gguf(src, tmp_path / "q")
+    bits = KEEP_BITS[qtype.name]
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization"] == cfg["quantization_config"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+    got = load_arrays(dst)
+    n = sum(a.nbytes for a in got.values())
+    assert abs((dst / "model.safetensors").stat().st_size - n) < 20_000  # just the header on top
+    requantized = qtype.name in REQUANTIZED
+    with GGUFFile.open(src) as g:
+        for name, info in g.tensors.items():
+            hf = next(h for h in random_weights(1) if gguf_name(h) == name) if "embd" not in name else \
+                "model.embed_tokens.weight"
+            if len(info.shape) == 1:
+                assert got[hf].dtype == mx.float16 and hf[:-7] + ".scales" not in got
+                continue
+            module = hf[:-len(".weight")]
+            assert got[hf].dtype == mx.uint32 and got[hf].shape == (info.shape[0], info.shape[1] * bits // 32)
+            assert got[module + ".scales"].dtype == got[module + ".biases"].dtype == mx.float16
+            ref = _gguf_reference(g, name, qtype)
+            out = _dequantize_out(got, module, bits)
+            err = np.abs(out - ref)
+            if requantized:  # half a step of the group's new grid (a float16 scale)
+                bound = _half_step(ref, bits)
+            else:  # float16 scales and biases: 2**-11 relative each
+                bound = 2 ** -11 * _dequantize_out(got, module, bits, absolute=True) + 1e-7
+            assert (err <= bound.reshape(err.shape)).all(), (name, err.max())
+
+    model, _ = mlx_lm.load(str(dst))
+    ref_model, _ = mlx_lm.load(str(convert_gguf(src, tmp_path / "f32", dtype="float32")))
+    model.set_dtype(mx.float32)
+    x = mx.array([[5, 70, 90, 100, 3, 250, 17, 42]])
+    a, b = model(x), ref_model(x)
+    assert a.shape == b.shape == (1, 8, len(toy_bpe_vocab()[0]))
+    # re-quantized: measured 0.7% (Q6_K), 5.3% (Q3_K), 3.8% (Q2_K) on these random-block models
+    assert mx.abs(a - b).max().item() <= (0.1 if requantized else 2e-3) * mx.abs(b).max().item()
+
+
+def test_mixed_types_get_per_module_entries(tmp_path):
+    """A Q4_K_M-like mix: the most common bits are the default, other modules get their
+    own entry, a float 2-D weight is listed as false; mlx-lm loads it and generates."""
+    import mlx_lm
+
+    src = tmp_path / "mix.gguf"
+    write_gguf(src, qtype=Q.Q4_1, output=True, tensor_types={
+        "token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "blk.0.ffn_down.weight": Q.Q5_1,
+        "blk.1.attn_v.weight": Q.BF16})
+    dst = convert_gguf(src, tmp_path / "q")
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert q == {"group_size": 32, "bits": 4, "mode": "affine",
+                 "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"},
+                 "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 5, "mode": "affine"},
+                 "lm_head": False, "model.layers.1.self_attn.v_proj": False}
+    got = load_arrays(dst)
+    assert got["lm_head.weight"].dtype == mx.float16 and "lm_head.scales" not in got
+    # sizes (shards, index, disk estimate) are the written bytes
+    sharded = convert_gguf(src, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 3 and set(index["weight_map"]) == set(got)
+    assert got["model.layers.1.self_attn.v_proj.weight"].dtype == mx.bfloat16
+    model, tok = mlx_lm.load(str(dst))
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    assert model.model.layers[0].mlp.down_proj.bits == 5
+    model.set_dtype(mx.float32)
+    ref, _ = mlx_lm.load(str(convert_gguf(src, tmp_path / "f32", dtype="float32")))
+    x = mx.array([[5, 70, 90, 100, 3]])
+    a, b = model(x), ref(x)
+    assert mx.abs(a - b).max().item() <= 2e-3 * mx.abs(b).max().item()
+
+
+def _half_step(w: np.ndarray, bits: int) -> np.ndarray:
+    """Per weight: half the float16 step of its group's min/max grid (requantize's bound)."""
+    g = w.reshape(w.shape[0], -1, 32)
+    step = (g.max(-1) - g.min(-1)) / (2 ** bits - 1) * (1 + 2 ** -10) + 2 ** -24
+    return np.repeat(0.5 * step, 32, axis=-1).reshape(w.shape) * (1 + 1e-6)
+
+
+def test_requantize_error_is_half_a_step():
+    from mlx_flash.convert.gguf import requantize
+
+    w = np.random.default_rng(3).standard_normal((8, 256)).astype(np.float32)
+    w[0, :32] = 0.25  # a constant group comes back exactly
+    for bits in (4, 8):
+        packed, s, b = requantize(w, bits)
+        back = np.array(mx.dequantize(mx.array(packed), mx.array(s), mx.array(b), group_size=32, bits=bits))
+        assert (np.abs(back - w) <= _half_step(w, bits)).all()
+        assert np.array_equal(back[0, :32], w[0, :32])
+
+
 def test_unpermute_is_exact_inverse_of_llama_cpp_permute():
     rng = np.random.default_rng(1)
     for heads, rows in ((4, 64), (2, 32), (9, 576), (3, 192)):
@@ -282,18 +407,26 @@ def test_dequantization_matches_mlx_gguf_loader(tmp_path, qtype):
             assert np.allclose(got, np.array(want), atol=2e-3 * np.abs(got).max()), name
 
 
-def _k_blocks(qtype, n_rows, row_len, rng):
-    """Random but valid K-quant blocks (finite fp16 scales)."""
+#: Byte offset of the float16 super-block scale d (and dmin, 2 bytes on) in each K-quant
+#: block, and a d that gives weights of about +-0.1 (ggml-common.h layouts).
+_K_HEADER = {Q.Q2_K: (80, 0.002), Q.Q3_K: (108, 0.0005), Q.Q4_K: (0, 0.0001), Q.Q5_K: (0, 0.00005),
+             Q.Q6_K: (208, 0.00002)}
+
+
+def random_blocks(qtype, n_rows, row_len, rng):
+    """Random but valid K-quant blocks (finite float16 scales of a sane size); other types
+    (I-quants, which the converter refuses) get plain random bytes."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (n_rows * row_len // block, size), dtype=np.uint8)
 
     def f16(v):
         return np.full(len(b), v, np.float16).view(np.uint8).reshape(-1, 2)
 
-    if qtype == Q.Q4_K:
-        b[:, 0:2], b[:, 2:4] = f16(0.002), f16(0.001)
-    elif qtype == Q.Q6_K:
-        b[:, -2:] = f16(0.0005)
+    if qtype in _K_HEADER:
+        at, d = _K_HEADER[qtype]
+        b[:, at:at + 2] = f16(d)
+        if qtype in (Q.Q2_K, Q.Q4_K, Q.Q5_K):  # dmin
+            b[:, at + 2:at + 4] = f16(d / 2)
     return b.reshape(n_rows, -1)
 
 
@@ -324,7 +457,7 @@ def test_k_quants(tmp_path):
     rng = np.random.default_rng(2)
     path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    blocks = {"q4k": (_k_blocks(Q.Q4_K, 4, 512, rng), Q.Q4_K), "q6k": (_k_blocks(Q.Q6_K, 4, 512, rng), Q.Q6_K)}
+    blocks = {"q4k": (random_blocks(Q.Q4_K, 4, 512, rng), Q.Q4_K), "q6k": (random_blocks(Q.Q6_K, 4, 512, rng), Q.Q6_K)}
     for name, (b, t) in blocks.items():
         w.add_tensor(name, b, raw_dtype=t)
     finish(w)
@@ -372,7 +505,7 @@ def test_config_and_tokenizer_files(tmp_path):
 
     src = tmp_path / "tiny.gguf"
     write_gguf(src, qtype=Q.Q8_0)
-    dst = convert_gguf(src, tmp_path / "out")  # bfloat16 by default
+    dst = convert_gguf(src, tmp_path / "out", dtype="bfloat16")
     cfg = json.loads((dst / "config.json").read_text())
     tokens = toy_bpe_vocab()[0]
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
