@@ -29,7 +29,10 @@ blas:
 model: install blas
 	$(BIN)/mlx-flash prepare
 
+# Linux: Qt's X11 (xcb) plugin needs system libraries the PySide6 wheel does not ship (libxcb-icccm4,
+# libxcb-keysyms1, ...): installed here as root (apt, waiting for its lock), else the apt-get command is printed.
 app: model
+	@bash packaging/linux/qt_deps.sh $(BIN)/python
 	$(BIN)/mlx-flash-app
 
 # Real English text for the quality tests (Debian's bible-kjv); skipped with a note where it cannot be installed.

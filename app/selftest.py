@@ -28,6 +28,8 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from . import platform_qt
+
 PROMPT = "What is the capital of France?"
 
 
@@ -63,6 +65,10 @@ def check_resources() -> Path:
 
 def check_qt():
     """Start a QApplication without a window; render the app icon; import the GUI modules."""
+    if sys.platform.startswith("linux"):  # the check the app makes before Qt starts on X11
+        needed, missing = platform_qt.xcb_missing()
+        _say(platform_qt.describe(missing) if missing
+             else f"Qt xcb plugin: all {len(needed)} system libraries it needs load")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import PySide6
     from PySide6.QtWidgets import QApplication
