@@ -30,8 +30,15 @@ echo "$pkg: installing ($what); waiting up to ${timeout} s for apt's lock if ano
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 lock=(-o "DPkg::Lock::Timeout=$timeout")
-if apt-get "${lock[@]}" update -qq >"$log" 2>&1 \
-   && DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq "${missing[@]}" >>"$log" 2>&1; then
+# `apt-get update` takes the lists lock, for which apt 2.6 does not wait (DPkg::Lock::Timeout covers dpkg's
+# locks only): retry it while another process holds that lock. An update that still fails is not fatal: the
+# install below runs on the package lists already there and reports its own error.
+deadline=$((SECONDS + timeout))
+until apt-get "${lock[@]}" update -qq >"$log" 2>&1; do
+  grep -qE "Could not get lock|Unable to lock" "$log" && [ "$SECONDS" -lt "$deadline" ] || break
+  sleep 2
+done
+if DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq "${missing[@]}" >>"$log" 2>&1; then
   echo "$pkg: installed"
 else
   why="$(grep -E '^(E|W):' "$log" | head -n 3 | tr '\n' ' ')"
