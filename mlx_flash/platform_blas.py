@@ -5,15 +5,16 @@ The Linux ``mlx[cpu]`` wheel links a bundled reference (netlib) BLAS
 ~6 GFLOP/s on this project's 2-core VM. MLX resolves ``cblas_sgemm`` and friends
 dynamically, so an optimised BLAS loaded into the process's global symbol scope
 *before* ``mlx.core`` is imported takes their place: with Debian's
-``libopenblas0-pthread`` the same matmul runs at ~200 GFLOP/s, which turns
-predictor calibration of the default model (6,144 tokens) from ~22 minutes into 71 s (measured).
+``libopenblas0-pthread`` the same matmul runs at ~30-200 GFLOP/s. Calibration and evaluation no
+longer depend on it: their float32 matmuls run in numpy (``calibrate.NumpyLinear``; numpy's wheel
+has its own OpenBLAS), so the predictors are the same with or without this library.
 
 :func:`preload` is called by ``mlx_flash/__init__.py``, i.e. before anything in
 this package imports MLX. It does nothing on macOS (MLX uses Accelerate/Metal
 there), on Windows, when MLX was imported first (too late: reported by
 :func:`status`), or when ``MLX_FLASH_BLAS=off``. ``MLX_FLASH_BLAS=/path/lib.so``
 picks a library explicitly. float16/bfloat16 matmuls do not go through BLAS, so
-this only speeds float32 work (calibration, relufy, float32 models).
+this only speeds MLX's own float32 work (relufy, float32 models).
 """
 
 from __future__ import annotations
