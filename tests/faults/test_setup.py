@@ -90,11 +90,26 @@ def test_apt_install_waits_for_a_held_dpkg_lock():
 
 
 # --------------------------------------------------------------------------- the cached default model
+_MESSAGES: list = []
+
+
 @pytest.fixture(scope="module")
 def tiny_calibrated(tmp_path_factory):
     folder = make_tiny_flash(tmp_path_factory.mktemp("tiny"), layers=2, hidden=64, ffn=128, dtype="float32", seed=3)
-    calibrate(folder, sparsity=0.5, rank=8, tokens=256, max_new_tokens=8)
+    calibrate(folder, sparsity=0.5, rank=8, tokens=256, max_new_tokens=8,
+              progress=lambda f, m: _MESSAGES.append((f, m)))
     return folder
+
+
+def test_calibration_reports_progress_inside_every_phase(tiny_calibrated):
+    """The phases that once ran without a word (#17: the bar stood still for 11 minutes): the prompts are
+    read in chunks of positions, and each layer's fit reports its steps."""
+    msgs = [m for _, m in _MESSAGES]
+    reading = [m for m in msgs if m.startswith("reading ") and "positions" in m]
+    assert len(reading) >= 2 and reading[0].endswith(" 0/" + reading[0].rsplit("/", 1)[1])
+    for step in ("activations", "ridge fit", "cutoffs"):
+        assert f"layer 1/2: {step}" in msgs and f"layer 2/2: {step}" in msgs
+    assert [f for f, _ in _MESSAGES] == sorted(f for f, _ in _MESSAGES)
 
 
 @pytest.fixture
