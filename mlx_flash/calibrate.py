@@ -46,6 +46,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import gated_activation, is_exact
+from .platform_blas import numpy_blas_single_thread
 from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
                         logit_to_prob, prob_to_logit, save_predictors)
 from .progress import Cancelled, ProgressCallback, report, scaled
@@ -965,11 +966,12 @@ def calibrate(
     files = open_flash(root)
     if recall is None:
         recall = default_recall(model_activation(files.manifest.model_args)[0])
-    data = collect_calibration(files, text=text, tokens=tokens, max_new_tokens=max_new_tokens, prompts=prompts,
-                               seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
-    weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
-                                   pos_weight=pos_weight, ridge=ridge, seed=seed, predictor_dtype=predictor_dtype,
-                                   progress=scaled(progress, 0.6, 0.99))
+    with numpy_blas_single_thread():  # many small matmuls: OpenBLAS's threads spin on a busy machine
+        data = collect_calibration(files, text=text, tokens=tokens, max_new_tokens=max_new_tokens, prompts=prompts,
+                                   seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
+        weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
+                                       pos_weight=pos_weight, ridge=ridge, seed=seed,
+                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.99))
     report(progress, 0.99, "saving")  # the last chance to cancel: nothing is written before this
     info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     save_calibration(root, weights, info)
