@@ -25,7 +25,7 @@ blas:
 	@bash packaging/linux/install_blas.sh
 
 # Convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the user data folder, with its
-# activation predictors (calibration: ~1-3.5 min on 2 cores, the same with or without OpenBLAS).
+# activation predictors (calibration: ~3.5 min on a busy 2-core machine, the same with or without OpenBLAS).
 model: install blas
 	$(BIN)/mlx-flash prepare
 

@@ -209,7 +209,7 @@ def calibrated_default(tmp_path_factory):
     """The default model as `make model` / `mlx-flash prepare` leaves it: flash format with
     predictors. `make test` prepares it before the tests run, so the user's copy is reused
     (read only); without it (a bare `pytest`) it is prepared here in a temporary home
-    (~1-3.5 min on 2 cores, with or without OpenBLAS)."""
+    (~3.5 min on a busy 2-core machine, with or without OpenBLAS)."""
     from mlx_flash import default_model
     from mlx_flash.paths import HOME_ENV
 
