@@ -25,11 +25,14 @@ blas:
 	@bash packaging/linux/install_blas.sh
 
 # Convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the user data folder, with its
-# activation predictors (calibration: ~2.5 min on 2 cores with OpenBLAS).
+# activation predictors (calibration: ~3.5 min on a busy 2-core machine, the same with or without OpenBLAS).
 model: install blas
 	$(BIN)/mlx-flash prepare
 
+# Linux: Qt's X11 (xcb) plugin needs system libraries the PySide6 wheel does not ship (libxcb-icccm4,
+# libxcb-keysyms1, ...): installed here as root (apt, waiting for its lock), else the apt-get command is printed.
 app: model
+	@bash packaging/linux/qt_deps.sh $(BIN)/python
 	$(BIN)/mlx-flash-app
 
 # Real English text for the quality tests (Debian's bible-kjv); skipped with a note where it cannot be installed.

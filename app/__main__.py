@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import platform_qt
+
 
 def main(argv=None) -> int:
     if "--selftest" in (sys.argv[1:] if argv is None else argv):  # headless check (app/selftest.py)
@@ -19,6 +21,9 @@ def main(argv=None) -> int:
     args, qt_args = parser.parse_known_args(argv)
 
     _check_pyside()
+    problem = platform_qt.check_before_qapplication()  # Linux: name the xcb libraries Qt will miss
+    if problem:
+        print(problem, file=sys.stderr)
     from PySide6.QtWidgets import QApplication
 
     from . import theme

@@ -9,7 +9,7 @@ No window is shown. In order it checks:
 3. the model loads through the **flash** engine: ``--model PATH`` (a ``.flash`` folder), else the
    embedded default model, prepared once into the data folder with
    :func:`mlx_flash.default_model.ensure_default_flash` exactly as the app does (conversion and
-   predictor calibration: ~75 s on 2 cores with OpenBLAS, ~9 min without);
+   predictor calibration: ~3.5 min on a busy 2-core machine, with or without OpenBLAS);
 4. a few tokens are generated; the text and the Stats summary are printed.
 
 Exit status 0 when everything worked; 1 with the error (and its traceback on stderr) otherwise.
@@ -27,6 +27,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from . import platform_qt
 
 PROMPT = "What is the capital of France?"
 
@@ -63,6 +65,10 @@ def check_resources() -> Path:
 
 def check_qt():
     """Start a QApplication without a window; render the app icon; import the GUI modules."""
+    if sys.platform.startswith("linux"):  # the check the app makes before Qt starts on X11
+        needed, missing = platform_qt.xcb_missing()
+        _say(platform_qt.describe(missing) if missing
+             else f"Qt xcb plugin: all {len(needed)} system libraries it needs load")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import PySide6
     from PySide6.QtWidgets import QApplication

