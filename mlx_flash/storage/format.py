@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..atomic import FolderBuild, atomic_write_text
+from ..families import BY_MODEL_TYPE, supported_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
@@ -129,16 +130,14 @@ class ArchSpec:
         return tuple(BUNDLE_PARTS[n] for n in names)
 
 
-_LLAMA_FFN = ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-_OPT_FFN = ArchSpec(("fc1", "fc2"), bundle_parts=("fc1", "fc2"), biased_parts=("fc1", "fc1_bias", "fc2"),
+_FFN_LAYOUTS: Dict[str, ArchSpec] = {
+    "gated": ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    # bundle: fc1 row i | fc1 bias i | fc2 column i; fc2's bias is dense
+    "opt": ArchSpec(("fc1", "fc2"), bundle_parts=("fc1", "fc2"), biased_parts=("fc1", "fc1_bias", "fc2"),
                     bias_flag="enable_bias", bias_default=True, dense_biases=("fc2.bias",),
-                    layer_prefix="model.decoder.layers", intermediate_key="ffn_dim")
-ARCHITECTURES: Dict[str, ArchSpec] = {
-    "llama": _LLAMA_FFN,
-    "mistral": _LLAMA_FFN,
-    "qwen2": _LLAMA_FFN,  # attention biases are dense weights: nothing special
-    "opt": _OPT_FFN,      # bundle: fc1 row i | fc1 bias i | fc2 column i; fc2's bias is dense
+                    layer_prefix="model.decoder.layers", intermediate_key="ffn_dim"),
 }
+ARCHITECTURES: Dict[str, ArchSpec] = {mt: _FFN_LAYOUTS[f.ffn] for mt, f in BY_MODEL_TYPE.items()}
 """config.json ``model_type`` -> FFN layout. The keys are the supported architectures."""
 
 # Files of a source folder never copied into a flash folder (weights, indexes, our own names).
@@ -440,7 +439,7 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
     if m.architecture not in ARCHITECTURES:
         raise FlashFormatError(
             f"{where}: field 'architecture' is {m.architecture!r}: unsupported architecture "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"(supported: {supported_text()})"
         )
     spec = ARCHITECTURES[m.architecture]
     if m.dtype not in DTYPE_SIZES:
@@ -918,7 +917,7 @@ def _arch_spec(config: Mapping[str, Any], where: str) -> ArchSpec:
     mt = config.get("model_type")
     if mt not in ARCHITECTURES:
         raise FlashFormatError(
-            f"{where}: unsupported architecture: model_type {mt!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"{where}: unsupported architecture: model_type {mt!r} (supported: {supported_text()})"
         )
     return ARCHITECTURES[mt]
 
@@ -964,6 +963,9 @@ def write_flash(
     dst = Path(dst).expanduser()
     what = source or "source model"
     spec = _arch_spec(config, f"{what} config.json")
+    fused = BY_MODEL_TYPE[config["model_type"]].fused_gate_up
+    if fused:
+        _split_gate_up(weights, fused, what)
     if dtype is not None and dtype not in DTYPE_SIZES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype!r}")
     n_layers = _cfg_int(config, "num_hidden_layers", f"{what} config.json")
@@ -1159,6 +1161,23 @@ def write_flash(
     except BaseException as e:
         raise build.fail(e)  # temp folder removed; a full disk / no permission: a one-line message
     return build.publish()
+
+
+def _split_gate_up(weights: MutableMapping[str, mx.array], fused: str, what: str) -> None:
+    """Replace every ``<layer>.<fused>.weight`` (``[gate; up]`` rows, Phi-3's ``gate_up_proj``;
+    quantized ones with their ``.scales``/``.biases``, whose rows split the same way) by
+    ``mlp.gate_proj`` and ``mlp.up_proj`` tensors (lazy slices)."""
+    suffix = f".{fused}."
+    for key in [k for k in weights if suffix in k]:
+        base, kind = key.rsplit(".", 1)
+        arr = weights.pop(key)
+        if arr.shape[0] % 2:
+            raise FlashFormatError(f"{what}: tensor {key} has {arr.shape[0]} rows; expected gate and up "
+                                   f"halves of equal size")
+        half = arr.shape[0] // 2
+        layer = base[: -len(fused) - 1]
+        weights[f"{layer}.mlp.gate_proj.{kind}"] = arr[:half]
+        weights[f"{layer}.mlp.up_proj.{kind}"] = arr[half:]
 
 
 def _check_shape(arr: mx.array, shape: Tuple[int, ...], name: str, what: str) -> None:

@@ -708,7 +708,7 @@ def test_truncated_in_metadata(tmp_path):
 def test_damaged_headers_give_gguf_errors_only(tmp_path):
     """Cut anywhere, or with bytes of its header/index overwritten, a file either passes
     the checks or fails with GGUFError: never another exception, never a hang."""
-    from mlx_flash.convert.gguf import LlamaHParams, _plan_tensors, build_tokenizer
+    from mlx_flash.convert.gguf import HParams, _plan_tensors, build_tokenizer
 
     src = tmp_path / "tiny.gguf"
     write_gguf(src)
@@ -728,7 +728,7 @@ def test_damaged_headers_give_gguf_errors_only(tmp_path):
         bad.write_bytes(bytes(b))
         try:
             with GGUFFile.open(bad) as g:
-                hp = LlamaHParams.from_gguf(g)
+                hp = HParams.from_gguf(g)
                 _plan_tensors(g, hp)
                 build_tokenizer(g)
         except GGUFError:
