@@ -95,7 +95,7 @@ def model_activation(model_args: dict) -> Tuple[str, Optional[float]]:
 def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     """The whole model (FFN read fully from ``ffn.bin``) in memory, floating weights
     cast to ``dtype`` (None keeps the stored dtype). For calibration and evaluation."""
-    from .models import get_architecture
+    from .models import get_architecture, sanitize
     from .storage.format import ffn_state_dict, load_dense_weights
 
     m = files.manifest
@@ -108,7 +108,7 @@ def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     if dtype is not None:
         dt = getattr(mx, dtype)
         weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(model.sanitize(weights).items()))
+    model.load_weights(list(sanitize(model, weights).items()))
     mx.eval(model.parameters())
     return model
 

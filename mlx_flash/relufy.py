@@ -253,7 +253,7 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
 
 # --------------------------------------------------------------------------- model plumbing
 def _load_model(files, dtype=mx.float32) -> nn.Module:
-    from .models import get_architecture
+    from .models import get_architecture, sanitize
     from .storage.format import ffn_state_dict, load_dense_weights
 
     m = files.manifest
@@ -263,7 +263,7 @@ def _load_model(files, dtype=mx.float32) -> nn.Module:
     for i in range(m.num_layers):
         w.update(ffn_state_dict(files, i))
     w = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
-    model.load_weights(list(model.sanitize(w).items()))
+    model.load_weights(list(sanitize(model, w).items()))
     mx.eval(model.parameters())
     return model
 

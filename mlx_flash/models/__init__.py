@@ -42,3 +42,9 @@ def get_architecture(config: dict) -> ModuleType:
         raise UnsupportedArchitecture(
             f"unsupported architecture {model_type!r}: mlx-flash runs {supported_text()}"
         ) from None
+
+
+def sanitize(model, weights: dict) -> dict:
+    """``model.sanitize(weights)`` where the model class has one (as mlx-lm's ``load_model``
+    does: some of its classes, e.g. Gemma 2 and Phi-3, take checkpoint names as they are)."""
+    return model.sanitize(weights) if hasattr(type(model), "sanitize") else weights

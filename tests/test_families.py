@@ -1,0 +1,176 @@
+"""Every supported family end to end on tiny random models (hidden 64, ffn 128).
+
+Per family a model is written with mlx-lm's own class as an mlx-lm folder
+(``tests.tiny.make_tiny_model``) and, from the same weights, as a GGUF file with gguf-py's
+writer the way llama.cpp's ``convert_hf_to_gguf.py`` writes it (tensor names from gguf-py's
+``TensorNameMap``, q/k permuted for the llama architecture, Gemma norms stored as ``w + 1``,
+per-family metadata) with a real BPE vocabulary. Then:
+
+- GGUF → mlx-lm folder: same config where it matters, logits equal mlx-lm's on the original folder;
+- mlx-lm folder → flash: every neuron active (``active="all"``) gives mlx-lm's logits;
+- calibration fits predictors and the predictor engine generates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from mlx_flash.config import FlashConfig
+from mlx_flash.convert.gguf import GGUFError, convert_gguf, gguf_tensor_names, permute_qk
+from mlx_flash.engine import load
+from mlx_flash.families import BY_MODEL_TYPE, FAMILIES
+from mlx_flash.storage.format import FlashFormatError, convert_to_flash, open_flash
+from tests.convert.test_gguf import CHATML, finish, toy_bpe_vocab
+from tests.tiny import FAMILY_CONFIGS, make_tiny_model
+
+KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+TOKENS = mx.array([[5, 17, 99, 3, 42, 7, 8, 120, 33, 250, 1, 64]])  # > gemma3's sliding window of 4
+
+
+def _layers(kind: str) -> int:
+    return 6 if kind == "gemma3_text" else 2  # mlx-lm's gemma3_text needs a global layer (every 6th)
+
+
+def _folder_weights(folder: Path) -> dict:
+    return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+
+
+def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict | None = None) -> None:
+    """The mlx-lm folder's model as llama.cpp's converter would write it."""
+    config = json.loads((folder / "config.json").read_text())
+    fam = BY_MODEL_TYPE[config["model_type"]]
+    weights = _folder_weights(folder)
+    n_layers, heads, kv = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    names = gguf_tensor_names(fam, n_layers, weights)
+    assert set(names) == set(weights), set(weights) - set(names)
+    w = gguf.GGUFWriter(str(path), fam.gguf_arch)
+    w.add_block_count(n_layers)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if "sliding_window" in config:
+        w.add_sliding_window(config["sliding_window"])
+    if config["model_type"] == "gemma2":
+        w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if config["model_type"] == "phi3":
+        w.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+    rs = config.get("rope_scaling")
+    if rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors
+        from mlx_flash.convert.gguf import _llama3_factors
+
+        f = _llama3_factors(head_dim, config["rope_theta"], rs["factor"], rs["low_freq_factor"],
+                            rs["high_freq_factor"], rs["original_max_position_embeddings"])
+        w.add_tensor("rope_freqs.weight", f.astype(np.float32))
+        w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+    tok = tokenizer or {}
+    tokens, types, merges = tok.get("vocab") or toy_bpe_vocab()
+    assert len(tokens) == config["vocab_size"]
+    w.add_tokenizer_model(tok.get("model", "gpt2"))
+    if tok.get("model", "gpt2") == "gpt2":
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_merges(merges)
+    else:
+        w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok.get("add_space_prefix", True))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.get("bos", 1))
+    w.add_eos_token_id(tok.get("eos", 2))
+    w.add_add_bos_token(tok.get("add_bos", False))
+    w.add_chat_template(CHATML)
+    for hf, t in weights.items():
+        if fam.gguf_permute_qk and "q_proj" in hf:
+            t = permute_qk(t, heads)
+        elif fam.gguf_permute_qk and "k_proj" in hf:
+            t = permute_qk(t, kv)
+        if hf.endswith("norm.weight"):
+            t = t + np.float32(fam.gguf_norm_shift)
+        if t.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(names[hf], gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(names[hf], t)
+    finish(w)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    folder = make_tiny_model(root / "mlx", kind, layers=_layers(kind), vocab=len(toy_bpe_vocab()[0]), seed=7)
+    write_family_gguf(root / "model.gguf", folder)
+    return kind, root, folder
+
+
+def _logits(model) -> np.ndarray:
+    return np.array(model(TOKENS).astype(mx.float32))
+
+
+def test_gguf_converts_to_mlx_lms_model(family):
+    import mlx_lm
+
+    kind, root, folder = family
+    out = convert_gguf(root / "model.gguf", root / "from-gguf", dtype="float32")
+    want_cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    same_type = "llama" if kind == "mistral" else want_cfg["model_type"]  # GGUF's "llama" arch covers Mistral
+    assert cfg["model_type"] == same_type
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "rope_theta", "sliding_window", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping", "rope_scaling", "head_dim"):
+        if key in want_cfg:
+            assert cfg[key] == pytest.approx(want_cfg[key]), key
+    if "tie_word_embeddings" in want_cfg:
+        assert cfg["tie_word_embeddings"] == want_cfg["tie_word_embeddings"]
+    ref, _ = mlx_lm.load(str(folder))
+    got, tok = mlx_lm.load(str(out))
+    np.testing.assert_allclose(_logits(got), _logits(ref), atol=2e-4, rtol=2e-4)
+    assert tok.chat_template == CHATML
+
+
+def test_flash_every_neuron_equals_mlx_lm(family):
+    import mlx_lm
+
+    kind, root, folder = family
+    dst = convert_to_flash(folder, root / "model.flash")
+    m = open_flash(dst).manifest
+    assert m.architecture == json.loads((folder / "config.json").read_text())["model_type"]
+    assert m.bundle_parts == ["gate", "up", "down"]
+    ref, _ = mlx_lm.load(str(folder))
+    want = _logits(ref)
+    eng = load(dst, FlashConfig(active="all", budget=1.0, scratch_neurons=32, threads=2))
+    np.testing.assert_allclose(_logits(eng.model), want, atol=2e-4, rtol=2e-4)
+    eng.close()
+    dense = load(dst, dense=True)  # the whole FFN read back from ffn.bin
+    np.testing.assert_allclose(_logits(dense.model), want, atol=2e-4, rtol=2e-4)
+
+
+def test_calibrates_and_generates_with_predictors(family):
+    from mlx_flash.calibrate import calibrate
+
+    kind, root, folder = family
+    dst = root / "model.flash"
+    if not dst.exists():
+        convert_to_flash(folder, dst)
+    rep = calibrate(dst, sparsity=0.5, rank=4, tokens=96, max_new_tokens=4, prompts=["hi", "a story"])
+    assert len(rep.thresholds) == _layers(kind)
+    eng = load(dst, FlashConfig(budget=0.6, scratch_neurons=32, threads=2))
+    assert eng.mode == "flash-predictor"
+    responses = list(eng.stream_generate("hello", max_tokens=4))
+    assert responses and responses[-1].stats.neurons_active > 0
+    eng.close()
