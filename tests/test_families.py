@@ -42,7 +42,8 @@ def _folder_weights(folder: Path) -> dict:
     return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(folder / "model.safetensors")).items()}
 
 
-def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict | None = None) -> None:
+def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict | None = None,
+                      extra_tensors: dict | None = None) -> None:
     """The mlx-lm folder's model as llama.cpp's converter would write it."""
     config = json.loads((folder / "config.json").read_text())
     fam = BY_MODEL_TYPE[config["model_type"]]
@@ -92,6 +93,8 @@ def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict 
     w.add_token_types(types)
     w.add_bos_token_id(tok.get("bos", 1))
     w.add_eos_token_id(tok.get("eos", 2))
+    if "unk" in tok:
+        w.add_unk_token_id(tok["unk"])
     w.add_add_bos_token(tok.get("add_bos", False))
     w.add_chat_template(CHATML)
     for hf, t in weights.items():
@@ -105,6 +108,8 @@ def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict 
             w.add_tensor(names[hf], gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(names[hf], t)
+    for name, t in (extra_tensors or {}).items():
+        w.add_tensor(name, t)
     finish(w)
 
 
@@ -174,3 +179,71 @@ def test_calibrates_and_generates_with_predictors(family):
     responses = list(eng.stream_generate("hello", max_tokens=4))
     assert responses and responses[-1].stats.neurons_active > 0
     eng.close()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3_text", "phi3"])
+def test_quantized_gguf_stays_quantized_through_flash(tmp_path, kind):
+    """Q8_0 GGUF → 8-bit mlx-lm folder (the bits kept) → quantized flash bundles (Phi-3's fused
+    gate_up split row-wise, scales and biases with it): every neuron active gives mlx-lm's
+    logits on the converted folder."""
+    folder = make_tiny_model(tmp_path / "mlx", kind, layers=_layers(kind), vocab=len(toy_bpe_vocab()[0]), seed=5)
+    write_family_gguf(tmp_path / "q8.gguf", folder, qtype=Q.Q8_0)
+    out = convert_gguf(tmp_path / "q8.gguf", tmp_path / "q8")
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    dst = convert_to_flash(out, tmp_path / "q8.flash")
+    m = open_flash(dst).manifest
+    assert m.quantization["gate"]["bits"] == 8 and m.bundle_parts == ["gate", "up", "down"]
+    ref = load(out)  # mlx-lm's own quantized model (run in the CPU's fast dtype)
+    eng = load(dst, FlashConfig(active="all", budget=1.0, scratch_neurons=32, threads=2))
+    a, b = _logits(eng.model), _logits(ref.model)
+    # down columns are re-quantized along hidden (8 bits): close, not bit-equal
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+    eng.close()
+
+
+def test_gemma_sentencepiece_tokenizer_round_trip(tmp_path):
+    """A Gemma-style SentencePiece vocabulary (``tokenizer.ggml.model`` = llama, no space
+    prefix, byte pieces, scores) becomes a tokenizer.json that splits, falls back to bytes
+    and decodes back, with the bos added and the chat template kept."""
+    from mlx_lm.utils import load_tokenizer
+
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello",
+              "▁w", "▁wo", "▁wor", "▁worl", "▁world"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 260 + [-float(len(pieces) - i) for i in range(len(pieces))]  # longer pieces first
+    folder = make_tiny_model(tmp_path / "mlx", "gemma3_text", layers=6, vocab=len(tokens), seed=2)
+    write_family_gguf(tmp_path / "spm.gguf", folder, tokenizer={
+        "model": "llama", "vocab": (tokens, types, None), "scores": scores, "add_space_prefix": False,
+        "bos": 2, "eos": 1, "unk": 3, "add_bos": True})
+    out = convert_gguf(tmp_path / "spm.gguf", tmp_path / "out", dtype="float32")
+    tok = load_tokenizer(out)
+    ids = tok.encode("hello world")
+    assert [tokens[i] for i in ids] == ["<bos>", "hello", "▁world"]
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world"
+    ids = tok.encode("hé world")  # é is not in the vocabulary: its UTF-8 bytes
+    assert [tokens[i] for i in ids] == ["<bos>", "h", "<0xC3>", "<0xA9>", "▁world"]
+    assert tok.decode(ids, skip_special_tokens=True) == "hé world"
+    assert tok.chat_template == CHATML
+
+
+def test_refusals_name_what_is_supported(tmp_path):
+    """A folder of a family mlx-flash does not run, and a Phi-3 GGUF with LongRoPE (128k),
+    are refused with messages that say what is supported."""
+    folder = make_tiny_model(tmp_path / "mlx", "llama", vocab=len(toy_bpe_vocab()[0]))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3"}))  # multimodal Gemma 3
+    with pytest.raises(FlashFormatError, match=r"unsupported architecture.*'gemma3'") as e:
+        convert_to_flash(folder, tmp_path / "x.flash")
+    for f in FAMILIES:
+        assert f"{f.label} [{'/'.join(f.model_types)}]" in str(e.value)
+    assert not (tmp_path / "x.flash").exists()
+
+    phi = make_tiny_model(tmp_path / "phi", "phi3", vocab=len(toy_bpe_vocab()[0]))
+    long_rope = np.ones(8, np.float32)
+    write_family_gguf(tmp_path / "phi.gguf", phi, extra_tensors={"rope_factors_long.weight": long_rope,
+                                                                 "rope_factors_short.weight": long_rope})
+    with pytest.raises(GGUFError, match="LongRoPE.*not supported; the 4k-context Phi-3 models are"):
+        convert_gguf(tmp_path / "phi.gguf", tmp_path / "phi-out")
+    assert not (tmp_path / "phi-out").exists()

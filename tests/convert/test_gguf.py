@@ -762,7 +762,8 @@ def test_unknown_architecture(tmp_path, arch):
     src = tmp_path / "tiny.gguf"
     write_gguf(src, arch=arch)
     msg = _fails(tmp_path, src, f"unsupported architecture '{arch}'")
-    assert "supported: llama" in msg
+    assert "supported: llama, qwen2, qwen3, gemma2, gemma3, phi3" in msg
+    assert "Gemma 3" in msg and "Qwen2 / Qwen2.5" in msg and "Phi-3" in msg  # the families, by name
     assert read_gguf_info(src)["supported"] is False
 
 
