@@ -1,4 +1,10 @@
-"""Import a llama-family GGUF file (llama.cpp's format) as an mlx-lm model folder.
+"""Import a GGUF file (llama.cpp's format) of a supported family as an mlx-lm model folder.
+
+Families (``general.architecture``): see :mod:`mlx_flash.families` (llama, qwen2, qwen3,
+gemma2, gemma3, phi3). Tensor names come from gguf-py's ``TensorNameMap`` applied to the
+parameter names of mlx-lm's own model class for the config the metadata gives
+(:func:`model_tensors`, :func:`gguf_tensor_names`); Gemma norms, stored by llama.cpp as
+``w + 1``, get 1 subtracted (the family's ``gguf_norm_shift``).
 
 The result is what ``mlx_lm.load`` reads: ``config.json`` (Hugging Face names),
 ``model.safetensors`` (Hugging Face tensor names; quantized blocks repacked as MLX affine
@@ -15,7 +21,7 @@ near the size of the largest tensor plus one output shard). A short or damaged f
 :class:`GGUFError` naming the file and what is missing. The ``gguf`` package (llama.cpp's
 ``gguf-py``) supplies the type tables and the numpy dequantizers.
 
-llama.cpp stores the rows of the q and k projections permuted for its interleaved RoPE
+For the llama architecture only, llama.cpp stores the rows of the q and k projections permuted for its interleaved RoPE
 (``convert_hf_to_gguf.py``: ``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)``);
 :func:`unpermute_qk` applies the inverse to give the Hugging Face order that mlx-lm's
 RoPE expects.
@@ -1213,7 +1219,7 @@ def convert_gguf(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Convert the llama GGUF file ``src`` into the mlx-lm model folder ``dst``.
+    """Convert the GGUF file ``src`` (a family of :mod:`mlx_flash.families`) into the mlx-lm model folder ``dst``.
 
     dtype:     None (default) keeps the quantization: every quantized 2-D weight becomes an
                MLX affine quantized one, group size 32, with :data:`KEEP_BITS` bits
