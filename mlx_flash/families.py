@@ -21,6 +21,9 @@ Per family:
 - ``fused_gate_up``: the module holding ``[gate; up]`` rows in one matrix (Phi-3's
   ``mlp.gate_up_proj``); split into per-neuron gate and up rows when written as flash.
 - ``gguf_permute_qk``: llama.cpp's converter permuted q/k rows for its RoPE (llama arch only).
+- ``wrappers``: model_types of multimodal checkpoints whose text model is this family
+  (config.json ``text_config``, weights under ``language_model.``; the vision tower is
+  dropped when converted to flash).
 - ``gguf_norm_shift``: llama.cpp stores this family's RMSNorm weights as ``w + shift``
   (Gemma: mlx-lm's and Hugging Face's Gemma norms compute ``(1 + w)``; convert_hf_to_gguf.py
   adds 1 to every ``*norm.weight``); the GGUF import subtracts it.
@@ -45,6 +48,7 @@ class Family:
     fused_gate_up: Optional[str] = None
     gguf_permute_qk: bool = False
     gguf_norm_shift: float = 0.0
+    wrappers: Tuple[str, ...] = ()
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -53,8 +57,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("qwen2", "Qwen2 / Qwen2.5", ("qwen2",), gguf_arch="qwen2"),
     Family("qwen3", "Qwen3", ("qwen3",), gguf_arch="qwen3"),
     Family("gemma2", "Gemma 2", ("gemma2",), gguf_arch="gemma2", activation="gelu_approx", gguf_norm_shift=1.0),
-    Family("gemma3", "Gemma 3 (text)", ("gemma3_text",), gguf_arch="gemma3", activation="gelu_approx",
-           gguf_norm_shift=1.0),
+    Family("gemma3", "Gemma 3", ("gemma3_text",), gguf_arch="gemma3", activation="gelu_approx",
+           gguf_norm_shift=1.0, wrappers=("gemma3",)),
     Family("phi3", "Phi-3", ("phi3",), gguf_arch="phi3", fused_gate_up="mlp.gate_up_proj"),
     Family("opt", "OPT", ("opt",), engine="opt", activation="relu", activation_from_config=True, ffn="opt"),
 )
@@ -62,20 +66,26 @@ FAMILIES: Tuple[Family, ...] = (
 BY_MODEL_TYPE: Dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}
 """config.json ``model_type`` -> family."""
 
+BY_WRAPPER: Dict[str, Family] = {w: f for f in FAMILIES for w in f.wrappers}
+"""Multimodal checkpoint ``model_type`` -> the family of its text model."""
+
+#: the key prefix of a wrapped text model's weights and its config.json section
+WRAPPED_PREFIX, WRAPPED_CONFIG = "language_model.", "text_config"
+
 BY_GGUF_ARCH: Dict[str, Family] = {f.gguf_arch: f for f in FAMILIES if f.gguf_arch}
 """GGUF ``general.architecture`` -> family."""
 
 
 def supported_text() -> str:
     """The supported families in words, for messages: ``"Llama (...), Qwen2 / Qwen2.5, ..."``."""
-    return ", ".join(f"{f.label} [{'/'.join(f.model_types)}]" for f in FAMILIES)
+    return ", ".join(f"{f.label} [{'/'.join(f.model_types + f.wrappers)}]" for f in FAMILIES)
 
 
 def family_of(model_type) -> Optional[Family]:
-    return BY_MODEL_TYPE.get(model_type)
+    return BY_MODEL_TYPE.get(model_type) or BY_WRAPPER.get(model_type)
 
 
 def family_label(model_type) -> str:
     """A family's display name for a config.json ``model_type`` (the type itself when unknown)."""
-    f = BY_MODEL_TYPE.get(model_type)
+    f = family_of(model_type)
     return f.label if f else str(model_type)

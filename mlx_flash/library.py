@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 from . import paths
 from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
                      scratch_dir, temp_name, translate_write_errors)
-from .families import BY_MODEL_TYPE, family_label, supported_text
+from .families import BY_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
 from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
 
@@ -312,7 +312,7 @@ def check_importable(src: Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
         raise ImportRejected(f"{src.name}/config.json is not valid JSON ({e})") from None
     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if mt not in BY_MODEL_TYPE:
+    if mt not in BY_MODEL_TYPE and mt not in BY_WRAPPER:
         raise ImportRejected(f"{src.name}: unsupported architecture {mt!r} (config.json model_type); "
                              f"mlx-flash runs {supported_text()}")
     if not list(src.glob("*.safetensors")):

@@ -72,7 +72,10 @@ def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict 
     if config["model_type"] == "phi3":
         w.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
     rs = config.get("rope_scaling")
-    if rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors
+    if rs and rs.get("type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs["factor"])
+    elif rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors
         from mlx_flash.convert.gguf import _llama3_factors
 
         f = _llama3_factors(head_dim, config["rope_theta"], rs["factor"], rs["low_freq_factor"],
@@ -233,11 +236,11 @@ def test_refusals_name_what_is_supported(tmp_path):
     are refused with messages that say what is supported."""
     folder = make_tiny_model(tmp_path / "mlx", "llama", vocab=len(toy_bpe_vocab()[0]))
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3"}))  # multimodal Gemma 3
-    with pytest.raises(FlashFormatError, match=r"unsupported architecture.*'gemma3'") as e:
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(FlashFormatError, match=r"unsupported architecture.*'gpt_neox'") as e:
         convert_to_flash(folder, tmp_path / "x.flash")
     for f in FAMILIES:
-        assert f"{f.label} [{'/'.join(f.model_types)}]" in str(e.value)
+        assert f"{f.label} [{'/'.join(f.model_types + f.wrappers)}]" in str(e.value)
     assert not (tmp_path / "x.flash").exists()
 
     phi = make_tiny_model(tmp_path / "phi", "phi3", vocab=len(toy_bpe_vocab()[0]))
@@ -247,3 +250,39 @@ def test_refusals_name_what_is_supported(tmp_path):
     with pytest.raises(GGUFError, match="LongRoPE.*not supported; the 4k-context Phi-3 models are"):
         convert_gguf(tmp_path / "phi.gguf", tmp_path / "phi-out")
     assert not (tmp_path / "phi-out").exists()
+
+
+def test_multimodal_gemma3_folder_imports_its_text_model(tmp_path):
+    """A Gemma 3 4B+ style mlx-lm folder (model_type gemma3: ``text_config``, weights under
+    ``language_model.``, a vision tower) becomes a gemma3_text flash folder whose logits with
+    every neuron active equal mlx-lm's on the multimodal folder; the vision tower is dropped."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.gemma3 import Model, ModelArgs
+
+    from tests.tiny import _write_tokenizer
+
+    text = make_tiny_model(tmp_path / "text", "gemma3_text", layers=6, vocab=256, seed=4)
+    tcfg = json.loads((text / "config.json").read_text())
+    src = tmp_path / "gemma-3-mm"
+    src.mkdir()
+    cfg = {"model_type": "gemma3", "vocab_size": 256, "eos_token_id": 255,
+           "text_config": {k: v for k, v in tcfg.items() if k not in ("vocab_size", "eos_token_id", "torch_dtype")},
+           "vision_config": {"hidden_size": 8}}
+    model = Model(ModelArgs.from_dict(cfg))
+    weights = {f"language_model.{k}": v for k, v in mx.load(str(text / "model.safetensors")).items()}
+    assert set(weights) == {k for k, _ in tree_flatten(model.parameters())}  # mlx-lm's own names
+    weights["vision_tower.patch.weight"] = mx.ones((8, 8))
+    mx.save_safetensors(str(src / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    _write_tokenizer(src, 256)
+
+    dst = convert_to_flash(src, tmp_path / "mm.flash")
+    files = open_flash(dst)
+    assert files.manifest.architecture == "gemma3_text"
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "gemma3_text"
+    assert not any("vision" in k for k in mx.load(str(files.dense_path)))
+    ref, _ = mlx_lm.load(str(src))
+    eng = load(dst, FlashConfig(active="all", budget=1.0, scratch_neurons=32, threads=2))
+    np.testing.assert_allclose(_logits(eng.model), _logits(ref), atol=2e-4, rtol=2e-4)
+    eng.close()

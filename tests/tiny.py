@@ -169,7 +169,8 @@ FAMILY_CONFIGS = {
                "hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096},
     "gemma3_text": {"model_type": "gemma3_text", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "head_dim": 16,
                     "query_pre_attn_scalar": 16, "sliding_window": 4, "sliding_window_pattern": 6,
-                    "rope_local_base_freq": 10000.0, "hidden_act": "gelu_pytorch_tanh"},
+                    "rope_local_base_freq": 10000.0, "hidden_act": "gelu_pytorch_tanh",
+                    "rope_scaling": {"type": "linear", "factor": 8.0}},  # global layers (Gemma 3 4B+)
     "phi3": {"model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
              "original_max_position_embeddings": 2048},
 }

@@ -45,7 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..atomic import FolderBuild, atomic_write_text
-from ..families import BY_MODEL_TYPE, supported_text
+from ..families import BY_MODEL_TYPE, BY_WRAPPER, WRAPPED_CONFIG, WRAPPED_PREFIX, supported_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
@@ -884,6 +884,9 @@ def convert_to_flash(
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    wrapped = BY_WRAPPER.get(config.get("model_type"))
+    if wrapped is not None:
+        config = _text_config(config, wrapped, str(cfg_path))
     _arch_spec(config, str(cfg_path))  # fail before loading weights
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
@@ -897,13 +900,18 @@ def convert_to_flash(
         dup = weights.keys() & part.keys()
         if dup:
             raise FlashFormatError(f"{s}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        if wrapped is not None:  # the text model only: its keys without the prefix, no vision tower
+            part = {k[len(WRAPPED_PREFIX):]: v for k, v in part.items() if k.startswith(WRAPPED_PREFIX)}
         weights.update(part)
         del part  # write_flash frees each FFN tensor once written: keep no other reference
+    extra = _copy_source_files(src)
+    if wrapped is not None:
+        del extra["config.json"]  # write_flash writes the text model's
     return write_flash(
         dst,
         config=config,
         weights=weights,
-        extra_files=_copy_source_files(src),
+        extra_files=extra,
         source=source or str(src.resolve()),
         dtype=dtype,
         progress=progress,
@@ -911,6 +919,27 @@ def convert_to_flash(
         dequantize_dense=dequantize_dense,
         down_bits=down_bits,
     )
+
+
+def _text_config(config: Mapping[str, Any], family, where: str) -> Dict[str, Any]:
+    """config.json of the text model inside a multimodal checkpoint (Gemma 3 4B+): its
+    ``text_config`` with the family's model_type and the defaults mlx-lm's wrapper fills in
+    (vocab_size from the top level, 262208 when absent; 8 heads, 4 kv heads); the
+    quantization's per-module entries lose the ``language_model.`` prefix (others are dropped)."""
+    text = config.get(WRAPPED_CONFIG)
+    if not isinstance(text, Mapping):
+        raise FlashFormatError(f"{where}: a {config.get('model_type')!r} checkpoint without '{WRAPPED_CONFIG}'")
+    out: Dict[str, Any] = {"num_attention_heads": 8, "num_key_value_heads": 4, **text,
+                           "model_type": family.model_types[0], "vocab_size": config.get("vocab_size", 262208)}
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if isinstance(q, Mapping):
+            out[key] = {(k[len(WRAPPED_PREFIX):] if k.startswith(WRAPPED_PREFIX) else k): v for k, v in q.items()
+                        if not isinstance(v, (Mapping, bool)) or k.startswith(WRAPPED_PREFIX)}
+    for key in ("eos_token_id", "bos_token_id"):
+        if key in config and key not in out:
+            out[key] = config[key]
+    return out
 
 
 def _arch_spec(config: Mapping[str, Any], where: str) -> ArchSpec:
