@@ -286,3 +286,4 @@ def test_multimodal_gemma3_folder_imports_its_text_model(tmp_path):
     eng = load(dst, FlashConfig(active="all", budget=1.0, scratch_neurons=32, threads=2))
     np.testing.assert_allclose(_logits(eng.model), _logits(ref), atol=2e-4, rtol=2e-4)
     eng.close()
+    np.testing.assert_allclose(_logits(load(src).model), _logits(ref), atol=1e-5)  # and dense as it is

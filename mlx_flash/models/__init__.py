@@ -22,12 +22,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import llama, opt
-from ..families import BY_MODEL_TYPE, supported_text
+from ..families import BY_MODEL_TYPE, BY_WRAPPER, supported_text
 
 _ENGINES: dict[str, ModuleType] = {"llama": llama, "opt": opt}
 
 #: config.json ``model_type`` -> architecture module (from the registry)
-ARCHITECTURES: dict[str, ModuleType] = {mt: _ENGINES[f.engine] for mt, f in BY_MODEL_TYPE.items()}
+#: (multimodal wrappers such as Gemma 3's run dense through mlx-lm's own class)
+ARCHITECTURES: dict[str, ModuleType] = {mt: _ENGINES[f.engine] for mt, f in {**BY_MODEL_TYPE, **BY_WRAPPER}.items()}
 
 
 class UnsupportedArchitecture(ValueError):

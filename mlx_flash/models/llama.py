@@ -30,7 +30,7 @@ from mlx_lm.models.llama import ModelArgs  # noqa: F401  (re-exported)
 from mlx_lm.utils import _get_classes
 
 from ..active import config_activation, gated_activation
-from ..families import BY_MODEL_TYPE, Family
+from ..families import Family, family_of
 
 #: per-layer FFN weight names, in bundle order: gate row i | up row i | down column i
 FFN_KEYS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -55,7 +55,7 @@ class ActMLP(nn.Module):
 
 
 def family(config: dict) -> Family:
-    return BY_MODEL_TYPE[config.get("model_type")]
+    return family_of(config.get("model_type"))
 
 
 def activation_of(config: dict):
