@@ -30,7 +30,7 @@ from mlx_flash.storage.format import FlashFormatError, convert_to_flash, open_fl
 from tests.convert.test_gguf import CHATML, finish, toy_bpe_vocab
 from tests.tiny import FAMILY_CONFIGS, make_tiny_model
 
-KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "phi3_longrope"]
 TOKENS = mx.array([[5, 17, 99, 3, 42, 7, 8, 120, 33, 250, 1, 64]])  # > gemma3's sliding window of 4
 
 
@@ -69,13 +69,18 @@ def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict 
     if config["model_type"] == "gemma2":
         w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    rs = config.get("rope_scaling")
     if config["model_type"] == "phi3":
         w.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
-    rs = config.get("rope_scaling")
-    if rs and rs.get("type") == "linear":
+    if rs and rs.get("type") == "longrope":  # llama.cpp: factors as tensors, the default attention factor
+        w.add_tensor("rope_factors_long.weight", np.array(rs["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rs["short_factor"], np.float32))
+        ctx, orig = config["max_position_embeddings"], config["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(ctx / orig) / np.log(orig))))
+    elif rs and rs.get("type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rs["factor"])
-    elif rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors
+    elif rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors (rope_freqs)
         from mlx_flash.convert.gguf import _llama3_factors
 
         f = _llama3_factors(head_dim, config["rope_theta"], rs["factor"], rs["low_freq_factor"],
@@ -125,6 +130,15 @@ def family(request, tmp_path_factory):
     return kind, root, folder
 
 
+def _rounded(v):
+    """Config values compared up to float32 rounding (GGUF stores float32)."""
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return round(v, 5) if isinstance(v, float) else v
+
+
 def _logits(model) -> np.ndarray:
     return np.array(model(TOKENS).astype(mx.float32))
 
@@ -142,7 +156,7 @@ def test_gguf_converts_to_mlx_lms_model(family):
                 "intermediate_size", "rope_theta", "sliding_window", "query_pre_attn_scalar",
                 "attn_logit_softcapping", "final_logit_softcapping", "rope_scaling", "head_dim"):
         if key in want_cfg:
-            assert cfg[key] == pytest.approx(want_cfg[key]), key
+            assert _rounded(cfg[key]) == _rounded(want_cfg[key]), key
     if "tie_word_embeddings" in want_cfg:
         assert cfg["tie_word_embeddings"] == want_cfg["tie_word_embeddings"]
     ref, _ = mlx_lm.load(str(folder))
@@ -232,8 +246,8 @@ def test_gemma_sentencepiece_tokenizer_round_trip(tmp_path):
 
 
 def test_refusals_name_what_is_supported(tmp_path):
-    """A folder of a family mlx-flash does not run, and a Phi-3 GGUF with LongRoPE (128k),
-    are refused with messages that say what is supported."""
+    """A folder of a family mlx-flash does not run is refused with a message naming the
+    supported ones; a Phi-3 GGUF with half of its LongRoPE factors says what is missing."""
     folder = make_tiny_model(tmp_path / "mlx", "llama", vocab=len(toy_bpe_vocab()[0]))
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
@@ -244,10 +258,8 @@ def test_refusals_name_what_is_supported(tmp_path):
     assert not (tmp_path / "x.flash").exists()
 
     phi = make_tiny_model(tmp_path / "phi", "phi3", vocab=len(toy_bpe_vocab()[0]))
-    long_rope = np.ones(8, np.float32)
-    write_family_gguf(tmp_path / "phi.gguf", phi, extra_tensors={"rope_factors_long.weight": long_rope,
-                                                                 "rope_factors_short.weight": long_rope})
-    with pytest.raises(GGUFError, match="LongRoPE.*not supported; the 4k-context Phi-3 models are"):
+    write_family_gguf(tmp_path / "phi.gguf", phi, extra_tensors={"rope_factors_long.weight": np.ones(8, np.float32)})
+    with pytest.raises(GGUFError, match="LongRoPE needs both rope_factors_long and rope_factors_short"):
         convert_gguf(tmp_path / "phi.gguf", tmp_path / "phi-out")
     assert not (tmp_path / "phi-out").exists()
 

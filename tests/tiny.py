@@ -173,6 +173,11 @@ FAMILY_CONFIGS = {
                     "rope_scaling": {"type": "linear", "factor": 8.0}},  # global layers (Gemma 3 4B+)
     "phi3": {"model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
              "original_max_position_embeddings": 2048},
+    # Phi-3.5 mini / Phi-3 128k: LongRoPE (per-frequency factors, mlx-lm's SuScaledRoPE)
+    "phi3_longrope": {"model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                      "tie_word_embeddings": False, "original_max_position_embeddings": 64,
+                      "rope_scaling": {"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                       "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0]}},
 }
 
 

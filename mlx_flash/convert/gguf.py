@@ -680,11 +680,13 @@ class HParams:
             else:
                 extra.update(sliding_window_pattern=_GEMMA3_SWA_PATTERN,
                              rope_local_base_freq=_GEMMA3_LOCAL_ROPE_BASE)
+        rope_scaling = _rope_scaling(g, arch, head_dim, rope_theta)
+        ctx = get("context_length", 2048)
         if fam.key == "phi3":
+            orig = get(Keys.Rope.SCALING_ORIG_CTX_LEN, 4096)
+            extra["original_max_position_embeddings"] = orig
             if "rope_factors_long.weight" in g.tensors or "rope_factors_short.weight" in g.tensors:
-                raise GGUFError(f"{g.path}: Phi-3 with LongRoPE (the 128k-context variants) is not supported; "
-                                f"the 4k-context Phi-3 models are")
-            extra["original_max_position_embeddings"] = get(Keys.Rope.SCALING_ORIG_CTX_LEN, 4096)
+                rope_scaling = _longrope(g, head_dim, ctx, orig)
         return cls(
             family=fam,
             hidden_size=hidden,
@@ -696,10 +698,10 @@ class HParams:
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
             rope_theta=rope_theta,
             vocab_size=embd.shape[0],
-            max_position_embeddings=get("context_length", 2048),
+            max_position_embeddings=ctx,
             tie_word_embeddings="output.weight" not in g.tensors,
             attention_bias=fam.key == "llama" and "blk.0.attn_q.bias" in g.tensors,
-            rope_scaling=_rope_scaling(g, arch, head_dim, rope_theta),
+            rope_scaling=rope_scaling,
             extra=extra,
         )
 
@@ -756,6 +758,30 @@ def _llama3_factors(head_dim: int, base: float, factor: float, low: float, high:
     return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
 
 
+def _longrope(g: GGUFFile, head_dim: int, ctx: int, orig: int) -> Dict[str, Any]:
+    """Phi-3 LongRoPE (the 128k-context models, Phi-3.5 mini): llama.cpp keeps the per-frequency
+    factors as ``rope_factors_long``/``rope_factors_short`` tensors; mlx-lm's ``SuScaledRoPE``
+    takes them as config.json's ``rope_scaling`` lists with its default attention factor
+    sqrt(1 + ln(ctx / orig) / ln(orig)), which must be the file's."""
+    from gguf.constants import Keys
+
+    out: Dict[str, Any] = {"type": "longrope"}
+    for kind in ("long", "short"):
+        name = f"rope_factors_{kind}.weight"
+        if name not in g.tensors:
+            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; '{name}' is missing")
+        f = g.read_float32(name).ravel()
+        if f.shape[0] != head_dim // 2:
+            raise GGUFError(f"{g.path}: {name} has {f.shape[0]} entries, expected {head_dim // 2}")
+        out[f"{kind}_factor"] = [float(v) for v in f]
+    attn = g.metadata.get(Keys.Rope.SCALING_ATTN_FACTOR.format(arch="phi3"))
+    want = math.sqrt(1 + math.log(ctx / orig) / math.log(orig)) if ctx > orig else 1.0
+    if attn is not None and not math.isclose(float(attn), want, rel_tol=1e-3):
+        raise GGUFError(f"{g.path}: LongRoPE attention factor {float(attn):.4f} is not the default {want:.4f} "
+                        f"mlx-lm uses; not supported")
+    return out
+
+
 def _rope_scaling(g: GGUFFile, arch: str, head_dim: int, base: float) -> Optional[Dict[str, Any]]:
     md = g.metadata
     kind = md.get(f"{arch}.rope.scaling.type", "none")
@@ -787,7 +813,8 @@ def _rope_scaling(g: GGUFFile, arch: str, head_dim: int, base: float) -> Optiona
 # Tensors: names, shapes, q/k order
 # ---------------------------------------------------------------------------------------
 
-_IGNORED = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
+#: folded into config.json's rope_scaling (Llama 3.x factors, Phi-3 LongRoPE factors)
+_IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
