@@ -299,3 +299,24 @@ def test_multimodal_gemma3_folder_imports_its_text_model(tmp_path):
     np.testing.assert_allclose(_logits(eng.model), _logits(ref), atol=2e-4, rtol=2e-4)
     eng.close()
     np.testing.assert_allclose(_logits(load(src).model), _logits(ref), atol=1e-5)  # and dense as it is
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "qwen3"])
+def test_library_imports_a_gguf_of_the_family(tmp_path, kind):
+    """The app's import path: GGUF → mlx-lm folder → flash in the library, without calibration;
+    the family is named in the library and the flash model gives mlx-lm's logits."""
+    import mlx_lm
+
+    from mlx_flash import library
+
+    folder = make_tiny_model(tmp_path / "mlx", kind, vocab=len(toy_bpe_vocab()[0]), seed=9)
+    write_family_gguf(tmp_path / f"Tiny-{kind}.gguf", folder)
+    assert library.check_importable(tmp_path / f"Tiny-{kind}.gguf") == "gguf"
+    dst = library.import_model(tmp_path / f"Tiny-{kind}.gguf", root=tmp_path / "models", dtype="float32",
+                               calibrate=False)
+    entries, broken = library.scan_library(tmp_path / "models")
+    assert not broken and [(e.path, e.family) for e in entries] == [(dst, BY_MODEL_TYPE[kind].label)]
+    ref, _ = mlx_lm.load(str(folder))
+    eng = load(dst, FlashConfig(active="all", budget=1.0, scratch_neurons=32, threads=2))
+    np.testing.assert_allclose(_logits(eng.model), _logits(ref), atol=2e-4, rtol=2e-4)
+    eng.close()

@@ -162,8 +162,9 @@ FAMILY_CONFIGS = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
     "mistral": {"model_type": "mistral", "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "tie_word_embeddings": False},
     "qwen2": {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    # head_dim 32 != hidden / heads (as Qwen3-0.6B: 128 vs 64)
     "qwen3": {"model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-              "head_dim": 16},
+              "head_dim": 32},
     "gemma2": {"model_type": "gemma2", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 16,
                "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                "hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096},
