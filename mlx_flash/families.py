@@ -21,6 +21,7 @@ Per family:
 - ``fused_gate_up``: the module holding ``[gate; up]`` rows in one matrix (Phi-3's
   ``mlp.gate_up_proj``); split into per-neuron gate and up rows when written as flash.
 - ``gguf_permute_qk``: llama.cpp's converter permuted q/k rows for its RoPE (llama arch only).
+- ``hf_class``: Hugging Face's class name (config.json ``architectures`` of a GGUF import).
 - ``wrappers``: model_types of multimodal checkpoints whose text model is this family
   (config.json ``text_config``, weights under ``language_model.``; the vision tower is
   dropped when converted to flash).
@@ -49,18 +50,22 @@ class Family:
     gguf_permute_qk: bool = False
     gguf_norm_shift: float = 0.0
     wrappers: Tuple[str, ...] = ()
+    hf_class: str = ""
 
 
 FAMILIES: Tuple[Family, ...] = (
     Family("llama", "Llama (1/2/3, SmolLM, Mistral)", ("llama", "mistral"), gguf_arch="llama",
-           activation_from_config=True, gguf_permute_qk=True),
-    Family("qwen2", "Qwen2 / Qwen2.5", ("qwen2",), gguf_arch="qwen2"),
-    Family("qwen3", "Qwen3", ("qwen3",), gguf_arch="qwen3"),
-    Family("gemma2", "Gemma 2", ("gemma2",), gguf_arch="gemma2", activation="gelu_approx", gguf_norm_shift=1.0),
+           activation_from_config=True, gguf_permute_qk=True, hf_class="LlamaForCausalLM"),
+    Family("qwen2", "Qwen2 / Qwen2.5", ("qwen2",), gguf_arch="qwen2", hf_class="Qwen2ForCausalLM"),
+    Family("qwen3", "Qwen3", ("qwen3",), gguf_arch="qwen3", hf_class="Qwen3ForCausalLM"),
+    Family("gemma2", "Gemma 2", ("gemma2",), gguf_arch="gemma2", activation="gelu_approx", gguf_norm_shift=1.0,
+           hf_class="Gemma2ForCausalLM"),
     Family("gemma3", "Gemma 3", ("gemma3_text",), gguf_arch="gemma3", activation="gelu_approx",
-           gguf_norm_shift=1.0, wrappers=("gemma3",)),
-    Family("phi3", "Phi-3", ("phi3",), gguf_arch="phi3", fused_gate_up="mlp.gate_up_proj"),
-    Family("opt", "OPT", ("opt",), engine="opt", activation="relu", activation_from_config=True, ffn="opt"),
+           gguf_norm_shift=1.0, wrappers=("gemma3",), hf_class="Gemma3ForCausalLM"),
+    Family("phi3", "Phi-3", ("phi3",), gguf_arch="phi3", fused_gate_up="mlp.gate_up_proj",
+           hf_class="Phi3ForCausalLM"),
+    Family("opt", "OPT", ("opt",), engine="opt", activation="relu", activation_from_config=True, ffn="opt",
+           hf_class="OPTForCausalLM"),
 )
 
 BY_MODEL_TYPE: Dict[str, Family] = {mt: f for f in FAMILIES for mt in f.model_types}

@@ -713,7 +713,7 @@ class HParams:
         """config.json in mlx-lm / Hugging Face form."""
         cfg: Dict[str, Any] = {
             "model_type": self.model_type,
-            "architectures": [_HF_CLASSES[self.family.key]],
+            "architectures": [self.family.hf_class],
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -743,10 +743,6 @@ class HParams:
             cfg["eos_token_id"] = [cfg["eos_token_id"], int(eot)]
         return cfg
 
-
-#: Hugging Face class names written to config.json's ``architectures``
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def _llama3_factors(head_dim: int, base: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
@@ -939,7 +935,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 _PRE_GPT2 = {"gpt-2", "gpt2", "mpt", "olmo", "jais", "default"}
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}
-_PRE_QWEN2 = {"qwen2", "stablelm2"}
+_PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen", "stablelm2"}  # deepseek-r1-qwen: the R1 distills of Qwen2.5
 
 
 def _bpe_pre_tokenizer(pre: Optional[str]):
