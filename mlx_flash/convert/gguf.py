@@ -875,7 +875,7 @@ def _plan_tensors(g: GGUFFile, hp: HParams) -> List[_TensorPlan]:
     config = hp.config(g.metadata, "float32")
     try:
         wanted = model_tensors(config)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, ArithmeticError, RuntimeError) as e:  # metadata mlx-lm rejects
         raise GGUFError(f"{g.path}: mlx-lm cannot build a {fam.label} model from this file's metadata ({e})") from None
     to_gguf = gguf_tensor_names(fam, hp.num_hidden_layers, wanted)
     from_gguf = {v: k for k, v in to_gguf.items()}
