@@ -65,6 +65,7 @@ def activation(name: str, param: Optional[float] = None):
         "swish": nn.silu,
         "gelu": nn.gelu,
         "gelu_pytorch_tanh": nn.gelu_approx,
+        "gelu_approx": nn.gelu_approx,
         "relu": nn.relu,
         "relu2": lambda g: mx.square(nn.relu(g)),
         "drelu": nn.relu,

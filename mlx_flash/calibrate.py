@@ -201,7 +201,7 @@ def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     """The whole model (FFN read fully from ``ffn.bin``) in memory, floating weights
     cast to ``dtype`` (None keeps the stored dtype). For calibration and evaluation.
     In float32 on a CPU device its matmuls run in numpy (:class:`NumpyLinear`)."""
-    from .models import get_architecture
+    from .models import get_architecture, sanitize
     from .storage.format import ffn_state_dict, load_dense_weights
 
     m = files.manifest
@@ -214,7 +214,7 @@ def load_dense_model(files, dtype: Optional[str] = "float32") -> nn.Module:
     if dtype is not None:
         dt = getattr(mx, dtype)
         weights = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(model.sanitize(weights).items()))
+    model.load_weights(list(sanitize(model, weights).items()))
     mx.eval(model.parameters())
     if use_numpy_matmuls(dtype):
         numpy_matmuls(model)
@@ -287,7 +287,9 @@ def last_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
     head = _head(model)
     if head is None:
         return model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
-    return head(hidden_states(model, tokens, cache)[:, -1, :]).astype(mx.float32)
+    out = head(hidden_states(model, tokens, cache)[:, -1, :]).astype(mx.float32)
+    cap = getattr(model, "final_logit_softcapping", None)  # Gemma 2's, applied by its own __call__
+    return cap * mx.tanh(out / cap) if cap else out
 
 
 # --------------------------------------------------------------------------- calibration text

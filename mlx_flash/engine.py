@@ -426,7 +426,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
 
 def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) -> Engine:
-    from .models import get_architecture
+    from .models import get_architecture, sanitize
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
     from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
@@ -445,7 +445,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     def load_dense_part(model) -> Optional[mx.Dtype]:
         """Dense weights into ``model`` (quantized modules stay quantized); a quantized
         model runs in ``quantized.compute_dtype`` (returned; None: float model, as stored)."""
-        weights = model.sanitize(dense_weights)
+        weights = sanitize(model, dense_weights)
         quantized = quantize_like(model, weights, arch_cfg)
         model.load_weights(list(weights.items()))
         cd = None

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 from . import paths
 from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
                      scratch_dir, temp_name, translate_write_errors)
+from .families import BY_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
 from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
 
@@ -25,9 +26,10 @@ class ModelEntry:
     name: str
     path: Path
     kind: str            # "flash" or "mlx"
-    architecture: str
+    architecture: str    # config.json model_type
     size_bytes: int
     parameters: int
+    family: str = ""     # the family's display name (families.py), e.g. "Qwen2 / Qwen2.5"
 
 
 def _dir_size(p: Path) -> int:
@@ -111,7 +113,8 @@ def inspect(path: Path) -> ModelEntry:
         size = _dir_size(path)
     except OSError as e:  # a file vanished or is unreadable while we count
         raise BrokenModel(f"{path.name}: cannot read the folder ({e})") from None
-    return ModelEntry(path.name, path, kind, str(cfg.get("model_type", "?")), size, _param_count(cfg))
+    mt = str(cfg.get("model_type", "?"))
+    return ModelEntry(path.name, path, kind, mt, size, _param_count(cfg), family_label(mt))
 
 
 def describe(path: Path) -> Optional[ModelEntry]:
@@ -308,12 +311,10 @@ def check_importable(src: Path) -> str:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ImportRejected(f"{src.name}/config.json is not valid JSON ({e})") from None
-    from .models import ARCHITECTURES
-
     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if mt not in ARCHITECTURES:
-        raise ImportRejected(f"{src.name}: unsupported architecture {mt!r}; mlx-flash runs "
-                             f"{', '.join(sorted(ARCHITECTURES))}")
+    if mt not in BY_MODEL_TYPE and mt not in BY_WRAPPER:
+        raise ImportRejected(f"{src.name}: unsupported architecture {mt!r} (config.json model_type); "
+                             f"mlx-flash runs {supported_text()}")
     if not list(src.glob("*.safetensors")):
         raise ImportRejected(f"{src.name} has no .safetensors weights")
     return "folder"

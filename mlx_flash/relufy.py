@@ -253,7 +253,7 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
 
 # --------------------------------------------------------------------------- model plumbing
 def _load_model(files, dtype=mx.float32) -> nn.Module:
-    from .models import get_architecture
+    from .models import get_architecture, sanitize
     from .storage.format import ffn_state_dict, load_dense_weights
 
     m = files.manifest
@@ -263,7 +263,7 @@ def _load_model(files, dtype=mx.float32) -> nn.Module:
     for i in range(m.num_layers):
         w.update(ffn_state_dict(files, i))
     w = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
-    model.load_weights(list(model.sanitize(w).items()))
+    model.load_weights(list(sanitize(model, w).items()))
     mx.eval(model.parameters())
     return model
 
@@ -485,6 +485,7 @@ def relufy(
 
     from .models import get_architecture
     from .models.llama import activation_of
+    from .families import family_of
     from .storage.format import load_dense_weights, open_flash, write_flash
 
     t_start = time.perf_counter()
@@ -499,7 +500,9 @@ def relufy(
     files = open_flash(src)
     m = files.manifest
     cfg = dict(m.model_args)
-    if get_architecture(cfg).__name__.rsplit(".", 1)[-1] != "llama":
+    get_architecture(cfg)  # a clear error for unknown families
+    fam = family_of(m.architecture)
+    if fam.engine != "llama" or not fam.activation_from_config:  # the activation must be config.json's hidden_act
         raise ValueError(f"{src}: relufy converts llama-family (SwiGLU) models, not {m.architecture!r}")
     if activation_of(cfg)[0] != "silu":
         raise ValueError(f"{src}: hidden_act is {activation_of(cfg)[0]!r}, not SwiGLU: nothing to ReLU-fy")

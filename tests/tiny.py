@@ -152,6 +152,73 @@ def make_tiny_llama(
     return dst
 
 
+#: config.json of a tiny model per family (hidden 64, 4 heads of 16, 2 kv heads, ffn 128):
+#: what :func:`make_tiny_model` writes, with ``num_hidden_layers``/``vocab_size`` filled in.
+FAMILY_CONFIGS = {
+    "llama": {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False},
+    # Llama 3.x: RoPE scaling (mlx-lm's Llama3RoPE)
+    "llama3": {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "mistral": {"model_type": "mistral", "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    # head_dim 32 != hidden / heads (as Qwen3-0.6B: 128 vs 64)
+    "qwen3": {"model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+              "head_dim": 32},
+    "gemma2": {"model_type": "gemma2", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 16,
+               "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096},
+    "gemma3_text": {"model_type": "gemma3_text", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "head_dim": 16,
+                    "query_pre_attn_scalar": 16, "sliding_window": 4, "sliding_window_pattern": 6,
+                    "rope_local_base_freq": 10000.0, "hidden_act": "gelu_pytorch_tanh",
+                    "rope_scaling": {"type": "linear", "factor": 8.0}},  # global layers (Gemma 3 4B+)
+    "phi3": {"model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+             "original_max_position_embeddings": 2048},
+    # Phi-3.5 mini / Phi-3 128k: LongRoPE (per-frequency factors, mlx-lm's SuScaledRoPE)
+    "phi3_longrope": {"model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                      "tie_word_embeddings": False, "original_max_position_embeddings": 64,
+                      "rope_scaling": {"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                       "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0]}},
+}
+
+
+def make_tiny_model(dir: Union[str, Path], family: str, *, layers: int = 2, vocab: int = 256,
+                    dtype: str = "float32", seed: int = 0, hidden: int = 64, ffn: int = 128) -> Path:
+    """A tiny random model of ``family`` (a key of :data:`FAMILY_CONFIGS`) written with mlx-lm's
+    own class for its model_type as an mlx-lm folder (byte-level tokenizer as in
+    :func:`make_tiny_llama`); returns the folder. Gemma norms (``(1 + w)`` in mlx-lm) get weights
+    near 0, other norms near 1."""
+    from mlx_lm.utils import _get_classes
+
+    dst = Path(dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = {**FAMILY_CONFIGS[family], "hidden_size": hidden, "num_hidden_layers": layers,
+              "intermediate_size": ffn, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": vocab, "max_position_embeddings": 2048, "torch_dtype": dtype,
+              "eos_token_id": vocab - 1}
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    gemma = config["model_type"].startswith("gemma")
+    key = mx.random.key(seed)
+    weights = {}
+    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        key, sub = mx.random.split(key)
+        if "norm" in name:
+            w = (0.0 if gemma else 1.0) + 0.1 * mx.random.normal(w.shape, key=sub)
+        elif "embed_tokens" in name:
+            w = mx.random.normal(w.shape, key=sub)
+        elif name.endswith(".bias"):
+            w = 0.1 * mx.random.normal(w.shape, key=sub)
+        else:
+            w = mx.random.normal(w.shape, key=sub) * (1.0 / w.shape[-1] ** 0.5)
+        weights[name] = w.astype(getattr(mx, dtype))
+    mx.eval(weights)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tokenizer(dst, vocab)
+    return dst
+
+
 def make_tiny_flash(dir: Union[str, Path], *, dtype: str = "float16", flash_dtype: Union[str, None] = None,
                     **kw) -> Path:
     """A tiny llama (``make_tiny_llama(dir / "src", dtype=dtype, **kw)``) converted to
@@ -163,7 +230,7 @@ def make_tiny_flash(dir: Union[str, Path], *, dtype: str = "float16", flash_dtyp
     return convert_to_flash(src, d / "model.flash", dtype=flash_dtype)
 
 
-__all__ = ["make_tiny_llama", "make_tiny_flash", "IM_START", "IM_END", "CHATML_TEMPLATE"]
+__all__ = ["make_tiny_llama", "make_tiny_model", "FAMILY_CONFIGS", "make_tiny_flash", "IM_START", "IM_END", "CHATML_TEMPLATE"]
 
 if __name__ == "__main__":  # pragma: no cover - manual check
     import sys

@@ -145,7 +145,7 @@ class ModelLibraryPage(QWidget):
     speed_test_requested = Signal(str)
     settings_applied = Signal(str)
 
-    COLS = ("Name", "Format", "Architecture", "Parameters", "Size on disk", "")
+    COLS = ("Name", "Format", "Family", "Parameters", "Size on disk", "")
 
     def __init__(self, settings: QSettings, parent=None):
         super().__init__(parent)
@@ -319,7 +319,7 @@ class ModelLibraryPage(QWidget):
             cells = [
                 name,
                 "flash" if e.kind == "flash" else "mlx (dense)",
-                e.architecture,
+                e.family or e.architecture,
                 theme.human_count(e.parameters) if e.parameters else "?",
                 theme.human_bytes(e.size_bytes),
                 "● loaded" if self.current_path is not None and Path(e.path) == Path(self.current_path) else "",

@@ -1,4 +1,10 @@
-"""Import a llama-family GGUF file (llama.cpp's format) as an mlx-lm model folder.
+"""Import a GGUF file (llama.cpp's format) of a supported family as an mlx-lm model folder.
+
+Families (``general.architecture``): see :mod:`mlx_flash.families` (llama, qwen2, qwen3,
+gemma2, gemma3, phi3). Tensor names come from gguf-py's ``TensorNameMap`` applied to the
+parameter names of mlx-lm's own model class for the config the metadata gives
+(:func:`model_tensors`, :func:`gguf_tensor_names`); Gemma norms, stored by llama.cpp as
+``w + 1``, get 1 subtracted (the family's ``gguf_norm_shift``).
 
 The result is what ``mlx_lm.load`` reads: ``config.json`` (Hugging Face names),
 ``model.safetensors`` (Hugging Face tensor names; quantized blocks repacked as MLX affine
@@ -15,7 +21,7 @@ near the size of the largest tensor plus one output shard). A short or damaged f
 :class:`GGUFError` naming the file and what is missing. The ``gguf`` package (llama.cpp's
 ``gguf-py``) supplies the type tables and the numpy dequantizers.
 
-llama.cpp stores the rows of the q and k projections permuted for its interleaved RoPE
+For the llama architecture only, llama.cpp stores the rows of the q and k projections permuted for its interleaved RoPE
 (``convert_hf_to_gguf.py``: ``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)``);
 :func:`unpermute_qk` applies the inverse to give the Hugging Face order that mlx-lm's
 RoPE expects.
@@ -41,6 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..atomic import DISK_FULL, FolderBuild, WriteError, free_bytes, write_error
 from ..progress import ProgressCallback, report, scaled
 
@@ -48,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(BY_GGUF_ARCH)
 GGML_MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
 
@@ -569,7 +576,7 @@ def _problems(g: GGUFFile) -> List[str]:
 
 def _arch_message(path, arch) -> str:
     return (f"{path}: unsupported architecture {arch!r} (general.architecture); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (families: {supported_text()})")
 
 
 def _type_message(path, t: GGUFTensorInfo, n_bad: int) -> str:
@@ -579,13 +586,30 @@ def _type_message(path, t: GGUFTensorInfo, n_bad: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Llama hyperparameters -> config.json
+# Hyperparameters -> config.json (per family, see mlx_flash.families)
 # ---------------------------------------------------------------------------------------
 
-@dataclass
-class LlamaHParams:
-    """The llama hyperparameters a GGUF file states, in Hugging Face terms."""
+def _family(g: "GGUFFile") -> Family:
+    arch = g.metadata.get("general.architecture")
+    fam = BY_GGUF_ARCH.get(arch)
+    if fam is None:
+        raise GGUFError(_arch_message(g.path, arch))
+    return fam
 
+
+#: llama.cpp's attention scale for Gemma 2/3 27B is 1/sqrt(hidden/heads), not 1/sqrt(head_dim)
+#: (llama-model.cpp: ``LLM_TYPE_27B``); block counts of the 27B models.
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+#: llama.cpp's Gemma 3: every 6th layer global, local layers' RoPE base 10000 (llama-model.cpp).
+_GEMMA3_SWA_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
+
+
+@dataclass
+class HParams:
+    """The hyperparameters a GGUF file states, in Hugging Face / mlx-lm terms."""
+
+    family: Family
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -599,16 +623,18 @@ class LlamaHParams:
     tie_word_embeddings: bool
     attention_bias: bool = False
     rope_scaling: Optional[Dict[str, Any]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_gguf(cls, g: GGUFFile) -> "LlamaHParams":
+    def from_gguf(cls, g: GGUFFile) -> "HParams":
+        from gguf.constants import Keys
+
         md = g.metadata
-        arch = md.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(_arch_message(g.path, arch))
+        fam = _family(g)
+        arch = fam.gguf_arch
 
         def get(key, default: Any = KeyError, kind=int):
-            full = f"{arch}.{key}"
+            full = key.format(arch=arch) if "{arch}" in key else f"{arch}.{key}"
             if full not in md:
                 if default is KeyError:
                     raise GGUFError(f"{g.path}: missing metadata '{full}'")
@@ -619,7 +645,7 @@ class LlamaHParams:
             return kind(v)
 
         if get("expert_count", 0) > 0:
-            raise GGUFError(f"{g.path}: mixture-of-experts llama models are not supported")
+            raise GGUFError(f"{g.path}: mixture-of-experts {arch} models are not supported")
         hidden = get("embedding_length")
         heads = get("attention.head_count")
         kv_heads = get("attention.head_count_kv", heads)
@@ -635,30 +661,59 @@ class LlamaHParams:
         embd = g.tensors.get("token_embd.weight")
         if embd is None:
             raise GGUFError(f"{g.path}: missing tensor 'token_embd.weight'")
-        vocab = embd.shape[0]
         rope_theta = get("rope.freq_base", 10000.0, float)
+        layers = get("block_count")
+        extra: Dict[str, Any] = {}
+        if fam.key in ("gemma2", "gemma3"):
+            scale = get(Keys.Attention.SCALE, 0.0, float)
+            if scale:
+                qpas = 1.0 / scale ** 2
+            elif layers == _GEMMA_27B_BLOCKS[fam.key]:
+                qpas = hidden / heads
+            else:
+                qpas = head_dim
+            extra.update(head_dim=head_dim, query_pre_attn_scalar=qpas,
+                         sliding_window=get(Keys.Attention.SLIDING_WINDOW, 4096))
+            if fam.key == "gemma2":
+                extra.update(attn_logit_softcapping=get(Keys.LLM.ATTN_LOGIT_SOFTCAPPING, 50.0, float),
+                             final_logit_softcapping=get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 30.0, float))
+            else:
+                extra.update(sliding_window_pattern=_GEMMA3_SWA_PATTERN,
+                             rope_local_base_freq=_GEMMA3_LOCAL_ROPE_BASE)
+        rope_scaling = _rope_scaling(g, arch, head_dim, rope_theta)
         ctx = get("context_length", 2048)
+        if fam.key == "phi3":
+            orig = get(Keys.Rope.SCALING_ORIG_CTX_LEN, 4096)
+            extra["original_max_position_embeddings"] = orig
+            if "rope_factors_long.weight" in g.tensors or "rope_factors_short.weight" in g.tensors:
+                rope_scaling = _longrope(g, head_dim, ctx, orig)
         return cls(
+            family=fam,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
             rope_theta=rope_theta,
-            vocab_size=vocab,
+            vocab_size=embd.shape[0],
             max_position_embeddings=ctx,
             tie_word_embeddings="output.weight" not in g.tensors,
-            attention_bias="blk.0.attn_q.bias" in g.tensors,
-            rope_scaling=_rope_scaling(g, arch, head_dim, rope_theta),
+            attention_bias=fam.key == "llama" and "blk.0.attn_q.bias" in g.tensors,
+            rope_scaling=rope_scaling,
+            extra=extra,
         )
+
+    @property
+    def model_type(self) -> str:
+        return self.family.model_types[0]
 
     def config(self, md: Dict[str, Any], dtype: str) -> Dict[str, Any]:
         """config.json in mlx-lm / Hugging Face form."""
         cfg: Dict[str, Any] = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "architectures": [self.family.hf_class],
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -669,15 +724,16 @@ class LlamaHParams:
             "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": self.attention_bias,
-            "mlp_bias": False,
+            "hidden_act": "gelu_pytorch_tanh" if self.family.activation == "gelu_approx" else "silu",
             "torch_dtype": dtype,
         }
-        if self.head_dim != self.hidden_size // self.num_attention_heads:
+        if self.family.key == "llama":
+            cfg.update(attention_bias=self.attention_bias, mlp_bias=False)
+        if self.head_dim != self.hidden_size // self.num_attention_heads or self.family.key in ("qwen3",):
             cfg["head_dim"] = self.head_dim
         if self.rope_scaling:
             cfg["rope_scaling"] = self.rope_scaling
+        cfg.update(self.extra)
         for key in ("bos", "eos"):
             v = md.get(f"tokenizer.ggml.{key}_token_id")
             if v is not None:
@@ -688,6 +744,7 @@ class LlamaHParams:
         return cfg
 
 
+
 def _llama3_factors(head_dim: int, base: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
     """llama.cpp's ``rope_freqs`` for Llama 3.x RoPE scaling (convert_hf_to_gguf.py)."""
     freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -695,6 +752,30 @@ def _llama3_factors(head_dim: int, base: float, factor: float, low: float, high:
     smooth = (orig / wavelen - low) / (high - low)
     mid = 1.0 / ((1 - smooth) / factor + smooth)
     return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
+
+
+def _longrope(g: GGUFFile, head_dim: int, ctx: int, orig: int) -> Dict[str, Any]:
+    """Phi-3 LongRoPE (the 128k-context models, Phi-3.5 mini): llama.cpp keeps the per-frequency
+    factors as ``rope_factors_long``/``rope_factors_short`` tensors; mlx-lm's ``SuScaledRoPE``
+    takes them as config.json's ``rope_scaling`` lists with its default attention factor
+    sqrt(1 + ln(ctx / orig) / ln(orig)), which must be the file's."""
+    from gguf.constants import Keys
+
+    out: Dict[str, Any] = {"type": "longrope"}
+    for kind in ("long", "short"):
+        name = f"rope_factors_{kind}.weight"
+        if name not in g.tensors:
+            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; '{name}' is missing")
+        f = g.read_float32(name).ravel()
+        if f.shape[0] != head_dim // 2:
+            raise GGUFError(f"{g.path}: {name} has {f.shape[0]} entries, expected {head_dim // 2}")
+        out[f"{kind}_factor"] = [float(v) for v in f]
+    attn = g.metadata.get(Keys.Rope.SCALING_ATTN_FACTOR.format(arch="phi3"))
+    want = math.sqrt(1 + math.log(ctx / orig) / math.log(orig)) if ctx > orig else 1.0
+    if attn is not None and not math.isclose(float(attn), want, rel_tol=1e-3):
+        raise GGUFError(f"{g.path}: LongRoPE attention factor {float(attn):.4f} is not the default {want:.4f} "
+                        f"mlx-lm uses; not supported")
+    return out
 
 
 def _rope_scaling(g: GGUFFile, arch: str, head_dim: int, base: float) -> Optional[Dict[str, Any]]:
@@ -728,28 +809,8 @@ def _rope_scaling(g: GGUFFile, arch: str, head_dim: int, base: float) -> Optiona
 # Tensors: names, shapes, q/k order
 # ---------------------------------------------------------------------------------------
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_IGNORED = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+#: folded into config.json's rope_scaling (Llama 3.x factors, Phi-3 LongRoPE factors)
+_IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -770,63 +831,92 @@ class _TensorPlan:
     dst: str
     shape: Tuple[int, ...]
     unpermute_heads: int = 0  # >0: undo llama.cpp's q/k permutation with this many heads
+    shift: float = 0.0  # subtracted from the values (Gemma's norms, stored as w + 1)
 
 
-def _plan_tensors(g: GGUFFile, hp: LlamaHParams) -> List[_TensorPlan]:
-    """Map every GGUF tensor to its Hugging Face name and check names, types and shapes."""
-    h, f = hp.hidden_size, hp.intermediate_size
-    q_rows, kv_rows = hp.num_attention_heads * hp.head_dim, hp.num_key_value_heads * hp.head_dim
-    layer_shapes = {
-        "attn_norm.weight": (h,), "ffn_norm.weight": (h,),
-        "attn_q.weight": (q_rows, h), "attn_k.weight": (kv_rows, h), "attn_v.weight": (kv_rows, h),
-        "attn_output.weight": (h, q_rows), "attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,),
-        "attn_v.bias": (kv_rows,), "attn_output.bias": (h,), "ffn_gate.weight": (f, h),
-        "ffn_up.weight": (f, h), "ffn_down.weight": (h, f),
-    }
-    global_shapes = {"token_embd.weight": (hp.vocab_size, h), "output_norm.weight": (h,),
-                     "output.weight": (hp.vocab_size, h)}
+def model_tensors(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """mlx-lm's parameter names and shapes for ``config`` (the model class instantiated
+    lazily: MLX computes no weights until evaluated)."""
+    from mlx.utils import tree_flatten
 
+    from ..models import get_architecture
+
+    model_class, args_class = get_architecture(config).get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    names = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    if config.get("tie_word_embeddings", True) and config["model_type"] == "gemma3_text":
+        names.pop("lm_head.weight", None)  # its sanitize drops lm_head when the file has none
+    return names
+
+
+def gguf_tensor_names(family: Family, n_layers: int, hf_names) -> Dict[str, str]:
+    """Hugging Face / mlx-lm tensor name -> GGUF tensor name, from gguf-py's ``TensorNameMap``
+    (llama.cpp's own table) for the family's architecture. Names it does not know are left out."""
+    from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
+    from gguf.tensor_mapping import get_tensor_name_map
+
+    arch = next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == family.gguf_arch)
+    tmap = get_tensor_name_map(arch, n_layers)
+    out = {}
+    for name in hf_names:
+        g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if g is not None:
+            out[name] = g
+    return out
+
+
+def _plan_tensors(g: GGUFFile, hp: HParams) -> List[_TensorPlan]:
+    """Map every GGUF tensor to its mlx-lm name (gguf-py's table applied to the names and
+    shapes of mlx-lm's own model class for this config) and check names, types and shapes."""
+    fam = hp.family
     bad = [t for t in g.tensors.values() if t.type_name not in supported_tensor_types()]
     if bad:
         raise GGUFError(_type_message(g.path, bad[0], len(bad)))
+    config = hp.config(g.metadata, "float32")
+    try:
+        wanted = model_tensors(config)
+    except (ValueError, TypeError, KeyError, ArithmeticError, RuntimeError) as e:  # metadata mlx-lm rejects
+        raise GGUFError(f"{g.path}: mlx-lm cannot build a {fam.label} model from this file's metadata ({e})") from None
+    to_gguf = gguf_tensor_names(fam, hp.num_hidden_layers, wanted)
+    from_gguf = {v: k for k, v in to_gguf.items()}
+    heads = {"self_attn.q_proj": hp.num_attention_heads, "self_attn.k_proj": hp.num_key_value_heads}
 
     plans: List[_TensorPlan] = []
     seen = set()
     for name, info in g.tensors.items():
         if name in _IGNORED:
             continue
-        m = _LAYER_RE.match(name)
-        if m:
-            layer, rest = int(m.group(1)), m.group(2)
-            if rest not in _LAYER_NAMES or layer >= hp.num_hidden_layers:
-                raise GGUFError(f"{g.path}: unexpected tensor '{name}' for a {hp.num_hidden_layers}-layer llama model")
-            dst, want = f"model.layers.{layer}.{_LAYER_NAMES[rest]}", layer_shapes[rest]
-            heads = {"attn_q": hp.num_attention_heads, "attn_k": hp.num_key_value_heads}.get(rest.split(".")[0], 0)
-        elif name in _GLOBAL_NAMES:
-            dst, want, heads = _GLOBAL_NAMES[name], global_shapes[name], 0
-        else:
-            raise GGUFError(f"{g.path}: unexpected tensor '{name}' (not part of a llama model)")
+        dst = from_gguf.get(name)
+        if dst is None:
+            raise GGUFError(f"{g.path}: unexpected tensor '{name}' (not part of a "
+                            f"{hp.num_hidden_layers}-layer {fam.label} model)")
+        want = wanted[dst]
         if info.shape != want:
             raise GGUFError(f"{g.path}: tensor '{name}' has shape {list(info.shape)}, expected {list(want)} "
                             f"from the metadata")
-        plans.append(_TensorPlan(name, dst, want, heads))
-        seen.add(name)
+        n_heads = 0
+        if fam.gguf_permute_qk:
+            m = _LAYER_RE.match(dst)
+            n_heads = heads.get(m.group(2).rsplit(".", 1)[0], 0) if m else 0
+        shift = fam.gguf_norm_shift if dst.endswith("norm.weight") else 0.0
+        plans.append(_TensorPlan(name, dst, want, n_heads, shift))
+        seen.add(dst)
 
-    required = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{k}" for i in range(hp.num_hidden_layers) for k in layer_shapes if not k.endswith(".bias")
-    ]
-    if hp.attention_bias:
-        required += [f"blk.{i}.attn_{p}.bias" for i in range(hp.num_hidden_layers) for p in "qkv"]
+    synthesized = set()
+    if fam.key == "llama" and hp.attention_bias:
         # mlx-lm's llama gives o_proj a bias whenever q/k/v have one (Qwen-style files omit it)
-        plans += [_TensorPlan(None, f"model.layers.{i}.self_attn.o_proj.bias", (h,))
-                  for i in range(hp.num_hidden_layers) if f"blk.{i}.attn_output.bias" not in seen]
-    elif any(n.endswith(".bias") for n in seen):
+        synthesized = {k for k in wanted if k.endswith("self_attn.o_proj.bias")}
+    elif fam.key == "llama" and any(d.endswith(".bias") for d in seen):
         raise GGUFError(f"{g.path}: attention biases without 'blk.0.attn_q.bias' are not supported")
-    missing = [n for n in required if n not in seen]
+    plans += [_TensorPlan(None, k, wanted[k]) for k in sorted(synthesized - seen)]
+    missing = [to_gguf.get(k, k) for k in wanted if k not in seen and k not in synthesized]
     if missing:
         raise GGUFError(f"{g.path}: missing tensor '{missing[0]}'" + (
             f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return plans
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -845,7 +935,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _PRE_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 _PRE_GPT2 = {"gpt-2", "gpt2", "mpt", "olmo", "jais", "default"}
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}
-_PRE_QWEN2 = {"qwen2", "stablelm2"}
+_PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen", "stablelm2"}  # deepseek-r1-qwen: the R1 distills of Qwen2.5
 
 
 def _bpe_pre_tokenizer(pre: Optional[str]):
@@ -971,7 +1061,7 @@ def _build_tokenizer(g: GGUFFile):
     return tok
 
 
-def _tokenizer_files(g: GGUFFile, hp: LlamaHParams) -> Dict[str, Any]:
+def _tokenizer_files(g: GGUFFile, hp: HParams) -> Dict[str, Any]:
     """tokenizer_config.json and special_tokens_map.json contents."""
     md = g.metadata
     tokens = md["tokenizer.ggml.tokens"]
@@ -1108,6 +1198,8 @@ def _tensor_arrays(g: GGUFFile, p: _TensorPlan, o: _Output) -> Dict[str, Any]:
     w = g.read_float32(p.src) if p.src else np.zeros(p.shape, np.float32)
     if p.unpermute_heads:
         w = unpermute_qk(w, p.unpermute_heads)
+    if p.shift:
+        w = w - np.float32(p.shift)
     return {p.dst: mx.array(w).astype(getattr(mx, o.dtype))}
 
 
@@ -1150,7 +1242,7 @@ def convert_gguf(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Convert the llama GGUF file ``src`` into the mlx-lm model folder ``dst``.
+    """Convert the GGUF file ``src`` (a family of :mod:`mlx_flash.families`) into the mlx-lm model folder ``dst``.
 
     dtype:     None (default) keeps the quantization: every quantized 2-D weight becomes an
                MLX affine quantized one, group size 32, with :data:`KEEP_BITS` bits
@@ -1178,7 +1270,7 @@ def convert_gguf(
     report(progress, 0.0, f"reading {src.name}")
 
     with GGUFFile.open(src) as g:
-        hp = LlamaHParams.from_gguf(g)
+        hp = HParams.from_gguf(g)
         plans = _plan_tensors(g, hp)
         tokenizer = build_tokenizer(g)
         tok_files = _tokenizer_files(g, hp)
@@ -1247,7 +1339,7 @@ def output_bytes(src, dtype: Optional[str] = None) -> int:
     (``dtype`` as :func:`convert_gguf` takes it; reads only the header; raises
     :class:`GGUFError` like :func:`convert_gguf`)."""
     with GGUFFile.open(src) as g:
-        hp = LlamaHParams.from_gguf(g)
+        hp = HParams.from_gguf(g)
         plans = _plan_tensors(g, hp)
         return _output_bytes(_outputs(g, plans, dtype), _tokenizer_files(g, hp))
 

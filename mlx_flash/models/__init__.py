@@ -12,8 +12,9 @@ One module per architecture family (mlx-lm style). Each module exposes:
   ``ffn_factory(layer_index)`` (a flash ``SparseFFN``) or left dense when
   ``ffn_factory`` is None.
 
-The flash layout of each architecture's FFN (bundle parts, biases) lives in
-``storage.format.ARCHITECTURES``.
+Which families exist is :mod:`mlx_flash.families`'s table (``FAMILIES``); the flash layout of each
+architecture's FFN (bundle parts, biases) lives in ``storage.format.ARCHITECTURES``, built
+from it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import llama, opt
+from ..families import BY_MODEL_TYPE, BY_WRAPPER, supported_text
 
-#: config.json ``model_type`` -> architecture module
-ARCHITECTURES: dict[str, ModuleType] = {
-    "llama": llama,
-    "mistral": llama,
-    "qwen2": llama,
-    "opt": opt,
-}
+_ENGINES: dict[str, ModuleType] = {"llama": llama, "opt": opt}
+
+#: config.json ``model_type`` -> architecture module (from the registry)
+#: (multimodal wrappers such as Gemma 3's run dense through mlx-lm's own class)
+ARCHITECTURES: dict[str, ModuleType] = {mt: _ENGINES[f.engine] for mt, f in {**BY_MODEL_TYPE, **BY_WRAPPER}.items()}
 
 
 class UnsupportedArchitecture(ValueError):
@@ -41,6 +41,11 @@ def get_architecture(config: dict) -> ModuleType:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r}: mlx-flash runs "
-            f"{', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {model_type!r}: mlx-flash runs {supported_text()}"
         ) from None
+
+
+def sanitize(model, weights: dict) -> dict:
+    """``model.sanitize(weights)`` where the model class has one (as mlx-lm's ``load_model``
+    does: some of its classes, e.g. Gemma 2 and Phi-3, take checkpoint names as they are)."""
+    return model.sanitize(weights) if hasattr(type(model), "sanitize") else weights

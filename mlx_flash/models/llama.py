@@ -1,10 +1,17 @@
-"""Llama-family models (Llama, SmolLM, Mistral, Qwen2): mlx-lm's modules with a pluggable FFN.
+"""Gated-FFN families through mlx-lm's own model classes, with a pluggable FFN.
 
-Attention, embeddings and norms are mlx-lm's own, kept dense in memory. Each
-layer's ``mlp`` (``down(silu(gate x) * up x)``) is swapped for the flash
-engine's ``SparseFFN`` so FFN weights come from disk neuron by neuron.
+Llama (1/2/3, SmolLM, Mistral), Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 (see
+:mod:`mlx_flash.families`): attention, embeddings, norms (Gemma's ``(1 + w)`` RMSNorm, embedding
+scaling, soft-capping, sliding windows, q/k norms, RoPE scaling) are mlx-lm's own classes for
+the config's ``model_type``, kept dense in memory. Each layer's ``mlp``
+(``down(act(gate x) * up x)``: SwiGLU, or GeGLU with the tanh GELU for Gemma) is swapped for
+the flash engine's ``SparseFFN`` so FFN weights come from disk neuron by neuron.
 
-mlx-lm's llama always uses SwiGLU. Sparse checkpoints (ProSparse, TurboSparse,
+Phi-3 keeps gate and up in one ``gate_up_proj`` matrix; flash folders store them split
+(``storage.format``), so a Phi-3 model built here without a flash FFN gets a split MLP
+(:class:`ActMLP`) with the same function.
+
+mlx-lm's llama always uses SwiGLU. Sparse llama checkpoints (ProSparse, TurboSparse,
 ``mlx-flash relufy`` output) say otherwise in config.json's ``hidden_act``:
 ``relu``, ``relu2`` (squared ReLU), ``drelu`` (ReLU on gate and up:
 ``relu(gate x) * relu(up x)``) or ``fatrelu`` (ProSparse: ``g`` where
@@ -23,6 +30,7 @@ from mlx_lm.models.llama import ModelArgs  # noqa: F401  (re-exported)
 from mlx_lm.utils import _get_classes
 
 from ..active import config_activation, gated_activation
+from ..families import Family, family_of
 
 #: per-layer FFN weight names, in bundle order: gate row i | up row i | down column i
 FFN_KEYS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -46,26 +54,35 @@ class ActMLP(nn.Module):
         return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
 
 
+def family(config: dict) -> Family:
+    return family_of(config.get("model_type"))
+
+
 def activation_of(config: dict):
-    """``(name, param)`` of the FFN activation of a llama-family config."""
-    return config_activation(config, ACTIVATION)
+    """``(name, param)`` of the FFN activation: the family's (what mlx-lm's class computes),
+    or config.json's ``hidden_act`` for families that honour it (llama)."""
+    fam = family(config)
+    if not fam.activation_from_config:
+        return fam.activation, None
+    return config_activation(config, fam.activation)
 
 
 def _swap_mlps(model: nn.Module, config: dict) -> None:
     act, param = activation_of(config)
-    if act == "silu":
-        return  # mlx-lm's own MLP (fused SwiGLU)
     for layer in model.layers:
-        old = layer.mlp
-        dim, hidden_dim = old.gate_proj.weight.shape[1], old.gate_proj.weight.shape[0]
-        layer.mlp = ActMLP(dim, hidden_dim, act, param, bias=bool(config.get("mlp_bias", False)))
+        layer.mlp = ActMLP(config["hidden_size"], config["intermediate_size"], act, param,
+                           bias=bool(config.get("mlp_bias", False)))
+
+
+def _needs_act_mlp(config: dict) -> bool:
+    return activation_of(config)[0] != family(config).activation
 
 
 def get_classes(config: dict):
     """``(model_class, args_class)`` for mlx-lm's ``load_model(get_model_classes=...)``:
-    mlx-lm's classes, with an MLP honouring ``hidden_act`` when it is not SwiGLU."""
+    mlx-lm's classes, with an MLP honouring ``hidden_act`` when it is not the family's own."""
     model_class, args_class = _get_classes(config)
-    if activation_of(config)[0] == "silu":
+    if not _needs_act_mlp(config):
         return model_class, args_class
 
     class ActModel(model_class):  # type: ignore[misc, valid-type]
@@ -78,13 +95,17 @@ def get_classes(config: dict):
 
 
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:
-    """Instantiate the mlx-lm model for ``config``; swap each layer's FFN when asked."""
+    """Instantiate the mlx-lm model for ``config``; swap each layer's FFN when asked
+    (without ``ffn_factory``, a fused gate_up MLP becomes a split one: flash key names)."""
     model_class, args_class = get_classes(config)
     model = model_class(args_class.from_dict(config))
-    if ffn_factory is not None:
-        for i, layer in enumerate(model.layers):
-            ffn = ffn_factory(i)
-            if config.get("mlp_bias") and hasattr(ffn, "add_output_bias"):
-                ffn.add_output_bias(OUTPUT_BIAS)
-            layer.mlp = ffn
+    if ffn_factory is None:
+        if family(config).fused_gate_up:
+            _swap_mlps(model, config)
+        return model
+    for i, layer in enumerate(model.layers):
+        ffn = ffn_factory(i)
+        if config.get("mlp_bias") and hasattr(ffn, "add_output_bias"):
+            ffn.add_output_bias(OUTPUT_BIAS)
+        layer.mlp = ffn
     return model

@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..atomic import FolderBuild, atomic_write_text
+from ..families import BY_MODEL_TYPE, BY_WRAPPER, WRAPPED_CONFIG, WRAPPED_PREFIX, supported_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
@@ -129,16 +130,14 @@ class ArchSpec:
         return tuple(BUNDLE_PARTS[n] for n in names)
 
 
-_LLAMA_FFN = ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-_OPT_FFN = ArchSpec(("fc1", "fc2"), bundle_parts=("fc1", "fc2"), biased_parts=("fc1", "fc1_bias", "fc2"),
+_FFN_LAYOUTS: Dict[str, ArchSpec] = {
+    "gated": ArchSpec(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    # bundle: fc1 row i | fc1 bias i | fc2 column i; fc2's bias is dense
+    "opt": ArchSpec(("fc1", "fc2"), bundle_parts=("fc1", "fc2"), biased_parts=("fc1", "fc1_bias", "fc2"),
                     bias_flag="enable_bias", bias_default=True, dense_biases=("fc2.bias",),
-                    layer_prefix="model.decoder.layers", intermediate_key="ffn_dim")
-ARCHITECTURES: Dict[str, ArchSpec] = {
-    "llama": _LLAMA_FFN,
-    "mistral": _LLAMA_FFN,
-    "qwen2": _LLAMA_FFN,  # attention biases are dense weights: nothing special
-    "opt": _OPT_FFN,      # bundle: fc1 row i | fc1 bias i | fc2 column i; fc2's bias is dense
+                    layer_prefix="model.decoder.layers", intermediate_key="ffn_dim"),
 }
+ARCHITECTURES: Dict[str, ArchSpec] = {mt: _FFN_LAYOUTS[f.ffn] for mt, f in BY_MODEL_TYPE.items()}
 """config.json ``model_type`` -> FFN layout. The keys are the supported architectures."""
 
 # Files of a source folder never copied into a flash folder (weights, indexes, our own names).
@@ -440,7 +439,7 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
     if m.architecture not in ARCHITECTURES:
         raise FlashFormatError(
             f"{where}: field 'architecture' is {m.architecture!r}: unsupported architecture "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"(supported: {supported_text()})"
         )
     spec = ARCHITECTURES[m.architecture]
     if m.dtype not in DTYPE_SIZES:
@@ -885,6 +884,9 @@ def convert_to_flash(
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    wrapped = BY_WRAPPER.get(config.get("model_type"))
+    if wrapped is not None:
+        config = _text_config(config, wrapped, str(cfg_path))
     _arch_spec(config, str(cfg_path))  # fail before loading weights
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
@@ -898,13 +900,18 @@ def convert_to_flash(
         dup = weights.keys() & part.keys()
         if dup:
             raise FlashFormatError(f"{s}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        if wrapped is not None:  # the text model only: its keys without the prefix, no vision tower
+            part = {k[len(WRAPPED_PREFIX):]: v for k, v in part.items() if k.startswith(WRAPPED_PREFIX)}
         weights.update(part)
         del part  # write_flash frees each FFN tensor once written: keep no other reference
+    extra = _copy_source_files(src)
+    if wrapped is not None:
+        del extra["config.json"]  # write_flash writes the text model's
     return write_flash(
         dst,
         config=config,
         weights=weights,
-        extra_files=_copy_source_files(src),
+        extra_files=extra,
         source=source or str(src.resolve()),
         dtype=dtype,
         progress=progress,
@@ -914,11 +921,32 @@ def convert_to_flash(
     )
 
 
+def _text_config(config: Mapping[str, Any], family, where: str) -> Dict[str, Any]:
+    """config.json of the text model inside a multimodal checkpoint (Gemma 3 4B+): its
+    ``text_config`` with the family's model_type and the defaults mlx-lm's wrapper fills in
+    (vocab_size from the top level, 262208 when absent; 8 heads, 4 kv heads); the
+    quantization's per-module entries lose the ``language_model.`` prefix (others are dropped)."""
+    text = config.get(WRAPPED_CONFIG)
+    if not isinstance(text, Mapping):
+        raise FlashFormatError(f"{where}: a {config.get('model_type')!r} checkpoint without '{WRAPPED_CONFIG}'")
+    out: Dict[str, Any] = {"num_attention_heads": 8, "num_key_value_heads": 4, **text,
+                           "model_type": family.model_types[0], "vocab_size": config.get("vocab_size", 262208)}
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if isinstance(q, Mapping):
+            out[key] = {(k[len(WRAPPED_PREFIX):] if k.startswith(WRAPPED_PREFIX) else k): v for k, v in q.items()
+                        if not isinstance(v, (Mapping, bool)) or k.startswith(WRAPPED_PREFIX)}
+    for key in ("eos_token_id", "bos_token_id"):
+        if key in config and key not in out:
+            out[key] = config[key]
+    return out
+
+
 def _arch_spec(config: Mapping[str, Any], where: str) -> ArchSpec:
     mt = config.get("model_type")
     if mt not in ARCHITECTURES:
         raise FlashFormatError(
-            f"{where}: unsupported architecture: model_type {mt!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"{where}: unsupported architecture: model_type {mt!r} (supported: {supported_text()})"
         )
     return ARCHITECTURES[mt]
 
@@ -964,6 +992,9 @@ def write_flash(
     dst = Path(dst).expanduser()
     what = source or "source model"
     spec = _arch_spec(config, f"{what} config.json")
+    fused = BY_MODEL_TYPE[config["model_type"]].fused_gate_up
+    if fused:
+        _split_gate_up(weights, fused, what)
     if dtype is not None and dtype not in DTYPE_SIZES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype!r}")
     n_layers = _cfg_int(config, "num_hidden_layers", f"{what} config.json")
@@ -1159,6 +1190,23 @@ def write_flash(
     except BaseException as e:
         raise build.fail(e)  # temp folder removed; a full disk / no permission: a one-line message
     return build.publish()
+
+
+def _split_gate_up(weights: MutableMapping[str, mx.array], fused: str, what: str) -> None:
+    """Replace every ``<layer>.<fused>.weight`` (``[gate; up]`` rows, Phi-3's ``gate_up_proj``;
+    quantized ones with their ``.scales``/``.biases``, whose rows split the same way) by
+    ``mlp.gate_proj`` and ``mlp.up_proj`` tensors (lazy slices)."""
+    suffix = f".{fused}."
+    for key in [k for k in weights if suffix in k]:
+        base, kind = key.rsplit(".", 1)
+        arr = weights.pop(key)
+        if arr.shape[0] % 2:
+            raise FlashFormatError(f"{what}: tensor {key} has {arr.shape[0]} rows; expected gate and up "
+                                   f"halves of equal size")
+        half = arr.shape[0] // 2
+        layer = base[: -len(fused) - 1]
+        weights[f"{layer}.mlp.gate_proj.{kind}"] = arr[:half]
+        weights[f"{layer}.mlp.up_proj.{kind}"] = arr[half:]
 
 
 def _check_shape(arr: mx.array, shape: Tuple[int, ...], name: str, what: str) -> None:

@@ -10,6 +10,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QApplication
 
 from mlx_flash import library
+from mlx_flash.families import family_label
 
 from .conftest import WAIT, tiny_config
 
@@ -52,7 +53,7 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
     assert _library_files(data_home) == ["Tiny-Llama.flash"]  # no temp folders left
     names = [library.display_name(e) for e in w.library.entries()]
     assert names == ["Tiny-Llama"]
-    assert w.library.table.item(0, 2).text() == "llama"
+    assert w.library.table.item(0, 2).text() == family_label("llama")  # the family, by name
     assert "Imported Tiny-Llama" in w.library_notice.text()
     if library.calibration_available() and w.library.calibrate_box.isChecked():
         assert library.flash_details(path)["has_predictors"]
@@ -100,6 +101,34 @@ def test_invalid_drops_show_a_message_and_leave_nothing(make_window, qtbot, tmp_
         assert words in w.notice.text() or w.pages.currentIndex() == 1
     assert _library_files(data_home) == []
     assert w.library.entries() == []
+
+
+def test_other_families_import_and_unknown_ones_are_named(make_window, qtbot, tmp_path, data_home):
+    """A Qwen3 folder imports and the library shows its family; a family mlx-flash does not
+    run is refused with a message naming the ones it does."""
+    import json
+
+    from tests.tiny import make_tiny_model
+
+    w = make_window(load=False)
+    src = make_tiny_model(tmp_path / "Tiny-Qwen3", "qwen3", vocab=256)
+    with qtbot.waitSignal(w.library.import_finished, timeout=3 * WAIT):
+        drop(w, src)
+    rows = {w.library.table.item(r, 0).text(): w.library.table.item(r, 2).text()
+            for r in range(w.library.table.rowCount())}
+    assert rows == {"Tiny-Qwen3": "Qwen3"}
+
+    other = make_tiny_model(tmp_path / "Tiny-NeoX", "llama", vocab=256)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    w.library_notice.hide()
+    drop(w, other)
+    assert not w.library.importing and w.library_notice.level == "error"
+    text = w.library_notice.text()
+    assert "unsupported architecture 'gpt_neox'" in text
+    for label in ("Qwen2 / Qwen2.5", "Qwen3", "Gemma 2", "Gemma 3", "Phi-3", "Mistral", "Llama"):
+        assert label in text, label
+    assert _library_files(data_home) == ["Tiny-Qwen3.flash"]
 
 
 def test_non_file_drop_is_refused(make_window, qtbot):

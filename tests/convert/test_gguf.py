@@ -708,7 +708,7 @@ def test_truncated_in_metadata(tmp_path):
 def test_damaged_headers_give_gguf_errors_only(tmp_path):
     """Cut anywhere, or with bytes of its header/index overwritten, a file either passes
     the checks or fails with GGUFError: never another exception, never a hang."""
-    from mlx_flash.convert.gguf import LlamaHParams, _plan_tensors, build_tokenizer
+    from mlx_flash.convert.gguf import HParams, _plan_tensors, build_tokenizer
 
     src = tmp_path / "tiny.gguf"
     write_gguf(src)
@@ -728,7 +728,7 @@ def test_damaged_headers_give_gguf_errors_only(tmp_path):
         bad.write_bytes(bytes(b))
         try:
             with GGUFFile.open(bad) as g:
-                hp = LlamaHParams.from_gguf(g)
+                hp = HParams.from_gguf(g)
                 _plan_tensors(g, hp)
                 build_tokenizer(g)
         except GGUFError:
@@ -762,7 +762,8 @@ def test_unknown_architecture(tmp_path, arch):
     src = tmp_path / "tiny.gguf"
     write_gguf(src, arch=arch)
     msg = _fails(tmp_path, src, f"unsupported architecture '{arch}'")
-    assert "supported: llama" in msg
+    assert "supported: llama, qwen2, qwen3, gemma2, gemma3, phi3" in msg
+    assert "Gemma 3" in msg and "Qwen2 / Qwen2.5" in msg and "Phi-3" in msg  # the families, by name
     assert read_gguf_info(src)["supported"] is False
 
 
