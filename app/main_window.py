@@ -520,7 +520,7 @@ class MainWindow(QMainWindow):
         self.status_model.setText(f"{name} · {engine.mode}")
         self.status_mem.setText(f"weights in memory {theme.human_bytes(engine.resident_bytes())}")
         self.stats_panel.set_engine(name, engine.mode, budget_bytes=engine.budget_bytes, ffn_bytes=engine.ffn_bytes,
-                                    resident_bytes=engine.resident_bytes())
+                                    resident_bytes=engine.resident_bytes(), budget_text=engine.budget_text)
         self.chat.empty.set_model(name, detail, ready=True)
         self.library.set_current(self.engine_path)
         self._refresh_model_combo()
@@ -536,13 +536,13 @@ class MainWindow(QMainWindow):
         if not engine.is_flash:
             return "dense · all weights in memory"
         cfg = engine.config
-        pct = f"{cfg.budget * 100:.0f}%" if cfg and cfg.budget <= 1 else theme.human_bytes(engine.budget_bytes)
-        info = getattr(engine, "policy_info", None) or {}
+        pct = f"{cfg.budget * 100:.0f}% of the FFN, " if cfg and cfg.budget <= 1 else ""
+        info = engine.policy_info or {}
         policy = info.get("name", cfg.policy if cfg else "?")
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
-        return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct} "
-                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}")
+        return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct}{engine.budget_text} · "
+                f"window {cfg.window if cfg else '?'} · cache {policy}")
 
     def _on_load_error(self, message: str) -> None:
         self._loader = None
@@ -793,7 +793,8 @@ class MainWindow(QMainWindow):
         if g.t_first is not None:
             meta["first_token_s"] = round(g.t_first - g.t_start, 3)
         meta["seconds"] = round(time.perf_counter() - g.t_start, 3)
-        if s is not None:
+        if s is not None:  # the engine's own time to first token: the figure the panel and the CLI show
+            meta["first_token_s"] = round(s.ms_first_token / 1e3, 3)
             meta.update(tokens_per_s=round(s.tokens_per_s, 2), mode=s.mode, prompt_tokens=s.prompt_tokens,
                         prompt_tps=round(s.prompt_tps, 1), peak_memory=s.peak_memory)
             if str(s.mode).startswith("flash"):

@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .config import FlashConfig
+from .config import FlashConfig, format_budget
 from .progress import Cancelled, ProgressCallback, report as _report, scaled
 from .stats import Stats
 
@@ -140,6 +140,7 @@ class BenchRow(_Record):
     group: str = "real"                   # rows compared with each other in ratios
     mode: str = ""                        # the engine's mode string
     prompt_tokens: int = 0
+    ms_first_token: float = 0.0           # time to first token (prompt read + first forward pass)
     tokens: int = 0                       # measured tokens (warm-up excluded)
     warmup_tokens: int = 0
     tokens_per_s: float = 0.0             # 1000 / ms_total
@@ -155,7 +156,8 @@ class BenchRow(_Record):
     neurons_streamed_per_token: float = 0.0
     resident_bytes: int = 0               # weights held in memory (max over measured tokens)
     cache_bytes: int = 0                  # neuron cache in use at the end
-    budget_bytes: int = 0                 # FFN budget (0: dense)
+    budget_bytes: int = 0                 # the neuron cache's share of the FFN budget (0: dense)
+    predictor_bytes: int = 0              # the predictors' share of it (config.format_budget)
     peak_memory: int = 0                  # MLX peak allocation during the generation
     process_rss: int = 0                  # the process's resident set (max over measured tokens)
     perplexity: Optional[float] = None
@@ -265,6 +267,10 @@ class BenchReport:
     created: str = ""
     seconds: float = 0.0
 
+    def budget_text(self) -> str:
+        """The main budget and what it holds (:func:`budget_text`)."""
+        return budget_text({"budget_bytes": self.budget_bytes, "rows": [r.to_dict() for r in self.rows]})
+
     def row(self, name: str) -> Optional[BenchRow]:
         for r in self.rows:
             if r.name == name:
@@ -338,6 +344,14 @@ def compute_ratios(rows: Sequence[BenchRow]) -> Dict[str, float]:
     return out
 
 
+def budget_text(report: Dict[str, Any]) -> str:
+    """A report's (or its JSON's) main budget as :func:`mlx_flash.config.format_budget` shows it:
+    the predictors' share as the real predictor row measured it, the rest cache."""
+    pred = max((int(r.get("predictor_bytes") or 0) for r in report.get("rows") or []
+                if r.get("source", REAL) == REAL), default=0)
+    return format_budget(int(report.get("budget_bytes") or 0) - pred, pred)
+
+
 def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
     """Per-token means over ``stats[warmup:]`` (the figures of a :class:`BenchRow`)."""
     steady = list(stats[warmup:])
@@ -369,10 +383,12 @@ def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
         "resident_bytes": int(max(s.resident_bytes for s in steady)),
         "cache_bytes": int(steady[-1].cache_bytes),
         "budget_bytes": int(steady[-1].budget_bytes),
+        "predictor_bytes": int(steady[-1].predictor_bytes),
         "peak_memory": int(max(s.peak_memory for s in stats)),
         "process_rss": int(max(s.process_rss for s in steady)),
         "mode": steady[-1].mode,
         "prompt_tokens": int(steady[-1].prompt_tokens),
+        "ms_first_token": float(stats[0].ms_first_token),
     }
 
 
@@ -1058,7 +1074,7 @@ def format_table(report: BenchReport) -> str:
     budget = f"{r.budget:.0%}" if r.budget <= 1 else _fb(r.budget)
     lines.append(f"# mlx-flash bench: {r.model_name}")
     lines.append("")
-    lines.append(f"FFN {_fb(r.ffn_bytes)}, budget {budget} ({_fb(r.budget_bytes)}); window {r.config.get('window')}, "
+    lines.append(f"FFN {_fb(r.ffn_bytes)}, budget {budget} ({r.budget_text()}); window {r.config.get('window')}, "
                  f"oracle sparsity {r.config.get('sparsity')}; {r.tokens} tokens per configuration, first "
                  f"{r.warmup} left out of the averages.")
     mi = r.machine

@@ -405,7 +405,9 @@ class SpeedTestDialog(QDialog):
         if budget is not None:
             bits.append(f"budget {budget:.0%}" if budget <= 1 else f"budget {theme.human_bytes(budget)}")
         if d.get("budget_bytes"):
-            bits.append(theme.human_bytes(d["budget_bytes"]) + " of " + theme.human_bytes(d.get("ffn_bytes", 0)))
+            from mlx_flash.bench import budget_text
+
+            bits.append(f"{budget_text(d)} of an FFN of {theme.human_bytes(d.get('ffn_bytes', 0))}")
         if d.get("tokens"):
             bits.append(f"{d['tokens']} tokens per configuration")
         if d.get("seconds"):
