@@ -12,11 +12,12 @@ from typing import List, Optional
 from PySide6.QtCore import QByteArray, QEvent, QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
+    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton,
     QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
-from mlx_flash import library
+from mlx_flash import default_model, library, paths
+from mlx_flash.units import eta_text
 
 from . import theme, workers
 from .history import COMPLETE, ERROR, STOPPED, STREAMING, History, title_from
@@ -75,13 +76,20 @@ class Notice(QFrame):
 
 
 class Banner(ProgressCard):
-    """Progress of preparing / loading the model, shown above the chat."""
+    """Progress of preparing / loading the model, shown above the chat. While the built-in
+    model is prepared it has Cancel; after a cancel, "Prepare again"."""
+
+    retry_requested = Signal()
 
     def __init__(self, parent=None):
-        super().__init__(parent)
+        super().__init__(parent, cancellable=True)
+        self.retry_btn = QPushButton("Prepare again")
+        self.retry_btn.clicked.connect(self.retry_requested)
+        self.layout().itemAt(0).layout().addWidget(self.retry_btn)  # the title row, beside Cancel
+        self.retry_btn.hide()
         self.hide()
 
-    def start(self, title: str, busy: bool = False) -> None:
+    def start(self, title: str, busy: bool = False, cancellable: bool = False) -> None:
         self.title.setText(title)
         self.message.setText("")
         self.percent.setText("")
@@ -90,6 +98,19 @@ class Banner(ProgressCard):
         else:
             self.bar.setRange(0, 1000)
             self.bar.setValue(0)
+        self.bar.show()
+        self.cancel_btn.setVisible(cancellable)
+        self.cancel_btn.setEnabled(True)
+        self.retry_btn.hide()
+        self.show()
+
+    def show_cancelled(self, title: str, message: str) -> None:
+        self.title.setText(title)
+        self.message.setText(message)
+        self.percent.setText("")
+        self.bar.hide()
+        self.cancel_btn.hide()
+        self.retry_btn.show()
         self.show()
 
 
@@ -135,6 +156,9 @@ class MainWindow(QMainWindow):
         self.conv_id: Optional[int] = None
         self._gen: Optional[_Generation] = None
         self._loader: Optional[workers.Worker] = None
+        self._preparer: Optional[workers.ProcessWorker] = None  # first-run preparation (a worker process)
+        self._prepare_job = None
+        self._prepare_t0 = 0.0
         self._pending_load: Optional[Path] = None
         self._speed_dialog = None
         self._closing = False
@@ -244,6 +268,8 @@ class MainWindow(QMainWindow):
         self.notice = Notice()
         holder.addWidget(self.notice)
         self.banner = Banner()
+        self.banner.cancel_requested.connect(self.cancel_prepare)
+        self.banner.retry_requested.connect(lambda: self.prepare_default(self._prepare_job))
         holder.addWidget(self.banner)
         cl.addLayout(holder)
         self.chat = ChatView()
@@ -423,48 +449,73 @@ class MainWindow(QMainWindow):
             return
         self.prepare_default()
 
-    def prepare_default(self) -> None:
-        flash = self.flash
-        self.banner.start("Preparing the built-in model (first run only)…")
-        self.chat.empty.set_model("SmolLM2-135M-Instruct", "converting the embedded model into the flash format "
-                                  "and training its activation predictors (about a minute)…")
+    def prepare_default(self, job=None) -> None:
+        """First run: prepare the built-in model (GGUF → mlx → flash → predictors) in a worker
+        process, with progress, the time left (from the rate measured so far) and Cancel in the
+        banner; then load it. ``job``: ``(fn, kwargs)`` to run instead of the default model's
+        preparation (``fn(progress=..., **kwargs)`` returns the folder to load; tests use a tiny model)."""
+        if self._preparer is not None and self._preparer.running:
+            return
+        if job is None:
+            job = (default_model.ensure_default_flash if self.flash else default_model.ensure_default_mlx, {})
+        self._prepare_job = job
+        self.notice.hide()
+        self.banner.start("Preparing the built-in model (first run only)…", cancellable=True)
+        self.banner.message.setText("starting the preparation process…")
+        self.chat.empty.set_model(default_model.DEFAULT_MODEL_NAME, "converting the embedded model into the flash "
+                                  "format and training its activation predictors: progress and time left above")
         self.statusBar().showMessage("Preparing the built-in model…")
-
-        def job(w: workers.Worker):
-            from mlx_flash import default_model
-            from mlx_flash.progress import scaled
-
-            cb = w.progress_callback
-            mlx_dir = default_model.ensure_default_mlx(progress=scaled(cb, 0.0, 0.6 if flash else 1.0))
-            if not flash:
-                return str(mlx_dir)
-            ensure = getattr(default_model, "ensure_default_flash", None)
-            if ensure is not None:
-                return str(ensure(progress=scaled(cb, 0.6, 1.0)))
-            dst = mlx_dir.parent / f"{default_model.DEFAULT_MODEL_NAME}.flash"
-            if not (dst / "manifest.json").is_file():
-                library.convert_any(mlx_dir, dst, progress=scaled(cb, 0.6, 1.0))
-            return str(dst)
-
-        w = workers.Worker(job)
+        self._set_ready(False)
+        self._prepare_t0 = time.monotonic()
+        fn, kwargs = job
+        w = workers.ProcessWorker(fn, kwargs, clean=paths.models_dir(), parent=self)
         w.progress.connect(self._on_prepare_progress)
         w.finished.connect(self._on_prepared)
-        w.errored.connect(self._on_load_error)
-        self._loader = workers.start(w, self)
+        w.errored.connect(self._on_prepare_error)
+        self._preparer = w.start()
+
+    def cancel_prepare(self) -> None:
+        """Stop the first-run preparation: its process is killed and its temporaries removed;
+        finished steps (the mlx folder, an uncalibrated flash folder) are kept for next time."""
+        w = self._preparer
+        if w is None or not w.running:
+            return
+        w.cancel()
 
     def _on_prepare_progress(self, fraction: float, message: str) -> None:
-        self.banner.set_progress(fraction, message)
+        eta = eta_text(fraction, time.monotonic() - self._prepare_t0)  # measured, not a constant
+        self.banner.set_progress(fraction, f"{message} · {eta}" if eta else message)
         self.statusBar().showMessage(f"Preparing the built-in model: {message}")
 
+    def _on_prepare_error(self, message: str) -> None:
+        self._preparer = None
+        if self._closing:
+            return
+        self.banner.show_cancelled("Preparing the built-in model failed", message)
+        self.notice.show_message("error", f"Could not prepare the built-in model: {message}")
+        self.chat.empty.set_model("", "No model yet: prepare the built-in one above, or import one on the "
+                                      "Models page.")
+        self.statusBar().showMessage("No model loaded")
+        self._set_ready(False)
+
     def _on_prepared(self, path) -> None:
-        self._loader = None
-        if path is None or self._closing:  # cancelled (closing)
-            self.banner.hide()
+        self._preparer = None
+        if self._closing:
+            return
+        if path is None:  # cancelled
+            self.banner.show_cancelled("Preparing the built-in model was cancelled",
+                                       "Steps already finished are kept; preparing again continues from there.")
+            self.chat.empty.set_model("", "No model yet: prepare the built-in one above, or import one on the "
+                                          "Models page.")
+            self.statusBar().showMessage("Preparation cancelled", 5000)
             return
         self.library.refresh()
         self._refresh_model_combo()
         self.model_prepared.emit(str(path))
-        self.load_model(Path(path))
+        if self.engine is None and self._loader is None:  # unless another model was opened meanwhile
+            self.load_model(Path(path))
+        else:
+            self.banner.hide()
 
     def load_model(self, path: Path) -> None:
         """(Re)load ``path`` with its per-model settings, in a worker."""
@@ -672,7 +723,7 @@ class MainWindow(QMainWindow):
         self.send_btn.setEnabled(can_send)
         self.prompt.setReadOnly(not (self.engine is not None and idle))
         self.composer.set_generating(not idle)
-        self.model_combo.setEnabled(idle and (self._loader is None))
+        self.model_combo.setEnabled(idle and self._loader is None and self._preparer is None)
         if self.engine is None:
             self.composer.hint.setText("Waiting for the model…")
         elif not idle:
@@ -938,6 +989,9 @@ class MainWindow(QMainWindow):
         self.library.shutdown()
         if self._speed_dialog is not None:
             self._speed_dialog.shutdown()
+        if self._preparer is not None:  # the first-run preparation: killed, its temporaries removed
+            self._preparer.cancel()
+            self._preparer = None
         workers.wait(self._loader, 120000)
         self._loader = None
         if self.engine is not None:

@@ -57,3 +57,32 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
         return True
 
     return cb
+
+
+def run_reporting(queue, fn: Callable, kwargs: dict, interval: float = 0.25) -> None:
+    """Run ``fn(progress=..., **kwargs)`` and send what happens over ``queue`` (a
+    ``multiprocessing`` queue): ``("progress", fraction, message)`` at most every
+    ``interval`` seconds (and the last one), then ``("done", result)`` or ``("error", text)``.
+
+    The entry point of a worker process (the app prepares models in one, so that the
+    memory the preparation used goes back to the system when the process ends). ``fn``
+    must be a module-level function (it is pickled by reference) and ``result`` picklable.
+    """
+    import time
+
+    last = [0.0]
+
+    def cb(fraction: float, message: str) -> bool:
+        now = time.monotonic()
+        if now - last[0] >= interval or fraction >= 1.0:
+            last[0] = now
+            queue.put(("progress", float(fraction), str(message)))
+        return True
+
+    try:
+        result = fn(progress=cb, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every failure reaches the parent as a message
+        text = str(e) or type(e).__name__
+        queue.put(("error", text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"))
+        return
+    queue.put(("done", result))
