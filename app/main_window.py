@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from PySide6.QtCore import QByteArray, QEvent, QSettings, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtGui import QAction, QKeySequence, QPainter, QPalette
 from PySide6.QtWidgets import (
     QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton,
-    QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QTabWidget, QToolButton, QVBoxLayout, QWidget,
+    QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QStyle, QStyleOption, QTabWidget, QToolButton, QVBoxLayout,
+    QWidget,
 )
 
 from mlx_flash import default_model, library, paths
@@ -75,6 +76,28 @@ class Notice(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
+class Chip(QLabel):
+    """A one-line label that draws its text elided ("…") when narrower than it: its width
+    never depends on its text, so a long text does not widen the layout (``text()`` stays whole)."""
+
+    def __init__(self, text: str = "", parent=None):
+        super().__init__(text, parent)
+        self.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+
+    def setText(self, text: str) -> None:  # noqa: N802
+        super().setText(text)
+        self.setMaximumWidth(super().sizeHint().width())  # as wide as its text when there is room
+
+    def paintEvent(self, e) -> None:  # noqa: N802
+        p = QPainter(self)
+        opt = QStyleOption()
+        opt.initFrom(self)
+        self.style().drawPrimitive(QStyle.PE_Widget, opt, p, self)  # the style sheet's pill
+        r = self.contentsRect()
+        p.setPen(self.palette().color(QPalette.WindowText))
+        p.drawText(r, Qt.AlignVCenter | Qt.AlignLeft, self.fontMetrics().elidedText(self.text(), Qt.ElideRight, r.width()))
+
+
 class Banner(ProgressCard):
     """Progress of preparing / loading the model, shown above the chat. While the built-in
     model is prepared it has Cancel; after a cancel, "Prepare again"."""
@@ -103,6 +126,23 @@ class Banner(ProgressCard):
         self.cancel_btn.setEnabled(True)
         self.retry_btn.hide()
         self.show()
+
+    def finish(self) -> None:
+        """Hide, keeping the space: the chat below does not jump up when the model is ready
+        (the space goes with :meth:`release`, when the user sends or opens a chat)."""
+        self._retain(True)
+        self.hide()
+
+    def release(self) -> None:
+        """Give the space of a finished banner back to the chat."""
+        if not self.isVisible():
+            self._retain(False)
+
+    def _retain(self, on: bool) -> None:
+        sp = self.sizePolicy()
+        if sp.retainSizeWhenHidden() != on:
+            sp.setRetainSizeWhenHidden(on)
+            self.setSizePolicy(sp)
 
     def show_cancelled(self, title: str, message: str) -> None:
         self.title.setText(title)
@@ -250,10 +290,10 @@ class MainWindow(QMainWindow):
         self.model_combo.setToolTip("The model to chat with (its engine settings are on the Models page)")
         self.model_combo.activated.connect(self._combo_activated)
         top.addWidget(self.model_combo, 0)
-        self.mode_chip = QLabel("")
+        self.mode_chip = Chip("")  # its text arrives with the model: it must not widen the column then (a jump)
         self.mode_chip.setObjectName("ModelChip")
         self.mode_chip.hide()
-        top.addWidget(self.mode_chip)
+        top.addWidget(self.mode_chip, 100)  # up to its text's width (setMaximumWidth), the stretch takes the rest
         top.addStretch(1)
         self.export_btn = QToolButton()
         self.export_btn.setIcon(theme.icon("export", theme.MUTED))
@@ -551,7 +591,7 @@ class MainWindow(QMainWindow):
 
     def _on_loaded(self, engine) -> None:
         self._loader = None
-        self.banner.hide()
+        self.banner.finish()
         if engine is None:
             return
         if self._closing:
@@ -566,7 +606,7 @@ class MainWindow(QMainWindow):
         # how the model runs, with the engine's warnings (a fallback, a clamped budget) on the chip
         self.mode_chip.setText(detail + (f" · ⚠ {len(engine.notes)} note{'s' if len(engine.notes) > 1 else ''}"
                                          if engine.notes else ""))
-        self.mode_chip.setToolTip("\n".join(engine.notes))
+        self.mode_chip.setToolTip("\n".join([detail, *engine.notes]))
         self.mode_chip.show()
         self.status_model.setText(f"{name} · {engine.mode}")
         self.status_mem.setText(f"weights in memory {theme.human_bytes(engine.resident_bytes())}")
@@ -657,6 +697,7 @@ class MainWindow(QMainWindow):
         if conv is None:
             return
         self.conv_id = conv_id
+        self.banner.release()
         self.chat.clear()
         for m in self.history.messages(conv_id):
             self.chat.add_message(m.role, m.content, name=self._role_name(m.role, m.meta.get("model")),
@@ -754,6 +795,7 @@ class MainWindow(QMainWindow):
             self.reload_conversations()
             self.export_btn.setEnabled(True)
         mid = self.history.add_message(self.conv_id, "user", text)
+        self.banner.release()
         self.chat.add_message("user", text, name="You", msg_id=mid)
         self.prompt.clear()
         self._start_generation()

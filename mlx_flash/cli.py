@@ -319,8 +319,9 @@ def cmd_prepare(args) -> int:
     calibrate = not args.no_calibrate
     if calibrate and not default_model.is_calibrated(default_model.default_flash_dir()):
         print(platform_blas.status() + ("" if platform_blas.fast_blas() else
-              f": calibration uses fewer tokens and takes ~9 min on 2 cores; "
-              f"apt-get install {platform_blas.DEBIAN_PACKAGE} makes it ~75 s"))
+              f": calibration uses fewer tokens and runs several times slower; "
+              f"apt-get install {platform_blas.DEBIAN_PACKAGE} speeds it up")
+              + " (the bar shows the time left, measured as it runs)")
     flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Preparing flash model"),
                                                    calibrate=calibrate)
     cal = "with activation predictors" if default_model.is_calibrated(flash_dir) else "not calibrated"

@@ -48,7 +48,7 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(total=1000, desc=desc, disable=disable, mininterval=0.25,
-                                      bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+                                      bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
         bar.set_postfix_str(message[:50], refresh=False)
         bar.update(int(fraction * 1000) - bar.n)
         if fraction >= 1.0 and not state.get("closed"):

@@ -119,8 +119,8 @@ class StatsPanel(QScrollArea):
         grid.setHorizontalSpacing(14)
         grid.setVerticalSpacing(0)
         self.summary: Dict[str, QLabel] = {}
-        for i, (key, label) in enumerate((("tokens", "tokens"), ("first", "first token"), ("prompt", "prompt tok/s"),
-                                           ("hit", "cache hits"), ("active", "active neurons"))):
+        for i, (key, label) in enumerate((("tokens", "tokens"), ("first", "first token"), ("hit", "cache hits"),
+                                           ("active", "active neurons"))):
             v = QLabel("–")
             v.setObjectName("StatValue")
             t = QLabel(label)
@@ -307,5 +307,7 @@ class StatsPanel(QScrollArea):
         self.summary["hit"].setText(f"{100 * s.cum_hit_rate:.0f}%" if flash else "–")
         self.summary["active"].setText(theme.human_count(s.neurons_active) if flash else "all")
         self.summary["tokens"].setText(str(self.count))
-        self.summary["prompt"].setText(f"{s.prompt_tps:.0f}" if s.prompt_tps else "–")
+        # time to first token (reading the prompt + the first forward pass); the prompt's speed in the tooltip
         self.summary["first"].setText(f"{s.ms_first_token / 1e3:.2f} s" if s.ms_first_token else "–")
+        self.summary["first"].setToolTip(f"{s.prompt_tokens} prompt tokens read at {s.prompt_tps:.0f} tokens/s"
+                                         if s.prompt_tps else "")

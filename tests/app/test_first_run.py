@@ -85,3 +85,21 @@ def test_cancel_kills_the_preparation_and_leaves_no_temporaries(first_window, qt
     assert _temporaries(models) == []  # the killed process's work folder and lock are gone
     assert w.banner.retry_btn.isVisible() and not w.banner.cancel_btn.isVisible()
     assert w.engine is None and not w.send_btn.isEnabled()
+
+
+def test_models_page_opens_on_the_flash_model(qtbot, tiny_models, data_home):
+    """With the dense and the flash form of a model in the library (as after the first run),
+    the Models page selects the flash one, not the first row."""
+    import shutil
+
+    from app.main_window import MainWindow
+
+    models = data_home / "models"
+    shutil.copytree(tiny_models["src"], models / "Tiny-mlx")
+    shutil.copytree(tiny_models["flash"], models / "Tiny.flash")
+    w = MainWindow(config=tiny_config())
+    qtbot.addWidget(w)
+    kinds = [e.kind for e in w.library.entries()]
+    assert kinds.index("flash") > 0  # the dense one is listed first: the test means something
+    assert w.library.selected_path() == models / "Tiny.flash"
+    w.close()
