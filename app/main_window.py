@@ -487,6 +487,10 @@ class MainWindow(QMainWindow):
         if last and Path(str(last)).is_dir() and library.describe(Path(str(last))) is not None:
             self.load_model(Path(str(last)))
             return
+        ready = default_model.prepared_flash() if self.flash else default_model.prepared_mlx()
+        if ready is not None:  # prepared before: no worker process needed
+            self.load_model(ready)
+            return
         self.prepare_default()
 
     def prepare_default(self, job=None) -> None:
@@ -627,12 +631,12 @@ class MainWindow(QMainWindow):
         if not engine.is_flash:
             return "dense · all weights in memory"
         cfg = engine.config
-        pct = f"{cfg.budget * 100:.0f}% of the FFN, " if cfg and cfg.budget <= 1 else ""
+        pct = f" ({cfg.budget * 100:.0f}% of the FFN)" if cfg and cfg.budget <= 1 else ""
         info = engine.policy_info or {}
         policy = info.get("name", cfg.policy if cfg else "?")
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
-        return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct}{engine.budget_text} · "
+        return (f"flash · budget {engine.budget_text}{pct} · {engine.mode.split('-', 1)[-1]} · "
                 f"window {cfg.window if cfg else '?'} · cache {policy}")
 
     def _on_load_error(self, message: str) -> None:

@@ -64,6 +64,12 @@ def is_quantized(folder: Path) -> bool:
         return False
 
 
+def prepared_mlx() -> Optional[Path]:
+    """:func:`default_mlx_dir` when it is finished and keeps the GGUF's bits (no work needed), else None."""
+    folder = default_mlx_dir()
+    return folder if is_complete(folder) and is_quantized(folder) else None
+
+
 def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
     """Convert the default GGUF into :func:`default_mlx_dir` unless already done; return it.
 
@@ -73,9 +79,9 @@ def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
     """
     from .convert.gguf import convert_gguf
 
+    if prepared_mlx() is not None:
+        return default_mlx_dir()
     folder = default_mlx_dir()
-    if is_complete(folder) and is_quantized(folder):
-        return folder
     # another process preparing it: wait for it (its progress is not ours to show) and reuse its result
     with destination_lock(folder, wait=True, progress=progress):
         if is_complete(folder) and is_quantized(folder):
@@ -103,6 +109,21 @@ def is_calibrated(folder: Path) -> bool:
         return False
 
 
+def prepared_flash(calibrate: bool = True) -> Optional[Path]:
+    """:func:`default_flash_dir` when it is a finished flash folder (with predictors, unless
+    ``calibrate`` is False) that needs no work, else None. Cheap: reads the manifest."""
+    from .storage.format import FlashFormatError, open_flash
+
+    folder = default_flash_dir()
+    if folder.exists() and (is_calibrated(folder) or not calibrate):
+        try:
+            open_flash(folder)
+            return folder
+        except FlashFormatError:
+            pass
+    return None
+
+
 def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
@@ -113,15 +134,10 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     or a crash during calibration leaves a valid, uncalibrated folder, and the next
     call only calibrates.
     """
-    from .storage.format import FlashFormatError, open_flash
-
+    folder = prepared_flash(calibrate=calibrate)
+    if folder is not None:
+        return folder  # the common case: a finished model, reused without taking the lock
     folder = default_flash_dir()
-    if folder.exists() and (is_calibrated(folder) or not calibrate):
-        try:
-            open_flash(folder)
-            return folder  # the common case: a finished model, reused without taking the lock
-        except FlashFormatError:
-            pass
     # another process preparing it: wait for it (reporting that we wait), then reuse what it made
     with destination_lock(folder, wait=True, progress=progress):
         return _prepare_flash(folder, progress, calibrate)
