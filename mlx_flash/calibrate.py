@@ -267,6 +267,10 @@ class Collector:
         return X, seq
 
 
+#: Token rows (sequences x positions) per forward pass while the calibration prompts are read.
+PREFILL_ROWS = 256
+
+
 def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Collector, *, max_new: int,
                          budget: int, temperature: float = GEN_TEMPERATURE, min_p: float = GEN_MIN_P, seed: int = 0,
                          batch_size: int = 64, seq_offset: int = 0,
@@ -300,10 +304,14 @@ def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Co
         # the shared chat prefix (system prompt) counts once: only in the first sequence
         skip = np.array([pad[i] + (0 if b0 + i == 0 else prefix) for i in range(B)])
         valid = np.arange(lmax)[None, :] >= skip[:, None]
-        report(progress, done_steps / total_steps, f"reading {B} prompts")
-        logits = last_logits(model, toks, cache)
-        mx.eval(logits, collector.pending_arrays())
-        collected += collector.take(valid, seq_ids, budget - collected)
+        # the prompts in slices of positions (about PREFILL_ROWS token rows per forward pass): a
+        # progress report after each, not one silent pass over them all (half a minute on 2 cores)
+        step = max(1, PREFILL_ROWS // B)
+        for s0 in range(0, lmax, step):
+            report(progress, (done_steps + s0 / lmax) / total_steps, f"reading {B} prompts")
+            logits = last_logits(model, toks[:, s0 : s0 + step], cache)
+            mx.eval(logits, collector.pending_arrays())
+            collected += collector.take(valid[:, s0 : s0 + step], seq_ids, budget - collected)
         alive = np.ones(B, dtype=bool)
         for step in range(max_new):
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
