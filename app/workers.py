@@ -11,6 +11,7 @@ worker process instead, so that its memory is returned when it ends.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue as _queue
 import traceback
 from typing import Any, Callable, Iterator, Optional
@@ -178,7 +179,7 @@ class ProcessWorker(QObject):
     def start(self) -> "ProcessWorker":
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no Qt, no threads, no MLX state
         self._queue = ctx.Queue()
-        self._proc = ctx.Process(target=run_reporting, args=(self._queue, self._fn, self._kwargs),
+        self._proc = ctx.Process(target=run_reporting, args=(self._queue, self._fn, self._kwargs, os.getpid()),
                                  name="mlx-flash-prepare", daemon=True)
         self._proc.start()
         self._timer = QTimer(self)
