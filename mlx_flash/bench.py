@@ -50,6 +50,7 @@ import numpy as np
 from .config import FlashConfig, format_budget
 from .progress import Cancelled, ProgressCallback, report as _report, scaled
 from .stats import Stats
+from .units import fmt_bytes as _fb  # the one byte formatter, short for the tables below
 
 PathLike = Union[str, Path]
 
@@ -1050,17 +1051,6 @@ def observations(report: BenchReport) -> List[str]:
         seen = ", ".join(f"{v:.1f} at the {w}" for v, w in ((la0, "start"), (la1, "end")) if v is not None)
         out.append(f"The machine was busy (load average {seen}; {cpus} CPUs): timings are noisy.")
     return out
-
-
-def _fb(n: Optional[float]) -> str:
-    if n is None:
-        return "–"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f}"
 
 
 def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
