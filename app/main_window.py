@@ -108,7 +108,7 @@ class Banner(ProgressCard):
         super().__init__(parent, cancellable=True)
         self.retry_btn = QPushButton("Prepare again")
         self.retry_btn.clicked.connect(self.retry_requested)
-        self.layout().itemAt(0).layout().addWidget(self.retry_btn)  # the title row, beside Cancel
+        self.title_row.addWidget(self.retry_btn)
         self.retry_btn.hide()
         self.hide()
 
