@@ -32,6 +32,7 @@ BENCH_MODULE = "mlx_flash.bench"
 COLUMNS = (
     ("name", "Configuration", None),
     ("tokens_per_s", "tok/s", "{:.2f}"),
+    ("ms_first_token", "first token", "ms→s"),  # time to first token (Stats.ms_first_token), as in the chat
     ("ms_total", "ms/token", "{:.1f}"),
     ("ms_predictor", "predictor", "{:.1f}"),
     ("ms_io", "I/O", "{:.1f}"),
@@ -99,6 +100,8 @@ def _cell(value, fmt) -> str:
         return str(value)
     if fmt == "bytes":
         return theme.human_bytes(value)
+    if fmt == "ms→s":  # 0: not measured (replayed rows, reports from before the figure existed)
+        return f"{value / 1e3:.2f} s" if value else "–"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
