@@ -25,13 +25,14 @@ blas:
 	@bash packaging/linux/install_blas.sh
 
 # Convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the user data folder, with its
-# activation predictors (calibration: ~3.5 min on a busy 2-core machine, the same with or without OpenBLAS).
+# activation predictors (the bars show the time left, measured as it runs). `make test` and `make bench` need it.
 model: install blas
 	$(BIN)/mlx-flash prepare
 
+# The window opens at once; on the first run it prepares the default model itself (banner, progress, Cancel).
 # Linux: Qt's X11 (xcb) plugin needs system libraries the PySide6 wheel does not ship (libxcb-icccm4,
 # libxcb-keysyms1, ...): installed here as root (apt, waiting for its lock), else the apt-get command is printed.
-app: model
+app: install blas
 	@bash packaging/linux/qt_deps.sh $(BIN)/python
 	$(BIN)/mlx-flash-app
 

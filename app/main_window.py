@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import List, Optional
 
 from PySide6.QtCore import QByteArray, QEvent, QSettings, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtGui import QAction, QKeySequence, QPainter, QPalette
 from PySide6.QtWidgets import (
-    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
-    QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QTabWidget, QToolButton, QVBoxLayout, QWidget,
+    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton,
+    QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QStyle, QStyleOption, QTabWidget, QToolButton, QVBoxLayout,
+    QWidget,
 )
 
-from mlx_flash import library
+from mlx_flash import default_model, library, paths
+from mlx_flash.units import eta_text
 
 from . import theme, workers
 from .history import COMPLETE, ERROR, STOPPED, STREAMING, History, title_from
@@ -74,14 +76,43 @@ class Notice(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
+class Chip(QLabel):
+    """A one-line label that draws its text elided ("…") when narrower than it: its width
+    never depends on its text, so a long text does not widen the layout (``text()`` stays whole)."""
+
+    def __init__(self, text: str = "", parent=None):
+        super().__init__(text, parent)
+        self.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+
+    def setText(self, text: str) -> None:  # noqa: N802
+        super().setText(text)
+        self.setMaximumWidth(super().sizeHint().width())  # as wide as its text when there is room
+
+    def paintEvent(self, e) -> None:  # noqa: N802
+        p = QPainter(self)
+        opt = QStyleOption()
+        opt.initFrom(self)
+        self.style().drawPrimitive(QStyle.PE_Widget, opt, p, self)  # the style sheet's pill
+        r = self.contentsRect()
+        p.setPen(self.palette().color(QPalette.WindowText))
+        p.drawText(r, Qt.AlignVCenter | Qt.AlignLeft, self.fontMetrics().elidedText(self.text(), Qt.ElideRight, r.width()))
+
+
 class Banner(ProgressCard):
-    """Progress of preparing / loading the model, shown above the chat."""
+    """Progress of preparing / loading the model, shown above the chat. While the built-in
+    model is prepared it has Cancel; after a cancel, "Prepare again"."""
+
+    retry_requested = Signal()
 
     def __init__(self, parent=None):
-        super().__init__(parent)
+        super().__init__(parent, cancellable=True)
+        self.retry_btn = QPushButton("Prepare again")
+        self.retry_btn.clicked.connect(self.retry_requested)
+        self.title_row.addWidget(self.retry_btn)
+        self.retry_btn.hide()
         self.hide()
 
-    def start(self, title: str, busy: bool = False) -> None:
+    def start(self, title: str, busy: bool = False, cancellable: bool = False) -> None:
         self.title.setText(title)
         self.message.setText("")
         self.percent.setText("")
@@ -90,6 +121,36 @@ class Banner(ProgressCard):
         else:
             self.bar.setRange(0, 1000)
             self.bar.setValue(0)
+        self.bar.show()
+        self.cancel_btn.setVisible(cancellable)
+        self.cancel_btn.setEnabled(True)
+        self.retry_btn.hide()
+        self.show()
+
+    def finish(self) -> None:
+        """Hide, keeping the space: the chat below does not jump up when the model is ready
+        (the space goes with :meth:`release`, when the user sends or opens a chat)."""
+        self._retain(True)
+        self.hide()
+
+    def release(self) -> None:
+        """Give the space of a finished banner back to the chat."""
+        if not self.isVisible():
+            self._retain(False)
+
+    def _retain(self, on: bool) -> None:
+        sp = self.sizePolicy()
+        if sp.retainSizeWhenHidden() != on:
+            sp.setRetainSizeWhenHidden(on)
+            self.setSizePolicy(sp)
+
+    def show_cancelled(self, title: str, message: str) -> None:
+        self.title.setText(title)
+        self.message.setText(message)
+        self.percent.setText("")
+        self.bar.hide()
+        self.cancel_btn.hide()
+        self.retry_btn.show()
         self.show()
 
 
@@ -135,6 +196,9 @@ class MainWindow(QMainWindow):
         self.conv_id: Optional[int] = None
         self._gen: Optional[_Generation] = None
         self._loader: Optional[workers.Worker] = None
+        self._preparer: Optional[workers.ProcessWorker] = None  # first-run preparation (a worker process)
+        self._prepare_job = None
+        self._prepare_t0 = 0.0
         self._pending_load: Optional[Path] = None
         self._speed_dialog = None
         self._closing = False
@@ -226,10 +290,10 @@ class MainWindow(QMainWindow):
         self.model_combo.setToolTip("The model to chat with (its engine settings are on the Models page)")
         self.model_combo.activated.connect(self._combo_activated)
         top.addWidget(self.model_combo, 0)
-        self.mode_chip = QLabel("")
+        self.mode_chip = Chip("")  # its text arrives with the model: it must not widen the column then (a jump)
         self.mode_chip.setObjectName("ModelChip")
         self.mode_chip.hide()
-        top.addWidget(self.mode_chip)
+        top.addWidget(self.mode_chip, 100)  # up to its text's width (setMaximumWidth), the stretch takes the rest
         top.addStretch(1)
         self.export_btn = QToolButton()
         self.export_btn.setIcon(theme.icon("export", theme.MUTED))
@@ -244,6 +308,8 @@ class MainWindow(QMainWindow):
         self.notice = Notice()
         holder.addWidget(self.notice)
         self.banner = Banner()
+        self.banner.cancel_requested.connect(self.cancel_prepare)
+        self.banner.retry_requested.connect(lambda: self.prepare_default(self._prepare_job))
         holder.addWidget(self.banner)
         cl.addLayout(holder)
         self.chat = ChatView()
@@ -421,50 +487,79 @@ class MainWindow(QMainWindow):
         if last and Path(str(last)).is_dir() and library.describe(Path(str(last))) is not None:
             self.load_model(Path(str(last)))
             return
+        ready = default_model.prepared_flash() if self.flash else default_model.prepared_mlx()
+        if ready is not None:  # prepared before: no worker process needed
+            self.load_model(ready)
+            return
         self.prepare_default()
 
-    def prepare_default(self) -> None:
-        flash = self.flash
-        self.banner.start("Preparing the built-in model (first run only)…")
-        self.chat.empty.set_model("SmolLM2-135M-Instruct", "converting the embedded model into the flash format "
-                                  "and training its activation predictors (about a minute)…")
+    def prepare_default(self, job=None) -> None:
+        """First run: prepare the built-in model (GGUF → mlx → flash → predictors) in a worker
+        process, with progress, the time left (from the rate measured so far) and Cancel in the
+        banner; then load it. ``job``: ``(fn, kwargs)`` to run instead of the default model's
+        preparation (``fn(progress=..., **kwargs)`` returns the folder to load; tests use a tiny model)."""
+        if self._preparer is not None and self._preparer.running:
+            return
+        if job is None:
+            job = (default_model.ensure_default_flash if self.flash else default_model.ensure_default_mlx, {})
+        self._prepare_job = job
+        self.notice.hide()
+        self.banner.start("Preparing the built-in model (first run only)…", cancellable=True)
+        self.banner.message.setText("starting the preparation process…")
+        self.chat.empty.set_model(default_model.DEFAULT_MODEL_NAME, "converting the embedded model into the flash "
+                                  "format and training its activation predictors: progress and time left above")
         self.statusBar().showMessage("Preparing the built-in model…")
-
-        def job(w: workers.Worker):
-            from mlx_flash import default_model
-            from mlx_flash.progress import scaled
-
-            cb = w.progress_callback
-            mlx_dir = default_model.ensure_default_mlx(progress=scaled(cb, 0.0, 0.6 if flash else 1.0))
-            if not flash:
-                return str(mlx_dir)
-            ensure = getattr(default_model, "ensure_default_flash", None)
-            if ensure is not None:
-                return str(ensure(progress=scaled(cb, 0.6, 1.0)))
-            dst = mlx_dir.parent / f"{default_model.DEFAULT_MODEL_NAME}.flash"
-            if not (dst / "manifest.json").is_file():
-                library.convert_any(mlx_dir, dst, progress=scaled(cb, 0.6, 1.0))
-            return str(dst)
-
-        w = workers.Worker(job)
+        self._set_ready(False)
+        self._prepare_t0 = time.monotonic()
+        fn, kwargs = job
+        w = workers.ProcessWorker(fn, kwargs, clean=paths.models_dir(), parent=self)
         w.progress.connect(self._on_prepare_progress)
         w.finished.connect(self._on_prepared)
-        w.errored.connect(self._on_load_error)
-        self._loader = workers.start(w, self)
+        w.errored.connect(self._on_prepare_error)
+        self._preparer = w.start()
+
+    def cancel_prepare(self) -> None:
+        """Stop the first-run preparation: its process is killed and its temporaries removed;
+        finished steps (the mlx folder, an uncalibrated flash folder) are kept for next time."""
+        w = self._preparer
+        if w is None or not w.running:
+            return
+        w.cancel()
 
     def _on_prepare_progress(self, fraction: float, message: str) -> None:
-        self.banner.set_progress(fraction, message)
+        eta = eta_text(fraction, time.monotonic() - self._prepare_t0)  # measured, not a constant
+        self.banner.set_progress(fraction, f"{message} · {eta}" if eta else message)
         self.statusBar().showMessage(f"Preparing the built-in model: {message}")
 
+    def _on_prepare_error(self, message: str) -> None:
+        self._preparer = None
+        if self._closing:
+            return
+        self.banner.show_cancelled("Preparing the built-in model failed", message)
+        self.notice.show_message("error", f"Could not prepare the built-in model: {message}")
+        self.chat.empty.set_model("", "No model yet: prepare the built-in one above, or import one on the "
+                                      "Models page.")
+        self.statusBar().showMessage("No model loaded")
+        self._set_ready(False)
+
     def _on_prepared(self, path) -> None:
-        self._loader = None
-        if path is None or self._closing:  # cancelled (closing)
-            self.banner.hide()
+        self._preparer = None
+        if self._closing:
+            return
+        if path is None:  # cancelled
+            self.banner.show_cancelled("Preparing the built-in model was cancelled",
+                                       "Steps already finished are kept; preparing again continues from there.")
+            self.chat.empty.set_model("", "No model yet: prepare the built-in one above, or import one on the "
+                                          "Models page.")
+            self.statusBar().showMessage("Preparation cancelled", 5000)
             return
         self.library.refresh()
         self._refresh_model_combo()
         self.model_prepared.emit(str(path))
-        self.load_model(Path(path))
+        if self.engine is None and self._loader is None:  # unless another model was opened meanwhile
+            self.load_model(Path(path))
+        else:
+            self.banner.hide()
 
     def load_model(self, path: Path) -> None:
         """(Re)load ``path`` with its per-model settings, in a worker."""
@@ -500,7 +595,7 @@ class MainWindow(QMainWindow):
 
     def _on_loaded(self, engine) -> None:
         self._loader = None
-        self.banner.hide()
+        self.banner.finish()
         if engine is None:
             return
         if self._closing:
@@ -515,12 +610,12 @@ class MainWindow(QMainWindow):
         # how the model runs, with the engine's warnings (a fallback, a clamped budget) on the chip
         self.mode_chip.setText(detail + (f" · ⚠ {len(engine.notes)} note{'s' if len(engine.notes) > 1 else ''}"
                                          if engine.notes else ""))
-        self.mode_chip.setToolTip("\n".join(engine.notes))
+        self.mode_chip.setToolTip("\n".join([detail, *engine.notes]))
         self.mode_chip.show()
         self.status_model.setText(f"{name} · {engine.mode}")
         self.status_mem.setText(f"weights in memory {theme.human_bytes(engine.resident_bytes())}")
         self.stats_panel.set_engine(name, engine.mode, budget_bytes=engine.budget_bytes, ffn_bytes=engine.ffn_bytes,
-                                    resident_bytes=engine.resident_bytes())
+                                    resident_bytes=engine.resident_bytes(), budget_text=engine.budget_text)
         self.chat.empty.set_model(name, detail, ready=True)
         self.library.set_current(self.engine_path)
         self._refresh_model_combo()
@@ -536,13 +631,13 @@ class MainWindow(QMainWindow):
         if not engine.is_flash:
             return "dense · all weights in memory"
         cfg = engine.config
-        pct = f"{cfg.budget * 100:.0f}%" if cfg and cfg.budget <= 1 else theme.human_bytes(engine.budget_bytes)
-        info = getattr(engine, "policy_info", None) or {}
+        pct = f" ({cfg.budget * 100:.0f}% of the FFN)" if cfg and cfg.budget <= 1 else ""
+        info = engine.policy_info or {}
         policy = info.get("name", cfg.policy if cfg else "?")
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
-        return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct} "
-                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}")
+        return (f"flash · budget {engine.budget_text}{pct} · {engine.mode.split('-', 1)[-1]} · "
+                f"window {cfg.window if cfg else '?'} · cache {policy}")
 
     def _on_load_error(self, message: str) -> None:
         self._loader = None
@@ -606,6 +701,7 @@ class MainWindow(QMainWindow):
         if conv is None:
             return
         self.conv_id = conv_id
+        self.banner.release()
         self.chat.clear()
         for m in self.history.messages(conv_id):
             self.chat.add_message(m.role, m.content, name=self._role_name(m.role, m.meta.get("model")),
@@ -672,7 +768,7 @@ class MainWindow(QMainWindow):
         self.send_btn.setEnabled(can_send)
         self.prompt.setReadOnly(not (self.engine is not None and idle))
         self.composer.set_generating(not idle)
-        self.model_combo.setEnabled(idle and (self._loader is None))
+        self.model_combo.setEnabled(idle and self._loader is None and self._preparer is None)
         if self.engine is None:
             self.composer.hint.setText("Waiting for the model…")
         elif not idle:
@@ -703,6 +799,7 @@ class MainWindow(QMainWindow):
             self.reload_conversations()
             self.export_btn.setEnabled(True)
         mid = self.history.add_message(self.conv_id, "user", text)
+        self.banner.release()
         self.chat.add_message("user", text, name="You", msg_id=mid)
         self.prompt.clear()
         self._start_generation()
@@ -793,7 +890,8 @@ class MainWindow(QMainWindow):
         if g.t_first is not None:
             meta["first_token_s"] = round(g.t_first - g.t_start, 3)
         meta["seconds"] = round(time.perf_counter() - g.t_start, 3)
-        if s is not None:
+        if s is not None:  # the engine's own time to first token: the figure the panel and the CLI show
+            meta["first_token_s"] = round(s.ms_first_token / 1e3, 3)
             meta.update(tokens_per_s=round(s.tokens_per_s, 2), mode=s.mode, prompt_tokens=s.prompt_tokens,
                         prompt_tps=round(s.prompt_tps, 1), peak_memory=s.peak_memory)
             if str(s.mode).startswith("flash"):
@@ -937,6 +1035,9 @@ class MainWindow(QMainWindow):
         self.library.shutdown()
         if self._speed_dialog is not None:
             self._speed_dialog.shutdown()
+        if self._preparer is not None:  # the first-run preparation: killed, its temporaries removed
+            self._preparer.cancel()
+            self._preparer = None
         workers.wait(self._loader, 120000)
         self._loader = None
         if self.engine is not None:

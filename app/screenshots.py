@@ -2,6 +2,8 @@
 
     xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m app.screenshots [--out docs/screenshots]
 
+With ``--first-run`` it first starts as a new user does (see ``first_run``): run it with
+``MLX_FLASH_HOME`` set to an empty folder for ``first_run.png`` and ``first_answer.png``.
 Saves ``chat.png`` (a chat with answers), ``stats.png`` (the performance panel during
 generation), ``import.png`` (an import in progress), ``library.png`` and
 ``speed_test.png`` (when ``mlx_flash.bench`` exists). Uses the normal data folder (or
@@ -28,7 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-policies", action="store_true",
                     help="the speed test also compares the cache policies (about 15 more runs)")
     ap.add_argument("--first-run", action="store_true",
-                    help="also show the first-run preparation (in a temporary data folder, cancelled midway)")
+                    help="start as a new user does: the window prepares the default model when the data folder "
+                         "has none (first_run.png at 30%%), then answers the first suggested question "
+                         "(first_answer.png); prints the process's memory after loading and after the answer")
+    ap.add_argument("--only-first-run", action="store_true", help="stop after --first-run's screenshots")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,28 +72,10 @@ def main(argv=None) -> int:
         print(f"saved {p}")
 
     if args.first_run:
-        import os
-        import tempfile
-
-        from mlx_flash import paths
-
-        saved = os.environ.get(paths.HOME_ENV)
-        with tempfile.TemporaryDirectory(prefix="mlx-flash-first-run-") as tmp:
-            os.environ[paths.HOME_ENV] = tmp
-            first = MainWindow()
-            first.resize(args.width, args.height)
-            first.show()
-            first.start()
-            spin(lambda: first.banner.bar.value() >= 300, 600, "first-run progress")
-            shot(first, "first_run.png")
-            first.close()  # cancels the preparation
-            import shiboken6
-
-            shiboken6.delete(first)
-        if saved is None:
-            os.environ.pop(paths.HOME_ENV, None)
-        else:
-            os.environ[paths.HOME_ENV] = saved
+        if not first_run(args, app, spin, settle, shot):
+            return 1
+        if args.only_first_run:
+            return 0
 
     win = MainWindow()
     win.settings.remove("last_model")  # always the built-in model
@@ -170,6 +157,58 @@ def main(argv=None) -> int:
 
     shiboken6.delete(win)
     return 0
+
+
+def first_run(args, app, spin, settle, shot) -> bool:
+    """The first ten minutes: window, preparation (if the data folder has no default model),
+    first answer. Prints the progress cadence and the process's RSS (``Stats.process_rss``'s
+    reading) after the model loaded and after the first answer."""
+    from mlx_flash.stats import process_rss
+    from mlx_flash.units import fmt_bytes
+
+    from .main_window import MainWindow
+
+    win = MainWindow()
+    win.settings.remove("last_model")
+    win.resize(args.width, args.height)
+    win.move(0, 0)
+    win.show()
+    win.nav_panel.setChecked(True)
+    win.right.setCurrentIndex(0)
+    t0 = time.monotonic()
+    win.start()
+    prepared = win._preparer is not None
+    if prepared:
+        stamps = []
+        win._preparer.progress.connect(lambda f, m: stamps.append((time.monotonic(), f)))
+        spin(lambda: win.banner.bar.value() >= 300 or win._preparer is None, 1800, "first-run progress")
+        shot(win, "first_run.png")
+    if not spin(lambda: win.engine is not None, 3600, "the model"):
+        return False
+    t_ready = time.monotonic() - t0
+    if prepared and stamps:
+        gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+        print(f"prepared in the window in {stamps[-1][0] - t0:.0f} s; {len(stamps)} progress updates, longest gap "
+              f"{max(gaps or [0]):.1f} s")
+    settle(1.0)
+    rss_loaded = process_rss()
+    win.chat_settings.set_values({"temperature": 0.0, "top_p": 1.0, "max_tokens": 120, "system_prompt": ""})
+    done = []
+    win.answer_finished.connect(done.append)
+    win.send(win.chat.empty.SUGGESTIONS[0])
+    spin(lambda: done, 900, "the first answer")
+    settle(0.8)
+    shot(win, "first_answer.png")
+    meta = done[0]["meta"] if done else {}
+    print(f"{'first run (prepared in a worker process)' if prepared else 'normal start'}: model ready after "
+          f"{t_ready:.0f} s; RSS after loading {fmt_bytes(rss_loaded)}, after the first answer "
+          f"{fmt_bytes(process_rss())}; first token {meta.get('first_token_s')} s, {meta.get('tokens_per_s')} tok/s; "
+          f"answer: {done[0]['text'][:80]!r}" if done else "no answer")
+    win.close()
+    import shiboken6
+
+    shiboken6.delete(win)
+    return bool(done)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ No window is shown. In order it checks:
    module fails here, not in the user's hands);
 3. the model loads through the **flash** engine: ``--model PATH`` (a ``.flash`` folder), else the
    embedded default model, prepared once into the data folder with
-   :func:`mlx_flash.default_model.ensure_default_flash` exactly as the app does (conversion and
-   predictor calibration: ~3.5 min on a busy 2-core machine, with or without OpenBLAS);
+   :func:`mlx_flash.default_model.ensure_default_flash`, the function the app runs in its worker
+   process (conversion and predictor calibration: a few minutes on 2 cores, with or without OpenBLAS);
 4. a few tokens are generated; the text and the Stats summary are printed.
 
 Exit status 0 when everything worked; 1 with the error (and its traceback on stderr) otherwise.

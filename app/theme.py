@@ -11,6 +11,7 @@ from PySide6.QtGui import QColor, QFont, QIcon, QPainter, QPalette, QPixmap
 from PySide6.QtWidgets import QApplication
 
 from mlx_flash import paths
+from mlx_flash.units import fmt_bytes
 
 # The palette (kept in sync with resources/styles/dark.qss).
 BG = "#0f1115"
@@ -121,12 +122,8 @@ def settings() -> QSettings:
 
 
 def human_bytes(n: float) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """Bytes as every screen shows them: :func:`mlx_flash.units.fmt_bytes` (None/0 → "0 B")."""
+    return fmt_bytes(n or 0)
 
 
 def human_count(n: float) -> str:

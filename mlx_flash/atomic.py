@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from .progress import ProgressCallback, report
+from .units import fmt_bytes
 
 PathLike = Union[str, Path]
 
@@ -69,15 +70,6 @@ class DestinationBusy(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
-
-
-def fmt_bytes(n: float) -> str:
-    """``1.2 GB``, ``350.0 MB``, ``12 B`` (decimal units, as disk tools show)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def free_bytes(folder: PathLike) -> int:

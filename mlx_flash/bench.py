@@ -47,9 +47,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .config import FlashConfig
+from .config import FlashConfig, format_budget
 from .progress import Cancelled, ProgressCallback, report as _report, scaled
 from .stats import Stats
+from .units import fmt_bytes as _fb  # the one byte formatter, short for the tables below
 
 PathLike = Union[str, Path]
 
@@ -140,6 +141,7 @@ class BenchRow(_Record):
     group: str = "real"                   # rows compared with each other in ratios
     mode: str = ""                        # the engine's mode string
     prompt_tokens: int = 0
+    ms_first_token: float = 0.0           # time to first token (prompt read + first forward pass)
     tokens: int = 0                       # measured tokens (warm-up excluded)
     warmup_tokens: int = 0
     tokens_per_s: float = 0.0             # 1000 / ms_total
@@ -155,7 +157,8 @@ class BenchRow(_Record):
     neurons_streamed_per_token: float = 0.0
     resident_bytes: int = 0               # weights held in memory (max over measured tokens)
     cache_bytes: int = 0                  # neuron cache in use at the end
-    budget_bytes: int = 0                 # FFN budget (0: dense)
+    budget_bytes: int = 0                 # the neuron cache's share of the FFN budget (0: dense)
+    predictor_bytes: int = 0              # the predictors' share of it (config.format_budget)
     peak_memory: int = 0                  # MLX peak allocation during the generation
     process_rss: int = 0                  # the process's resident set (max over measured tokens)
     perplexity: Optional[float] = None
@@ -265,6 +268,10 @@ class BenchReport:
     created: str = ""
     seconds: float = 0.0
 
+    def budget_text(self) -> str:
+        """The main budget and what it holds (:func:`budget_text`)."""
+        return budget_text({"budget_bytes": self.budget_bytes, "rows": [r.to_dict() for r in self.rows]})
+
     def row(self, name: str) -> Optional[BenchRow]:
         for r in self.rows:
             if r.name == name:
@@ -338,6 +345,14 @@ def compute_ratios(rows: Sequence[BenchRow]) -> Dict[str, float]:
     return out
 
 
+def budget_text(report: Dict[str, Any]) -> str:
+    """A report's (or its JSON's) main budget as :func:`mlx_flash.config.format_budget` shows it:
+    the predictors' share as the real predictor row measured it, the rest cache."""
+    pred = max((int(r.get("predictor_bytes") or 0) for r in report.get("rows") or []
+                if r.get("source", REAL) == REAL), default=0)
+    return format_budget(int(report.get("budget_bytes") or 0) - pred, pred)
+
+
 def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
     """Per-token means over ``stats[warmup:]`` (the figures of a :class:`BenchRow`)."""
     steady = list(stats[warmup:])
@@ -369,10 +384,12 @@ def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
         "resident_bytes": int(max(s.resident_bytes for s in steady)),
         "cache_bytes": int(steady[-1].cache_bytes),
         "budget_bytes": int(steady[-1].budget_bytes),
+        "predictor_bytes": int(steady[-1].predictor_bytes),
         "peak_memory": int(max(s.peak_memory for s in stats)),
         "process_rss": int(max(s.process_rss for s in steady)),
         "mode": steady[-1].mode,
         "prompt_tokens": int(steady[-1].prompt_tokens),
+        "ms_first_token": float(stats[0].ms_first_token),
     }
 
 
@@ -1036,17 +1053,6 @@ def observations(report: BenchReport) -> List[str]:
     return out
 
 
-def _fb(n: Optional[float]) -> str:
-    if n is None:
-        return "–"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f}"
-
-
 def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -1058,7 +1064,7 @@ def format_table(report: BenchReport) -> str:
     budget = f"{r.budget:.0%}" if r.budget <= 1 else _fb(r.budget)
     lines.append(f"# mlx-flash bench: {r.model_name}")
     lines.append("")
-    lines.append(f"FFN {_fb(r.ffn_bytes)}, budget {budget} ({_fb(r.budget_bytes)}); window {r.config.get('window')}, "
+    lines.append(f"FFN {_fb(r.ffn_bytes)}, budget {budget} ({r.budget_text()}); window {r.config.get('window')}, "
                  f"oracle sparsity {r.config.get('sparsity')}; {r.tokens} tokens per configuration, first "
                  f"{r.warmup} left out of the averages.")
     mi = r.machine

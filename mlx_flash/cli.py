@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
+from .config import BUDGET_SYNTAX, FlashConfig, format_budget, parse_budget
+from .units import fmt_bytes
 
 
 def _budget_arg(text: str) -> float:
@@ -157,14 +158,6 @@ def print_new_notes(stats, engine, shown: set) -> None:
             print(f"[mlx-flash] warning: {note}", file=sys.stderr)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000.0
-    return f"{n:.1f} GB"
-
-
 def print_summary(stats_list, file=None) -> None:
     """mlx-lm style closing lines, plus the flash engine's breakdown."""
     file = file or sys.stderr
@@ -173,7 +166,8 @@ def print_summary(stats_list, file=None) -> None:
     last = stats_list[-1]
     n = len(stats_list)
     print("=" * 10, file=file)
-    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec; first token after "
+          f"{last.ms_first_token / 1e3:.2f} s", file=file)
     print(f"Generation: {n} tokens, {last.tokens_per_s:.3f} tokens-per-sec", file=file)
     print(f"Peak memory: {last.peak_memory / 1e9:.3f} GB", file=file)
     if last.mode.startswith("flash"):
@@ -184,8 +178,9 @@ def print_summary(stats_list, file=None) -> None:
         comp = sum(s.ms_compute for s in steady) / k
         read = sum(s.bytes_read for s in steady) / k
         print(f"Flash ({last.mode}): {pred + io + comp:.1f} ms/token = predictor {pred:.1f} + I/O {io:.1f} "
-              f"+ compute {comp:.1f}; read {_fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
-              f"cache {_fmt_bytes(last.cache_bytes)} of budget {_fmt_bytes(last.budget_bytes)}", file=file)
+              f"+ compute {comp:.1f}; read {fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
+              f"cache {fmt_bytes(last.cache_bytes)} in use; budget "
+              f"{format_budget(last.budget_bytes, last.predictor_bytes)}", file=file)
 
 
 def cmd_generate(args) -> int:
@@ -291,8 +286,10 @@ def cmd_models(args) -> int:
     models, broken = scan_library()
     if not models and not broken:
         print("no models yet (the default model is prepared on first use)")
+    if models:
+        print(f"{'NAME':40s} {'KIND':6s} {'ARCH':8s} {'SIZE':>12s}  PATH")
     for m in models:
-        print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {m.size_bytes / 1e6:9.1f} MB  {m.path}")
+        print(f"{m.name:40s} {m.kind:6s} {m.architecture:8s} {fmt_bytes(m.size_bytes):>12s}  {m.path}")
     for b in broken:  # listed, not fatal: the others stay usable
         print(f"warning: {b.reason} (not listed: {b.path})", file=sys.stderr)
     return 0
@@ -321,7 +318,8 @@ def cmd_prepare(args) -> int:
     mlx_dir = default_model.ensure_default_mlx(progress=tqdm_callback("Converting GGUF"))
     calibrate = not args.no_calibrate
     if calibrate and default_model.calibration_problem(default_model.default_flash_dir()) is not None:
-        print(f"{platform_blas.status()} (calibration's float32 matmuls run in numpy either way)")
+        print(f"{platform_blas.status()} (calibration's float32 matmuls run in numpy either way; "
+              "the bar shows the time left, measured as it runs)")
     flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Preparing flash model"),
                                                    calibrate=calibrate)
     cal = "with activation predictors" if default_model.is_calibrated(flash_dir) else "not calibrated"

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
+from .units import fmt_bytes
+
 
 @dataclass
 class FlashConfig:
@@ -127,6 +129,22 @@ class FlashConfig:
     def from_dict(cls, d: dict) -> "FlashConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def format_budget(cache_bytes: int, predictor_bytes: int = 0) -> str:
+    """The FFN memory budget as every screen shows it, with what it includes.
+
+    The budget (:meth:`FlashConfig.budget_bytes`, after the engine's clamp) holds the
+    neuron cache (with its streaming scratch) and, on a calibrated model, the activation
+    predictors: ``"79.6 MB: 75.5 MB cache + 4.1 MB predictors"``; without predictors
+    ``"79.6 MB cache"``. ``cache_bytes`` is the cache's share (``Engine.budget_bytes``,
+    ``Stats.budget_bytes``), ``predictor_bytes`` the predictors' (``Engine.predictor_bytes``,
+    ``Stats.predictor_bytes``)."""
+    cache_bytes, predictor_bytes = int(cache_bytes or 0), int(predictor_bytes or 0)
+    if not predictor_bytes:
+        return f"{fmt_bytes(cache_bytes)} cache"
+    return (f"{fmt_bytes(cache_bytes + predictor_bytes)}: {fmt_bytes(cache_bytes)} cache + "
+            f"{fmt_bytes(predictor_bytes)} predictors")
 
 
 BUDGET_SYNTAX = ("a share of the model's FFN as a percentage (\"50%\", more than 0 and at most 100%) or a "

@@ -64,6 +64,12 @@ def is_quantized(folder: Path) -> bool:
         return False
 
 
+def prepared_mlx() -> Optional[Path]:
+    """:func:`default_mlx_dir` when it is finished and keeps the GGUF's bits (no work needed), else None."""
+    folder = default_mlx_dir()
+    return folder if is_complete(folder) and is_quantized(folder) else None
+
+
 def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
     """Convert the default GGUF into :func:`default_mlx_dir` unless already done; return it.
 
@@ -73,9 +79,9 @@ def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
     """
     from .convert.gguf import convert_gguf
 
+    if prepared_mlx() is not None:
+        return default_mlx_dir()
     folder = default_mlx_dir()
-    if is_complete(folder) and is_quantized(folder):
-        return folder
     # another process preparing it: wait for it (its progress is not ours to show) and reuse its result
     with destination_lock(folder, wait=True, progress=progress):
         if is_complete(folder) and is_quantized(folder):
@@ -86,6 +92,12 @@ def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
             report(progress, 0.0, "upgrading the default model to its 4-bit weights")
         # an incomplete folder here was not made by convert_gguf (it renames only when done)
         return convert_gguf(gguf_path(), folder, progress=progress, overwrite=folder.exists())
+
+
+#: The conversion's share of the first-run progress bar (the rest is calibration). Measured on 2 cores:
+#: conversion ~15 s of a ~5 min preparation, so the bar moves at an even pace and the time left that the
+#: app computes from its rate holds (the two calibration stages run at about the same pace too).
+CONVERT_SHARE = 0.05
 
 
 def default_flash_dir() -> Path:
@@ -115,6 +127,23 @@ def calibration_problem(folder: Path) -> Optional[str]:
         return f"unreadable manifest: {e}"
 
 
+def prepared_flash(calibrate: bool = True) -> Optional[Path]:
+    """:func:`default_flash_dir` when it is a finished, current (4-bit) flash folder that needs no
+    work (with current predictors that passed their gate, unless ``calibrate`` is False), else
+    None. Cheap: reads the manifest."""
+    from .storage.format import FlashFormatError, open_flash, role_quantization
+
+    folder = default_flash_dir()
+    if folder.exists() and (not calibrate or calibration_problem(folder) is None):
+        try:
+            # a bfloat16 one from an earlier version has no quantized roles: not current (upgraded)
+            if role_quantization(open_flash(folder).manifest):
+                return folder
+        except FlashFormatError:
+            pass
+    return None
+
+
 def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
@@ -127,17 +156,10 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     their quality gate (held-out recall, predicted fraction; stored in the manifest), are
     re-calibrated, with a warning (logging) and a progress message saying why.
     """
-    from .storage.format import FlashFormatError, open_flash, role_quantization
-
+    folder = prepared_flash(calibrate=calibrate)
+    if folder is not None:
+        return folder  # the common case: a finished model, reused without taking the lock
     folder = default_flash_dir()
-    if folder.exists() and (not calibrate or calibration_problem(folder) is None):
-        try:
-            # the common case: a finished model, reused without taking the lock (a bfloat16 one from
-            # an earlier version has no quantized roles: it is upgraded below)
-            if role_quantization(open_flash(folder).manifest):
-                return folder
-        except FlashFormatError:
-            pass
     # another process preparing it: wait for it (reporting that we wait), then reuse what it made
     with destination_lock(folder, wait=True, progress=progress):
         return _prepare_flash(folder, progress, calibrate)
@@ -163,7 +185,7 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
         why = f"re-calibrating the default model's predictors: {problem}"
         logger.warning(why)
         report(progress, 0.0, why)
-    conv_end = (0.3 if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
+    conv_end = (CONVERT_SHARE if not ready else 0.0) if need_cal else 1.0  # calibration only: the whole bar
     if not ready:
         if not is_complete(default_mlx_dir()):  # both stages' space, up front
             check_space(folder.parent, output_bytes(gguf_path()) * 2,

@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 
-from .config import FlashConfig
+from .config import FlashConfig, format_budget
 from .predictor import CALIBRATE_HINT, PREDICTOR_FILE, has_predictors, predictor_info
 from .stats import FFNCounters, Stats, process_rss
 from .storage.format import DENSE_FILE, verify_file
@@ -110,6 +110,16 @@ class Engine:
     @property
     def budget_bytes(self) -> int:
         return self.cache.budget_bytes if self.cache is not None else 0
+
+    @property
+    def predictor_bytes(self) -> int:
+        """The activation predictors' memory: part of the FFN budget (0 without them)."""
+        return self.chooser.resident_bytes if self.chooser is not None and self.chooser.name == "predictor" else 0
+
+    @property
+    def budget_text(self) -> str:
+        """The budget and what it holds (:func:`mlx_flash.config.format_budget`), for every screen."""
+        return format_budget(self.budget_bytes, self.predictor_bytes)
 
     @property
     def ffn_bytes(self) -> int:
@@ -242,11 +252,13 @@ class Engine:
                 resident_bytes=self.resident_bytes(),
                 cache_bytes=self.cache.resident_bytes if self.cache is not None else 0,
                 budget_bytes=self.budget_bytes,
+                predictor_bytes=self.predictor_bytes,
                 peak_memory=mx.get_peak_memory(),
                 process_rss=process_rss(),
                 tokens_per_s=(n - 1) / (t1 - gen_tic) if n > 1 and t1 > gen_tic else 1e3 / ms_total,
                 prompt_tokens=len(tokens),
                 prompt_tps=len(tokens) / prompt_time if prompt_time else 0.0,
+                ms_first_token=prompt_time * 1e3,
                 mode=self.mode,
                 notes=notes,
             )

@@ -7,6 +7,8 @@ raises :class:`Cancelled`. ``None``/``True`` mean "go on".
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable, Optional
 
 ProgressCallback = Callable[[float, str], Optional[bool]]
@@ -48,7 +50,7 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(total=1000, desc=desc, disable=disable, mininterval=0.25,
-                                      bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+                                      bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
         bar.set_postfix_str(message[:50], refresh=False)
         bar.update(int(fraction * 1000) - bar.n)
         if fraction >= 1.0 and not state.get("closed"):
@@ -57,3 +59,39 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
         return True
 
     return cb
+
+
+def run_reporting(queue, fn: Callable, kwargs: dict, parent_pid: Optional[int] = None,
+                  interval: float = 0.25) -> None:
+    """Run ``fn(progress=..., **kwargs)`` and send what happens over ``queue`` (a
+    ``multiprocessing`` queue): ``("progress", fraction, message)`` at most every
+    ``interval`` seconds (and the last one), then ``("done", result)`` or ``("error", text)``.
+
+    The entry point of a worker process (the app prepares models in one, so that the
+    memory the preparation used goes back to the system when the process ends). ``fn``
+    must be a module-level function (it is pickled by reference) and ``result`` picklable.
+    When ``parent_pid`` is no longer this process's parent (the app died without cancelling),
+    the next progress report cancels the work, which then cleans up after itself (and
+    ``("done", None)`` is sent, as for any cancel).
+    """
+
+    last = [0.0]
+
+    def cb(fraction: float, message: str) -> bool:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return False  # orphaned: nobody waits for the result
+        now = time.monotonic()
+        if now - last[0] >= interval or fraction >= 1.0:
+            last[0] = now
+            queue.put(("progress", float(fraction), str(message)))
+        return True
+
+    try:
+        result = fn(progress=cb, **kwargs)
+    except Cancelled:
+        result = None
+    except Exception as e:  # noqa: BLE001 - every failure reaches the parent as a message
+        text = str(e) or type(e).__name__
+        queue.put(("error", text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"))
+        return
+    queue.put(("done", result))

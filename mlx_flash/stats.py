@@ -44,12 +44,14 @@ class Stats:
     cum_hit_rate: float = 1.0        # since the start of the generation
     resident_bytes: int = 0          # weights in memory: dense part + neuron cache + predictors
     cache_bytes: int = 0             # neuron cache in use now
-    budget_bytes: int = 0            # FFN budget (0 for dense)
+    budget_bytes: int = 0            # the neuron cache's share of the FFN budget (0 for dense)
+    predictor_bytes: int = 0         # the predictors' share of the FFN budget (config.format_budget shows both)
     peak_memory: int = 0             # MLX peak allocation
     process_rss: int = 0             # the whole process
     tokens_per_s: float = 0.0        # generation speed so far
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
+    ms_first_token: float = 0.0      # time to first token: reading the prompt + the first forward pass
     mode: str = "dense"
     notes: list = field(default_factory=list)  # warnings about this run (Engine.notes + this prompt's)
     extra: dict = field(default_factory=dict)

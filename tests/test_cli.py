@@ -30,6 +30,7 @@ def test_generate_dense_and_flash(tmp_path, home, capsys):
     out = capsys.readouterr()
     assert rc == 0
     assert "Flash (flash-all)" in out.err and "ms/token" in out.err and "hit rate" in out.err
+    assert "first token after" in out.err and " cache" in out.err.split("budget ")[-1]
 
 
 def test_chat_multi_turn(tmp_path, home, capsys, monkeypatch):
@@ -52,7 +53,9 @@ def test_convert_gguf_to_flash_and_list(tmp_path, home, capsys):
     assert manifest["predictors"] and (dst / "predictors.safetensors").is_file()
     assert "with activation predictors" in capsys.readouterr().out
     assert main(["models"]) == 0
-    assert "tiny.flash" in capsys.readouterr().out
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split() == ["NAME", "KIND", "ARCH", "SIZE", "PATH"]  # a header row, then the models
+    assert "tiny.flash" in listed[1] and listed[1].split()[1] == "flash"
     assert not [p for p in dst.parent.iterdir() if p.name.startswith(".")]  # no work folder left behind
 
     plain = home / "models" / "plain.flash"

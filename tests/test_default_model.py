@@ -181,7 +181,7 @@ def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
     folder = default_model.default_flash_dir()
     open_flash(folder)  # complete and valid
     assert not default_model.is_calibrated(folder)
-    assert seen[-1] == (0.3, "loading the model")  # conversion takes the first 30% of the bar
+    assert seen[-1] == (default_model.CONVERT_SHARE, "loading the model")  # conversion: the bar's first part
     before = (folder / "ffn.bin").stat().st_mtime_ns
     msgs = []
     with pytest.raises(Cancelled):

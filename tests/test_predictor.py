@@ -11,12 +11,13 @@ import pytest
 
 from mlx_flash.calibrate import (calibrate, finetune_bce, fit_low_rank, install_hooks, load_dense_model,
                                  weighted_bce)
-from mlx_flash.config import FlashConfig
+from mlx_flash.config import FlashConfig, format_budget
 from mlx_flash.engine import load
 from mlx_flash.evaluate import predictor_selector
 from mlx_flash.predictor import (PREDICTOR_FILE, PredictorChooser, PredictorError, PredictorWeights,
                                  has_predictors, load_predictor_chooser, prob_to_logit, save_predictors)
 from mlx_flash.storage.format import Manifest, open_flash
+from mlx_flash.units import fmt_bytes
 from tests.tiny import make_tiny_flash
 
 PROMPTS = ["hello there", "tell me a short story", "what is two plus two?", "write a poem about rain",
@@ -201,8 +202,14 @@ def test_engine_generates_with_predictors(calibrated):
     for r in out:
         assert r.stats.mode == "flash-predictor"
         assert 0 < r.stats.neurons_active <= 3 * 256
-    # the predictors count inside the FFN budget
+    # the predictors count inside the FFN budget, and every screen says so (config.format_budget)
     assert eng.budget_bytes == cfg.budget_bytes(eng.ffn_bytes) - eng.chooser.resident_bytes
+    assert eng.predictor_bytes == eng.chooser.resident_bytes > 0
+    assert eng.budget_text == format_budget(eng.budget_bytes, eng.predictor_bytes)
+    assert eng.budget_text.startswith(fmt_bytes(cfg.budget_bytes(eng.ffn_bytes)) + ": ")
+    last = out[-1].stats
+    assert (last.budget_bytes, last.predictor_bytes) == (eng.budget_bytes, eng.predictor_bytes)
+    assert last.ms_first_token > 0 and all(r.stats.ms_first_token == last.ms_first_token for r in out)
     eng.close()
     # a budget the predictors alone fill up: a clear error naming them
     with pytest.raises(ValueError, match="activation predictors take"):

@@ -341,9 +341,10 @@ class ModelLibraryPage(QWidget):
                 if Path(e.path) == Path(prev):
                     self.table.selectRow(r)
                     break
-        if not self.table.selectionModel().selectedRows() and n:
+        if not self.table.selectionModel().selectedRows() and n:  # the loaded model, else the first flash one
             rows = [r for r, e in enumerate(self._entries)
                     if self.current_path is not None and Path(e.path) == Path(self.current_path)]
+            rows += [r for r, e in enumerate(self._entries) if e.kind == "flash"]
             self.table.selectRow(rows[0] if rows else 0)
         self._selection_changed()
 
@@ -378,8 +379,11 @@ class ModelLibraryPage(QWidget):
                 return
 
     def set_current(self, path: Optional[Path]) -> None:
-        self.current_path = Path(path) if path else None
-        self.refresh()
+        """``path`` is the model loaded in the chat: marked, and selected when it changes."""
+        new = Path(path) if path else None
+        changed = new != self.current_path
+        self.current_path = new
+        self.refresh(select=new if changed else None)
 
     def _selection_changed(self) -> None:
         p = self.selected_path()

@@ -16,7 +16,7 @@ class ProgressCard(QFrame):
         self.setObjectName("ProgressCard")
         lay = QVBoxLayout(self)
         lay.setContentsMargins(14, 10, 14, 10)
-        row = QHBoxLayout()
+        row = self.title_row = QHBoxLayout()  # title, percentage, buttons
         self.title = QLabel(title)
         self.title.setStyleSheet("font-weight: 600;")
         row.addWidget(self.title, 1)

@@ -32,6 +32,7 @@ BENCH_MODULE = "mlx_flash.bench"
 COLUMNS = (
     ("name", "Configuration", None),
     ("tokens_per_s", "tok/s", "{:.2f}"),
+    ("ms_first_token", "first token", "ms→s"),  # time to first token (Stats.ms_first_token), as in the chat
     ("ms_total", "ms/token", "{:.1f}"),
     ("ms_predictor", "predictor", "{:.1f}"),
     ("ms_io", "I/O", "{:.1f}"),
@@ -99,6 +100,8 @@ def _cell(value, fmt) -> str:
         return str(value)
     if fmt == "bytes":
         return theme.human_bytes(value)
+    if fmt == "ms→s":  # 0: not measured (replayed rows, reports from before the figure existed)
+        return f"{value / 1e3:.2f} s" if value else "–"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -405,7 +408,9 @@ class SpeedTestDialog(QDialog):
         if budget is not None:
             bits.append(f"budget {budget:.0%}" if budget <= 1 else f"budget {theme.human_bytes(budget)}")
         if d.get("budget_bytes"):
-            bits.append(theme.human_bytes(d["budget_bytes"]) + " of " + theme.human_bytes(d.get("ffn_bytes", 0)))
+            from mlx_flash.bench import budget_text
+
+            bits.append(f"{budget_text(d)} of an FFN of {theme.human_bytes(d.get('ffn_bytes', 0))}")
         if d.get("tokens"):
             bits.append(f"{d['tokens']} tokens per configuration")
         if d.get("seconds"):

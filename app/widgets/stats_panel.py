@@ -119,7 +119,7 @@ class StatsPanel(QScrollArea):
         grid.setHorizontalSpacing(14)
         grid.setVerticalSpacing(0)
         self.summary: Dict[str, QLabel] = {}
-        for i, (key, label) in enumerate((("tokens", "tokens"), ("prompt", "prompt tok/s"), ("hit", "cache hits"),
+        for i, (key, label) in enumerate((("tokens", "tokens"), ("first", "first token"), ("hit", "cache hits"),
                                            ("active", "active neurons"))):
             v = QLabel("–")
             v.setObjectName("StatValue")
@@ -189,11 +189,12 @@ class StatsPanel(QScrollArea):
 
     # ------------------------------------------------------------------ input
     def set_engine(self, name: str, mode: str, *, budget_bytes: int = 0, ffn_bytes: int = 0,
-                   resident_bytes: int = 0, detail: str = "") -> None:
+                   resident_bytes: int = 0, detail: str = "", budget_text: str = "") -> None:
+        """``budget_text``: the budget with what it holds (``Engine.budget_text``), else ``budget_bytes``."""
         first = f'<b style="color:{theme.TEXT}">{name}</b> · {mode}'
         parts = []
         if mode.startswith("flash") and ffn_bytes:
-            parts.append(f"FFN {theme.human_bytes(ffn_bytes)} on disk · budget {theme.human_bytes(budget_bytes)}")
+            parts.append(f"FFN {theme.human_bytes(ffn_bytes)} on disk · budget {budget_text or theme.human_bytes(budget_bytes)}")
         elif mode == "dense":
             parts.append("all weights in memory")
         if resident_bytes:
@@ -306,4 +307,7 @@ class StatsPanel(QScrollArea):
         self.summary["hit"].setText(f"{100 * s.cum_hit_rate:.0f}%" if flash else "–")
         self.summary["active"].setText(theme.human_count(s.neurons_active) if flash else "all")
         self.summary["tokens"].setText(str(self.count))
-        self.summary["prompt"].setText(f"{s.prompt_tps:.0f}" if s.prompt_tps else "–")
+        # time to first token (reading the prompt + the first forward pass); the prompt's speed in the tooltip
+        self.summary["first"].setText(f"{s.ms_first_token / 1e3:.2f} s" if s.ms_first_token else "–")
+        self.summary["first"].setToolTip(f"{s.prompt_tokens} prompt tokens read at {s.prompt_tps:.0f} tokens/s"
+                                         if s.prompt_tps else "")

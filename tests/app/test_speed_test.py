@@ -36,6 +36,8 @@ def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_pat
     assert dlg.table.rowCount() == len(rows) >= 2
     assert "dense" in names and any("flash" in n for n in names)
     assert all(dlg.table.item(i, 1).text() not in ("", "–") for i in range(len(rows)))
+    assert all(dlg.table.item(i, 2).text().endswith(" s") for i in range(len(rows)))  # time to first token
+    assert " cache" in dlg.summary.text()  # the budget with what it holds (config.format_budget)
     out = dlg.save_json(tmp_path / "bench.json")
     saved = json.loads(out.read_text())
     assert [r["name"] for r in saved["rows"]] == names
@@ -75,7 +77,8 @@ def test_report_view_from_a_dict(qtbot):
          "ms_compute": 55, "bytes_read_per_token": 2e6, "hit_rate": 0.9, "peak_memory": 5e7, "perplexity": None},
     ], "skipped": [{"name": "naive", "reason": "test"}]})
     assert dlg.table.rowCount() == 2
-    assert dlg.table.item(1, 7).text() == "90%" and dlg.table.item(1, 9).text() == "–"
+    assert dlg.table.item(1, 8).text() == "90%" and dlg.table.item(1, 10).text() == "–"
+    assert dlg.table.item(0, 2).text() == "–"  # no time to first token in this report
     assert "naive" in dlg.notes.toPlainText()
     assert dlg.save_json_btn.isEnabled() and not dlg.save_plots_btn.isEnabled()
 
