@@ -367,10 +367,11 @@ def publish_dir(tmp: Path, dst: Path, overwrite: bool) -> None:
         _remove(old)
     else:
         os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
-def _fsync_dir(p: Path) -> None:
+def fsync_dir(p: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
     try:
         fd = os.open(p, os.O_RDONLY)
     except OSError:

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
-from ..atomic import FolderBuild, atomic_write_text
+from ..atomic import FolderBuild, atomic_write_text, fsync_dir
 from ..families import BY_MODEL_TYPE, BY_WRAPPER, WRAPPED_CONFIG, WRAPPED_PREFIX, supported_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
@@ -1182,7 +1182,7 @@ def write_flash(
         )
         validate_manifest(manifest, f"{dst / MANIFEST_FILE}")
         manifest.save(tmp / MANIFEST_FILE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # read what reached the disk back against the checksums of what was written
         verify_checksums(open_flash(tmp), progress=scaled(progress, n_layers / (n_layers + 1), 0.999))
 
@@ -1262,19 +1262,6 @@ def _clear_mlx_cache() -> None:
 
 def _align(n: int, a: int = ALIGNMENT) -> int:
     return -(-n // a) * a
-
-
-def _fsync_dir(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = [
