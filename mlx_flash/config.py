@@ -55,6 +55,10 @@ class FlashConfig:
               "hot+window" (``hot_fraction`` of the rows pinned hot neurons, the rest
               "lru"; needs calibration).
               The engine records what it ran, and why, in ``Engine.policy_info``.
+    pipeline: pipelined layers (``mlx_flash.pipeline``): while layer l computes, the
+              neurons layer l+1's chooser picks from layer l's input are read ahead
+              into a staging buffer (taken out of the budget); outputs are the same
+              bit for bit, only where missing neurons' bytes come from changes.
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).
@@ -72,6 +76,7 @@ class FlashConfig:
     policy: str = "auto"
     hot_fraction: Optional[float] = None
     prefill: str = "all"
+    pipeline: bool = True
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")

@@ -59,7 +59,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
                  files=None, cache=None, reader=None, chooser=None, counters=None,
-                 policy_info: Optional[dict] = None):
+                 policy_info: Optional[dict] = None, prefetcher=None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -69,6 +69,7 @@ class Engine:
         self.reader = reader
         self.chooser = chooser
         self.counters = counters or FFNCounters()
+        self.prefetcher = prefetcher  # pipelined layers (mlx_flash.pipeline.Prefetcher) or None
         self.dense_bytes = _param_bytes(model)
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
@@ -198,6 +199,10 @@ class Engine:
                 ms_predictor=d.predictor_s * 1e3,
                 ms_io=d.io_s * 1e3,
                 ms_compute=max(0.0, ms_total - (d.predictor_s + d.io_s) * 1e3),
+                ms_prefetch=d.prefetch_s * 1e3,
+                ms_overlap=d.overlap_s * 1e3,
+                neurons_prefetched=d.neurons_prefetched,
+                neurons_prefetch_used=d.neurons_prefetch_used,
                 bytes_read=d.bytes_read,
                 bytes_useful=d.bytes_useful,
                 neurons_active=d.neurons_active,
@@ -254,12 +259,21 @@ class Engine:
             count += len(seg) - 1
         return float(np.exp(nll / max(count, 1)))
 
+    def pipeline_info(self) -> Optional[dict]:
+        """Pipelined layers: staging rows, the lookahead's recall per layer against the layer's
+        own choice, the share of missing neurons the prefetch served (None without the pipeline)."""
+        return self.prefetcher.info() if self.prefetcher is not None else None
+
     def reset_stats(self) -> None:
         self.counters = _reset(self.counters)
         if self.cache is not None:
             self.cache.reset_stats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_stats()
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self.reader is not None:
             self.reader.close()
 
@@ -428,6 +442,7 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
             layout=bundle_segments(m),
+            pipeline=config.pipeline,
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -451,10 +466,38 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
     model = arch.build(arch_cfg, factory)
     cd = load_dense_part(model)
+    prefetcher = _wire_pipeline(model, arch, files, config, cache, reader)
     policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
-                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()})
+                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()},
+                       pipeline=prefetcher is not None, staging_neurons=cache.staging_neurons)
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
-                  chooser=chooser, counters=counters, policy_info=policy_info)
+                  chooser=chooser, counters=counters, policy_info=policy_info, prefetcher=prefetcher)
+
+
+def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
+    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
+    layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
+    None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
+    from .pipeline import Prefetcher, lookahead_map
+    from .sparse_ffn import SparseFFN
+    from .storage.reader import FlashReader
+
+    if not config.pipeline or cache.staging_neurons == 0:
+        return None
+    layers = model.layers
+    ffns = [layer.mlp for layer in layers]
+    assert all(isinstance(f, SparseFFN) for f in ffns)
+    prefetcher = Prefetcher(FlashReader(files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
+                                        max_gap_bytes=reader.max_gap_bytes, direct=config.direct_io),
+                            cache.staging, len(layers))
+    norms = [arch.ffn_input_norm(layer) for layer in layers]
+    for i, f in enumerate(ffns):
+        st = f._state
+        st.prefetcher = prefetcher
+        if i + 1 < len(ffns):
+            st.next_cache = cache.layers[i + 1]
+            st.lookahead_map = lookahead_map(norms[i], norms[i + 1])
+    return prefetcher
 
 
 def _chooser_density(chooser):

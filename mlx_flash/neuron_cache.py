@@ -97,6 +97,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .pipeline import staging_rows
+
 _NEVER = np.iinfo(np.int64).min // 4  # "last used" of a neuron never active: -inf
 
 
@@ -510,7 +512,7 @@ class NeuronCache:
     """
 
     def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
-                 layout: Optional[dict] = None):
+                 layout: Optional[dict] = None, staging_neurons: int = 0):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -520,6 +522,9 @@ class NeuronCache:
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout)
+        # pipelined layers (mlx_flash.pipeline): two host buffers of whole bundles the prefetch reads into
+        self.staging_neurons = int(staging_neurons)
+        self.staging = [np.empty((self.staging_neurons, self.bundle_bytes), dtype=np.uint8) for _ in range(2)]
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
         self.policy = CachePolicy("lru" if first.lazy else "window")
 
@@ -536,8 +541,10 @@ class NeuronCache:
         scratch_neurons: int = 256,
         lazy: bool = True,
         layout: Optional[dict] = None,
+        pipeline: bool = False,
     ) -> "NeuronCache":
-        """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches.
+        """Split ``budget_bytes`` into the scratch buffer, the staging buffers of pipelined
+        layers (``pipeline``: ``pipeline.staging_rows``) and equal per-layer caches.
 
         The scratch holds ``min(scratch_neurons, n_neurons)`` neurons, or none when
         the whole FFN fits in the budget (nothing can overflow then). Raises
@@ -557,10 +564,16 @@ class NeuronCache:
                 f"({scratch} neurons, {scratch_bytes} bytes) plus one neuron per layer "
                 f"({n_layers} x {bundle_bytes} bytes); the minimum budget is {minimum} bytes"
             )
-        capacity = min((budget_bytes - scratch_bytes) // n_layers // bundle_bytes, n_neurons)
+        staging = 0
+        if pipeline and n_layers > 1:
+            staging = staging_rows(n_layers, n_neurons, budget_bytes // bundle_bytes, scratch)
+            while staging and budget_bytes - scratch_bytes - 2 * staging * bundle_bytes < n_layers * bundle_bytes:
+                staging //= 2
+        capacity = min((budget_bytes - scratch_bytes - 2 * staging * bundle_bytes) // n_layers // bundle_bytes,
+                       n_neurons)
         layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout)
                   for _ in range(n_layers)]
-        return cls(layers, scratch, budget_bytes, layout)
+        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -573,14 +586,19 @@ class NeuronCache:
         return self.scratch_neurons * self.bundle_bytes
 
     @property
+    def staging_bytes(self) -> int:
+        """Both staging buffers of pipelined layers (0 without the pipeline)."""
+        return 2 * self.staging_neurons * self.bundle_bytes
+
+    @property
     def resident_bytes(self) -> int:
         """Bytes of live cached neurons (the scratch buffer not included)."""
         return sum(c.resident_bytes for c in self.layers)
 
     @property
     def capacity_bytes(self) -> int:
-        """Preallocated bytes: every layer's storage plus the scratch buffer (<= budget)."""
-        return sum(c.capacity_bytes for c in self.layers) + self.scratch_bytes
+        """Preallocated bytes: every layer's storage, the scratch and staging buffers (<= budget)."""
+        return sum(c.capacity_bytes for c in self.layers) + self.scratch_bytes + self.staging_bytes
 
     @property
     def stats(self) -> CacheStats:
