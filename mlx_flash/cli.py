@@ -38,6 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--recall", type=float, default=None,
                    help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="serial layers: no reads of the next layer while this one computes (flash)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ def flash_config_from_args(args) -> FlashConfig:
         active=active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
+        pipeline=not args.no_pipeline,
         extra={"recall": recall} if recall is not None else {},
     )
 
@@ -138,6 +141,14 @@ def print_summary(stats_list, file=None) -> None:
         print(f"Flash ({last.mode}): {pred + io + comp:.1f} ms/token = predictor {pred:.1f} + I/O {io:.1f} "
               f"+ compute {comp:.1f}; read {_fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
               f"cache {_fmt_bytes(last.cache_bytes)} of budget {_fmt_bytes(last.budget_bytes)}", file=file)
+        prefetch = sum(s.ms_prefetch for s in steady) / k
+        if prefetch > 0:
+            overlap = sum(s.ms_overlap for s in steady) / k
+            used = sum(s.neurons_prefetch_used for s in steady) / k
+            fetched = sum(s.neurons_prefetched for s in steady) / k
+            print(f"Pipeline: prefetch {prefetch:.1f} ms/token, {overlap:.1f} ms of it behind compute "
+                  f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
+                  file=file)
 
 
 def cmd_generate(args) -> int:

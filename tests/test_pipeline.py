@@ -1,0 +1,100 @@
+"""Pipelined layers (mlx_flash.pipeline) on tiny real models: same tokens as serial, real prefetches."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_flash.config import FlashConfig
+from mlx_flash.engine import load
+from mlx_flash.pipeline import lookahead_map, staging_rows
+from mlx_flash.storage.format import open_flash
+from mlx_flash.storage.reader import FlashReader
+from tests.tiny import make_tiny_flash
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_flash(tmp_path_factory.mktemp("pipe"), layers=4, hidden=64, ffn=256, dtype="float32", seed=5)
+
+
+PROMPT = [{"role": "user", "content": "hello there, how are you"}]
+
+
+@pytest.mark.parametrize("active,sparsity,budget", [("oracle", 0.5, 0.3), ("all", None, 0.4), ("oracle", 0.7, 0.6)])
+def test_pipelined_tokens_equal_serial(tiny, active, sparsity, budget):
+    runs = {}
+    for pipe in (False, True):
+        eng = load(tiny, FlashConfig(active=active, sparsity=sparsity, budget=budget, scratch_neurons=32, threads=2,
+                                     pipeline=pipe))
+        out = list(eng.stream_generate(PROMPT, 20))
+        runs[pipe] = ([r.token for r in out], out, eng.pipeline_info(), eng)
+        cache = eng.cache
+        assert cache.capacity_bytes <= cache.budget_bytes
+        eng.close()
+    assert runs[True][0] == runs[False][0]
+    serial, piped = runs[False][1], runs[True][1]
+    assert runs[False][2] is None and all(s.stats.neurons_prefetched == 0 for s in serial)
+    assert runs[True][3].cache.staging_neurons > 0
+    used = sum(r.stats.neurons_prefetch_used for r in piped)
+    assert used > 0
+    assert all(r.stats.neurons_prefetch_used <= r.stats.neurons_prefetched for r in piped)
+    assert all(0.0 <= r.stats.ms_overlap <= r.stats.ms_prefetch + 1e-9 for r in piped)
+    # what the prefetch served was not read again: fewer synchronous loads than serial's misses
+    info = runs[True][2]
+    assert info["lookahead_recall"][0] is None  # layer 0 has no lookahead
+    assert all(0.0 <= v <= 1.0 for v in info["lookahead_recall"][1:])
+    if active == "all":  # every neuron is chosen: the lookahead is exact
+        assert info["mean_lookahead_recall"] == 1.0
+
+
+def test_pipeline_off_when_everything_fits(tiny):
+    eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2))
+    assert eng.prefetcher is None and eng.cache.staging_neurons == 0
+    assert eng.policy_info["pipeline"] is False
+    eng.close()
+
+
+def test_staging_rows_cover_what_the_caches_miss():
+    for layers, n, budget, scratch in ((30, 1536, 21700, 256), (4, 256, 300, 32), (2, 128, 100, 8)):
+        s = staging_rows(layers, n, budget, scratch)
+        cap = (budget - scratch - 2 * s) // layers
+        limit = min(n, (budget - scratch) // 8)
+        assert 0 < s <= limit
+        assert s >= n - cap or s == limit  # covers every miss, unless capped at an eighth of the budget
+        if s > 1:  # and is the smallest that does
+            assert s - 1 < n - (budget - scratch - 2 * (s - 1)) // layers
+    assert staging_rows(4, 256, 4 * 256 + 10, 0) == 0
+
+
+def test_reader_rows_fill_only_the_given_rows(tiny):
+    files = open_flash(tiny)
+    bb = files.manifest.bundle_bytes
+    with FlashReader(files, threads=2, chunk_bytes=8192, direct=False) as rd:
+        full = np.zeros((256, bb), dtype=np.uint8)
+        rd.read_all(1, full)
+        out = np.full((6, bb), 7, dtype=np.uint8)
+        rows = np.array([4, 0, 2])
+        rd.read(1, np.array([30, 200, 31]), out, rows=rows)
+        assert np.array_equal(out[4], full[30]) and np.array_equal(out[0], full[200]) and np.array_equal(out[2], full[31])
+        assert (out[[1, 3, 5]] == 7).all()
+        with pytest.raises(ValueError):
+            rd.read(1, np.array([1, 2]), out, rows=np.array([0, 6]))
+
+
+def test_lookahead_map_moves_between_rms_norms():
+    a, b = nn.RMSNorm(16), nn.RMSNorm(16)
+    a.weight = mx.random.uniform(0.5, 1.5, (16,))
+    b.weight = mx.random.uniform(0.5, 1.5, (16,))
+    h = mx.random.normal((3, 16))
+    scale, shift = lookahead_map(a, b)
+    got = a(h) * scale + shift
+    assert np.allclose(np.array(got), np.array(b(h)), atol=1e-5)
+    la, lb = nn.LayerNorm(16), nn.LayerNorm(16)
+    la.weight, la.bias = mx.random.uniform(0.5, 1.5, (16,)), mx.random.normal((16,))
+    lb.weight, lb.bias = mx.random.uniform(0.5, 1.5, (16,)), mx.random.normal((16,))
+    scale, shift = lookahead_map(la, lb)
+    assert np.allclose(np.array(la(h) * scale + shift), np.array(lb(h)), atol=1e-4)
+    assert lookahead_map(None, b) is None
