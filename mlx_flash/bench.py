@@ -171,6 +171,11 @@ class BenchRow(_Record):
     read_mode: str = ""                   # O_DIRECT / F_NOCACHE / buffered
     policy: Optional[Dict[str, Any]] = None  # the cache policy the engine ran (Engine.policy_info)
     preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
+    pipeline: bool = False                # pipelined layers ran (FlashConfig.pipeline, mlx_flash.pipeline)
+    ms_prefetch: float = 0.0              # pipelined: the prefetch reader busy per token
+    ms_overlap: float = 0.0               # pipelined: disk and compute busy at once per token
+    lookahead: Optional[Dict[str, Any]] = None  # pipelined: Engine.pipeline_info() (recall per layer)
+    same_as_serial: Optional[bool] = None  # pipelined: generated the same tokens as its serial row
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -360,6 +365,8 @@ def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
         "ms_predictor": mean("ms_predictor"),
         "ms_io": mean("ms_io"),
         "ms_compute": mean("ms_compute"),
+        "ms_prefetch": mean("ms_prefetch"),
+        "ms_overlap": mean("ms_overlap"),
         "bytes_read_per_token": mean("bytes_read"),
         "bytes_useful_per_token": mean("bytes_useful"),
         "hit_rate": (hits / active if active else 1.0) if flash else None,
@@ -494,6 +501,8 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
         row.policy = _jsonable(getattr(engine, "policy_info", None))
         if engine.cache is not None:
             row.preload_bytes = int(engine.cache.stats.preload_bytes)
+        row.pipeline = engine.prefetcher is not None
+        row.lookahead = _jsonable(engine.pipeline_info())
         if engine.reader is not None:
             row.threads = engine.reader.threads
             row.chunk_bytes = engine.reader.chunk_bytes
@@ -722,6 +731,7 @@ def run_bench(
     policies: Optional[Sequence[str]] = None,
     policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
     policy_active: str = "auto",
+    serial: bool = True,
 ) -> BenchReport:
     """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
 
@@ -750,6 +760,9 @@ def run_bench(
                of ``policy_budgets``, with the ``policy_active`` neuron choice (default
                the engine's: predictor when calibrated): hit rate, bytes per token,
                tokens/s, and which one "auto" picks and why.
+    serial:    with pipelined layers on (``FlashConfig.pipeline``, the default), each flash
+               row is run serially too (``"<name> (serial)"``, no perplexity: the outputs are
+               the same), side by side.
     """
     from .engine import is_flash_dir
     from .storage.format import open_flash
@@ -786,7 +799,7 @@ def run_bench(
     stages: List[Tuple[str, float]] = []
     if probe is not None and probe is not False:
         stages.append(("probe", 1.0))
-    stages += [(n, 1.0) for n in names]
+    stages += [(n, 1.0 if n == DENSE or not (serial and cfg_main.pipeline) else 1.7) for n in names]
     stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
     pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []
     for pname in pol_list:
@@ -844,8 +857,10 @@ def run_bench(
             _report(cb, 1.0, "dense skipped")
             continue
         cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
+        two = serial and cfg.pipeline and n != DENSE  # a serial row follows (when the pipeline runs)
         try:
-            row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res, cb,
+            row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res,
+                                      scaled(cb, 0.0, 0.6) if two else cb,
                                       record=(n == ORACLE), dense_tokens=dense_tokens)
         except _Skip as e:
             rep.skipped.append({"name": n, "reason": str(e)})
@@ -856,6 +871,13 @@ def run_bench(
         if tr is not None:
             recorded = tr
         rep.rows.append(row)
+        if two and row.pipeline:
+            cfg_s = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": False})
+            srow, stoks, _ = _run_real(f"{n} (serial)", path, cfg_s, prompt, tokens, warmup, None, probe_res,
+                                       scaled(cb, 0.6, 1.0), dense_tokens=dense_tokens)
+            srow.perplexity = row.perplexity  # same outputs, by construction (checked below)
+            row.same_as_serial = stoks == toks
+            rep.rows.append(srow)
     rep.prompt_tokens = max((r.prompt_tokens for r in rep.rows), default=0)
     if recorded is not None:
         rep.trace = {**recorded.summary(), "model": path.name}
@@ -1051,6 +1073,33 @@ def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def format_pipeline(r: BenchReport) -> List[str]:
+    """Serial vs pipelined rows side by side: the pipelined ms/token against the bound
+    max(I/O, predictor + compute) of its own serial run, the overlap, the lookahead's recall."""
+    pairs = [(row, next((s for s in r.rows if s.name == f"{row.name} (serial)"), None)) for row in r.rows
+             if row.pipeline]
+    pairs = [(p, s) for p, s in pairs if s is not None]
+    if not pairs:
+        return []
+    lines = ["", "Pipelined layers vs serial (ms/token; bound = max(I/O, predictor + compute) of the serial run):",
+             "| configuration | serial ms | pipelined ms | bound | pipelined / bound | I/O behind compute | "
+             "prefetch busy | speed-up | same tokens | lookahead recall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p, s in pairs:
+        bound = max(s.ms_io, s.ms_predictor + s.ms_compute)
+        rec = (p.lookahead or {}).get("mean_lookahead_recall")
+        lines.append(f"| {p.name} | {s.ms_total:.1f} | {p.ms_total:.1f} | {bound:.1f} | "
+                     f"{_f(p.ms_total / bound if bound else None, '{:.2f}x')} | {p.ms_overlap:.1f} | "
+                     f"{p.ms_prefetch:.1f} | {_f(s.ms_total / p.ms_total if p.ms_total else None, '{:.2f}x')} | "
+                     f"{'yes' if p.same_as_serial else 'NO'} | {_f(rec, '{:.1%}')} |")
+    for p, _ in pairs:
+        per = (p.lookahead or {}).get("lookahead_recall") or []
+        if any(v is not None for v in per):
+            lines.append(f"- {p.name}: lookahead recall per layer (1..{len(per) - 1}): " +
+                         " ".join("–" if v is None else f"{v:.2f}" for v in per[1:]))
+    return lines
+
+
 def format_table(report: BenchReport) -> str:
     """The report as Markdown-ish text (tables of rows, ratios, sweep and probe, and the notes)."""
     r = report
@@ -1106,6 +1155,7 @@ def format_table(report: BenchReport) -> str:
             lines.append(f"| {row.name} | {row.threads} | {row.chunk_bytes // 1024} KiB | "
                          f"{_fb(row.mean_request_bytes)} | {row.io_gbps:.2f} | {_f(row.disk_best_gbps, '{:.2f}')} | "
                          f"{_f(row.disk_gbps_same_threads, '{:.2f}')} | {_f(row.io_efficiency, '{:.0%}')} |")
+    lines += format_pipeline(r)
     if r.sweep:
         lines.append("")
         lines.append("Budget sweep (tokens/s; hit rate; read per token):")
@@ -1322,7 +1372,7 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
 
 
 __all__ = [
-    "ALIASES", "BenchReport", "BenchRow", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "ALIASES", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
     "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
     "default_flash_model", "ensure_shape_model", "format_table", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
 ]

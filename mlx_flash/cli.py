@@ -355,6 +355,7 @@ def cmd_bench(args) -> int:
         policies=_parse_policies(args.policies),
         policy_budgets=_parse_sweep(args.policy_budgets),
         policy_active=args.policy_active,
+        serial=not args.no_serial,
     )
     text = format_table(report)
     print(text)
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neuron choice of the policy comparison (default auto: predictor when calibrated)")
     b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
+    b.add_argument("--no-serial", action="store_true",
+                   help="no serial rows beside the pipelined ones (FlashConfig.pipeline)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

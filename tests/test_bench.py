@@ -67,8 +67,9 @@ def run(tiny, tmp_path_factory):
 def test_every_configuration_runs(run):
     rep, _, _ = run
     names = [r.name for r in rep.rows]
-    assert names[:3] == [DENSE, NAIVE, ORACLE]
-    assert names[3:] == [f"{NAIVE} (tiny shape)", f"{ORACLE} (tiny shape)"]
+    # pipelined layers are on by default: each flash row has its serial twin beside it
+    assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)"]
+    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{ORACLE} (tiny shape)"]
     # the tiny model has no predictors: skipped with a note, not a crash
     assert [s["name"] for s in rep.skipped] == [PREDICTOR]
     assert "predictor" in rep.skipped[0]["reason"].lower()
@@ -77,7 +78,7 @@ def test_every_configuration_runs(run):
         assert r.tokens_per_s == pytest.approx(1000.0 / r.ms_total)
         assert r.ms_total == pytest.approx(r.ms_predictor + r.ms_io + r.ms_compute, rel=1e-6, abs=1e-6)
         assert r.peak_memory > 0 and r.resident_bytes > 0
-    dense, naive, oracle = rep.rows[:3]
+    dense, naive, oracle = (rep.rows[names.index(n)] for n in (DENSE, NAIVE, ORACLE))
     assert dense.source == naive.source == oracle.source == REAL
     assert dense.hit_rate is None and dense.bytes_read_per_token == 0 and dense.io_gbps is None
     assert naive.bytes_read_per_token > 0 and naive.bytes_useful_per_token <= naive.bytes_read_per_token
@@ -87,6 +88,13 @@ def test_every_configuration_runs(run):
     assert naive.perplexity == pytest.approx(dense.perplexity, rel=0.02)
     assert naive.agree_with_dense is not None and oracle.perplexity is not None
     assert rep.prompt_tokens > 0 and rep.perplexity_tokens == 40
+    for piped in (naive, oracle):  # pipelined: the same tokens as serial, the overlap counted
+        ser = rep.rows[names.index(f"{piped.name} (serial)")]
+        assert piped.pipeline and not ser.pipeline and piped.same_as_serial is True
+        assert piped.text == ser.text and ser.perplexity == piped.perplexity
+        assert 0.0 <= piped.ms_overlap <= piped.ms_prefetch and ser.ms_prefetch == 0.0
+        assert piped.lookahead["lookahead_recall"][0] is None
+    assert "Pipelined layers vs serial" in format_table(rep)
 
 
 def test_replayed_rows_are_marked_and_use_the_trace(run):
@@ -117,7 +125,7 @@ def test_ratios_come_from_the_rows(run):
             for b in rows:
                 if b.name.split(" (")[0] in (NAIVE, DENSE):
                     want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
-    assert set(rep.ratios) == set(want) and len(want) == 3
+    assert set(rep.ratios) == set(want) and len(want) == 7  # oracle and oracle (serial) x 3 bases, shape 1
     for k, v in want.items():
         assert rep.ratios[k] == pytest.approx(v)
     assert f"{ORACLE} / {NAIVE}" in rep.ratios and f"{ORACLE} / {DENSE}" in rep.ratios
@@ -210,7 +218,7 @@ def test_bad_arguments(tiny, tmp_path):
 
 def test_subset_of_configs_and_aliases(tiny):
     rep = run_bench(tiny, tokens=3, configs=["oracle", "naive"], probe=False, ppl_tokens=0,
-                    flash_config=FlashConfig(scratch_neurons=16, threads=1))
+                    flash_config=FlashConfig(scratch_neurons=16, threads=1), serial=False)
     assert [r.name for r in rep.rows] == [NAIVE, ORACLE]
     assert rep.probe is None and rep.skipped == []
     assert set(rep.ratios) == {f"{ORACLE} / {NAIVE}"}
@@ -320,7 +328,8 @@ def test_cli_bench(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| naive flash |" in out
     d = json.loads((tmp_path / "b.json").read_text())
-    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE]
+    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE, f"{NAIVE} (serial)"]
+    assert "| naive flash (serial) |" in out and "Pipelined layers vs serial" in out
     assert (tmp_path / "plots" / "bench_ms_per_token.png").is_file()
     assert (tmp_path / "b.md").read_text().startswith("# mlx-flash bench")
 
