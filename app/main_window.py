@@ -527,7 +527,8 @@ class MainWindow(QMainWindow):
 
     def _engine_detail(self, engine) -> str:
         if not engine.is_flash:
-            return "dense · all weights in memory"
+            info = engine.engine_info  # a flash folder run dense: FlashConfig.engine says why
+            return "dense · all weights in memory" + (f" ({info['reason']})" if info else "")
         cfg = engine.config
         pct = f"{cfg.budget * 100:.0f}%" if cfg and cfg.budget <= 1 else theme.human_bytes(engine.budget_bytes)
         info = getattr(engine, "policy_info", None) or {}

@@ -781,7 +781,8 @@ def run_bench(
     files = open_flash(path)
     m = files.manifest
     base = flash_config or FlashConfig()
-    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget)})
+    # flash rows run the flash engine whatever the budget ("auto" would run a 100% budget dense)
+    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget), "engine": "flash"})
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     sweep = [float(b) for b in (sweep or [])]
     shape_obj = (SHAPES[shape] if isinstance(shape, str) else shape) if shape else None

@@ -38,6 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--recall", type=float, default=None,
                    help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
+    p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default="auto",
+                   help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="serial layers: no reads of the next layer while this one computes (flash)")
 
@@ -65,6 +67,7 @@ def flash_config_from_args(args) -> FlashConfig:
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
         pipeline=not args.no_pipeline,
+        engine=args.engine,
         extra={"recall": recall} if recall is not None else {},
     )
 
@@ -109,7 +112,11 @@ def load_engine(args):
     if is_flash_dir(path) and not args.flash:
         # A flash folder without --flash: still the flash engine (it is what the folder is for).
         pass
-    return load(path, flash_config_from_args(args))
+    engine = load(path, flash_config_from_args(args))
+    if engine.engine_info is not None:
+        info = engine.engine_info
+        print(f"[mlx-flash] engine: {info['engine']} ({info['reason']})", file=sys.stderr)
+    return engine
 
 
 def _fmt_bytes(n: float) -> str:

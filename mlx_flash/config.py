@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 
 @dataclass
 class FlashConfig:
     """How the flash engine runs a model.
 
+    engine:   "auto" (the default): a flash folder runs dense (its whole FFN read into
+              memory once, every neuron computed, no disk reads per token) when the
+              whole FFN fits the budget, else through the flash engine; the choice and
+              the reason are in ``Engine.engine_info``. "flash" / "dense" force one.
     budget:   memory the FFN neuron cache may use: a fraction of the model's FFN
               bytes when <= 1.0 (the paper: about half), else absolute bytes.
               The streaming scratch buffer counts against it too.
@@ -65,6 +69,7 @@ class FlashConfig:
     """
 
     budget: float = 0.5
+    engine: str = "auto"
     window: int = 5
     threads: int = 0
     chunk_bytes: int = 0
@@ -80,6 +85,7 @@ class FlashConfig:
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    ENGINE_CHOICES = ("auto", "flash", "dense")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
@@ -89,6 +95,8 @@ class FlashConfig:
             raise ValueError(f"budget must be > 0, got {self.budget}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.engine not in self.ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {self.ENGINE_CHOICES}, got {self.engine!r}")
         if self.active not in self.ACTIVE_CHOICES:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
         if self.policy not in self.POLICY_CHOICES:
@@ -110,6 +118,18 @@ class FlashConfig:
         if self.budget <= 1.0:
             return int(self.budget * ffn_bytes)
         return int(self.budget)
+
+    def choose_engine(self, ffn_bytes: int) -> Tuple[str, str]:
+        """``(engine, reason)``: "dense" or "flash" for a model whose FFN weighs ``ffn_bytes``."""
+        budget = self.budget_bytes(ffn_bytes)
+        fits = budget >= ffn_bytes
+        if self.engine != "auto":
+            return self.engine, "asked for"
+        if fits:
+            return "dense", (f"auto: the whole FFN ({ffn_bytes / 1e6:.1f} MB) fits the memory budget "
+                             f"({budget / 1e6:.1f} MB): no reads from disk")
+        return "flash", (f"auto: the FFN ({ffn_bytes / 1e6:.1f} MB) does not fit the memory budget "
+                         f"({budget / 1e6:.1f} MB): neurons read from disk")
 
     def to_dict(self) -> dict:
         return asdict(self)

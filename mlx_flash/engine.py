@@ -75,6 +75,9 @@ class Engine:
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
         # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
         self.policy_info = policy_info
+        # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
+        # FFN fits the budget): {"engine", "asked", "reason"}; None for a plain dense folder.
+        self.engine_info: Optional[dict] = None
 
     # ------------------------------------------------------------------ info
     @property
@@ -295,13 +298,22 @@ def _reset(c: FFNCounters) -> FFNCounters:
 # ---------------------------------------------------------------------- loading
 def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense: bool = False) -> Engine:
     """Load a model folder. A flash folder (manifest.json) runs through the flash
-    engine unless ``dense`` (then its FFN is read fully into memory); an
-    mlx-lm/Hugging Face folder runs dense."""
+    engine, or dense (its FFN read fully into memory) when ``dense`` or when
+    ``config.engine`` says so ("auto": the whole FFN fits the budget; the choice and
+    why are in ``Engine.engine_info``); an mlx-lm/Hugging Face folder runs dense."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     if is_flash_dir(path):
-        return _load_flash(path, config or FlashConfig(), dense=dense)
+        config = config or FlashConfig()
+        if dense:
+            return _load_flash(path, config, dense=True)
+        from .storage.format import open_flash
+
+        engine, reason = config.choose_engine(open_flash(path).manifest.ffn_bytes_total)
+        eng = _load_flash(path, config, dense=engine == "dense")
+        eng.engine_info = {"engine": engine, "asked": config.engine, "reason": reason}
+        return eng
     return _load_dense(path)
 
 

@@ -51,7 +51,7 @@ def test_pipelined_tokens_equal_serial(tiny, active, sparsity, budget):
 
 
 def test_pipeline_off_when_everything_fits(tiny):
-    eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2))
+    eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
     assert eng.prefetcher is None and eng.cache.staging_neurons == 0
     assert eng.policy_info["pipeline"] is False
     eng.close()
@@ -98,3 +98,19 @@ def test_lookahead_map_moves_between_rms_norms():
     scale, shift = lookahead_map(la, lb)
     assert np.allclose(np.array(la(h) * scale + shift), np.array(lb(h)), atol=1e-4)
     assert lookahead_map(None, b) is None
+
+
+def test_auto_engine_runs_dense_when_the_ffn_fits(tiny):
+    dense = load(tiny, FlashConfig(budget=1.0, active="all"))
+    assert not dense.is_flash and dense.mode == "dense"
+    assert dense.engine_info["engine"] == "dense" and "fits" in dense.engine_info["reason"]
+    flash = load(tiny, FlashConfig(budget=0.5, active="all", threads=2))
+    assert flash.is_flash and flash.engine_info["engine"] == "flash" and "does not fit" in flash.engine_info["reason"]
+    forced = load(tiny, FlashConfig(budget=1.0, active="all", threads=2, engine="flash"))
+    assert forced.is_flash and forced.engine_info == {"engine": "flash", "asked": "flash", "reason": "asked for"}
+    prompt = [{"role": "user", "content": "hi"}]
+    assert [r.token for r in dense.stream_generate(prompt, 8)] == [r.token for r in forced.stream_generate(prompt, 8)]
+    for e in (dense, flash, forced):
+        e.close()
+    with pytest.raises(ValueError, match="engine"):
+        FlashConfig(engine="fast")
