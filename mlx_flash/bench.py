@@ -456,6 +456,15 @@ class _Skip(Exception):
     """A configuration cannot run on this model (the message says why)."""
 
 
+def _reader_totals(engine):
+    """The engine's read totals since the last call (reset): its reader's plus, with pipelined
+    layers, the prefetch reader's (seconds add up: time inside a reader, concurrent or not)."""
+    reads = engine.reader.reset_totals()
+    if engine.prefetcher is not None:
+        reads.add(engine.prefetcher.reader.reset_totals())
+    return reads
+
+
 def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warmup: int,
               ref_ids: Optional[List[int]], probe, progress: Optional[ProgressCallback], *,
               record: bool = False, dense_tokens: Optional[List[int]] = None):
@@ -492,10 +501,10 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
                 toks.append(r.token)
                 text.append(r.text)
                 if i + 1 == warmup and engine.reader is not None:
-                    engine.reader.reset_totals()  # effective throughput over measured tokens only
+                    _reader_totals(engine)  # effective throughput over measured tokens only
                 _report(progress, gen_share * (i + 1) / tokens, f"{name}: token {i + 1}/{tokens}")
         trace = tr
-        reads = engine.reader.reset_totals() if engine.reader is not None else None
+        reads = _reader_totals(engine) if engine.reader is not None else None
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
         row.policy = _jsonable(getattr(engine, "policy_info", None))
