@@ -633,6 +633,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
 
     from .active import AllNeurons
     from .neuron_cache import NeuronCache
+    from .pipeline import attach_pipeline
     from .sparse_ffn import SparseFFN
     from .stats import FFNCounters
     from .storage.platform_io import drop_page_cache
@@ -653,12 +654,15 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     cache = NeuronCache.from_budget(
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
-        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m))
+        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m), pipeline=cfg.pipeline)
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=cfg.max_gap_bytes,
                          direct=cfg.direct_io)
+    prefetcher = None
     try:
         ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
                           counters, act="silu") for i in range(m.num_layers)]
+        if cfg.pipeline:  # the replayed sets are what the lookahead picks too: a perfect lookahead
+            prefetcher = attach_pipeline(ffns, cache, reader, cfg.direct_io)
         drop_page_cache(files.ffn_path)
         _free_mlx()
         key = mx.random.key(seed)
@@ -679,7 +683,8 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
             d = FFNCounters(**{k: getattr(counters, k) - getattr(before, k) for k in counters.__dict__})
             stats.append(Stats(
                 token_index=t, ms_total=ms, ms_predictor=d.predictor_s * 1e3, ms_io=d.io_s * 1e3,
-                ms_compute=max(0.0, ms - (d.predictor_s + d.io_s) * 1e3), bytes_read=d.bytes_read,
+                ms_compute=max(0.0, ms - (d.predictor_s + d.io_s) * 1e3), ms_prefetch=d.prefetch_s * 1e3,
+                ms_overlap=d.overlap_s * 1e3, bytes_read=d.bytes_read,
                 bytes_useful=d.bytes_useful, neurons_active=d.neurons_active, neurons_loaded=d.neurons_loaded,
                 neurons_streamed=d.neurons_streamed,
                 hit_rate=(d.neurons_hit / d.neurons_active) if d.neurons_active else 1.0,
@@ -688,14 +693,22 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
                 process_rss=_rss(), mode=mode))
             if t + 1 == warmup:
                 reader.reset_totals()
+                if prefetcher is not None:
+                    prefetcher.reader.reset_totals()
             _report(progress, (t + 1) / tokens, f"{name}: token {t + 1}/{tokens}")
         reads = reader.reset_totals()
+        if prefetcher is not None:
+            reads.add(prefetcher.reader.reset_totals())
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REPLAYED, **s)
+        row.pipeline = prefetcher is not None
+        row.lookahead = _jsonable(prefetcher.info()) if prefetcher is not None else None
         row.threads, row.chunk_bytes, row.read_mode = reader.threads, reader.chunk_bytes, reader.mode
         _io_figures(row, reads, probe)
         return row
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         reader.close()
         del cache
         _free_mlx()
@@ -972,10 +985,19 @@ def run_bench(
         if n_tok <= warmup:
             raise ValueError(f"the trace has {len(strace)} tokens: too few for {warmup} warm-up token(s)")
         label = f" ({shape_obj.name} shape)"
+        two = serial and cfg_main.pipeline
         for n, st in ((NAIVE, "shape-naive"), (ORACLE, "shape-oracle")):
-            row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res, stage(st), seed=seed)
+            cb = stage(st)
+            row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res,
+                              scaled(cb, 0.0, 0.5) if two else cb, seed=seed)
             row.group = f"{shape_obj.name} shape"
             rep.rows.append(row)
+            if two and row.pipeline:  # the serial twin (outputs are random-input FFN sums: not compared)
+                cfg_s = FlashConfig.from_dict({**cfg_main.to_dict(), "pipeline": False})
+                srow = _run_replay(f"{n + label} (serial)", sfiles, strace, cfg_s, n_tok, warmup, probe_res,
+                                   scaled(cb, 0.5, 1.0), seed=seed)
+                srow.group = row.group
+                rep.rows.append(srow)
         rep.shape = {
             "name": shape_obj.name, "hidden": sm.hidden_size, "ffn": sm.intermediate_size, "dtype": sm.dtype,
             "layers": sm.num_layers, "ffn_bytes": sm.ffn_bytes_total, "bundle_bytes": sm.bundle_bytes,
@@ -1101,7 +1123,8 @@ def format_pipeline(r: BenchReport) -> List[str]:
         lines.append(f"| {p.name} | {s.ms_total:.1f} | {p.ms_total:.1f} | {bound:.1f} | "
                      f"{_f(p.ms_total / bound if bound else None, '{:.2f}x')} | {p.ms_overlap:.1f} | "
                      f"{p.ms_prefetch:.1f} | {_f(s.ms_total / p.ms_total if p.ms_total else None, '{:.2f}x')} | "
-                     f"{'yes' if p.same_as_serial else 'NO'} | {_f(rec, '{:.1%}')} |")
+                     f"{ {True: 'yes', False: 'NO', None: '– (replayed)'}[p.same_as_serial]} | "
+                     f"{_f(rec, '{:.1%}')} |")
     for p, _ in pairs:
         per = (p.lookahead or {}).get("lookahead_recall") or []
         if any(v is not None for v in per):

@@ -490,26 +490,14 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
     layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
     None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
-    from .pipeline import Prefetcher, lookahead_map
-    from .sparse_ffn import SparseFFN
-    from .storage.reader import FlashReader
+    from .pipeline import attach_pipeline, lookahead_map
 
-    if not config.pipeline or cache.staging_neurons == 0:
+    if not config.pipeline:
         return None
     layers = model.layers
-    ffns = [layer.mlp for layer in layers]
-    assert all(isinstance(f, SparseFFN) for f in ffns)
-    prefetcher = Prefetcher(FlashReader(files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
-                                        max_gap_bytes=reader.max_gap_bytes, direct=config.direct_io),
-                            cache.staging, len(layers))
     norms = [arch.ffn_input_norm(layer) for layer in layers]
-    for i, f in enumerate(ffns):
-        st = f._state
-        st.prefetcher = prefetcher
-        if i + 1 < len(ffns):
-            st.next_cache = cache.layers[i + 1]
-            st.lookahead_map = lookahead_map(norms[i], norms[i + 1])
-    return prefetcher
+    maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
+    return attach_pipeline([layer.mlp for layer in layers], cache, reader, config.direct_io, maps)
 
 
 def _chooser_density(chooser):

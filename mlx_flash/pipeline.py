@@ -217,4 +217,25 @@ class Prefetcher:
         return rs, t0, time.perf_counter()
 
 
-__all__ = ["Prefetcher", "Staged", "lookahead_map", "staging_rows"]
+def attach_pipeline(ffns, cache, reader: FlashReader, direct: bool = True,
+                    maps: Optional[List[Optional[Tuple[mx.array, mx.array]]]] = None) -> Optional[Prefetcher]:
+    """Pipelined layers for the ``SparseFFN`` layers ``ffns`` (in order) over ``cache`` (a
+    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher with a second reader like
+    ``reader``, and each layer told the next layer's cache and its lookahead map (``maps[i]``:
+    layer i's input to layer i+1's, :func:`lookahead_map`; None: as it is). None when the cache
+    has no staging rows (everything fits)."""
+    if cache.staging_neurons == 0:
+        return None
+    pf = Prefetcher(FlashReader(reader.files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
+                                max_gap_bytes=reader.max_gap_bytes, direct=direct),
+                    cache.staging, len(ffns))
+    for i, f in enumerate(ffns):
+        st = f._state
+        st.prefetcher = pf
+        if i + 1 < len(ffns):
+            st.next_cache = cache.layers[i + 1]
+            st.lookahead_map = maps[i] if maps is not None else None
+    return pf
+
+
+__all__ = ["Prefetcher", "Staged", "attach_pipeline", "lookahead_map", "staging_rows"]

@@ -69,7 +69,8 @@ def test_every_configuration_runs(run):
     names = [r.name for r in rep.rows]
     # pipelined layers are on by default: each flash row has its serial twin beside it
     assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)"]
-    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{ORACLE} (tiny shape)"]
+    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (serial)", f"{ORACLE} (tiny shape)",
+                         f"{ORACLE} (tiny shape) (serial)"]
     # the tiny model has no predictors: skipped with a note, not a crash
     assert [s["name"] for s in rep.skipped] == [PREDICTOR]
     assert "predictor" in rep.skipped[0]["reason"].lower()
@@ -100,10 +101,14 @@ def test_every_configuration_runs(run):
 def test_replayed_rows_are_marked_and_use_the_trace(run):
     rep, _, _ = run
     shape_rows = [r for r in rep.rows if r.source == REPLAYED]
-    assert len(shape_rows) == 2
+    assert len(shape_rows) == 4
     assert all(r.perplexity is None and r.group == "tiny shape" for r in shape_rows)
     assert rep.shape["hidden"] == 256 and rep.shape["ffn"] == 1024 and rep.shape["layers"] == 2
-    naive, oracle = shape_rows
+    naive, naive_s, oracle, oracle_s = shape_rows
+    assert naive.pipeline and oracle.pipeline and not naive_s.pipeline and not oracle_s.pipeline
+    # the replayed sets are the lookahead's too: foreseen exactly
+    assert oracle.lookahead["mean_lookahead_recall"] == 1.0
+    assert oracle_s.neurons_active_per_token == oracle.neurons_active_per_token
     assert naive.neurons_active_per_token == 2 * 1024  # every neuron of both layers
     # the replayed oracle uses the recorded sets scaled 4x: same density as the real oracle
     assert oracle.neurons_active_per_token / (2 * 1024) == pytest.approx(1 - rep.shape["scaled_sparsity"], abs=0.1)
@@ -125,7 +130,8 @@ def test_ratios_come_from_the_rows(run):
             for b in rows:
                 if b.name.split(" (")[0] in (NAIVE, DENSE):
                     want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
-    assert set(rep.ratios) == set(want) and len(want) == 7  # oracle and oracle (serial) x 3 bases, shape 1
+    # real: oracle and oracle (serial) x 3 bases; shape: the same x 2 naive bases
+    assert set(rep.ratios) == set(want) and len(want) == 10
     for k, v in want.items():
         assert rep.ratios[k] == pytest.approx(v)
     assert f"{ORACLE} / {NAIVE}" in rep.ratios and f"{ORACLE} / {DENSE}" in rep.ratios
