@@ -97,10 +97,12 @@ class Engine:
         return self.files.manifest.ffn_bytes_total if self.files is not None else 0
 
     def resident_bytes(self) -> int:
-        """Weights held in memory: dense part, neuron cache in use, scratch, chooser."""
+        """Weights held in memory: dense part, neuron cache in use, staging buffers, chooser."""
         n = self.dense_bytes
         if self.cache is not None:
             n += self.cache.resident_bytes
+            if self.prefetcher is not None:
+                n += self.cache.staging_bytes  # pipelined layers' I/O buffers (outside the budget)
         if self.chooser is not None:
             n += self.chooser.resident_bytes
         return n

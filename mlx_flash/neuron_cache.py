@@ -97,8 +97,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .pipeline import staging_rows
-
 _NEVER = np.iinfo(np.int64).min // 4  # "last used" of a neuron never active: -inf
 
 
@@ -543,8 +541,8 @@ class NeuronCache:
         layout: Optional[dict] = None,
         pipeline: bool = False,
     ) -> "NeuronCache":
-        """Split ``budget_bytes`` into the scratch buffer, the staging buffers of pipelined
-        layers (``pipeline``: ``pipeline.staging_rows``) and equal per-layer caches.
+        """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches; with
+        ``pipeline``, two staging buffers of ``n_neurons - capacity`` rows (outside the budget).
 
         The scratch holds ``min(scratch_neurons, n_neurons)`` neurons, or none when
         the whole FFN fits in the budget (nothing can overflow then). Raises
@@ -564,13 +562,11 @@ class NeuronCache:
                 f"({scratch} neurons, {scratch_bytes} bytes) plus one neuron per layer "
                 f"({n_layers} x {bundle_bytes} bytes); the minimum budget is {minimum} bytes"
             )
-        staging = 0
-        if pipeline and n_layers > 1:
-            staging = staging_rows(n_layers, n_neurons, budget_bytes // bundle_bytes, scratch)
-            while staging and budget_bytes - scratch_bytes - 2 * staging * bundle_bytes < n_layers * bundle_bytes:
-                staging //= 2
-        capacity = min((budget_bytes - scratch_bytes - 2 * staging * bundle_bytes) // n_layers // bundle_bytes,
-                       n_neurons)
+        capacity = min((budget_bytes - scratch_bytes) // n_layers // bundle_bytes, n_neurons)
+        # Pipelined layers: staging rows for what one layer's cache cannot hold. They are I/O buffers
+        # (like the reader's aligned buffers), outside the cache budget: the caches keep the same rows
+        # with and without the pipeline, so the arithmetic, and the outputs, stay the same bit for bit.
+        staging = n_neurons - capacity if pipeline and n_layers > 1 else 0
         layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout)
                   for _ in range(n_layers)]
         return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging)
@@ -587,7 +583,7 @@ class NeuronCache:
 
     @property
     def staging_bytes(self) -> int:
-        """Both staging buffers of pipelined layers (0 without the pipeline)."""
+        """Both staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
         return 2 * self.staging_neurons * self.bundle_bytes
 
     @property
@@ -597,8 +593,8 @@ class NeuronCache:
 
     @property
     def capacity_bytes(self) -> int:
-        """Preallocated bytes: every layer's storage, the scratch and staging buffers (<= budget)."""
-        return sum(c.capacity_bytes for c in self.layers) + self.scratch_bytes + self.staging_bytes
+        """Preallocated bytes: every layer's storage plus the scratch buffer (<= budget)."""
+        return sum(c.capacity_bytes for c in self.layers) + self.scratch_bytes
 
     @property
     def stats(self) -> CacheStats:

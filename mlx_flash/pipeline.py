@@ -9,12 +9,14 @@ l+1's attention). The neurons of that choice that layer l+1's cache does not hol
 are read by :class:`Prefetcher` on its own thread and its own
 :class:`~mlx_flash.storage.reader.FlashReader` (own buffers and read threads, so it
 never waits for the engine's synchronous reads, and the disk sees the requests of
-two layers at once) into a **staging buffer**, plain host memory taken out of the
-FFN budget (``NeuronCache.staging``; two buffers, by layer parity: layer l's staged
-bundles are still being copied while layer l+1's are read).
+two layers at once) into a **staging buffer**, plain host memory (``NeuronCache.staging``; two buffers of
+``n_neurons - capacity`` rows, by layer parity: layer l's staged bundles are still being
+copied while layer l+1's are read). Like the reader's aligned buffers they are I/O
+buffers outside the cache budget (counted in ``Engine.resident_bytes``): the caches keep
+the same rows with and without the pipeline.
 
 At layer l+1 the engine runs exactly as without the pipeline: the same choice, the
-same ``cache.step``, the same rows, the same arithmetic. Only where a missing
+same ``cache.step`` on a cache of the same capacity, the same rows, the same arithmetic. Only where a missing
 neuron's bytes come from changes: a bundle found in the staging buffer is copied
 from there into its cache row (or scratch row), the rest is read synchronously as
 before. So pipelined outputs equal serial ones bit for bit, whatever the lookahead
@@ -65,29 +67,6 @@ class Staged:
             return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return self.ids[pos] == ids, pos
-
-
-def staging_rows(n_layers: int, n_neurons: int, budget_rows: int, scratch_rows: int) -> int:
-    """Rows of each of the two staging buffers for a budget of ``budget_rows`` bundles: the
-    fewest that hold every neuron a layer's cache cannot (``n_neurons - capacity``, with the
-    capacity the budget leaves after both buffers and the scratch), at most an eighth of the
-    budget per buffer; 0 when every layer fits whole (nothing to prefetch after the first token)."""
-    free = budget_rows - scratch_rows
-    if free // n_layers >= n_neurons:
-        return 0
-    hi = max(0, min(n_neurons, free // 8))
-
-    def short(s: int) -> bool:  # s rows are fewer than what the caches then miss
-        return s < n_neurons - max(0, (free - 2 * s) // n_layers)
-
-    lo = 0
-    while lo < hi:  # the smallest s that is not short (short() turns False once, as s grows)
-        mid = (lo + hi) // 2
-        if short(mid):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def lookahead_map(norm_now, norm_next) -> Optional[Tuple[mx.array, mx.array]]:
@@ -238,4 +217,4 @@ def attach_pipeline(ffns, cache, reader: FlashReader, direct: bool = True,
     return pf
 
 
-__all__ = ["Prefetcher", "Staged", "attach_pipeline", "lookahead_map", "staging_rows"]
+__all__ = ["Prefetcher", "Staged", "attach_pipeline", "lookahead_map"]

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
-from mlx_flash.pipeline import lookahead_map, staging_rows
+from mlx_flash.pipeline import lookahead_map
 from mlx_flash.storage.format import open_flash
 from mlx_flash.storage.reader import FlashReader
 from tests.tiny import make_tiny_flash
@@ -57,16 +57,15 @@ def test_pipeline_off_when_everything_fits(tiny):
     eng.close()
 
 
-def test_staging_rows_cover_what_the_caches_miss():
-    for layers, n, budget, scratch in ((30, 1536, 21700, 256), (4, 256, 300, 32), (2, 128, 100, 8)):
-        s = staging_rows(layers, n, budget, scratch)
-        cap = (budget - scratch - 2 * s) // layers
-        limit = min(n, (budget - scratch) // 8)
-        assert 0 < s <= limit
-        assert s >= n - cap or s == limit  # covers every miss, unless capped at an eighth of the budget
-        if s > 1:  # and is the smallest that does
-            assert s - 1 < n - (budget - scratch - 2 * (s - 1)) // layers
-    assert staging_rows(4, 256, 4 * 256 + 10, 0) == 0
+def test_staging_is_outside_the_budget_and_leaves_the_caches_alone(tiny):
+    cfg = dict(active="all", budget=0.3, scratch_neurons=32, threads=2)
+    serial, piped = load(tiny, FlashConfig(**cfg, pipeline=False)), load(tiny, FlashConfig(**cfg))
+    cap = serial.cache.layers[0].capacity
+    assert piped.cache.layers[0].capacity == cap and piped.cache.staging_neurons == 256 - cap
+    assert piped.cache.capacity_bytes == serial.cache.capacity_bytes <= piped.cache.budget_bytes
+    assert piped.resident_bytes() == serial.resident_bytes() + piped.cache.staging_bytes
+    serial.close()
+    piped.close()
 
 
 def test_reader_rows_fill_only_the_given_rows(tiny):
