@@ -456,6 +456,11 @@ class _Skip(Exception):
     """A configuration cannot run on this model (the message says why)."""
 
 
+def _twin_name(name: str, pipeline: bool) -> str:
+    """The name of a row's twin run with pipelined layers on (``pipeline``) or off."""
+    return f"{name} (pipelined)" if pipeline else f"{name} (serial)"
+
+
 def _reader_totals(engine):
     """The engine's read totals since the last call (reset): its reader's plus, with pipelined
     layers, the prefetch reader's (seconds add up: time inside a reader, concurrent or not)."""
@@ -753,7 +758,7 @@ def run_bench(
     policies: Optional[Sequence[str]] = None,
     policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
     policy_active: str = "auto",
-    serial: bool = True,
+    pipeline_twins: bool = True,
 ) -> BenchReport:
     """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
 
@@ -782,9 +787,9 @@ def run_bench(
                of ``policy_budgets``, with the ``policy_active`` neuron choice (default
                the engine's: predictor when calibrated): hit rate, bytes per token,
                tokens/s, and which one "auto" picks and why.
-    serial:    with pipelined layers on (``FlashConfig.pipeline``, the default), each flash
-               row is run serially too (``"<name> (serial)"``, no perplexity: the outputs are
-               the same), side by side.
+    pipeline_twins: each flash row is run a second time with pipelined layers the other
+               way (``FlashConfig.pipeline``): ``"<name> (pipelined)"`` or ``"<name> (serial)"``,
+               no perplexity (the outputs are the same), side by side.
     """
     from .engine import is_flash_dir
     from .storage.format import open_flash
@@ -822,7 +827,7 @@ def run_bench(
     stages: List[Tuple[str, float]] = []
     if probe is not None and probe is not False:
         stages.append(("probe", 1.0))
-    stages += [(n, 1.0 if n == DENSE or not (serial and cfg_main.pipeline) else 1.7) for n in names]
+    stages += [(n, 1.0 if n == DENSE or not pipeline_twins else 1.7) for n in names]
     stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
     pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []
     for pname in pol_list:
@@ -880,7 +885,7 @@ def run_bench(
             _report(cb, 1.0, "dense skipped")
             continue
         cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
-        two = serial and cfg.pipeline and n != DENSE  # a serial row follows (when the pipeline runs)
+        two = pipeline_twins and n != DENSE  # a twin with the pipeline the other way follows
         try:
             row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res,
                                       scaled(cb, 0.0, 0.6) if two else cb,
@@ -894,13 +899,13 @@ def run_bench(
         if tr is not None:
             recorded = tr
         rep.rows.append(row)
-        if two and row.pipeline:
-            cfg_s = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": False})
-            srow, stoks, _ = _run_real(f"{n} (serial)", path, cfg_s, prompt, tokens, warmup, None, probe_res,
-                                       scaled(cb, 0.6, 1.0), dense_tokens=dense_tokens)
-            srow.perplexity = row.perplexity  # same outputs, by construction (checked below)
-            row.same_as_serial = stoks == toks
-            rep.rows.append(srow)
+        if two:
+            cfg_t = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": not cfg.pipeline})
+            trow, ttoks, _ = _run_real(_twin_name(n, cfg_t.pipeline), path, cfg_t, prompt, tokens, warmup, None,
+                                       probe_res, scaled(cb, 0.6, 1.0), dense_tokens=dense_tokens)
+            trow.perplexity = row.perplexity  # same outputs, by construction (checked here)
+            (row if row.pipeline else trow).same_as_serial = ttoks == toks
+            rep.rows.append(trow)
     rep.prompt_tokens = max((r.prompt_tokens for r in rep.rows), default=0)
     if recorded is not None:
         rep.trace = {**recorded.summary(), "model": path.name}
@@ -985,19 +990,18 @@ def run_bench(
         if n_tok <= warmup:
             raise ValueError(f"the trace has {len(strace)} tokens: too few for {warmup} warm-up token(s)")
         label = f" ({shape_obj.name} shape)"
-        two = serial and cfg_main.pipeline
         for n, st in ((NAIVE, "shape-naive"), (ORACLE, "shape-oracle")):
             cb = stage(st)
             row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res,
-                              scaled(cb, 0.0, 0.5) if two else cb, seed=seed)
+                              scaled(cb, 0.0, 0.5) if pipeline_twins else cb, seed=seed)
             row.group = f"{shape_obj.name} shape"
             rep.rows.append(row)
-            if two and row.pipeline:  # the serial twin (outputs are random-input FFN sums: not compared)
-                cfg_s = FlashConfig.from_dict({**cfg_main.to_dict(), "pipeline": False})
-                srow = _run_replay(f"{n + label} (serial)", sfiles, strace, cfg_s, n_tok, warmup, probe_res,
-                                   scaled(cb, 0.5, 1.0), seed=seed)
-                srow.group = row.group
-                rep.rows.append(srow)
+            if pipeline_twins:  # outputs are random-input FFN sums: not compared
+                cfg_t = FlashConfig.from_dict({**cfg_main.to_dict(), "pipeline": not cfg_main.pipeline})
+                trow = _run_replay(_twin_name(n + label, cfg_t.pipeline), sfiles, strace, cfg_t, n_tok, warmup,
+                                   probe_res, scaled(cb, 0.5, 1.0), seed=seed)
+                trow.group = row.group
+                rep.rows.append(trow)
         rep.shape = {
             "name": shape_obj.name, "hidden": sm.hidden_size, "ffn": sm.intermediate_size, "dtype": sm.dtype,
             "layers": sm.num_layers, "ffn_bytes": sm.ffn_bytes_total, "bundle_bytes": sm.bundle_bytes,
@@ -1108,9 +1112,15 @@ def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
 def format_pipeline(r: BenchReport) -> List[str]:
     """Serial vs pipelined rows side by side: the pipelined ms/token against the bound
     max(I/O, predictor + compute) of its own serial run, the overlap, the lookahead's recall."""
-    pairs = [(row, next((s for s in r.rows if s.name == f"{row.name} (serial)"), None)) for row in r.rows
-             if row.pipeline]
-    pairs = [(p, s) for p, s in pairs if s is not None]
+    by_name = {row.name: row for row in r.rows}
+    pairs = []
+    for row in r.rows:  # a row and its twin (the one whose name adds " (serial)" / " (pipelined)")
+        for twin, piped_first in ((by_name.get(_twin_name(row.name, False)), True),
+                                  (by_name.get(_twin_name(row.name, True)), False)):
+            if twin is not None:
+                p, s = (row, twin) if piped_first else (twin, row)
+                if p.pipeline and not s.pipeline:
+                    pairs.append((p, s))
     if not pairs:
         return []
     lines = ["", "Pipelined layers vs serial (ms/token; bound = max(I/O, predictor + compute) of the serial run):",
@@ -1120,7 +1130,7 @@ def format_pipeline(r: BenchReport) -> List[str]:
     for p, s in pairs:
         bound = max(s.ms_io, s.ms_predictor + s.ms_compute)
         rec = (p.lookahead or {}).get("mean_lookahead_recall")
-        lines.append(f"| {p.name} | {s.ms_total:.1f} | {p.ms_total:.1f} | {bound:.1f} | "
+        lines.append(f"| {s.name} | {s.ms_total:.1f} | {p.ms_total:.1f} | {bound:.1f} | "
                      f"{_f(p.ms_total / bound if bound else None, '{:.2f}x')} | {p.ms_overlap:.1f} | "
                      f"{p.ms_prefetch:.1f} | {_f(s.ms_total / p.ms_total if p.ms_total else None, '{:.2f}x')} | "
                      f"{ {True: 'yes', False: 'NO', None: '– (replayed)'}[p.same_as_serial]} | "

@@ -40,8 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default="auto",
                    help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
-    p.add_argument("--no-pipeline", action="store_true",
-                   help="serial layers: no reads of the next layer while this one computes (flash)")
+    p.add_argument("--pipeline", action="store_true", default=FlashConfig.pipeline,
+                   help="pipelined layers: read the next layer's neurons while this one computes (flash)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def flash_config_from_args(args) -> FlashConfig:
         active=active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
-        pipeline=not args.no_pipeline,
+        pipeline=args.pipeline,
         engine=args.engine,
         extra={"recall": recall} if recall is not None else {},
     )
@@ -342,7 +342,7 @@ def cmd_bench(args) -> int:
     else:
         path = default_flash_model(progress=tqdm_callback("Preparing default model"))
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
-                       direct_io=not args.no_direct_io)
+                       direct_io=not args.no_direct_io, pipeline=args.pipeline or FlashConfig.pipeline)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
     report = run_bench(
         path,
@@ -362,7 +362,7 @@ def cmd_bench(args) -> int:
         policies=_parse_policies(args.policies),
         policy_budgets=_parse_sweep(args.policy_budgets),
         policy_active=args.policy_active,
-        serial=not args.no_serial,
+        pipeline_twins=not args.no_twins,
     )
     text = format_table(report)
     print(text)
@@ -473,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neuron choice of the policy comparison (default auto: predictor when calibrated)")
     b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
-    b.add_argument("--no-serial", action="store_true",
-                   help="no serial rows beside the pipelined ones (FlashConfig.pipeline)")
+    b.add_argument("--no-twins", action="store_true",
+                   help="no second run of each flash row with pipelined layers the other way")
+    b.add_argument("--pipeline", action="store_true",
+                   help="the main flash rows with pipelined layers (default: as FlashConfig, serial)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

@@ -61,8 +61,11 @@ class FlashConfig:
               The engine records what it ran, and why, in ``Engine.policy_info``.
     pipeline: pipelined layers (``mlx_flash.pipeline``): while layer l computes, the
               neurons layer l+1's chooser picks from layer l's input are read ahead
-              into a staging buffer (taken out of the budget); outputs are the same
-              bit for bit, only where missing neurons' bytes come from changes.
+              into staging buffers (I/O buffers outside the budget); outputs are the
+              same bit for bit, only where missing neurons' bytes come from changes.
+              Off by default: on the 2-core test machine under load it measured no
+              faster (the prefetch's copies and read threads compete with compute
+              for the CPU); turn it on where cores are free (CLI ``--pipeline``).
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).
@@ -81,7 +84,7 @@ class FlashConfig:
     policy: str = "auto"
     hot_fraction: Optional[float] = None
     prefill: str = "all"
-    pipeline: bool = True
+    pipeline: bool = False  # measured on the 2-core test VM under load: no faster (ARCHITECTURE.md)
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")

@@ -20,11 +20,20 @@ def tiny(tmp_path_factory):
     return make_tiny_flash(tmp_path_factory.mktemp("pipe"), layers=4, hidden=64, ffn=256, dtype="float32", seed=5)
 
 
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):  # bfloat16: any change of summation order would show in the tokens
+    return make_tiny_flash(tmp_path_factory.mktemp("pipe16"), layers=4, hidden=64, ffn=256, dtype="bfloat16", seed=6)
+
+
 PROMPT = [{"role": "user", "content": "hello there, how are you"}]
 
 
-@pytest.mark.parametrize("active,sparsity,budget", [("oracle", 0.5, 0.3), ("all", None, 0.4), ("oracle", 0.7, 0.6)])
-def test_pipelined_tokens_equal_serial(tiny, active, sparsity, budget):
+@pytest.mark.parametrize("active,sparsity,budget,bf16", [("oracle", 0.5, 0.3, False), ("all", None, 0.4, False),
+                                                         ("oracle", 0.7, 0.6, False), ("oracle", 0.5, 0.3, True),
+                                                         ("all", None, 0.3, True)])
+def test_pipelined_tokens_equal_serial(tiny, tiny_bf16, active, sparsity, budget, bf16):
+    if bf16:
+        tiny = tiny_bf16
     runs = {}
     for pipe in (False, True):
         eng = load(tiny, FlashConfig(active=active, sparsity=sparsity, budget=budget, scratch_neurons=32, threads=2,
@@ -51,7 +60,7 @@ def test_pipelined_tokens_equal_serial(tiny, active, sparsity, budget):
 
 
 def test_pipeline_off_when_everything_fits(tiny):
-    eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
+    eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2, engine="flash", pipeline=True))
     assert eng.prefetcher is None and eng.cache.staging_neurons == 0
     assert eng.policy_info["pipeline"] is False
     eng.close()
@@ -59,7 +68,7 @@ def test_pipeline_off_when_everything_fits(tiny):
 
 def test_staging_is_outside_the_budget_and_leaves_the_caches_alone(tiny):
     cfg = dict(active="all", budget=0.3, scratch_neurons=32, threads=2)
-    serial, piped = load(tiny, FlashConfig(**cfg, pipeline=False)), load(tiny, FlashConfig(**cfg))
+    serial, piped = load(tiny, FlashConfig(**cfg)), load(tiny, FlashConfig(**cfg, pipeline=True))
     cap = serial.cache.layers[0].capacity
     assert piped.cache.layers[0].capacity == cap and piped.cache.staging_neurons == 256 - cap
     assert piped.cache.capacity_bytes == serial.cache.capacity_bytes <= piped.cache.budget_bytes
