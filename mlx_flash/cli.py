@@ -40,8 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default="auto",
                    help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
-    p.add_argument("--pipeline", action="store_true", default=FlashConfig.pipeline,
-                   help="pipelined layers: read the next layer's neurons while this one computes (flash)")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="serial layers: no reads of the next layer while this one computes (flash)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def flash_config_from_args(args) -> FlashConfig:
         active=active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
-        pipeline=args.pipeline,
+        pipeline=not args.no_pipeline,
         engine=args.engine,
         extra={"recall": recall} if recall is not None else {},
     )
@@ -342,7 +342,7 @@ def cmd_bench(args) -> int:
     else:
         path = default_flash_model(progress=tqdm_callback("Preparing default model"))
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
-                       direct_io=not args.no_direct_io, pipeline=args.pipeline or FlashConfig.pipeline)
+                       direct_io=not args.no_direct_io, pipeline=not args.no_pipeline)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
     report = run_bench(
         path,
@@ -475,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
     b.add_argument("--no-twins", action="store_true",
                    help="no second run of each flash row with pipelined layers the other way")
-    b.add_argument("--pipeline", action="store_true",
-                   help="the main flash rows with pipelined layers (default: as FlashConfig, serial)")
+    b.add_argument("--no-pipeline", action="store_true",
+                   help="the main flash rows with serial layers (their twins pipelined)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

@@ -68,10 +68,10 @@ def test_every_configuration_runs(run):
     rep, _, _ = run
     names = [r.name for r in rep.rows]
     # pipelined layers are on by default: each flash row has its serial twin beside it
-    # each flash row has its twin with pipelined layers (off by default) beside it
-    assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (pipelined)", ORACLE, f"{ORACLE} (pipelined)"]
-    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (pipelined)", f"{ORACLE} (tiny shape)",
-                         f"{ORACLE} (tiny shape) (pipelined)"]
+    # pipelined layers are on by default: each flash row has its serial twin beside it
+    assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)"]
+    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (serial)", f"{ORACLE} (tiny shape)",
+                         f"{ORACLE} (tiny shape) (serial)"]
     # the tiny model has no predictors: skipped with a note, not a crash
     assert [s["name"] for s in rep.skipped] == [PREDICTOR]
     assert "predictor" in rep.skipped[0]["reason"].lower()
@@ -90,8 +90,8 @@ def test_every_configuration_runs(run):
     assert naive.perplexity == pytest.approx(dense.perplexity, rel=0.02)
     assert naive.agree_with_dense is not None and oracle.perplexity is not None
     assert rep.prompt_tokens > 0 and rep.perplexity_tokens == 40
-    for ser in (naive, oracle):  # pipelined: the same tokens as serial, the overlap counted
-        piped = rep.rows[names.index(f"{ser.name} (pipelined)")]
+    for piped in (naive, oracle):  # pipelined: the same tokens as serial, the overlap counted
+        ser = rep.rows[names.index(f"{piped.name} (serial)")]
         assert piped.pipeline and not ser.pipeline and piped.same_as_serial is True
         assert piped.text == ser.text and ser.perplexity == piped.perplexity
         assert 0.0 <= piped.ms_overlap <= piped.ms_prefetch and ser.ms_prefetch == 0.0
@@ -105,7 +105,7 @@ def test_replayed_rows_are_marked_and_use_the_trace(run):
     assert len(shape_rows) == 4
     assert all(r.perplexity is None and r.group == "tiny shape" for r in shape_rows)
     assert rep.shape["hidden"] == 256 and rep.shape["ffn"] == 1024 and rep.shape["layers"] == 2
-    naive_s, naive, oracle_s, oracle = shape_rows
+    naive, naive_s, oracle, oracle_s = shape_rows
     assert naive.pipeline and oracle.pipeline and not naive_s.pipeline and not oracle_s.pipeline
     # the replayed sets are the lookahead's too: foreseen exactly
     assert oracle.lookahead["mean_lookahead_recall"] == 1.0
@@ -131,7 +131,7 @@ def test_ratios_come_from_the_rows(run):
             for b in rows:
                 if b.name.split(" (")[0] in (NAIVE, DENSE):
                     want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
-    # real: oracle and oracle (pipelined) x 3 bases; shape: the same x 2 naive bases
+    # real: oracle and oracle (serial) x 3 bases; shape: the same x 2 naive bases
     assert set(rep.ratios) == set(want) and len(want) == 10
     for k, v in want.items():
         assert rep.ratios[k] == pytest.approx(v)
@@ -335,8 +335,8 @@ def test_cli_bench(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| naive flash |" in out
     d = json.loads((tmp_path / "b.json").read_text())
-    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE, f"{NAIVE} (pipelined)"]
-    assert "| naive flash (pipelined) |" in out and "Pipelined layers vs serial" in out
+    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE, f"{NAIVE} (serial)"]
+    assert "| naive flash (serial) |" in out and "Pipelined layers vs serial" in out
     assert (tmp_path / "plots" / "bench_ms_per_token.png").is_file()
     assert (tmp_path / "b.md").read_text().startswith("# mlx-flash bench")
 

@@ -68,7 +68,7 @@ def test_pipeline_off_when_everything_fits(tiny):
 
 def test_staging_is_outside_the_budget_and_leaves_the_caches_alone(tiny):
     cfg = dict(active="all", budget=0.3, scratch_neurons=32, threads=2)
-    serial, piped = load(tiny, FlashConfig(**cfg)), load(tiny, FlashConfig(**cfg, pipeline=True))
+    serial, piped = load(tiny, FlashConfig(**cfg, pipeline=False)), load(tiny, FlashConfig(**cfg))
     cap = serial.cache.layers[0].capacity
     assert piped.cache.layers[0].capacity == cap and piped.cache.staging_neurons == 256 - cap
     assert piped.cache.capacity_bytes == serial.cache.capacity_bytes <= piped.cache.budget_bytes
