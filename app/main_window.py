@@ -536,7 +536,8 @@ class MainWindow(QMainWindow):
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
         return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct} "
-                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}")
+                f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}"
+                + (" · pipelined" if engine.prefetcher is not None else ""))
 
     def _on_load_error(self, message: str) -> None:
         self._loader = None
