@@ -122,3 +122,22 @@ def test_auto_engine_runs_dense_when_the_ffn_fits(tiny):
         e.close()
     with pytest.raises(ValueError, match="engine"):
         FlashConfig(engine="fast")
+
+
+def test_pipelined_quantized_folder_equals_serial(tmp_path):
+    """Quantized bundles (packed words, scales, biases per role) are staged and copied like float ones."""
+    from mlx_flash.storage.format import convert_to_flash
+    from tests.tiny import make_tiny_llama, quantize_tiny
+
+    src = make_tiny_llama(tmp_path / "src", layers=3, hidden=64, ffn=256, dtype="float32", seed=7)
+    flash = convert_to_flash(quantize_tiny(src, tmp_path / "q4", bits=4, group_size=32), tmp_path / "q4.flash")
+    toks = {}
+    for pipe in (False, True):
+        eng = load(flash, FlashConfig(active="oracle", sparsity=0.5, budget=0.3, scratch_neurons=32, threads=2,
+                                      pipeline=pipe))
+        out = list(eng.stream_generate(PROMPT, 12))
+        toks[pipe] = [r.token for r in out]
+        if pipe:
+            assert sum(r.stats.neurons_prefetch_used for r in out) > 0
+        eng.close()
+    assert toks[True] == toks[False]
