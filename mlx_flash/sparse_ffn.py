@@ -183,7 +183,11 @@ class _State:
         if staged is not None:
             have, pos = staged.find(ids)
             if have.all():
-                set_rows(dest, slice(0, len(ids)), staged.rows[pos])
+                k = len(ids)
+                p0 = int(pos[0]) if k else 0
+                # staged in one run (sorted ids, nothing else staged between): a view, no gathered copy
+                src = staged.rows[p0 : p0 + k] if k and int(pos[-1]) - p0 == k - 1 else staged.rows[pos]
+                set_rows(dest, slice(0, k), src)
             elif have.any():
                 set_rows(dest, np.flatnonzero(have), staged.rows[pos[have]])
             else:
