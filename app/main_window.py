@@ -629,7 +629,8 @@ class MainWindow(QMainWindow):
 
     def _engine_detail(self, engine) -> str:
         if not engine.is_flash:
-            return "dense · all weights in memory"
+            info = engine.engine_info  # a flash folder run dense: FlashConfig.engine says why
+            return "dense · all weights in memory" + (f" ({info['reason']})" if info else "")
         cfg = engine.config
         pct = f" ({cfg.budget * 100:.0f}% of the FFN)" if cfg and cfg.budget <= 1 else ""
         info = engine.policy_info or {}
@@ -637,7 +638,8 @@ class MainWindow(QMainWindow):
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
         return (f"flash · budget {engine.budget_text}{pct} · {engine.mode.split('-', 1)[-1]} · "
-                f"window {cfg.window if cfg else '?'} · cache {policy}")
+                f"window {cfg.window if cfg else '?'} · cache {policy}"
+                + (" · pipelined" if engine.prefetcher is not None else ""))
 
     def _on_load_error(self, message: str) -> None:
         self._loader = None

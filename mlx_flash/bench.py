@@ -174,6 +174,11 @@ class BenchRow(_Record):
     read_mode: str = ""                   # O_DIRECT / F_NOCACHE / buffered
     policy: Optional[Dict[str, Any]] = None  # the cache policy the engine ran (Engine.policy_info)
     preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
+    pipeline: bool = False                # pipelined layers ran (FlashConfig.pipeline, mlx_flash.pipeline)
+    ms_prefetch: float = 0.0              # pipelined: the prefetch reader busy per token
+    ms_overlap: float = 0.0               # pipelined: disk and compute busy at once per token
+    lookahead: Optional[Dict[str, Any]] = None  # pipelined: Engine.pipeline_info() (recall per layer)
+    same_as_serial: Optional[bool] = None  # pipelined: generated the same tokens as its serial row
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -375,6 +380,8 @@ def summarize(stats: Sequence[Stats], warmup: int) -> Dict[str, Any]:
         "ms_predictor": mean("ms_predictor"),
         "ms_io": mean("ms_io"),
         "ms_compute": mean("ms_compute"),
+        "ms_prefetch": mean("ms_prefetch"),
+        "ms_overlap": mean("ms_overlap"),
         "bytes_read_per_token": mean("bytes_read"),
         "bytes_useful_per_token": mean("bytes_useful"),
         "hit_rate": (hits / active if active else 1.0) if flash else None,
@@ -466,6 +473,20 @@ class _Skip(Exception):
     """A configuration cannot run on this model (the message says why)."""
 
 
+def _twin_name(name: str, pipeline: bool) -> str:
+    """The name of a row's twin run with pipelined layers on (``pipeline``) or off."""
+    return f"{name} (pipelined)" if pipeline else f"{name} (serial)"
+
+
+def _reader_totals(engine):
+    """The engine's read totals since the last call (reset): its reader's plus, with pipelined
+    layers, the prefetch reader's (seconds add up: time inside a reader, concurrent or not)."""
+    reads = engine.reader.reset_totals()
+    if engine.prefetcher is not None:
+        reads.add(engine.prefetcher.reader.reset_totals())
+    return reads
+
+
 def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warmup: int,
               ref_ids: Optional[List[int]], probe, progress: Optional[ProgressCallback], *,
               record: bool = False, dense_tokens: Optional[List[int]] = None):
@@ -502,15 +523,17 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
                 toks.append(r.token)
                 text.append(r.text)
                 if i + 1 == warmup and engine.reader is not None:
-                    engine.reader.reset_totals()  # effective throughput over measured tokens only
+                    _reader_totals(engine)  # effective throughput over measured tokens only
                 _report(progress, gen_share * (i + 1) / tokens, f"{name}: token {i + 1}/{tokens}")
         trace = tr
-        reads = engine.reader.reset_totals() if engine.reader is not None else None
+        reads = _reader_totals(engine) if engine.reader is not None else None
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
         row.policy = _jsonable(getattr(engine, "policy_info", None))
         if engine.cache is not None:
             row.preload_bytes = int(engine.cache.stats.preload_bytes)
+        row.pipeline = engine.prefetcher is not None
+        row.lookahead = _jsonable(engine.pipeline_info())
         if engine.reader is not None:
             row.threads = engine.reader.threads
             row.chunk_bytes = engine.reader.chunk_bytes
@@ -632,6 +655,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
 
     from .active import AllNeurons
     from .neuron_cache import NeuronCache
+    from .pipeline import attach_pipeline
     from .sparse_ffn import SparseFFN
     from .stats import FFNCounters
     from .storage.platform_io import drop_page_cache
@@ -652,12 +676,15 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     cache = NeuronCache.from_budget(
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
-        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m))
+        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m), pipeline=cfg.pipeline)
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=cfg.max_gap_bytes,
                          direct=cfg.direct_io)
+    prefetcher = None
     try:
         ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
                           counters, act="silu") for i in range(m.num_layers)]
+        if cfg.pipeline:  # the replayed sets are what the lookahead picks too: a perfect lookahead
+            prefetcher = attach_pipeline(ffns, cache, reader, cfg.direct_io)
         drop_page_cache(files.ffn_path)
         _free_mlx()
         key = mx.random.key(seed)
@@ -678,7 +705,8 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
             d = FFNCounters(**{k: getattr(counters, k) - getattr(before, k) for k in counters.__dict__})
             stats.append(Stats(
                 token_index=t, ms_total=ms, ms_predictor=d.predictor_s * 1e3, ms_io=d.io_s * 1e3,
-                ms_compute=max(0.0, ms - (d.predictor_s + d.io_s) * 1e3), bytes_read=d.bytes_read,
+                ms_compute=max(0.0, ms - (d.predictor_s + d.io_s) * 1e3), ms_prefetch=d.prefetch_s * 1e3,
+                ms_overlap=d.overlap_s * 1e3, bytes_read=d.bytes_read,
                 bytes_useful=d.bytes_useful, neurons_active=d.neurons_active, neurons_loaded=d.neurons_loaded,
                 neurons_streamed=d.neurons_streamed,
                 hit_rate=(d.neurons_hit / d.neurons_active) if d.neurons_active else 1.0,
@@ -687,14 +715,22 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
                 process_rss=_rss(), mode=mode))
             if t + 1 == warmup:
                 reader.reset_totals()
+                if prefetcher is not None:
+                    prefetcher.reader.reset_totals()
             _report(progress, (t + 1) / tokens, f"{name}: token {t + 1}/{tokens}")
         reads = reader.reset_totals()
+        if prefetcher is not None:
+            reads.add(prefetcher.reader.reset_totals())
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REPLAYED, **s)
+        row.pipeline = prefetcher is not None
+        row.lookahead = _jsonable(prefetcher.info()) if prefetcher is not None else None
         row.threads, row.chunk_bytes, row.read_mode = reader.threads, reader.chunk_bytes, reader.mode
         _io_figures(row, reads, probe)
         return row
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         reader.close()
         del cache
         _free_mlx()
@@ -739,6 +775,7 @@ def run_bench(
     policies: Optional[Sequence[str]] = None,
     policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
     policy_active: str = "auto",
+    pipeline_twins: bool = True,
 ) -> BenchReport:
     """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
 
@@ -767,6 +804,9 @@ def run_bench(
                of ``policy_budgets``, with the ``policy_active`` neuron choice (default
                the engine's: predictor when calibrated): hit rate, bytes per token,
                tokens/s, and which one "auto" picks and why.
+    pipeline_twins: each flash row is run a second time with pipelined layers the other
+               way (``FlashConfig.pipeline``): ``"<name> (pipelined)"`` or ``"<name> (serial)"``,
+               no perplexity (the outputs are the same), side by side.
     """
     from .engine import is_flash_dir
     from .storage.format import open_flash
@@ -785,7 +825,8 @@ def run_bench(
     files = open_flash(path)
     m = files.manifest
     base = flash_config or FlashConfig()
-    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget)})
+    # flash rows run the flash engine whatever the budget ("auto" would run a 100% budget dense)
+    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget), "engine": "flash"})
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     sweep = [float(b) for b in (sweep or [])]
     shape_obj = (SHAPES[shape] if isinstance(shape, str) else shape) if shape else None
@@ -803,7 +844,7 @@ def run_bench(
     stages: List[Tuple[str, float]] = []
     if probe is not None and probe is not False:
         stages.append(("probe", 1.0))
-    stages += [(n, 1.0) for n in names]
+    stages += [(n, 1.0 if n == DENSE or not pipeline_twins else 1.7) for n in names]
     stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
     pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []
     for pname in pol_list:
@@ -861,8 +902,10 @@ def run_bench(
             _report(cb, 1.0, "dense skipped")
             continue
         cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
+        two = pipeline_twins and n != DENSE  # a twin with the pipeline the other way follows
         try:
-            row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res, cb,
+            row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res,
+                                      scaled(cb, 0.0, 0.6) if two else cb,
                                       record=(n == ORACLE), dense_tokens=dense_tokens)
         except _Skip as e:
             rep.skipped.append({"name": n, "reason": str(e)})
@@ -873,6 +916,13 @@ def run_bench(
         if tr is not None:
             recorded = tr
         rep.rows.append(row)
+        if two:
+            cfg_t = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": not cfg.pipeline})
+            trow, ttoks, _ = _run_real(_twin_name(n, cfg_t.pipeline), path, cfg_t, prompt, tokens, warmup, None,
+                                       probe_res, scaled(cb, 0.6, 1.0), dense_tokens=dense_tokens)
+            trow.perplexity = row.perplexity  # same outputs, by construction (checked here)
+            (row if row.pipeline else trow).same_as_serial = ttoks == toks
+            rep.rows.append(trow)
     rep.prompt_tokens = max((r.prompt_tokens for r in rep.rows), default=0)
     if recorded is not None:
         rep.trace = {**recorded.summary(), "model": path.name}
@@ -958,9 +1008,17 @@ def run_bench(
             raise ValueError(f"the trace has {len(strace)} tokens: too few for {warmup} warm-up token(s)")
         label = f" ({shape_obj.name} shape)"
         for n, st in ((NAIVE, "shape-naive"), (ORACLE, "shape-oracle")):
-            row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res, stage(st), seed=seed)
+            cb = stage(st)
+            row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res,
+                              scaled(cb, 0.0, 0.5) if pipeline_twins else cb, seed=seed)
             row.group = f"{shape_obj.name} shape"
             rep.rows.append(row)
+            if pipeline_twins:  # outputs are random-input FFN sums: not compared
+                cfg_t = FlashConfig.from_dict({**cfg_main.to_dict(), "pipeline": not cfg_main.pipeline})
+                trow = _run_replay(_twin_name(n + label, cfg_t.pipeline), sfiles, strace, cfg_t, n_tok, warmup,
+                                   probe_res, scaled(cb, 0.5, 1.0), seed=seed)
+                trow.group = row.group
+                rep.rows.append(trow)
         rep.shape = {
             "name": shape_obj.name, "hidden": sm.hidden_size, "ffn": sm.intermediate_size, "dtype": sm.dtype,
             "layers": sm.num_layers, "ffn_bytes": sm.ffn_bytes_total, "bundle_bytes": sm.bundle_bytes,
@@ -1057,6 +1115,40 @@ def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def format_pipeline(r: BenchReport) -> List[str]:
+    """Serial vs pipelined rows side by side: the pipelined ms/token against the bound
+    max(I/O, predictor + compute) of its own serial run, the overlap, the lookahead's recall."""
+    by_name = {row.name: row for row in r.rows}
+    pairs = []
+    for row in r.rows:  # a row and its twin (the one whose name adds " (serial)" / " (pipelined)")
+        for twin, piped_first in ((by_name.get(_twin_name(row.name, False)), True),
+                                  (by_name.get(_twin_name(row.name, True)), False)):
+            if twin is not None:
+                p, s = (row, twin) if piped_first else (twin, row)
+                if p.pipeline and not s.pipeline:
+                    pairs.append((p, s))
+    if not pairs:
+        return []
+    lines = ["", "Pipelined layers vs serial (ms/token; bound = max(I/O, predictor + compute) of the serial run):",
+             "| configuration | serial ms | pipelined ms | bound | pipelined / bound | I/O behind compute | "
+             "prefetch busy | speed-up | same tokens | lookahead recall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p, s in pairs:
+        bound = max(s.ms_io, s.ms_predictor + s.ms_compute)
+        rec = (p.lookahead or {}).get("mean_lookahead_recall")
+        lines.append(f"| {s.name} | {s.ms_total:.1f} | {p.ms_total:.1f} | {bound:.1f} | "
+                     f"{_f(p.ms_total / bound if bound else None, '{:.2f}x')} | {p.ms_overlap:.1f} | "
+                     f"{p.ms_prefetch:.1f} | {_f(s.ms_total / p.ms_total if p.ms_total else None, '{:.2f}x')} | "
+                     f"{ {True: 'yes', False: 'NO', None: '– (replayed)'}[p.same_as_serial]} | "
+                     f"{_f(rec, '{:.1%}')} |")
+    for p, _ in pairs:
+        per = (p.lookahead or {}).get("lookahead_recall") or []
+        if any(v is not None for v in per):
+            lines.append(f"- {p.name}: lookahead recall per layer (1..{len(per) - 1}): " +
+                         " ".join("–" if v is None else f"{v:.2f}" for v in per[1:]))
+    return lines
+
+
 def format_table(report: BenchReport) -> str:
     """The report as Markdown-ish text (tables of rows, ratios, sweep and probe, and the notes)."""
     r = report
@@ -1112,6 +1204,7 @@ def format_table(report: BenchReport) -> str:
             lines.append(f"| {row.name} | {row.threads} | {row.chunk_bytes // 1024} KiB | "
                          f"{_fb(row.mean_request_bytes)} | {row.io_gbps:.2f} | {_f(row.disk_best_gbps, '{:.2f}')} | "
                          f"{_f(row.disk_gbps_same_threads, '{:.2f}')} | {_f(row.io_efficiency, '{:.0%}')} |")
+    lines += format_pipeline(r)
     if r.sweep:
         lines.append("")
         lines.append("Budget sweep (tokens/s; hit rate; read per token):")
@@ -1328,7 +1421,7 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
 
 
 __all__ = [
-    "ALIASES", "BenchReport", "BenchRow", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "ALIASES", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
     "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
     "default_flash_model", "ensure_shape_model", "format_table", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
 ]

@@ -75,6 +75,11 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--recall", type=float, default=None,
                    help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
+    p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default="auto",
+                   help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="pipelined layers: read the next layer's likely neurons while this one computes "
+                        "(flash; two staging buffers held outside the budget)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -100,6 +105,8 @@ def flash_config_from_args(args) -> FlashConfig:
         active=active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
+        pipeline=args.pipeline,
+        engine=args.engine,
         extra={"recall": recall} if recall is not None else {},
     )
 
@@ -147,6 +154,9 @@ def load_engine(args):
     engine = load(path, flash_config_from_args(args))
     for note in engine.notes:
         print(f"[mlx-flash] warning: {note}", file=sys.stderr)
+    if engine.engine_info is not None:
+        info = engine.engine_info
+        print(f"[mlx-flash] engine: {info['engine']} ({info['reason']})", file=sys.stderr)
     return engine
 
 
@@ -181,6 +191,14 @@ def print_summary(stats_list, file=None) -> None:
               f"+ compute {comp:.1f}; read {fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
               f"cache {fmt_bytes(last.cache_bytes)} in use; budget "
               f"{format_budget(last.budget_bytes, last.predictor_bytes)}", file=file)
+        prefetch = sum(s.ms_prefetch for s in steady) / k
+        if prefetch > 0:
+            overlap = sum(s.ms_overlap for s in steady) / k
+            used = sum(s.neurons_prefetch_used for s in steady) / k
+            fetched = sum(s.neurons_prefetched for s in steady) / k
+            print(f"Pipeline: prefetch {prefetch:.1f} ms/token, {overlap:.1f} ms of it behind compute "
+                  f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
+                  file=file)
 
 
 def cmd_generate(args) -> int:
@@ -398,7 +416,7 @@ def cmd_bench(args) -> int:
     else:
         path = default_flash_model(progress=tqdm_callback("Preparing default model"))
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
-                       direct_io=not args.no_direct_io)
+                       direct_io=not args.no_direct_io, pipeline=args.pipeline)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
     report = run_bench(
         path,
@@ -418,6 +436,7 @@ def cmd_bench(args) -> int:
         policies=_parse_policies(args.policies),
         policy_budgets=_parse_sweep(args.policy_budgets),
         policy_active=args.policy_active,
+        pipeline_twins=not args.no_twins,
     )
     text = format_table(report)
     print(text)
@@ -537,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neuron choice of the policy comparison (default auto: predictor when calibrated)")
     b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
+    b.add_argument("--no-twins", action="store_true",
+                   help="no second run of each flash row with pipelined layers the other way")
+    b.add_argument("--pipeline", action="store_true",
+                   help="the main flash rows with pipelined layers (their twins serial)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

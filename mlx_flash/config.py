@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from .units import fmt_bytes
 
@@ -14,6 +14,10 @@ from .units import fmt_bytes
 class FlashConfig:
     """How the flash engine runs a model.
 
+    engine:   "auto" (the default): a flash folder runs dense (its whole FFN read into
+              memory once, every neuron computed, no disk reads per token) when the
+              whole FFN fits the budget, else through the flash engine; the choice and
+              the reason are in ``Engine.engine_info``. "flash" / "dense" force one.
     budget:   memory the FFN neuron cache may use: a fraction of the model's FFN
               bytes when <= 1.0 (the paper: about half), else absolute bytes.
               The streaming scratch buffer counts against it too.
@@ -60,6 +64,16 @@ class FlashConfig:
               "hot+window" (``hot_fraction`` of the rows pinned hot neurons, the rest
               "lru"; needs calibration).
               The engine records what it ran, and why, in ``Engine.policy_info``.
+    pipeline: pipelined layers (``mlx_flash.pipeline``): while layer l computes, the
+              neurons layer l+1's chooser picks from layer l's input are read ahead
+              into staging buffers (I/O buffers outside the budget); outputs are the
+              same bit for bit, only where missing neurons' bytes come from changes.
+              Off by default: the staging buffers are memory the budget does not
+              count, and the gain is not proven here: one speed test on the default
+              model at 50% (bfloat16, load 8) measured the predictor 1.25x and naive
+              flash 1.36x faster pipelined (the oracle, whose lookahead recalls 75%,
+              0.91x), another CLI run a tie; the prefetch's copies compete with
+              compute for a loaded 2-core CPU. CLI ``--pipeline`` turns it on.
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).
@@ -72,6 +86,7 @@ class FlashConfig:
     """
 
     budget: float = 0.5
+    engine: str = "auto"
     window: int = 5
     threads: int = 0
     chunk_bytes: int = 0
@@ -84,9 +99,11 @@ class FlashConfig:
     hot_fraction: Optional[float] = None
     prefill: str = "all"
     verify: str = "background"
+    pipeline: bool = False
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    ENGINE_CHOICES = ("auto", "flash", "dense")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
@@ -98,6 +115,8 @@ class FlashConfig:
                              f"got {self.budget!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.engine not in self.ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {self.ENGINE_CHOICES}, got {self.engine!r}")
         if self.active not in self.ACTIVE_CHOICES:
             raise ValueError(f"active must be one of {self.ACTIVE_CHOICES}, got {self.active!r}")
         if self.policy not in self.POLICY_CHOICES:
@@ -121,6 +140,18 @@ class FlashConfig:
         if self.budget <= 1.0:
             return int(self.budget * ffn_bytes)
         return int(self.budget)
+
+    def choose_engine(self, ffn_bytes: int) -> Tuple[str, str]:
+        """``(engine, reason)``: "dense" or "flash" for a model whose FFN weighs ``ffn_bytes``."""
+        budget = self.budget_bytes(ffn_bytes)
+        fits = budget >= ffn_bytes
+        if self.engine != "auto":
+            return self.engine, "asked for"
+        if fits:
+            return "dense", (f"auto: the whole FFN ({ffn_bytes / 1e6:.1f} MB) fits the memory budget "
+                             f"({budget / 1e6:.1f} MB): no reads from disk")
+        return "flash", (f"auto: the FFN ({ffn_bytes / 1e6:.1f} MB) does not fit the memory budget "
+                         f"({budget / 1e6:.1f} MB): neurons read from disk")
 
     def to_dict(self) -> dict:
         return asdict(self)

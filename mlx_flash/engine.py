@@ -77,7 +77,8 @@ class Engine:
     def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[dict] = None, notes: Sequence[str] = (),
-                 context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None):
+                 context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
+                 prefetcher=None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -87,6 +88,7 @@ class Engine:
         self.reader = reader
         self.chooser = chooser
         self.counters = counters or FFNCounters()
+        self.prefetcher = prefetcher  # pipelined layers (mlx_flash.pipeline.Prefetcher) or None
         self.dense_bytes = _param_bytes(model)
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
@@ -97,6 +99,9 @@ class Engine:
         self.notes: List[str] = list(notes)
         self.context_length = context_length  # max_position_embeddings, when the config has it
         self.verifier = verifier  # ffn.bin's per-layer checksums, checked in the background
+        # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
+        # FFN fits the budget): {"engine", "asked", "reason"}; None for a plain dense folder.
+        self.engine_info: Optional[dict] = None
 
     # ------------------------------------------------------------------ info
     @property
@@ -126,10 +131,12 @@ class Engine:
         return self.files.manifest.ffn_bytes_total if self.files is not None else 0
 
     def resident_bytes(self) -> int:
-        """Weights held in memory: dense part, neuron cache in use, scratch, chooser."""
+        """Weights held in memory: dense part, neuron cache in use, staging buffers, chooser."""
         n = self.dense_bytes
         if self.cache is not None:
             n += self.cache.resident_bytes
+            if self.prefetcher is not None:
+                n += self.cache.staging_bytes  # pipelined layers' I/O buffers (outside the budget)
         if self.chooser is not None:
             n += self.chooser.resident_bytes
         return n
@@ -242,6 +249,10 @@ class Engine:
                 ms_predictor=d.predictor_s * 1e3,
                 ms_io=d.io_s * 1e3,
                 ms_compute=max(0.0, ms_total - (d.predictor_s + d.io_s) * 1e3),
+                ms_prefetch=d.prefetch_s * 1e3,
+                ms_overlap=d.overlap_s * 1e3,
+                neurons_prefetched=d.neurons_prefetched,
+                neurons_prefetch_used=d.neurons_prefetch_used,
                 bytes_read=d.bytes_read,
                 bytes_useful=d.bytes_useful,
                 neurons_active=d.neurons_active,
@@ -301,12 +312,21 @@ class Engine:
             count += len(seg) - 1
         return float(np.exp(nll / max(count, 1)))
 
+    def pipeline_info(self) -> Optional[dict]:
+        """Pipelined layers: staging rows, the lookahead's recall per layer against the layer's
+        own choice, the share of missing neurons the prefetch served (None without the pipeline)."""
+        return self.prefetcher.info() if self.prefetcher is not None else None
+
     def reset_stats(self) -> None:
         self.counters = _reset(self.counters)
         if self.cache is not None:
             self.cache.reset_stats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_stats()
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self.verifier is not None:
             self.verifier.close()
         if self.reader is not None:
@@ -330,13 +350,22 @@ def _reset(c: FFNCounters) -> FFNCounters:
 # ---------------------------------------------------------------------- loading
 def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense: bool = False) -> Engine:
     """Load a model folder. A flash folder (manifest.json) runs through the flash
-    engine unless ``dense`` (then its FFN is read fully into memory); an
-    mlx-lm/Hugging Face folder runs dense."""
+    engine, or dense (its FFN read fully into memory) when ``dense`` or when
+    ``config.engine`` says so ("auto": the whole FFN fits the budget; the choice and
+    why are in ``Engine.engine_info``); an mlx-lm/Hugging Face folder runs dense."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     if is_flash_dir(path):
-        return _load_flash(path, config or FlashConfig(), dense=dense)
+        config = config or FlashConfig()
+        if dense:
+            return _load_flash(path, config, dense=True)
+        from .storage.format import open_flash
+
+        engine, reason = config.choose_engine(open_flash(path).manifest.ffn_bytes_total)
+        eng = _load_flash(path, config, dense=engine == "dense")
+        eng.engine_info = {"engine": engine, "asked": config.engine, "reason": reason}
+        return eng
     return _load_dense(path)
 
 
@@ -525,6 +554,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
             layout=bundle_segments(m),
+            pipeline=config.pipeline,
         )
     except ValueError as e:
         if chooser.name != "predictor":
@@ -548,8 +578,10 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
 
     model = arch.build(arch_cfg, factory)
     cd = load_dense_part(model)
+    prefetcher = _wire_pipeline(model, arch, files, config, cache, reader)
     policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
-                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()})
+                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()},
+                       pipeline=prefetcher is not None, staging_neurons=cache.staging_neurons)
     if (files.root / PREDICTOR_FILE).is_file():  # after the predictors' own checks, whose messages are specific
         verify_file(files, PREDICTOR_FILE)
     if config.verify == "load":
@@ -557,7 +589,20 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     verifier.raise_if_failed()  # a layer found corrupt while loading: fail the load, not a token
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
-                  context_length=context, verifier=verifier)
+                  context_length=context, verifier=verifier, prefetcher=prefetcher)
+
+def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
+    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
+    layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
+    None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
+    from .pipeline import attach_pipeline, lookahead_map
+
+    if not config.pipeline:
+        return None
+    layers = model.layers
+    norms = [arch.ffn_input_norm(layer) for layer in layers]
+    maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
+    return attach_pipeline([layer.mlp for layer in layers], cache, reader, config.direct_io, maps)
 
 
 def _chooser_density(chooser):

@@ -510,7 +510,7 @@ class NeuronCache:
     """
 
     def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
-                 layout: Optional[dict] = None):
+                 layout: Optional[dict] = None, staging_neurons: int = 0):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -520,6 +520,9 @@ class NeuronCache:
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout)
+        # pipelined layers (mlx_flash.pipeline): two host buffers of whole bundles the prefetch reads into
+        self.staging_neurons = int(staging_neurons)
+        self.staging = [np.empty((self.staging_neurons, self.bundle_bytes), dtype=np.uint8) for _ in range(2)]
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
         self.policy = CachePolicy("lru" if first.lazy else "window")
 
@@ -536,8 +539,10 @@ class NeuronCache:
         scratch_neurons: int = 256,
         lazy: bool = True,
         layout: Optional[dict] = None,
+        pipeline: bool = False,
     ) -> "NeuronCache":
-        """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches.
+        """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches; with
+        ``pipeline``, two staging buffers of ``n_neurons - capacity`` rows (outside the budget).
 
         The scratch holds ``min(scratch_neurons, n_neurons)`` neurons, or none when
         the whole FFN fits in the budget (nothing can overflow then). Raises
@@ -558,9 +563,13 @@ class NeuronCache:
                 f"({n_layers} x {bundle_bytes} bytes); the minimum budget is {minimum} bytes"
             )
         capacity = min((budget_bytes - scratch_bytes) // n_layers // bundle_bytes, n_neurons)
+        # Pipelined layers: staging rows for what one layer's cache cannot hold. They are I/O buffers
+        # (like the reader's aligned buffers), outside the cache budget: the caches keep the same rows
+        # with and without the pipeline, so the arithmetic, and the outputs, stay the same bit for bit.
+        staging = n_neurons - capacity if pipeline and n_layers > 1 else 0
         layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout)
                   for _ in range(n_layers)]
-        return cls(layers, scratch, budget_bytes, layout)
+        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -571,6 +580,11 @@ class NeuronCache:
     @property
     def scratch_bytes(self) -> int:
         return self.scratch_neurons * self.bundle_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Both staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
+        return 2 * self.staging_neurons * self.bundle_bytes
 
     @property
     def resident_bytes(self) -> int:

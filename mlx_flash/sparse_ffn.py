@@ -37,6 +37,7 @@ import numpy as np
 from .active import Chooser, gated_activation
 from .quantized import dequantized_matmul, use_quantized_matmul
 from .stats import FFNCounters
+from .storage.reader import set_rows
 
 
 class _OutputBias(nn.Module):
@@ -172,6 +173,60 @@ class _State:
         self.quant = quant
         self.cdtype = cdtype
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
+        # Pipelined layers (mlx_flash.pipeline), wired by the engine: the shared Prefetcher, the
+        # next layer's cache and the lookahead map (scale, shift) to its input norm (None: as is).
+        self.prefetcher = None
+        self.next_cache = None
+        self.lookahead_map = None
+
+    def _fill(self, ids: np.ndarray, dest, staged) -> int:
+        """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: the ones the
+        prefetch staged are copied from the staging buffer, the rest read now. Returns how
+        many came from the staging buffer."""
+        c = self.counters
+        have = None
+        if staged is not None:
+            have, pos = staged.find(ids)
+            if have.all():
+                k = len(ids)
+                p0 = int(pos[0]) if k else 0
+                # staged in one run (sorted ids, nothing else staged between): a view, no gathered copy
+                src = staged.rows[p0 : p0 + k] if k and int(pos[-1]) - p0 == k - 1 else staged.rows[pos]
+                set_rows(dest, slice(0, k), src)
+            elif have.any():
+                set_rows(dest, np.flatnonzero(have), staged.rows[pos[have]])
+            else:
+                have = None
+        n_staged = 0 if have is None else int(np.count_nonzero(have))
+        c.bytes_useful += n_staged * self.cache.bundle_bytes
+        c.neurons_prefetch_used += n_staged
+        if n_staged < len(ids):
+            ta = time.perf_counter()
+            if have is None:
+                rs = self.reader.read(self.layer, ids, dest)
+            else:
+                rest = np.flatnonzero(~have)
+                rs = self.reader.read(self.layer, ids[rest], dest, rows=rest)
+            if self.prefetcher is not None:
+                self.prefetcher.main_io(ta, time.perf_counter())
+            c.bytes_read += rs.bytes_read
+            c.bytes_useful += rs.bytes_useful
+            c.read_requests += rs.requests
+        return n_staged
+
+    def _prefetch_next(self, xt: mx.array) -> None:
+        """Pipelined layers: choose the next layer's neurons from this layer's input (the
+        lookahead) and start reading the ones its cache lacks (predictor time)."""
+        if self.all_neurons:
+            look = np.arange(self.next_cache.n_neurons, dtype=np.int64)
+        else:
+            xl = xt
+            if self.lookahead_map is not None:
+                scale, shift = self.lookahead_map
+                xl = (xt.astype(mx.float32) * scale + shift).astype(xt.dtype)
+            look = self.chooser.choose(self.layer + 1, xl)[0]
+        want = look[self.next_cache.slot_of[look] < 0]
+        self.prefetcher.issue(self.layer + 1, look, want)
 
     def _roles(self, store, rows) -> dict:
         """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a
@@ -190,6 +245,8 @@ class _State:
         xt = x.reshape(-1, shape[-1])
         mx.eval(xt)  # attention etc. up to here is compute, not predictor time
 
+        pf = self.prefetcher
+        staged = pf.take(self.layer, c) if pf is not None else None  # waiting counts as I/O
         t0 = time.perf_counter()
         if self.all_neurons:
             ids, mask = np.arange(self.cache.n_neurons, dtype=np.int64), None
@@ -201,13 +258,16 @@ class _State:
         plan = self.cache.step(ids)
         order = np.concatenate([plan.hit_ids, plan.load_ids]).astype(np.int64)
         slots = np.concatenate([plan.hit_slots, plan.load_slots]).astype(np.int32)
+        served = 0
         if len(plan.load_ids):
-            rs = self.reader.read(self.layer, plan.load_ids, plan.load_dest)
-            c.bytes_read += rs.bytes_read
-            c.bytes_useful += rs.bytes_useful
-            c.read_requests += rs.requests
+            served += self._fill(plan.load_ids, plan.load_dest, staged)
         t2 = time.perf_counter()
         c.io_s += t2 - t1
+        if pf is not None and self.next_cache is not None:
+            self._prefetch_next(xt)
+            t2b = time.perf_counter()
+            c.predictor_s += t2b - t2
+            t2 = t2b
 
         if mask is not None:
             pos = np.empty(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
@@ -248,10 +308,7 @@ class _State:
             for start in range(0, len(overflow), step):
                 chunk = overflow[start : start + step]
                 ta = time.perf_counter()
-                rs = self.reader.read(self.layer, chunk, store.dest(0, len(chunk)))
-                c.bytes_read += rs.bytes_read
-                c.bytes_useful += rs.bytes_useful
-                c.read_requests += rs.requests
+                served += self._fill(chunk, store.dest(0, len(chunk)), staged)
                 tb = time.perf_counter()
                 y = y + self._partial(xt, self._roles(store, slice(0, len(chunk))), cols(chunk))
                 mx.eval(y)  # the scratch rows are overwritten by the next chunk
@@ -263,6 +320,8 @@ class _State:
         c.neurons_hit += len(plan.hit_ids)
         c.neurons_loaded += len(plan.load_ids)
         c.neurons_streamed += len(overflow)
+        if pf is not None:
+            pf.record(self.layer, staged, ids, len(plan.load_ids) + len(overflow), served)
         if self.verifier is not None:
             self.verifier.check(self.layer)  # never hand on an output computed from corrupt weights
         return y.astype(x.dtype).reshape(*shape[:-1], self.hidden)

@@ -20,6 +20,12 @@ class FFNCounters:
     neurons_loaded: int = 0      # cache misses read into the cache
     neurons_streamed: int = 0    # active neurons that did not fit, read through scratch
     neurons_hit: int = 0
+    # pipelined layers (mlx_flash.pipeline): the prefetch reader's busy time, the part of it
+    # while the engine's thread computed (disk and compute busy at once), prefetched neurons
+    prefetch_s: float = 0.0
+    overlap_s: float = 0.0
+    neurons_prefetched: int = 0
+    neurons_prefetch_used: int = 0   # missing neurons copied from the staging buffer, not read
 
     def add(self, other: "FFNCounters") -> None:
         for k, v in asdict(other).items():
@@ -35,11 +41,15 @@ class Stats:
     ms_predictor: float = 0.0
     ms_io: float = 0.0
     ms_compute: float = 0.0          # everything that is not predictor or I/O
+    ms_prefetch: float = 0.0         # pipelined: the prefetch reader busy (beside the token's own time)
+    ms_overlap: float = 0.0          # pipelined: disk and compute busy at once (I/O hidden behind compute)
     bytes_read: int = 0              # from disk, including 4 KiB alignment and coalescing gaps
     bytes_useful: int = 0            # bundle bytes of the neurons actually needed
     neurons_active: int = 0
     neurons_loaded: int = 0
     neurons_streamed: int = 0
+    neurons_prefetched: int = 0      # pipelined: read ahead into the staging buffer
+    neurons_prefetch_used: int = 0   # pipelined: missing neurons that came from the staging buffer
     hit_rate: float = 1.0            # this token: hits / active
     cum_hit_rate: float = 1.0        # since the start of the generation
     resident_bytes: int = 0          # weights in memory: dense part + neuron cache + predictors

@@ -60,15 +60,17 @@ def run(tiny, tmp_path_factory):
     rep = run_bench(tiny, budget=0.5, tokens=TOKENS, progress=progress, sweep=[0.5, 1.0],
                     shape=TINY_SHAPE, shape_gib=TINY_GIB, shape_root=root, ppl_tokens=40,
                     probe=True, probe_kwargs=PROBE_KW,
-                    flash_config=FlashConfig(scratch_neurons=16, threads=2))
+                    flash_config=FlashConfig(scratch_neurons=16, threads=2, pipeline=True))
     return rep, calls, root
 
 
 def test_every_configuration_runs(run):
     rep, _, _ = run
     names = [r.name for r in rep.rows]
-    assert names[:3] == [DENSE, NAIVE, ORACLE]
-    assert names[3:] == [f"{NAIVE} (tiny shape)", f"{ORACLE} (tiny shape)"]
+    # pipelined main rows (asked for here): each flash row has its serial twin beside it
+    assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)"]
+    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (serial)", f"{ORACLE} (tiny shape)",
+                         f"{ORACLE} (tiny shape) (serial)"]
     # the tiny model has no predictors: skipped with a note, not a crash
     assert [s["name"] for s in rep.skipped] == [PREDICTOR]
     assert "predictor" in rep.skipped[0]["reason"].lower()
@@ -77,7 +79,7 @@ def test_every_configuration_runs(run):
         assert r.tokens_per_s == pytest.approx(1000.0 / r.ms_total)
         assert r.ms_total == pytest.approx(r.ms_predictor + r.ms_io + r.ms_compute, rel=1e-6, abs=1e-6)
         assert r.peak_memory > 0 and r.resident_bytes > 0
-    dense, naive, oracle = rep.rows[:3]
+    dense, naive, oracle = (rep.rows[names.index(n)] for n in (DENSE, NAIVE, ORACLE))
     assert dense.source == naive.source == oracle.source == REAL
     assert dense.hit_rate is None and dense.bytes_read_per_token == 0 and dense.io_gbps is None
     assert naive.bytes_read_per_token > 0 and naive.bytes_useful_per_token <= naive.bytes_read_per_token
@@ -87,15 +89,26 @@ def test_every_configuration_runs(run):
     assert naive.perplexity == pytest.approx(dense.perplexity, rel=0.02)
     assert naive.agree_with_dense is not None and oracle.perplexity is not None
     assert rep.prompt_tokens > 0 and rep.perplexity_tokens == 40
+    for piped in (naive, oracle):  # pipelined: the same tokens as serial, the overlap counted
+        ser = rep.rows[names.index(f"{piped.name} (serial)")]
+        assert piped.pipeline and not ser.pipeline and piped.same_as_serial is True
+        assert piped.text == ser.text and ser.perplexity == piped.perplexity
+        assert 0.0 <= piped.ms_overlap <= piped.ms_prefetch and ser.ms_prefetch == 0.0
+        assert piped.lookahead["lookahead_recall"][0] is None
+    assert "Pipelined layers vs serial" in format_table(rep)
 
 
 def test_replayed_rows_are_marked_and_use_the_trace(run):
     rep, _, _ = run
     shape_rows = [r for r in rep.rows if r.source == REPLAYED]
-    assert len(shape_rows) == 2
+    assert len(shape_rows) == 4
     assert all(r.perplexity is None and r.group == "tiny shape" for r in shape_rows)
     assert rep.shape["hidden"] == 256 and rep.shape["ffn"] == 1024 and rep.shape["layers"] == 2
-    naive, oracle = shape_rows
+    naive, naive_s, oracle, oracle_s = shape_rows
+    assert naive.pipeline and oracle.pipeline and not naive_s.pipeline and not oracle_s.pipeline
+    # the replayed sets are the lookahead's too: foreseen exactly
+    assert oracle.lookahead["mean_lookahead_recall"] == 1.0
+    assert oracle_s.neurons_active_per_token == oracle.neurons_active_per_token
     assert naive.neurons_active_per_token == 2 * 1024  # every neuron of both layers
     # the replayed oracle uses the recorded sets scaled 4x: same density as the real oracle
     assert oracle.neurons_active_per_token / (2 * 1024) == pytest.approx(1 - rep.shape["scaled_sparsity"], abs=0.1)
@@ -117,7 +130,8 @@ def test_ratios_come_from_the_rows(run):
             for b in rows:
                 if b.name.split(" (")[0] in (NAIVE, DENSE):
                     want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
-    assert set(rep.ratios) == set(want) and len(want) == 3
+    # real: oracle and oracle (serial) x 3 bases; shape: the same x 2 naive bases
+    assert set(rep.ratios) == set(want) and len(want) == 10
     for k, v in want.items():
         assert rep.ratios[k] == pytest.approx(v)
     assert f"{ORACLE} / {NAIVE}" in rep.ratios and f"{ORACLE} / {DENSE}" in rep.ratios
@@ -210,7 +224,7 @@ def test_bad_arguments(tiny, tmp_path):
 
 def test_subset_of_configs_and_aliases(tiny):
     rep = run_bench(tiny, tokens=3, configs=["oracle", "naive"], probe=False, ppl_tokens=0,
-                    flash_config=FlashConfig(scratch_neurons=16, threads=1))
+                    flash_config=FlashConfig(scratch_neurons=16, threads=1), pipeline_twins=False)
     assert [r.name for r in rep.rows] == [NAIVE, ORACLE]
     assert rep.probe is None and rep.skipped == []
     assert set(rep.ratios) == {f"{ORACLE} / {NAIVE}"}
@@ -320,7 +334,8 @@ def test_cli_bench(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| naive flash |" in out
     d = json.loads((tmp_path / "b.json").read_text())
-    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE]
+    assert [r["name"] for r in d["rows"]] == [DENSE, NAIVE, f"{NAIVE} (pipelined)"]  # serial main rows by default
+    assert "| naive flash (pipelined) |" in out and "Pipelined layers vs serial" in out
     assert (tmp_path / "plots" / "bench_ms_per_token.png").is_file()
     assert (tmp_path / "b.md").read_text().startswith("# mlx-flash bench")
 

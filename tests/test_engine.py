@@ -28,7 +28,7 @@ def test_sparse_all_equals_dense_logits(tiny):
     src, dst, dtype = tiny
     dense = load(src)
     for budget in (1.0, 0.5, 0.2):
-        flash = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=64, threads=4))
+        flash = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=64, threads=4, engine="flash"))
         toks = mx.array([[5, 17, 99, 3, 42, 7, 8, 120]])
         a = dense.model(toks).astype(mx.float32)
         b = flash.model(toks).astype(mx.float32)

@@ -279,7 +279,7 @@ def test_relu_oracle_is_exact_and_sparse(opt):
 def test_exact_rule_matches_fc1_sign(opt):
     """Oracle's active set is exactly {i : fc1_i x + b_i > 0}."""
     _, dst = opt
-    eng = load(dst, FlashConfig(active="oracle", budget=1.0, threads=1))
+    eng = load(dst, FlashConfig(active="oracle", budget=1.0, threads=1, engine="flash"))
     files = open_flash(dst)
     fc1, b1, _ = read_layer_weights(files, 1)
     x = mx.random.normal((6, 64), key=mx.random.key(0))

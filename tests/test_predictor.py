@@ -223,7 +223,7 @@ def test_engine_generates_with_predictors(calibrated):
 def test_engine_predictor_logits_equal_masked_dense(calibrated):
     """evaluate's masked dense FFN computes exactly what the flash engine computes."""
     flash, _ = calibrated
-    eng = load(flash, FlashConfig(active="predictor", budget=1.0, scratch_neurons=32, threads=2))
+    eng = load(flash, FlashConfig(active="predictor", budget=1.0, engine="flash", scratch_neurons=32, threads=2))
     toks = mx.array([[5, 17, 99, 3, 42, 7, 8, 120, 64, 33]])
     got = np.array(eng.model(toks).astype(mx.float32))
     files = open_flash(flash)

@@ -99,7 +99,7 @@ def test_all_neurons_match_mlx_lm(quant, tmp_path):
     ref_model = _dense_f32(q)
     files = open_flash(dst)
     for budget in (1.0, 0.4):
-        eng = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=32, threads=2))
+        eng = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=32, threads=2, engine="flash"))
         assert eng.policy_info["compute_dtype"] == "float32"  # the CPU rule
         out = eng.model(TOKS).astype(mx.float32)
         ref = ref_model(TOKS).astype(mx.float32)
@@ -146,7 +146,7 @@ def test_bfloat16_opt_out_dequantizes_the_ffn(quant, tmp_path):
     files = open_flash(convert_to_flash(q, tmp_path / "f.flash", dtype="bfloat16"))
     assert files.manifest.quantization is None and not files.manifest.quantized
     assert files.manifest.bundle_bytes == 3 * HIDDEN * 2
-    eng = load(files.root, FlashConfig(active="all", budget=1.0, threads=2))
+    eng = load(files.root, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
     assert len(eng.generate("hi", 4)) >= 0
     eng.close()
 
@@ -159,7 +159,7 @@ def test_down_bits_option_and_mixed_bits(src_float, tmp_path):
     m = open_flash(d4).manifest
     assert m.quantization["down"]["bits"] == 4 and m.quantization["gate"]["bits"] == 4
     assert m.bundle_bytes == 3 * (HIDDEN // 2 + 2 * (HIDDEN // 32) * 2)
-    eng = load(d4, FlashConfig(active="all", budget=1.0, threads=2))
+    eng = load(d4, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
     ref = _dense_f32(q4)(TOKS).astype(mx.float32)
     out = eng.model(TOKS).astype(mx.float32)
     assert float(mx.max(mx.abs(out - ref)).item()) < 0.08 * float(mx.max(mx.abs(ref)).item())
@@ -173,7 +173,7 @@ def test_down_bits_option_and_mixed_bits(src_float, tmp_path):
     mm = open_flash(dst).manifest
     assert [mm.quantization[r]["bits"] for r in ("gate", "up", "down")] == [4, 4, 8]
     assert [s[0] for s in bundle_segments(mm)][:3] == ["gate", "gate.scales", "gate.biases"]
-    eng = load(dst, FlashConfig(active="all", budget=1.0, threads=2))
+    eng = load(dst, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
     ref = _dense_f32(mixed)(TOKS).astype(mx.float32)
     out = eng.model(TOKS).astype(mx.float32)
     assert float(mx.max(mx.abs(out - ref)).item()) < 0.02 * float(mx.max(mx.abs(ref)).item())
@@ -206,7 +206,7 @@ def test_dense_load_keeps_the_ffn_quantized(quant):
     in memory as stored), the same arithmetic as every neuron through the flash FFN."""
     _, dst, bits, _ = quant
     d = load(dst, dense=True)
-    f = load(dst, FlashConfig(active="all", budget=1.0, threads=2))
+    f = load(dst, FlashConfig(active="all", budget=1.0, threads=2, engine="flash"))
     assert np.array_equal(np.asarray(d.model(TOKS)), np.asarray(f.model(TOKS)))
     ffn_params = LAYERS * FFN * 3 * HIDDEN
     assert d.dense_bytes - f.dense_bytes < ffn_params * 2  # the FFN in memory is not float weights

@@ -1,7 +1,7 @@
 """Live performance plots from the engine's per-token Stats (pyqtgraph).
 
 Six small plots: tokens/s; ms per token split into predictor / I/O / compute
-(stacked); bytes read from flash per token; neuron-cache hit rate; weights in
+(stacked), with the disk time hidden behind compute by pipelined layers (dashed); bytes read from flash per token; neuron-cache hit rate; weights in
 memory against the budget; process memory. Each has its current value beside
 its title. Data comes only from ``Stats`` records (``add_stats``); drawing is
 throttled to ~10 Hz so fast models do not flood the GUI thread.
@@ -23,7 +23,7 @@ from .. import theme
 MAX_POINTS = 2048
 MB = 1e6
 
-_FIELDS = ("tokens_per_s", "inst_tps", "ms_total", "ms_predictor", "ms_io", "ms_compute", "bytes_read",
+_FIELDS = ("tokens_per_s", "inst_tps", "ms_total", "ms_predictor", "ms_io", "ms_compute", "ms_overlap", "bytes_read",
            "bytes_useful", "hit_rate", "cum_hit_rate", "resident_bytes", "cache_bytes", "budget_bytes",
            "process_rss", "peak_memory")
 
@@ -120,7 +120,7 @@ class StatsPanel(QScrollArea):
         grid.setVerticalSpacing(0)
         self.summary: Dict[str, QLabel] = {}
         for i, (key, label) in enumerate((("tokens", "tokens"), ("first", "first token"), ("hit", "cache hits"),
-                                           ("active", "active neurons"))):
+                                           ("active", "active neurons"), ("overlap", "I/O behind compute"))):
             v = QLabel("–")
             v.setObjectName("StatValue")
             t = QLabel(label)
@@ -144,6 +144,8 @@ class StatsPanel(QScrollArea):
         for a, b, col in ((self.c_ms0, self.c_ms1, theme.C_PRED), (self.c_ms1, self.c_ms2, theme.C_IO),
                           (self.c_ms2, self.c_ms3, theme.C_COMPUTE)):
             self.card_ms.plot.addItem(pg.FillBetweenItem(a, b, brush=pg.mkBrush(_alpha(col, 110))))
+        # pipelined layers: disk reads of the next layer while this one computed (not in the stack)
+        self.c_overlap = self.card_ms.curve(theme.C_IO, 1.4, dash=True)
 
         self.card_read = StatCard("Read from flash per token", [(theme.C_IO, "read"), (theme.C_COMPUTE, "useful")])
         self._read_unit = ""
@@ -221,7 +223,7 @@ class StatsPanel(QScrollArea):
         d = self._data
         d["tokens_per_s"].append(float(s.tokens_per_s))
         d["inst_tps"].append(1e3 / s.ms_total if s.ms_total > 0 else 0.0)
-        for k in ("ms_total", "ms_predictor", "ms_io", "ms_compute"):
+        for k in ("ms_total", "ms_predictor", "ms_io", "ms_compute", "ms_overlap"):
             d[k].append(float(getattr(s, k)))
         for k in ("bytes_read", "bytes_useful", "resident_bytes", "cache_bytes", "budget_bytes", "process_rss",
                   "peak_memory"):
@@ -248,7 +250,7 @@ class StatsPanel(QScrollArea):
         a = {k: np.fromiter(v, dtype=float, count=len(v)) for k, v in self._data.items()}
         n = len(x)
         if n == 0:
-            for c in (self.c_inst, self.c_tps, self.c_ms0, self.c_ms1, self.c_ms2, self.c_ms3, self.c_read,
+            for c in (self.c_inst, self.c_tps, self.c_ms0, self.c_ms1, self.c_ms2, self.c_ms3, self.c_overlap, self.c_read,
                       self.c_useful, self.c_hit, self.c_cum, self.c_res, self.c_cache, self.c_budget, self.c_rss,
                       self.c_peak):
                 c.setData([], [])
@@ -267,6 +269,7 @@ class StatsPanel(QScrollArea):
         self.c_ms1.setData(x, p)
         self.c_ms2.setData(x, pi)
         self.c_ms3.setData(x, pic)
+        self.c_overlap.setData(x, a["ms_overlap"])
         unit, div = ("MB", 1e6) if a["bytes_read"].max(initial=0) >= 2e6 else ("KB", 1e3)
         if unit != self._read_unit:
             self._read_unit = unit
@@ -293,9 +296,11 @@ class StatsPanel(QScrollArea):
         flash = str(s.mode).startswith("flash")
         self.card_tps.value.setText(f"{s.tokens_per_s:.1f} <small>tok/s</small>")
         self.card_ms.value.setText(f"{s.ms_total:.1f} <small>ms</small>")
-        self.card_ms.legend.setText(_legend([(theme.C_PRED, f"predictor {s.ms_predictor:.1f}"),
-                                             (theme.C_IO, f"I/O {s.ms_io:.1f}"),
-                                             (theme.C_COMPUTE, f"compute {s.ms_compute:.1f}")]))
+        legend = [(theme.C_PRED, f"predictor {s.ms_predictor:.1f}"), (theme.C_IO, f"I/O {s.ms_io:.1f}"),
+                  (theme.C_COMPUTE, f"compute {s.ms_compute:.1f}")]
+        if s.ms_prefetch > 0:
+            legend.append((theme.C_IO, f"behind compute {s.ms_overlap:.1f} (dashed)"))
+        self.card_ms.legend.setText(_legend(legend))
         self.card_read.value.setText(theme.human_bytes(s.bytes_read) if flash else "<small>dense: none</small>")
         self.card_hit.value.setText(f"{100 * s.cum_hit_rate:.0f}<small>%</small>")
         if s.budget_bytes:
@@ -311,3 +316,4 @@ class StatsPanel(QScrollArea):
         self.summary["first"].setText(f"{s.ms_first_token / 1e3:.2f} s" if s.ms_first_token else "–")
         self.summary["first"].setToolTip(f"{s.prompt_tokens} prompt tokens read at {s.prompt_tps:.0f} tokens/s"
                                          if s.prompt_tps else "")
+        self.summary["overlap"].setText(f"{s.ms_overlap:.0f} ms" if s.ms_prefetch > 0 else "–")

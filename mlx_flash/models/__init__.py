@@ -10,7 +10,9 @@ One module per architecture family (mlx-lm style). Each module exposes:
   ``load_model(get_model_classes=...)`` (dense loading, quantized folders included),
 - ``build(config, ffn_factory)``: the model with every layer's FFN replaced by
   ``ffn_factory(layer_index)`` (a flash ``SparseFFN``) or left dense when
-  ``ffn_factory`` is None.
+  ``ffn_factory`` is None,
+- ``ffn_input_norm(layer)``: the norm module whose output is that layer's FFN input, or
+  None (the pipelined layers' lookahead, ``mlx_flash.pipeline.lookahead_map``).
 
 Which families exist is :mod:`mlx_flash.families`'s table (``FAMILIES``); the flash layout of each
 architecture's FFN (bundle parts, biases) lives in ``storage.format.ARCHITECTURES``, built

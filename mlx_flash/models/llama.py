@@ -94,6 +94,11 @@ def get_classes(config: dict):
     return ActModel, args_class
 
 
+def ffn_input_norm(layer: nn.Module) -> Optional[nn.Module]:
+    """The norm whose output is the FFN's input (the pipeline's lookahead maps between them)."""
+    return layer.post_attention_layernorm
+
+
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:
     """Instantiate the mlx-lm model for ``config``; swap each layer's FFN when asked
     (without ``ffn_factory``, a fused gate_up MLP becomes a split one: flash key names)."""

@@ -215,6 +215,12 @@ def get_classes(config: dict):
     return Model, ModelArgs
 
 
+def ffn_input_norm(layer: nn.Module) -> Optional[nn.Module]:
+    """The norm whose output is the FFN's input: pre-LN layers' ``final_layer_norm``; None
+    for post-LN (OPT-350m: the FFN reads the normalised attention output as it is)."""
+    return layer.final_layer_norm if layer.pre_ln else None
+
+
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:
     """The OPT model for ``config``; each layer's FFN swapped for ``ffn_factory(i)`` when given."""
     args = ModelArgs.from_dict(config)

@@ -128,7 +128,9 @@ class SplitRows:
         return out
 
 
-def _set_rows(out, rows, block: np.ndarray) -> None:
+def set_rows(out, rows, block: np.ndarray) -> None:
+    """``out[rows] = block`` for a read destination (uint8 array or :class:`SplitRows`);
+    ``rows``: a slice or row indices, ``block``: ``(k, bundle_bytes)`` uint8 bundles."""
     if isinstance(out, SplitRows):
         out.set_rows(rows, block)
     else:
@@ -245,13 +247,16 @@ class FlashReader:
         self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
 
     # ------------------------------------------------------------------ public
-    def read(self, layer: int, ids: Sequence[int], out: np.ndarray) -> ReadStats:
+    def read(self, layer: int, ids: Sequence[int], out: np.ndarray, rows: Optional[np.ndarray] = None) -> ReadStats:
         """Read the bundles of neurons ``ids`` of ``layer`` into ``out``.
 
         ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
         rows are C-contiguous (a row slice of a C-ordered matrix is fine), or a
         :class:`SplitRows` of that shape. After the call ``out[j]`` holds exactly
-        the on-disk bytes of neuron ``ids[j]``.
+        the on-disk bytes of neuron ``ids[j]``. With ``rows`` (one distinct row index
+        of ``out`` per id) ``out`` may have more rows and ``out[rows[j]]`` receives
+        neuron ``ids[j]``: the other rows are left alone (the engine's pipeline fills
+        the rest of a destination from its prefetched bundles).
         Ids may be unsorted and repeated. Raises IndexError for a layer or id out
         of range, ValueError for a wrong ``out``, FlashFormatError if the file ends early.
         """
@@ -268,13 +273,19 @@ class FlashReader:
         ids_arr = ids_arr.astype(np.int64, copy=False)
         n = ids_arr.size
         bb = self.bundle_bytes
+        n_out = n
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            n_out = len(out)
+            if len(rows) != n or (n and (int(rows.min()) < 0 or int(rows.max()) >= n_out)):
+                raise ValueError(f"rows must give one row of out (0..{n_out - 1}) for each of the {n} ids")
         if isinstance(out, SplitRows):
-            if out.shape != (n, bb):
-                raise ValueError(f"out must have shape ({n}, {bb}), got SplitRows {out.shape}")
+            if out.shape != (n_out, bb):
+                raise ValueError(f"out must have shape ({n_out}, {bb}), got SplitRows {out.shape}")
         else:
-            if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2 or out.shape != (n, bb):
+            if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2 or out.shape != (n_out, bb):
                 desc = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-                raise ValueError(f"out must be a uint8 array of shape ({n}, {bb}), got {desc}")
+                raise ValueError(f"out must be a uint8 array of shape ({n_out}, {bb}), got {desc}")
             if not out.flags.writeable:
                 raise ValueError("out is read-only")
             if n and out.strides[1] != 1:
@@ -288,6 +299,10 @@ class FlashReader:
 
         with self._lock:
             plan, dup_rows, dup_src = self._plan(layer, ids_arr)
+            if rows is not None:
+                plan.rows = rows[plan.rows]
+                if dup_rows is not None:
+                    dup_rows, dup_src = rows[dup_rows], rows[dup_src]
             groups = self._split(plan)
             if self._pool is None or len(groups) == 1:
                 results = [self._work(0, plan, g0, g1, out) for g0, g1 in groups]
@@ -415,9 +430,9 @@ class FlashReader:
                     dst = rows[j0:j1]
                     r_first = int(dst[0])
                     if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
-                        _set_rows(out, slice(r_first, r_first + k), block)
+                        set_rows(out, slice(r_first, r_first + k), block)
                     else:
-                        _set_rows(out, dst, block)
+                        set_rows(out, dst, block)
                 # bundles straddling the request's edges: copy the part inside
                 for j in {i0, i1 - 1}:
                     if j0 <= j < j1:
@@ -428,4 +443,4 @@ class FlashReader:
         return requests
 
 
-__all__ = ["FlashReader", "ReadStats", "SplitRows"]
+__all__ = ["FlashReader", "ReadStats", "SplitRows", "set_rows"]

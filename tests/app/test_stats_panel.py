@@ -37,6 +37,11 @@ def test_panel_plots_and_numbers(qtbot):
     assert "10.0 / 20.0" in p.card_mem.value.text()
     assert p.summary["hit"].text() == "75%" and p.summary["active"].text() == "100"
     assert "I/O 3.0" in p.card_ms.legend.text()
+    assert p.summary["overlap"].text() == "–" and "behind compute" not in p.card_ms.legend.text()
+    p.add_stats(_stats(5, ms_prefetch=4.0, ms_overlap=2.5))  # pipelined layers
+    p.flush()
+    assert p.summary["overlap"].text() == "2 ms" and "behind compute 2.5" in p.card_ms.legend.text()
+    assert list(p.c_overlap.getData()[1]) == [0.0] * 5 + [2.5]
     p.begin()
     p.flush()
     assert p.count == 0 and p.series("ms_total") == []

@@ -130,7 +130,7 @@ def test_flipped_byte_in_predictors(calibrated, tmp_path, home, capsys):
     bad = _copy(calibrated, tmp_path / "bad.flash")
     p = bad / PREDICTOR_FILE
     _flip(p, _safetensors_data_offset(p) + 64)
-    assert main(_generate(bad, "--budget", "100%")) == 1
+    assert main(_generate(bad, "--budget", "100%", "--engine", "flash")) == 1
     assert "predictors.safetensors checksum mismatch" in capsys.readouterr().err
     assert main(["verify", str(bad), "-q"]) == 1
     assert "predictors.safetensors checksum mismatch" in capsys.readouterr().err
@@ -260,13 +260,15 @@ def test_good_budgets_parse():
 
 
 def test_budget_above_the_ffn_is_clamped_with_a_note(good, home, capsys):
-    assert main(_generate(good[0], "--budget", "2GiB", "--active", "all")) == 0
+    assert main(_generate(good[0], "--budget", "2GiB", "--active", "all", "--engine", "flash")) == 0
     err = capsys.readouterr().err
     assert "warning: the budget of 2147.5 MB is more than this model can use" in err
+    assert main(_generate(good[0], "--budget", "2GiB")) == 0  # engine auto: the whole FFN fits, so dense
+    assert "engine: dense (auto: the whole FFN" in capsys.readouterr().err
 
 
 def test_uncalibrated_full_budget_runs_every_neuron(good):
-    eng = load(good[0], FlashConfig(budget=1.0))
+    eng = load(good[0], FlashConfig(budget=1.0, engine="flash"))  # (engine auto would run it dense)
     try:
         assert eng.mode == "flash-all"
         assert any("every FFN neuron runs" in n for n in eng.notes)
