@@ -20,8 +20,15 @@ class FlashConfig:
     max_gap_bytes: neighbouring neuron runs closer than this are read in one
               request (the gap is read and thrown away): fewer, larger reads.
     active:   how each token's active neurons are chosen:
-              "auto" (the default: "predictor" when the flash folder has
-              calibrated predictors, else "oracle"),
+              "auto" (the default: on a calibrated model "gate", "predictor" or
+              "all", whichever reads the fewest bytes per token while keeping
+              quality, measured at load from the calibration's held-out figures
+              (``engine.choose_active``; the reason is in ``Engine.active_info``);
+              uncalibrated: "oracle"),
+              "gate" (gate-first: every layer's gate rows resident inside the
+              budget, ``|act(gate x)|`` above calibrated per-layer thresholds;
+              only the up/down parts of active neurons are read; ``sparsity``
+              picks a calibrated gate sparsity, None the calibrated choice),
               "all" (naive flash, the paper's baseline: every neuron),
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
@@ -74,7 +81,7 @@ class FlashConfig:
     prefill: str = "all"
     extra: dict = field(default_factory=dict)
 
-    ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor", "gate")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
