@@ -329,18 +329,18 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, compute_dtype
 
     m = files.manifest
     active = config.active
-    info = {"name": active, "asked": active, "reason": "asked for"}
+    record = {"name": active, "asked": active, "reason": "asked for"}
     if active == "auto":
-        info = choose_active(files, config, act, reader)
-        active = info["name"]
+        record = choose_active(files, config, act, reader)
+        active = record["name"]
     if active == "all":
-        return AllNeurons(m.intermediate_size), info
+        return AllNeurons(m.intermediate_size), record
     if active == "predictor":
-        return load_predictor_chooser(files, config), info
+        return load_predictor_chooser(files, config), record
     if active == "gate":
         ch = load_gate_chooser(files, config, act, act_param, compute_dtype)
-        info.setdefault("sparsity", ch.sparsity)
-        return ch, info
+        record.setdefault("sparsity", ch.sparsity)
+        return ch, record
     gate_up, biases = [], []
     for i in range(m.num_layers):
         parts = dict(zip((p.role for p in bundle_parts(m)), read_layer_weights(files, i)))
@@ -355,7 +355,7 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, compute_dtype
         thresholds, sparsity = info["thresholds"], calibrated
     if sparsity is None:
         sparsity = FlashConfig.DEFAULT_SPARSITY
-    return Oracle(gate_up, sparsity, act=act, thresholds=thresholds, biases=biases, act_param=act_param), info
+    return Oracle(gate_up, sparsity, act=act, thresholds=thresholds, biases=biases, act_param=act_param), record
 
 
 #: Tokens simulated per candidate chooser by ``choose_active`` (on ``AUTO_LAYERS`` layers).
@@ -417,7 +417,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                 why_not_gate = f"held-out FFN error {err:.3f} above the oracle's {limit:.3f} at sparsity {s:g}"
         else:
             why_not_gate = f"no calibrated gate thresholds for sparsity {s:g}"
-    rm = ReadModel.of_reader(reader, 0) if reader is not None else None
+    rm = ReadModel.of_reader(reader, config.scratch_neurons) if reader is not None else None
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
     for name, c in cands.items():
@@ -432,7 +432,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         if freqs is None:
             c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
             continue
-        f = chosen_frequencies(freqs, None if name == "all" else c["density"], c["recall"])
+        f = chosen_frequencies(freqs, c["density"], c["recall"])
         per = []
         for i in layers:
             st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, "lru", config.window,

@@ -137,8 +137,14 @@ def test_evaluate_reports_every_mode(tiny, tmp_path):
     assert list(rep.modes) == ["dense"] and rep.notes
     calibrate(flash, sparsity=0.5, rank=8, tokens=300, max_new_tokens=16, prompts=PROMPTS)
     rep = evaluate(flash, text=text, tokens=300, chunk=100)
-    assert list(rep.modes) == ["dense", "oracle", "predictor"]
-    d, o, p = rep.modes["dense"], rep.modes["oracle"], rep.modes["predictor"]
+    assert list(rep.modes) == ["dense", "oracle", "predictor", "gate"]
+    d, o, p, g = rep.modes["dense"], rep.modes["oracle"], rep.modes["predictor"], rep.modes["gate"]
+    # gate-first: its calibrated sparsity, recall against the oracle, and only up/down bytes per neuron
+    assert g.sparsity is not None and 0 < g.recall <= 1 and g.active_fraction < 1
+    m = open_flash(flash).manifest
+    assert g.bytes_per_token == pytest.approx(g.active_fraction * m.num_layers * m.intermediate_size
+                                              * m.bundle_bytes * 2 / 3)
+    assert p.bytes_per_token == pytest.approx(p.active_fraction * m.num_layers * m.intermediate_size * m.bundle_bytes)
     assert rep.tokens == 300
     assert d.active_fraction == 1.0 and not d.reuse
     assert 0.3 < o.active_fraction < 0.7
@@ -175,7 +181,7 @@ def test_cli_calibrate_and_eval(tiny, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(flash), "--text", str(text), "--tokens", "150", "--quiet", "--json", str(ev)]) == 0
     printed = capsys.readouterr().out
     assert "oracle" in printed and "predictor" in printed
-    assert set(json.loads(ev.read_text())["modes"]) == {"dense", "oracle", "predictor"}
+    assert set(json.loads(ev.read_text())["modes"]) == {"dense", "oracle", "predictor", "gate"}
     assert main(["generate", "--model", str(flash), "--flash", "-p", "hi", "--max-tokens", "4", "-q"]) == 0
 
 
@@ -233,7 +239,7 @@ def test_default_model_is_calibrated_and_chats_with_predictors(calibrated_defaul
     assert held["recall"] > 0.97
     assert held["predicted_fraction"] < 0.995
     m = Manifest.load(calibrated_default)
-    eng = load(calibrated_default, FlashConfig())  # the defaults: auto -> predictor
+    eng = load(calibrated_default, FlashConfig(active="predictor"))
     try:
         assert eng.chooser.name == "predictor"
         per_token = m.num_layers * m.intermediate_size
