@@ -680,6 +680,8 @@ class CalibrationReport:
     seconds: Dict[str, float]
     sources: Dict[str, object]
     samples: List[str] = field(default_factory=list)
+    per_layer: Dict[str, List[float]] = field(default_factory=dict)  # predictor at the default recall, held out
+    gate_first: Optional[Dict[str, object]] = None  # gate-first thresholds and held-out figures
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -695,6 +697,19 @@ class CalibrationReport:
             mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
             lines.append(f"  recall target {r}: test recall {m['recall']:.3f}, precision {m['precision']:.3f}, "
                          f"predicted active {m['predicted_fraction']:.1%} (true {m['true_fraction']:.1%}){mark}")
+        pl = self.per_layer
+        if pl:
+            lines.append(f"  per layer at recall {self.recall}: recall / precision / predicted active")
+            for i, (r, p, f) in enumerate(zip(pl["recall"], pl["precision"], pl["predicted_fraction"])):
+                lines.append(f"    layer {i:2d}: {r:.3f} / {p:.3f} / {f:.1%}")
+        g = self.gate_first
+        if g:
+            lines.append("  gate-first (|act(gate x)| > threshold), held out: sparsity: active, FFN error "
+                         f"(oracle {g['oracle_rel_error']:.3f}, predictor "
+                         + ", ".join(f"{v:.3f}" for v in g["predictor_rel_error"].values()) + ")")
+            for sp, h in g["held_out"].items():
+                mark = " (chosen)" if abs(float(sp) - g["sparsity"]) < 1e-9 else ""
+                lines.append(f"    {float(sp):.0%}: {h['active_fraction']:.1%}, {h['rel_error']:.3f}{mark}")
         s = self.seconds
         lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()))
         return "\n".join(lines)
@@ -950,7 +965,8 @@ def calibrate(
         tokens_test=int(cal["test_tokens"]), thresholds=info["thresholds"], cutoffs=info["cutoffs"],
         train_loss=info["train_loss"], val_loss=info["val_loss"], finetune_loss=info["finetune_loss"],
         held_out=info["held_out"], predictor_bytes=int(weights.nbytes), seconds=dict(info["seconds"]),
-        sources=data.sources, samples=data.answers[:3])
+        sources=data.sources, samples=data.answers[:3], per_layer=dict(info.get("per_layer") or {}),
+        gate_first=info.get("gate_first"))
 
 
 __all__ = [

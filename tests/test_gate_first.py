@@ -114,8 +114,12 @@ def test_quantized_gate_rows_threshold_zero_equals_all(tmp_path):
 
 def test_auto_records_its_measured_choice(tmp_path):
     flash = make_tiny_flash(tmp_path, layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=11)
-    calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
+    rep = calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
+    assert all(len(v) == LAYERS for v in rep.per_layer.values()) and set(rep.per_layer) == {
+        "recall", "precision", "predicted_fraction"}
+    assert "gate-first" in rep.summary() and "layer  1:" in rep.summary()
     rec = Manifest.load(flash).predictors["gate_first"]
+    assert rec["oracle_rel_error"] >= 0 and set(rec["predictor_rel_error"]) == {"0.99"}
     assert rec["sparsity"] in [float(k) for k in rec["thresholds"]]
     assert all(len(v) == LAYERS for v in rec["thresholds"].values())
     fr = [rec["held_out"][k]["active_fraction"] for k in sorted(rec["held_out"], key=float)]
