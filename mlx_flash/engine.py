@@ -427,7 +427,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         cap = int(min(n, max(0, room) // m.num_layers // c["row_bytes"]))
         c["capacity"] = cap
         if room <= 0:
-            c["bytes_per_token"] = float("inf")
+            c["bytes_per_token"] = None  # its resident bytes alone fill the budget: it cannot run
             continue
         if freqs is None:
             c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
@@ -440,15 +440,20 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
             steps = max(1, st.steps)
             per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * full_row / steps)
         c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
-    best = min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
-    table = ", ".join(f"{k} {v['bytes_per_token'] / 1e6:.1f} MB ({v['density']:.0%} active, "
-                      f"{v['capacity']} rows/layer)" for k, v in cands.items())
+    def cost(k: str) -> float:
+        b = cands[k]["bytes_per_token"]
+        return float("inf") if b is None else b
+
+    best = min(cands, key=lambda k: (cost(k), k != "all"))
+    table = ", ".join((f"{k} {v['bytes_per_token'] / 1e6:.1f} MB" if v["bytes_per_token"] is not None else
+                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer)"
+                      for k, v in cands.items())
     reason = (f"fewest bytes read per token among the choices that keep quality (simulated, LRU cache, "
               f"{config.budget:g} budget): {table}")
     if "gate" not in cands:
         reason += f"; gate-first left out: {why_not_gate}"
     out = {**base, "name": best, "reason": reason,
-           "candidates": {k: {kk: vv for kk, vv in v.items()} for k, v in cands.items()}}
+           "candidates": {k: dict(v) for k, v in cands.items()}}
     if best == "gate":
         out["sparsity"] = cands["gate"]["sparsity"]
     return out
@@ -572,20 +577,8 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
     policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
                        ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()})
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
-                  chooser=chooser, counters=counters, policy_info=policy_info, active_info=_jsonable(active_info))
+                  chooser=chooser, counters=counters, policy_info=policy_info, active_info=active_info)
 
-
-def _jsonable(x):
-    """Floats for numpy scalars and inf (the records are shown and saved as JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
 
 
 def _chooser_density(chooser):
