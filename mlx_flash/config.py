@@ -38,6 +38,8 @@ class FlashConfig:
               (the default): the calibrated per-layer thresholds when the model
               has them (``mlx-flash calibrate``), else 0.5 (per-token top-k).
               A value equal to the calibrated sparsity uses those thresholds too.
+              For "gate" it picks one of the calibrated gate sparsities (None: the
+              one calibration chose).
     direct_io: bypass the page cache (O_DIRECT / F_NOCACHE). Only turn off for
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
