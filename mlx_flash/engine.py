@@ -376,6 +376,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     frequencies (scaled to the candidate's density) through an LRU cache of the
     remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
+    from .active import is_exact
     from .gate_first import GATE_SEGMENTS, gate_info
     from .neuron_cache import (AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets,
                                simulate)
@@ -404,7 +405,14 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                               "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"}
     rec = gate_info(m)
     why_not_gate = "not calibrated (an older calibration: run `mlx-flash calibrate` again)"
-    if rec is not None:
+    if rec is None and is_exact(act) and act != "drelu":  # act(gate x) != 0 is the model's own active set
+        true = (held or {}).get("true_fraction")
+        if true is not None:
+            cands["gate"] = {"density": float(true), "recall": 1.0, "resident_bytes": int(gate_bytes),
+                             "row_bytes": up_down_row, "quality": f"exact ({act}(gate x) != 0)"}
+        else:
+            why_not_gate = "no held-out active fraction in the calibration"
+    elif rec is not None:
         s = float(rec["sparsity"] if config.sparsity is None else config.sparsity)
         h = (rec.get("held_out") or {}).get(str(s)) or (rec.get("held_out") or {}).get(f"{s:g}")
         if h is not None:

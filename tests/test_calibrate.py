@@ -126,6 +126,17 @@ def test_relu_models_use_the_exact_rule(tmp_path):
     assert info["recall"] == rep.recall == 0.999  # the exact rule's default recall target
     freq = load_predictor_chooser(open_flash(flash)).frequencies
     assert 0.3 < float(freq.mean()) < 0.7  # random ReLU: about half, whatever the sparsity asked for
+    # auto: gate-first is a candidate without gate thresholds here (relu(gate x) != 0 is exact)
+    from mlx_flash.config import FlashConfig
+    from mlx_flash.engine import load
+
+    eng = load(flash, FlashConfig(budget=0.6, threads=1))
+    try:
+        gate = eng.active_info["candidates"]["gate"]
+        assert gate["quality"].startswith("exact") and gate["density"] == pytest.approx(
+            info["held_out"]["0.999"]["true_fraction"])
+    finally:
+        eng.close()
 
 
 def test_evaluate_reports_every_mode(tiny, tmp_path):
