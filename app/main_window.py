@@ -534,7 +534,10 @@ class MainWindow(QMainWindow):
         policy = info.get("name", cfg.policy if cfg else "?")
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
-        return (f"flash · {engine.mode.split('-', 1)[-1]} · budget {pct} "
+        chooser = engine.mode.split('-', 1)[-1]
+        if (engine.active_info or {}).get("asked") == "auto":
+            chooser = f"auto → {chooser}"  # measured per model; the reason is in Engine.active_info
+        return (f"flash · {chooser} · budget {pct} "
                 f"({theme.human_bytes(engine.budget_bytes)}) · window {cfg.window if cfg else '?'} · cache {policy}")
 
     def _on_load_error(self, message: str) -> None:
