@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 #: CPU: inputs with at most this many rows use ``mx.quantized_matmul``; more rows dequantize first.
 QMM_MAX_ROWS_CPU = 2
@@ -129,14 +129,6 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
                       model.parameters())
     model.update(params)
     mx.eval(model.parameters())
-
-
-def float_dtype_of(model: nn.Module) -> Optional[mx.Dtype]:
-    """The dtype of the model's first floating parameter (None: none)."""
-    for _, a in tree_flatten(model.parameters()):
-        if mx.issubdtype(a.dtype, mx.floating):
-            return a.dtype
-    return None
 
 
 def describe(quant: Dict[str, Dict[str, Any]]) -> str:
