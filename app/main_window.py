@@ -637,7 +637,10 @@ class MainWindow(QMainWindow):
         policy = info.get("name", cfg.policy if cfg else "?")
         if info.get("hot_fraction") and policy == "hot+window":
             policy += f" {info['hot_fraction']:.0%} hot"
-        return (f"flash · budget {engine.budget_text}{pct} · {engine.mode.split('-', 1)[-1]} · "
+        chooser = engine.mode.split('-', 1)[-1]
+        if (engine.active_info or {}).get("asked") == "auto":
+            chooser = f"auto → {chooser}"  # measured per model; the reason is in Engine.active_info
+        return (f"flash · budget {engine.budget_text}{pct} · {chooser} · "
                 f"window {cfg.window if cfg else '?'} · cache {policy}"
                 + (" · pipelined" if engine.prefetcher is not None else ""))
 

@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a .flash model folder (default: the embedded model, prepared into the data folder)")
     p.add_argument("--tokens", type=int, default=8, help="tokens to generate (default 8)")
     p.add_argument("--prompt", default=PROMPT, help="the user message")
-    p.add_argument("--active", default="auto", choices=("auto", "all", "oracle", "predictor"),
-                   help="active-neuron choice; auto: the model's predictors if it has them, else oracle")
+    p.add_argument("--active", default="auto", choices=("auto", "all", "oracle", "predictor", "gate"),
+                   help="active-neuron choice; auto: measured per model (gate-first, predictor or all) when "
+                        "calibrated, else oracle")
     p.add_argument("--no-qt", action="store_true", help="skip the Qt checks (engine only)")
     return p
 

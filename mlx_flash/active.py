@@ -9,7 +9,9 @@ active neuron ids and, when L > 1, a per-token mask over that union.
   the speed test, not a product mode (its weights are outside the budget). For
   ReLU-family models (relu, relu2, drelu, fatrelu; OPT) it is the exact rule
   ``h != 0``: no threshold, output identical to the dense model's.
-- ``predictor.PredictorChooser``: the low-rank predictors (the product mode).
+- ``predictor.PredictorChooser``: the low-rank predictors.
+- ``gate_first.GateFirst``: resident gate rows, ``|act(gate x)|`` above calibrated
+  thresholds; the FFN reuses its gate product.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ Choice = Tuple[np.ndarray, Optional[np.ndarray]]
 class Chooser(Protocol):
     name: str
     resident_bytes: int
+    computes_gate: bool  # True: ``gate(layer)`` returns the gate product of the last choice (gate_first.py)
 
     def choose(self, layer: int, x: mx.array) -> Choice:
         """ids (sorted, unique int64) and a (L, len(ids)) bool mask or None (= all active)."""
@@ -103,6 +106,7 @@ class AllNeurons:
 
     name = "all"
     resident_bytes = 0
+    computes_gate = False
 
     def __init__(self, n_neurons: int):
         self._ids = np.arange(n_neurons, dtype=np.int64)
@@ -126,6 +130,7 @@ class Oracle:
     """
 
     name = "oracle"
+    computes_gate = False
 
     def __init__(
         self,

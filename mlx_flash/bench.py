@@ -59,12 +59,16 @@ DENSE = "dense"
 NAIVE = "naive flash"
 ORACLE = "flash oracle"
 PREDICTOR = "flash predictor"
-CONFIGS: Tuple[str, ...] = (DENSE, NAIVE, ORACLE, PREDICTOR)
+GATE = "flash gate-first"
+AUTO = "flash auto"
+CONFIGS: Tuple[str, ...] = (DENSE, NAIVE, ORACLE, PREDICTOR, GATE, AUTO)
 """The configurations :func:`run_bench` knows, in the order it runs them."""
 
 ALIASES = {"dense": DENSE, "naive": NAIVE, "all": NAIVE, "naive flash": NAIVE, "oracle": ORACLE,
-           "flash oracle": ORACLE, "predictor": PREDICTOR, "flash predictor": PREDICTOR, "flash": PREDICTOR}
-_ACTIVE = {NAIVE: "all", ORACLE: "oracle", PREDICTOR: "predictor"}
+           "flash oracle": ORACLE, "predictor": PREDICTOR, "flash predictor": PREDICTOR, "flash": PREDICTOR,
+           "gate": GATE, "gate-first": GATE, "flash gate-first": GATE, "auto": AUTO, "flash auto": AUTO}
+_ACTIVE = {NAIVE: "all", ORACLE: "oracle", PREDICTOR: "predictor", GATE: "gate", AUTO: "auto"}
+_NEEDS_CALIBRATION = (PREDICTOR, GATE)
 
 REAL = "real model"
 REPLAYED = "replayed traces"
@@ -173,6 +177,8 @@ class BenchRow(_Record):
     io_efficiency: Optional[float] = None  # io_gbps / disk_best_gbps
     read_mode: str = ""                   # O_DIRECT / F_NOCACHE / buffered
     policy: Optional[Dict[str, Any]] = None  # the cache policy the engine ran (Engine.policy_info)
+    active: Optional[Dict[str, Any]] = None  # the active-neuron chooser the engine ran and why (Engine.active_info)
+    active_fraction: Optional[float] = None  # neurons chosen per token / FFN neurons (flash rows)
     preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
     pipeline: bool = False                # pipelined layers ran (FlashConfig.pipeline, mlx_flash.pipeline)
     ms_prefetch: float = 0.0              # pipelined: the prefetch reader busy per token
@@ -341,7 +347,7 @@ def compute_ratios(rows: Sequence[BenchRow]) -> Dict[str, float]:
     large shape) are never compared."""
     out: Dict[str, float] = {}
     for r in rows:
-        if r.name.split(" (")[0] not in (ORACLE, PREDICTOR):
+        if r.name.split(" (")[0] not in (ORACLE, PREDICTOR, GATE, AUTO):
             continue
         for base_kind in (NAIVE, DENSE):
             for b in rows:
@@ -499,7 +505,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
     try:
         engine = load(path, cfg, dense=(name == DENSE))
     except Exception as e:
-        if name != PREDICTOR:
+        if name not in _NEEDS_CALIBRATION:
             raise
         if isinstance(e, ImportError):
             raise _Skip(f"predictors are not available in this build ({e})") from e
@@ -530,6 +536,10 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
         row.policy = _jsonable(getattr(engine, "policy_info", None))
+        if engine.files is not None:
+            mf = engine.files.manifest
+            row.active = _jsonable(engine.active_info)
+            row.active_fraction = row.neurons_active_per_token / (mf.num_layers * mf.intermediate_size)
         if engine.cache is not None:
             row.preload_bytes = int(engine.cache.stats.preload_bytes)
         row.pipeline = engine.prefetcher is not None
@@ -783,8 +793,9 @@ def run_bench(
                <= 1, else bytes), as ``FlashConfig.budget``.
     tokens:    generated tokens per configuration (greedy; end-of-sequence ignored);
                the first ``warmup`` (>= 1) are left out of the per-token figures.
-    configs:   names or aliases among dense / naive / oracle / predictor (default all;
-               predictor is skipped with a note when the model has none).
+    configs:   names or aliases among dense / naive / oracle / predictor / gate / auto (default
+               all; predictor and gate-first are skipped with a note when the model's
+               calibration lacks them; auto is what ``FlashConfig.active = "auto"`` picks).
     progress:  ``callback(fraction, message)``; returning False cancels (``Cancelled``).
     prompt:    a string, token ids or chat messages (default :data:`DEFAULT_PROMPT`).
     flash_config: window, sparsity, threads, chunk_bytes, ... for the flash rows
@@ -1164,7 +1175,7 @@ def format_table(report: BenchReport) -> str:
     lines.append(f"Machine: {mi.get('platform')}, {mi.get('cpu_count')} CPUs, MLX {mi.get('mlx')} on {mi.get('device')}"
                  + (f", load average {la[0]:.2f} at the start" if la else "") + f"; run took {r.seconds:.0f} s.")
     lines.append("")
-    head = ("| configuration | source | tok/s | ms/tok | predictor | I/O | compute | read/tok | useful/tok | "
+    head = ("| configuration | source | tok/s | ms/tok | predictor | I/O | compute | active | read/tok | useful/tok | "
             "hit rate | resident | peak | peak/dense | perplexity | I/O GB/s | of disk |")
     # each row's peak against the dense row's (a quantized flash folder's dense row is the dense
     # quantized model: what mlx-lm runs with the 4-bit weights)
@@ -1177,7 +1188,8 @@ def format_table(report: BenchReport) -> str:
             skipped = []
         lines.append(
             f"| {row.name} | {row.source} | {row.tokens_per_s:.2f} | {row.ms_total:.1f} | {row.ms_predictor:.1f} | "
-            f"{row.ms_io:.1f} | {row.ms_compute:.1f} | {_fb(row.bytes_read_per_token)} | "
+            f"{row.ms_io:.1f} | {row.ms_compute:.1f} | {_f(row.active_fraction, '{:.1%}')} | "
+            f"{_fb(row.bytes_read_per_token)} | "
             f"{_fb(row.bytes_useful_per_token)} | {_f(row.hit_rate, '{:.1%}')} | {_fb(row.resident_bytes)} | "
             f"{_fb(row.peak_memory)} | {_f(row.peak_memory / dense_peak if dense_peak else None, '{:.2f}x')} | "
             f"{_f(row.perplexity, '{:.2f}')} | {_f(row.io_gbps, '{:.2f}')} | "
@@ -1188,6 +1200,14 @@ def format_table(report: BenchReport) -> str:
         lines.append("Speed ratios (tokens/s):")
         for k, v in r.ratios.items():
             lines.append(f"- {k}: {v:.2f}x")
+    chooser_lines = [f"- {row.name}: {row.active.get('name')}"
+                     + (f" at sparsity {row.active['sparsity']:g}" if row.active.get("sparsity") is not None else "")
+                     + f" ({row.active.get('reason')})"
+                     for row in r.rows if row.active and row.active.get("asked") == "auto"]
+    if chooser_lines:
+        lines.append("")
+        lines.append("Active-neuron choice of the auto rows:")
+        lines += chooser_lines
     agree = [row for row in r.rows if row.agree_with_dense is not None and row.name != DENSE]
     if agree:
         lines.append("")
@@ -1421,7 +1441,7 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
 
 
 __all__ = [
-    "ALIASES", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "ALIASES", "AUTO", "GATE", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
     "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
     "default_flash_model", "ensure_shape_model", "format_table", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
 ]

@@ -68,7 +68,7 @@ EXACT_RULE_RECALL = 0.999
 #: Stored in the manifest's ``predictors`` info. 2: the same token count with or without a fast BLAS,
 #: float32 matmuls in numpy, the quality gate. A prepared default model with an older (or no) version
 #: is re-calibrated (:func:`calibration_problem`).
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 #: The quality gate: held-out recall of the shipped cutoff at least the target minus this slack ...
 GATE_RECALL_SLACK = 0.01
 #: ... and a predicted-active fraction below this (a predictor that keeps every neuron saves nothing).
@@ -593,6 +593,85 @@ class LayerFit:
     train_loss: float
     val_loss: float
     finetune_losses: List[float]
+    gate: Optional[Dict[str, object]] = None  # gate-first figures (gate_first_layer)
+
+
+def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx.array], down: mx.array, *,
+                     act: str, act_param: Optional[float], train: np.ndarray, test: np.ndarray,
+                     predicted: Dict[float, mx.array], sparsities: Sequence[float]) -> Dict[str, object]:
+    """One layer's gate-first calibration (``gate_first.GateFirst``): thresholds on
+    ``|act(gate x)|`` for each of ``sparsities`` (quantiles over the train tokens) and, on the
+    held-out test tokens, the share of neurons each keeps and the FFN output error
+    ``||down((1 - mask) h)||^2`` against ``||down h||^2``; the same error for the oracle's
+    ``|h| > h_thr`` rule and for the predictor's masks ``predicted`` (recall -> (test, n) bool).
+    ``a`` = ``|h|`` of every token, ``down`` the layer's down projection (hidden, n)."""
+    from .active import activation
+
+    f32 = parts["gate"].astype(mx.float32)
+    g = x @ f32.T
+    if "gate_bias" in parts:
+        g = g + parts["gate_bias"].astype(mx.float32)
+    ga = mx.abs(activation(act, act_param)(g))
+    tr, te = mx.array(train), mx.array(test)
+    ga_tr = np.array(ga[tr])
+    qs = np.quantile(ga_tr.reshape(-1), list(sparsities))
+    ga_te, a_te = ga[te], a[te]
+    d32 = down.astype(mx.float32)
+    h_te = hidden_activation(x[te], parts, act, act_param)
+    ref = float(mx.sum(mx.square(h_te @ d32.T)).item())
+
+    def err(keep: mx.array) -> float:
+        return float(mx.sum(mx.square((h_te * (~keep).astype(mx.float32)) @ d32.T)).item())
+
+    out: Dict[str, object] = {"thresholds": {}, "active": {}, "err": {}, "ref": ref, "cells": int(a_te.size)}
+    for sp, q in zip(sparsities, qs):
+        keep = ga_te > float(q)
+        out["thresholds"][float(sp)] = float(q)
+        out["active"][float(sp)] = int(mx.sum(keep).item())
+        out["err"][float(sp)] = err(keep)
+    out["oracle_err"] = err(a_te > h_thr)
+    out["oracle_active"] = int(mx.sum(a_te > h_thr).item())
+    out["predictor_err"] = {float(r): err(p) for r, p in predicted.items()}
+    return out
+
+
+def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dict[str, object]]:
+    """The manifest's ``predictors["gate_first"]`` from the layers' :func:`gate_first_layer`
+    figures: per sparsity the thresholds, the held-out active fraction and relative FFN error
+    (mean over layers of ``sqrt(err / ref)``), the oracle's and the predictor's error on the
+    same tokens, and the chosen ``sparsity``: the largest whose error stays within the
+    oracle's (the calibrated ``|h|`` rule is the accepted quality)."""
+    if not fits or any(f.gate is None for f in fits):
+        return None
+    gs = [f.gate for f in fits]
+
+    def rel(errs: Sequence[float]) -> float:
+        return float(np.mean([math.sqrt(e / g["ref"]) if g["ref"] > 0 else 0.0 for e, g in zip(errs, gs)]))
+
+    sps = sorted(gs[0]["thresholds"])
+    held = {}
+    for sp in sps:
+        held[str(sp)] = {
+            "active_fraction": float(sum(g["active"][sp] for g in gs) / sum(g["cells"] for g in gs)),
+            "rel_error": rel([g["err"][sp] for g in gs]),
+            "per_layer_active": [round(g["active"][sp] / g["cells"], 4) for g in gs],
+        }
+    oracle = rel([g["oracle_err"] for g in gs])
+    ok = [sp for sp in sps if held[str(sp)]["rel_error"] <= oracle]
+    chosen = max(ok) if ok else min(sps)
+    pred = {str(r): rel([g["predictor_err"][r] for g in gs]) for r in gs[0]["predictor_err"]}
+    return {
+        "rule": "|act(gate x)| > per-layer threshold (CATS; gate rows resident, up/down read)",
+        "thresholds": {str(sp): [float(g["thresholds"][sp]) for g in gs] for sp in sps},
+        "held_out": held,
+        "oracle_rel_error": oracle,
+        "oracle_active_fraction": float(sum(g["oracle_active"] for g in gs) / sum(g["cells"] for g in gs)),
+        "predictor_rel_error": pred,
+        "sparsity": float(chosen),
+        "why": (f"largest calibrated sparsity whose held-out FFN error ({held[str(chosen)]['rel_error']:.3f}) "
+                f"is within the oracle's ({oracle:.3f})" if ok else
+                f"no sparsity keeps the oracle's FFN error ({oracle:.3f}): the smallest"),
+    }
 
 
 def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsity: float, rank: int,
@@ -600,7 +679,7 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
               epochs: int = 0, pos_weight: float = DEFAULT_POS_WEIGHT, predictor_dtype: mx.Dtype = mx.float16,
               recalls: Sequence[float] = RECALL_TARGETS, seed: int = 0, act_param: Optional[float] = None,
               cancel: Optional[Callable[[], None]] = None, progress: Optional[ProgressCallback] = None,
-              name: str = "layer") -> LayerFit:
+              name: str = "layer", down: Optional[mx.array] = None, recall: float = DEFAULT_RECALL) -> LayerFit:
     """Threshold, labels, predictor, cutoffs and test counts of one layer (``progress`` sees each step).
 
     x_np: (T, hidden) float16 FFN inputs; parts: the layer's FFN tensors by role.
@@ -669,7 +748,14 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
         ntrue = int(mx.sum(yt).item())
         counts[r] = {"tp": tp, "fp": npred - tp, "fn": ntrue - tp, "predicted": npred, "true": ntrue,
                      "cells": int(len(test) * y.shape[1])}
-    return LayerFit(w, thr, freq, cut, counts, loss_on(train), loss_on(val), ft_losses)
+    gate = None
+    if down is not None and not is_exact(act) and len(test):
+        from .gate_first import GATE_SPARSITIES
+
+        gate = gate_first_layer(x, a, thr, parts, down, act=act, act_param=act_param, train=train, test=test,
+                                predicted={recall: zt > prob_to_logit(cut[recall])} if recall in cut else {},
+                                sparsities=GATE_SPARSITIES)
+    return LayerFit(w, thr, freq, cut, counts, loss_on(train), loss_on(val), ft_losses, gate)
 
 
 def split_by_sequence(seq: np.ndarray, fractions=(0.1, 0.1), seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -720,6 +806,8 @@ class CalibrationReport:
     seconds: Dict[str, float]
     sources: Dict[str, object]
     samples: List[str] = field(default_factory=list)
+    per_layer: Dict[str, List[float]] = field(default_factory=dict)  # predictor at the default recall, held out
+    gate_first: Optional[Dict[str, object]] = None  # gate-first thresholds and held-out figures
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -735,6 +823,19 @@ class CalibrationReport:
             mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
             lines.append(f"  recall target {r}: test recall {m['recall']:.3f}, precision {m['precision']:.3f}, "
                          f"predicted active {m['predicted_fraction']:.1%} (true {m['true_fraction']:.1%}){mark}")
+        pl = self.per_layer
+        if pl:
+            lines.append(f"  per layer at recall {self.recall}: recall / precision / predicted active")
+            for i, (r, p, f) in enumerate(zip(pl["recall"], pl["precision"], pl["predicted_fraction"])):
+                lines.append(f"    layer {i:2d}: {r:.3f} / {p:.3f} / {f:.1%}")
+        g = self.gate_first
+        if g:
+            lines.append("  gate-first (|act(gate x)| > threshold), held out: sparsity: active, FFN error "
+                         f"(oracle {g['oracle_rel_error']:.3f}, predictor "
+                         + ", ".join(f"{v:.3f}" for v in g["predictor_rel_error"].values()) + ")")
+            for sp, h in g["held_out"].items():
+                mark = " (chosen)" if abs(float(sp) - g["sparsity"]) < 1e-9 else ""
+                lines.append(f"    {float(sp):.0%}: {h['active_fraction']:.1%}, {h['rel_error']:.3f}{mark}")
         s = self.seconds
         lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()))
         return "\n".join(lines)
@@ -854,8 +955,9 @@ def fit_predictors(
     for i in range(m.num_layers):
         report(progress, i / m.num_layers, f"fitting layer {i + 1}/{m.num_layers}")
         parts = layer_ffn_parts(files, i)
-        parts.pop("down", None)
-        fits.append(fit_layer(X[i], parts, act=act, act_param=act_param, sparsity=sparsity, rank=rank,
+        down = parts.pop("down", None)
+        fits.append(fit_layer(X[i], parts, act=act, act_param=act_param, sparsity=sparsity, rank=rank, down=down,
+                              recall=recall,
                               train=train_idx, val=val_idx, test=test_idx, ridge=ridge, epochs=epochs,
                               pos_weight=pos_weight, predictor_dtype=pdt, seed=seed + i,
                               cancel=cancel if epochs else None, name=f"layer {i + 1}/{m.num_layers}",
@@ -897,6 +999,11 @@ def fit_predictors(
         "epochs": int(epochs),
         "held_out": held_out,
         "calibration_version": CALIBRATION_VERSION,
+        "per_layer": {"recall": [round(f.counts[recall]["tp"] / max(1, f.counts[recall]["true"]), 4) for f in fits],
+                      "precision": [round(f.counts[recall]["tp"] / max(1, f.counts[recall]["predicted"]), 4)
+                                    for f in fits],
+                      "predicted_fraction": [round(f.counts[recall]["predicted"] / max(1, f.counts[recall]["cells"]), 4)
+                                             for f in fits]} if recall in RECALL_TARGETS else {},
         "bytes": int(weights.nbytes),
         "calibration": {**data.sources, "tokens": int(T), "train_tokens": int(len(train_idx)),
                         "cutoff_tokens": int(len(val_idx)), "test_tokens": int(len(test_idx))},
@@ -904,6 +1011,9 @@ def fit_predictors(
                     "fit": round(time.perf_counter() - t0, 2)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    gate = gate_first_record(fits, recall)
+    if gate is not None:
+        info["gate_first"] = gate
     info["gate"] = quality_gate(info)
     return weights, info
 
@@ -986,7 +1096,8 @@ def calibrate(
         tokens_test=int(cal["test_tokens"]), thresholds=info["thresholds"], cutoffs=info["cutoffs"],
         train_loss=info["train_loss"], val_loss=info["val_loss"], finetune_loss=info["finetune_loss"],
         held_out=info["held_out"], predictor_bytes=int(weights.nbytes), seconds=dict(info["seconds"]),
-        sources=data.sources, samples=data.answers[:3])
+        sources=data.sources, samples=data.answers[:3], per_layer=dict(info.get("per_layer") or {}),
+        gate_first=info.get("gate_first"))
 
 
 __all__ = [

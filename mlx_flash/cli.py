@@ -67,11 +67,12 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                         "default: hot+window 0.5, auto measured)")
     p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
-                   help="active-neuron choice: auto (predictor when calibrated, else oracle; the default), "
-                        "all (naive flash), oracle, predictor (flash)")
+                   help="active-neuron choice: auto (the default: on a calibrated model gate, predictor or "
+                        "all, whichever reads the fewest bytes per token at oracle quality; else oracle), "
+                        "all (naive flash), oracle, predictor, gate (gate-first: resident gate rows)")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="oracle: target fraction of inactive FFN neurons (default: the calibrated thresholds, "
-                        "else 0.5)")
+                   help="oracle / gate: target fraction of inactive FFN neurons (default: the calibrated "
+                        "thresholds, else 0.5 for the oracle)")
     p.add_argument("--recall", type=float, default=None,
                    help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
@@ -168,8 +169,9 @@ def print_new_notes(stats, engine, shown: set) -> None:
             print(f"[mlx-flash] warning: {note}", file=sys.stderr)
 
 
-def print_summary(stats_list, file=None) -> None:
-    """mlx-lm style closing lines, plus the flash engine's breakdown."""
+def print_summary(stats_list, file=None, engine=None) -> None:
+    """mlx-lm style closing lines, plus the flash engine's breakdown (and, given the
+    ``engine``, which active-neuron chooser ran and why)."""
     file = file or sys.stderr
     if not stats_list:
         return
@@ -199,6 +201,9 @@ def print_summary(stats_list, file=None) -> None:
             print(f"Pipeline: prefetch {prefetch:.1f} ms/token, {overlap:.1f} ms of it behind compute "
                   f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
                   file=file)
+    info = engine.active_info if engine is not None else None
+    if info:
+        print(f"Active neurons: {info['name']} ({info.get('reason')})", file=file)
 
 
 def cmd_generate(args) -> int:
@@ -218,7 +223,7 @@ def cmd_generate(args) -> int:
             stats.append(r.stats)
         print()
         if args.verbose:
-            print_summary(stats)
+            print_summary(stats, engine=engine)
     finally:
         engine.close()
     return 0
@@ -261,7 +266,7 @@ def cmd_chat(args) -> int:
             print(f"[{len(stats)} tokens, {s.tokens_per_s:.1f} tok/s, peak {s.peak_memory / 1e9:.3f} GB]",
                   file=sys.stderr)
             if args.verbose:
-                print_summary(stats)
+                print_summary(stats, engine=engine)
         messages.append({"role": "assistant", "content": "".join(reply)})
     engine.close()
     return 0
@@ -537,10 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="generated tokens per configuration (greedy)")
     b.add_argument("--warmup", type=int, default=1, help="first tokens left out of the per-token figures")
     b.add_argument("--configs", default=None,
-                   help="comma-separated subset of dense,naive,oracle,predictor (default: all)")
+                   help="comma-separated subset of dense,naive,oracle,predictor,gate,auto (default: all)")
     b.add_argument("--prompt", default=None, help="a raw prompt (default: a fixed chat question)")
     b.add_argument("--window", type=int, default=5, help="sliding window k in tokens")
-    b.add_argument("--sparsity", type=float, default=0.5, help="oracle's fraction of inactive FFN neurons")
+    b.add_argument("--sparsity", type=float, default=None,
+                   help="oracle / gate-first: fraction of inactive FFN neurons (default: the calibrated ones)")
     b.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     b.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     b.add_argument("--sweep", default=None, help="budgets for the tokens/s-vs-budget sweep, e.g. 10,25,50,75,100")
@@ -591,14 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ca.set_defaults(func=cmd_calibrate)
 
-    ev = sub.add_parser("eval", help="perplexity, recall/precision, active fraction and window reuse: "
-                                     "dense vs oracle vs predictor on real text")
+    ev = sub.add_parser("eval", help="perplexity, recall/precision, active fraction, bytes per token and window "
+                                     "reuse: dense vs oracle vs predictor vs gate-first on real text")
     ev.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
                     help="a .flash folder or library name (default: the embedded model)")
     ev.add_argument("--text", default=None, help="a text file (default: KJV Genesis, not calibration text)")
     ev.add_argument("--tokens", type=int, default=4096, help="tokens to evaluate (default 4096)")
     ev.add_argument("--recall", type=float, default=None, help="the predictors' recall target (default: calibration's)")
-    ev.add_argument("--modes", default="dense,oracle,predictor", help="comma-separated: dense, oracle, predictor")
+    ev.add_argument("--modes", default="dense,oracle,predictor,gate",
+                    help="comma-separated: dense, oracle, predictor, gate (gate-first at the calibrated sparsity), "
+                         "gate:0.3 (at another calibrated sparsity)")
     ev.add_argument("--json", default=None, help="write the report as JSON here")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

@@ -28,9 +28,16 @@ class FlashConfig:
     max_gap_bytes: neighbouring neuron runs closer than this are read in one
               request (the gap is read and thrown away): fewer, larger reads.
     active:   how each token's active neurons are chosen:
-              "auto" (the default: "predictor" when the flash folder has
-              calibrated predictors; without them "all" when the budget holds the
-              whole FFN, else "oracle", with a note in ``Engine.notes``),
+              "auto" (the default: on a calibrated model "gate", "predictor" or
+              "all", whichever reads the fewest bytes per token while keeping
+              quality, measured at load from the calibration's held-out figures
+              (``engine.choose_active``; the reason is in ``Engine.active_info``);
+              uncalibrated: "all" when the budget holds the whole FFN, else
+              "oracle", with a note in ``Engine.notes``),
+              "gate" (gate-first: every layer's gate rows resident inside the
+              budget, ``|act(gate x)|`` above calibrated per-layer thresholds;
+              only the up/down parts of active neurons are read; ``sparsity``
+              picks a calibrated gate sparsity, None the calibrated choice),
               "all" (naive flash, the paper's baseline: every neuron),
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
@@ -40,6 +47,8 @@ class FlashConfig:
               (the default): the calibrated per-layer thresholds when the model
               has them (``mlx-flash calibrate``), else 0.5 (per-token top-k).
               A value equal to the calibrated sparsity uses those thresholds too.
+              For "gate" it picks one of the calibrated gate sparsities (None: the
+              one calibration chose).
     direct_io: bypass the page cache (O_DIRECT / F_NOCACHE). Only turn off for
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
@@ -102,7 +111,7 @@ class FlashConfig:
     pipeline: bool = False
     extra: dict = field(default_factory=dict)
 
-    ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor")
+    ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor", "gate")
     ENGINE_CHOICES = ("auto", "flash", "dense")
     PREFILL_CHOICES = ("all", "sparse")
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration

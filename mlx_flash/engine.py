@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,7 +78,7 @@ class Engine:
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[dict] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
-                 prefetcher=None):
+                 prefetcher=None, active_info: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -102,6 +102,9 @@ class Engine:
         # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
         # FFN fits the budget): {"engine", "asked", "reason"}; None for a plain dense folder.
         self.engine_info: Optional[dict] = None
+        # The active-neuron chooser that runs and why (flash only; see choose_active): name, asked,
+        # reason, and for "auto" the measured candidates (density, bytes_per_token, capacity, quality).
+        self.active_info = active_info
 
     # ------------------------------------------------------------------ info
     @property
@@ -402,22 +405,28 @@ def _fmt_mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes: int, notes: List[str]):
-    """The active-neuron chooser ``config.active`` names. "auto": the predictors when the
-    folder has them; without them every neuron ("all") when ``budget_bytes`` holds the
-    whole FFN (nothing to save), else the oracle — either way with a note in ``notes``
-    (saying so when the manifest records predictors whose file is gone). The oracle uses
-    the calibrated thresholds when ``config.sparsity`` is None or equals the calibrated sparsity."""
+def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes: int, notes: List[str],
+                  compute_dtype=None, reader=None):
+    """``(chooser, active_info)``: the active-neuron chooser ``config.active`` names, and
+    why. "auto" on a calibrated model: :func:`choose_active` (gate-first, predictor or all,
+    measured per model); without predictors every neuron ("all") when ``budget_bytes``
+    holds the whole FFN (nothing to save), else the oracle — either way with a note in
+    ``notes`` (saying so when the manifest records predictors whose file is gone). The
+    oracle uses the calibrated thresholds when ``config.sparsity`` is None or equals the
+    calibrated sparsity."""
     from .active import AllNeurons, Oracle
+    from .gate_first import load_gate_chooser
     from .predictor import load_predictor_chooser
     from .storage.format import bundle_parts, read_layer_weights
 
     m = files.manifest
     active = config.active
+    record = {"name": active, "asked": active, "reason": "asked for"}
     if active == "auto":
         info = predictor_info(m)
         if has_predictors(files):
-            active = "predictor"
+            record = choose_active(files, config, act, reader)
+            active = record["name"]
         else:
             why = (f"manifest.json records activation predictors but {files.root / info.get('file', PREDICTOR_FILE)} "
                    f"is missing" if info else "this model has no activation predictors (not calibrated)")
@@ -430,10 +439,15 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
                 notes.append(f"{why}: falling back to the oracle, which drops the {sp:.0%} weakest neurons of "
                              f"each token and holds every layer's gate/up weights in memory; {CALIBRATE_HINT}, "
                              f"or give a 100% budget to run every neuron")
+            record = {"name": active, "asked": "auto", "reason": why}
     if active == "all":
-        return AllNeurons(m.intermediate_size)
+        return AllNeurons(m.intermediate_size), record
     if active == "predictor":
-        return load_predictor_chooser(files, config)
+        return load_predictor_chooser(files, config), record
+    if active == "gate":
+        ch = load_gate_chooser(files, config, act, act_param, compute_dtype)
+        record.setdefault("sparsity", ch.sparsity)
+        return ch, record
     gate_up, biases = [], []
     for i in range(m.num_layers):
         parts = dict(zip((p.role for p in bundle_parts(m)), read_layer_weights(files, i)))
@@ -448,7 +462,116 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
         thresholds, sparsity = info["thresholds"], calibrated
     if sparsity is None:
         sparsity = FlashConfig.DEFAULT_SPARSITY
-    return Oracle(gate_up, sparsity, act=act, thresholds=thresholds, biases=biases, act_param=act_param)
+    return Oracle(gate_up, sparsity, act=act, thresholds=thresholds, biases=biases, act_param=act_param), record
+
+
+#: Tokens simulated per candidate chooser by ``choose_active`` (on ``AUTO_LAYERS`` layers).
+AUTO_ACTIVE_TOKENS = 120
+
+
+def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
+    """``FlashConfig.active == "auto"``: gate-first, predictor or all, by measurement.
+
+    Candidates: "all" (exact, every neuron), "predictor" (calibrated low-rank predictors
+    at the recall target; held-out predicted fraction) and "gate" (gate-first at the
+    calibrated sparsity; held-out active fraction and FFN output error, see
+    ``calibrate.gate_first_record``). A candidate must keep quality: the predictor at its
+    recall target, gate-first when its held-out FFN error is within the oracle's (the
+    calibrated ``|h|`` rule). Among those the fewest disk bytes per token win: each
+    candidate's resident bytes (predictor weights, gate rows) leave that much less cache,
+    and ``neuron_cache.simulate`` replays tokens sampled from the calibrated neuron
+    frequencies (scaled to the candidate's density) through an LRU cache of the
+    remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
+    a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
+    from .active import is_exact
+    from .gate_first import GATE_SEGMENTS, gate_info
+    from .neuron_cache import (AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets,
+                               simulate)
+    from .predictor import has_predictors, load_frequencies, predictor_info
+    from .storage.format import bundle_segments
+
+    m = files.manifest
+    base = {"asked": "auto"}
+    if not has_predictors(files):
+        return {**base, "name": "oracle", "reason": "no calibration (run `mlx-flash calibrate`): the oracle"}
+    pinfo = predictor_info(m) or {}
+    freqs = load_frequencies(files)
+    seg = bundle_segments(m)
+    full_row = m.bundle_bytes
+    up_down_row = RowStore(0, m.bundle_elems, getattr(mx, m.dtype), seg,
+                           [n for n, _, _, _ in seg if n in GATE_SEGMENTS]).kept_bytes
+    gate_bytes = (full_row - up_down_row) * m.intermediate_size * m.num_layers
+    budget = config.budget_bytes(m.ffn_bytes_total)
+    cands: Dict[str, dict] = {"all": {"density": 1.0, "recall": 1.0, "resident_bytes": 0, "row_bytes": full_row,
+                                      "quality": "exact"}}
+    recall = float((config.extra or {}).get("recall", pinfo.get("recall", 0.99)))
+    held = (pinfo.get("held_out") or {}).get(str(recall))
+    if held:
+        cands["predictor"] = {"density": float(held["predicted_fraction"]), "recall": float(held["recall"]),
+                              "resident_bytes": int(pinfo.get("bytes", 0)), "row_bytes": full_row,
+                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"}
+    rec = gate_info(m)
+    why_not_gate = "not calibrated (an older calibration: run `mlx-flash calibrate` again)"
+    if rec is None and is_exact(act) and act != "drelu":  # act(gate x) != 0 is the model's own active set
+        true = (held or {}).get("true_fraction")
+        if true is not None:
+            cands["gate"] = {"density": float(true), "recall": 1.0, "resident_bytes": int(gate_bytes),
+                             "row_bytes": up_down_row, "quality": f"exact ({act}(gate x) != 0)"}
+        else:
+            why_not_gate = "no held-out active fraction in the calibration"
+    elif rec is not None:
+        s = float(rec["sparsity"] if config.sparsity is None else config.sparsity)
+        h = (rec.get("held_out") or {}).get(str(s)) or (rec.get("held_out") or {}).get(f"{s:g}")
+        if h is not None:
+            err, limit = float(h["rel_error"]), float(rec.get("oracle_rel_error", float("inf")))
+            if err <= limit * (1 + 1e-6):
+                cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
+                                 "resident_bytes": int(gate_bytes), "row_bytes": up_down_row, "sparsity": s,
+                                 "quality": f"held-out FFN error {err:.3f} <= oracle's {limit:.3f}"}
+            else:
+                why_not_gate = f"held-out FFN error {err:.3f} above the oracle's {limit:.3f} at sparsity {s:g}"
+        else:
+            why_not_gate = f"no calibrated gate thresholds for sparsity {s:g}"
+    rm = ReadModel.of_reader(reader, config.scratch_neurons) if reader is not None else None
+    n = m.intermediate_size
+    layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
+    for name, c in cands.items():
+        room = budget - c["resident_bytes"]
+        if room < n * m.num_layers * c["row_bytes"]:  # the scratch buffer, as _load_flash sizes it
+            room -= min(config.scratch_neurons, n, max(8, room // 8 // c["row_bytes"])) * c["row_bytes"]
+        cap = int(min(n, max(0, room) // m.num_layers // c["row_bytes"]))
+        c["capacity"] = cap
+        if room <= 0:
+            c["bytes_per_token"] = None  # its resident bytes alone fill the budget: it cannot run
+            continue
+        if freqs is None:
+            c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
+            continue
+        f = chosen_frequencies(freqs, c["density"], c["recall"])
+        per = []
+        for i in layers:
+            st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, "lru", config.window,
+                          warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rm)
+            steps = max(1, st.steps)
+            per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * full_row / steps)
+        c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
+    def cost(k: str) -> float:
+        b = cands[k]["bytes_per_token"]
+        return float("inf") if b is None else b
+
+    best = min(cands, key=lambda k: (cost(k), k != "all"))
+    table = ", ".join((f"{k} {v['bytes_per_token'] / 1e6:.1f} MB" if v["bytes_per_token"] is not None else
+                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer)"
+                      for k, v in cands.items())
+    reason = (f"fewest bytes read per token among the choices that keep quality (simulated, LRU cache, "
+              f"{config.budget:g} budget): {table}")
+    if "gate" not in cands:
+        reason += f"; gate-first left out: {why_not_gate}"
+    out = {**base, "name": best, "reason": reason,
+           "candidates": {k: dict(v) for k, v in cands.items()}}
+    if best == "gate":
+        out["sparsity"] = cands["gate"]["sparsity"]
+    return out
 
 
 def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
@@ -470,6 +593,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     from .models import get_architecture, sanitize
     from .neuron_cache import NeuronCache
     from .sparse_ffn import SparseFFN
+    from .gate_first import GATE_SEGMENTS
     from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
     from .storage.format import bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization
     from .storage.reader import FlashReader
@@ -531,17 +655,27 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     counters = FFNCounters()
     notes: List[str] = []
     budget_bytes = config.budget_bytes(m.ffn_bytes_total)
-    chooser = _make_chooser(files, config, act, act_param, budget_bytes, notes)
-    most = m.ffn_bytes_total + (chooser.resident_bytes if chooser.name == "predictor" else 0)
+    cdtype = compute_dtype(dtype) if quant else None
+    reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
+                         max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+    try:
+        chooser, active_info = _make_chooser(files, config, act, act_param, budget_bytes, notes, cdtype, reader)
+    except BaseException:
+        reader.close()
+        raise
+    most = m.ffn_bytes_total + (chooser.resident_bytes if chooser.name in ("predictor", "gate") else 0)
     if budget_bytes > most:
         notes.append(f"the budget of {_fmt_mb(budget_bytes)} is more than this model can use "
-                     f"({_fmt_mb(most)}: the whole FFN{' plus the predictors' if most > m.ffn_bytes_total else ''}); "
+                     f"({_fmt_mb(most)}: the whole FFN{' plus the ' + chooser.name + ' rows' if most > m.ffn_bytes_total else ''}); "
                      f"using {_fmt_mb(most)}")
         budget_bytes = most
-    if chooser.name == "predictor":  # the predictors live inside the FFN memory budget
+    if chooser.name in ("predictor", "gate"):  # predictors / resident gate rows live inside the FFN budget
         budget_bytes = max(0, budget_bytes - chooser.resident_bytes)
+    # A gate-first chooser holds every gate row: the cache keeps (and the budget pays for) up/down only.
+    drop = [name for name, _, _, _ in bundle_segments(m) if name in GATE_SEGMENTS] if chooser.computes_gate else []
+    row_bytes = m.bundle_bytes - sum(b - a for name, a, b, _ in bundle_segments(m) if name in drop)
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
-    scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // m.bundle_bytes))
+    scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // row_bytes))
     try:
         cache = NeuronCache.from_budget(
             n_layers=m.num_layers,
@@ -555,22 +689,23 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             lazy=config.policy != "window",
             layout=bundle_segments(m),
             pipeline=config.pipeline,
+            drop=drop,
         )
     except ValueError as e:
-        if chooser.name != "predictor":
+        reader.close()
+        if chooser.name not in ("predictor", "gate"):
             raise
-        raise ValueError(f"{e} (the activation predictors take {chooser.resident_bytes} bytes of the "
+        what = ("the activation predictors take" if chooser.name == "predictor" else "the resident gate rows take")
+        hint = ("calibrate with a smaller --rank" if chooser.name == "predictor" else "choose --active predictor")
+        raise ValueError(f"{e} ({what} {chooser.resident_bytes} bytes of the "
                          f"{config.budget_bytes(m.ffn_bytes_total)}-byte FFN budget: raise the budget or "
-                         f"calibrate with a smaller --rank)") from None
-    reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
-                         max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+                         f"{hint})") from None
     try:
         policy_info = _apply_cache_policy(files, config, chooser, cache, reader)
     except BaseException:
         reader.close()
         raise
     scratch = cache.scratch
-    cdtype = compute_dtype(dtype) if quant else None
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
@@ -589,7 +724,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     verifier.raise_if_failed()  # a layer found corrupt while loading: fail the load, not a token
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
-                  context_length=context, verifier=verifier, prefetcher=prefetcher)
+                  context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info)
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
@@ -603,6 +738,7 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     norms = [arch.ffn_input_norm(layer) for layer in layers]
     maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
     return attach_pipeline([layer.mlp for layer in layers], cache, reader, config.direct_io, maps)
+
 
 
 def _chooser_density(chooser):
@@ -622,6 +758,8 @@ def _chooser_density(chooser):
             except (KeyError, TypeError, ValueError):
                 break
         return None, 1.0
+    if name == "gate":
+        return chooser.density, 1.0
     if name == "oracle" and getattr(chooser, "thresholds", None) is None:
         return 1.0 - float(chooser.sparsity), 1.0
     return None, 1.0

@@ -59,6 +59,9 @@ class ModeResult:
     per_layer_active: List[float] = field(default_factory=list)
     per_layer_recall: List[float] = field(default_factory=list)
     seconds: float = 0.0
+    bytes_per_token: Optional[float] = None     # FFN bytes the chosen neurons need per token (no cache)
+    tokens_per_s: Optional[float] = None        # of this evaluation pass (dense weights, masks: not flash speed)
+    sparsity: Optional[float] = None            # gate-first: the calibrated sparsity used
 
 
 @dataclass
@@ -98,12 +101,18 @@ class EvalReport:
         if bits:
             lines.append(", ".join(bits))
         lines.append("")
-        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s} {'precision':>9s}")
+        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s} {'precision':>9s}"
+                     f" {'MB/token':>9s} {'tok/s':>6s}")
         for name, r in self.modes.items():
             rel = f"{r.perplexity / dense.perplexity - 1:+.1%}" if dense is not None else "-"
             rec = f"{r.recall:.3f}" if r.recall is not None else "-"
             pre = f"{r.precision:.3f}" if r.precision is not None else "-"
-            lines.append(f"{name:10s} {r.perplexity:10.3f} {rel:>9s} {r.active_fraction:7.1%} {rec:>7s} {pre:>9s}")
+            mb = f"{r.bytes_per_token / 1e6:.1f}" if r.bytes_per_token is not None else "-"
+            tps = f"{r.tokens_per_s:.0f}" if r.tokens_per_s is not None else "-"
+            lines.append(f"{name:10s} {r.perplexity:10.3f} {rel:>9s} {r.active_fraction:7.1%} {rec:>7s} {pre:>9s}"
+                         f" {mb:>9s} {tps:>6s}")
+        lines.append("MB/token: FFN bytes the chosen neurons need per token without a cache (gate-first: up/down "
+                     "only, its gate rows are resident); tok/s: this teacher-forced pass, not flash speed")
         sparse = [(n, r) for n, r in self.modes.items() if r.reuse]
         if sparse:
             ks = len(sparse[0][1].reuse)
@@ -226,6 +235,25 @@ def threshold_selector(thresholds: Sequence[float]) -> Selector:
     return select
 
 
+def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act) -> Selector:
+    """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| > threshold``;
+    ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32."""
+    from .active import activation
+
+    name, param = (act, None) if isinstance(act, str) else act
+    f = activation(name, param)
+    thr = [mx.array(float(t), dtype=mx.float32) for t in thresholds]
+
+    def select(layer: int, x: mx.array, h: mx.array) -> mx.array:
+        w, b = gates[layer]
+        g = x.astype(mx.float32) @ w.T
+        if b is not None:
+            g = g + b
+        return mx.abs(f(g)) > thr[layer]
+
+    return select
+
+
 def predictor_selector(chooser) -> Selector:
     def select(layer: int, x: mx.array, h: mx.array) -> mx.array:
         return chooser.predict(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
@@ -259,14 +287,17 @@ def evaluate(
     chunk: int = DEFAULT_CHUNK,
     dtype: Optional[str] = "float32",
     recall: Optional[float] = None,
-    modes: Sequence[str] = ("dense", "oracle", "predictor"),
+    modes: Sequence[str] = ("dense", "oracle", "predictor", "gate"),
     windows: int = MAX_WINDOW,
     progress: Optional[ProgressCallback] = None,
 ) -> EvalReport:
-    """Evaluate dense / oracle / predictor on ``text`` (a file; default KJV Genesis).
+    """Evaluate dense / oracle / predictor / gate on ``text`` (a file; default KJV Genesis).
 
-    The oracle and predictor need calibration (``mlx-flash calibrate``); without it
-    only dense is run and a note says so. ``recall`` picks a calibrated recall target.
+    The oracle, predictor and gate-first modes need calibration (``mlx-flash calibrate``);
+    without it only dense is run and a note says so. ``recall`` picks a calibrated recall
+    target; ``gate`` is gate-first at the calibrated sparsity, ``gate:0.3`` at another
+    calibrated one. Each mode's ``bytes_per_token`` is what its active neurons need from
+    the FFN per token (no cache): whole bundles, or up/down only for gate-first.
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -307,6 +338,26 @@ def evaluate(
     model = load_dense_model(files, dtype)
     results: Dict[str, ModeResult] = {}
     thr_sel = threshold_selector(info["thresholds"]) if info else None
+    from .gate_first import GATE_SEGMENTS, gate_info, pick_thresholds
+    from .storage.format import bundle_segments
+
+    grec = gate_info(m)
+    gate_modes = [w for w in wanted if w.split(":")[0] == "gate"]
+    if gate_modes and grec is None:
+        notes.append("gate-first skipped: this calibration measured no gate thresholds (calibrate again)")
+        wanted = [w for w in wanted if w not in gate_modes]
+        gate_modes = []
+    gates = None
+    if gate_modes:
+        from .calibrate import layer_ffn_parts
+
+        gates = []
+        for i in range(m.num_layers):
+            parts = layer_ffn_parts(files, i)
+            b = parts.get("gate_bias")
+            gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
+        mx.eval(gates)
+    ud_bytes = m.bundle_bytes - sum(b - a for n_, a, b, _ in bundle_segments(m) if n_ in GATE_SEGMENTS)
     for i, mode in enumerate(wanted):
         sub = scaled(progress, i / len(wanted), (i + 1) / len(wanted))
         if mode == "dense":
@@ -319,8 +370,19 @@ def evaluate(
             results[mode] = run_mode(model, chunks, m.num_layers, m.intermediate_size, name=mode, act=act,
                                      select=predictor_selector(chooser), oracle=thr_sel, windows=windows,
                                      progress=sub)
+        elif mode.split(":")[0] == "gate":
+            sp = float(mode.split(":")[1]) if ":" in mode else None
+            thr, sp = pick_thresholds(grec, sp)
+            results[mode] = run_mode(model, chunks, m.num_layers, m.intermediate_size, name=mode, act=act,
+                                     select=gate_selector(gates, thr, act), oracle=thr_sel, windows=windows,
+                                     progress=sub)
+            results[mode].sparsity = sp
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose from dense, oracle, predictor")
+            raise ValueError(f"unknown mode {mode!r}; choose from dense, oracle, predictor, gate, gate:SPARSITY")
+        r = results[mode]
+        per = ud_bytes if mode.split(":")[0] == "gate" else m.bundle_bytes
+        r.bytes_per_token = r.active_fraction * m.intermediate_size * m.num_layers * per
+        r.tokens_per_s = n_tok / r.seconds if r.seconds > 0 else None
     report(progress, 1.0, "done")
     return EvalReport(
         model=root.name, text=source, tokens=n_tok, chunk=chunk, dtype=dtype or m.dtype,
@@ -329,5 +391,5 @@ def evaluate(
         rank=info.get("rank") if info else None, modes=results, notes=notes)
 
 
-__all__ = ["EvalReport", "ModeResult", "evaluate", "predictor_selector", "run_mode", "text_chunks",
+__all__ = ["EvalReport", "ModeResult", "evaluate", "gate_selector", "predictor_selector", "run_mode", "text_chunks",
            "threshold_selector"]

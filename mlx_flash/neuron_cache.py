@@ -214,17 +214,29 @@ class RowStore:
     scatters each bundle's bytes into the role matrices while copying out of its
     aligned buffer); :meth:`move` copies rows (swap-delete). Without a layout there
     is one role, ``"bundle"``, and :meth:`dest` is a plain uint8 row view.
+
+    ``drop``: segment names read from disk but not kept (a gate-first chooser holds
+    every gate row already: ``gate``, ``gate.scales``, ``gate.biases``, ``gate_bias``).
+    ``bundle_bytes`` stays the on-disk bundle (what a read fills); ``kept_bytes`` is
+    what a row weighs in memory.
     """
 
-    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout=None):
+    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout=None, drop: Sequence[str] = ()):
         self.rows = int(rows)
         self.bundle_elems = int(bundle_elems)
         self.dtype = dtype
         self.segments = _segments(self.bundle_elems, dtype, layout)
         self.bundle_bytes = self.segments[-1][2]
+        self.drop = frozenset(drop)
+        unknown = self.drop - {r for r, _, _, _ in self.segments}
+        if unknown or len(self.drop) >= len(self.segments):
+            raise ValueError(f"cannot drop {sorted(self.drop)} from bundle segments "
+                             f"{[r for r, _, _, _ in self.segments]}")
+        self.kept = [seg for seg in self.segments if seg[0] not in self.drop]
+        self.kept_bytes = sum(b - a for _, a, b, _ in self.kept)
         self.mats: Dict[str, mx.array] = {}
         self.hosts: Dict[str, np.ndarray] = {}
-        for role, a, b, dt in self.segments:
+        for role, a, b, dt in self.kept:
             m = mx.zeros((self.rows, (b - a) // dt.size), dt)
             mx.eval(m)
             self.mats[role] = m
@@ -233,7 +245,7 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.bundle_bytes
+        return self.rows * self.kept_bytes
 
     def __getitem__(self, role: str) -> mx.array:
         return self.mats[role]
@@ -249,13 +261,13 @@ class RowStore:
             return self.hosts[self.segments[0][0]][start : start + k]
         from .storage.reader import SplitRows
 
-        return SplitRows([(a, b, self.hosts[r][start : start + k]) for r, a, b, _ in self.segments],
-                         k, self.bundle_bytes)
+        return SplitRows([(a, b, self.hosts[r][start : start + k] if r in self.hosts else None)
+                          for r, a, b, _ in self.segments], k, self.bundle_bytes)
 
     def row_bytes(self, rows) -> np.ndarray:
-        """The bundles in ``rows`` as ``(len, bundle_bytes)`` uint8 (a copy; for tests)."""
+        """The kept bytes of the bundles in ``rows`` as ``(len, kept_bytes)`` uint8 (a copy; for tests)."""
         rows = np.asarray(rows)
-        return np.concatenate([self.hosts[r][rows] for r, _, _, _ in self.segments], axis=1)
+        return np.concatenate([self.hosts[r][rows] for r, _, _, _ in self.kept], axis=1)
 
     def check(self) -> None:
         for role, m in self.mats.items():
@@ -286,6 +298,7 @@ class LayerCache:
         window: int = 5,
         lazy: bool = True,
         layout: Optional[dict] = None,
+        drop: Sequence[str] = (),
     ):
         if n_neurons < 1 or bundle_elems < 1:
             raise ValueError("n_neurons and bundle_elems must be >= 1")
@@ -300,8 +313,10 @@ class LayerCache:
         self.window = int(window)
         self.lazy = bool(lazy)
 
-        self.rows = RowStore(self.capacity, self.bundle_elems, dtype, layout)
-        self.bundle_bytes = self.rows.bundle_bytes  # real bytes: quantized bundles weigh what they hold
+        self.rows = RowStore(self.capacity, self.bundle_elems, dtype, layout, drop)
+        # Bytes a resident neuron weighs (real bytes: quantized bundles weigh what they hold; without
+        # the dropped gate rows of a gate-first chooser).
+        self.bundle_bytes = self.rows.kept_bytes
 
         self.slot_ids = np.full(self.capacity, -1, dtype=np.int32)
         self.slot_of = np.full(self.n_neurons, -1, dtype=np.int32)
@@ -510,7 +525,7 @@ class NeuronCache:
     """
 
     def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
-                 layout: Optional[dict] = None, staging_neurons: int = 0):
+                 layout: Optional[dict] = None, staging_neurons: int = 0, drop: Sequence[str] = ()):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -519,7 +534,7 @@ class NeuronCache:
         self.bundle_bytes = first.bundle_bytes
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
-        self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout)
+        self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout, drop)
         # pipelined layers (mlx_flash.pipeline): two host buffers of whole bundles the prefetch reads into
         self.staging_neurons = int(staging_neurons)
         self.staging = [np.empty((self.staging_neurons, self.bundle_bytes), dtype=np.uint8) for _ in range(2)]
@@ -540,9 +555,13 @@ class NeuronCache:
         lazy: bool = True,
         layout: Optional[dict] = None,
         pipeline: bool = False,
+        drop: Sequence[str] = (),
     ) -> "NeuronCache":
         """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches; with
         ``pipeline``, two staging buffers of ``n_neurons - capacity`` rows (outside the budget).
+
+        ``drop``: bundle segments read but not kept (``RowStore``); rows then weigh less
+        and more of them fit.
 
         The scratch holds ``min(scratch_neurons, n_neurons)`` neurons, or none when
         the whole FFN fits in the budget (nothing can overflow then). Raises
@@ -552,6 +571,7 @@ class NeuronCache:
         if bundle_bytes != want:
             raise ValueError(f"bundle_bytes {bundle_bytes} != {want}, the bytes of the bundle layout")
         budget_bytes = int(budget_bytes)
+        bundle_bytes = RowStore(0, bundle_elems, dtype, layout, drop).kept_bytes  # what a row weighs in memory
         full = n_layers * n_neurons * bundle_bytes
         scratch = 0 if budget_bytes >= full else max(0, min(int(scratch_neurons), n_neurons))
         scratch_bytes = scratch * bundle_bytes
@@ -567,9 +587,9 @@ class NeuronCache:
         # (like the reader's aligned buffers), outside the cache budget: the caches keep the same rows
         # with and without the pipeline, so the arithmetic, and the outputs, stay the same bit for bit.
         staging = n_neurons - capacity if pipeline and n_layers > 1 else 0
-        layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout)
+        layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout, drop)
                   for _ in range(n_layers)]
-        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging)
+        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging, drop=drop)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -209,6 +209,7 @@ class PredictorChooser:
     """
 
     name = "predictor"
+    computes_gate = False
 
     def __init__(self, weights: PredictorWeights, cutoffs: Sequence[float], *, recall: Optional[float] = None,
                  info: Optional[Dict[str, Any]] = None):

@@ -2,7 +2,9 @@
 
 Per forward pass (see docs/ARCHITECTURE.md):
 
-1. the chooser says which neurons are active for these tokens   (predictor time)
+1. the chooser says which neurons are active for these tokens   (predictor time);
+   a gate-first chooser (``gate_first.GateFirst``) computes the gate product here and
+   the FFN reuses it: the cache then holds only up/down rows
 2. the layer's neuron cache says which of them are missing; it makes room by
    swap-deleting neurons outside the sliding window and appends new ones
 3. the reader fills the appended rows straight from disk          (I/O time)
@@ -102,12 +104,15 @@ def ffn_rows(x: mx.array, w: dict, role: str, rows_out: bool, quant: dict, cdtyp
 
 
 def ffn_partial(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant: dict,
-                cdtype: Optional[mx.Dtype]) -> mx.array:
+                cdtype: Optional[mx.Dtype], g: Optional[mx.array] = None) -> mx.array:
     """``down(act(gate x) * up x)`` over the neurons whose rows ``w`` holds (by role;
-    ``up``, ``gate_bias``, ``up_bias`` when the model has them), optionally masked."""
-    g = ffn_rows(xt, w, "gate", True, quant, cdtype)
-    if "gate_bias" in w:
-        g = g + w["gate_bias"][:, 0]
+    ``up``, ``gate_bias``, ``up_bias`` when the model has them), optionally masked.
+    ``g``: the gate product of these neurons (bias included) when the chooser computed it
+    already (``gate_first.GateFirst``); ``w`` then holds no gate rows."""
+    if g is None:
+        g = ffn_rows(xt, w, "gate", True, quant, cdtype)
+        if "gate_bias" in w:
+            g = g + w["gate_bias"][:, 0]
     u = None
     if "up" in w:
         u = ffn_rows(xt, w, "up", True, quant, cdtype)
@@ -173,6 +178,10 @@ class _State:
         self.quant = quant
         self.cdtype = cdtype
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
+        self.g = None  # the chooser's gate product of this call (gate-first), else None
+        rows = cache.rows
+        # Share of a read bundle that is used: all of it, or up/down only when the gate rows are resident.
+        self.useful_share = rows.kept_bytes / rows.bundle_bytes
         # Pipelined layers (mlx_flash.pipeline), wired by the engine: the shared Prefetcher, the
         # next layer's cache and the lookahead map (scale, shift) to its input norm (None: as is).
         self.prefetcher = None
@@ -198,7 +207,7 @@ class _State:
             else:
                 have = None
         n_staged = 0 if have is None else int(np.count_nonzero(have))
-        c.bytes_useful += n_staged * self.cache.bundle_bytes
+        c.bytes_useful += int(n_staged * self.cache.bundle_bytes * self.useful_share)
         c.neurons_prefetch_used += n_staged
         if n_staged < len(ids):
             ta = time.perf_counter()
@@ -210,7 +219,7 @@ class _State:
             if self.prefetcher is not None:
                 self.prefetcher.main_io(ta, time.perf_counter())
             c.bytes_read += rs.bytes_read
-            c.bytes_useful += rs.bytes_useful
+            c.bytes_useful += int(rs.bytes_useful * self.useful_share)
             c.read_requests += rs.requests
         return n_staged
 
@@ -236,8 +245,13 @@ class _State:
             return {role: m[rows] for role, m in mats.items()}
         return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
 
-    def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array]) -> mx.array:
-        return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype)
+    def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array], ids=None) -> mx.array:
+        """The FFN over rows ``w`` of neurons ``ids`` (numpy, row order: the gate product of a
+        gate-first chooser is gathered by them)."""
+        g = None
+        if self.g is not None:
+            g = mx.take(self.g, mx.array(np.asarray(ids, dtype=np.int32)), axis=1)
+        return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype, g=g)
 
     def forward(self, x: mx.array) -> mx.array:
         c = self.counters
@@ -248,10 +262,14 @@ class _State:
         pf = self.prefetcher
         staged = pf.take(self.layer, c) if pf is not None else None  # waiting counts as I/O
         t0 = time.perf_counter()
+        chooser = self.chooser
         if self.all_neurons:
             ids, mask = np.arange(self.cache.n_neurons, dtype=np.int64), None
+            if chooser.computes_gate:  # the cache holds no gate rows: the chooser's product serves
+                chooser.gate_product(self.layer, xt)
         else:
-            ids, mask = self.chooser.choose(self.layer, xt)
+            ids, mask = chooser.choose(self.layer, xt)
+        self.g = chooser.gate(self.layer) if chooser.computes_gate else None
         t1 = time.perf_counter()
         c.predictor_s += t1 - t0
 
@@ -287,16 +305,17 @@ class _State:
         y = mx.zeros((xt.shape[0], self.hidden), dtype=mx.float32)
         n_used = self.cache.n_used
         if len(slots):
+            resident = self.cache.slot_ids[:n_used] if self.g is not None else None
             if len(slots) == n_used and mask is None:  # every resident neuron is active: no mask at all
-                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)), None)
+                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)), None, resident)
             elif len(slots) >= (QUANT_PREFIX_MIN_SHARE if self.quant else PREFIX_MIN_SHARE) * n_used:  # the resident prefix, inactive rows masked out
                 m = np.zeros((xt.shape[0], n_used), dtype=np.float32)
                 sub = cols_np(order)
                 m[:, slots] = 1.0 if sub is None else sub
                 y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)),
-                                      mx.array(m).astype(xt.dtype))
+                                      mx.array(m).astype(xt.dtype), resident)
             else:
-                y = y + self._partial(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order))
+                y = y + self._partial(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order), order)
         mx.eval(y)
         t3 = time.perf_counter()
         c.ffn_compute_s += t3 - t2
@@ -310,7 +329,7 @@ class _State:
                 ta = time.perf_counter()
                 served += self._fill(chunk, store.dest(0, len(chunk)), staged)
                 tb = time.perf_counter()
-                y = y + self._partial(xt, self._roles(store, slice(0, len(chunk))), cols(chunk))
+                y = y + self._partial(xt, self._roles(store, slice(0, len(chunk))), cols(chunk), chunk)
                 mx.eval(y)  # the scratch rows are overwritten by the next chunk
                 tc = time.perf_counter()
                 c.io_s += tb - ta

@@ -187,6 +187,7 @@ class ReplayChooser:
 
     name = "replay"
     resident_bytes = 0
+    computes_gate = False
 
     def __init__(self, trace: Trace):
         self.trace = trace

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlx_flash import bench
-from mlx_flash.bench import (DENSE, NAIVE, ORACLE, PREDICTOR, REAL, REPLAYED, BenchReport, Shape,
+from mlx_flash.bench import (AUTO, DENSE, GATE, NAIVE, ORACLE, PREDICTOR, REAL, REPLAYED, BenchReport, Shape,
                              ensure_shape_model, format_table, run_bench, save_plots)
 from mlx_flash.config import FlashConfig
 from mlx_flash.progress import Cancelled
@@ -68,12 +68,16 @@ def test_every_configuration_runs(run):
     rep, _, _ = run
     names = [r.name for r in rep.rows]
     # pipelined main rows (asked for here): each flash row has its serial twin beside it
-    assert names[:5] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)"]
-    assert names[5:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (serial)", f"{ORACLE} (tiny shape)",
+    assert names[:7] == [DENSE, NAIVE, f"{NAIVE} (serial)", ORACLE, f"{ORACLE} (serial)", AUTO, f"{AUTO} (serial)"]
+    assert names[7:] == [f"{NAIVE} (tiny shape)", f"{NAIVE} (tiny shape) (serial)", f"{ORACLE} (tiny shape)",
                          f"{ORACLE} (tiny shape) (serial)"]
-    # the tiny model has no predictors: skipped with a note, not a crash
-    assert [s["name"] for s in rep.skipped] == [PREDICTOR]
-    assert "predictor" in rep.skipped[0]["reason"].lower()
+    # the tiny model has no calibration: predictor and gate-first skipped with a note, not a crash
+    assert [s["name"] for s in rep.skipped] == [PREDICTOR, GATE]
+    assert "predictor" in rep.skipped[0]["reason"].lower() and "calibrat" in rep.skipped[1]["reason"].lower()
+    auto = rep.rows[names.index(AUTO)]  # auto without calibration: the oracle, and it says why
+    assert auto.active["name"] == "oracle" and "calibrat" in auto.active["reason"]
+    assert auto.active_fraction == pytest.approx(rep.rows[names.index(ORACLE)].active_fraction)
+    assert "Active-neuron choice of the auto rows" in format_table(rep)
     for r in rep.rows:
         assert r.tokens == TOKENS - 1 and r.warmup_tokens == 1  # warm-up token left out
         assert r.tokens_per_s == pytest.approx(1000.0 / r.ms_total)
@@ -125,13 +129,13 @@ def test_ratios_come_from_the_rows(run):
         by_group.setdefault(r.group, []).append(r)
     for rows in by_group.values():
         for r in rows:
-            if r.name.split(" (")[0] not in (ORACLE, PREDICTOR):
+            if r.name.split(" (")[0] not in (ORACLE, PREDICTOR, GATE, AUTO):
                 continue
             for b in rows:
                 if b.name.split(" (")[0] in (NAIVE, DENSE):
                     want[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
-    # real: oracle and oracle (serial) x 3 bases; shape: the same x 2 naive bases
-    assert set(rep.ratios) == set(want) and len(want) == 10
+    # real: oracle, auto and their serial twins x 3 bases; shape: oracle and its twin x 2 naive bases
+    assert set(rep.ratios) == set(want) and len(want) == 16
     for k, v in want.items():
         assert rep.ratios[k] == pytest.approx(v)
     assert f"{ORACLE} / {NAIVE}" in rep.ratios and f"{ORACLE} / {DENSE}" in rep.ratios

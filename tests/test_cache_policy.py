@@ -351,7 +351,7 @@ def test_engine_bytes_match_cache_counters(tiny_models, policy):
 
 def test_engine_auto_choice_is_recorded(tiny_models):
     plain, cal = tiny_models
-    eng = load(cal, FlashConfig(budget=0.4, threads=1))
+    eng = load(cal, FlashConfig(budget=0.4, threads=1, active="predictor"))
     try:
         info = eng.policy_info
         assert info["asked"] == "auto" and info["source"] == "simulated"

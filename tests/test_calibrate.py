@@ -126,6 +126,17 @@ def test_relu_models_use_the_exact_rule(tmp_path):
     assert info["recall"] == rep.recall == 0.999  # the exact rule's default recall target
     freq = load_predictor_chooser(open_flash(flash)).frequencies
     assert 0.3 < float(freq.mean()) < 0.7  # random ReLU: about half, whatever the sparsity asked for
+    # auto: gate-first is a candidate without gate thresholds here (relu(gate x) != 0 is exact)
+    from mlx_flash.config import FlashConfig
+    from mlx_flash.engine import load
+
+    eng = load(flash, FlashConfig(budget=0.6, threads=1))
+    try:
+        gate = eng.active_info["candidates"]["gate"]
+        assert gate["quality"].startswith("exact") and gate["density"] == pytest.approx(
+            info["held_out"]["0.999"]["true_fraction"])
+    finally:
+        eng.close()
 
 
 def test_evaluate_reports_every_mode(tiny, tmp_path):
@@ -137,8 +148,14 @@ def test_evaluate_reports_every_mode(tiny, tmp_path):
     assert list(rep.modes) == ["dense"] and rep.notes
     calibrate(flash, sparsity=0.5, rank=8, tokens=300, max_new_tokens=16, prompts=PROMPTS)
     rep = evaluate(flash, text=text, tokens=300, chunk=100)
-    assert list(rep.modes) == ["dense", "oracle", "predictor"]
-    d, o, p = rep.modes["dense"], rep.modes["oracle"], rep.modes["predictor"]
+    assert list(rep.modes) == ["dense", "oracle", "predictor", "gate"]
+    d, o, p, g = rep.modes["dense"], rep.modes["oracle"], rep.modes["predictor"], rep.modes["gate"]
+    # gate-first: its calibrated sparsity, recall against the oracle, and only up/down bytes per neuron
+    assert g.sparsity is not None and 0 < g.recall <= 1 and g.active_fraction < 1
+    m = open_flash(flash).manifest
+    assert g.bytes_per_token == pytest.approx(g.active_fraction * m.num_layers * m.intermediate_size
+                                              * m.bundle_bytes * 2 / 3)
+    assert p.bytes_per_token == pytest.approx(p.active_fraction * m.num_layers * m.intermediate_size * m.bundle_bytes)
     assert rep.tokens == 300
     assert d.active_fraction == 1.0 and not d.reuse
     assert 0.3 < o.active_fraction < 0.7
@@ -175,7 +192,7 @@ def test_cli_calibrate_and_eval(tiny, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(flash), "--text", str(text), "--tokens", "150", "--quiet", "--json", str(ev)]) == 0
     printed = capsys.readouterr().out
     assert "oracle" in printed and "predictor" in printed
-    assert set(json.loads(ev.read_text())["modes"]) == {"dense", "oracle", "predictor"}
+    assert set(json.loads(ev.read_text())["modes"]) == {"dense", "oracle", "predictor", "gate"}
     assert main(["generate", "--model", str(flash), "--flash", "-p", "hi", "--max-tokens", "4", "-q"]) == 0
 
 
@@ -234,7 +251,7 @@ def test_default_model_is_calibrated_and_chats_with_predictors(calibrated_defaul
     assert held["recall"] > 0.97
     assert held["predicted_fraction"] < 0.995
     m = Manifest.load(calibrated_default)
-    eng = load(calibrated_default, FlashConfig())  # the defaults: auto -> predictor
+    eng = load(calibrated_default, FlashConfig(active="predictor"))
     try:
         assert eng.chooser.name == "predictor"
         per_token = m.num_layers * m.intermediate_size

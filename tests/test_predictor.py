@@ -214,9 +214,10 @@ def test_engine_generates_with_predictors(calibrated):
     # a budget the predictors alone fill up: a clear error naming them
     with pytest.raises(ValueError, match="activation predictors take"):
         load(flash, FlashConfig(active="predictor", budget=0.05, scratch_neurons=8, threads=1))
-    # the default ("auto") picks the predictors when the folder has them
+    # the default ("auto") measures the calibrated choices and records which one runs, and why
     eng = load(flash, FlashConfig(scratch_neurons=32, threads=2))
-    assert eng.mode == "flash-predictor"
+    assert eng.active_info["asked"] == "auto" and "predictor" in eng.active_info["candidates"]
+    assert eng.mode == f"flash-{eng.active_info['name']}"
     eng.close()
 
 

@@ -221,8 +221,12 @@ def test_calibrate_evaluate_and_predictor_on_a_quantized_folder(src_float, tmp_p
 
     flash = convert_to_flash(quantize_tiny(src_float, tmp_path / "q", bits=4, group_size=32), tmp_path / "c.flash")
     calibrate(flash, sparsity=0.5, rank=8, tokens=150, max_new_tokens=8, prompts=["Hello there", "A short story"])
-    eng = load(flash, FlashConfig(budget=0.6, threads=2))
+    eng = load(flash, FlashConfig(active="predictor", budget=0.6, threads=2))
     assert eng.chooser.name == "predictor"
+    assert len(list(eng.stream_generate("hello", max_tokens=4))) == 4
+    eng.close()
+    eng = load(flash, FlashConfig(active="gate", budget=0.6, threads=2))  # calibrated gate thresholds, packed rows
+    assert eng.chooser.sparsity is not None and eng.chooser.gates[0]["gate"].dtype == mx.uint32
     assert len(list(eng.stream_generate("hello", max_tokens=4))) == 4
     eng.close()
     text = tmp_path / "t.txt"

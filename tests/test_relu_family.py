@@ -106,8 +106,9 @@ def test_flash_all_and_exact_oracle_equal_dense(model):
     want = np.array(dense.model(mx.array([TOKENS])))
     flash_dense = load(dst, dense=True)
     np.testing.assert_array_equal(np.array(flash_dense.model(mx.array([TOKENS]))), want)
-    for active in ("all", "oracle"):
-        eng = load(dst, FlashConfig(active=active, sparsity=0.5, budget=0.4, scratch_neurons=32, threads=2))
+    for active in ("all", "oracle", "gate"):  # gate-first: the exact rule act(gate x) != 0, no calibration
+        eng = load(dst, FlashConfig(active=active, sparsity=None if active == "gate" else 0.5, budget=0.4,
+                                    scratch_neurons=32, threads=2))
         got = np.array(eng.model(mx.array([TOKENS])))
         np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-5, err_msg=active)
         eng.close()

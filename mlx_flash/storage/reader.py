@@ -72,18 +72,24 @@ class SplitRows:
     ``[0, bundle_bytes)``. This is how a role-major neuron cache (separate gate /
     up / down matrices, see :class:`mlx_flash.neuron_cache.RowStore`) is filled
     straight from the reader's aligned buffers: the copy out of the buffer that
-    direct I/O needs anyway does the scatter, no extra pass."""
+    direct I/O needs anyway does the scatter, no extra pass. A part whose ``arr`` is
+    None is read and dropped (the gate rows a gate-first chooser holds already)."""
 
     def __init__(self, parts, n: int, bundle_bytes: int):
         self.parts = [(int(lo), int(hi), a) for lo, hi, a in parts]
         self.shape = (int(n), int(bundle_bytes))
         edge = 0
         for lo, hi, a in sorted(self.parts, key=lambda p: p[0]):
+            if a is None and lo == edge and hi > lo:
+                edge = hi
+                continue
             if lo != edge or not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != (n, hi - lo):
                 raise ValueError("SplitRows parts must tile the bundle with uint8 (n, hi - lo) arrays")
             if not a.flags.writeable or (n and a.strides[1] != 1):
                 raise ValueError("SplitRows parts must be writable with contiguous rows")
             edge = hi
+        self.parts = [p for p in self.parts if p[2] is not None]  # dropped byte ranges: nothing to copy
+        self.n = int(n)
         if edge != bundle_bytes:
             raise ValueError(f"SplitRows parts cover {edge} of {bundle_bytes} bytes")
 
@@ -94,7 +100,10 @@ class SplitRows:
         if not isinstance(rows, slice):
             raise TypeError("SplitRows supports row slices only")
         parts = [(lo, hi, a[rows]) for lo, hi, a in self.parts]
-        return SplitRows(parts, parts[0][2].shape[0], self.shape[1])
+        n = len(range(*rows.indices(self.n)))
+        edges = [0] + [e for lo, hi, _ in sorted(parts, key=lambda p: p[0]) for e in (lo, hi)] + [self.shape[1]]
+        parts += [(a, b, None) for a, b in zip(edges[::2], edges[1::2]) if b > a]  # the dropped ranges
+        return SplitRows(parts, n, self.shape[1])
 
     def __setitem__(self, rows, block) -> None:
         """``dest[rows] = bundles`` like a ``(n, bundle_bytes)`` array (rows: int, slice or indices)."""
@@ -122,7 +131,7 @@ class SplitRows:
 
     def to_array(self) -> np.ndarray:
         """The rows as one ``(n, bundle_bytes)`` array (a copy; for tests and debugging)."""
-        out = np.empty(self.shape, dtype=np.uint8)
+        out = np.zeros(self.shape, dtype=np.uint8)  # dropped ranges read as zeros
         for lo, hi, a in self.parts:
             out[:, lo:hi] = a
         return out

@@ -259,6 +259,14 @@ def test_split_rows_scatter_bundles_by_role(request, which, threads, chunk_bytes
             r.read(layer, ids, SplitRows(parts, len(ids), bb))
             got = np.concatenate([p[2] for p in parts], axis=1)
             np.testing.assert_array_equal(got, _expected(files, layer, ids), err_msg=f"seed {seed}")
+            # a dropped part (None: the gate rows a gate-first chooser holds) is read and not copied
+            kept = [(a, b, np.full((len(ids), b - a), 0xCD, np.uint8)) for a, b in zip(cuts[1:], cuts[2:])]
+            dest = SplitRows([(cuts[0], cuts[1], None)] + kept, len(ids), bb)
+            half = len(ids) // 2
+            r.read(layer, ids[:half], dest[:half])  # a row slice keeps the dropped range dropped
+            r.read(layer, ids[half:], dest[half:])
+            got = np.concatenate([p[2] for p in kept], axis=1)
+            np.testing.assert_array_equal(got, _expected(files, layer, ids)[:, cuts[1]:], err_msg=f"seed {seed}")
     with pytest.raises(ValueError, match="tile"):
         SplitRows([(0, 4, np.zeros((2, 4), np.uint8)), (5, 8, np.zeros((2, 3), np.uint8))], 2, 8)
     with pytest.raises(ValueError, match="cover"):

@@ -1,0 +1,135 @@
+"""Gate-first choice (mlx_flash/gate_first.py) on tiny real models: exactness at threshold 0,
+the chosen set against the gate computed directly, budget accounting of the resident gate rows,
+quantized gate rows, and FlashConfig.active = "auto" recording its choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_flash.calibrate import calibrate
+from mlx_flash.config import FlashConfig
+from mlx_flash.engine import load
+from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
+from mlx_flash.storage.format import Manifest, open_flash, read_layer_segments, read_layer_weights
+from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
+
+LAYERS, HIDDEN, FFN = 2, 64, 128
+TOKS = mx.array([[5, 17, 99, 3, 42, 7, 8, 120, 33, 2]])
+PROMPTS = ["hi", "what is the time?", "tell me about cats", "please help me", "a story", "the end"]
+
+
+def _with_gate_thresholds(flash: Path, thresholds) -> Path:
+    """Give a flash folder a gate-first record (as calibration writes it) with these thresholds."""
+    m = Manifest.load(flash)
+    m.predictors = {"gate_first": {"thresholds": {"0.5": list(thresholds)}, "sparsity": 0.5,
+                                   "held_out": {"0.5": {"active_fraction": 0.5, "rel_error": 0.0}}}}
+    m.save(flash)
+    return flash
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    return make_tiny_flash(root, layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=5)
+
+
+def _logits(flash, active, budget=1.0):
+    e = load(flash, FlashConfig(active=active, budget=budget))
+    try:
+        out = e.model(TOKS)
+        step = e.model(TOKS[:, :1])  # one token: the single-token path (no per-token mask)
+        mx.eval(out, step)
+        return np.array(out), np.array(step), e.mode
+    finally:
+        e.close()
+
+
+def test_threshold_zero_equals_all_neurons_exactly(tiny):
+    _with_gate_thresholds(tiny, [0.0] * LAYERS)
+    want, want1, _ = _logits(tiny, "all")
+    got, got1, mode = _logits(tiny, "gate")
+    assert mode == "flash-gate"
+    assert np.array_equal(got, want) and np.array_equal(got1, want1)
+
+
+def test_chosen_set_is_the_gate_rule(tiny):
+    thr = [0.2, 0.3]
+    ch = GateFirst([{k: v for k, v in read_layer_segments(open_flash(tiny), i).items() if k in GATE_SEGMENTS}
+                    for i in range(LAYERS)], thr)
+    x = mx.random.normal((3, HIDDEN), key=mx.random.key(1))
+    for layer in range(LAYERS):
+        gate = read_layer_weights(open_flash(tiny), layer)[0]
+        a = np.abs(np.array(nn.silu(x @ gate.T)))
+        want = a > thr[layer]
+        ids, mask = ch.choose(layer, x)
+        assert np.array_equal(ids, np.flatnonzero(want.any(axis=0)))
+        assert np.array_equal(mask, want[:, ids])
+        assert 0 < want.sum() < want.size
+        ids1, none = ch.choose(layer, x[:1])
+        assert none is None and np.array_equal(ids1, np.flatnonzero(want[0]))
+        assert np.array_equal(np.array(ch.gate(layer)), np.array(x[:1] @ gate.T))  # what the FFN reuses
+
+
+def test_budget_counts_the_resident_gate_rows(tiny):
+    _with_gate_thresholds(tiny, [0.05, 0.05])
+    e = load(tiny, FlashConfig(active="gate", budget=0.6))
+    try:
+        m = e.files.manifest
+        gate_bytes = LAYERS * FFN * HIDDEN * 4  # float32 gate rows
+        assert e.chooser.resident_bytes == gate_bytes
+        budget = FlashConfig(budget=0.6).budget_bytes(m.ffn_bytes_total)
+        assert e.cache.capacity_bytes + gate_bytes <= budget
+        layer = e.cache.layers[0]
+        assert "gate" not in layer.rows.mats and layer.bundle_bytes == 2 * HIDDEN * 4  # up + down rows only
+        assert e.resident_bytes() >= e.dense_bytes + gate_bytes
+        before = e.counters.bytes_useful
+        list(e.stream_generate("hello there", 4))
+        c = e.counters
+        assert c.bytes_useful > before and c.bytes_read >= c.bytes_useful
+    finally:
+        e.close()
+
+
+def test_quantized_gate_rows_threshold_zero_equals_all(tmp_path):
+    src = make_tiny_llama(tmp_path / "bf16", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="bfloat16", seed=4)
+    from mlx_flash.storage.format import convert_to_flash
+
+    flash = convert_to_flash(quantize_tiny(src, tmp_path / "q", bits=4, group_size=32), tmp_path / "q.flash")
+    _with_gate_thresholds(flash, [0.0] * LAYERS)
+    want, _, _ = _logits(flash, "all")
+    got, _, _ = _logits(flash, "gate")
+    assert np.array_equal(got, want)
+    e = load(flash, FlashConfig(active="gate"))
+    try:
+        assert set(e.chooser.gates[0]) == {"gate", "gate.scales", "gate.biases"}
+        assert e.chooser.gates[0]["gate"].dtype == mx.uint32  # packed as stored
+    finally:
+        e.close()
+
+
+def test_auto_records_its_measured_choice(tmp_path):
+    flash = make_tiny_flash(tmp_path, layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=11)
+    rep = calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
+    assert all(len(v) == LAYERS for v in rep.per_layer.values()) and set(rep.per_layer) == {
+        "recall", "precision", "predicted_fraction"}
+    assert "gate-first" in rep.summary() and "layer  1:" in rep.summary()
+    rec = Manifest.load(flash).predictors["gate_first"]
+    assert rec["oracle_rel_error"] >= 0 and set(rec["predictor_rel_error"]) == {"0.99"}
+    assert rec["sparsity"] in [float(k) for k in rec["thresholds"]]
+    assert all(len(v) == LAYERS for v in rec["thresholds"].values())
+    fr = [rec["held_out"][k]["active_fraction"] for k in sorted(rec["held_out"], key=float)]
+    assert fr == sorted(fr, reverse=True)  # more sparsity, fewer neurons
+    e = load(flash, FlashConfig(active="auto", budget=0.7))
+    try:
+        info = e.active_info
+        assert info["asked"] == "auto" and e.chooser.name == info["name"]
+        cands = info["candidates"]
+        assert {"all", "predictor"} <= set(cands) and info["reason"]
+        assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
+    finally:
+        e.close()
