@@ -191,7 +191,7 @@ def test_calibrates_and_generates_with_predictors(family):
         convert_to_flash(folder, dst)
     rep = calibrate(dst, sparsity=0.5, rank=4, tokens=96, max_new_tokens=4, prompts=["hi", "a story"])
     assert len(rep.thresholds) == _layers(kind)
-    eng = load(dst, FlashConfig(budget=0.6, scratch_neurons=32, threads=2))
+    eng = load(dst, FlashConfig(active="predictor", budget=0.6, scratch_neurons=32, threads=2))
     assert eng.mode == "flash-predictor"
     responses = list(eng.stream_generate("hello", max_tokens=4))
     assert responses and responses[-1].stats.neurons_active > 0

@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def _logits(flash, active, budget=1.0):
-    e = load(flash, FlashConfig(active=active, budget=budget))
+    e = load(flash, FlashConfig(active=active, budget=budget, engine="flash"))
     try:
         out = e.model(TOKS)
         step = e.model(TOKS[:, :1])  # one token: the single-token path (no per-token mask)
