@@ -213,20 +213,30 @@ def cmd_generate(args) -> int:
         prompt = sys.stdin.read()
     if not args.raw:
         prompt = [{"role": "user", "content": prompt}]
-    stats, shown = [], set()
+    stats: list = []
     try:
-        for r in engine.stream_generate(prompt, args.max_tokens, temperature=args.temp, top_p=args.top_p,
-                                        system=args.system, seed=args.seed):
-            if not stats:
-                print_new_notes(r.stats, engine, shown)
-            print(r.text, end="", flush=True)
-            stats.append(r.stats)
+        stream_printed(engine, prompt, args, stats)
         print()
         if args.verbose:
             print_summary(stats, engine=engine)
     finally:
         engine.close()
     return 0
+
+
+def stream_printed(engine, prompt, args, stats: list, texts: Optional[list] = None) -> None:
+    """Generate with the sampling flags in ``args``, printing the text as it streams (and the
+    engine's notes, once, before it); ``stats`` (and ``texts``) fill up as tokens come, so a
+    Ctrl-C keeps what was generated."""
+    shown: set = set()
+    for r in engine.stream_generate(prompt, args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                                    system=args.system, seed=args.seed):
+        if not stats:
+            print_new_notes(r.stats, engine, shown)
+        print(r.text, end="", flush=True)
+        if texts is not None:
+            texts.append(r.text)
+        stats.append(r.stats)
 
 
 def cmd_chat(args) -> int:
@@ -249,15 +259,9 @@ def cmd_chat(args) -> int:
             print("[history cleared]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        reply, stats, shown = [], [], set()
+        reply, stats = [], []
         try:
-            for r in engine.stream_generate(messages, args.max_tokens, temperature=args.temp, top_p=args.top_p,
-                                            system=args.system, seed=args.seed):
-                if not stats:
-                    print_new_notes(r.stats, engine, shown)
-                print(r.text, end="", flush=True)
-                reply.append(r.text)
-                stats.append(r.stats)
+            stream_printed(engine, messages, args, stats, reply)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print()
