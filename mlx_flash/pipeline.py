@@ -1,6 +1,6 @@
 """Pipelined layers: the reads of layer l+1 are in flight while layer l computes.
 
-``FlashConfig.pipeline`` (on by default). At layer l the sparse FFN (``sparse_ffn``)
+``FlashConfig.pipeline`` (opt-in; off by default: the staging buffers are outside the budget). At layer l the sparse FFN (``sparse_ffn``)
 applies layer l+1's chooser to a *lookahead* input, the hidden state it already
 has: layer l's FFN input, moved to layer l+1's input norm
 (:func:`lookahead_map`: for an RMSNorm ``x * w[l+1] / w[l]`` is the same residual
