@@ -535,9 +535,11 @@ class NeuronCache:
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout, drop)
-        # pipelined layers (mlx_flash.pipeline): two host buffers of whole bundles the prefetch reads into
+        # pipelined layers (mlx_flash.pipeline): two host buffers of whole on-disk bundles (gate rows
+        # included even when a gate-first chooser's cache drops them) the prefetch reads into
+        self.disk_bundle_bytes = first.rows.bundle_bytes
         self.staging_neurons = int(staging_neurons)
-        self.staging = [np.empty((self.staging_neurons, self.bundle_bytes), dtype=np.uint8) for _ in range(2)]
+        self.staging = [np.empty((self.staging_neurons, self.disk_bundle_bytes), dtype=np.uint8) for _ in range(2)]
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
         self.policy = CachePolicy("lru" if first.lazy else "window")
 
@@ -604,7 +606,7 @@ class NeuronCache:
     @property
     def staging_bytes(self) -> int:
         """Both staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
-        return 2 * self.staging_neurons * self.bundle_bytes
+        return 2 * self.staging_neurons * self.disk_bundle_bytes
 
     @property
     def resident_bytes(self) -> int:

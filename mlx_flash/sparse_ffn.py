@@ -207,7 +207,7 @@ class _State:
             else:
                 have = None
         n_staged = 0 if have is None else int(np.count_nonzero(have))
-        c.bytes_useful += int(n_staged * self.cache.bundle_bytes * self.useful_share)
+        c.bytes_useful += n_staged * self.cache.bundle_bytes  # the kept (used) bytes of each staged bundle
         c.neurons_prefetch_used += n_staged
         if n_staged < len(ids):
             ta = time.perf_counter()

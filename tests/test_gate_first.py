@@ -133,3 +133,26 @@ def test_auto_records_its_measured_choice(tmp_path):
         assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_pipelined_gate_first_equals_serial(tmp_path, quantized):
+    """Pipelined layers stage whole on-disk bundles (gate bytes included) while the gate-first
+    cache keeps up/down rows only: the same tokens as serial layers, prefetched bundles used."""
+    src = make_tiny_llama(tmp_path / "src", layers=3, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=7)
+    if quantized:
+        src = quantize_tiny(src, tmp_path / "q4")
+    from mlx_flash.storage.format import convert_to_flash
+
+    flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * 3)
+    runs = {}
+    for pipeline in (False, True):
+        e = load(flash, FlashConfig(active="gate", budget=0.4, scratch_neurons=16, threads=2, pipeline=pipeline))
+        try:
+            assert e.mode == "flash-gate" and (e.prefetcher is not None) == pipeline
+            rs = list(e.stream_generate("hello there", 8))
+            runs[pipeline] = ([r.token for r in rs], sum(r.stats.neurons_prefetch_used for r in rs))
+        finally:
+            e.close()
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] > 0 and runs[False][1] == 0
