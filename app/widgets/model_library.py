@@ -5,7 +5,6 @@ progress bar and Cancel."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,7 +30,7 @@ POLICY_LABELS = {
     "hot+window": "Hot neurons + window",
 }
 ACTIVE_LABELS = {
-    "auto": "Automatic (predictor when the model has one)",
+    "auto": "Automatic (measured per model: all, predictor or gate-first)",
     "predictor": "Predictor (low-rank, the product mode)",
     "oracle": "Oracle (true activations; upper bound)",
     "all": "All neurons (naive flash baseline)",
@@ -67,13 +66,6 @@ def move_model_settings(settings: QSettings, old: str, new: str) -> None:
     save_model_settings(settings, new, vals)
 
 
-def predictor_available() -> bool:
-    try:
-        return importlib.util.find_spec("mlx_flash.predictor") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def flash_config_for(path: Path, settings: QSettings, base=None):
     """The FlashConfig to load ``path`` with: ``base`` (or the defaults) with this model's
     budget, window, threads, neuron choice and cache policy applied."""
@@ -86,11 +78,7 @@ def flash_config_for(path: Path, settings: QSettings, base=None):
     d["window"] = max(1, ms["window"])
     if ms["threads"]:
         d["threads"] = ms["threads"]
-    active = ms["active"]
-    if active == "auto":
-        details = library.flash_details(path)
-        active = "predictor" if details.get("has_predictors") and predictor_available() else base.active
-    d["active"] = active
+    d["active"] = ms["active"]  # "auto": the engine measures per model (Engine.active_info says what and why)
     if ms["policy"] in FlashConfig.POLICY_CHOICES:
         d["policy"] = ms["policy"]
         d["hot_fraction"] = None

@@ -119,6 +119,7 @@ class StatsPanel(QScrollArea):
         grid.setHorizontalSpacing(14)
         grid.setVerticalSpacing(0)
         self.summary: Dict[str, QLabel] = {}
+        self._summary_titles: Dict[str, QLabel] = {}
         for i, (key, label) in enumerate((("tokens", "tokens"), ("first", "first token"), ("hit", "cache hits"),
                                            ("active", "active neurons"), ("overlap", "I/O behind compute"))):
             v = QLabel("–")
@@ -128,7 +129,9 @@ class StatsPanel(QScrollArea):
             grid.addWidget(v, 0, i)
             grid.addWidget(t, 1, i)
             self.summary[key] = v
+            self._summary_titles[key] = t
         lay.addLayout(grid)
+        self._show_overlap(False)  # only pipelined layers have I/O behind compute (keeps the panel narrow)
 
         self.card_tps = StatCard("Speed", [(theme.C_TPS, "tokens/s (average)"), ("#5b5f78", "per token")])
         self.c_inst = self.card_tps.curve("#5b5f78", 1.0)
@@ -190,6 +193,10 @@ class StatsPanel(QScrollArea):
         self._redraw()
 
     # ------------------------------------------------------------------ input
+    def _show_overlap(self, on: bool) -> None:
+        self.summary["overlap"].setVisible(on)
+        self._summary_titles["overlap"].setVisible(on)
+
     def set_engine(self, name: str, mode: str, *, budget_bytes: int = 0, ffn_bytes: int = 0,
                    resident_bytes: int = 0, detail: str = "", budget_text: str = "") -> None:
         """``budget_text``: the budget with what it holds (``Engine.budget_text``), else ``budget_bytes``."""
@@ -316,4 +323,5 @@ class StatsPanel(QScrollArea):
         self.summary["first"].setText(f"{s.ms_first_token / 1e3:.2f} s" if s.ms_first_token else "–")
         self.summary["first"].setToolTip(f"{s.prompt_tokens} prompt tokens read at {s.prompt_tps:.0f} tokens/s"
                                          if s.prompt_tps else "")
+        self._show_overlap(s.ms_prefetch > 0)
         self.summary["overlap"].setText(f"{s.ms_overlap:.0f} ms" if s.ms_prefetch > 0 else "–")

@@ -38,9 +38,11 @@ def test_panel_plots_and_numbers(qtbot):
     assert p.summary["hit"].text() == "75%" and p.summary["active"].text() == "100"
     assert "I/O 3.0" in p.card_ms.legend.text()
     assert p.summary["overlap"].text() == "–" and "behind compute" not in p.card_ms.legend.text()
+    assert not p.summary["overlap"].isVisible()  # serial layers: no cell for it (the panel stays narrow)
     p.add_stats(_stats(5, ms_prefetch=4.0, ms_overlap=2.5))  # pipelined layers
     p.flush()
     assert p.summary["overlap"].text() == "2 ms" and "behind compute 2.5" in p.card_ms.legend.text()
+    assert p.summary["overlap"].isVisible()
     assert list(p.c_overlap.getData()[1]) == [0.0] * 5 + [2.5]
     p.begin()
     p.flush()
@@ -64,3 +66,14 @@ def test_panel_receives_updates_during_generation(make_window, qtbot):
     x, y = p.c_tps.getData()
     assert len(y) == n
     assert p.summary["tokens"].text() == str(n)
+
+
+def test_auto_neuron_choice_is_left_to_the_engine(tmp_path):
+    """The app passes "auto" through: the engine measures per model (Engine.active_info),
+    the app does not resolve it to the predictor itself."""
+    from PySide6.QtCore import QSettings
+
+    from app.widgets.model_library import flash_config_for
+
+    settings = QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat)
+    assert flash_config_for(tmp_path / "m.flash", settings).active == "auto"
