@@ -89,17 +89,9 @@ def check_qt():
 
 
 def _flash_config(path: Path, active: str):
+    """The engine's configuration: ``active`` as asked ("auto": the engine measures per model)."""
     from mlx_flash.config import FlashConfig
-    from mlx_flash.library import flash_details
 
-    if active == "auto":
-        active = FlashConfig().active
-        if flash_details(path).get("has_predictors"):
-            try:
-                import mlx_flash.predictor  # noqa: F401
-                active = "predictor"
-            except ImportError:
-                pass
     return FlashConfig(active=active)
 
 
