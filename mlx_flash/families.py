@@ -81,6 +81,22 @@ BY_GGUF_ARCH: Dict[str, Family] = {f.gguf_arch: f for f in FAMILIES if f.gguf_ar
 """GGUF ``general.architecture`` -> family."""
 
 
+#: Mixture-of-experts families (mlx_flash.moe): mlx-lm classes whose experts are ``SwitchGLU``
+#: stacks (``switch_mlp``). Their experts live in a MoE flash folder (``moe.format``), not in the
+#: dense FFN layout above, so they are a table of their own (``storage.format.ARCHITECTURES``
+#: does not list them). ``ffn`` = "moe", ``engine`` = "moe".
+MOE_FAMILIES: Tuple[Family, ...] = (
+    Family("qwen3_moe", "Qwen3 MoE", ("qwen3_moe",), engine="moe", ffn="moe", hf_class="Qwen3MoeForCausalLM"),
+    Family("qwen2_moe", "Qwen2 MoE (shared expert)", ("qwen2_moe",), engine="moe", ffn="moe",
+           hf_class="Qwen2MoeForCausalLM"),
+    Family("mixtral", "Mixtral", ("mixtral",), engine="moe", ffn="moe", hf_class="MixtralForCausalLM"),
+    Family("olmoe", "OLMoE", ("olmoe",), engine="moe", ffn="moe", hf_class="OlmoeForCausalLM"),
+)
+
+BY_MOE_MODEL_TYPE: Dict[str, Family] = {mt: f for f in MOE_FAMILIES for mt in f.model_types}
+"""config.json ``model_type`` -> MoE family."""
+
+
 def supported_text() -> str:
     """The supported families in words, for messages: ``"Llama (...), Qwen2 / Qwen2.5, ..."``."""
     return ", ".join(f"{f.label} [{'/'.join(f.model_types + f.wrappers)}]" for f in FAMILIES)
