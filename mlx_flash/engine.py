@@ -24,9 +24,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import load_tokenizer
+from mlx_lm.utils import _get_classes, load_tokenizer
 
 from .config import FlashConfig, format_budget
+from .moe.format import is_moe_config, is_moe_flash_dir
 from .predictor import CALIBRATE_HINT, PREDICTOR_FILE, has_predictors, predictor_info
 from .stats import FFNCounters, Stats, process_rss
 from .storage.format import DENSE_FILE, verify_file
@@ -359,6 +360,10 @@ def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense:
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
+    if is_moe_flash_dir(path):  # mixture-of-experts: experts from flash (mlx_flash.moe)
+        from .moe.engine import load as load_moe
+
+        return load_moe(path, config, dense=dense)
     if is_flash_dir(path):
         config = config or FlashConfig()
         if dense:
@@ -386,13 +391,14 @@ def _load_dense(path: Path) -> Engine:
     from .models import get_architecture
 
     config = _read_config(path)
-    arch = get_architecture(config)  # clear error for architectures we do not run
+    # clear error for architectures we do not run; MoE families run as mlx-lm's own classes
+    get_classes = _get_classes if is_moe_config(config) else get_architecture(config).get_classes
     if not list(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no .safetensors weights")
     from mlx_lm.utils import load_model
 
     tokenizer = _load_tokenizer(path, config.get("eos_token_id"))
-    model, config = load_model(path, get_model_classes=arch.get_classes)  # honours hidden_act, runs OPT
+    model, config = load_model(path, get_model_classes=get_classes)  # honours hidden_act, runs OPT
     if config.get("quantization"):  # a quantized folder runs in quantized.compute_dtype (float32 on CPU)
         from .quantized import cast_floats, compute_dtype, fast_cpu_modules
 
