@@ -416,9 +416,38 @@ def _parse_policies(text: Optional[str]) -> Optional[List[str]]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _cmd_bench_moe(args) -> int:
+    """``bench --shape moe``: the MoE-shape replay (mlx_flash.moe.bench), its own report."""
+    from .moe.bench import format_moe_table, run_moe_replay, save_moe_plots
+    from .progress import tqdm_callback
+
+    synthetic = [tuple(float(v) for v in p.split(":")) for p in args.moe_synthetic.split(",") if p.strip()]
+    rep = run_moe_replay(
+        gib=args.shape_gib, tokens=args.shape_tokens or 32, warmup=max(args.warmup, 8),
+        budgets=_parse_sweep(args.moe_budgets), synthetic=synthetic,
+        config=FlashConfig(window=args.window, threads=args.threads, direct_io=not args.no_direct_io),
+        progress=tqdm_callback("MoE replay", disable=args.quiet))
+    text = format_moe_table(rep)
+    print(text)
+    if args.json:
+        print(f"wrote {rep.save_json(args.json)}", file=sys.stderr)
+    if args.text:
+        out = Path(args.text).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plots:
+        for p in save_moe_plots(rep, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import default_flash_model, format_table, run_bench, save_plots
     from .progress import tqdm_callback
+
+    if args.shape == "moe":
+        return _cmd_bench_moe(args)
 
     if args.model:
         path = resolve_model(args.model, True)
@@ -554,8 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
     b.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     b.add_argument("--sweep", default=None, help="budgets for the tokens/s-vs-budget sweep, e.g. 10,25,50,75,100")
-    b.add_argument("--shape", default=None, choices=["7b", "13b"],
-                   help="add naive/flash rows on a random model of this FFN shape, replaying the real model's traces")
+    b.add_argument("--shape", default=None, choices=["7b", "13b", "moe"],
+                   help="add naive/flash rows on a random model of this FFN shape, replaying the real model's traces; "
+                        "moe: the MoE-shape replay alone (Qwen3-30B-A3B experts; --shape-gib, --shape-tokens, "
+                        "--moe-budgets, --moe-synthetic)")
+    b.add_argument("--moe-budgets", default="10,25,50", help="--shape moe: expert-cache budgets (%% of the experts)")
+    b.add_argument("--moe-synthetic", default="1.0:0.3,0:0",
+                   help="--shape moe: synthetic traces as zipf:repeat pairs (Zipf exponent of expert popularity, "
+                        "probability a token keeps each previous expert)")
     b.add_argument("--shape-gib", type=float, default=2.0, help="size of the --shape model's FFN on disk (GiB)")
     b.add_argument("--shape-tokens", type=int, default=None, help="tokens replayed on the --shape model")
     b.add_argument("--policies", default=None,

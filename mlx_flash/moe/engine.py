@@ -20,8 +20,10 @@ frequencies (``neuron_cache.simulate``, the real cache code) and keeps the best 
 expert is one aligned bundle, so bytes read are misses x expert bytes: the same order);
 without calibration ``lru``.
 
-The compute dtype is the stored one (mlx-lm's own choice), so flash and mlx-lm dense logits
-are the same arrays (tests/moe/test_moe.py).
+Compute dtypes: the dense part runs as mlx-lm runs it. Quantized experts multiply float32
+activations on the CPU (``quantized.compute_dtype``; MLX's CPU half-precision ``gather_qmm`` is ~10x
+slower), so a bfloat16/float16 model's expert outputs differ from mlx-lm's by rounding; a float32
+model's flash logits are mlx-lm's very arrays, float or quantized experts (tests/moe/test_moe.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..config import FlashConfig
 from ..engine import Engine, ModelLoadError, _load_tokenizer
 from ..neuron_cache import HOT_FRACTIONS, CachePolicy, LayerCache, NeuronCache, sample_active_sets, simulate
 from ..progress import ProgressCallback, report
-from ..quantized import quantize_like
+from ..quantized import compute_dtype, quantize_like
 from ..stats import FFNCounters
 from ..storage.reader import FlashReader
 from ..storage.verify import BackgroundVerifier
@@ -109,6 +111,13 @@ def _load_dense(files: MoeFiles) -> Engine:
     return Engine(model, tok, files.root, None, context_length=cfg.get("max_position_embeddings"))
 
 
+def expert_compute_dtype(files: MoeFiles) -> Optional[mx.Dtype]:
+    """Quantized experts: ``quantized.compute_dtype`` of the stored dtype (float32 on the CPU); else None."""
+    if not any(isinstance(q, dict) for q in files.manifest.quantization.values()):
+        return None
+    return compute_dtype(getattr(mx, files.manifest.dtype))
+
+
 def expert_capacity(files: MoeFiles, budget_bytes: int) -> int:
     """Experts per MoE layer a budget of ``budget_bytes`` holds (the cache's rows)."""
     m = files.manifest
@@ -152,9 +161,10 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
         cache = NeuronCache(layers, 0, budget, layout, drop=drop)
         counters = FFNCounters()
         model, mods, cfg = _skeleton(files)
+        cd = expert_compute_dtype(files)
         for i, (p, glu) in enumerate(mods):
             replace_module(model, p, FlashSwitchGLU(i, glu, layers[i], reader, segs, m.quantization, counters,
-                                                    verifier))
+                                                    verifier, cd))
         _load_dense_part(model, files, cfg)
         policy_info = _apply_policy(files, config, cache, reader)
         tok = _load_tokenizer(files.root, cfg.get("eos_token_id"))

@@ -78,14 +78,19 @@ class FlashSwitchGLU(nn.Module):
     segments: the manifest's ``Segment`` list; quant: the manifest's ``quantization``.
     counters: the engine's ``FFNCounters`` ("neurons" are experts here).
     verifier: the background checksum verifier: no output from an unverified layer.
+    compute_dtype: quantized experts: the activations' dtype in the expert matmuls
+        (``quantized.compute_dtype``: float32 on the CPU, whose half-precision quantized kernels are
+        ~10x slower here; mixed with the stored scales, promoted); the output returns in the input's
+        dtype. None: the input's dtype (mlx-lm's choice; float32 models are unaffected either way).
     """
 
     def __init__(self, layer: int, glu: SwitchGLU, cache, reader, segments: Sequence, quant: dict,
-                 counters: FFNCounters, verifier=None):
+                 counters: FFNCounters, verifier=None, compute_dtype: Optional[mx.Dtype] = None):
         super().__init__()
         # plain attributes (not parameters: load_weights must not see them)
         object.__setattr__(self, "_st", _State(layer, _compute_glu(glu, segments, quant), cache, reader,
-                                               [s for s in segments if s.name != "pad"], counters, verifier))
+                                               [s for s in segments if s.name != "pad"], counters, verifier,
+                                               compute_dtype))
 
     @property
     def state(self) -> "_State":
@@ -96,8 +101,9 @@ class FlashSwitchGLU(nn.Module):
 
 
 class _State:
-    def __init__(self, layer, inner, cache, reader, segments, counters, verifier):
+    def __init__(self, layer, inner, cache, reader, segments, counters, verifier, compute_dtype):
         self.layer, self.inner, self.cache, self.reader = layer, inner, cache, reader
+        self.compute_dtype = compute_dtype
         self.segments, self.counters, self.verifier = segments, counters, verifier
         self.record: Optional[list] = None  # routing trace: each call's indices (np) when a list
         self.counts = np.zeros(cache.n_neurons, dtype=np.int64)  # routed (token, k) pairs per expert
@@ -121,6 +127,9 @@ class _State:
         c.neurons_active += len(remaining)
         out = None
         self._weights()
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
         while len(remaining):
             plan = cache.step(remaining)
             c.neurons_hit += len(plan.hit_ids)
@@ -151,4 +160,4 @@ class _State:
             remaining = plan.overflow_ids
         if self.verifier is not None:
             self.verifier.check(self.layer)  # never hand on an output computed from corrupt weights
-        return out
+        return out.astype(in_dtype)
