@@ -108,5 +108,5 @@ def family_of(model_type) -> Optional[Family]:
 
 def family_label(model_type) -> str:
     """A family's display name for a config.json ``model_type`` (the type itself when unknown)."""
-    f = family_of(model_type)
+    f = family_of(model_type) or BY_MOE_MODEL_TYPE.get(model_type)
     return f.label if f else str(model_type)

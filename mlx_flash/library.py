@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 from . import paths
 from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
                      scratch_dir, temp_name, translate_write_errors)
-from .families import BY_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
+from .families import BY_MODEL_TYPE, BY_MOE_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
 from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
 
@@ -84,12 +84,19 @@ class BrokenEntry:
 def inspect(path: Path) -> ModelEntry:
     """The library entry for the model folder ``path``, or :class:`BrokenModel` saying what is
     wrong (no manifest/config, bad JSON, wrong types, missing or truncated files)."""
+    from .moe.format import is_moe_flash_dir, open_moe_flash
     from .storage.format import FlashFormatError, open_flash
 
     path = Path(path)
     if not path.is_dir():
         raise BrokenModel(f"{path.name}: not a folder")
-    if (path / "manifest.json").exists():
+    if is_moe_flash_dir(path):  # mixture-of-experts flash folder (mlx_flash.moe)
+        kind = "flash"
+        try:
+            cfg = open_moe_flash(path).manifest.model_args
+        except (OSError, FlashFormatError) as e:
+            raise BrokenModel(f"{path.name}: damaged flash model: {str(e).replace(str(path) + os.sep, '')}") from None
+    elif (path / "manifest.json").exists():
         kind = "flash"
         try:
             cfg = open_flash(path).manifest.model_args
@@ -224,6 +231,7 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
     from .storage.format import convert_to_flash
 
     from .convert.gguf import is_gguf
+    from .moe.format import convert_to_moe_flash
 
     to_flash = dst.suffix == ".flash"
     if src.is_file():
@@ -243,9 +251,23 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
                 # None keeps the GGUF's bits: quantized mlx folder, then quantized flash bundles
                 mid = convert_gguf(src, tmp / "mlx", dtype=dtype, progress=scaled(progress, 0.0, 0.5))
                 return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
+    if to_flash and _is_moe_folder(src):  # experts as bundles (mlx_flash.moe), in the source's own dtype
+        if dtype is not None:
+            raise ValueError(f"{src.name}: a mixture-of-experts model keeps its own dtype and quantization "
+                             f"(no --dtype)")
+        return convert_to_moe_flash(src, dst, progress=progress, overwrite=overwrite)
     if to_flash:
         return convert_to_flash(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
     raise ValueError(f"{src} is already a model folder: convert it to a .flash folder (destination ending in .flash)")
+
+
+def _is_moe_folder(src: Path) -> bool:
+    from .moe.format import is_moe_config
+
+    try:
+        return is_moe_config(json.loads((Path(src) / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_model(path: Path) -> None:
@@ -296,7 +318,9 @@ def check_importable(src: Path) -> str:
         return "gguf"
     if not src.is_dir():
         raise ImportRejected(f"{src} is neither a file nor a folder")
-    if (src / "manifest.json").is_file():
+    from .moe.format import is_moe_flash_dir
+
+    if (src / "manifest.json").is_file() or is_moe_flash_dir(src):
         try:
             inspect(src)
         except BrokenModel as e:
@@ -312,7 +336,7 @@ def check_importable(src: Path) -> str:
     except (OSError, json.JSONDecodeError) as e:
         raise ImportRejected(f"{src.name}/config.json is not valid JSON ({e})") from None
     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if mt not in BY_MODEL_TYPE and mt not in BY_WRAPPER:
+    if mt not in BY_MODEL_TYPE and mt not in BY_WRAPPER and mt not in BY_MOE_MODEL_TYPE:
         raise ImportRejected(f"{src.name}: unsupported architecture {mt!r} (config.json model_type); "
                              f"mlx-flash runs {supported_text()}")
     if not list(src.glob("*.safetensors")):
@@ -373,6 +397,7 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     :class:`ImportRejected` for sources that cannot be imported and ``FileExistsError``
     when ``name`` is taken (without ``name`` a free one is chosen).
     """
+    from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
     from .progress import report
     from .storage.format import ChecksumError, open_flash, verify_checksums
 
@@ -409,13 +434,20 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
                 report(scaled(progress, 0.0, conv_end * 0.5), done / total, f"copying {f.name}")
             # the copy, checked against the manifest's checksums (names the file and the layer)
             try:
-                verify_checksums(open_flash(tmp), progress=scaled(progress, conv_end * 0.5, conv_end))
+                if is_moe_flash_dir(tmp):
+                    verify_moe_checksums(open_moe_flash(tmp), progress=scaled(progress, conv_end * 0.5, conv_end))
+                else:
+                    verify_checksums(open_flash(tmp), progress=scaled(progress, conv_end * 0.5, conv_end))
             except ChecksumError as e:
                 raise ImportRejected(f"{src.name} cannot be imported: "
                                      f"{str(e).replace(str(tmp), str(src))}") from None
         else:
             convert_any(src, tmp, dtype=dtype, progress=scaled(progress, 0.0, conv_end))
-        if do_cal:
+        if do_cal and is_moe_flash_dir(tmp):  # expert frequencies for the hot-expert cache policy
+            from .moe.engine import calibrate_reference
+
+            calibrate_reference(tmp, progress=scaled(progress, conv_end, 0.99))
+        elif do_cal:
             from . import calibrate as _cal
 
             _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, conv_end, 0.99))
@@ -465,6 +497,18 @@ def flash_details(path: Path) -> dict:
     from .quantized import describe as describe_quant
     from .storage.format import role_quantization
 
+    from .moe.format import is_moe_flash_dir, open_moe_flash
+    from .storage.format import FlashFormatError
+
+    if is_moe_flash_dir(path):
+        try:
+            mm = open_moe_flash(path).manifest
+        except (OSError, FlashFormatError):
+            return {}
+        q = ", ".join(f"{r} {v['bits']}b/g{v['group_size']}" for r, v in mm.quantization.items() if v != "none")
+        return {"ffn_bytes": mm.ffn_bytes_total, "dtype": mm.dtype, "layers": mm.num_layers,
+                "has_predictors": mm.expert_frequencies is not None, "source": mm.source, "quantization": q,
+                "experts": f"{mm.num_experts} experts, top-{mm.top_k}"}
     try:
         m = Manifest.load(Path(path))
         quant = describe_quant(role_quantization(m))

@@ -299,3 +299,19 @@ def calibrate_experts(path, tokens: Sequence[int], *, config: Optional[FlashConf
         return freqs
     finally:
         eng.close()
+
+
+CALIBRATION_TOKENS = 512
+"""Tokens of ``resources/reference.txt`` routed by :func:`calibrate_reference` (a library import)."""
+
+
+def calibrate_reference(path, *, tokens: int = CALIBRATION_TOKENS,
+                        progress: Optional[ProgressCallback] = None) -> np.ndarray:
+    """:func:`calibrate_experts` on the first ``tokens`` tokens of ``resources/reference.txt`` (English
+    prose shipped with the app), encoded with the folder's own tokenizer."""
+    from ..paths import resources_dir
+
+    files = open_moe_flash(path)
+    tok = _load_tokenizer(files.root, files.manifest.model_args.get("eos_token_id"))
+    ids = list(tok.encode((resources_dir() / "reference.txt").read_text()))[:tokens]
+    return calibrate_experts(path, ids, progress=progress, source=f"resources/reference.txt, {len(ids)} tokens")
