@@ -291,10 +291,16 @@ def cmd_convert(args) -> int:
 
 def cmd_verify(args) -> int:
     from .engine import is_flash_dir
+    from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
     from .progress import tqdm_callback
     from .storage.format import open_flash, verify_checksums
 
     path = resolve_model(args.model_path, True, calibrate=False)
+    if is_moe_flash_dir(path):  # mixture-of-experts flash folder: experts.bin + dense.safetensors
+        t0 = time.perf_counter()
+        checked = verify_moe_checksums(open_moe_flash(path))
+        print(f"ok: {path}: {', '.join(checked)} match the manifest's checksums ({time.perf_counter() - t0:.1f} s)")
+        return 0
     if not is_flash_dir(path):
         print(f"error: {path} is not a flash folder (no manifest.json): only flash folders carry checksums",
               file=sys.stderr)
@@ -356,11 +362,21 @@ def cmd_prepare(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import auto_tokens, calibrate
+    from .moe.format import is_moe_flash_dir
     from .progress import tqdm_callback
 
     from .atomic import clean_stale, destination_lock
 
     path = resolve_model(args.model_path, True, calibrate=False)
+    if is_moe_flash_dir(path):  # MoE: expert frequencies (hot experts), routed on resources/reference.txt
+        from .moe.engine import calibrate_reference
+
+        with destination_lock(path):
+            freqs = calibrate_reference(path, tokens=args.tokens or 512,
+                                        progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
+        print(f"ok: {path}: expert frequencies of {freqs.shape[0]} MoE layers recorded "
+              f"(most routed expert: {freqs.max():.0%} of tokens)")
+        return 0
     with destination_lock(path):  # not while another process converts or calibrates it
         clean_stale(path.parent)  # what a killed calibration left in the folder (and next to it)
         rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,

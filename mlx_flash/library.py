@@ -188,7 +188,12 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
         with scratch_dir(dst) as work:
             tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False,
                            check=False)
-            _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, 0.3, 1.0))
+            if _is_moe_folder(src):  # MoE: expert frequencies (mlx_flash.moe), not neuron predictors
+                from .moe.engine import calibrate_reference
+
+                calibrate_reference(tmp, progress=scaled(progress, 0.3, 1.0))
+            else:
+                _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, 0.3, 1.0))
             with translate_write_errors(dst):
                 publish_dir(tmp, dst, overwrite)
     return dst
