@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ..atomic import atomic_write_text
@@ -49,7 +50,7 @@ from ..storage.platform_io import drop_page_cache
 from ..storage.reader import FlashReader
 from .engine import expert_compute_dtype
 from .format import MoeFiles, open_moe_flash, write_moe_flash
-from .switch import FlashSwitchGLU, switch_modules
+from .switch import FlashSwitchGLU, replace_module, switch_modules
 
 
 @dataclass(frozen=True)
@@ -163,23 +164,24 @@ def tiny_real_trace(tokens: Sequence[int], layers: int, experts: int, top_k: int
                           moe_intermediate_size=16)
     model, _ = random_moe_model(cfg, seed=seed)
     recs: List[List[np.ndarray]] = []
-    for _, glu in switch_modules(model):
-        rec: List[np.ndarray] = []
-        recs.append(rec)
-        _record_calls(glu, rec)
+    for path, glu in switch_modules(model):
+        recs.append([])
+        replace_module(model, path, _Recorder(glu, recs[-1]))
     mx.eval(model(mx.array(np.asarray(tokens, dtype=np.int64))[None]))
     return np.stack([np.concatenate([r.reshape(-1, top_k) for r in rec]) for rec in recs], axis=1)
 
 
-def _record_calls(glu, rec: list) -> None:
-    call = type(glu).__call__
+class _Recorder(nn.Module):
+    """A ``SwitchGLU`` that records the router's indices of each call, then runs the original."""
 
-    class _Rec(type(glu)):  # type: ignore[misc, valid-type]
-        def __call__(self, x, indices):
-            rec.append(np.array(indices))
-            return call(self, x, indices)
+    def __init__(self, glu, rec: list):
+        super().__init__()
+        self.glu = glu
+        object.__setattr__(self, "_rec", rec)
 
-    glu.__class__ = _Rec
+    def __call__(self, x, indices):
+        self._rec.append(np.array(indices))
+        return self.glu(x, indices)
 
 
 def text_tokens(n: int) -> np.ndarray:

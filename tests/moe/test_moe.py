@@ -209,3 +209,28 @@ def test_conversion_refuses_dense_family_and_leaves_nothing(tmp_path):
         convert_to_moe_flash(src, tmp_path / "x.flash")
     assert not (tmp_path / "x.flash").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["llama"]
+
+
+def test_hugging_face_per_expert_names_convert(models, tmp_path):
+    """A checkpoint with one tensor per expert (Hugging Face names) is stacked by mlx-lm's own
+    ``sanitize`` at conversion: the same flash folder, the same logits."""
+    import shutil
+
+    src, fl = models["qwen2_moe"]
+    hf = tmp_path / "hf"
+    shutil.copytree(src, hf)
+    w = dict(mx.load(str(hf / "model.safetensors")))
+    for key in [k for k in w if ".switch_mlp." in k]:
+        stacked = w.pop(key)
+        pre, rest = key.split(".switch_mlp.")
+        for e in range(stacked.shape[0]):
+            w[f"{pre}.experts.{e}.{rest}"] = stacked[e]
+    mx.save_safetensors(str(hf / "model.safetensors"), w, metadata={"format": "pt"})
+    out = convert_to_moe_flash(hf, tmp_path / "hf.flash")
+    assert (out / EXPERTS_FILE).read_bytes() == (fl / EXPERTS_FILE).read_bytes()
+    ref, _ = load_model(src)
+    eng = _flash(out)
+    try:
+        assert mx.array_equal(eng.model(TOKENS), ref(TOKENS))
+    finally:
+        eng.close()
