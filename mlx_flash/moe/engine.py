@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ..config import FlashConfig
@@ -315,3 +316,62 @@ def calibrate_reference(path, *, tokens: int = CALIBRATION_TOKENS,
     tok = _load_tokenizer(files.root, files.manifest.model_args.get("eos_token_id"))
     ids = list(tok.encode((resources_dir() / "reference.txt").read_text()))[:tokens]
     return calibrate_experts(path, ids, progress=progress, source=f"resources/reference.txt, {len(ids)} tokens")
+
+
+class _InputTap(nn.Module):
+    """A decoder layer's input norm that records its input (the previous layer's output)."""
+
+    def __init__(self, norm, rec: list):
+        super().__init__()
+        self.norm = norm
+        object.__setattr__(self, "_rec", rec)
+
+    def __call__(self, x):
+        self._rec.append(x)
+        return self.norm(x)
+
+
+def lookahead_recall(engine: Engine, tokens: Sequence[int]) -> Dict[int, float]:
+    """How well layer l+1's router, applied to layer l's output (available a layer early, before
+    l+1's attention), predicts the experts l+1 routes to: per MoE layer index (from the second
+    decoder layer on), the mean share of its top-k found by the lookahead, over ``tokens`` fed one
+    at a time (a KV cache, as in decoding). What a lookahead prefetch would read ahead (not built)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    sw = switch_like(engine.model)
+    if not sw:
+        raise ValueError("lookahead needs a flash MoE engine")
+    layers = engine.model.layers
+    taps: List[list] = [[] for _ in layers]
+    decoder_of = {}
+    for path, s in sw:  # "model.layers.<j>.<block>.switch_mlp"
+        j = int(path.split("layers.")[1].split(".")[0])
+        decoder_of[s.state.layer] = (j, path.rsplit(".", 1)[0], s)
+        s.state.record = []
+    norms = [layer.input_layernorm for layer in layers]
+    for j, layer in enumerate(layers):
+        layer.input_layernorm = _InputTap(norms[j], taps[j])
+    try:
+        kv = make_prompt_cache(engine.model)
+        for t in tokens:
+            mx.eval(engine.model(mx.array([[int(t)]]), cache=kv))
+    finally:
+        for j, layer in enumerate(layers):
+            layer.input_layernorm = norms[j]
+    out: Dict[int, float] = {}
+    for moe_i, (j, block_path, s) in decoder_of.items():
+        rec, s.state.record = s.state.record, None
+        if j == 0:
+            continue
+        block = engine.model
+        for p in block_path.split("."):
+            block = block[int(p)] if p.isdigit() else getattr(block, p)
+        norm = layers[j].post_attention_layernorm
+        k = rec[0].shape[-1]
+        hits = 0
+        for h, actual in zip(taps[j], rec):  # layer j's input = layer j-1's output
+            logits = np.array(block.gate(norm(h)).astype(mx.float32)).reshape(-1)
+            pred = np.argpartition(-logits, k - 1)[:k]
+            hits += len(set(pred.tolist()) & set(actual.reshape(-1).tolist()))
+        out[moe_i] = hits / (k * max(len(rec), 1))
+    return out

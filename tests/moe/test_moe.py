@@ -234,3 +234,18 @@ def test_hugging_face_per_expert_names_convert(models, tmp_path):
         assert mx.array_equal(eng.model(TOKENS), ref(TOKENS))
     finally:
         eng.close()
+
+
+def test_lookahead_recall_of_next_layer_router(tmp_path):
+    """Layer l+1's router on layer l's output (what a lookahead prefetch would read ahead) finds most
+    of l+1's experts on a tiny random model: well above chance (top_k / num_experts)."""
+    src = make_tiny_moe(tmp_path / "m", "qwen3_moe", layers=3)
+    eng = _flash(convert_to_moe_flash(src, tmp_path / "m.flash"), budget=0.5)
+    try:
+        rec = moe_engine.lookahead_recall(eng, np.arange(40) % 250)
+        assert sorted(rec) == [1, 2]  # from the second decoder layer on
+        assert all(2 * 4 / 16 < r <= 1.0 for r in rec.values()), rec
+        assert all(s.state.record is None for s in moe_engine.flash_switches(eng))
+        assert mx.array_equal(eng.model(TOKENS), load_model(src)[0](TOKENS))  # the taps are gone
+    finally:
+        eng.close()
