@@ -211,20 +211,26 @@ def test_conversion_refuses_dense_family_and_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["llama"]
 
 
-def test_hugging_face_per_expert_names_convert(models, tmp_path):
-    """A checkpoint with one tensor per expert (Hugging Face names) is stacked by mlx-lm's own
-    ``sanitize`` at conversion: the same flash folder, the same logits."""
+HF_NAMES = {"qwen2_moe": {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"},
+            "mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
+
+
+@pytest.mark.parametrize("fam", sorted(HF_NAMES))
+def test_hugging_face_per_expert_names_convert(models, tmp_path, fam):
+    """A checkpoint with one tensor per expert (Hugging Face names; Mixtral's w1/w2/w3) is stacked by
+    mlx-lm's own ``sanitize`` at conversion: the same flash folder, the same logits."""
     import shutil
 
-    src, fl = models["qwen2_moe"]
+    src, fl = models[fam]
     hf = tmp_path / "hf"
     shutil.copytree(src, hf)
     w = dict(mx.load(str(hf / "model.safetensors")))
     for key in [k for k in w if ".switch_mlp." in k]:
         stacked = w.pop(key)
         pre, rest = key.split(".switch_mlp.")
+        proj, kind = rest.split(".")
         for e in range(stacked.shape[0]):
-            w[f"{pre}.experts.{e}.{rest}"] = stacked[e]
+            w[f"{pre}.experts.{e}.{HF_NAMES[fam][proj]}.{kind}"] = stacked[e]
     mx.save_safetensors(str(hf / "model.safetensors"), w, metadata={"format": "pt"})
     out = convert_to_moe_flash(hf, tmp_path / "hf.flash")
     assert (out / EXPERTS_FILE).read_bytes() == (fl / EXPERTS_FILE).read_bytes()
