@@ -8,7 +8,8 @@ layers in the real model) is written once, with as many layers as fit ``gib`` Gi
 ``gather_qmm`` on the cache rows) with a random hidden state and the routing of a trace:
 
 * ``tiny-real``: the routing of mlx-lm's own Qwen3-MoE class at tiny width (hidden 64) but with the
-  shape's 128 experts and top-8, random weights, reading ``resources/reference.txt`` (byte tokens).
+  shape's 128 experts and top-8, random weights (routers drawn 3x wider than 1/sqrt(fan-in), so
+  routing is not near-uniform), reading ``resources/reference.txt`` (byte tokens).
   Real class and real text, but random weights: its skew and reuse are not a trained model's.
 * ``synthetic``: per layer a Zipf popularity over experts (exponent ``zipf``; 0 = uniform) under a
   random permutation, and per token each of the previous token's experts kept with probability
@@ -343,7 +344,8 @@ def run_moe_replay(shape: Union[str, MoeShape] = "moe", *, gib: float = 1.0, tok
         f"hot pins each layer's most frequent experts over the first {calib} trace tokens (leaving top-k rows "
         "free); the cache is then warmed for "
         f"{warmup} tokens and {tokens} tokens are measured. naive empties the cache before every token.",
-        "tiny-real: routing of mlx-lm's Qwen3-MoE class with random weights at hidden 64 reading byte tokens: "
+        "tiny-real: routing of mlx-lm's Qwen3-MoE class with random weights (routers 3x wider than "
+        "1/sqrt(fan-in)) at hidden 64 reading byte tokens: "
         "a real router's mechanics, not a trained model's skew. synthetic: stated Zipf exponent and repeat "
         "probability.",
     ]
