@@ -83,6 +83,8 @@ class FlashConfig:
               flash 1.36x faster pipelined (the oracle, whose lookahead recalls 75%,
               0.91x), another CLI run a tie; the prefetch's copies compete with
               compute for a loaded 2-core CPU. CLI ``--pipeline`` turns it on.
+              MoE models (``mlx_flash.moe``): the next MoE layer's likely experts
+              (its router on this layer's input) are read ahead the same way.
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..config import FlashConfig
 from ..engine import Engine, ModelLoadError, _load_tokenizer
+from ..pipeline import Prefetcher
 from ..neuron_cache import HOT_FRACTIONS, CachePolicy, LayerCache, NeuronCache, sample_active_sets, simulate
 from ..progress import ProgressCallback, report
 from ..quantized import compute_dtype, quantize_like
@@ -149,7 +150,7 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
         t, c = load_cached_choice(files.root)
         threads, chunk = threads or t, chunk or c
     verifier = BackgroundVerifier(view, direct=config.direct_io, side_files=(DENSE_FILE,))
-    reader = None
+    reader = prefetcher = None
     try:
         reader = FlashReader(view, threads=threads, chunk_bytes=max(chunk, m.expert_bytes),
                              max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
@@ -168,12 +169,16 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
                                                     verifier, cd))
         _load_dense_part(model, files, cfg)
         policy_info = _apply_policy(files, config, cache, reader)
+        if config.pipeline and m.num_layers > 1:
+            prefetcher = attach_lookahead(model, mods, reader, m.top_k, m.expert_bytes, config.direct_io)
         tok = _load_tokenizer(files.root, cfg.get("eos_token_id"))
         if config.verify == "load":
             verifier.wait()
         verifier.raise_if_failed()
     except BaseException:
         verifier.close()
+        if prefetcher is not None:
+            prefetcher.close()
         if reader is not None:
             reader.close()
         raise
@@ -183,8 +188,41 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
                                             for r, q in m.quantization.items()})
     return Engine(model, tok, files.root, config, files=files, cache=cache, reader=reader, chooser=RouterChooser(),
                   counters=counters, policy_info=policy_info, notes=notes,
-                  context_length=cfg.get("max_position_embeddings"), verifier=verifier,
+                  context_length=cfg.get("max_position_embeddings"), verifier=verifier, prefetcher=prefetcher,
                   active_info={"name": "router", "asked": config.active, "reason": "MoE: the router's top-k is exact"})
+
+
+def _module(model, path: str):
+    obj = model
+    for p in path.split("."):
+        obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+    return obj
+
+
+def attach_lookahead(model, mods, reader: FlashReader, top_k: int, expert_bytes: int, direct: bool = True
+                     ) -> Prefetcher:
+    """Lookahead prefetch for the model's flash expert layers (``FlashConfig.pipeline``): while MoE
+    layer l computes a decoded token, a second reader on its own thread (``pipeline.Prefetcher``)
+    reads the experts layer l+1's router picks from layer l's input (mapped to l+1's norm by
+    ``pipeline.lookahead_map``) that l+1's cache lacks, into one of two staging buffers of top-k
+    experts (I/O buffers outside the budget); layer l+1 copies the ones it routes to from there
+    instead of reading them. The outputs are the same bit for bit; ``Engine.pipeline_info`` gives
+    the lookahead's recall and the share of missing experts it served."""
+    from ..pipeline import lookahead_map
+
+    pf = Prefetcher(FlashReader(reader.files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
+                                max_gap_bytes=reader.max_gap_bytes, direct=direct),
+                    [np.empty((top_k, expert_bytes), dtype=np.uint8) for _ in range(2)], len(mods))
+    flash = [_module(model, p) for p, _ in mods]
+    norms = [_module(model, p.split(".layers.")[0] + ".layers." + p.split(".layers.")[1].split(".")[0])
+             .post_attention_layernorm for p, _ in mods]
+    for i, f in enumerate(flash):
+        st = f.state
+        st.prefetcher = pf
+        if i + 1 < len(flash):
+            block = _module(model, mods[i + 1][0].rsplit(".", 1)[0])
+            st.next = (i + 1, block.gate, lookahead_map(norms[i], norms[i + 1]), flash[i + 1].state.cache)
+    return pf
 
 
 def _max_hot_fraction(capacity: int, top_k: int) -> float:

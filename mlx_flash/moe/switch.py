@@ -30,6 +30,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 from ..stats import FFNCounters
+from ..storage.reader import set_rows
 
 
 def switch_modules(model: nn.Module) -> List[Tuple[str, SwitchGLU]]:
@@ -106,6 +107,10 @@ class _State:
         self.compute_dtype = compute_dtype
         self.segments, self.counters, self.verifier = segments, counters, verifier
         self.record: Optional[list] = None  # routing trace: each call's indices (np) when a list
+        # lookahead prefetch (FlashConfig.pipeline; moe.engine wires it): the shared Prefetcher, and for
+        # the next MoE layer (layer, router, lookahead map of this layer's input to its, its cache)
+        self.prefetcher = None
+        self.next: Optional[tuple] = None
         self.counts = np.zeros(cache.n_neurons, dtype=np.int64)  # routed (token, k) pairs per expert
         self.tokens = 0
 
@@ -130,17 +135,18 @@ class _State:
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.astype(self.compute_dtype)
+        pf = self.prefetcher
+        staged = pf.take(self.layer, c) if pf is not None else None
+        chosen = remaining
         while len(remaining):
             plan = cache.step(remaining)
             c.neurons_hit += len(plan.hit_ids)
             if len(plan.load_ids):
-                t0 = time.perf_counter()
-                rs = self.reader.read(self.layer, plan.load_ids, plan.load_dest)
-                c.io_s += time.perf_counter() - t0
-                c.bytes_read += rs.bytes_read
-                c.bytes_useful += len(plan.load_ids) * cache.bundle_bytes
-                c.read_requests += rs.requests
-                c.neurons_loaded += len(plan.load_ids)
+                self._load(plan, staged, chosen)
+                staged = None  # a later pass of the same call reads from disk
+            elif pf is not None and staged is not None:
+                pf.record(self.layer, staged, chosen, 0, 0)
+                staged = None
             served = np.zeros(cache.n_neurons, dtype=bool)
             served[plan.hit_ids] = True
             served[plan.load_ids] = True
@@ -158,6 +164,47 @@ class _State:
             out = y
             c.ffn_compute_s += time.perf_counter() - t0
             remaining = plan.overflow_ids
+        if pf is not None and self.next is not None and idx.size == idx.shape[-1]:  # decoding: one token
+            self._issue_next(x)
         if self.verifier is not None:
             self.verifier.check(self.layer)  # never hand on an output computed from corrupt weights
         return out.astype(in_dtype)
+
+    def _load(self, plan, staged, chosen: np.ndarray) -> None:
+        """Fill the rows of the missing experts: from the prefetch's staging buffer where it read them
+        already, the rest from disk."""
+        c, ids, pf = self.counters, plan.load_ids, self.prefetcher
+        have = np.zeros(len(ids), dtype=bool)
+        if staged is not None:
+            have, pos = staged.find(ids)
+            if have.any():
+                set_rows(plan.load_dest, np.flatnonzero(have), staged.rows[pos[have]])
+                c.neurons_prefetch_used += int(have.sum())
+            pf.record(self.layer, staged, chosen, len(ids), int(have.sum()))
+        rest = np.flatnonzero(~have)
+        if len(rest):
+            t0 = time.perf_counter()
+            rs = self.reader.read(self.layer, ids[rest], plan.load_dest, rows=rest)
+            t1 = time.perf_counter()
+            if pf is not None:
+                pf.main_io(t0, t1)
+            c.io_s += t1 - t0
+            c.bytes_read += rs.bytes_read
+            c.read_requests += rs.requests
+        c.bytes_useful += len(ids) * self.cache.bundle_bytes
+        c.neurons_loaded += len(ids)
+
+    def _issue_next(self, x: mx.array) -> None:
+        """Start reading the experts the next MoE layer's router picks from this layer's input
+        (mapped to the next layer's norm), those not resident there, while this layer computes."""
+        layer, router, lmap, next_cache = self.next
+        t0 = time.perf_counter()
+        xs = x.reshape(-1, x.shape[-1])
+        if lmap is not None:
+            xs = (xs.astype(mx.float32) * lmap[0] + lmap[1]).astype(x.dtype)
+        logits = np.array(router(xs).astype(mx.float32)).reshape(-1)
+        k = int(self.prefetcher.rows)  # the staging rows: top-k
+        pred = np.sort(np.argpartition(-logits, k - 1)[:k]).astype(np.int64)
+        missing = pred[next_cache.slot_of[pred] < 0]
+        self.counters.predictor_s += time.perf_counter() - t0
+        self.prefetcher.issue(layer, pred, missing)

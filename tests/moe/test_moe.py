@@ -255,3 +255,26 @@ def test_lookahead_recall_of_next_layer_router(tmp_path):
         assert mx.array_equal(eng.model(TOKENS), load_model(src)[0](TOKENS))  # the taps are gone
     finally:
         eng.close()
+
+
+def test_lookahead_prefetch_same_answers_and_serves_misses(tmp_path):
+    """FlashConfig.pipeline: layer l+1's likely experts are read on a second thread while layer l
+    computes; the greedy answer is the same token for token, and the prefetch serves misses."""
+    src = make_tiny_moe(tmp_path / "m", "qwen3_moe", layers=3)
+    fl = convert_to_moe_flash(src, tmp_path / "m.flash")
+    runs = []
+    for pipe in (False, True):
+        eng = flash_engine.load(fl, FlashConfig(engine="flash", budget=0.3, pipeline=pipe))
+        try:
+            eng.tokenizer.eos_token_ids = []
+            runs.append([r.token for r in eng.stream_generate("hello there", max_tokens=20)])
+            info = eng.pipeline_info()
+            if pipe:
+                assert info["lookahead_recall"][0] is None and 0 < info["mean_lookahead_recall"] <= 1
+                assert 0 < info["mean_served"] <= 1
+                assert 0 < eng.counters.neurons_prefetch_used <= eng.counters.neurons_prefetched
+            else:
+                assert info is None and eng.counters.neurons_prefetched == 0
+        finally:
+            eng.close()
+    assert runs[0] == runs[1]
