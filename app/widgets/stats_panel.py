@@ -318,6 +318,8 @@ class StatsPanel(QScrollArea):
 
         self.summary["hit"].setText(f"{100 * s.cum_hit_rate:.0f}%" if flash else "–")
         self.summary["active"].setText(theme.human_count(s.neurons_active) if flash else "all")
+        # a mixture-of-experts model from flash (mode flash-router): the counts and hits are experts
+        self._summary_titles["active"].setText("active experts" if s.mode == "flash-router" else "active neurons")
         self.summary["tokens"].setText(str(self.count))
         # time to first token (reading the prompt + the first forward pass); the prompt's speed in the tooltip
         self.summary["first"].setText(f"{s.ms_first_token / 1e3:.2f} s" if s.ms_first_token else "–")

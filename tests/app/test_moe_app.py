@@ -27,4 +27,5 @@ def test_moe_flash_model_chats_with_expert_stats(make_window, qtbot, tmp_path):
     assert result["status"] == COMPLETE
     assert w.stats_panel.count == result["meta"]["tokens"] > 0
     assert "%" in w.stats_panel.card_hit.value.text()
+    assert w.stats_panel._summary_titles["active"].text() == "active experts"
     assert 0.0 <= result["meta"]["hit_rate"] <= 1.0
