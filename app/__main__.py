@@ -1,4 +1,4 @@
-"""`python -m app` / `mlx-flash-app`: the desktop chat window."""
+"""`python -m mlx_flash_app` / `mlx-flash-app`: the desktop chat window."""
 
 from __future__ import annotations
 

@@ -12,8 +12,24 @@ from typing import List, Optional
 from PySide6.QtCore import QByteArray, QEvent, QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence, QPainter, QPalette
 from PySide6.QtWidgets import (
-    QButtonGroup, QComboBox, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton,
-    QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QStyle, QStyleOption, QTabWidget, QToolButton, QVBoxLayout,
+    QButtonGroup,
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSplitter,
+    QStackedWidget,
+    QStyle,
+    QStyleOption,
+    QTabWidget,
+    QToolButton,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -84,11 +100,11 @@ class Chip(QLabel):
         super().__init__(text, parent)
         self.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
 
-    def setText(self, text: str) -> None:  # noqa: N802
+    def setText(self, text: str) -> None:
         super().setText(text)
         self.setMaximumWidth(super().sizeHint().width())  # as wide as its text when there is room
 
-    def paintEvent(self, e) -> None:  # noqa: N802
+    def paintEvent(self, e) -> None:
         p = QPainter(self)
         opt = QStyleOption()
         opt.initFrom(self)
@@ -981,7 +997,7 @@ class MainWindow(QMainWindow):
             return []
         return [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
 
-    def dragEnterEvent(self, e) -> None:  # noqa: N802
+    def dragEnterEvent(self, e) -> None:
         if self._local_paths(e.mimeData()):
             e.acceptProposedAction()
             self.drop_overlay.setGeometry(self.centralWidget().rect().adjusted(24, 24, -24, -24))
@@ -991,17 +1007,17 @@ class MainWindow(QMainWindow):
         else:
             e.ignore()
 
-    def dragMoveEvent(self, e) -> None:  # noqa: N802
+    def dragMoveEvent(self, e) -> None:
         if self._local_paths(e.mimeData()):
             e.acceptProposedAction()
         else:
             e.ignore()
 
-    def dragLeaveEvent(self, e) -> None:  # noqa: N802
+    def dragLeaveEvent(self, e) -> None:
         self.drop_overlay.hide()
         self.library.drop_zone.set_hover(False)
 
-    def dropEvent(self, e) -> None:  # noqa: N802
+    def dropEvent(self, e) -> None:
         self.drop_overlay.hide()
         self.library.drop_zone.set_hover(False)
         items = self._local_paths(e.mimeData())
@@ -1027,7 +1043,7 @@ class MainWindow(QMainWindow):
         return dlg
 
     # ================================================================== close
-    def closeEvent(self, e) -> None:  # noqa: N802
+    def closeEvent(self, e) -> None:
         self._closing = True
         self._save_window()
         if self._gen is not None:
@@ -1051,7 +1067,7 @@ class MainWindow(QMainWindow):
         self.history.close()
         super().closeEvent(e)
 
-    def resizeEvent(self, e) -> None:  # noqa: N802
+    def resizeEvent(self, e) -> None:
         super().resizeEvent(e)
         if self.drop_overlay.isVisible():
             self.drop_overlay.setGeometry(self.centralWidget().rect().adjusted(24, 24, -24, -24))

@@ -8,7 +8,7 @@ module finds the real list before ``QApplication`` exists: it reads the ``DT_NEE
 library that is not shipped (``ctypes``, i.e. the system's dynamic loader). A library that loads but
 lacks a dependency of its own is reported too (the loader's message names it).
 
-``python -m app.platform_qt`` prints the result (exit 1 when something is missing);
+``python -m mlx_flash_app.platform_qt`` prints the result (exit 1 when something is missing);
 ``--packages`` prints only the Debian packages to install (``make app`` uses it). On macOS and
 Windows everything here is a no-op.
 """

@@ -1,6 +1,6 @@
 """Drive the real window with the real default model and save screenshots.
 
-    xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m app.screenshots [--out docs/screenshots]
+    xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m mlx_flash_app.screenshots [--out docs/screenshots]
 
 With ``--first-run`` it first starts as a new user does (see ``first_run``): run it with
 ``MLX_FLASH_HOME`` set to an empty folder for ``first_run.png`` and ``first_answer.png``.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.screenshots")
+    ap = argparse.ArgumentParser(prog="python -m mlx_flash_app.screenshots")
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=880)

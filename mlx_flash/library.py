@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import paths
-from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
-                     scratch_dir, temp_name, translate_write_errors)
+from .atomic import (
+    FolderBuild,
+    check_space,
+    clean_stale,
+    destination_lock,
+    fmt_bytes,
+    publish_dir,
+    scratch_dir,
+    temp_name,
+    translate_write_errors,
+)
 from .families import BY_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
 from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 
@@ -221,9 +230,8 @@ def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]
 
 def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[ProgressCallback],
              overwrite: bool, check: bool = True) -> Path:
-    from .storage.format import convert_to_flash
-
     from .convert.gguf import is_gguf
+    from .storage.format import convert_to_flash
 
     to_flash = dst.suffix == ".flash"
     if src.is_file():
@@ -388,7 +396,8 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     do_cal = calibrate and calibration_available()
     conv_end = 0.7 if do_cal else 1.0
     report(progress, 0.0, f"importing {src.name}")
-    need, what = _convert_need(src, dst, dtype) if kind != "flash" else (_dir_size(src), f"{dst} (a copy of {src.name})")
+    need, what = (_convert_need(src, dst, dtype) if kind != "flash"
+                  else (_dir_size(src), f"{dst} (a copy of {src.name})"))
     try:
         build = FolderBuild(dst, need=need, what=what)
     except FileExistsError:
@@ -424,7 +433,9 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
             os.replace(f, work / f.name)
         tmp.rmdir()
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     try:
         build.publish()
     except FileExistsError:
@@ -460,10 +471,8 @@ def flash_details(path: Path) -> dict:
     ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``,
     ``quantization`` (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles).
     Empty for folders that are not flash models (or whose manifest is unreadable)."""
-    from .storage.format import FlashFormatError, Manifest
-
     from .quantized import describe as describe_quant
-    from .storage.format import role_quantization
+    from .storage.format import FlashFormatError, Manifest, role_quantization
 
     try:
         m = Manifest.load(Path(path))

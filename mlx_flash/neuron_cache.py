@@ -192,7 +192,7 @@ def _segments(bundle_elems: int, dtype: mx.Dtype, layout) -> List[Tuple[str, int
                        (r, int(v[0]) * sz, int(v[1]) * sz, dtype) for r, v in layout.items()), key=lambda t: t[1])
         total = bundle_elems * sz
     edge = 0
-    for r, a, b, d in segs:
+    for _r, a, b, d in segs:
         if a != edge or b <= a or (b - a) % d.size:
             raise ValueError(f"bundle layout {layout} does not tile the bundle")
         edge = b

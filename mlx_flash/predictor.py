@@ -146,7 +146,8 @@ def load_predictors(path: Union[str, Path], *, num_layers: int, hidden_size: int
                              f"{CALIBRATE_HINT}")
     if file_id is not None and meta.get("id") != file_id:
         raise PredictorError(f"{path}: {PREDICTOR_FILE} (id {meta.get('id')}) does not belong to manifest.json's "
-                             f"predictors (id {file_id}): an interrupted or foreign calibration; {CALIBRATE_HINT} again")
+                             f"predictors (id {file_id}): an interrupted or foreign calibration; "
+                             f"{CALIBRATE_HINT} again")
     found = sorted({int(k.split(".")[1]) for k in arrays if k.startswith("layers.")})
     if len(found) != num_layers or found != list(range(len(found))):
         raise PredictorError(f"{path}: predictors for {len(found)} layers, the model has {num_layers} layers; "

@@ -90,7 +90,7 @@ def run_reporting(queue, fn: Callable, kwargs: dict, parent_pid: Optional[int] =
         result = fn(progress=cb, **kwargs)
     except Cancelled:
         result = None
-    except Exception as e:  # noqa: BLE001 - every failure reaches the parent as a message
+    except Exception as e:
         text = str(e) or type(e).__name__
         queue.put(("error", text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"))
         return

@@ -63,7 +63,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -414,7 +414,8 @@ def _open_work(work: Path, s: RelufySettings, fingerprint: str, progress) -> Non
             report(progress, 0.0, "end-to-end settings changed: keeping the finished layers")
             keep = lambda f: f.name != "e2e.safetensors"  # noqa: E731
         else:
-            report(progress, 0.0, "settings changed: starting over" + (" (calibration text kept)" if keep_tokens else ""))
+            report(progress, 0.0,
+                   "settings changed: starting over" + (" (calibration text kept)" if keep_tokens else ""))
             keep = lambda f: keep_tokens and f.name == TOKENS_FILE  # noqa: E731
         for f in work.iterdir():
             if not keep(f):
@@ -483,9 +484,9 @@ def relufy(
     in the work folder and a rerun continues from them; ``dst`` is not created)."""
     from mlx_lm.utils import load_tokenizer
 
+    from .families import family_of
     from .models import get_architecture
     from .models.llama import activation_of
-    from .families import family_of
     from .storage.format import load_dense_weights, open_flash, write_flash
 
     t_start = time.perf_counter()
@@ -519,7 +520,9 @@ def relufy(
         _open_work(work, s, _source_fingerprint(files), progress)
     except BaseException as e:
         held.close()
-        raise write_error(e, dst, what=f"{dst} (its work folder {work})")
+        if (t := write_error(e, dst, what=f"{dst} (its work folder {work})")) is e:
+            raise
+        raise t from e
 
     try:
         n_layers = m.num_layers
@@ -555,8 +558,8 @@ def relufy(
             for i in range(done):
                 block = teacher.layers[i]
                 new = _load_layer(work, i, s.act)[0]
-                S = _map_chunks(lambda z: (lambda h, x: h + new(x))(*_attn_part(block, z)), S)
-                T = _map_chunks(lambda z: (lambda h, x: h + block.mlp(x))(*_attn_part(block, z)), T)
+                S = _map_chunks(lambda z, new=new, block=block: (lambda h, x: h + new(x))(*_attn_part(block, z)), S)
+                T = _map_chunks(lambda z, block=block: (lambda h, x: h + block.mlp(x))(*_attn_part(block, z)), T)
 
         layer_span = (p_layers_end - p_text) / n_layers
         for i in range(done, n_layers):
@@ -564,15 +567,17 @@ def relufy(
             lp = scaled(progress, p_text + i * layer_span, p_text + (i + 1) * layer_span)
             report(lp, 0.0, f"layer {i}: preparing")
             block = teacher.layers[i]
-            h_mid, x = _map_chunks(lambda z: _attn_part(block, z), S)
+            h_mid, x = _map_chunks(lambda z, block=block: _attn_part(block, z), S)
             plain = _map_chunks(block.mlp, x)
             if s.compensate > 0:
-                T_next = _map_chunks(lambda z: (lambda h, xx: h + block.mlp(xx))(*_attn_part(block, z)), T)
+                T_next = _map_chunks(lambda z, block=block: (lambda h, xx: h + block.mlp(xx))(*_attn_part(block, z)), T)
                 target = (1 - s.compensate) * plain + s.compensate * (T_next - h_mid)
             else:
                 T_next, target = T, plain
             H = x.shape[-1]
-            flat = lambda a: a.reshape(-1, H)  # noqa: E731
+            def flat(a, H=H):
+                return a.reshape(-1, H)
+
             ffn, res = train_layer(block.mlp, flat(x), flat(target), flat(plain), val, s, lp, i)
             S = h_mid + _map_chunks(ffn, x)
             mx.eval(S)
@@ -634,7 +639,9 @@ def relufy(
         with contextlib.suppress(OSError):  # the disk may be full
             _add_spent(work, time.perf_counter() - t_start)  # cancelled or failed: the time still counts
         held.close()
-        raise write_error(e, dst, what=f"{dst} (or its work folder {work})")
+        if (t := write_error(e, dst, what=f"{dst} (or its work folder {work})")) is e:
+            raise
+        raise t from e
     try:
         if keep_work:
             _add_spent(work, rep.seconds)

@@ -47,8 +47,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..atomic import DISK_FULL, FolderBuild, WriteError, free_bytes, write_error
+from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..progress import ProgressCallback, report, scaled
 
 logger = logging.getLogger(__name__)
@@ -765,7 +765,8 @@ def _longrope(g: GGUFFile, head_dim: int, ctx: int, orig: int) -> Dict[str, Any]
     for kind in ("long", "short"):
         name = f"rope_factors_{kind}.weight"
         if name not in g.tensors:
-            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; '{name}' is missing")
+            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; "
+                            f"'{name}' is missing")
         f = g.read_float32(name).ravel()
         if f.shape[0] != head_dim // 2:
             raise GGUFError(f"{g.path}: {name} has {f.shape[0]} entries, expected {head_dim // 2}")
@@ -939,7 +940,8 @@ _PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen", "stablelm2"}  # deepseek-r1-qwen: the
 
 
 def _bpe_pre_tokenizer(pre: Optional[str]):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     if pre in _PRE_DIGITS_THEN_GPT2:
         return pt.Sequence([pt.Digits(individual_digits=True),
@@ -1323,7 +1325,9 @@ def convert_gguf(
                     raise _disk_error(e, Path(e.filename or "the model"), dst, need) from e
                 raise
         except BaseException as e:
-            raise build.fail(e)
+            if (t := build.fail(e)) is e:
+                raise
+            raise t from e
         build.publish()
     report(progress, 1.0, "done")
     return dst

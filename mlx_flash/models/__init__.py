@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import llama, opt
 from ..families import BY_MODEL_TYPE, BY_WRAPPER, supported_text
+from . import llama, opt
 
 _ENGINES: dict[str, ModuleType] = {"llama": llama, "opt": opt}
 
