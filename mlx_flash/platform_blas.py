@@ -6,7 +6,7 @@ The Linux ``mlx[cpu]`` wheel links a bundled reference (netlib) BLAS
 dynamically, so an optimised BLAS loaded into the process's global symbol scope
 *before* ``mlx.core`` is imported takes their place: with Debian's
 ``libopenblas0-pthread`` the same matmul runs at ~30-200 GFLOP/s. Calibration and evaluation no
-longer depend on it: their float32 matmuls run in numpy (``calibrate.NumpyLinear``; numpy's wheel
+longer depend on it: their float32 matmuls run in numpy (``dense_model.NumpyLinear``; numpy's wheel
 has its own OpenBLAS), so the predictors are the same with or without this library.
 
 :func:`preload` is called by ``mlx_flash/__init__.py``, i.e. before anything in
