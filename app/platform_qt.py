@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import PySide6  # the package only: no Qt library is loaded by this import
+
 #: Debian/Ubuntu package of each system library the xcb plugin (and Qt's GUI libraries) load.
 DEBIAN_PACKAGES: Dict[str, str] = {
     "libxcb.so.1": "libxcb1",
@@ -92,8 +94,6 @@ def needed_sonames(path: os.PathLike) -> List[str]:
 
 def qt_dir() -> Optional[Path]:
     """PySide6's ``Qt`` folder (in the venv or inside a PyInstaller bundle), or None."""
-    import PySide6  # the package only: no Qt library is loaded by this import
-
     d = Path(PySide6.__file__).resolve().parent / "Qt"
     return d if d.is_dir() else None
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from mlx_flash.atomic import clean_stale
-from mlx_flash.progress import run_reporting
+from mlx_flash.progress import Cancelled, run_reporting
 
 #: Threads started by :func:`start` that have not finished yet (tests check it ends empty).
 _live: "set[QThread]" = set()
@@ -90,8 +90,6 @@ class Worker(QObject):
             else:
                 result = out
         except Exception as e:
-            from mlx_flash.progress import Cancelled
-
             if isinstance(e, Cancelled):
                 result = None
             else:

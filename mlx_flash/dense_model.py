@@ -13,12 +13,16 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import gated_activation
-from .models import get_architecture, sanitize
 from .storage.format import bundle_parts, ffn_state_dict, load_dense_weights, read_layer_weights
+
+# MLX_LM: ``.models`` imports mlx-lm (and through it transformers: seconds). It is imported where a model
+# is built, so that calibrate's and relufy's settings stay cheap to import (the CLI's parser reads them).
 
 
 def model_activation(model_args: dict) -> Tuple[str, Optional[float]]:
     """``(name, param)`` of a model config's FFN activation (the architecture's rule)."""
+    from .models import get_architecture  # noqa: PLC0415 - see MLX_LM below
+
     return get_architecture(dict(model_args)).activation_of(dict(model_args))
 
 
@@ -88,6 +92,8 @@ def load_dense_model(files, dtype: Optional[str] = "float32", *, numpy_cpu: bool
     cast to ``dtype`` (None keeps the stored dtype). For calibration, evaluation and relufy.
     In float32 on a CPU device its matmuls run in numpy (:class:`NumpyLinear`) unless ``numpy_cpu``
     is False (relufy trains through the model: numpy products have no gradients)."""
+    from .models import get_architecture, sanitize  # noqa: PLC0415 - see MLX_LM below
+
     m = files.manifest
     arch_cfg = dict(m.model_args)
     arch = get_architecture(arch_cfg)

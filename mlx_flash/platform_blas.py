@@ -106,7 +106,7 @@ _NUMPY_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_
 
 def _numpy_openblas():
     """(set, get) of numpy's bundled OpenBLAS thread count, or None where it has another BLAS."""
-    import numpy
+    import numpy  # noqa: PLC0415 - numpy (with its own OpenBLAS) only after the shim has run
 
     libs = Path(numpy.__file__).resolve().parent.parent / "numpy.libs"
     for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
+from .atomic import atomic_path
+
 PREDICTOR_FILE = "predictors.safetensors"
 FILE_FORMAT = "mlx-flash-predictors"
 FILE_VERSION = 1
@@ -119,7 +121,6 @@ def save_predictors(path: Union[str, Path], weights: PredictorWeights, *, file_i
     meta = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "id": file_id,
             "num_layers": str(weights.num_layers), "rank": str(weights.rank)}
     meta.update(extra_metadata or {})
-    from .atomic import atomic_path
 
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
@@ -305,7 +306,7 @@ def load_frequencies(files) -> Optional[np.ndarray]:
     if not has_predictors(files):
         return None
     m = files.manifest
-    info = predictor_info(m)
+    info = predictor_info(m) or {}
     path = Path(files.root) / str(info.get("file", PREDICTOR_FILE))
     weights = load_predictors(path, num_layers=m.num_layers, hidden_size=m.hidden_size,
                               n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))

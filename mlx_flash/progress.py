@@ -11,6 +11,8 @@ import os
 import time
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 ProgressCallback = Callable[[float, str], Optional[bool]]
 
 
@@ -42,8 +44,6 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
 
     The bar appears on the first report, so an operation with nothing to do draws nothing.
     """
-    from tqdm import tqdm
-
     state: dict = {}
 
     def cb(fraction: float, message: str) -> bool:

@@ -67,10 +67,15 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_text, clean_stale, destination_lock, write_error
+from .calibrate import chat_tokens, read_prompts
+from .dense_model import load_dense_model
+from .families import family_of
 from .progress import ProgressCallback, report, scaled
+from .storage.format import load_dense_weights, open_flash, write_flash
 
 DEFAULT_SPARSITY = 0.7
 RELU_ACTS = ("relu", "relu2")
@@ -201,8 +206,6 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
                 ) -> Tuple[ShiftedReluFFN, LayerResult]:
     """Train one layer's shifted-ReLU FFN on (x, target) (rows; ``val`` marks held-out rows).
     ``plain`` is the original FFN's output on ``x`` (for the reported error)."""
-    import mlx.optimizers as optim
-
     t0 = time.perf_counter()
     tr_idx = np.flatnonzero(~val)
     va_idx = mx.array(np.flatnonzero(val))
@@ -252,22 +255,6 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
 
 
 # --------------------------------------------------------------------------- model plumbing
-def _load_model(files, dtype=mx.float32) -> nn.Module:
-    from .models import get_architecture, sanitize
-    from .storage.format import ffn_state_dict, load_dense_weights
-
-    m = files.manifest
-    cfg = dict(m.model_args)
-    model = get_architecture(cfg).build(cfg)
-    w = load_dense_weights(files)
-    for i in range(m.num_layers):
-        w.update(ffn_state_dict(files, i))
-    w = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
-    model.load_weights(list(sanitize(model, w).items()))
-    mx.eval(model.parameters())
-    return model
-
-
 def _attn_part(block, S: mx.array) -> Tuple[mx.array, mx.array]:
     """(residual after attention, FFN input) of a llama-family block on stream ``S``."""
     h = S + block.self_attn(block.input_layernorm(S), "causal", None)
@@ -288,10 +275,9 @@ def _map_chunks(fn, S: mx.array, bs: int = 8):
 def calibration_tokens(model, tokenizer, s: RelufySettings, progress: Optional[ProgressCallback] = None
                        ) -> np.ndarray:
     """(chunks, seq_len) int32: prompts + the model's sampled answers (+ ``s.text``), concatenated."""
-    from mlx_lm.models.cache import BatchKVCache
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.models.cache import BatchKVCache  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
+    from mlx_lm.sample_utils import make_sampler  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
-    from .calibrate import chat_tokens, read_prompts
 
     prompts = read_prompts()
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
@@ -409,7 +395,7 @@ def _open_work(work: Path, s: RelufySettings, fingerprint: str, progress) -> Non
         same_src = isinstance(have, dict) and have.get("source") == fingerprint and old is not None
         layers_same = same_src and all(getattr(old, k) == getattr(s, k)
                                        for k in asdict(s) if k not in _E2E_KEYS)
-        keep_tokens = same_src and old.token_key() == s.token_key()
+        keep_tokens = same_src and old is not None and old.token_key() == s.token_key()
         if layers_same:
             report(progress, 0.0, "end-to-end settings changed: keeping the finished layers")
             keep = lambda f: f.name != "e2e.safetensors"  # noqa: E731
@@ -430,8 +416,6 @@ def finetune_biases(teacher: nn.Module, student: nn.Module, tokens: np.ndarray, 
     """Fine-tune only the FFN biases (shifts included) of ``student`` (its layers' ``mlp`` are
     :class:`ShiftedReluFFN`) on KL(teacher || student); each step re-centres every layer's
     shifts so the batch stays at the target sparsity."""
-    import mlx.optimizers as optim
-
     student.freeze()
     for layer in student.layers:
         layer.mlp.unfreeze(keys=["gate_bias", "up_bias", "down_bias"])
@@ -482,12 +466,10 @@ def relufy(
     docstring). ``settings`` (or keyword overrides of :class:`RelufySettings`) say how.
     Cancel by returning False from ``progress`` (raises ``Cancelled``; finished layers stay
     in the work folder and a rerun continues from them; ``dst`` is not created)."""
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
-    from .families import family_of
-    from .models import get_architecture
-    from .models.llama import activation_of
-    from .storage.format import load_dense_weights, open_flash, write_flash
+    from .models import get_architecture  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
+    from .models.llama import activation_of  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
     t_start = time.perf_counter()
     s = settings or RelufySettings()
@@ -503,7 +485,8 @@ def relufy(
     cfg = dict(m.model_args)
     get_architecture(cfg)  # a clear error for unknown families
     fam = family_of(m.architecture)
-    if fam.engine != "llama" or not fam.activation_from_config:  # the activation must be config.json's hidden_act
+    # the activation must be config.json's hidden_act
+    if fam is None or fam.engine != "llama" or not fam.activation_from_config:
         raise ValueError(f"{src}: relufy converts llama-family (SwiGLU) models, not {m.architecture!r}")
     if activation_of(cfg)[0] != "silu":
         raise ValueError(f"{src}: hidden_act is {activation_of(cfg)[0]!r}, not SwiGLU: nothing to ReLU-fy")
@@ -528,7 +511,7 @@ def relufy(
         n_layers = m.num_layers
         # progress budget: text 10%, layers 80% (e2e 10% if any), writing the rest
         p_text, p_layers_end = 0.1, (0.8 if s.e2e_steps else 0.9)
-        teacher = _load_model(files)
+        teacher = load_dense_model(files, "float32", numpy_cpu=False)
         tok_path = work / TOKENS_FILE
         if tok_path.is_file():
             tokens = np.load(tok_path)
@@ -605,7 +588,7 @@ def relufy(
                         f[k] = w[f"{i}.{k}"]
                 e2e = json.loads(meta["e2e"])
             else:
-                student = _load_model(files)
+                student = load_dense_model(files, "float32", numpy_cpu=False)
                 for layer, f in zip(student.layers, ffns):
                     layer.mlp = f
                 e2e = finetune_biases(teacher, student, tokens[~val_chunks], s, scaled(progress, p_layers_end, 0.9))

@@ -45,6 +45,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .sparse_ffn import SparseFFN
+
 TRACE_VERSION = 1
 
 
@@ -218,7 +220,7 @@ class _Recorder:
         if x.shape[0] == 1:
             if layer == 0 or self._row is None:
                 self._row = [None] * self.trace.n_layers
-                self.trace.tokens.append(self._row)  # type: ignore[arg-type]
+                self.trace.tokens.append(self._row)
             self._row[layer] = np.array(ids, dtype=np.int64, copy=True)
         return ids, mask
 
@@ -227,8 +229,6 @@ class _Recorder:
 
 
 def _sparse_states(engine) -> List[Any]:
-    from .sparse_ffn import SparseFFN
-
     return [m._state for m in engine.model.modules() if isinstance(m, SparseFFN)]
 
 

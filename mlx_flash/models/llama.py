@@ -55,7 +55,10 @@ class ActMLP(nn.Module):
 
 
 def family(config: dict) -> Family:
-    return family_of(config.get("model_type"))
+    fam = family_of(config.get("model_type"))
+    if fam is None:
+        raise ValueError(f"no model family for model_type {config.get('model_type')!r}")
+    return fam
 
 
 def activation_of(config: dict):

@@ -55,7 +55,7 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
     assert names == ["Tiny-Llama"]
     assert w.library.table.item(0, 2).text() == family_label("llama")  # the family, by name
     assert "Imported Tiny-Llama" in w.library_notice.text()
-    if library.calibration_available() and w.library.calibrate_box.isChecked():
+    if w.library.calibrate_box.isChecked():
         assert library.flash_details(path)["has_predictors"]
     # the imported model loads in the chat (oracle: a tiny model's predictors do not fit half its tiny FFN)
     from mlx_flash_app.widgets.model_library import save_model_settings

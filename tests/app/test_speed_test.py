@@ -11,10 +11,6 @@ from .conftest import WAIT
 
 def _bench_dialog(make_window, tiny_models, tokens: int):
     """The speed-test dialog on the tiny flash model, no disk probe, ``tokens`` per configuration."""
-    from mlx_flash_app.widgets import speed_test
-
-    if not speed_test.bench_available():
-        pytest.skip("mlx_flash.bench is not in this build")
     w = make_window(load=False)
     dlg = w.open_speed_test(tiny_models["flash"])
     dlg.probe.setChecked(False)
@@ -51,18 +47,6 @@ def test_speed_test_cancel(make_window, qtbot, tiny_models):
     dlg.cancel()
     qtbot.waitUntil(lambda: not dlg.running, timeout=3 * WAIT)
     assert dlg.report_dict is None and "Cancelled" in dlg.summary.text()
-
-
-def test_speed_test_not_available(make_window, qtbot, monkeypatch, tiny_models):
-    from mlx_flash_app.widgets import speed_test
-
-    monkeypatch.setattr(speed_test, "bench_available", lambda: False)
-    w = make_window(load=False)
-    dlg = w.open_speed_test(tiny_models["flash"])
-    assert dlg.unavailable.isVisible()
-    assert "not available" in dlg.unavailable.text()
-    assert not dlg.run_btn.isEnabled()
-    assert dlg.run() is False
 
 
 def test_report_view_from_a_dict(qtbot):
