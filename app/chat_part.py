@@ -12,6 +12,7 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from mlx_flash import library
+from mlx_flash.atomic import atomic_write_text
 
 from . import theme, workers
 from .chat_state import Generation, export_file_name, history_messages
@@ -91,9 +92,7 @@ class ChatPart:
         self.reload_conversations()
 
     def export_conversation(self, conv_id: int, path: Path) -> Path:
-        path = Path(path)
-        path.write_text(self.history.export_markdown(conv_id), encoding="utf-8")
-        return path
+        return atomic_write_text(path, self.history.export_markdown(conv_id))
 
     def _export_dialog(self, conv_id: Optional[int]) -> None:
         if conv_id is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import default_model, paths, platform_blas
-from .atomic import clean_stale, destination_lock
+from .atomic import atomic_write_text, clean_stale, destination_lock
 from .bench import POLICIES, default_flash_model, format_table, run_bench, save_plots
 from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS, auto_tokens, calibrate
 from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
@@ -318,7 +318,7 @@ def cmd_calibrate(args) -> int:
                         progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -331,7 +331,7 @@ def cmd_eval(args) -> int:
                    progress=tqdm_callback(f"Evaluating {path.name}", disable=args.quiet))
     print(rep.format_table())
     if args.json:
-        Path(args.json).write_text(rep.to_json())
+        atomic_write_text(args.json, rep.to_json())
         print(f"wrote {args.json}")
     return 0
 
@@ -398,7 +398,7 @@ def cmd_bench(args) -> int:
     if args.text:
         out = Path(args.text).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
         print(f"wrote {out}", file=sys.stderr)
     if args.plots:
         for p in save_plots(report, args.plots):
@@ -422,7 +422,7 @@ def cmd_relufy(args) -> int:
         raise
     print(rep.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
     print(f"wrote {args.dst}")
     if not args.no_calibrate:

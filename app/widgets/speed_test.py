@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
 )
 
 from mlx_flash import bench, library
+from mlx_flash.atomic import atomic_write_text
 from mlx_flash.bench import budget_text
 
 from .. import theme, workers
@@ -431,10 +432,9 @@ class SpeedTestDialog(QDialog):
 
     def save_json(self, path: Path) -> Path:
         path = Path(path)
-        if self.report is not None and hasattr(self.report, "save_json"):
+        if self.report is not None:
             return Path(self.report.save_json(path))
-        path.write_text(json.dumps(self.report_dict, indent=2) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(self.report_dict, indent=2) + "\n")
 
     def _save_json_dialog(self) -> None:
         if self.report_dict is None:

@@ -58,6 +58,7 @@ from tokenizers import pre_tokenizers as pt
 from ..atomic import DISK_FULL, FolderBuild, WriteError, free_bytes, write_error
 from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..progress import ProgressCallback, report, scaled
+from ..units import fmt_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -1086,14 +1087,6 @@ def _tokenizer_files(g: GGUFFile, hp: HParams) -> Dict[str, Any]:
 # Conversion
 # ---------------------------------------------------------------------------------------
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> BaseException:
     """Turn a failed write into a one-line error that names the file and the free space
     (:func:`mlx_flash.atomic.write_error` for a full disk or a permission problem)."""
@@ -1101,10 +1094,10 @@ def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> BaseExcep
     if t is not e:
         return t
     free = free_bytes(dst.parent)
-    free_s = _fmt_bytes(free) if free >= 0 else "unknown"
+    free_s = fmt_bytes(free) if free >= 0 else "unknown"
     return WriteError(getattr(e, "errno", None) or errno.EIO,
                       f"could not write {file.name} for {dst} ({e}); the conversion needs about "
-                      f"{_fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
+                      f"{fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
                       f"another folder")
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.llama import ModelArgs  # noqa: F401  (re-exported)
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import _get_classes  # private: pyproject bounds mlx-lm to the versions tested
 
 from ..active import config_activation, gated_activation
 from ..families import Family, family_of
