@@ -127,7 +127,7 @@ class LibraryPart:
     def _refresh_model_combo(self) -> None:
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
-        current = self.engine_path or getattr(self, "_loading_path", None)
+        current = self.engine_path or self._loading_path
         for e in library.list_models():
             label = library.display_name(e) + ("" if e.kind == "flash" else "  (dense)")
             self.model_combo.addItem(theme.icon("bolt" if e.kind == "flash" else "cpu",

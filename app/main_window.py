@@ -73,6 +73,7 @@ class MainWindow(ChatPart, LibraryPart, SpeedTestPart, FirstRunPart, QMainWindow
         self._prepare_job = None
         self._prepare_t0 = 0.0
         self._pending_load: Optional[Path] = None
+        self._loading_path: Optional[Path] = None
         self._speed_dialog = None
         self._closing = False
 

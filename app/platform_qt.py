@@ -69,14 +69,14 @@ def needed_sonames(path: os.PathLike) -> List[str]:
     if is64:
         shoff, = struct.unpack_from(end + "Q", data, 0x28)
         shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
-        sec = lambda o: struct.unpack_from(end + "IIQQQQIIQQ", data, o)  # noqa: E731
+        sec_fmt = end + "IIQQQQIIQQ"
         dyn, dsize = end + "qQ", 16
     else:
         shoff, = struct.unpack_from(end + "I", data, 0x20)
         shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
-        sec = lambda o: struct.unpack_from(end + "IIIIIIIIII", data, o)  # noqa: E731
+        sec_fmt = end + "IIIIIIIIII"
         dyn, dsize = end + "iI", 8
-    sections = [sec(shoff + i * shentsize) for i in range(shnum)]
+    sections = [struct.unpack_from(sec_fmt, data, shoff + i * shentsize) for i in range(shnum)]
     out: List[str] = []
     for s in sections:
         if s[1] != _SHT_DYNAMIC:

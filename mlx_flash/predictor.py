@@ -249,7 +249,7 @@ class PredictorChooser:
 
 def predictor_info(manifest) -> Optional[Dict[str, Any]]:
     """The manifest's ``predictors`` field, or None."""
-    info = getattr(manifest, "predictors", None)
+    info = manifest.predictors
     return info if isinstance(info, dict) and info else None
 
 
@@ -290,7 +290,7 @@ def load_predictor_chooser(files, config=None) -> PredictorChooser:
                               n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))
     recall = None
     if config is not None:
-        recall = (getattr(config, "extra", None) or {}).get("recall")
+        recall = (config.extra or {}).get("recall")
     cutoffs, recall = _pick_cutoffs(info, recall, where)
     if len(cutoffs) != m.num_layers:
         raise PredictorError(f"{where}: 'predictors.cutoffs' has {len(cutoffs)} entries, the model has "

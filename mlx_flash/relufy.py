@@ -398,13 +398,13 @@ def _open_work(work: Path, s: RelufySettings, fingerprint: str, progress) -> Non
         keep_tokens = same_src and old is not None and old.token_key() == s.token_key()
         if layers_same:
             report(progress, 0.0, "end-to-end settings changed: keeping the finished layers")
-            keep = lambda f: f.name != "e2e.safetensors"  # noqa: E731
+            kept = {f.name for f in work.iterdir() if f.name != "e2e.safetensors"}
         else:
             report(progress, 0.0,
                    "settings changed: starting over" + (" (calibration text kept)" if keep_tokens else ""))
-            keep = lambda f: keep_tokens and f.name == TOKENS_FILE  # noqa: E731
+            kept = {TOKENS_FILE} if keep_tokens else set()
         for f in work.iterdir():
-            if not keep(f):
+            if f.name not in kept:
                 f.unlink() if f.is_file() else shutil.rmtree(f)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(want, indent=2))

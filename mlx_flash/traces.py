@@ -236,7 +236,7 @@ def _sparse_states(engine) -> List[Any]:
 def recording(engine) -> Iterator[Trace]:
     """Record the active sets of every one-token forward pass of ``engine`` (a
     flash engine) while the block runs. Yields the :class:`Trace` being filled."""
-    if not getattr(engine, "is_flash", False):
+    if not engine.is_flash:
         raise ValueError("traces are recorded on a flash engine (a dense engine has no active sets)")
     m = engine.files.manifest
     trace = Trace(m.num_layers, m.intermediate_size,

@@ -206,7 +206,10 @@ class SpeedTestDialog(QDialog):
         pl2 = QHBoxLayout(plots)
         pl2.setContentsMargins(0, 0, 0, 0)
         self.plot_tps = self._plot("Tokens per second (higher is better)")
-        sq = lambda c, t: f'<span style="color:{c}">■</span> {t}'  # noqa: E731
+
+        def sq(c, t):
+            return f'<span style="color:{c}">■</span> {t}'
+
         self.plot_ms = self._plot("ms per token: " + " ".join((sq(theme.C_PRED, "predictor"), sq(theme.C_IO, "I/O"),
                                                                 sq(theme.C_COMPUTE, "compute"))))
         self.plot_read = self._plot("Read from flash per token")
