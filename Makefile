@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlx-flash-installed
 
-.PHONY: app test test-all bench install blas model test-data clean
+.PHONY: app test test-all bench install blas model test-data clean lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,20 @@ bench: model
 		--text $(BENCH_DIR)/bench.md --plots $(BENCH_DIR) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+# The lint gate (run by .ci/run): ruff (pyflakes, pycodestyle, import order, bugbear, imports at the top)
+# on mlx_flash/ and app/, and mypy on mlx_flash/; both configured in pyproject.toml. The tools come from
+# the project's `lint` extra, installed once into the venv.
+LINT_STAMP := $(VENV)/.mlx-flash-lint-installed
+LINT_PATHS ?= mlx_flash app
+$(LINT_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy
 
 # The desktop bundle for this platform (packaging/README.md): dist/mlx-flash/ (Linux, one folder) or
 # dist/mlx-flash.app (macOS). Installs PyInstaller into the venv the first time. Check it with

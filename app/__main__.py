@@ -1,16 +1,21 @@
-"""`python -m app` / `mlx-flash-app`: the desktop chat window."""
+"""`python -m mlx_flash_app` / `mlx-flash-app`: the desktop chat window."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import PySide6  # the package only: no Qt library is loaded by this import
+
+from mlx_flash import paths
 
 from . import platform_qt
 
 
 def main(argv=None) -> int:
     if "--selftest" in (sys.argv[1:] if argv is None else argv):  # headless check (app/selftest.py)
-        from . import selftest
+        from . import selftest  # noqa: PLC0415 - `--selftest --no-qt` must run without the GUI modules
 
         return selftest.run(argv)
     parser = argparse.ArgumentParser(prog="mlx-flash-app", description="mlx-flash: chat with models bigger than memory")
@@ -24,10 +29,12 @@ def main(argv=None) -> int:
     problem = platform_qt.check_before_qapplication()  # Linux: name the xcb libraries Qt will miss
     if problem:
         print(problem, file=sys.stderr)
-    from PySide6.QtWidgets import QApplication
+    # Qt and the window only now, after the check of the libraries Qt's platform plugin needs
+    import shiboken6  # noqa: PLC0415
+    from PySide6.QtWidgets import QApplication  # noqa: PLC0415
 
-    from . import theme
-    from .main_window import MainWindow
+    from . import theme  # noqa: PLC0415
+    from .main_window import MainWindow  # noqa: PLC0415
 
     app = QApplication.instance() or QApplication([sys.argv[0], *qt_args])
     app.setApplicationName("mlx-flash")
@@ -40,8 +47,6 @@ def main(argv=None) -> int:
     rc = app.exec()
     # Delete the window while Qt is still fully alive rather than leaving it to the
     # garbage collector at interpreter shutdown (order of destruction is then arbitrary).
-    import shiboken6
-
     shiboken6.delete(win)
     del win
     return rc
@@ -50,8 +55,6 @@ def main(argv=None) -> int:
 def _check_pyside() -> None:
     """PySide6 6.12.0 corrupts the reference counts of None/True/False under CPython < 3.12,
     and the app aborts after a while: say so up front (pyproject pins < 6.12 there)."""
-    import PySide6
-
     ver = tuple(int(x) for x in PySide6.__version__.split(".")[:2])
     if sys.version_info < (3, 12) and ver >= (6, 12):
         print(f"warning: PySide6 {PySide6.__version__} on Python {sys.version.split()[0]} has a reference-count "
@@ -63,10 +66,6 @@ def _resolve(name):
     """A path, or a model name in the library (with or without ``.flash``)."""
     if name is None:
         return None
-    from pathlib import Path
-
-    from mlx_flash import paths
-
     p = Path(name).expanduser()
     if p.exists():
         return str(p)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from mlx_flash import paths
+
 SCHEMA_VERSION = 1
 DB_FILENAME = "history.sqlite3"
 
@@ -50,8 +52,6 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id,
 
 
 def default_path() -> Path:
-    from mlx_flash import paths
-
     return paths.data_dir() / DB_FILENAME
 
 

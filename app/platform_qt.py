@@ -8,7 +8,7 @@ module finds the real list before ``QApplication`` exists: it reads the ``DT_NEE
 library that is not shipped (``ctypes``, i.e. the system's dynamic loader). A library that loads but
 lacks a dependency of its own is reported too (the loader's message names it).
 
-``python -m app.platform_qt`` prints the result (exit 1 when something is missing);
+``python -m mlx_flash_app.platform_qt`` prints the result (exit 1 when something is missing);
 ``--packages`` prints only the Debian packages to install (``make app`` uses it). On macOS and
 Windows everything here is a no-op.
 """
@@ -21,6 +21,8 @@ import struct
 import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import PySide6  # the package only: no Qt library is loaded by this import
 
 #: Debian/Ubuntu package of each system library the xcb plugin (and Qt's GUI libraries) load.
 DEBIAN_PACKAGES: Dict[str, str] = {
@@ -67,14 +69,14 @@ def needed_sonames(path: os.PathLike) -> List[str]:
     if is64:
         shoff, = struct.unpack_from(end + "Q", data, 0x28)
         shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
-        sec = lambda o: struct.unpack_from(end + "IIQQQQIIQQ", data, o)  # noqa: E731
+        sec_fmt = end + "IIQQQQIIQQ"
         dyn, dsize = end + "qQ", 16
     else:
         shoff, = struct.unpack_from(end + "I", data, 0x20)
         shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
-        sec = lambda o: struct.unpack_from(end + "IIIIIIIIII", data, o)  # noqa: E731
+        sec_fmt = end + "IIIIIIIIII"
         dyn, dsize = end + "iI", 8
-    sections = [sec(shoff + i * shentsize) for i in range(shnum)]
+    sections = [struct.unpack_from(sec_fmt, data, shoff + i * shentsize) for i in range(shnum)]
     out: List[str] = []
     for s in sections:
         if s[1] != _SHT_DYNAMIC:
@@ -92,8 +94,6 @@ def needed_sonames(path: os.PathLike) -> List[str]:
 
 def qt_dir() -> Optional[Path]:
     """PySide6's ``Qt`` folder (in the venv or inside a PyInstaller bundle), or None."""
-    import PySide6  # the package only: no Qt library is loaded by this import
-
     d = Path(PySide6.__file__).resolve().parent / "Qt"
     return d if d.is_dir() else None
 

@@ -1,12 +1,12 @@
 """Drive the real window with the real default model and save screenshots.
 
-    xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m app.screenshots [--out docs/screenshots]
+    xvfb-run -s "-screen 0 1400x900x24" .venv/bin/python -m mlx_flash_app.screenshots [--out docs/screenshots]
 
 With ``--first-run`` it first starts as a new user does (see ``first_run``): run it with
 ``MLX_FLASH_HOME`` set to an empty folder for ``first_run.png`` and ``first_answer.png``.
 Saves ``chat.png`` (a chat with answers), ``stats.png`` (the performance panel during
 generation), ``import.png`` (an import in progress), ``library.png`` and
-``speed_test.png`` (when ``mlx_flash.bench`` exists). Uses the normal data folder (or
+``speed_test.png``. Uses the normal data folder (or
 ``$MLX_FLASH_HOME``); the default model is prepared on first use, as in the app. The
 import it shows is cancelled, so nothing is added to the library.
 """
@@ -18,11 +18,23 @@ import sys
 import time
 from pathlib import Path
 
+import shiboken6
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import QApplication
+
+from mlx_flash import default_model
+from mlx_flash.stats import process_rss
+from mlx_flash.units import fmt_bytes
+
+from . import theme
+from .main_window import MainWindow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.screenshots")
+    ap = argparse.ArgumentParser(prog="python -m mlx_flash_app.screenshots")
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=880)
@@ -37,13 +49,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
-    from PySide6.QtGui import QDragEnterEvent, QDropEvent
-    from PySide6.QtWidgets import QApplication
-
-    from . import theme
-    from .main_window import MainWindow
 
     app = QApplication.instance() or QApplication([sys.argv[0]])
     app.setApplicationName("mlx-flash")
@@ -116,8 +121,6 @@ def main(argv=None) -> int:
     spin(lambda: not win.generating, 60, "the stop")
 
     # an import in progress (cancelled afterwards: nothing is kept)
-    from mlx_flash import default_model
-
     src = default_model.default_mlx_dir()
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(src))])
@@ -135,26 +138,21 @@ def main(argv=None) -> int:
     shot(win, "library.png")
 
     # the speed test
-    from .widgets import speed_test
-
     if not args.skip_bench:
         win.show_page(0)
         dlg = win.open_speed_test(win.engine_path)
         dlg.resize(1280, 820)
-        if speed_test.bench_available():
-            dlg.tokens.setValue(16 if args.bench_policies else 32)
-            dlg.probe.setChecked(True)
-            dlg.policies.setChecked(args.bench_policies)
-            dlg.run()
-            spin(lambda: not dlg.running, 1800, "the speed test")
-            dlg.close_btn.setFocus()
+        dlg.tokens.setValue(16 if args.bench_policies else 32)
+        dlg.probe.setChecked(True)
+        dlg.policies.setChecked(args.bench_policies)
+        dlg.run()
+        spin(lambda: not dlg.running, 1800, "the speed test")
+        dlg.close_btn.setFocus()
         settle(0.8)
         shot(dlg, "speed_test.png")
         dlg.close()
 
     win.close()
-    import shiboken6
-
     shiboken6.delete(win)
     return 0
 
@@ -163,11 +161,6 @@ def first_run(args, app, spin, settle, shot) -> bool:
     """The first ten minutes: window, preparation (if the data folder has no default model),
     first answer. Prints the progress cadence and the process's RSS (``Stats.process_rss``'s
     reading) after the model loaded and after the first answer."""
-    from mlx_flash.stats import process_rss
-    from mlx_flash.units import fmt_bytes
-
-    from .main_window import MainWindow
-
     win = MainWindow()
     win.settings.remove("last_model")
     win.resize(args.width, args.height)
@@ -205,8 +198,6 @@ def first_run(args, app, spin, settle, shot) -> bool:
           f"{fmt_bytes(process_rss())}; first token {meta.get('first_token_s')} s, {meta.get('tokens_per_s')} tok/s; "
           f"answer: {done[0]['text'][:80]!r}" if done else "no answer")
     win.close()
-    import shiboken6
-
     shiboken6.delete(win)
     return bool(done)
 

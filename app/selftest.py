@@ -13,7 +13,7 @@ No window is shown. In order it checks:
 4. a few tokens are generated; the text and the Stats summary are printed.
 
 Exit status 0 when everything worked; 1 with the error (and its traceback on stderr) otherwise.
-Works the same from source (``python -m app --selftest``) and from a PyInstaller bundle
+Works the same from source (``python -m mlx_flash_app --selftest``) and from a PyInstaller bundle
 (``dist/mlx-flash/mlx-flash --selftest``).
 """
 
@@ -27,6 +27,13 @@ import time
 import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+from mlx_flash import default_model, paths, platform_blas
+from mlx_flash.config import FlashConfig
+from mlx_flash.engine import is_flash_dir, load
+from mlx_flash.stats import print_summary
 
 from . import platform_qt
 
@@ -53,8 +60,6 @@ def _say(msg: str) -> None:
 
 
 def check_resources() -> Path:
-    from mlx_flash import paths
-
     res = paths.resources_dir()
     needed = [res / "icons" / "app.svg", res / "styles" / "dark.qss", res / "calibration" / "prompts.txt"]
     missing = [str(p) for p in needed if not p.is_file()]
@@ -71,17 +76,19 @@ def check_qt():
         _say(platform_qt.describe(missing) if missing
              else f"Qt xcb plugin: all {len(needed)} system libraries it needs load")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    import PySide6
-    from PySide6.QtWidgets import QApplication
+    # Qt only here: `--no-qt` checks the engine alone
+    import PySide6  # noqa: PLC0415
+    from PySide6.QtWidgets import QApplication  # noqa: PLC0415
+
+    from . import theme  # noqa: PLC0415
 
     app = QApplication.instance() or QApplication([sys.argv[0]])
-    from . import theme
 
     theme.apply(app)
     pm = theme.app_icon().pixmap(64, 64)
     if pm.isNull():
         raise RuntimeError("the app icon did not render (QtSvg or resources/icons/app.svg missing)")
-    from . import main_window  # noqa: F401  (the whole GUI module tree imports)
+    from . import main_window  # noqa: F401, PLC0415 - the whole GUI module tree imports
 
     _say(f"Qt: PySide6 {PySide6.__version__}, platform '{app.platformName()}', app icon rendered, "
          "GUI modules imported")
@@ -90,22 +97,12 @@ def check_qt():
 
 def _flash_config(path: Path, active: str):
     """The engine's configuration: ``active`` as asked ("auto": the engine measures per model)."""
-    from mlx_flash.config import FlashConfig
-
     return FlashConfig(active=active)
 
 
 def run_engine(model: Optional[str], tokens: int, prompt: str, active: str) -> List:
-    import mlx.core as mx
-
-    from mlx_flash import default_model, paths
-    from mlx_flash.cli import print_summary
-    from mlx_flash.engine import is_flash_dir, load
-
     _say(f"MLX {mx.__version__}, device {mx.default_device()}")
     _say(f"data folder: {paths.data_dir()}")
-    from mlx_flash import platform_blas
-
     _say(platform_blas.status())
     t = time.perf_counter()
     if model:
@@ -159,7 +156,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_qt:
             app = check_qt()
         run_engine(args.model, max(1, args.tokens), args.prompt, args.active)
-    except BaseException as e:  # noqa: BLE001 - every failure must end as a non-zero exit
+    except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             e = RuntimeError(f"exited early ({e!r})")
         traceback.print_exc(file=sys.stderr)

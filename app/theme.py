@@ -6,8 +6,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import pyqtgraph as pg
 from PySide6.QtCore import QByteArray, QRectF, QSettings, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QIcon, QPainter, QPalette, QPixmap
+from PySide6.QtSvg import QSvgRenderer
 from PySide6.QtWidgets import QApplication
 
 from mlx_flash import paths
@@ -49,8 +51,6 @@ def styles_dir() -> Path:
 @lru_cache(maxsize=256)
 def icon(name: str, color: str = TEXT, size: int = 48) -> QIcon:
     """resources/icons/<name>.svg drawn in ``color`` (the SVGs use ``currentColor``)."""
-    from PySide6.QtSvg import QSvgRenderer
-
     path = icons_dir() / f"{name}.svg"
     if not path.is_file():
         return QIcon()
@@ -96,12 +96,7 @@ def apply(app: QApplication) -> None:
     if qss.is_file():
         app.setStyleSheet(qss.read_text())
     app.setWindowIcon(app_icon())
-    try:
-        import pyqtgraph as pg
-
-        pg.setConfigOptions(antialias=True, background=PANEL, foreground=MUTED)
-    except Exception:  # pragma: no cover - pyqtgraph is a dependency
-        pass
+    pg.setConfigOptions(antialias=True, background=PANEL, foreground=MUTED)
 
 
 def mono_font(size: float = 0) -> QFont:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from mlx_flash.atomic import clean_stale
-from mlx_flash.progress import run_reporting
+from mlx_flash.progress import Cancelled, run_reporting
 
 #: Threads started by :func:`start` that have not finished yet (tests check it ends empty).
 _live: "set[QThread]" = set()
@@ -89,9 +89,7 @@ class Worker(QObject):
                         break
             else:
                 result = out
-        except Exception as e:  # noqa: BLE001 - every failure reaches the UI as a message
-            from mlx_flash.progress import Cancelled
-
+        except Exception as e:
             if isinstance(e, Cancelled):
                 result = None
             else:

@@ -10,7 +10,19 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import BUDGET_SYNTAX, FlashConfig, format_budget, parse_budget
+from . import default_model, paths, platform_blas
+from .atomic import atomic_write_text, clean_stale, destination_lock
+from .bench import POLICIES, default_flash_model, format_table, run_bench, save_plots
+from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS, auto_tokens, calibrate
+from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
+from .library import convert_any, scan_library
+from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
+from .predictor import DEFAULT_RANK, DEFAULT_RECALL, RECALL_TARGETS
+from .progress import Cancelled, tqdm_callback
+from .relufy import RelufySettings, default_work_dir, relufy
+from .stats import print_summary
+from .storage.format import open_flash, verify_checksums
+from .storage.probe import cached_probe
 from .units import fmt_bytes
 
 
@@ -115,9 +127,6 @@ def flash_config_from_args(args) -> FlashConfig:
 def resolve_model(name: Optional[str], flash: bool, calibrate: bool = True) -> Path:
     """A path, a library name, or the default model (prepared with a progress bar;
     ``calibrate``: its flash form with predictors)."""
-    from . import default_model, paths
-    from .progress import tqdm_callback
-
     if name:
         p = Path(name).expanduser()
         if p.exists():
@@ -135,8 +144,6 @@ def resolve_model(name: Optional[str], flash: bool, calibrate: bool = True) -> P
 def library_destination(dst: str) -> Path:
     """A bare name (no folder part) means a new model in the library: ``<models>/<name>.flash``;
     anything else is a path."""
-    from . import paths
-
     if os.sep in dst or (os.altsep and os.altsep in dst) or dst.startswith((".", "~")):
         return Path(dst).expanduser()
     name = dst if dst.endswith(".flash") else f"{dst}.flash"
@@ -144,10 +151,10 @@ def library_destination(dst: str) -> Path:
 
 
 def load_engine(args):
-    from .engine import load
+    from .engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): only commands that load a model
 
     path = resolve_model(args.model, args.flash)
-    from .engine import is_flash_dir
+    from .engine import is_flash_dir  # noqa: PLC0415 - the engine imports mlx-lm (seconds): only commands that load a model
 
     if is_flash_dir(path) and not args.flash:
         # A flash folder without --flash: still the flash engine (it is what the folder is for).
@@ -167,43 +174,6 @@ def print_new_notes(stats, engine, shown: set) -> None:
         if note not in engine.notes and note not in shown:
             shown.add(note)
             print(f"[mlx-flash] warning: {note}", file=sys.stderr)
-
-
-def print_summary(stats_list, file=None, engine=None) -> None:
-    """mlx-lm style closing lines, plus the flash engine's breakdown (and, given the
-    ``engine``, which active-neuron chooser ran and why)."""
-    file = file or sys.stderr
-    if not stats_list:
-        return
-    last = stats_list[-1]
-    n = len(stats_list)
-    print("=" * 10, file=file)
-    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec; first token after "
-          f"{last.ms_first_token / 1e3:.2f} s", file=file)
-    print(f"Generation: {n} tokens, {last.tokens_per_s:.3f} tokens-per-sec", file=file)
-    print(f"Peak memory: {last.peak_memory / 1e9:.3f} GB", file=file)
-    if last.mode.startswith("flash"):
-        steady = stats_list[1:] or stats_list
-        k = len(steady)
-        pred = sum(s.ms_predictor for s in steady) / k
-        io = sum(s.ms_io for s in steady) / k
-        comp = sum(s.ms_compute for s in steady) / k
-        read = sum(s.bytes_read for s in steady) / k
-        print(f"Flash ({last.mode}): {pred + io + comp:.1f} ms/token = predictor {pred:.1f} + I/O {io:.1f} "
-              f"+ compute {comp:.1f}; read {fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
-              f"cache {fmt_bytes(last.cache_bytes)} in use; budget "
-              f"{format_budget(last.budget_bytes, last.predictor_bytes)}", file=file)
-        prefetch = sum(s.ms_prefetch for s in steady) / k
-        if prefetch > 0:
-            overlap = sum(s.ms_overlap for s in steady) / k
-            used = sum(s.neurons_prefetch_used for s in steady) / k
-            fetched = sum(s.neurons_prefetched for s in steady) / k
-            print(f"Pipeline: prefetch {prefetch:.1f} ms/token, {overlap:.1f} ms of it behind compute "
-                  f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
-                  file=file)
-    info = engine.active_info if engine is not None else None
-    if info:
-        print(f"Active neurons: {info['name']} ({info.get('reason')})", file=file)
 
 
 def cmd_generate(args) -> int:
@@ -259,7 +229,8 @@ def cmd_chat(args) -> int:
             print("[history cleared]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        reply, stats = [], []
+        reply: List[str] = []
+        stats: list = []
         try:
             stream_printed(engine, messages, args, stats, reply)
         except KeyboardInterrupt:
@@ -277,10 +248,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .progress import tqdm_callback
-
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
-    from .library import convert_any
 
     calibrate = dst.suffix == ".flash" and not args.no_calibrate
     out = convert_any(src, dst, dtype=args.dtype, progress=tqdm_callback(f"Converting {src.name}"),
@@ -290,10 +258,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .engine import is_flash_dir
-    from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
-    from .progress import tqdm_callback
-    from .storage.format import open_flash, verify_checksums
+    from .engine import is_flash_dir  # noqa: PLC0415 - the engine imports mlx-lm (seconds): only commands that load a model
 
     path = resolve_model(args.model_path, True, calibrate=False)
     if is_moe_flash_dir(path):  # mixture-of-experts flash folder: experts.bin + dense.safetensors
@@ -314,8 +279,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .library import scan_library
-
     models, broken = scan_library()
     if not models and not broken:
         print("no models yet (the default model is prepared on first use)")
@@ -329,10 +292,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from . import paths
-    from .progress import tqdm_callback
-    from .storage.probe import cached_probe
-
     directory = Path(args.dir).expanduser() if args.dir else paths.models_dir()
     directory.mkdir(parents=True, exist_ok=True)
     result = cached_probe(directory, refresh=True, progress=tqdm_callback("Probing disk"))
@@ -343,11 +302,6 @@ def cmd_probe(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from . import default_model
-    from .progress import tqdm_callback
-
-    from . import platform_blas
-
     mlx_dir = default_model.ensure_default_mlx(progress=tqdm_callback("Converting GGUF"))
     calibrate = not args.no_calibrate
     if calibrate and default_model.calibration_problem(default_model.default_flash_dir()) is not None:
@@ -361,15 +315,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import auto_tokens, calibrate
-    from .moe.format import is_moe_flash_dir
-    from .progress import tqdm_callback
-
-    from .atomic import clean_stale, destination_lock
-
     path = resolve_model(args.model_path, True, calibrate=False)
     if is_moe_flash_dir(path):  # MoE: expert frequencies (hot experts), routed on resources/reference.txt
-        from .moe.engine import calibrate_reference
+        from .moe.engine import calibrate_reference  # noqa: PLC0415 - imports the engine (mlx-lm, seconds)
 
         with destination_lock(path):
             freqs = calibrate_reference(path, tokens=args.tokens or 512,
@@ -385,21 +333,20 @@ def cmd_calibrate(args) -> int:
                         progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    from .progress import tqdm_callback
+    from .evaluate import evaluate  # noqa: PLC0415 - the engine imports mlx-lm (seconds): only commands that load a model
 
     path = resolve_model(args.model_path, True)
     rep = evaluate(path, text=args.text, tokens=args.tokens, recall=args.recall, modes=args.modes.split(","),
                    progress=tqdm_callback(f"Evaluating {path.name}", disable=args.quiet))
     print(rep.format_table())
     if args.json:
-        Path(args.json).write_text(rep.to_json())
+        atomic_write_text(args.json, rep.to_json())
         print(f"wrote {args.json}")
     return 0
 
@@ -425,7 +372,6 @@ def _parse_policies(text: Optional[str]) -> Optional[List[str]]:
     """``--policies``: "all" (every named policy) or a comma-separated list; None: no comparison."""
     if not text:
         return None
-    from .bench import POLICIES
 
     if text.strip() == "all":
         return list(POLICIES)
@@ -434,8 +380,7 @@ def _parse_policies(text: Optional[str]) -> Optional[List[str]]:
 
 def _cmd_bench_moe(args) -> int:
     """``bench --shape moe``: the MoE-shape replay (mlx_flash.moe.bench), its own report."""
-    from .moe.bench import format_moe_table, run_moe_replay, save_moe_plots
-    from .progress import tqdm_callback
+    from .moe.bench import format_moe_table, run_moe_replay, save_moe_plots  # noqa: PLC0415 - imports the engine (mlx-lm)
 
     synthetic = [tuple(float(v) for v in p.split(":")) for p in args.moe_synthetic.split(",") if p.strip()]
     rep = run_moe_replay(
@@ -459,9 +404,6 @@ def _cmd_bench_moe(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import default_flash_model, format_table, run_bench, save_plots
-    from .progress import tqdm_callback
-
     if args.shape == "moe":
         return _cmd_bench_moe(args)
 
@@ -499,7 +441,7 @@ def cmd_bench(args) -> int:
     if args.text:
         out = Path(args.text).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
         print(f"wrote {out}", file=sys.stderr)
     if args.plots:
         for p in save_plots(report, args.plots):
@@ -508,9 +450,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_relufy(args) -> int:
-    from .progress import Cancelled, tqdm_callback
-    from .relufy import RelufySettings, default_work_dir, relufy
-
     src = resolve_model(args.src, True)
     args.dst = str(library_destination(args.dst))
     settings = RelufySettings(sparsity=args.sparsity, act=args.act, tokens=args.tokens, text=args.text,
@@ -526,12 +465,10 @@ def cmd_relufy(args) -> int:
         raise
     print(rep.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
     print(f"wrote {args.dst}")
     if not args.no_calibrate:
-        from .calibrate import auto_tokens, calibrate
-
         cal = calibrate(args.dst, tokens=auto_tokens(),
                         progress=tqdm_callback(f"Calibrating {Path(args.dst).name}", disable=args.quiet))
         print(cal.summary())
@@ -632,8 +569,6 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-calibrate", action="store_true", help="skip fitting the activation predictors")
     pp.set_defaults(func=cmd_prepare)
 
-    from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS
-    from .predictor import DEFAULT_RANK, DEFAULT_RECALL, RECALL_TARGETS
 
     ca = sub.add_parser("calibrate", help="fit activation thresholds and low-rank predictors for a .flash model")
     ca.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
@@ -666,14 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
-    from .relufy import RelufySettings
 
     rd = RelufySettings()
     rf = sub.add_parser("relufy", help="turn a SwiGLU .flash model into an exactly sparse ReLU one (CPU, "
                                        "layer-wise distillation; resumable)")
     rf.add_argument("src", metavar="MODEL.flash", help="the SwiGLU flash model (a folder or library name)")
-    rf.add_argument("dst", metavar="DST.flash", help="the ReLU flash model to write: a path, or a bare name for a new model in the library")
-    rf.add_argument("--sparsity", type=float, default=rd.sparsity, help=f"exact zeros per layer (default {rd.sparsity})")
+    rf.add_argument("dst", metavar="DST.flash",
+                    help="the ReLU flash model to write: a path, or a bare name for a new model in the library")
+    rf.add_argument("--sparsity", type=float, default=rd.sparsity,
+                    help=f"exact zeros per layer (default {rd.sparsity})")
     rf.add_argument("--act", choices=("relu", "relu2"), default=rd.act, help="relu or squared relu (default relu)")
     rf.add_argument("--tokens", type=int, default=rd.tokens, help=f"calibration tokens (default {rd.tokens})")
     rf.add_argument("--text", default="", help="a text file to add to the calibration text")
@@ -699,8 +635,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .progress import Cancelled
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: usage error (2, message already printed) or --help (0)

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from .atomic import atomic_write_text
 from .paths import data_dir
 
 INSTALL_HINT = "apt-get install bible-kjv"
@@ -96,6 +97,4 @@ def kjv_text(book_range: str = "Genesis 1:1-50:26", *, cache: bool = True) -> st
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    from .atomic import atomic_write_text
-
     atomic_write_text(path, text)

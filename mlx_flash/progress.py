@@ -11,6 +11,8 @@ import os
 import time
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 ProgressCallback = Callable[[float, str], Optional[bool]]
 
 
@@ -42,8 +44,6 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
 
     The bar appears on the first report, so an operation with nothing to do draws nothing.
     """
-    from tqdm import tqdm
-
     state: dict = {}
 
     def cb(fraction: float, message: str) -> bool:
@@ -90,7 +90,7 @@ def run_reporting(queue, fn: Callable, kwargs: dict, parent_pid: Optional[int] =
         result = fn(progress=cb, **kwargs)
     except Cancelled:
         result = None
-    except Exception as e:  # noqa: BLE001 - every failure reaches the parent as a message
+    except Exception as e:
         text = str(e) or type(e).__name__
         queue.put(("error", text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"))
         return

@@ -63,14 +63,19 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_text, clean_stale, destination_lock, write_error
+from .calibrate import chat_tokens, read_prompts
+from .dense_model import load_dense_model
+from .families import family_of
 from .progress import ProgressCallback, report, scaled
+from .storage.format import load_dense_weights, open_flash, write_flash
 
 DEFAULT_SPARSITY = 0.7
 RELU_ACTS = ("relu", "relu2")
@@ -201,8 +206,6 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
                 ) -> Tuple[ShiftedReluFFN, LayerResult]:
     """Train one layer's shifted-ReLU FFN on (x, target) (rows; ``val`` marks held-out rows).
     ``plain`` is the original FFN's output on ``x`` (for the reported error)."""
-    import mlx.optimizers as optim
-
     t0 = time.perf_counter()
     tr_idx = np.flatnonzero(~val)
     va_idx = mx.array(np.flatnonzero(val))
@@ -252,22 +255,6 @@ def train_layer(ffn_orig: nn.Module, x: mx.array, target: mx.array, plain: mx.ar
 
 
 # --------------------------------------------------------------------------- model plumbing
-def _load_model(files, dtype=mx.float32) -> nn.Module:
-    from .models import get_architecture, sanitize
-    from .storage.format import ffn_state_dict, load_dense_weights
-
-    m = files.manifest
-    cfg = dict(m.model_args)
-    model = get_architecture(cfg).build(cfg)
-    w = load_dense_weights(files)
-    for i in range(m.num_layers):
-        w.update(ffn_state_dict(files, i))
-    w = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
-    model.load_weights(list(sanitize(model, w).items()))
-    mx.eval(model.parameters())
-    return model
-
-
 def _attn_part(block, S: mx.array) -> Tuple[mx.array, mx.array]:
     """(residual after attention, FFN input) of a llama-family block on stream ``S``."""
     h = S + block.self_attn(block.input_layernorm(S), "causal", None)
@@ -288,10 +275,9 @@ def _map_chunks(fn, S: mx.array, bs: int = 8):
 def calibration_tokens(model, tokenizer, s: RelufySettings, progress: Optional[ProgressCallback] = None
                        ) -> np.ndarray:
     """(chunks, seq_len) int32: prompts + the model's sampled answers (+ ``s.text``), concatenated."""
-    from mlx_lm.models.cache import BatchKVCache
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.models.cache import BatchKVCache  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
+    from mlx_lm.sample_utils import make_sampler  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
-    from .calibrate import chat_tokens, read_prompts
 
     prompts = read_prompts()
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
@@ -409,15 +395,16 @@ def _open_work(work: Path, s: RelufySettings, fingerprint: str, progress) -> Non
         same_src = isinstance(have, dict) and have.get("source") == fingerprint and old is not None
         layers_same = same_src and all(getattr(old, k) == getattr(s, k)
                                        for k in asdict(s) if k not in _E2E_KEYS)
-        keep_tokens = same_src and old.token_key() == s.token_key()
+        keep_tokens = same_src and old is not None and old.token_key() == s.token_key()
         if layers_same:
             report(progress, 0.0, "end-to-end settings changed: keeping the finished layers")
-            keep = lambda f: f.name != "e2e.safetensors"  # noqa: E731
+            kept = {f.name for f in work.iterdir() if f.name != "e2e.safetensors"}
         else:
-            report(progress, 0.0, "settings changed: starting over" + (" (calibration text kept)" if keep_tokens else ""))
-            keep = lambda f: keep_tokens and f.name == TOKENS_FILE  # noqa: E731
+            report(progress, 0.0,
+                   "settings changed: starting over" + (" (calibration text kept)" if keep_tokens else ""))
+            kept = {TOKENS_FILE} if keep_tokens else set()
         for f in work.iterdir():
-            if not keep(f):
+            if f.name not in kept:
                 f.unlink() if f.is_file() else shutil.rmtree(f)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(want, indent=2))
@@ -429,8 +416,6 @@ def finetune_biases(teacher: nn.Module, student: nn.Module, tokens: np.ndarray, 
     """Fine-tune only the FFN biases (shifts included) of ``student`` (its layers' ``mlp`` are
     :class:`ShiftedReluFFN`) on KL(teacher || student); each step re-centres every layer's
     shifts so the batch stays at the target sparsity."""
-    import mlx.optimizers as optim
-
     student.freeze()
     for layer in student.layers:
         layer.mlp.unfreeze(keys=["gate_bias", "up_bias", "down_bias"])
@@ -481,12 +466,10 @@ def relufy(
     docstring). ``settings`` (or keyword overrides of :class:`RelufySettings`) say how.
     Cancel by returning False from ``progress`` (raises ``Cancelled``; finished layers stay
     in the work folder and a rerun continues from them; ``dst`` is not created)."""
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
-    from .models import get_architecture
-    from .models.llama import activation_of
-    from .families import family_of
-    from .storage.format import load_dense_weights, open_flash, write_flash
+    from .models import get_architecture  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
+    from .models.llama import activation_of  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
     t_start = time.perf_counter()
     s = settings or RelufySettings()
@@ -502,7 +485,8 @@ def relufy(
     cfg = dict(m.model_args)
     get_architecture(cfg)  # a clear error for unknown families
     fam = family_of(m.architecture)
-    if fam.engine != "llama" or not fam.activation_from_config:  # the activation must be config.json's hidden_act
+    # the activation must be config.json's hidden_act
+    if fam is None or fam.engine != "llama" or not fam.activation_from_config:
         raise ValueError(f"{src}: relufy converts llama-family (SwiGLU) models, not {m.architecture!r}")
     if activation_of(cfg)[0] != "silu":
         raise ValueError(f"{src}: hidden_act is {activation_of(cfg)[0]!r}, not SwiGLU: nothing to ReLU-fy")
@@ -519,13 +503,15 @@ def relufy(
         _open_work(work, s, _source_fingerprint(files), progress)
     except BaseException as e:
         held.close()
-        raise write_error(e, dst, what=f"{dst} (its work folder {work})")
+        if (t := write_error(e, dst, what=f"{dst} (its work folder {work})")) is e:
+            raise
+        raise t from e
 
     try:
         n_layers = m.num_layers
         # progress budget: text 10%, layers 80% (e2e 10% if any), writing the rest
         p_text, p_layers_end = 0.1, (0.8 if s.e2e_steps else 0.9)
-        teacher = _load_model(files)
+        teacher = load_dense_model(files, "float32", numpy_cpu=False)
         tok_path = work / TOKENS_FILE
         if tok_path.is_file():
             tokens = np.load(tok_path)
@@ -555,8 +541,8 @@ def relufy(
             for i in range(done):
                 block = teacher.layers[i]
                 new = _load_layer(work, i, s.act)[0]
-                S = _map_chunks(lambda z: (lambda h, x: h + new(x))(*_attn_part(block, z)), S)
-                T = _map_chunks(lambda z: (lambda h, x: h + block.mlp(x))(*_attn_part(block, z)), T)
+                S = _map_chunks(lambda z, new=new, block=block: (lambda h, x: h + new(x))(*_attn_part(block, z)), S)
+                T = _map_chunks(lambda z, block=block: (lambda h, x: h + block.mlp(x))(*_attn_part(block, z)), T)
 
         layer_span = (p_layers_end - p_text) / n_layers
         for i in range(done, n_layers):
@@ -564,15 +550,17 @@ def relufy(
             lp = scaled(progress, p_text + i * layer_span, p_text + (i + 1) * layer_span)
             report(lp, 0.0, f"layer {i}: preparing")
             block = teacher.layers[i]
-            h_mid, x = _map_chunks(lambda z: _attn_part(block, z), S)
+            h_mid, x = _map_chunks(lambda z, block=block: _attn_part(block, z), S)
             plain = _map_chunks(block.mlp, x)
             if s.compensate > 0:
-                T_next = _map_chunks(lambda z: (lambda h, xx: h + block.mlp(xx))(*_attn_part(block, z)), T)
+                T_next = _map_chunks(lambda z, block=block: (lambda h, xx: h + block.mlp(xx))(*_attn_part(block, z)), T)
                 target = (1 - s.compensate) * plain + s.compensate * (T_next - h_mid)
             else:
                 T_next, target = T, plain
             H = x.shape[-1]
-            flat = lambda a: a.reshape(-1, H)  # noqa: E731
+            def flat(a, H=H):
+                return a.reshape(-1, H)
+
             ffn, res = train_layer(block.mlp, flat(x), flat(target), flat(plain), val, s, lp, i)
             S = h_mid + _map_chunks(ffn, x)
             mx.eval(S)
@@ -600,7 +588,7 @@ def relufy(
                         f[k] = w[f"{i}.{k}"]
                 e2e = json.loads(meta["e2e"])
             else:
-                student = _load_model(files)
+                student = load_dense_model(files, "float32", numpy_cpu=False)
                 for layer, f in zip(student.layers, ffns):
                     layer.mlp = f
                 e2e = finetune_biases(teacher, student, tokens[~val_chunks], s, scaled(progress, p_layers_end, 0.9))
@@ -634,7 +622,9 @@ def relufy(
         with contextlib.suppress(OSError):  # the disk may be full
             _add_spent(work, time.perf_counter() - t_start)  # cancelled or failed: the time still counts
         held.close()
-        raise write_error(e, dst, what=f"{dst} (or its work folder {work})")
+        if (t := write_error(e, dst, what=f"{dst} (or its work folder {work})")) is e:
+            raise
+        raise t from e
     try:
         if keep_work:
             _add_spent(work, rep.seconds)

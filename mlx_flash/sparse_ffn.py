@@ -308,7 +308,8 @@ class _State:
             resident = self.cache.slot_ids[:n_used] if self.g is not None else None
             if len(slots) == n_used and mask is None:  # every resident neuron is active: no mask at all
                 y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)), None, resident)
-            elif len(slots) >= (QUANT_PREFIX_MIN_SHARE if self.quant else PREFIX_MIN_SHARE) * n_used:  # the resident prefix, inactive rows masked out
+            elif len(slots) >= (QUANT_PREFIX_MIN_SHARE if self.quant else PREFIX_MIN_SHARE) * n_used:
+                # the resident prefix, inactive rows masked out
                 m = np.zeros((xt.shape[0], n_used), dtype=np.float32)
                 sub = cols_np(order)
                 m[:, slots] = 1.0 if sub is None else sub

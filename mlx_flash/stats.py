@@ -1,9 +1,15 @@
-"""Per-token statistics: the one record the CLI, the speed test and the app all show."""
+"""Per-token statistics: the one record the CLI, the speed test and the app all show; ``print_summary``,
+the closing lines of a generation (CLI and the app's selftest)."""
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from dataclasses import asdict, dataclass, field
+
+from .config import format_budget
+from .units import fmt_bytes
 
 
 @dataclass
@@ -78,10 +84,44 @@ def process_rss() -> int:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import resource
-        import sys
-
         ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return ru if sys.platform == "darwin" else ru * 1024  # peak, not current, on macOS
     except Exception:  # pragma: no cover
         return 0
+
+
+def print_summary(stats_list, file=None, engine=None) -> None:
+    """mlx-lm style closing lines, plus the flash engine's breakdown (and, given the
+    ``engine``, which active-neuron chooser ran and why)."""
+    file = file or sys.stderr
+    if not stats_list:
+        return
+    last = stats_list[-1]
+    n = len(stats_list)
+    print("=" * 10, file=file)
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec; first token after "
+          f"{last.ms_first_token / 1e3:.2f} s", file=file)
+    print(f"Generation: {n} tokens, {last.tokens_per_s:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {last.peak_memory / 1e9:.3f} GB", file=file)
+    if last.mode.startswith("flash"):
+        steady = stats_list[1:] or stats_list
+        k = len(steady)
+        pred = sum(s.ms_predictor for s in steady) / k
+        io = sum(s.ms_io for s in steady) / k
+        comp = sum(s.ms_compute for s in steady) / k
+        read = sum(s.bytes_read for s in steady) / k
+        print(f"Flash ({last.mode}): {pred + io + comp:.1f} ms/token = predictor {pred:.1f} + I/O {io:.1f} "
+              f"+ compute {comp:.1f}; read {fmt_bytes(read)}/token; hit rate {last.cum_hit_rate:.1%}; "
+              f"cache {fmt_bytes(last.cache_bytes)} in use; budget "
+              f"{format_budget(last.budget_bytes, last.predictor_bytes)}", file=file)
+        prefetch = sum(s.ms_prefetch for s in steady) / k
+        if prefetch > 0:
+            overlap = sum(s.ms_overlap for s in steady) / k
+            used = sum(s.neurons_prefetch_used for s in steady) / k
+            fetched = sum(s.neurons_prefetched for s in steady) / k
+            print(f"Pipeline: prefetch {prefetch:.1f} ms/token, {overlap:.1f} ms of it behind compute "
+                  f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
+                  file=file)
+    info = engine.active_info if engine is not None else None
+    if info:
+        print(f"Active neurons: {info['name']} ({info.get('reason')})", file=file)

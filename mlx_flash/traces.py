@@ -45,6 +45,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .sparse_ffn import SparseFFN
+
 TRACE_VERSION = 1
 
 
@@ -218,7 +220,7 @@ class _Recorder:
         if x.shape[0] == 1:
             if layer == 0 or self._row is None:
                 self._row = [None] * self.trace.n_layers
-                self.trace.tokens.append(self._row)  # type: ignore[arg-type]
+                self.trace.tokens.append(self._row)
             self._row[layer] = np.array(ids, dtype=np.int64, copy=True)
         return ids, mask
 
@@ -227,8 +229,6 @@ class _Recorder:
 
 
 def _sparse_states(engine) -> List[Any]:
-    from .sparse_ffn import SparseFFN
-
     return [m._state for m in engine.model.modules() if isinstance(m, SparseFFN)]
 
 
@@ -236,7 +236,7 @@ def _sparse_states(engine) -> List[Any]:
 def recording(engine) -> Iterator[Trace]:
     """Record the active sets of every one-token forward pass of ``engine`` (a
     flash engine) while the block runs. Yields the :class:`Trace` being filled."""
-    if not getattr(engine, "is_flash", False):
+    if not engine.is_flash:
         raise ValueError("traces are recorded on a flash engine (a dense engine has no active sets)")
     m = engine.files.manifest
     trace = Trace(m.num_layers, m.intermediate_size,

@@ -4,7 +4,7 @@
   once as Linux and once as macOS (``sys.platform`` patched): it must run, every file it names must exist,
   and the macOS branch must make a .app with the icon and the Info.plist keys asked for. No PyInstaller
   needed, a fraction of a second.
-* ``python -m app --selftest --model <tiny .flash>`` from source exits 0 and prints tokens and the Stats
+* ``python -m mlx_flash_app --selftest --model <tiny .flash>`` from source exits 0 and prints tokens and the Stats
   summary; a bad model exits 1 with the error.
 * ``-m slow``: PyInstaller builds the real bundle into a temporary folder (2-3 minutes on 2 cores) and
   its ``--selftest`` prepares the default model from the bundled GGUF and generates.
@@ -46,7 +46,7 @@ class Analysis(_Recorder):
         super().__init__(scripts, **kw)
         self.scripts = []
         self.pure = [(m, f"/x/{m}.py", "PYMODULE") for m in (
-            "app.main_window", "mlx_flash.engine", "transformers.models.auto.tokenization_auto",
+            "mlx_flash_app.main_window", "mlx_flash.engine", "transformers.models.auto.tokenization_auto",
             "transformers.models.llama", "transformers.models.llama.tokenization_llama",
             "transformers.models.llama.configuration_llama", "transformers.models.llama.modeling_llama",
             "transformers.models.bert.modeling_bert", "transformers.models.bert.tokenization_bert")]
@@ -98,6 +98,7 @@ def _run_spec(tmp_path: Path, monkeypatch, platform: str) -> dict:
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
     monkeypatch.setattr(sys, "platform", platform)
     ns = {"__name__": "__main__", "__file__": str(SPEC), "SPECPATH": str(PACKAGING), "DISTPATH": _DIST,
+          "workpath": str(tmp_path / "build"),
           "Analysis": Analysis, "PYZ": PYZ, "EXE": EXE, "COLLECT": COLLECT, "BUNDLE": BUNDLE}
     exec(compile(SPEC.read_text(encoding="utf-8"), str(SPEC), "exec"), ns)
     return ns
@@ -123,7 +124,7 @@ def test_spec_linux(tmp_path, monkeypatch):
     assert "transformers.models.auto.tokenization_auto" in kept
     assert "transformers.models.llama.modeling_llama" not in kept
     assert "transformers.models.bert.modeling_bert" not in kept
-    assert "app.main_window" in kept and "mlx_flash.engine" in kept
+    assert "mlx_flash_app.main_window" in kept and "mlx_flash.engine" in kept
     data_dests = {d for d, _, _ in a.datas}
     assert "transformers/models/llama/tokenization_llama.py" in data_dests
     assert "transformers/models/llama/modeling_llama.py" not in data_dests
@@ -131,6 +132,12 @@ def test_spec_linux(tmp_path, monkeypatch):
     bins = {d for d, _, _ in a.binaries}
     assert bins == {"PySide6/Qt/plugins/platforms/libqxcb.so"}
     assert "torch" in a.kwargs["excludes"]
+    # the app goes in under its installed name, from a copy of app/ first on the analysis path
+    app_src = Path(a.kwargs["pathex"][0])
+    assert (app_src / "mlx_flash_app" / "__main__.py").is_file() and app_src != ROOT
+    hidden = a.kwargs["hiddenimports"]
+    assert {"mlx_flash_app", "mlx_flash_app.main_window", "mlx_flash_app.widgets.chat_view"} <= set(hidden)
+    assert not any(m == "app" or m.startswith("app.") for m in hidden)
     (exe,) = _calls("EXE")
     assert exe.kwargs["name"] == "mlx-flash" and exe.kwargs["console"] is True
     assert not _calls("BUNDLE")
@@ -204,10 +211,29 @@ def test_resources_dir_frozen(monkeypatch, tmp_path):
     assert paths.resources_dir() == tmp_path / "resources"
 
 
+# ------------------------------------------------------------------------------------------- pyproject
+def test_pyproject_lists_every_package():
+    """pyproject lists the packages by hand (package-dir installs app/ as mlx_flash_app): a package folder
+    missing from the list would be left out of installs and wheels."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert conf["package-dir"] == {"mlx_flash_app": "app"}
+    on_disk = {".".join(("mlx_flash", *p.parent.relative_to(ROOT / "mlx_flash").parts))
+               for p in (ROOT / "mlx_flash").rglob("__init__.py")}
+    on_disk |= {".".join(("mlx_flash_app", *p.parent.relative_to(ROOT / "app").parts))
+                for p in (ROOT / "app").rglob("__init__.py")}
+    assert set(conf["packages"]) == on_disk
+    assert conf.get("packages") and "app" not in conf["packages"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["mlx-flash-app"] == "mlx_flash_app.__main__:main"
+
+
 # ------------------------------------------------------------------------------------------- selftest
 def _selftest(args, home: Path, exe=None, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLX_FLASH_HOME=str(home), QT_QPA_PLATFORM="offscreen")
-    cmd = [str(exe), "--selftest", *args] if exe else [sys.executable, "-m", "app", "--selftest", *args]
+    # from source: the app's main under its package name, bound to this checkout's app/ by tests/__init__.py
+    from_source = [sys.executable, "-c", "import sys, tests; from mlx_flash_app.__main__ import main; sys.exit(main())"]
+    cmd = [str(exe), "--selftest", *args] if exe else [*from_source, "--selftest", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

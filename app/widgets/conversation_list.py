@@ -7,7 +7,14 @@ from typing import Iterable, Optional
 
 from PySide6.QtCore import QPoint, QSize, Qt, Signal
 from PySide6.QtWidgets import (
-    QFrame, QInputDialog, QLabel, QListWidget, QListWidgetItem, QMenu, QPushButton, QVBoxLayout,
+    QFrame,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QPushButton,
+    QVBoxLayout,
 )
 
 from .. import theme

@@ -19,6 +19,7 @@ from mlx_flash import library, paths
 
 from .. import theme, workers
 from .progress_card import ProgressCard
+from mlx_flash.config import FlashConfig, parse_budget
 
 # ----------------------------------------------------------------- per-model settings
 MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto", "policy": "auto"}
@@ -69,8 +70,6 @@ def move_model_settings(settings: QSettings, old: str, new: str) -> None:
 def flash_config_for(path: Path, settings: QSettings, base=None):
     """The FlashConfig to load ``path`` with: ``base`` (or the defaults) with this model's
     budget, window, threads, neuron choice and cache policy applied."""
-    from mlx_flash.config import FlashConfig, parse_budget
-
     base = base or FlashConfig()
     ms = model_settings(settings, Path(path).name)
     d = base.to_dict()
@@ -182,7 +181,6 @@ class ModelLibraryPage(QWidget):
                                       "are read from disk")
         self.calibrate_box.setChecked(settings.value("import/calibrate", True) not in (False, "false", "0"))
         self.calibrate_box.toggled.connect(lambda on: settings.setValue("import/calibrate", on))
-        self.calibrate_box.setVisible(library.calibration_available())
         lay.addWidget(self.calibrate_box)
         self.progress = ImportProgress()
         self.progress.cancel_requested.connect(self.cancel_import)

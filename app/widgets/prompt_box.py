@@ -25,7 +25,7 @@ class PromptBox(QPlainTextEdit):
         self.document().contentsChanged.connect(self._grow)
         self._grow()
 
-    def keyPressEvent(self, e: QKeyEvent) -> None:  # noqa: N802 (Qt name)
+    def keyPressEvent(self, e: QKeyEvent) -> None:
         if e.key() in (Qt.Key_Return, Qt.Key_Enter) and not (e.modifiers() & (Qt.ShiftModifier | Qt.AltModifier)):
             self.submit()
             return
@@ -47,21 +47,21 @@ class PromptBox(QPlainTextEdit):
         if h != self.height():
             self.setFixedHeight(h)
 
-    def resizeEvent(self, e) -> None:  # noqa: N802 - wrapping changes with the width
+    def resizeEvent(self, e) -> None:
         super().resizeEvent(e)
         self._grow()
 
     # URL drags go to the main window (model import), not into the text.
-    def canInsertFromMimeData(self, source) -> bool:  # noqa: N802
+    def canInsertFromMimeData(self, source) -> bool:
         return False if source.hasUrls() else super().canInsertFromMimeData(source)
 
-    def dragEnterEvent(self, e) -> None:  # noqa: N802
+    def dragEnterEvent(self, e) -> None:
         if e.mimeData().hasUrls():
             e.ignore()
             return
         super().dragEnterEvent(e)
 
-    def dropEvent(self, e) -> None:  # noqa: N802
+    def dropEvent(self, e) -> None:
         if e.mimeData().hasUrls():
             e.ignore()
             return

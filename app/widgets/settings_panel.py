@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
-    QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QScrollArea, QSlider, QSpinBox,
-    QVBoxLayout, QWidget,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
 
 DEFAULTS = {"system_prompt": "", "temperature": 0.3, "top_p": 0.9, "max_tokens": 512}
@@ -34,7 +43,7 @@ class _SliderSpin(QWidget):
     def value(self) -> float:
         return float(self.spin.value())
 
-    def setValue(self, v: float) -> None:  # noqa: N802
+    def setValue(self, v: float) -> None:
         self.spin.setValue(v)
 
 

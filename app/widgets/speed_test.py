@@ -1,16 +1,13 @@
 """The speed-test dialog: dense vs naive flash vs flash on one model, in a worker with
 progress and Cancel; a side-by-side table, bar charts, Save JSON and Save plots.
 
-``mlx_flash.bench`` is imported lazily (``run_bench(model_path, *, budget, tokens,
-progress) -> BenchReport``, ``report.to_dict()`` with ``rows``; ``save_plots(report,
-dir)``); where it is missing the dialog says the speed test is not available.
+It runs ``mlx_flash.bench.run_bench`` (``report.to_dict()`` with ``rows``) and saves plots with
+``bench.save_plots``. The window imports this module when the dialog first opens (the engine's import
+takes seconds).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,15 +16,31 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtWidgets import (
-    QAbstractItemView, QCheckBox, QDialog, QFileDialog, QFrame, QHBoxLayout, QHeaderView, QLabel, QProgressBar,
-    QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QTextBrowser, QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QCheckBox,
+    QDialog,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
 )
 
-from mlx_flash import library
+from mlx_flash import bench, library
+from mlx_flash.atomic import atomic_write_text
+from mlx_flash.bench import budget_text
 
 from .. import theme, workers
-
-BENCH_MODULE = "mlx_flash.bench"
+from .model_library import flash_config_for
 
 COLUMNS = (
     ("name", "Configuration", None),
@@ -46,24 +59,9 @@ COLUMNS = (
 ROW_COLORS = ("#8b929c", "#f59e0b", "#a78bfa", "#34d399", "#38bdf8", "#e879f9")
 
 
-def bench_available() -> bool:
-    try:
-        return importlib.util.find_spec(BENCH_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _bench():
-    return importlib.import_module(BENCH_MODULE)
-
-
 def report_rows(d: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The per-configuration rows of a report dict (``rows``; tolerant of close variants)."""
-    for key in ("rows", "configs", "results"):
-        v = d.get(key)
-        if isinstance(v, list):
-            return [r for r in v if isinstance(r, dict)]
-    return []
+    """The per-configuration rows of a report dict (``BenchReport.to_dict()``)."""
+    return list(d.get("rows") or [])
 
 
 def policy_table_html(d: Dict[str, Any]) -> str:
@@ -170,13 +168,6 @@ class SpeedTestDialog(QDialog):
         opts.addWidget(self.cancel_btn)
         lay.addLayout(opts)
 
-        self.unavailable = QLabel("")
-        self.unavailable.setObjectName("Notice")
-        self.unavailable.setProperty("level", "info")
-        self.unavailable.setWordWrap(True)
-        self.unavailable.setContentsMargins(12, 8, 12, 8)
-        self.unavailable.hide()
-        lay.addWidget(self.unavailable)
 
         prog = QFrame()
         prog.setObjectName("ProgressCard")
@@ -215,7 +206,10 @@ class SpeedTestDialog(QDialog):
         pl2 = QHBoxLayout(plots)
         pl2.setContentsMargins(0, 0, 0, 0)
         self.plot_tps = self._plot("Tokens per second (higher is better)")
-        sq = lambda c, t: f'<span style="color:{c}">■</span> {t}'  # noqa: E731
+
+        def sq(c, t):
+            return f'<span style="color:{c}">■</span> {t}'
+
         self.plot_ms = self._plot("ms per token: " + " ".join((sq(theme.C_PRED, "predictor"), sq(theme.C_IO, "I/O"),
                                                                 sq(theme.C_COMPUTE, "compute"))))
         self.plot_read = self._plot("Read from flash per token")
@@ -248,7 +242,6 @@ class SpeedTestDialog(QDialog):
             row.addWidget(b)
         lay.addLayout(row)
         self._update_buttons()
-        self._check_available()
 
     def _plot(self, title: str) -> pg.PlotWidget:
         w = pg.PlotWidget()
@@ -262,20 +255,6 @@ class SpeedTestDialog(QDialog):
         return w
 
     # ------------------------------------------------------------------ state
-    def _check_available(self) -> bool:
-        ok = bench_available()
-        if not ok:
-            self.unavailable.setText("Speed test not available: this build has no mlx_flash.bench module.")
-            self.unavailable.show()
-        else:
-            self.unavailable.hide()
-        self._update_buttons()
-        return ok
-
-    @property
-    def available(self) -> bool:
-        return bench_available()
-
     @property
     def running(self) -> bool:
         """From Run until the result (or the cancellation) has been shown."""
@@ -293,33 +272,28 @@ class SpeedTestDialog(QDialog):
 
     def _update_buttons(self) -> None:
         is_flash = self.model_path is not None and (self.model_path / "manifest.json").is_file()
-        self.run_btn.setEnabled(bench_available() and is_flash and not self.running)
+        self.run_btn.setEnabled(is_flash and not self.running)
         has = self.report_dict is not None
         self.save_json_btn.setEnabled(has)
-        self.save_plots_btn.setEnabled(has and self.report is not None and bench_available())
+        self.save_plots_btn.setEnabled(has and self.report is not None)
 
     # -------------------------------------------------------------------- run
     def run(self) -> bool:
-        if not self._check_available() or self.running or self.model_path is None:
+        if self.running or self.model_path is None:
             return False
-        bench = _bench()
         path, budget, tokens, probe = self.model_path, self.budget.value() / 100.0, self.tokens.value(), \
             self.probe.isChecked()
-        params = inspect.signature(bench.run_bench).parameters
-        policies = self.policies.isChecked() and "policies" in params
+        policies = self.policies.isChecked()
         flash_config = None
         if self.settings is not None:
-            from .model_library import flash_config_for
-
             flash_config = flash_config_for(path, self.settings, self.base_config)
         elif self.base_config is not None:
             flash_config = self.base_config
 
         def job(w: workers.Worker):
             kw: Dict[str, Any] = {"budget": budget, "tokens": tokens, "progress": w.progress_callback}
-            if "probe" in params:
-                kw["probe"] = probe
-            if "flash_config" in params and flash_config is not None:
+            kw["probe"] = probe
+            if flash_config is not None:
                 kw["flash_config"] = flash_config
             if policies:
                 kw["policies"] = list(bench.POLICIES)
@@ -408,8 +382,6 @@ class SpeedTestDialog(QDialog):
         if budget is not None:
             bits.append(f"budget {budget:.0%}" if budget <= 1 else f"budget {theme.human_bytes(budget)}")
         if d.get("budget_bytes"):
-            from mlx_flash.bench import budget_text
-
             bits.append(f"{budget_text(d)} of an FFN of {theme.human_bytes(d.get('ffn_bytes', 0))}")
         if d.get("tokens"):
             bits.append(f"{d['tokens']} tokens per configuration")
@@ -463,10 +435,9 @@ class SpeedTestDialog(QDialog):
 
     def save_json(self, path: Path) -> Path:
         path = Path(path)
-        if self.report is not None and hasattr(self.report, "save_json"):
+        if self.report is not None:
             return Path(self.report.save_json(path))
-        path.write_text(json.dumps(self.report_dict, indent=2) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(self.report_dict, indent=2) + "\n")
 
     def _save_json_dialog(self) -> None:
         if self.report_dict is None:
@@ -482,7 +453,7 @@ class SpeedTestDialog(QDialog):
             return
         d = QFileDialog.getExistingDirectory(self, "Save the plots into", str(Path.home()))
         if d:
-            paths = _bench().save_plots(self.report, Path(d))
+            paths = bench.save_plots(self.report, Path(d))
             self.summary.setText(f"Saved {len(paths)} plot{'s' if len(paths) != 1 else ''} into {d}")
 
     # ------------------------------------------------------------------ close
@@ -491,7 +462,7 @@ class SpeedTestDialog(QDialog):
             self._worker.request_stop()
             workers.wait(self._worker, 120000)
 
-    def closeEvent(self, e) -> None:  # noqa: N802
+    def closeEvent(self, e) -> None:
         if self.running:
             self.cancel()
         super().closeEvent(e)

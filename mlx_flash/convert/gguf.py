@@ -45,11 +45,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import mlx.core as mx
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
+from gguf.quants import Q4_K
+from gguf.tensor_mapping import get_tensor_name_map
+from mlx.utils import tree_flatten
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import pre_tokenizers as pt
 
-from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..atomic import DISK_FULL, FolderBuild, WriteError, free_bytes, write_error
+from ..families import BY_GGUF_ARCH, Family, supported_text
 from ..progress import ProgressCallback, report, scaled
+from ..units import fmt_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +101,6 @@ class GGUFError(ValueError):
 # ---------------------------------------------------------------------------------------
 
 def _ggml_types():
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     return GGMLQuantizationType, GGML_QUANT_SIZES
 
 
@@ -178,7 +185,7 @@ class _Cursor:
             if itype in _NUMPY_FORMATS:
                 n = _SCALAR_FORMATS[itype][1] * count
                 self.need(n, f"{what} ({count} items)")
-                arr = np.frombuffer(self.buf, dtype=_NUMPY_FORMATS[itype], count=count, offset=self.pos)
+                arr: Any = np.frombuffer(self.buf, dtype=_NUMPY_FORMATS[itype], count=count, offset=self.pos)
                 self.pos += n
                 return arr.tolist()
             if itype not in (_STRING, _ARRAY):
@@ -329,12 +336,12 @@ class GGUFFile:
     def raw_bytes(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the memory map."""
         info = self.tensors[name]
+        if self._map is None:
+            raise GGUFError(f"{self.path}: the file is closed")
         return np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
 
     def read_float32(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32 in numpy order (``info.shape``)."""
-        from gguf import quants
-
         info = self.tensors[name]
         qtype, quant_sizes = _ggml_types()
         ttype = qtype(info.type_id)
@@ -463,8 +470,6 @@ def _q8_0(b):
 
 def _k_scales(b):
     """Q4_K/Q5_K super-block header: per 32-weight sub-block scale d*sc and bias -dmin*m."""
-    from gguf.quants import Q4_K
-
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, m = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
     return d * sc.astype(np.float32), -dmin * m.astype(np.float32)
@@ -591,7 +596,7 @@ def _type_message(path, t: GGUFTensorInfo, n_bad: int) -> str:
 
 def _family(g: "GGUFFile") -> Family:
     arch = g.metadata.get("general.architecture")
-    fam = BY_GGUF_ARCH.get(arch)
+    fam = BY_GGUF_ARCH.get(arch) if isinstance(arch, str) else None
     if fam is None:
         raise GGUFError(_arch_message(g.path, arch))
     return fam
@@ -627,11 +632,9 @@ class HParams:
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "HParams":
-        from gguf.constants import Keys
-
         md = g.metadata
         fam = _family(g)
-        arch = fam.gguf_arch
+        arch = fam.gguf_arch or ""  # _family found the family by its GGUF architecture
 
         def get(key, default: Any = KeyError, kind=int):
             full = key.format(arch=arch) if "{arch}" in key else f"{arch}.{key}"
@@ -759,13 +762,12 @@ def _longrope(g: GGUFFile, head_dim: int, ctx: int, orig: int) -> Dict[str, Any]
     factors as ``rope_factors_long``/``rope_factors_short`` tensors; mlx-lm's ``SuScaledRoPE``
     takes them as config.json's ``rope_scaling`` lists with its default attention factor
     sqrt(1 + ln(ctx / orig) / ln(orig)), which must be the file's."""
-    from gguf.constants import Keys
-
     out: Dict[str, Any] = {"type": "longrope"}
     for kind in ("long", "short"):
         name = f"rope_factors_{kind}.weight"
         if name not in g.tensors:
-            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; '{name}' is missing")
+            raise GGUFError(f"{g.path}: LongRoPE needs both rope_factors_long and rope_factors_short; "
+                            f"'{name}' is missing")
         f = g.read_float32(name).ravel()
         if f.shape[0] != head_dim // 2:
             raise GGUFError(f"{g.path}: {name} has {f.shape[0]} entries, expected {head_dim // 2}")
@@ -837,9 +839,7 @@ class _TensorPlan:
 def model_tensors(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     """mlx-lm's parameter names and shapes for ``config`` (the model class instantiated
     lazily: MLX computes no weights until evaluated)."""
-    from mlx.utils import tree_flatten
-
-    from ..models import get_architecture
+    from ..models import get_architecture  # noqa: PLC0415 - mlx-lm where a model is built (dense_model.MLX_LM)
 
     model_class, args_class = get_architecture(config).get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -852,9 +852,6 @@ def model_tensors(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
 def gguf_tensor_names(family: Family, n_layers: int, hf_names) -> Dict[str, str]:
     """Hugging Face / mlx-lm tensor name -> GGUF tensor name, from gguf-py's ``TensorNameMap``
     (llama.cpp's own table) for the family's architecture. Names it does not know are left out."""
-    from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
-    from gguf.tensor_mapping import get_tensor_name_map
-
     arch = next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == family.gguf_arch)
     tmap = get_tensor_name_map(arch, n_layers)
     out = {}
@@ -939,8 +936,6 @@ _PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen", "stablelm2"}  # deepseek-r1-qwen: the
 
 
 def _bpe_pre_tokenizer(pre: Optional[str]):
-    from tokenizers import Regex, pre_tokenizers as pt
-
     if pre in _PRE_DIGITS_THEN_GPT2:
         return pt.Sequence([pt.Digits(individual_digits=True),
                             pt.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -983,8 +978,6 @@ def build_tokenizer(g: GGUFFile):
 
 
 def _build_tokenizer(g: GGUFFile):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
     tokens = md.get("tokenizer.ggml.tokens")
@@ -1021,7 +1014,7 @@ def _build_tokenizer(g: GGUFFile):
                                    ignore_merges=pre in _PRE_LLAMA3))
         tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
         tok.decoder = decoders.ByteLevel()
-        post = [processors.ByteLevel(trim_offsets=False)]
+        post: List[Any] = [processors.ByteLevel(trim_offsets=False)]
     else:  # SentencePiece-style vocabulary (Llama 2, Mistral, TinyLlama ...)
         scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = _token_str(tokens, md.get("tokenizer.ggml.unknown_token_id", 0))
@@ -1036,11 +1029,11 @@ def _build_tokenizer(g: GGUFFile):
         tok.decoder = decoders.Sequence(decs)
         post = []
 
-    template = {"single": "$A", "pair": "$A $B", "special": []}
-    if add_bos and bos is not None:
+    template: Dict[str, Any] = {"single": "$A", "pair": "$A $B", "special": []}
+    if add_bos and bos is not None and bos_id is not None:
         template = {"single": f"{bos} " + template["single"], "pair": f"{bos} $A {bos} $B",
                     "special": [(bos, int(bos_id))]}
-    if add_eos and eos is not None:
+    if add_eos and eos is not None and eos_id is not None:
         template["single"] += f" {eos}"
         template["pair"] += f" {eos}"
         template["special"] = list(dict(template["special"] + [(eos, int(eos_id))]).items())
@@ -1094,25 +1087,17 @@ def _tokenizer_files(g: GGUFFile, hp: HParams) -> Dict[str, Any]:
 # Conversion
 # ---------------------------------------------------------------------------------------
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> OSError:
+def _disk_error(e: BaseException, file: Path, dst: Path, need: int) -> BaseException:
     """Turn a failed write into a one-line error that names the file and the free space
     (:func:`mlx_flash.atomic.write_error` for a full disk or a permission problem)."""
     t = write_error(e, dst, need=need, what=f"{file.name} for {dst}")
     if t is not e:
         return t
     free = free_bytes(dst.parent)
-    free_s = _fmt_bytes(free) if free >= 0 else "unknown"
+    free_s = fmt_bytes(free) if free >= 0 else "unknown"
     return WriteError(getattr(e, "errno", None) or errno.EIO,
                       f"could not write {file.name} for {dst} ({e}); the conversion needs about "
-                      f"{_fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
+                      f"{fmt_bytes(need)} and {free_s} is free on that disk: free up space or pick "
                       f"another folder")
 
 
@@ -1185,9 +1170,8 @@ def _float16(a: np.ndarray, what: str) -> np.ndarray:
 
 def _tensor_arrays(g: GGUFFile, p: _TensorPlan, o: _Output) -> Dict[str, Any]:
     """The arrays written for one planned tensor (one, or weight + scales + biases)."""
-    import mlx.core as mx
-
     if o.bits:
+        assert p.src is not None  # quantized outputs come from a tensor in the file
         w, sc, bi = g.read_quantized(p.src, o.bits)
         if p.unpermute_heads:  # a row permutation: packed rows, scales and biases move together
             w, sc, bi = (unpermute_qk(a, p.unpermute_heads) for a in (w, sc, bi))
@@ -1204,8 +1188,6 @@ def _tensor_arrays(g: GGUFFile, p: _TensorPlan, o: _Output) -> Dict[str, Any]:
 
 
 def _save_safetensors(path: Path, arrays: Dict[str, Any], dst: Path, need: int) -> None:
-    import mlx.core as mx
-
     try:
         mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
         _check_safetensors_size(path)
@@ -1260,8 +1242,6 @@ def convert_gguf(
     ``dst`` exists and ``overwrite`` is false, ``OSError`` (ENOSPC) when the disk fills.
     Returns ``dst``.
     """
-    import mlx.core as mx
-
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None (keep the quantization) or one of {DTYPES}, got {dtype!r}")
@@ -1323,7 +1303,9 @@ def convert_gguf(
                     raise _disk_error(e, Path(e.filename or "the model"), dst, need) from e
                 raise
         except BaseException as e:
-            raise build.fail(e)
+            if (t := build.fail(e)) is e:
+                raise
+            raise t from e
         build.publish()
     report(progress, 1.0, "done")
     return dst

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import llama, opt
 from ..families import BY_MODEL_TYPE, BY_WRAPPER, supported_text
+from . import llama, opt
 
 _ENGINES: dict[str, ModuleType] = {"llama": llama, "opt": opt}
 
@@ -39,12 +39,10 @@ class UnsupportedArchitecture(ValueError):
 
 def get_architecture(config: dict) -> ModuleType:
     model_type = config.get("model_type")
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r}: mlx-flash runs {supported_text()}"
-        ) from None
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        raise UnsupportedArchitecture(f"unsupported architecture {model_type!r}: mlx-flash runs {supported_text()}")
+    return arch
 
 
 def sanitize(model, weights: dict) -> dict:

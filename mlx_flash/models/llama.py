@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.llama import ModelArgs  # noqa: F401  (re-exported)
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import _get_classes  # private: pyproject bounds mlx-lm to the versions tested
 
 from ..active import config_activation, gated_activation
 from ..families import Family, family_of
@@ -55,7 +55,10 @@ class ActMLP(nn.Module):
 
 
 def family(config: dict) -> Family:
-    return family_of(config.get("model_type"))
+    fam = family_of(config.get("model_type"))
+    if fam is None:
+        raise ValueError(f"no model family for model_type {config.get('model_type')!r}")
+    return fam
 
 
 def activation_of(config: dict):

@@ -46,7 +46,6 @@ import numpy as np
 
 from ..atomic import FolderBuild, atomic_write_text, fsync_dir
 from ..families import BY_MOE_MODEL_TYPE, MOE_FAMILIES
-from ..models import sanitize
 from ..progress import ProgressCallback, report, scaled
 from ..storage.format import (ALIGNMENT, ChecksumError, FlashFiles, FlashFormatError, LayerEntry, LayerHasher,
                               file_checksum, verify_file)
@@ -425,6 +424,8 @@ def convert_to_moe_flash(src: Union[str, Path], dst: Union[str, Path], *,
             weights.update(mx.load(str(s)))  # lazy
         except Exception as e:
             raise FlashFormatError(f"{s}: cannot read safetensors ({e})") from None
+    from ..models import sanitize  # noqa: PLC0415 - mlx-lm (seconds to import): only a conversion needs it
+
     weights = sanitize(model, weights)  # Hugging Face per-expert tensors -> mlx-lm's stacked SwitchGLU ones
     extra = {p.name: p for p in sorted(src.iterdir())
              if p.is_file() and not p.name.startswith(".") and p.suffix not in _WEIGHT_SUFFIXES

@@ -28,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..atomic import atomic_write_text
+from ..paths import data_dir
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import DIRECT_ALIGNMENT, aligned_buffer, drop_page_cache, open_uncached, set_nocache
 
@@ -253,8 +255,8 @@ def probe_disk(
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-        for b in bufs:
-            b.close()
+        for buf in bufs:
+            buf.close()
         try:
             path.unlink()
         except OSError:
@@ -298,8 +300,6 @@ def _measure_cell(pool: ThreadPoolExecutor, fd: int, bufs, file_bytes: int, chun
 
 # --------------------------------------------------------------------------- cache
 def _probe_path() -> Path:
-    from ..paths import data_dir
-
     return data_dir() / PROBE_FILE
 
 
@@ -343,7 +343,6 @@ def cached_probe(directory: Union[str, Path], max_age_days: float = 30, *, refre
     path.parent.mkdir(parents=True, exist_ok=True)
     allres = _load_all(path)
     allres[str(res.device)] = res.to_dict()
-    from ..atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(allres, indent=2))
     return res

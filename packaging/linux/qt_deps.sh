@@ -6,11 +6,11 @@
 set -u
 [ "$(uname -s)" = "Linux" ] || exit 0
 py="$1"
-pkgs="$("$py" -m app.platform_qt --packages)"
+pkgs="$("$py" -m mlx_flash_app.platform_qt --packages)"
 if [ -z "$pkgs" ]; then
-  "$py" -m app.platform_qt
+  "$py" -m mlx_flash_app.platform_qt
   exit 0
 fi
 bash "$(dirname "$0")/apt_install.sh" "$pkgs" "Qt's X11 (xcb) platform plugin" "the app cannot open a window on X11"
-"$py" -m app.platform_qt || true
+"$py" -m mlx_flash_app.platform_qt || true
 exit 0

@@ -64,7 +64,7 @@ def data_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _theme(qapp):
-    from app import theme
+    from mlx_flash_app import theme
 
     qapp.setApplicationName("mlx-flash-tests")
     theme.apply(qapp)
@@ -78,7 +78,7 @@ def _theme(qapp):
 def no_thread_left(qtbot):
     """No worker thread may outlive its test (widgets are closed before this runs)."""
     yield
-    from app import workers
+    from mlx_flash_app import workers
 
     deadline = time.monotonic() + 10
     while workers.running_threads() and time.monotonic() < deadline:
@@ -98,7 +98,7 @@ def make_window(qtbot, tiny_models, data_home):
     """``make_window(**kw)`` → a shown MainWindow on the tiny flash model, loaded."""
     from PySide6.QtCore import QCoreApplication, QEvent
 
-    from app.main_window import MainWindow
+    from mlx_flash_app.main_window import MainWindow
 
     made = []
 

@@ -7,7 +7,7 @@ import time
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QTextCursor
 
-from app.history import COMPLETE, INTERRUPTED, STOPPED, STREAMING, History
+from mlx_flash_app.history import COMPLETE, INTERRUPTED, STOPPED, STREAMING, History
 
 from .conftest import WAIT, set_sampling
 
@@ -167,7 +167,7 @@ def test_window_geometry_and_panels_restored(make_window, qtbot):
     qtbot.waitUntil(lambda: (w1.width(), w1.height()) == (720, 520))
     w1.right.setCurrentIndex(1)
     w1.close()
-    from app.main_window import MainWindow
+    from mlx_flash_app.main_window import MainWindow
 
     w2 = MainWindow(model_path=None)
     qtbot.addWidget(w2)

@@ -32,7 +32,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def first_window(qtbot):
     """A window without a model (an empty data folder), not started."""
-    from app.main_window import MainWindow
+    from mlx_flash_app.main_window import MainWindow
 
     w = MainWindow(config=tiny_config())
     qtbot.addWidget(w)
@@ -92,7 +92,7 @@ def test_models_page_opens_on_the_flash_model(qtbot, tiny_models, data_home):
     the Models page selects the flash one, not the first row."""
     import shutil
 
-    from app.main_window import MainWindow
+    from mlx_flash_app.main_window import MainWindow
 
     models = data_home / "models"
     shutil.copytree(tiny_models["src"], models / "Tiny-mlx")

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from app.history import COMPLETE, INTERRUPTED, STOPPED, STREAMING, History, title_from
+from mlx_flash_app.history import COMPLETE, INTERRUPTED, STOPPED, STREAMING, History, title_from
 
 
 def test_roundtrip_and_order(tmp_path):
@@ -59,7 +59,8 @@ def test_partial_answer_survives_kill(tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-        from app.history import History, STREAMING
+        import tests  # binds mlx_flash_app to this checkout's app/
+        from mlx_flash_app.history import History, STREAMING
         h = History({str(db)!r})
         c = h.new_conversation("Killed")
         h.add_message(c, "user", "tell me a story")

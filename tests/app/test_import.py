@@ -55,10 +55,10 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
     assert names == ["Tiny-Llama"]
     assert w.library.table.item(0, 2).text() == family_label("llama")  # the family, by name
     assert "Imported Tiny-Llama" in w.library_notice.text()
-    if library.calibration_available() and w.library.calibrate_box.isChecked():
+    if w.library.calibrate_box.isChecked():
         assert library.flash_details(path)["has_predictors"]
     # the imported model loads in the chat (oracle: a tiny model's predictors do not fit half its tiny FFN)
-    from app.widgets.model_library import save_model_settings
+    from mlx_flash_app.widgets.model_library import save_model_settings
 
     save_model_settings(w.settings, path.name, {"active": "oracle"})
     with qtbot.waitSignal(w.engine_ready, timeout=WAIT):
@@ -153,7 +153,7 @@ def test_rename_and_remove(make_window, qtbot, tiny_source, data_home):
     new = page.rename(path, "My model")
     assert new == data_home / "models" / "My model.flash" and new.is_dir() and not path.exists()
     assert [library.display_name(e) for e in page.entries()] == ["My model"]
-    from app.widgets.model_library import model_settings
+    from mlx_flash_app.widgets.model_library import model_settings
 
     assert model_settings(w.settings, new.name)["budget_pct"] == 30  # settings follow the rename
     with qtbot.waitSignal(page.notice) as bad:
@@ -164,8 +164,8 @@ def test_rename_and_remove(make_window, qtbot, tiny_source, data_home):
 
 
 def test_per_model_settings_apply_on_load(make_window, qtbot, tiny_models):
-    from app import theme
-    from app.widgets.model_library import save_model_settings
+    from mlx_flash_app import theme
+    from mlx_flash_app.widgets.model_library import save_model_settings
 
     path = library.import_model(tiny_models["flash"], name="Tiny", calibrate=False)  # a flash folder: copied
     save_model_settings(theme.settings(), path.name, {"budget_pct": 80, "window": 3, "threads": 1, "active": "all"})

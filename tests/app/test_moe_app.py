@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 
-from app.history import COMPLETE
+from mlx_flash_app.history import COMPLETE
 
 from .conftest import WAIT, set_sampling
 

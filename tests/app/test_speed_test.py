@@ -11,10 +11,6 @@ from .conftest import WAIT
 
 def _bench_dialog(make_window, tiny_models, tokens: int):
     """The speed-test dialog on the tiny flash model, no disk probe, ``tokens`` per configuration."""
-    from app.widgets import speed_test
-
-    if not speed_test.bench_available():
-        pytest.skip("mlx_flash.bench is not in this build")
     w = make_window(load=False)
     dlg = w.open_speed_test(tiny_models["flash"])
     dlg.probe.setChecked(False)
@@ -23,7 +19,7 @@ def _bench_dialog(make_window, tiny_models, tokens: int):
 
 
 def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_path):
-    from app.widgets import speed_test
+    from mlx_flash_app.widgets import speed_test
 
     dlg = _bench_dialog(make_window, tiny_models, 6)
     assert dlg.isVisible() and dlg.run_btn.isEnabled()
@@ -53,20 +49,8 @@ def test_speed_test_cancel(make_window, qtbot, tiny_models):
     assert dlg.report_dict is None and "Cancelled" in dlg.summary.text()
 
 
-def test_speed_test_not_available(make_window, qtbot, monkeypatch, tiny_models):
-    from app.widgets import speed_test
-
-    monkeypatch.setattr(speed_test, "bench_available", lambda: False)
-    w = make_window(load=False)
-    dlg = w.open_speed_test(tiny_models["flash"])
-    assert dlg.unavailable.isVisible()
-    assert "not available" in dlg.unavailable.text()
-    assert not dlg.run_btn.isEnabled()
-    assert dlg.run() is False
-
-
 def test_report_view_from_a_dict(qtbot):
-    from app.widgets.speed_test import SpeedTestDialog
+    from mlx_flash_app.widgets.speed_test import SpeedTestDialog
 
     dlg = SpeedTestDialog()
     qtbot.addWidget(dlg)

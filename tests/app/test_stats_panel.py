@@ -17,7 +17,7 @@ def _stats(i: int, **kw) -> Stats:
 
 
 def test_panel_plots_and_numbers(qtbot):
-    from app.widgets.stats_panel import StatsPanel
+    from mlx_flash_app.widgets.stats_panel import StatsPanel
 
     p = StatsPanel()
     qtbot.addWidget(p)
@@ -73,7 +73,7 @@ def test_auto_neuron_choice_is_left_to_the_engine(tmp_path):
     the app does not resolve it to the predictor itself."""
     from PySide6.QtCore import QSettings
 
-    from app.widgets.model_library import flash_config_for
+    from mlx_flash_app.widgets.model_library import flash_config_for
 
     settings = QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat)
     assert flash_config_for(tmp_path / "m.flash", settings).active == "auto"

@@ -239,7 +239,7 @@ def test_damaged_library_entry_is_reported_not_fatal(case, home, tiny_flash, cap
 
 # =================================================================== finding 3: damaged chat history
 def _real_history(path: Path) -> None:
-    from app.history import History
+    from mlx_flash_app.history import History
 
     h = History(path)
     for i in range(40):
@@ -259,7 +259,7 @@ HISTORIES = {
 
 @pytest.mark.parametrize("case", sorted(HISTORIES))
 def test_damaged_history_is_moved_aside_and_a_new_one_started(case, tmp_path):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     path = tmp_path / "history.sqlite3"
     HISTORIES[case](path)
@@ -279,7 +279,7 @@ def test_damaged_history_is_moved_aside_and_a_new_one_started(case, tmp_path):
 
 
 def test_history_with_a_folder_in_its_place(tmp_path):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     path = tmp_path / "history.sqlite3"
     (path / "inside").mkdir(parents=True)
@@ -295,7 +295,7 @@ def test_history_with_a_folder_in_its_place(tmp_path):
 
 
 def test_history_wal_and_shm_move_with_the_database(tmp_path):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     path = tmp_path / "history.sqlite3"
     path.write_bytes(os.urandom(4096))
@@ -310,7 +310,7 @@ def test_history_wal_and_shm_move_with_the_database(tmp_path):
 
 
 def test_empty_history_file_is_simply_a_new_database(tmp_path):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     path = tmp_path / "history.sqlite3"
     path.write_bytes(b"")
@@ -321,7 +321,7 @@ def test_empty_history_file_is_simply_a_new_database(tmp_path):
 
 
 def test_history_on_a_read_only_disk_lives_in_memory(small_fs):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     fs = small_fs("4m", read_only=True, prepare=_real_history_at)
     before = (fs / "history.sqlite3").read_bytes()
@@ -582,7 +582,7 @@ def test_a_broken_entry_can_be_removed(home, tiny_flash):
 
 
 def test_history_on_a_disk_that_fills_up_goes_on_in_memory(small_fs):
-    from app.history import History
+    from mlx_flash_app.history import History
 
     fs = small_fs("1m")
     h = History(fs / "history.sqlite3")

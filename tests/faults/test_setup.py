@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app import platform_qt
+from mlx_flash_app import platform_qt
 from mlx_flash import default_model
 from mlx_flash.calibrate import CALIBRATION_VERSION, calibrate, calibration_problem, quality_gate
 from mlx_flash.paths import HOME_ENV

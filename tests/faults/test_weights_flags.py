@@ -220,7 +220,7 @@ def test_library_import_refuses_truncated_flash_folder(good, tmp_path, home):
 def test_app_import_of_corrupt_flash_shows_the_message(good, tmp_path, home, qtbot):
     from PySide6.QtCore import QSettings
 
-    from app.widgets.model_library import ModelLibraryPage
+    from mlx_flash_app.widgets.model_library import ModelLibraryPage
 
     bad = _copy(good[0], tmp_path / "bad.flash")
     _flip_neuron(bad, 0, 9)
@@ -370,7 +370,7 @@ def test_prompt_longer_than_context_warns(good, tmp_path, home, capsys):
 def test_app_shows_the_engine_fallback_on_the_model_chip(good, tmp_path, home, qtbot):
     from PySide6.QtCore import QSettings
 
-    from app.main_window import MainWindow
+    from mlx_flash_app.main_window import MainWindow
 
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
     w = MainWindow(model_path=str(good[0]), config=FlashConfig(scratch_neurons=32, threads=2),
