@@ -393,9 +393,7 @@ def _cmd_bench_moe(args) -> int:
     if args.json:
         print(f"wrote {rep.save_json(args.json)}", file=sys.stderr)
     if args.text:
-        out = Path(args.text).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        out = atomic_write_text(Path(args.text).expanduser(), text + "\n")
         print(f"wrote {out}", file=sys.stderr)
     if args.plots:
         for p in save_moe_plots(rep, args.plots):

@@ -491,6 +491,15 @@ def flash_details(path: Path) -> dict:
     ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``,
     ``quantization`` (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles).
     Empty for folders that are not flash models (or whose manifest is unreadable)."""
+    if is_moe_flash_dir(path):
+        try:
+            mm = open_moe_flash(path).manifest
+        except (OSError, FlashFormatError):
+            return {}
+        q = ", ".join(f"{r} {v['bits']}b/g{v['group_size']}" for r, v in mm.quantization.items() if v != "none")
+        return {"ffn_bytes": mm.ffn_bytes_total, "dtype": mm.dtype, "layers": mm.num_layers,
+                "has_predictors": mm.expert_frequencies is not None, "source": mm.source, "quantization": q,
+                "experts": f"{mm.num_experts} experts, top-{mm.top_k}"}
     try:
         m = Manifest.load(Path(path))
         quant = describe_quant(role_quantization(m))
