@@ -25,6 +25,7 @@ steady-state reads allocate only small numpy index arrays.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .format import FlashFiles, FlashFormatError
-from .platform_io import DIRECT_ALIGNMENT, UncachedFile, aligned_buffer, open_uncached
+from .platform_io import UncachedFile, aligned_buffer, open_uncached
 
 
 @dataclass
@@ -239,17 +240,19 @@ class FlashReader:
         self.num_layers = m.num_layers
         self.intermediate_size = m.intermediate_size
         self.bundle_bytes = m.bundle_bytes
-        self.alignment = max(m.alignment, DIRECT_ALIGNMENT)
-        a = self.alignment
-        self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self.threads = int(threads)
         self.max_gap_bytes = int(max_gap_bytes)
         self._file: UncachedFile = open_uncached(files.ffn_path, direct=direct)
         self.mode: str = self._file.mode
+        # reads are trimmed to this (O_DIRECT: the device's logical block size, often 512; layer
+        # starts keep the format's 4096, the file is padded to it: no read runs past its end)
+        self.alignment = self._file.read_alignment
+        a = self.alignment
+        self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self._bufs = [aligned_buffer(self.chunk_bytes) for _ in range(self.threads)]
         self._views = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
         self._pool: Optional[ThreadPoolExecutor] = (
-            ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read") if self.threads > 1 else None
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="flash-read") if self.threads > 1 else None
         )
         self._lock = threading.Lock()
         self.totals = ReadStats()
@@ -312,12 +315,7 @@ class FlashReader:
                 plan.rows = rows[plan.rows]
                 if dup_rows is not None:
                     dup_rows, dup_src = rows[dup_rows], rows[dup_src]
-            groups = self._split(plan)
-            if self._pool is None or len(groups) == 1:
-                results = [self._work(0, plan, g0, g1, out) for g0, g1 in groups]
-            else:
-                futs = [self._pool.submit(self._work, k, plan, g0, g1, out) for k, (g0, g1) in enumerate(groups)]
-                results = [f.result() for f in futs]
+            requests = self._run(plan, out)
             if dup_rows is not None:
                 if isinstance(out, SplitRows):
                     out.copy_rows(dup_rows, dup_src)
@@ -326,7 +324,7 @@ class FlashReader:
             stats = ReadStats(
                 bytes_read=int((plan.req_hi - plan.req_lo).sum()),
                 bytes_useful=len(plan.starts) * bb,
-                requests=sum(results),
+                requests=requests,
                 seconds=time.perf_counter() - t0,
             )
             self.totals.add(stats)
@@ -387,32 +385,52 @@ class FlashReader:
         req_lo, req_hi, n_lo, n_hi = plan_requests(starts, bb, a, self.max_gap_bytes, self.chunk_bytes)
         return _Plan(starts, first.astype(np.int64), req_lo, req_hi, n_lo, n_hi), dup_rows, dup_src
 
-    def _split(self, plan: _Plan) -> List[Tuple[int, int]]:
-        """Contiguous shares of the requests, about equal in bytes, one per worker."""
-        nreq = len(plan.req_lo)
-        k = min(self.threads, nreq)
-        if k <= 1:
-            return [(0, nreq)]
-        cum = np.cumsum(plan.req_hi - plan.req_lo)
-        bounds = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left") + 1
-        edges = np.unique(np.concatenate(([0], np.minimum(bounds, nreq), [nreq])))
-        return [(int(edges[i]), int(edges[i + 1])) for i in range(len(edges) - 1)]
-
     # ------------------------------------------------------------------ work
-    def _work(self, slot: int, plan: _Plan, r0: int, r1: int, out: np.ndarray) -> int:
-        """Worker ``slot`` reads requests ``r0..r1`` into its buffer and copies bundles out."""
+    def _run(self, plan: _Plan, out) -> int:
+        """Read every request of ``plan`` and copy its bundles out; returns the system calls.
+
+        Up to ``threads`` workers, the calling thread one of them (no hand-off when one
+        worker is enough), each with its own aligned buffer, take the next request from a
+        shared counter until none is left (a slow request does not hold up a fixed share
+        of others)."""
+        nreq = len(plan.req_lo)
+        job = _Job(plan, nreq)
+        k = min(self.threads, nreq)
+        if k <= 1 or self._pool is None:
+            return self._work(0, job, out)
+        futs = [self._pool.submit(self._work, slot, job, out) for slot in range(1, k)]
+        try:
+            n = self._work(0, job, out)
+        except BaseException:
+            job.stop = True  # the others finish their current request and stop
+            for f in futs:
+                f.exception()
+            raise
+        return n + sum(f.result() for f in futs)
+
+    def _work(self, slot: int, job: "_Job", out) -> int:
+        """Worker ``slot``: take requests from ``job`` until none is left; read each into the
+        slot's buffer and copy its bundles out."""
         buf = self._bufs[slot]
         view = self._views[slot]
         fd = self._file.fd
         bb = self.bundle_bytes
+        plan = job.plan
         starts, rows = plan.starts, plan.rows
+        req_lo, req_hi, n_lo, n_hi = job.lo, job.hi, job.n_lo, job.n_hi
+        take = job.take
         requests = 0
         with memoryview(buf) as mv:
-            for r in range(r0, r1):
-                lo, hi = int(plan.req_lo[r]), int(plan.req_hi[r])
+            while not job.stop:
+                r = next(take)
+                if r >= job.n:
+                    break
+                lo, hi = req_lo[r], req_hi[r]
+                i0, i1 = n_lo[r], n_hi[r]
+                need = min(hi, int(starts[i1 - 1]) + bb) - lo  # past the last bundle: padding only
                 length = hi - lo
                 got = 0
-                while got < length:
+                while got < need:
                     nread = os.preadv(fd, [mv[got:length]], lo + got)
                     requests += 1
                     if nread <= 0:
@@ -421,21 +439,17 @@ class FlashReader:
                             f"(read {lo}..{hi}); the file is shorter than the manifest says"
                         )
                     got += nread
-                i0, i1 = int(plan.n_lo[r]), int(plan.n_hi[r])
-                if i0 >= i1:
-                    continue
                 # bundles wholly inside [lo, hi)
                 j0 = i0 if starts[i0] >= lo else i0 + 1
                 j1 = i1 if starts[i1 - 1] + bb <= hi else i1 - 1
                 if j0 < j1:
                     s0 = int(starts[j0]) - lo
                     last = int(starts[j1 - 1]) - lo
-                    span = view[s0 : last + bb]
                     k = j1 - j0
                     if last - s0 == (k - 1) * bb:  # consecutive neurons: one reshape
-                        block = span.reshape(k, bb)
+                        block = view[s0 : last + bb].reshape(k, bb)
                     else:
-                        block = span.reshape(-1, bb)[(starts[j0:j1] - starts[j0]) // bb]
+                        block = view[s0 : last + bb].reshape(-1, bb)[(starts[j0:j1] - starts[j0]) // bb]
                     dst = rows[j0:j1]
                     r_first = int(dst[0])
                     if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
@@ -450,6 +464,22 @@ class FlashReader:
                     a, b = max(s, lo), min(s + bb, hi)
                     _set_bytes(out, int(rows[j]), a - s, b - s, view[a - lo : b - lo])
         return requests
+
+
+class _Job:
+    """The requests of one read call, shared by its workers: ``take`` hands out request
+    indices (``next`` on an ``itertools.count`` is atomic in CPython); ``stop`` ends the
+    call early after an error."""
+
+    def __init__(self, plan: _Plan, n: int):
+        self.plan = plan
+        self.n = n
+        self.lo = plan.req_lo.tolist()
+        self.hi = plan.req_hi.tolist()
+        self.n_lo = plan.n_lo.tolist()
+        self.n_hi = plan.n_hi.tolist()
+        self.take = itertools.count()
+        self.stop = False
 
 
 __all__ = ["FlashReader", "ReadStats", "SplitRows", "set_rows"]
