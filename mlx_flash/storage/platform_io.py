@@ -99,9 +99,15 @@ def logical_block_size(path: Union[str, Path]) -> Optional[int]:
     major, minor = os.major(dev), os.minor(dev)
     if major == 0:
         return None
-    node = Path(f"/sys/dev/block/{major}:{minor}")
+    return sysfs_block_size(Path("/sys/dev/block"), major, minor)
+
+
+def sysfs_block_size(dev_block: Path, major: int, minor: int) -> Optional[int]:
+    """The logical block size of device ``major:minor`` from a sysfs ``dev/block`` folder
+    (``dev_block/MAJ:MIN`` links to the device's folder; a partition's folder sits inside
+    its disk's and has no ``queue``). None when absent or not a power of two."""
     try:
-        node = node.resolve(strict=True)
+        node = (dev_block / f"{major}:{minor}").resolve(strict=True)
     except OSError:
         return None
     for d in (node, node.parent):
@@ -279,6 +285,7 @@ __all__ = [
     "direct_alignment",
     "drop_page_cache",
     "logical_block_size",
+    "sysfs_block_size",
     "open_uncached",
     "pread_exact",
     "set_nocache",
