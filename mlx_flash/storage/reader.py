@@ -251,6 +251,9 @@ class FlashReader:
         self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self._bufs = [aligned_buffer(self.chunk_bytes) for _ in range(self.threads)]
         self._views = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
+        # each buffer as rows of one bundle starting at every byte: a gather of bundles at any offsets
+        self._windows = [np.lib.stride_tricks.sliding_window_view(v, self.bundle_bytes)
+                         if len(v) >= self.bundle_bytes else None for v in self._views]
         self._pool: Optional[ThreadPoolExecutor] = (
             ThreadPoolExecutor(self.threads - 1, thread_name_prefix="flash-read") if self.threads > 1 else None
         )
@@ -347,6 +350,7 @@ class FlashReader:
                 self._pool = None
             self._file.close()
             self._views = []
+            self._windows = []
             for b in self._bufs:
                 try:
                     b.close()
@@ -394,7 +398,7 @@ class FlashReader:
         shared counter until none is left (a slow request does not hold up a fixed share
         of others)."""
         nreq = len(plan.req_lo)
-        job = _Job(plan, nreq)
+        job = _Job(plan, nreq, self.bundle_bytes)
         k = min(self.threads, nreq)
         if k <= 1 or self._pool is None:
             return self._work(0, job, out)
@@ -409,75 +413,101 @@ class FlashReader:
         return n + sum(f.result() for f in futs)
 
     def _work(self, slot: int, job: "_Job", out) -> int:
-        """Worker ``slot``: take requests from ``job`` until none is left; read each into the
-        slot's buffer and copy its bundles out."""
-        buf = self._bufs[slot]
+        """Worker ``slot``: take requests from ``job`` until none is left, reading each into the
+        next free part of the slot's buffer; when the next one does not fit, copy the bundles of
+        the buffered requests out in one gather (few numpy calls per buffer, not per request)."""
         view = self._views[slot]
+        windows = self._windows[slot]
         fd = self._file.fd
         bb = self.bundle_bytes
-        plan = job.plan
-        starts, rows = plan.starts, plan.rows
-        req_lo, req_hi, n_lo, n_hi = job.lo, job.hi, job.n_lo, job.n_hi
+        cap = len(view)
+        starts, rows = job.plan.starts, job.plan.rows
+        req_lo, req_hi, need, j0s, j1s = job.lo, job.hi, job.need, job.j0, job.j1
+        left, right = job.left, job.right
         take = job.take
         requests = 0
-        with memoryview(buf) as mv:
+        batch: List[Tuple[int, int]] = []  # (request, its offset in the buffer) with whole bundles to copy
+        used = 0
+        with memoryview(self._bufs[slot]) as mv:
             while not job.stop:
                 r = next(take)
                 if r >= job.n:
                     break
-                lo, hi = req_lo[r], req_hi[r]
-                i0, i1 = n_lo[r], n_hi[r]
-                need = min(hi, int(starts[i1 - 1]) + bb) - lo  # past the last bundle: padding only
-                length = hi - lo
+                lo = req_lo[r]
+                length = req_hi[r] - lo
+                if used + length > cap:
+                    self._copy_out(batch, job, windows, view, out)
+                    batch, used = [], 0
                 got = 0
-                while got < need:
-                    nread = os.preadv(fd, [mv[got:length]], lo + got)
+                while got < need[r]:
+                    nread = os.preadv(fd, [mv[used + got : used + length]], lo + got)
                     requests += 1
                     if nread <= 0:
                         raise FlashFormatError(
                             f"{self.files.ffn_path}: unexpected end of file at byte {lo + got} "
-                            f"(read {lo}..{hi}); the file is shorter than the manifest says"
+                            f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
                         )
                     got += nread
-                # bundles wholly inside [lo, hi)
-                j0 = i0 if starts[i0] >= lo else i0 + 1
-                j1 = i1 if starts[i1 - 1] + bb <= hi else i1 - 1
-                if j0 < j1:
-                    s0 = int(starts[j0]) - lo
-                    last = int(starts[j1 - 1]) - lo
-                    k = j1 - j0
-                    if last - s0 == (k - 1) * bb:  # consecutive neurons: one reshape
-                        block = view[s0 : last + bb].reshape(k, bb)
-                    else:
-                        block = view[s0 : last + bb].reshape(-1, bb)[(starts[j0:j1] - starts[j0]) // bb]
-                    dst = rows[j0:j1]
-                    r_first = int(dst[0])
-                    if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
-                        set_rows(out, slice(r_first, r_first + k), block)
-                    else:
-                        set_rows(out, dst, block)
-                # bundles straddling the request's edges: copy the part inside
-                for j in {i0, i1 - 1}:
-                    if j0 <= j < j1:
-                        continue
-                    s = int(starts[j])
-                    a, b = max(s, lo), min(s + bb, hi)
-                    _set_bytes(out, int(rows[j]), a - s, b - s, view[a - lo : b - lo])
+                for j in (left[r], right[r]):  # bundles straddling the request's edges: the part inside
+                    if j >= 0:
+                        s0 = int(starts[j])
+                        a, b = max(s0, lo), min(s0 + bb, lo + length)
+                        _set_bytes(out, int(rows[j]), a - s0, b - s0, view[used + a - lo : used + b - lo])
+                if j0s[r] < j1s[r]:
+                    batch.append((r, used))
+                used += length
+            self._copy_out(batch, job, windows, view, out)
         return requests
+
+    def _copy_out(self, batch, job: "_Job", windows, view: np.ndarray, out) -> None:
+        """Copy the whole bundles of the buffered requests ``batch`` (``(request, offset in the
+        buffer)``) into their rows of ``out``."""
+        if not batch:
+            return
+        bb = self.bundle_bytes
+        starts, rows = job.plan.starts, job.plan.rows
+        if len(batch) == 1:
+            r, boff = batch[0]
+            j0, j1 = job.j0[r], job.j1[r]
+            offs = starts[j0:j1] - (job.lo[r] - boff)
+            dst = rows[j0:j1]
+        else:
+            offs = np.concatenate([starts[job.j0[r] : job.j1[r]] - (job.lo[r] - boff) for r, boff in batch])
+            dst = np.concatenate([rows[job.j0[r] : job.j1[r]] for r, _ in batch])
+        k = len(offs)
+        o0 = int(offs[0])
+        if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
+            block = view[o0 : o0 + k * bb].reshape(k, bb)
+        else:  # one gather of rows starting at any byte offset
+            block = windows[offs]
+        r0 = int(dst[0])
+        if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
+            set_rows(out, slice(r0, r0 + k), block)
+        else:
+            set_rows(out, dst, block)
 
 
 class _Job:
     """The requests of one read call, shared by its workers: ``take`` hands out request
     indices (``next`` on an ``itertools.count`` is atomic in CPython); ``stop`` ends the
-    call early after an error."""
+    call early after an error. Per request (Python lists, computed with numpy once per call):
+    ``lo``/``hi``, ``need`` (bytes up to the end of its last bundle: a short read at the end
+    of the file past that is fine), ``j0``/``j1`` (the bundles wholly inside it), ``left``/
+    ``right`` (a bundle straddling its start / end, -1 when none)."""
 
-    def __init__(self, plan: _Plan, n: int):
+    def __init__(self, plan: _Plan, n: int, bundle_bytes: int):
         self.plan = plan
         self.n = n
-        self.lo = plan.req_lo.tolist()
-        self.hi = plan.req_hi.tolist()
-        self.n_lo = plan.n_lo.tolist()
-        self.n_hi = plan.n_hi.tolist()
+        lo, hi, n_lo, n_hi = plan.req_lo, plan.req_hi, plan.n_lo, plan.n_hi
+        s_first, e_last = plan.starts[n_lo], plan.starts[n_hi - 1] + bundle_bytes
+        cut_left, cut_right = s_first < lo, e_last > hi
+        left = np.where(cut_left, n_lo, -1)
+        right = np.where(cut_right & (n_hi - 1 != left), n_hi - 1, -1)  # one bundle over both edges: once
+        self.lo, self.hi = lo.tolist(), hi.tolist()
+        self.need = (np.minimum(hi, e_last) - lo).tolist()
+        self.j0 = (n_lo + cut_left).tolist()
+        self.j1 = (n_hi - cut_right).tolist()
+        self.left, self.right = left.tolist(), right.tolist()
         self.take = itertools.count()
         self.stop = False
 
