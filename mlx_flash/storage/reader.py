@@ -6,15 +6,23 @@ MLX memory such as rows of the neuron cache). How (the paper's §3.2):
 
 1. deduplicate and sort the ids; each neuron's bundle is one contiguous byte
    range (row-column bundling, see :mod:`mlx_flash.storage.format`);
-2. expand every range to the direct-I/O alignment (4 KiB) and coalesce
-   neighbours whose aligned gap is at most ``max_gap_bytes`` into one run
-   (reading a small gap beats issuing another request);
+2. expand every range to the direct-I/O alignment (the device's logical block
+   size, :func:`~mlx_flash.storage.platform_io.direct_alignment`: 512 bytes on most
+   disks, 4 KiB in the other modes) and coalesce neighbours whose aligned gap is at
+   most ``max_gap_bytes`` into one run (reading a small gap beats issuing another
+   request; the engine's default gap comes from the disk probe's cost of a request,
+   :meth:`~mlx_flash.storage.probe.ProbeResult.gap_bytes`);
 3. split runs into requests of at most ``chunk_bytes`` (split points are
    aligned; a bundle may straddle two requests, each copies its part);
-4. give each of ``threads`` workers a contiguous share of the requests (about
-   equal bytes); each worker ``os.preadv``-reads into its own preallocated,
-   page-aligned buffer (``mmap``; the GIL is released during the read) and
-   copies the bundles out with numpy row gathers.
+4. the calling thread and up to ``threads - 1`` pool threads take requests from a
+   shared counter (no fixed shares: a slow request holds up nobody else's); each
+   ``os.preadv``-reads them one after another into the next free part of its own
+   preallocated, page-aligned buffer (``mmap``; the GIL is released during the read)
+   and, when the next one does not fit, copies the bundles of all buffered requests
+   out with one numpy gather (few Python steps per buffer, not per request: with
+   many small requests the per-request Python work under the GIL was what limited
+   the reader). O_DIRECT cannot scatter straight into the destination rows: iovec
+   segments must be multiples of the block size, bundles are not.
 
 Duplicate ids are allowed: every row asking for a neuron receives its bundle;
 the disk is read once and ``bytes_useful`` counts distinct neurons.
@@ -407,9 +415,11 @@ class FlashReader:
             n = self._work(0, job, out)
         except BaseException:
             job.stop = True  # the others finish their current request and stop
-            for f in futs:
-                f.exception()
             raise
+        finally:
+            for f in futs:  # every worker is done before the call returns or raises (buffers, out)
+                if f.exception() is not None:
+                    job.stop = True
         return n + sum(f.result() for f in futs)
 
     def _work(self, slot: int, job: "_Job", out) -> int:
