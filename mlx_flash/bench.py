@@ -185,6 +185,11 @@ class BenchRow(_Record):
     ms_overlap: float = 0.0               # pipelined: disk and compute busy at once per token
     lookahead: Optional[Dict[str, Any]] = None  # pipelined: Engine.pipeline_info() (recall per layer)
     same_as_serial: Optional[bool] = None  # pipelined: generated the same tokens as its serial row
+    read_alignment: int = 0               # the reader's read alignment (O_DIRECT: the device's logical block)
+    max_gap_bytes: Optional[int] = None   # the reader's coalescing gap (from the probe unless configured)
+    requests_per_token: Optional[float] = None  # read system calls per measured token
+    disk_gbps_at_request: Optional[float] = None  # probe interpolated at the mean request size, same threads
+    reader_of_probe: Optional[float] = None  # io_gbps / disk_gbps_at_request
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -420,6 +425,37 @@ def _io_figures(row: BenchRow, reads, probe) -> None:
         row.io_efficiency = row.io_gbps / best if best > 0 else None
 
 
+def _reader_figures(row: BenchRow, reader, reads, probe, measured_tokens: int) -> None:
+    """The reader's settings, requests per token, and its throughput against the probe at its
+    own mean request size and thread count (interpolated, ``ProbeResult.at``)."""
+    row.read_alignment, row.max_gap_bytes = reader.alignment, reader.max_gap_bytes
+    if reads is None or reads.requests <= 0 or row.mean_request_bytes is None:
+        return
+    row.requests_per_token = reads.requests / max(1, measured_tokens)
+    if probe is not None and probe.table and row.io_gbps:
+        at = probe.at(row.mean_request_bytes, row.threads)
+        row.disk_gbps_at_request = at
+        row.reader_of_probe = row.io_gbps / at if at else None
+
+
+def format_reader(r: BenchReport) -> List[str]:
+    """Reader against the disk: read amplification (read / useful bytes), requests per token,
+    and GB/s against the probe at the same mean request size and threads."""
+    rows = [row for row in r.rows if row.io_gbps is not None]
+    if not rows:
+        return []
+    lines = ["", "Reader vs disk (probe interpolated at the reader's mean request size and thread count):",
+             "| configuration | alignment | max gap | requests/tok | mean request | read/useful | reader GB/s "
+             "| probe there | reader / probe |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        amp = row.bytes_read_per_token / row.bytes_useful_per_token if row.bytes_useful_per_token else None
+        lines.append(f"| {row.name} | {row.read_alignment or '?'} B | {_fb(row.max_gap_bytes or 0)} | "
+                     f"{_f(row.requests_per_token, '{:.0f}')} | {_fb(row.mean_request_bytes)} | {_f(amp, '{:.2f}x')} | "
+                     f"{row.io_gbps:.2f} | {_f(row.disk_gbps_at_request, '{:.2f}')} | {_f(row.reader_of_probe, '{:.0%}')} |")
+    return lines
+
+
 def _nearest_chunk(probe, nbytes: float) -> int:
     return min(probe.table, key=lambda c: abs(np.log2(c) - np.log2(max(1.0, nbytes))))
 
@@ -549,6 +585,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
             row.chunk_bytes = engine.reader.chunk_bytes
             row.read_mode = engine.reader.mode
             _io_figures(row, reads, probe)
+            _reader_figures(row, engine.reader, reads, probe, len(stats) - warmup)
         if dense_tokens is not None:
             k = 0
             while k < min(len(toks), len(dense_tokens)) and toks[k] == dense_tokens[k]:
@@ -670,6 +707,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     from .stats import FFNCounters
     from .storage.platform_io import drop_page_cache
     from .storage.format import bundle_layout
+    from .engine import reader_max_gap
     from .storage.probe import load_cached_choice
     from .storage.reader import FlashReader
     from .traces import ReplayChooser
@@ -687,7 +725,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
         window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m), pipeline=cfg.pipeline)
-    reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=cfg.max_gap_bytes,
+    reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=reader_max_gap(files.root, cfg, threads),
                          direct=cfg.direct_io)
     prefetcher = None
     try:
@@ -737,6 +775,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         row.lookahead = _jsonable(prefetcher.info()) if prefetcher is not None else None
         row.threads, row.chunk_bytes, row.read_mode = reader.threads, reader.chunk_bytes, reader.mode
         _io_figures(row, reads, probe)
+        _reader_figures(row, reader, reads, probe, tokens - warmup)
         return row
     finally:
         if prefetcher is not None:
@@ -1112,7 +1151,8 @@ def observations(report: BenchReport) -> List[str]:
                        "less than the active set (raise the budget or the sparsity).")
         if row.bytes_useful_per_token > 0 and row.bytes_read_per_token > 1.5 * row.bytes_useful_per_token:
             out.append(f"{row.name}: reads {row.bytes_read_per_token / row.bytes_useful_per_token:.1f}x the useful "
-                       f"bytes (4 KiB alignment and coalescing gaps up to max_gap_bytes={gap}).")
+                       f"bytes ({row.read_alignment or 4096}-byte alignment and coalescing gaps up to "
+                       f"max_gap_bytes={row.max_gap_bytes if row.max_gap_bytes is not None else gap}).")
     la0 = (report.machine.get("load_average") or [None])[0]
     la1 = (report.machine.get("load_average_end") or [None])[0]
     cpus = report.machine.get("cpu_count") or 0
@@ -1224,6 +1264,7 @@ def format_table(report: BenchReport) -> str:
             lines.append(f"| {row.name} | {row.threads} | {row.chunk_bytes // 1024} KiB | "
                          f"{_fb(row.mean_request_bytes)} | {row.io_gbps:.2f} | {_f(row.disk_best_gbps, '{:.2f}')} | "
                          f"{_f(row.disk_gbps_same_threads, '{:.2f}')} | {_f(row.io_efficiency, '{:.0%}')} |")
+    lines += format_reader(r)
     lines += format_pipeline(r)
     if r.sweep:
         lines.append("")

@@ -27,6 +27,8 @@ class FlashConfig:
               (0 = pick from the disk probe).
     max_gap_bytes: neighbouring neuron runs closer than this are read in one
               request (the gap is read and thrown away): fewer, larger reads.
+              None = from the disk probe: what one more request costs in bytes at the
+              reader's threads (``ProbeResult.gap_bytes``; 16 KiB without a probe).
     active:   how each token's active neurons are chosen:
               "auto" (the default: on a calibrated model "gate", "predictor" or
               "all", whichever reads the fewest bytes per token while keeping
@@ -101,7 +103,7 @@ class FlashConfig:
     window: int = 5
     threads: int = 0
     chunk_bytes: int = 0
-    max_gap_bytes: int = 16 * 1024
+    max_gap_bytes: Optional[int] = None
     active: str = "auto"
     sparsity: Optional[float] = None
     direct_io: bool = True
@@ -145,6 +147,8 @@ class FlashConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.threads < 0 or self.chunk_bytes < 0:
             raise ValueError("threads and chunk_bytes must be >= 0")
+        if self.max_gap_bytes is not None and self.max_gap_bytes < 0:
+            raise ValueError(f"max_gap_bytes must be >= 0 (or None: from the disk probe), got {self.max_gap_bytes}")
 
     def budget_bytes(self, ffn_bytes: int) -> int:
         """The budget in bytes for a model whose FFN weighs ``ffn_bytes``."""

@@ -663,7 +663,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     budget_bytes = config.budget_bytes(m.ffn_bytes_total)
     cdtype = compute_dtype(dtype) if quant else None
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
-                         max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+                         max_gap_bytes=reader_max_gap(path, config, threads), direct=config.direct_io)
     try:
         chooser, active_info = _make_chooser(files, config, act, act_param, budget_bytes, notes, cdtype, reader)
     except BaseException:
@@ -731,6 +731,16 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
                   context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info)
+
+def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
+    """``config.max_gap_bytes``, or when None the disk probe's (``probe.load_cached_gap``)."""
+    if config.max_gap_bytes is not None:
+        return config.max_gap_bytes
+    from .storage.platform_io import direct_alignment
+    from .storage.probe import load_cached_gap
+
+    return load_cached_gap(path, threads, direct_alignment(path))
+
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each

@@ -4,11 +4,15 @@ The paper measures flash reads, not RAM copies: if a neuron read were served by
 the page cache, the measured I/O would be fiction. So the flash reader opens
 ``ffn.bin`` through :func:`open_uncached`:
 
-- Linux: ``O_DIRECT``. Offsets, lengths and the memory buffer must be aligned
-  (to :data:`DIRECT_ALIGNMENT` = 4096 bytes here); :func:`aligned_buffer` gives
-  page-aligned anonymous ``mmap`` buffers. Some filesystems (tmpfs, some FUSE)
-  refuse ``O_DIRECT`` at open or at the first read (``EINVAL``): then the file
-  is reopened buffered with a warning.
+- Linux: ``O_DIRECT``. Offsets and lengths must be multiples of the device's
+  logical block size (:func:`direct_alignment`: ``/sys/dev/block/MAJ:MIN/queue/
+  logical_block_size`` of the file's device, the parent disk's for a partition; 512
+  on most disks, :data:`DIRECT_ALIGNMENT` = 4096 when unknown), the memory buffer too
+  (:func:`aligned_buffer` gives page-aligned anonymous ``mmap`` buffers). Smaller
+  alignment means fewer padding bytes around small reads. The alignment is checked
+  with one read at it when the file is opened (4096 when that read fails). Some
+  filesystems (tmpfs, some FUSE) refuse ``O_DIRECT`` at open or at the first read
+  (``EINVAL``): then the file is reopened buffered with a warning.
 - macOS: ``fcntl(fd, F_NOCACHE, 1)`` (F_NOCACHE is 48 when Python's ``fcntl``
   lacks the constant). No alignment is required, aligned reads are faster.
 - elsewhere / fallback: a normal buffered descriptor plus
@@ -25,10 +29,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 DIRECT_ALIGNMENT = 4096
-"""Alignment O_DIRECT needs for offsets, lengths and buffers (logical block size; 4 KiB covers all common disks)."""
+"""Alignment that O_DIRECT accepts on all common disks (offsets, lengths, buffers): the fallback when
+the device's logical block size is unknown, and the alignment of reads in the other modes."""
 
 MODE_O_DIRECT = "O_DIRECT"
 MODE_F_NOCACHE = "F_NOCACHE"
@@ -48,8 +53,8 @@ class UncachedFile:
     fd:    the OS file descriptor (use ``os.preadv``/``os.pread``).
     mode:  "O_DIRECT", "F_NOCACHE" or "buffered".
     path:  the file.
-    alignment: the alignment reads must respect in this mode (4096 for O_DIRECT,
-           1 otherwise; callers may align anyway).
+    alignment: the alignment reads must respect in this mode (O_DIRECT: the device's
+           logical block size, see :func:`direct_alignment`; 1 otherwise).
     """
 
     fd: int
@@ -72,6 +77,54 @@ class UncachedFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def read_alignment(self) -> int:
+        """The alignment readers should use: what O_DIRECT requires, and
+        :data:`DIRECT_ALIGNMENT` in the other modes (not required there, but whole
+        pages read faster; macOS F_NOCACHE keeps it)."""
+        return self.alignment if self.mode == MODE_O_DIRECT else DIRECT_ALIGNMENT
+
+
+def logical_block_size(path: Union[str, Path]) -> Optional[int]:
+    """Linux: the logical block size of the block device holding ``path``, from
+    ``/sys/dev/block/MAJ:MIN/queue/logical_block_size`` (a partition has no ``queue``:
+    its parent disk's is used). None where unknown: not Linux, no sysfs, or a device
+    that is not a block device (overlayfs, tmpfs, NFS, FUSE: major 0)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return None
+    major, minor = os.major(dev), os.minor(dev)
+    if major == 0:
+        return None
+    return sysfs_block_size(Path("/sys/dev/block"), major, minor)
+
+
+def sysfs_block_size(dev_block: Path, major: int, minor: int) -> Optional[int]:
+    """The logical block size of device ``major:minor`` from a sysfs ``dev/block`` folder
+    (``dev_block/MAJ:MIN`` links to the device's folder; a partition's folder sits inside
+    its disk's and has no ``queue``). None when absent or not a power of two."""
+    try:
+        node = (dev_block / f"{major}:{minor}").resolve(strict=True)
+    except OSError:
+        return None
+    for d in (node, node.parent):
+        try:
+            v = int((d / "queue" / "logical_block_size").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if v > 0 and v & (v - 1) == 0:
+            return v
+    return None
+
+
+def direct_alignment(path: Union[str, Path]) -> int:
+    """The alignment O_DIRECT reads of ``path`` need: the device's logical block size
+    (:func:`logical_block_size`), :data:`DIRECT_ALIGNMENT` when unknown."""
+    return logical_block_size(path) or DIRECT_ALIGNMENT
+
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
     """A zero-filled, page-aligned, writable anonymous buffer of at least ``nbytes``
@@ -91,14 +144,16 @@ def _fadvise_dontneed(fd: int) -> bool:
     return False
 
 
-def _direct_read_works(fd: int) -> bool:
-    """Some filesystems accept O_DIRECT at open but fail the read: try one block."""
-    buf = aligned_buffer(DIRECT_ALIGNMENT)
+def _direct_read_works(fd: int, alignment: int = DIRECT_ALIGNMENT) -> bool:
+    """Some filesystems accept O_DIRECT at open but fail the read, some need more
+    alignment than the device says: try one ``alignment``-sized read at offset
+    ``alignment`` (the start of the file when it is shorter)."""
+    buf = aligned_buffer(alignment)
     try:
-        if hasattr(os, "preadv"):
-            os.preadv(fd, [buf], 0)
-        else:  # pragma: no cover - every Linux Python has preadv
-            os.pread(fd, DIRECT_ALIGNMENT, 0)
+        size = os.fstat(fd).st_size
+        offset = alignment if size >= 2 * alignment else 0
+        with memoryview(buf) as mv:
+            os.preadv(fd, [mv[:alignment]], offset)
         return True
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
@@ -126,8 +181,11 @@ def open_uncached(path: Union[str, Path], *, direct: bool = True, warn: bool = T
                 raise
             reason = f"O_DIRECT refused at open ({os.strerror(e.errno)})"
         else:
-            if _direct_read_works(fd):
-                return UncachedFile(fd, MODE_O_DIRECT, p, DIRECT_ALIGNMENT)
+            align = direct_alignment(p)
+            if align < DIRECT_ALIGNMENT and not _direct_read_works(fd, align):
+                align = DIRECT_ALIGNMENT
+            if _direct_read_works(fd, align):
+                return UncachedFile(fd, MODE_O_DIRECT, p, align)
             os.close(fd)
             reason = "O_DIRECT refused at read (EINVAL)"
     elif direct and sys.platform == "darwin":
@@ -224,7 +282,10 @@ __all__ = [
     "UncachedFile",
     "UncachedIOWarning",
     "aligned_buffer",
+    "direct_alignment",
     "drop_page_cache",
+    "logical_block_size",
+    "sysfs_block_size",
     "open_uncached",
     "pread_exact",
     "set_nocache",

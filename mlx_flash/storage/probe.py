@@ -41,6 +41,9 @@ DEFAULT_CHOICE: Tuple[int, int] = (256 * KiB, 16)
 """(chunk_bytes, threads) when no probe result is known (a sound choice on the
 SSDs and virtual disks measured so far)."""
 
+DEFAULT_GAP: int = 16 * KiB
+"""Largest gap the reader reads through (coalescing neighbouring runs) when no probe is known."""
+
 PROBE_FILE = "probe.json"
 
 
@@ -111,6 +114,43 @@ class ProbeResult:
         t_best = min(t for t in threads if score[t] >= tolerance * top)
         c_best = max(chunks, key=lambda c: (self.table[c][t_best], c))
         return c_best, t_best
+
+    def at(self, nbytes: float, threads: int) -> Optional[float]:
+        """GB/s at a request size of ``nbytes`` with ``threads`` threads: interpolated in
+        log2(chunk size) between the measured sizes (the end values beyond them); None when
+        that thread count was not measured."""
+        pts = [(c, self.table[c][threads]) for c in self.chunk_sizes if threads in self.table[c]]
+        if not pts:
+            return None
+        x = np.log2([c for c, _ in pts])
+        return float(np.interp(np.log2(max(1.0, float(nbytes))), x, [g for _, g in pts]))
+
+    def request_cost(self, threads: int) -> Tuple[float, float]:
+        """``(seconds per request, bytes per second)`` at ``threads`` threads (the nearest
+        measured count): the fit ``time = requests * t0 + bytes / bandwidth`` over the
+        measured chunk sizes (each cell gives the time of one request of that size,
+        ``chunk / GB/s``; least squares on relative error, so small chunks weigh as
+        much as large ones). t0 is what one more request costs, the bandwidth what one
+        more byte costs."""
+        t = min(self.thread_counts, key=lambda k: (abs(np.log2(k) - np.log2(max(1, threads))), k))
+        c = np.array([x for x in self.chunk_sizes if t in self.table[x]], dtype=np.float64)
+        per_req = np.array([x / max(self.table[int(x)][t] * 1e9, 1.0) for x in c])
+        if len(c) < 2:
+            return 0.0, float(c[0] / per_req[0]) if len(c) else 1e9
+        w = 1.0 / per_req
+        a = np.vstack([np.ones_like(c), c]).T * w[:, None]
+        (t0, slope), *_ = np.linalg.lstsq(a, per_req * w, rcond=None)
+        if slope <= 0:  # not a disk-like table (bigger requests no slower): gaps cost nothing
+            return max(float(t0), 0.0), float("inf")
+        return max(float(t0), 0.0), float(1.0 / slope)
+
+    def gap_bytes(self, threads: int, alignment: int = 512) -> int:
+        """The largest gap between two runs of bundles worth reading through instead of
+        issuing a second request: what a request costs, in bytes (``t0 * bandwidth`` of
+        :meth:`request_cost`), rounded down to ``alignment`` and capped at 1 MiB."""
+        t0, bw = self.request_cost(threads)
+        gap = MiB if not np.isfinite(bw) else min(MiB, int(t0 * bw))
+        return max(0, (gap // alignment) * alignment)
 
     def format_table(self) -> str:
         """A Markdown table like FACTS.md's: rows are chunk sizes, columns thread counts."""
@@ -361,13 +401,28 @@ def load_cached_choice(directory: Union[str, Path]) -> Tuple[int, int]:
     return threads, chunk
 
 
+def load_cached_gap(directory: Union[str, Path], threads: int, alignment: int = 512) -> int:
+    """``max_gap_bytes`` for a reader with ``threads`` threads on the disk of ``directory``:
+    :meth:`ProbeResult.gap_bytes` of its stored probe (any age), else :data:`DEFAULT_GAP`.
+    Never probes."""
+    try:
+        res = cached_result(directory)
+    except OSError:
+        res = None
+    if res is None or not res.table:
+        return DEFAULT_GAP
+    return res.gap_bytes(threads, alignment)
+
+
 __all__ = [
     "DEFAULT_CHOICE",
+    "DEFAULT_GAP",
     "DEFAULT_CHUNKS",
     "DEFAULT_THREADS",
     "ProbeResult",
     "cached_probe",
     "cached_result",
     "load_cached_choice",
+    "load_cached_gap",
     "probe_disk",
 ]

@@ -6,15 +6,23 @@ MLX memory such as rows of the neuron cache). How (the paper's §3.2):
 
 1. deduplicate and sort the ids; each neuron's bundle is one contiguous byte
    range (row-column bundling, see :mod:`mlx_flash.storage.format`);
-2. expand every range to the direct-I/O alignment (4 KiB) and coalesce
-   neighbours whose aligned gap is at most ``max_gap_bytes`` into one run
-   (reading a small gap beats issuing another request);
+2. expand every range to the direct-I/O alignment (the device's logical block
+   size, :func:`~mlx_flash.storage.platform_io.direct_alignment`: 512 bytes on most
+   disks, 4 KiB in the other modes) and coalesce neighbours whose aligned gap is at
+   most ``max_gap_bytes`` into one run (reading a small gap beats issuing another
+   request; the engine's default gap comes from the disk probe's cost of a request,
+   :meth:`~mlx_flash.storage.probe.ProbeResult.gap_bytes`);
 3. split runs into requests of at most ``chunk_bytes`` (split points are
    aligned; a bundle may straddle two requests, each copies its part);
-4. give each of ``threads`` workers a contiguous share of the requests (about
-   equal bytes); each worker ``os.preadv``-reads into its own preallocated,
-   page-aligned buffer (``mmap``; the GIL is released during the read) and
-   copies the bundles out with numpy row gathers.
+4. the calling thread and up to ``threads - 1`` pool threads take requests from a
+   shared counter (no fixed shares: a slow request holds up nobody else's); each
+   ``os.preadv``-reads them one after another into the next free part of its own
+   preallocated, page-aligned buffer (``mmap``; the GIL is released during the read)
+   and, when the next one does not fit, copies the bundles of all buffered requests
+   out with one numpy gather (few Python steps per buffer, not per request: with
+   many small requests the per-request Python work under the GIL was what limited
+   the reader). O_DIRECT cannot scatter straight into the destination rows: iovec
+   segments must be multiples of the block size, bundles are not.
 
 Duplicate ids are allowed: every row asking for a neuron receives its bundle;
 the disk is read once and ``bytes_useful`` counts distinct neurons.
@@ -25,6 +33,7 @@ steady-state reads allocate only small numpy index arrays.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -35,7 +44,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .format import FlashFiles, FlashFormatError
-from .platform_io import DIRECT_ALIGNMENT, UncachedFile, aligned_buffer, open_uncached
+from .platform_io import UncachedFile, aligned_buffer, open_uncached
 
 
 @dataclass
@@ -239,17 +248,22 @@ class FlashReader:
         self.num_layers = m.num_layers
         self.intermediate_size = m.intermediate_size
         self.bundle_bytes = m.bundle_bytes
-        self.alignment = max(m.alignment, DIRECT_ALIGNMENT)
-        a = self.alignment
-        self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self.threads = int(threads)
         self.max_gap_bytes = int(max_gap_bytes)
         self._file: UncachedFile = open_uncached(files.ffn_path, direct=direct)
         self.mode: str = self._file.mode
+        # reads are trimmed to this (O_DIRECT: the device's logical block size, often 512; layer
+        # starts keep the format's 4096, the file is padded to it: no read runs past its end)
+        self.alignment = self._file.read_alignment
+        a = self.alignment
+        self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self._bufs = [aligned_buffer(self.chunk_bytes) for _ in range(self.threads)]
         self._views = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
+        # each buffer as rows of one bundle starting at every byte: a gather of bundles at any offsets
+        self._windows = [np.lib.stride_tricks.sliding_window_view(v, self.bundle_bytes)
+                         if len(v) >= self.bundle_bytes else None for v in self._views]
         self._pool: Optional[ThreadPoolExecutor] = (
-            ThreadPoolExecutor(self.threads, thread_name_prefix="flash-read") if self.threads > 1 else None
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="flash-read") if self.threads > 1 else None
         )
         self._lock = threading.Lock()
         self.totals = ReadStats()
@@ -312,12 +326,7 @@ class FlashReader:
                 plan.rows = rows[plan.rows]
                 if dup_rows is not None:
                     dup_rows, dup_src = rows[dup_rows], rows[dup_src]
-            groups = self._split(plan)
-            if self._pool is None or len(groups) == 1:
-                results = [self._work(0, plan, g0, g1, out) for g0, g1 in groups]
-            else:
-                futs = [self._pool.submit(self._work, k, plan, g0, g1, out) for k, (g0, g1) in enumerate(groups)]
-                results = [f.result() for f in futs]
+            requests = self._run(plan, out)
             if dup_rows is not None:
                 if isinstance(out, SplitRows):
                     out.copy_rows(dup_rows, dup_src)
@@ -326,7 +335,7 @@ class FlashReader:
             stats = ReadStats(
                 bytes_read=int((plan.req_hi - plan.req_lo).sum()),
                 bytes_useful=len(plan.starts) * bb,
-                requests=sum(results),
+                requests=requests,
                 seconds=time.perf_counter() - t0,
             )
             self.totals.add(stats)
@@ -349,6 +358,7 @@ class FlashReader:
                 self._pool = None
             self._file.close()
             self._views = []
+            self._windows = []
             for b in self._bufs:
                 try:
                     b.close()
@@ -387,69 +397,129 @@ class FlashReader:
         req_lo, req_hi, n_lo, n_hi = plan_requests(starts, bb, a, self.max_gap_bytes, self.chunk_bytes)
         return _Plan(starts, first.astype(np.int64), req_lo, req_hi, n_lo, n_hi), dup_rows, dup_src
 
-    def _split(self, plan: _Plan) -> List[Tuple[int, int]]:
-        """Contiguous shares of the requests, about equal in bytes, one per worker."""
-        nreq = len(plan.req_lo)
-        k = min(self.threads, nreq)
-        if k <= 1:
-            return [(0, nreq)]
-        cum = np.cumsum(plan.req_hi - plan.req_lo)
-        bounds = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left") + 1
-        edges = np.unique(np.concatenate(([0], np.minimum(bounds, nreq), [nreq])))
-        return [(int(edges[i]), int(edges[i + 1])) for i in range(len(edges) - 1)]
-
     # ------------------------------------------------------------------ work
-    def _work(self, slot: int, plan: _Plan, r0: int, r1: int, out: np.ndarray) -> int:
-        """Worker ``slot`` reads requests ``r0..r1`` into its buffer and copies bundles out."""
-        buf = self._bufs[slot]
+    def _run(self, plan: _Plan, out) -> int:
+        """Read every request of ``plan`` and copy its bundles out; returns the system calls.
+
+        Up to ``threads`` workers, the calling thread one of them (no hand-off when one
+        worker is enough), each with its own aligned buffer, take the next request from a
+        shared counter until none is left (a slow request does not hold up a fixed share
+        of others)."""
+        nreq = len(plan.req_lo)
+        job = _Job(plan, nreq, self.bundle_bytes)
+        k = min(self.threads, nreq)
+        if k <= 1 or self._pool is None:
+            return self._work(0, job, out)
+        futs = [self._pool.submit(self._work, slot, job, out) for slot in range(1, k)]
+        try:
+            n = self._work(0, job, out)
+        except BaseException:
+            job.stop = True  # the others finish their current request and stop
+            raise
+        finally:
+            for f in futs:  # every worker is done before the call returns or raises (buffers, out)
+                if f.exception() is not None:
+                    job.stop = True
+        return n + sum(f.result() for f in futs)
+
+    def _work(self, slot: int, job: "_Job", out) -> int:
+        """Worker ``slot``: take requests from ``job`` until none is left, reading each into the
+        next free part of the slot's buffer; when the next one does not fit, copy the bundles of
+        the buffered requests out in one gather (few numpy calls per buffer, not per request)."""
         view = self._views[slot]
+        windows = self._windows[slot]
         fd = self._file.fd
         bb = self.bundle_bytes
-        starts, rows = plan.starts, plan.rows
+        cap = len(view)
+        starts, rows = job.plan.starts, job.plan.rows
+        req_lo, req_hi, need, j0s, j1s = job.lo, job.hi, job.need, job.j0, job.j1
+        left, right = job.left, job.right
+        take = job.take
         requests = 0
-        with memoryview(buf) as mv:
-            for r in range(r0, r1):
-                lo, hi = int(plan.req_lo[r]), int(plan.req_hi[r])
-                length = hi - lo
+        batch: List[Tuple[int, int]] = []  # (request, its offset in the buffer) with whole bundles to copy
+        used = 0
+        with memoryview(self._bufs[slot]) as mv:
+            while not job.stop:
+                r = next(take)
+                if r >= job.n:
+                    break
+                lo = req_lo[r]
+                length = req_hi[r] - lo
+                if used + length > cap:
+                    self._copy_out(batch, job, windows, view, out)
+                    batch, used = [], 0
                 got = 0
-                while got < length:
-                    nread = os.preadv(fd, [mv[got:length]], lo + got)
+                while got < need[r]:
+                    nread = os.preadv(fd, [mv[used + got : used + length]], lo + got)
                     requests += 1
                     if nread <= 0:
                         raise FlashFormatError(
                             f"{self.files.ffn_path}: unexpected end of file at byte {lo + got} "
-                            f"(read {lo}..{hi}); the file is shorter than the manifest says"
+                            f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
                         )
                     got += nread
-                i0, i1 = int(plan.n_lo[r]), int(plan.n_hi[r])
-                if i0 >= i1:
-                    continue
-                # bundles wholly inside [lo, hi)
-                j0 = i0 if starts[i0] >= lo else i0 + 1
-                j1 = i1 if starts[i1 - 1] + bb <= hi else i1 - 1
-                if j0 < j1:
-                    s0 = int(starts[j0]) - lo
-                    last = int(starts[j1 - 1]) - lo
-                    span = view[s0 : last + bb]
-                    k = j1 - j0
-                    if last - s0 == (k - 1) * bb:  # consecutive neurons: one reshape
-                        block = span.reshape(k, bb)
-                    else:
-                        block = span.reshape(-1, bb)[(starts[j0:j1] - starts[j0]) // bb]
-                    dst = rows[j0:j1]
-                    r_first = int(dst[0])
-                    if int(dst[-1]) - r_first == k - 1 and (k == 1 or bool(np.all(np.diff(dst) == 1))):
-                        set_rows(out, slice(r_first, r_first + k), block)
-                    else:
-                        set_rows(out, dst, block)
-                # bundles straddling the request's edges: copy the part inside
-                for j in {i0, i1 - 1}:
-                    if j0 <= j < j1:
-                        continue
-                    s = int(starts[j])
-                    a, b = max(s, lo), min(s + bb, hi)
-                    _set_bytes(out, int(rows[j]), a - s, b - s, view[a - lo : b - lo])
+                for j in (left[r], right[r]):  # bundles straddling the request's edges: the part inside
+                    if j >= 0:
+                        s0 = int(starts[j])
+                        a, b = max(s0, lo), min(s0 + bb, lo + length)
+                        _set_bytes(out, int(rows[j]), a - s0, b - s0, view[used + a - lo : used + b - lo])
+                if j0s[r] < j1s[r]:
+                    batch.append((r, used))
+                used += length
+            self._copy_out(batch, job, windows, view, out)
         return requests
+
+    def _copy_out(self, batch, job: "_Job", windows, view: np.ndarray, out) -> None:
+        """Copy the whole bundles of the buffered requests ``batch`` (``(request, offset in the
+        buffer)``) into their rows of ``out``."""
+        if not batch:
+            return
+        bb = self.bundle_bytes
+        starts, rows = job.plan.starts, job.plan.rows
+        if len(batch) == 1:
+            r, boff = batch[0]
+            j0, j1 = job.j0[r], job.j1[r]
+            offs = starts[j0:j1] - (job.lo[r] - boff)
+            dst = rows[j0:j1]
+        else:
+            offs = np.concatenate([starts[job.j0[r] : job.j1[r]] - (job.lo[r] - boff) for r, boff in batch])
+            dst = np.concatenate([rows[job.j0[r] : job.j1[r]] for r, _ in batch])
+        k = len(offs)
+        o0 = int(offs[0])
+        if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
+            block = view[o0 : o0 + k * bb].reshape(k, bb)
+        else:  # one gather of rows starting at any byte offset
+            block = windows[offs]
+        r0 = int(dst[0])
+        if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
+            set_rows(out, slice(r0, r0 + k), block)
+        else:
+            set_rows(out, dst, block)
+
+
+class _Job:
+    """The requests of one read call, shared by its workers: ``take`` hands out request
+    indices (``next`` on an ``itertools.count`` is atomic in CPython); ``stop`` ends the
+    call early after an error. Per request (Python lists, computed with numpy once per call):
+    ``lo``/``hi``, ``need`` (bytes up to the end of its last bundle: a short read at the end
+    of the file past that is fine), ``j0``/``j1`` (the bundles wholly inside it), ``left``/
+    ``right`` (a bundle straddling its start / end, -1 when none)."""
+
+    def __init__(self, plan: _Plan, n: int, bundle_bytes: int):
+        self.plan = plan
+        self.n = n
+        lo, hi, n_lo, n_hi = plan.req_lo, plan.req_hi, plan.n_lo, plan.n_hi
+        s_first, e_last = plan.starts[n_lo], plan.starts[n_hi - 1] + bundle_bytes
+        cut_left, cut_right = s_first < lo, e_last > hi
+        left = np.where(cut_left, n_lo, -1)
+        right = np.where(cut_right & (n_hi - 1 != left), n_hi - 1, -1)  # one bundle over both edges: once
+        self.lo, self.hi = lo.tolist(), hi.tolist()
+        self.need = (np.minimum(hi, e_last) - lo).tolist()
+        self.j0 = (n_lo + cut_left).tolist()
+        self.j1 = (n_hi - cut_right).tolist()
+        self.left, self.right = left.tolist(), right.tolist()
+        self.take = itertools.count()
+        self.stop = False
 
 
 __all__ = ["FlashReader", "ReadStats", "SplitRows", "set_rows"]
