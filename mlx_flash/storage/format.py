@@ -671,6 +671,13 @@ def bundle_layout(manifest: Manifest) -> Dict[str, Union[Tuple[int, int], int]]:
     return out
 
 
+def float_bundle_bytes(manifest: Manifest, dtype: str = "bfloat16") -> int:
+    """Bytes of one neuron's bundle were the same model stored as float rows of ``dtype``
+    (what ``convert --dtype bfloat16`` writes): the speed test compares a quantized folder's
+    reads with that layout's."""
+    return sum(p.elems(manifest.hidden_size) for p in bundle_parts(manifest)) * DTYPE_SIZES[dtype]
+
+
 def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     """Raw bundle bytes (uint8, shape ``(n, bundle_bytes)`` or flat, a multiple of
     ``bundle_bytes`` long) → an ``mx.array`` of shape ``(n, bundle_elems)`` in the
@@ -857,6 +864,7 @@ def convert_to_flash(
     dequantize_dense: bool = False,
     source: Optional[str] = None,
     down_bits: Optional[int] = None,
+    down_group_size: Optional[int] = None,
 ) -> Path:
     """Convert an mlx-lm / Hugging Face model folder (``config.json`` + ``*.safetensors``,
     possibly sharded) into a flash folder at ``dst``; return ``dst``.
@@ -869,6 +877,7 @@ def convert_to_flash(
     dequantize_dense: for quantized sources, also dequantize the dense weights.
     source: recorded in the manifest (default: ``src``'s absolute path).
     down_bits: quantized sources: bits of the re-quantized down columns (None: ``DOWN_BITS``, 8).
+    down_group_size: their group size along hidden (None: the source's group size).
     Raises FlashFormatError for unsupported architectures or inconsistent
     weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
     message when the disk is full.
@@ -918,6 +927,7 @@ def convert_to_flash(
         overwrite=overwrite,
         dequantize_dense=dequantize_dense,
         down_bits=down_bits,
+        down_group_size=down_group_size,
     )
 
 
@@ -970,6 +980,7 @@ def write_flash(
     overwrite: bool = False,
     dequantize_dense: bool = False,
     down_bits: Optional[int] = None,
+    down_group_size: Optional[int] = None,
 ) -> Path:
     """Write a flash folder from in-memory (preferably lazy) mlx-lm weights.
 
@@ -1044,7 +1055,8 @@ def write_flash(
     mx_out = getattr(mx, out_dtype)
     keep_q = dtype is None and scales0 is not None and _quant_entry(qcfg, first_mod).get("mode", "affine") == "affine"
     del scales0
-    fquant = _plan_ffn_quantization(weights, ffn_prefix, parts, hidden, inter, qcfg, down_bits, what) if keep_q else None
+    fquant = _plan_ffn_quantization(weights, ffn_prefix, parts, hidden, inter, qcfg, down_bits, what,
+                                    down_group_size) if keep_q else None
     if fquant is not None and all(v == "none" for v in fquant.values()):
         fquant = None
     bundle_elems = sum(p.elems(hidden) for p in parts)
@@ -1224,14 +1236,14 @@ def _source_quant(weights: Mapping[str, mx.array], module: str, in_dim: int) -> 
 
 
 def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, qcfg, down_bits: Optional[int],
-                           what: str) -> Dict[str, Any]:
+                           what: str, down_group_size: Optional[int] = None) -> Dict[str, Any]:
     """The bundle's quantization per weight part (the manifest's ``quantization``) for a
     quantized source. Row parts (gate/up: quantized along hidden) keep the source's bits
     and group size; layers quantized otherwise (mixed-bit recipes) are re-quantized to the
     part's highest bits. Column parts (down: quantized along the FFN dimension in the
     source, so one neuron's column is spread over groups of other neurons) are
     re-quantized along hidden at ``down_bits`` (default: ``DOWN_BITS``, at least the source's
-    highest bits) with the source's group size when it divides hidden (else 64 or 32)."""
+    highest bits) with ``down_group_size`` or the source's group size when it divides hidden (else 64 or 32)."""
     plan: Dict[str, Any] = {}
     for part in parts:
         if part.kind == "bias":
@@ -1245,6 +1257,7 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
         bits, gs = max(qs)
         if part.kind == "col":
             bits = down_bits or max(DOWN_BITS, bits)
+            gs = down_group_size or gs
             if hidden % gs:
                 gs = next((g for g in (64, 32) if hidden % g == 0), 0)
         if bits not in QUANT_BITS or not gs or hidden % gs:
@@ -1293,6 +1306,7 @@ __all__ = [
     "DOWN_BITS",
     "bundle_view",
     "ffn_state_dict",
+    "float_bundle_bytes",
     "convert_to_flash",
     "load_dense_weights",
     "numpy_storage_dtype",
