@@ -119,3 +119,15 @@ def test_down_group_size_option(tmp_path):
     assert m.quantization["gate"]["group_size"] == 32  # rows keep the source's group size
     gate_up = 2 * (HIDDEN // 2 + 2 * (HIDDEN // 32) * 2)
     assert m.bundle_bytes == gate_up + HIDDEN // 2 + 2 * (HIDDEN // 64) * 2
+
+
+def test_cli_bench_agreement_flags(q4, capsys):
+    from mlx_flash.cli import main
+
+    rc = main(["bench", "--model", str(q4), "--tokens", "2", "--configs", "dense,bf16,naive", "--no-probe",
+               "--ppl-tokens", "0", "--no-twins", "--quiet", "--threads", "1",
+               "--agreement-prompts", "2", "--agreement-tokens", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"| {DENSE_BF16} |" in out and "Greedy agreement with dense over 2 prompts" in out
+    assert "| naive flash | " in out.split("Greedy agreement")[1]
