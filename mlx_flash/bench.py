@@ -1242,6 +1242,9 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
         out.append(f"Quantized flash folder ({describe(role_quantization(files.manifest))}): dense = the dense "
                    "quantized model (every bundle in memory as stored, what mlx-lm runs with these bits); peak/dense "
                    f"compares each row's peak memory with it. Quantized matmuls run in {cd} here.")
+        if rep.row(DENSE_BF16) is not None:
+            out.append("dense bfloat16 = the same model with every weight dequantized to bfloat16, all in memory "
+                       "(what mlx-lm runs with a bfloat16 conversion, `convert --dtype bfloat16`).")
     if any(r.perplexity is not None for r in rep.rows):
         out.append(f"Perplexity: {rep.perplexity_tokens} predicted tokens of resources/reference.txt (the project's "
                    "own prose) in one teacher-forced pass, after the generation.")
