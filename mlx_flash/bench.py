@@ -56,19 +56,22 @@ PathLike = Union[str, Path]
 
 # ----------------------------------------------------------------------------- names
 DENSE = "dense"
+DENSE_BF16 = "dense bfloat16"
 NAIVE = "naive flash"
 ORACLE = "flash oracle"
 PREDICTOR = "flash predictor"
 GATE = "flash gate-first"
 AUTO = "flash auto"
-CONFIGS: Tuple[str, ...] = (DENSE, NAIVE, ORACLE, PREDICTOR, GATE, AUTO)
+CONFIGS: Tuple[str, ...] = (DENSE, DENSE_BF16, NAIVE, ORACLE, PREDICTOR, GATE, AUTO)
 """The configurations :func:`run_bench` knows, in the order it runs them."""
 
-ALIASES = {"dense": DENSE, "naive": NAIVE, "all": NAIVE, "naive flash": NAIVE, "oracle": ORACLE,
+ALIASES = {"dense": DENSE, "bf16": DENSE_BF16, "dense-bf16": DENSE_BF16, "dense bfloat16": DENSE_BF16,
+           "naive": NAIVE, "all": NAIVE, "naive flash": NAIVE, "oracle": ORACLE,
            "flash oracle": ORACLE, "predictor": PREDICTOR, "flash predictor": PREDICTOR, "flash": PREDICTOR,
            "gate": GATE, "gate-first": GATE, "flash gate-first": GATE, "auto": AUTO, "flash auto": AUTO}
 _ACTIVE = {NAIVE: "all", ORACLE: "oracle", PREDICTOR: "predictor", GATE: "gate", AUTO: "auto"}
 _NEEDS_CALIBRATION = (PREDICTOR, GATE)
+_DENSE_ROWS = (DENSE, DENSE_BF16)
 
 REAL = "real model"
 REPLAYED = "replayed traces"
@@ -190,6 +193,9 @@ class BenchRow(_Record):
     requests_per_token: Optional[float] = None  # read system calls per measured token
     disk_gbps_at_request: Optional[float] = None  # probe interpolated at the mean request size, same threads
     reader_of_probe: Optional[float] = None  # io_gbps / disk_gbps_at_request
+    sim_bytes_read_per_token: Optional[float] = None   # its recorded active sets replayed on this layout
+    bf16_bytes_read_per_token: Optional[float] = None  # ... and on the bfloat16 layout (same choice)
+    agreement: Optional[Dict[str, Any]] = None  # greedy agreement with dense over the prompt set
     text: str = ""
     notes: List[str] = field(default_factory=list)
 
@@ -270,6 +276,8 @@ class BenchReport:
     prompt_tokens: int
     config: Dict[str, Any]
     perplexity_tokens: int = 0            # reference-text tokens scored (0: no perplexity)
+    agreement_prompts: int = 0            # prompts of the greedy-agreement section (0: none)
+    agreement_tokens: int = 0             # greedy tokens per prompt there
     rows: List[BenchRow] = field(default_factory=list)
     ratios: Dict[str, float] = field(default_factory=dict)
     probe: Any = None                     # a ProbeResult (or None)
@@ -539,7 +547,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
 
     _report(progress, 0.0, f"{name}: loading")
     try:
-        engine = load(path, cfg, dense=(name == DENSE))
+        engine = load(path, cfg, dense=name in _DENSE_ROWS, dense_dtype="bfloat16" if name == DENSE_BF16 else None)
     except Exception as e:
         if name not in _NEEDS_CALIBRATION:
             raise
@@ -791,6 +799,146 @@ def _rss() -> int:
     return process_rss()
 
 
+# ----------------------------------------------------------------------------- quantized folders
+AGREEMENT_PROMPTS_FILE = "evaluation/prompts.txt"
+"""The project's prompt set for greedy agreement (resources/; none of them is a calibration prompt)."""
+
+
+def agreement_prompt_set() -> List[str]:
+    """The project's evaluation prompts (``resources/evaluation/prompts.txt``, one per line)."""
+    from .calibrate import read_prompts
+    from .paths import resources_dir
+
+    return read_prompts(resources_dir() / AGREEMENT_PROMPTS_FILE)
+
+
+def _cache_rows(budget: int, taken: int, row_bytes: int, n_layers: int, n: int,
+                scratch_neurons: int) -> Tuple[int, int]:
+    """(rows per layer, scratch rows) of a neuron cache made as the engine makes it
+    (``engine._build_flash``: the chooser's resident bytes out of the budget, the scratch
+    buffer at most an eighth of the rest; ``NeuronCache.from_budget``: no scratch when the
+    whole FFN fits)."""
+    room = max(0, budget - taken)
+    scratch = min(scratch_neurons, max(8, room // 8 // row_bytes), n)
+    if room >= n_layers * n * row_bytes:
+        scratch = 0
+    return int(max(0, min((room - scratch * row_bytes) // n_layers // row_bytes, n))), int(scratch)
+
+
+def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
+    """Bytes per token of the row's own neuron choice on this quantized folder and on the
+    bfloat16 layout of the same model: the recorded per-token active sets (``traces``) replayed
+    through a real ``LayerCache`` with the reader's coalescing (``neuron_cache.simulate``), each
+    cache sized from the same budget fraction (bfloat16: of the bfloat16 FFN). Fills
+    ``row.sim_bytes_read_per_token`` (to check the replay against the measured figure) and
+    ``row.bf16_bytes_read_per_token``. The row's cache policy (pinned hot neurons: the calibrated
+    frequencies; read once at load, not per token). Gate-first rows (cache rows without the gate
+    part) are left out."""
+    from .neuron_cache import ReadModel, simulate
+    from .predictor import load_frequencies
+    from .storage.format import ALIGNMENT, float_bundle_bytes
+
+    m = files.manifest
+    pol = str((row.policy or {}).get("name", "lru"))
+    hot = float((row.policy or {}).get("hot_fraction") or 0.0)
+    if (row.active or {}).get("name") == "gate" or len(trace) < 2:
+        return
+    freqs = load_frequencies(files) if hot > 0 else None
+    if hot > 0 and freqs is None:
+        return
+    L, n = m.num_layers, m.intermediate_size
+    warm = min(len(trace) - 1, max(1, row.warmup_tokens))
+    out = []
+    for bb in (m.bundle_bytes, float_bundle_bytes(m, "bfloat16")):
+        total = L * n * bb
+        cap, scratch = _cache_rows(cfg.budget_bytes(total), row.predictor_bytes, bb, L, n, cfg.scratch_neurons)
+        rm = ReadModel(bb, ALIGNMENT, cfg.max_gap_bytes, row.chunk_bytes or (1 << 20), max(1, scratch))
+        per = [simulate([tok[i] for tok in trace.tokens], n, cap, pol, cfg.window,
+                        frequencies=None if freqs is None else freqs[i], hot_fraction=hot if hot > 0 else None,
+                        warmup=warm, read_model=rm) for i in range(L)]
+        out.append(sum(st.bytes_read for st in per) / max(1, per[0].steps))
+    row.sim_bytes_read_per_token, row.bf16_bytes_read_per_token = out
+
+
+def _greedy(engine, prompt: str, tokens: int) -> List[int]:
+    p = _prompt_for(engine, [{"role": "user", "content": prompt}])
+    return [r.token for r in engine.stream_generate(p, tokens, temperature=0.0)]
+
+
+def run_agreement(rep: BenchReport, path: Path, cfg_main: FlashConfig, n_prompts: int, tokens: int,
+                  progress: Optional[ProgressCallback] = None) -> None:
+    """Greedy agreement with dense over the project's prompt set: the first ``n_prompts``
+    prompts of :func:`agreement_prompt_set` (chat template), ``tokens`` greedy tokens each
+    (end-of-sequence ignored), through dense and through each measured row (pipelined twins
+    are left out: their tokens equal their serial rows', checked by ``same_as_serial``);
+    fills ``row.agreement`` with the tokens generated before the first divergence, per
+    prompt and averaged."""
+    from .engine import load
+
+    prompts = agreement_prompt_set()
+    if n_prompts > len(prompts):
+        raise ValueError(f"agreement: {n_prompts} prompts asked, the prompt set has {len(prompts)}")
+    prompts = prompts[:n_prompts]
+    rep.agreement_prompts, rep.agreement_tokens = len(prompts), int(tokens)
+    rows = [r for r in rep.rows if r.source == REAL and " (" not in r.name]
+    rows.sort(key=lambda r: r.name != DENSE)  # dense first: the reference
+    if not rows or rows[0].name != DENSE:
+        rep.notes.append("greedy agreement skipped: no dense row to compare with")
+        return
+    ref: List[List[int]] = []
+    for k, row in enumerate(rows):
+        cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(row.name, "oracle")})
+        engine = load(path, cfg, dense=row.name in _DENSE_ROWS,
+                      dense_dtype="bfloat16" if row.name == DENSE_BF16 else None)
+        try:
+            engine.tokenizer.eos_token_ids = []
+            per = []
+            for j, pr in enumerate(prompts):
+                toks = _greedy(engine, pr, tokens)
+                if row.name == DENSE:
+                    ref.append(toks)
+                same = 0
+                while same < min(len(toks), len(ref[j])) and toks[same] == ref[j][same]:
+                    same += 1
+                per.append(same)
+                _report(progress, (k + (j + 1) / len(prompts)) / len(rows),
+                        f"agreement: {row.name}, prompt {j + 1}/{len(prompts)}")
+        finally:
+            engine.close()
+            del engine
+            _free_mlx()
+        row.agreement = {"prompts": len(prompts), "tokens": int(tokens), "per_prompt": per,
+                         "mean": float(np.mean(per)), "identical": int(sum(v == tokens for v in per))}
+
+
+def format_quantized(r: BenchReport) -> List[str]:
+    """The quantized folder's extra sections: bytes per token against the bfloat16 layout of the
+    same neuron choice, and greedy agreement with dense over the prompt set."""
+    lines: List[str] = []
+    replayed = [row for row in r.rows if row.bf16_bytes_read_per_token]
+    if replayed:
+        lines += ["", "Bytes read per token, this folder vs the bfloat16 layout of the same model (each row's recorded "
+                      "active sets replayed through a real LayerCache with the reader's coalescing, same budget "
+                      "fraction; 'measured' is the run itself):",
+                  "| configuration | measured | replayed, this folder | replayed, bfloat16 | this / bfloat16 |",
+                  "|---|---|---|---|---|"]
+        for row in replayed:
+            lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(row.sim_bytes_read_per_token)} | "
+                         f"{_fb(row.bf16_bytes_read_per_token)} | "
+                         f"{row.sim_bytes_read_per_token / row.bf16_bytes_read_per_token:.2f}x |")
+    agreed = [row for row in r.rows if row.agreement]
+    if agreed:
+        lines += ["", f"Greedy agreement with dense over {r.agreement_prompts} prompts "
+                      f"(resources/{AGREEMENT_PROMPTS_FILE}), {r.agreement_tokens} tokens each: tokens generated "
+                      "before the first divergence",
+                  "| configuration | mean | prompts identical throughout | per prompt |", "|---|---|---|---|"]
+        for row in agreed:
+            a = row.agreement
+            lines.append(f"| {row.name} | {a['mean']:.1f} / {a['tokens']} | {a['identical']} / {a['prompts']} | "
+                         + " ".join(str(v) for v in a["per_prompt"]) + " |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- the bench
 def _parse_configs(configs: Optional[Iterable[str]]) -> List[str]:
     if configs is None:
@@ -825,6 +973,8 @@ def run_bench(
     policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
     policy_active: str = "auto",
     pipeline_twins: bool = True,
+    agreement_prompts: int = 0,
+    agreement_tokens: int = 16,
 ) -> BenchReport:
     """Run the speed test on the flash folder ``model_path``; return a :class:`BenchReport`.
 
@@ -857,6 +1007,9 @@ def run_bench(
     pipeline_twins: each flash row is run a second time with pipelined layers the other
                way (``FlashConfig.pipeline``): ``"<name> (pipelined)"`` or ``"<name> (serial)"``,
                no perplexity (the outputs are the same), side by side.
+    agreement_prompts: greedy agreement with dense over the first N prompts of
+               :func:`agreement_prompt_set` (0: none), ``agreement_tokens`` tokens each: per
+               row, the tokens generated before the first divergence, averaged.
     """
     from .engine import is_flash_dir
     from .storage.format import open_flash
@@ -894,7 +1047,9 @@ def run_bench(
     stages: List[Tuple[str, float]] = []
     if probe is not None and probe is not False:
         stages.append(("probe", 1.0))
-    stages += [(n, 1.0 if n == DENSE or not pipeline_twins else 1.7) for n in names]
+    stages += [(n, 1.0 if n in _DENSE_ROWS or not pipeline_twins else 1.7) for n in names]
+    if agreement_prompts > 0:
+        stages.append(("agreement", 0.3 * len(names) * agreement_prompts * agreement_tokens / max(1, tokens)))
     stages += [("sweep", 0.6 * len(sweep) * 2)] if sweep else []
     pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []
     for pname in pol_list:
@@ -951,20 +1106,27 @@ def run_bench(
                                                      f"in memory ({phys / 1e9:.1f} GB)"})
             _report(cb, 1.0, "dense skipped")
             continue
+        if n == DENSE_BF16 and not m.quantized:  # dense is the float model already; said only when asked for
+            if configs is not None:
+                rep.skipped.append({"name": n, "reason": "the folder stores float bundles: dense is the float model"})
+            _report(cb, 1.0, f"{n} skipped")
+            continue
         cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
-        two = pipeline_twins and n != DENSE  # a twin with the pipeline the other way follows
+        two = pipeline_twins and n not in _DENSE_ROWS  # a twin with the pipeline the other way follows
         try:
             row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res,
                                       scaled(cb, 0.0, 0.6) if two else cb,
-                                      record=(n == ORACLE), dense_tokens=dense_tokens)
+                                      record=n not in _DENSE_ROWS, dense_tokens=dense_tokens)
         except _Skip as e:
             rep.skipped.append({"name": n, "reason": str(e)})
             _report(cb, 1.0, f"{n} skipped")
             continue
         if n == DENSE:
             dense_tokens = toks
-        if tr is not None:
+        if tr is not None and n == ORACLE:
             recorded = tr
+        if tr is not None and m.quantized:
+            replay_reads(row, tr, files, cfg)
         rep.rows.append(row)
         if two:
             cfg_t = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": not cfg.pipeline})
@@ -974,6 +1136,8 @@ def run_bench(
             (row if row.pipeline else trow).same_as_serial = ttoks == toks
             rep.rows.append(trow)
     rep.prompt_tokens = max((r.prompt_tokens for r in rep.rows), default=0)
+    if agreement_prompts > 0:
+        run_agreement(rep, path, cfg_main, agreement_prompts, agreement_tokens, stage("agreement"))
     if recorded is not None:
         rep.trace = {**recorded.summary(), "model": path.name}
 
@@ -1117,6 +1281,9 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
         out.append(f"Quantized flash folder ({describe(role_quantization(files.manifest))}): dense = the dense "
                    "quantized model (every bundle in memory as stored, what mlx-lm runs with these bits); peak/dense "
                    f"compares each row's peak memory with it. Quantized matmuls run in {cd} here.")
+        if rep.row(DENSE_BF16) is not None:
+            out.append("dense bfloat16 = the same model with every weight dequantized to bfloat16, all in memory "
+                       "(what mlx-lm runs with a bfloat16 conversion, `convert --dtype bfloat16`).")
     if any(r.perplexity is not None for r in rep.rows):
         out.append(f"Perplexity: {rep.perplexity_tokens} predicted tokens of resources/reference.txt (the project's "
                    "own prose) in one teacher-forced pass, after the generation.")
@@ -1266,6 +1433,7 @@ def format_table(report: BenchReport) -> str:
                          f"{_f(row.disk_gbps_same_threads, '{:.2f}')} | {_f(row.io_efficiency, '{:.0%}')} |")
     lines += format_reader(r)
     lines += format_pipeline(r)
+    lines += format_quantized(r)
     if r.sweep:
         lines.append("")
         lines.append("Budget sweep (tokens/s; hit rate; read per token):")

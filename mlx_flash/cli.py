@@ -431,6 +431,8 @@ def cmd_bench(args) -> int:
         policy_budgets=_parse_sweep(args.policy_budgets),
         policy_active=args.policy_active,
         pipeline_twins=not args.no_twins,
+        agreement_prompts=args.agreement_prompts,
+        agreement_tokens=args.agreement_tokens,
     )
     text = format_table(report)
     print(text)
@@ -556,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no second run of each flash row with pipelined layers the other way")
     b.add_argument("--pipeline", action="store_true",
                    help="the main flash rows with pipelined layers (their twins serial)")
+    b.add_argument("--agreement-prompts", type=int, default=0,
+                   help="greedy agreement with dense over the first N prompts of resources/evaluation/prompts.txt "
+                        "(24; 0: none): tokens until the first divergence, per row")
+    b.add_argument("--agreement-tokens", type=_positive_int, default=16, help="greedy tokens per agreement prompt")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

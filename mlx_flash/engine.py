@@ -352,11 +352,14 @@ def _reset(c: FFNCounters) -> FFNCounters:
 
 
 # ---------------------------------------------------------------------- loading
-def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense: bool = False) -> Engine:
+def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense: bool = False,
+         dense_dtype: Optional[str] = None) -> Engine:
     """Load a model folder. A flash folder (manifest.json) runs through the flash
     engine, or dense (its FFN read fully into memory) when ``dense`` or when
     ``config.engine`` says so ("auto": the whole FFN fits the budget; the choice and
-    why are in ``Engine.engine_info``); an mlx-lm/Hugging Face folder runs dense."""
+    why are in ``Engine.engine_info``); an mlx-lm/Hugging Face folder runs dense.
+    ``dense_dtype`` (with ``dense``, a flash folder): every weight dequantized and cast to
+    this float dtype (e.g. "bfloat16": the speed test's dense bfloat16 row of a 4-bit folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
@@ -366,6 +369,8 @@ def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense:
         return load_moe(path, config, dense=dense)
     if is_flash_dir(path):
         config = config or FlashConfig()
+        if dense and dense_dtype is not None:
+            return _load_flash_float(path, dense_dtype)
         if dense:
             return _load_flash(path, config, dense=True)
         from .storage.format import open_flash
@@ -578,6 +583,18 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     if best == "gate":
         out["sparsity"] = cands["gate"]["sparsity"]
     return out
+
+
+def _load_flash_float(path: Path, dtype: str) -> Engine:
+    """A flash folder's whole model in memory as float ``dtype`` weights (quantized ones dequantized)."""
+    from .calibrate import load_dense_model
+    from .storage.format import open_flash
+
+    files = open_flash(path)
+    cfg = files.manifest.model_args
+    model = load_dense_model(files, dtype)
+    return Engine(model, _load_tokenizer(path, cfg.get("eos_token_id")), path, None,
+                  context_length=cfg.get("max_position_embeddings"))
 
 
 def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:

@@ -336,9 +336,11 @@ def _tname(typ) -> str:
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 DOWN_BITS = 8
 """Default bits of the re-quantized down rows of a quantized source (at least the source's bits).
-Measured on the default model (Q4_1 GGUF → 4-bit g32 folder; 1,024 tokens, every neuron active):
-down re-quantized at 4 bits costs +6.3% perplexity on resources/reference.txt and +10.5% on KJV
-Genesis, at 5 bits +1.1% / +5.2%, at 8 bits +0.0% / -0.2% (docs/ARCHITECTURE.md)."""
+Measured on the default model (Q4_1 GGUF → 4-bit g32 folder; 1,024 tokens each of KJV Genesis and
+resources/reference.txt; docs/ARCHITECTURE.md "Quantized flash"): against the source's dense 4-bit
+model the flash predictor costs +10.5% / +7.6% with 4-bit g32 down rows, +13.8% / +9.6% at 4-bit g64,
++5.3% / +2.3% at 5 bits, -0.2% / +3.0% at 6 bits and +0.4% / +1.4% at 8 bits (the predictor alone on
+the source's own down: +0.4% / +1.3%). Only 8 bits keeps the issue's 2% bar on both texts."""
 
 
 def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str) -> None:
@@ -671,6 +673,13 @@ def bundle_layout(manifest: Manifest) -> Dict[str, Union[Tuple[int, int], int]]:
     return out
 
 
+def float_bundle_bytes(manifest: Manifest, dtype: str = "bfloat16") -> int:
+    """Bytes of one neuron's bundle were the same model stored as float rows of ``dtype``
+    (what ``convert --dtype bfloat16`` writes): the speed test compares a quantized folder's
+    reads with that layout's."""
+    return sum(p.elems(manifest.hidden_size) for p in bundle_parts(manifest)) * DTYPE_SIZES[dtype]
+
+
 def bundle_view(buf_u8: np.ndarray, manifest: Manifest) -> mx.array:
     """Raw bundle bytes (uint8, shape ``(n, bundle_bytes)`` or flat, a multiple of
     ``bundle_bytes`` long) → an ``mx.array`` of shape ``(n, bundle_elems)`` in the
@@ -857,6 +866,7 @@ def convert_to_flash(
     dequantize_dense: bool = False,
     source: Optional[str] = None,
     down_bits: Optional[int] = None,
+    down_group_size: Optional[int] = None,
 ) -> Path:
     """Convert an mlx-lm / Hugging Face model folder (``config.json`` + ``*.safetensors``,
     possibly sharded) into a flash folder at ``dst``; return ``dst``.
@@ -869,6 +879,7 @@ def convert_to_flash(
     dequantize_dense: for quantized sources, also dequantize the dense weights.
     source: recorded in the manifest (default: ``src``'s absolute path).
     down_bits: quantized sources: bits of the re-quantized down columns (None: ``DOWN_BITS``, 8).
+    down_group_size: their group size along hidden (None: the source's group size).
     Raises FlashFormatError for unsupported architectures or inconsistent
     weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
     message when the disk is full.
@@ -918,6 +929,7 @@ def convert_to_flash(
         overwrite=overwrite,
         dequantize_dense=dequantize_dense,
         down_bits=down_bits,
+        down_group_size=down_group_size,
     )
 
 
@@ -970,6 +982,7 @@ def write_flash(
     overwrite: bool = False,
     dequantize_dense: bool = False,
     down_bits: Optional[int] = None,
+    down_group_size: Optional[int] = None,
 ) -> Path:
     """Write a flash folder from in-memory (preferably lazy) mlx-lm weights.
 
@@ -1044,7 +1057,8 @@ def write_flash(
     mx_out = getattr(mx, out_dtype)
     keep_q = dtype is None and scales0 is not None and _quant_entry(qcfg, first_mod).get("mode", "affine") == "affine"
     del scales0
-    fquant = _plan_ffn_quantization(weights, ffn_prefix, parts, hidden, inter, qcfg, down_bits, what) if keep_q else None
+    fquant = _plan_ffn_quantization(weights, ffn_prefix, parts, hidden, inter, qcfg, down_bits, what,
+                                    down_group_size) if keep_q else None
     if fquant is not None and all(v == "none" for v in fquant.values()):
         fquant = None
     bundle_elems = sum(p.elems(hidden) for p in parts)
@@ -1224,14 +1238,14 @@ def _source_quant(weights: Mapping[str, mx.array], module: str, in_dim: int) -> 
 
 
 def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, qcfg, down_bits: Optional[int],
-                           what: str) -> Dict[str, Any]:
+                           what: str, down_group_size: Optional[int] = None) -> Dict[str, Any]:
     """The bundle's quantization per weight part (the manifest's ``quantization``) for a
     quantized source. Row parts (gate/up: quantized along hidden) keep the source's bits
     and group size; layers quantized otherwise (mixed-bit recipes) are re-quantized to the
     part's highest bits. Column parts (down: quantized along the FFN dimension in the
     source, so one neuron's column is spread over groups of other neurons) are
     re-quantized along hidden at ``down_bits`` (default: ``DOWN_BITS``, at least the source's
-    highest bits) with the source's group size when it divides hidden (else 64 or 32)."""
+    highest bits) with ``down_group_size`` or the source's group size when it divides hidden (else 64 or 32)."""
     plan: Dict[str, Any] = {}
     for part in parts:
         if part.kind == "bias":
@@ -1245,6 +1259,7 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
         bits, gs = max(qs)
         if part.kind == "col":
             bits = down_bits or max(DOWN_BITS, bits)
+            gs = down_group_size or gs
             if hidden % gs:
                 gs = next((g for g in (64, 32) if hidden % g == 0), 0)
         if bits not in QUANT_BITS or not gs or hidden % gs:
@@ -1293,6 +1308,7 @@ __all__ = [
     "DOWN_BITS",
     "bundle_view",
     "ffn_state_dict",
+    "float_bundle_bytes",
     "convert_to_flash",
     "load_dense_weights",
     "numpy_storage_dtype",
