@@ -837,6 +837,7 @@ def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     from .neuron_cache import ReadModel, simulate
     from .predictor import load_frequencies
     from .storage.format import ALIGNMENT, float_bundle_bytes
+    from .storage.probe import DEFAULT_GAP
 
     m = files.manifest
     pol = str((row.policy or {}).get("name", "lru"))
@@ -852,7 +853,8 @@ def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     for bb in (m.bundle_bytes, float_bundle_bytes(m, "bfloat16")):
         total = L * n * bb
         cap, scratch = _cache_rows(cfg.budget_bytes(total), row.predictor_bytes, bb, L, n, cfg.scratch_neurons)
-        rm = ReadModel(bb, ALIGNMENT, cfg.max_gap_bytes, row.chunk_bytes or (1 << 20), max(1, scratch))
+        gap = row.max_gap_bytes if row.max_gap_bytes is not None else (cfg.max_gap_bytes or DEFAULT_GAP)
+        rm = ReadModel(bb, row.read_alignment or ALIGNMENT, gap, row.chunk_bytes or (1 << 20), max(1, scratch))
         per = [simulate([tok[i] for tok in trace.tokens], n, cap, pol, cfg.window,
                         frequencies=None if freqs is None else freqs[i], hot_fraction=hot if hot > 0 else None,
                         warmup=warm, read_model=rm) for i in range(L)]
