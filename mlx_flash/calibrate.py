@@ -46,6 +46,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import gated_activation, is_exact
+from .neuron_order import order_flash
 from .platform_blas import numpy_blas_single_thread
 from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
                         logit_to_prob, prob_to_logit, save_predictors)
@@ -1048,10 +1049,13 @@ def calibrate(
     seed: int = 0,
     dtype: Optional[str] = "float32",
     predictor_dtype: str = "float16",
+    order: Optional[str] = "hot",
     progress: Optional[ProgressCallback] = None,
 ) -> CalibrationReport:
     """Fit thresholds and predictors for the flash model at ``flash_dir`` and store them
-    (``predictors.safetensors`` + the manifest's ``predictors`` field).
+    (``predictors.safetensors`` + the manifest's ``predictors`` field), then put each layer's
+    neurons on disk in ``order`` (:func:`mlx_flash.neuron_order.order_flash`: ``"hot"``, the
+    default, most frequently active first; ``"source"``; None keeps the folder's order).
 
     sparsity: target fraction of inactive FFN neurons (ignored for ReLU-family models,
         whose rule is exact: ``h != 0``).
@@ -1085,9 +1089,11 @@ def calibrate(
         weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
                                        pos_weight=pos_weight, ridge=ridge, seed=seed,
                                        predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.99))
-    report(progress, 0.99, "saving")  # the last chance to cancel: nothing is written before this
+    report(progress, 0.97, "saving")  # the last chance to cancel: nothing is written before this
     info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     save_calibration(root, weights, info)
+    if order is not None:  # a separate, atomic step: killed here, the folder is calibrated in its old order
+        order_flash(root, order, progress=scaled(progress, 0.97, 1.0))
     report(progress, 1.0, "done")
     cal = info["calibration"]
     return CalibrationReport(

@@ -18,8 +18,8 @@ from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.neuron_cache import ReadModel
-from mlx_flash.neuron_order import (coactivation_order, compute_order, hot_order, inverse, permute_trace,
-                                    reorder_flash, replay_reads, restore_perms, source_perms)
+from mlx_flash.neuron_order import (coactivation_order, compute_order, hot_order, inverse, order_flash,
+                                    permute_trace, reorder_flash, replay_reads, restore_perms, source_perms)
 from mlx_flash.predictor import load_frequencies, load_predictor_chooser
 from mlx_flash.progress import Cancelled
 from mlx_flash.storage.format import FlashFormatError, Manifest, neuron_perms, open_flash, verify_checksums
@@ -35,7 +35,8 @@ def calibrated(tmp_path_factory):
     """A tiny float32 flash model, calibrated (a few hundred tokens: fast)."""
     root = tmp_path_factory.mktemp("order")
     flash = make_tiny_flash(root, layers=3, hidden=64, ffn=256, dtype="float32", seed=7)
-    calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
+    calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS, order=None)
+    assert open_flash(flash).manifest.neuron_order is None  # order=None: the source's order
     return flash
 
 
@@ -220,3 +221,24 @@ def test_cancelled_or_killed_reorder_leaves_the_folder_intact(calibrated, tmp_pa
     clean_stale(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     verify_checksums(open_flash(flash))
+
+
+def test_order_flash_puts_hot_neurons_first_and_calibration_does_it_by_default(calibrated, tmp_path):
+    flash = _copy(calibrated, tmp_path / "m.flash")
+    freq = load_frequencies(open_flash(flash))
+    want = np.stack([hot_order(f) for f in freq])
+    assert order_flash(flash, "hot") == flash
+    files = open_flash(flash)
+    assert files.manifest.neuron_order["method"] == "hot" and (neuron_perms(files.manifest) == want).all()
+    assert (np.diff(load_frequencies(files), axis=1) <= 0).all()  # most frequent first, every layer
+    assert order_flash(flash, "hot") is None  # already so: nothing written
+    # re-calibrating an ordered folder keeps the map to the source's numbering right
+    calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
+    files = open_flash(flash)
+    assert files.manifest.neuron_order["method"] == "hot"
+    assert (np.diff(load_frequencies(files), axis=1) <= 0).all()
+    # (the same calibration again: the same frequencies, up to a borderline activation or two)
+    np.testing.assert_allclose(np.take_along_axis(freq, neuron_perms(files.manifest), 1), load_frequencies(files),
+                               atol=0.02)
+    assert order_flash(flash, "source") == flash and open_flash(flash).manifest.neuron_order is None
+    assert _digest(flash)["ffn.bin"] == _digest(calibrated)["ffn.bin"]
