@@ -1426,7 +1426,7 @@ def run_order_bench(model_path: PathLike, *, budget: float = 0.5, tokens: int = 
         sp = SHAPES[shape] if isinstance(shape, str) else shape
         src, rm = oracle_trace
         big = src.scaled(sp.ffn, shape_layers)
-        bb = 3 * sp.hidden * 2
+        bb = sp.bundle_bytes
         cap = int((budget * shape_layers * sp.ffn * bb - rm.scratch_neurons * bb) // shape_layers // bb)
         srm = ReadModel(bb, rm.alignment, rm.max_gap_bytes, rm.chunk_bytes, rm.scratch_neurons)
         rows += _order_rows("oracle", f"{sp.name} shape", big, _scaled_frequencies(freqs, src, big), cap, srm,

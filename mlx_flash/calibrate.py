@@ -1088,12 +1088,13 @@ def calibrate(
                                    seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
         weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
                                        pos_weight=pos_weight, ridge=ridge, seed=seed,
-                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.99))
-    report(progress, 0.97, "saving")  # the last chance to cancel: nothing is written before this
+                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.96))
+    report(progress, 0.97, "saving")  # nothing is written before this (the ordering's publish can still cancel)
     info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
-    save_calibration(root, weights, info)
-    if order is not None:  # a separate, atomic step: killed here, the folder is calibrated in its old order
-        order_flash(root, order, progress=scaled(progress, 0.97, 1.0))
+    # calibration and neuron order published together (one folder build), else the calibration alone
+    if order is None or order_flash(root, order, calibration=(weights, info),
+                                    progress=scaled(progress, 0.97, 1.0)) is None:
+        save_calibration(root, weights, info)
     report(progress, 1.0, "done")
     cal = info["calibration"]
     return CalibrationReport(

@@ -40,14 +40,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .atomic import FolderBuild
 from .neuron_cache import CachePolicy, LayerCache, ReadModel, hot_ids
-from .predictor import PREDICTOR_FILE, load_frequencies, load_predictors, predictor_info, save_predictors
+from .predictor import (PREDICTOR_FILE, PredictorWeights, load_frequencies, load_predictors, predictor_info,
+                        save_predictors)
 from .progress import ProgressCallback, report, scaled
 from .storage.format import (MANIFEST_FILE, encode_neuron_order, file_checksum, neuron_perms, open_flash,
                              validate_manifest, verify_checksums, write_permuted_ffn)
@@ -272,6 +273,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
+                  calibration: Optional[Tuple[PredictorWeights, Dict[str, Any]]] = None,
                   progress: Optional[ProgressCallback] = None, **info) -> Path:
     """Rewrite the flash folder ``path`` with each layer's neurons permuted by ``perms``
     ((n_layers, n), in the folder's current numbering: position ``p`` gets neuron
@@ -284,13 +286,17 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
 
     The new folder is built beside ``path`` (unchanged files hard-linked), checked against
     its checksums and published by rename (:class:`mlx_flash.atomic.FolderBuild`): killed or
-    failed at any point, ``path`` stays as it was. ``progress`` returning False cancels."""
+    failed at any point, ``path`` stays as it was. ``progress`` returning False cancels.
+
+    ``calibration``: a new calibration's ``(weights, manifest predictors record)`` (the folder's
+    current numbering) to store, permuted, instead of the folder's predictors: calibration and
+    order published together (``calibrate(order=...)``)."""
     root = Path(path).expanduser()
     files = open_flash(root)
     m = files.manifest
     perms = check_perms(perms, m.num_layers, m.intermediate_size)
     total = source_perms(m)[np.arange(m.num_layers)[:, None], perms]
-    pinfo = predictor_info(m)
+    pinfo = dict(calibration[1]) if calibration is not None else predictor_info(m)
     pfile = root / str(pinfo.get("file", PREDICTOR_FILE)) if pinfo else None
     need = m.ffn_size + (pfile.stat().st_size if pfile is not None and pfile.is_file() else 0)
     build = FolderBuild(root, overwrite=True, need=need, what=f"the reordered {root.name}")
@@ -300,17 +306,16 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
             if f.is_file() and f.name not in (m.ffn_file, MANIFEST_FILE) and (pfile is None or f != pfile):
                 _link_or_copy(f, tmp / f.name)
         m.layers = write_permuted_ffn(files, perms, tmp / m.ffn_file, progress=scaled(progress, 0.0, 0.6))
-        if pfile is not None and pfile.is_file():
+        if calibration is not None or (pfile is not None and pfile.is_file()):
             report(progress, 0.6, "predictors")
-            w = load_predictors(pfile, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                                n_neurons=m.intermediate_size, file_id=pinfo.get("id"), rank=pinfo.get("rank"))
-            for i in range(m.num_layers):
-                p = mx.array(perms[i])
-                w.B[i] = mx.take(w.B[i], p, axis=1)
-                w.b[i] = mx.take(w.b[i], p, axis=0)
+            w = calibration[0] if calibration is not None else load_predictors(
+                pfile, num_layers=m.num_layers, hidden_size=m.hidden_size, n_neurons=m.intermediate_size,
+                file_id=pinfo.get("id"), rank=pinfo.get("rank"))
+            pm = [mx.array(perms[i]) for i in range(m.num_layers)]
+            w = PredictorWeights(list(w.A), [mx.take(B, p, axis=1) for B, p in zip(w.B, pm)],
+                                 [mx.take(b, p, axis=0) for b, p in zip(w.b, pm)],
+                                 None if w.frequencies is None else np.take_along_axis(w.frequencies, perms, axis=1))
             mx.eval(w.B, w.b)
-            if w.frequencies is not None:
-                w.frequencies = np.take_along_axis(w.frequencies, perms, axis=1)
             new_id = uuid.uuid4().hex
             save_predictors(tmp / pfile.name, w, file_id=new_id)
             m.predictors = {**pinfo, "id": new_id}
@@ -330,27 +335,31 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
 
 
 def order_flash(path: Union[str, Path], order: str = "hot", *,
+                calibration: Optional[Tuple[PredictorWeights, Dict[str, Any]]] = None,
                 progress: Optional[ProgressCallback] = None) -> Optional[Path]:
     """Put the flash folder's neurons in ``order``: ``"hot"`` (by the calibrated frequencies,
-    most frequent first: needs a calibrated folder) or ``"source"`` (back to the source
-    model's order). Returns the folder, or None when it already is in that order (nothing
-    written)."""
+    most frequent first: needs a calibrated folder, or ``calibration``) or ``"source"`` (back
+    to the source model's order). Returns the folder, or None when it already is in that
+    order (nothing written, ``calibration`` included: save it as usual). ``calibration``: a new
+    calibration to store with the order, in one publish (see :func:`reorder_flash`)."""
     files = open_flash(Path(path).expanduser())
     m = files.manifest
-    if order == "source":
-        if m.neuron_order is None:
-            return None
-        return reorder_flash(files.root, restore_perms(m), "source", progress=progress)
-    if order != "hot":
+    if order not in ("hot", "source"):
         raise ValueError(f"unknown neuron order {order!r}: choose 'hot' or 'source'")
-    freq = load_frequencies(files)
-    if freq is None:
-        raise ValueError(f"{files.root}: the 'hot' order needs calibrated frequencies: run `mlx-flash calibrate` first")
-    perms = compute_order("hot", n_layers=m.num_layers, n_neurons=m.intermediate_size, frequencies=freq)
+    info: Dict[str, Any] = {}
+    if order == "source":
+        perms = restore_perms(m)
+    else:
+        freq = calibration[0].frequencies if calibration is not None else load_frequencies(files)
+        if freq is None:
+            raise ValueError(f"{files.root}: the 'hot' order needs calibrated frequencies: run `mlx-flash calibrate` "
+                             "first")
+        perms = compute_order("hot", n_layers=m.num_layers, n_neurons=m.intermediate_size, frequencies=freq)
+        info["basis"] = "calibrated frequencies, most frequent first"
     if (perms == np.arange(m.intermediate_size)[None, :]).all():
         return None
-    return reorder_flash(files.root, perms, "hot", progress=progress,
-                         basis="calibrated frequencies, most frequent first")
+    return reorder_flash(files.root, perms, order, calibration=calibration, progress=progress, **info)
+
 
 
 __all__ = [

@@ -242,3 +242,26 @@ def test_order_flash_puts_hot_neurons_first_and_calibration_does_it_by_default(c
                                atol=0.02)
     assert order_flash(flash, "source") == flash and open_flash(flash).manifest.neuron_order is None
     assert _digest(flash)["ffn.bin"] == _digest(calibrated)["ffn.bin"]
+
+
+def test_bench_order_section(calibrated, tmp_path):
+    from mlx_flash.bench import Shape, format_order, run_order_bench
+
+    flash = _copy(calibrated, tmp_path / "m.flash")
+    order_flash(flash, "hot")  # measured from the source's order whatever the folder's order is now
+    seen = []
+    rep = run_order_bench(flash, tokens=6, shape=Shape("wide", 64, 1024), shape_layers=2,
+                          flash_config=FlashConfig(scratch_neurons=16, threads=1),
+                          progress=lambda f, m: seen.append(f) or True)
+    rows = rep["rows"]
+    assert [(r["model"], r["chooser"], r["order"]) for r in rows] == [
+        ("default model", "oracle", "source"), ("default model", "oracle", "hot"),
+        ("default model", "predictor", "source"), ("default model", "predictor", "hot"),
+        ("wide shape", "oracle", "source"), ("wide shape", "oracle", "hot")]
+    for a, b in zip(rows[::2], rows[1::2]):  # the same active sets, only placed elsewhere
+        assert a["tokens"] == b["tokens"] == 5
+        assert a["bytes_per_token"] > 0 and b["bytes_per_token"] > 0
+        assert b["amplification"] >= 1.0 and a["amplification"] >= 1.0
+    assert seen[-1] == 1.0
+    text = "\n".join(format_order(rep))
+    assert "| default model | predictor | hot |" in text and "neurons on disk now: hot order" in text

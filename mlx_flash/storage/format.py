@@ -6,7 +6,9 @@ A flash model is a folder::
       manifest.json      format_version, architecture, model_args (the config.json dict), dtype,
                          num_layers, hidden_size, intermediate_size, bundle_parts, bundle_elems,
                          bundle_bytes, alignment, ffn_file, ffn_size, layers [{offset, size, checksum}],
-                         dense_file, source, predictors, created, dense_quantization
+                         dense_file, source, predictors, created, dense_quantization, neuron_order
+                         (each layer's permutation of neurons on disk, see ``neuron_perms``; absent:
+                         the source model's order)
       dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
       ffn.bin            per layer, per neuron i: [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
                          contiguous ("row-column bundling": one read fetches one neuron). Models with FFN
