@@ -147,7 +147,8 @@ def test_reorder_keeps_the_model_and_records_the_permutation(calibrated, tmp_pat
         assert np.array_equal(np.sort(ids1), np.sort(inv[layer][np.asarray(ids0)]))
     # the engine computes the same function (summation order aside)
     for kw in ({"active": "all", "budget": 0.5}, {"active": "predictor", "budget": 1.0},
-               {"active": "oracle", "budget": 0.5}):
+               {"active": "oracle", "budget": 0.5}, {"active": "gate", "budget": 1.0},
+               {"active": "predictor", "budget": 0.5, "pipeline": True}):
         np.testing.assert_allclose(_logits(flash, **kw), _logits(calibrated, **kw), rtol=1e-4, atol=1e-4)
 
 
