@@ -261,7 +261,7 @@ def source_perms(manifest) -> np.ndarray:
 
 def restore_perms(manifest) -> np.ndarray:
     """The permutation (in the folder's current numbering) that puts the neurons back in the
-    source model's order: ``reorder_flash(path, restore_perms(m), "identity")``."""
+    source model's order: ``reorder_flash(path, restore_perms(m), "source")``."""
     return inverse(source_perms(manifest))
 
 
@@ -331,7 +331,6 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
     except BaseException as e:
         raise build.fail(e)
     return build.publish()
-
 
 
 def order_flash(path: Union[str, Path], order: str = "hot", *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -186,7 +187,7 @@ def test_bad_permutations_are_refused_and_change_nothing(calibrated, tmp_path):
     reorder_flash(flash, _random_perms(files), "x")
     d = Manifest.load(flash).to_dict()
     d["neuron_order"]["layers"][1] = d["neuron_order"]["layers"][0][:8]
-    (flash / "manifest.json").write_text(__import__("json").dumps(d))
+    (flash / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(FlashFormatError, match=r"neuron_order.layers\[1\]"):
         open_flash(flash)
 
