@@ -48,6 +48,7 @@ import numpy as np
 from .active import gated_activation, is_exact
 from .dense_model import (HookedMLP, hidden_states, install_hooks, last_logits, layer_ffn_parts, load_dense_model,
                           model_activation)
+from .neuron_order import order_flash
 from .platform_blas import numpy_blas_single_thread
 from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
                         logit_to_prob, prob_to_logit, save_predictors)
@@ -886,10 +887,13 @@ def calibrate(
     seed: int = 0,
     dtype: Optional[str] = "float32",
     predictor_dtype: str = "float16",
+    order: Optional[str] = "hot",
     progress: Optional[ProgressCallback] = None,
 ) -> CalibrationReport:
     """Fit thresholds and predictors for the flash model at ``flash_dir`` and store them
-    (``predictors.safetensors`` + the manifest's ``predictors`` field).
+    (``predictors.safetensors`` + the manifest's ``predictors`` field), then put each layer's
+    neurons on disk in ``order`` (:func:`mlx_flash.neuron_order.order_flash`: ``"hot"``, the
+    default, most frequently active first; ``"source"``; None keeps the folder's order).
 
     sparsity: target fraction of inactive FFN neurons (ignored for ReLU-family models,
         whose rule is exact: ``h != 0``).
@@ -922,10 +926,13 @@ def calibrate(
                                    seed=seed, dtype=dtype, progress=scaled(progress, 0.0, 0.6))
         weights, info = fit_predictors(files, data, sparsity=sparsity, rank=rank, recall=recall, epochs=epochs,
                                        pos_weight=pos_weight, ridge=ridge, seed=seed,
-                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.99))
-    report(progress, 0.99, "saving")  # the last chance to cancel: nothing is written before this
+                                       predictor_dtype=predictor_dtype, progress=scaled(progress, 0.6, 0.96))
+    report(progress, 0.97, "saving")  # nothing is written before this (the ordering's publish can still cancel)
     info["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
-    save_calibration(root, weights, info)
+    # calibration and neuron order published together (one folder build), else the calibration alone
+    if order is None or order_flash(root, order, calibration=(weights, info),
+                                    progress=scaled(progress, 0.97, 1.0)) is None:
+        save_calibration(root, weights, info)
     report(progress, 1.0, "done")
     cal = info["calibration"]
     return CalibrationReport(

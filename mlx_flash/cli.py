@@ -12,11 +12,12 @@ from typing import List, Optional
 
 from . import default_model, paths, platform_blas
 from .atomic import atomic_write_text, clean_stale, destination_lock
-from .bench import POLICIES, default_flash_model, format_table, run_bench, save_plots
+from .bench import POLICIES, default_flash_model, format_order, format_table, run_bench, run_order_bench, save_plots
 from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS, auto_tokens, calibrate
 from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
 from .library import convert_any, scan_library
 from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
+from .neuron_order import order_flash
 from .predictor import DEFAULT_RANK, DEFAULT_RECALL, RECALL_TARGETS
 from .progress import Cancelled, tqdm_callback
 from .relufy import RelufySettings, default_work_dir, relufy
@@ -330,11 +331,25 @@ def cmd_calibrate(args) -> int:
         rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
                         tokens=args.tokens or auto_tokens(),
                         recall=args.recall, epochs=args.epochs,
+                        order=None if args.order == "keep" else args.order,
                         progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
         atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_reorder(args) -> int:
+    path = resolve_model(args.model_path, True, calibrate=False)
+    t0 = time.perf_counter()
+    done = order_flash(path, args.order, progress=tqdm_callback(f"Reordering {path.name}", disable=args.quiet))
+    if done is None:
+        print(f"{path}: already in the {args.order} order; nothing written")
+        return 0
+    o = open_flash(path).manifest.neuron_order
+    how = (f"neurons ordered '{o['method']}' ({o.get('basis', '')})" if o else "neurons back in the source's order")
+    print(f"ok: {path}: {how}; checksums verified ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -411,6 +426,8 @@ def cmd_bench(args) -> int:
         path = default_flash_model(progress=tqdm_callback("Preparing default model"))
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
                        direct_io=not args.no_direct_io, pipeline=args.pipeline)
+    if args.order:
+        return _bench_order(args, path, base)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
     report = run_bench(
         path,
@@ -446,6 +463,22 @@ def cmd_bench(args) -> int:
     if args.plots:
         for p in save_plots(report, args.plots):
             print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def _bench_order(args, path: Path, base: FlashConfig) -> int:
+    """``mlx-flash bench --order``: the neuron-order section alone (before/after)."""
+    rep = run_order_bench(path, budget=parse_budget(args.budget), tokens=args.tokens, prompt=args.prompt,
+                          flash_config=base, shape=args.shape or "7b",
+                          progress=tqdm_callback("bench --order", disable=args.quiet))
+    text = "\n".join(format_order(rep))
+    print(text)
+    if args.json:
+        atomic_write_text(Path(args.json).expanduser(), json.dumps(rep, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.text:
+        atomic_write_text(Path(args.text).expanduser(), text + "\n")
+        print(f"wrote {args.text}", file=sys.stderr)
     return 0
 
 
@@ -562,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy agreement with dense over the first N prompts of resources/evaluation/prompts.txt "
                         "(24; 0: none): tokens until the first divergence, per row")
     b.add_argument("--agreement-tokens", type=_positive_int, default=16, help="greedy tokens per agreement prompt")
+    b.add_argument("--order", action="store_true",
+                   help="only the neuron-order section: reads per token with the neurons in the source's order "
+                        "vs most frequently active first (oracle and predictor traces replayed; --shape too)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")
@@ -588,8 +624,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"calibration tokens in all (default {DEFAULT_TOKENS})")
     ca.add_argument("--epochs", type=int, default=0, help="Adam epochs of weighted-BCE refinement (default 0)")
     ca.add_argument("--json", default=None, help="write the calibration report as JSON here")
+    ca.add_argument("--order", default="hot", choices=("hot", "source", "keep"),
+                    help="then put each layer's neurons on disk most frequently active first (hot, the default: "
+                         "fewer, longer reads), in the source model's order (source), or leave them (keep)")
     ca.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ca.set_defaults(func=cmd_calibrate)
+
+    ro = sub.add_parser("reorder", help="rewrite a calibrated .flash model with each layer's neurons in another "
+                                        "order on disk (the same model; predictors and checksums follow)")
+    ro.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                    help="a .flash folder or library name (default: the embedded model)")
+    ro.add_argument("--order", default="hot", choices=("hot", "source"),
+                    help="hot: most frequently active first (calibrated frequencies; the default); "
+                         "source: the source model's order")
+    ro.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ro.set_defaults(func=cmd_reorder)
 
     ev = sub.add_parser("eval", help="perplexity, recall/precision, active fraction, bytes per token and window "
                                      "reuse: dense vs oracle vs predictor vs gate-first on real text")

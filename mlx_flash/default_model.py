@@ -132,8 +132,10 @@ def prepared_flash(calibrate: bool = True) -> Optional[Path]:
     folder = default_flash_dir()
     if folder.exists() and (not calibrate or calibration_problem(folder) is None):
         try:
-            # a bfloat16 one from an earlier version has no quantized roles: not current (upgraded)
-            if role_quantization(open_flash(folder).manifest):
+            m = open_flash(folder).manifest
+            # a bfloat16 one from an earlier version has no quantized roles: not current (upgraded);
+            # a calibrated one from before neuron ordering gets its neurons ordered (seconds)
+            if role_quantization(m) and (not calibrate or m.neuron_order is not None):
                 return folder
         except FlashFormatError:
             pass
@@ -194,4 +196,9 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
             preds = m.predictors or {}
             m.predictors = dict(preds, gate=dict(preds.get("gate") or {}, kept_after_retry=True))
             m.save(folder)
+    if calibrate and Manifest.load(folder).neuron_order is None:  # calibrated before neuron ordering
+        from .neuron_order import order_flash
+
+        report(progress, 0.0, "ordering the default model's neurons on disk (most frequently active first)")
+        order_flash(folder, "hot", progress=scaled(progress, 0.0, 1.0))
     return folder

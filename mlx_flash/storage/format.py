@@ -6,7 +6,9 @@ A flash model is a folder::
       manifest.json      format_version, architecture, model_args (the config.json dict), dtype,
                          num_layers, hidden_size, intermediate_size, bundle_parts, bundle_elems,
                          bundle_bytes, alignment, ffn_file, ffn_size, layers [{offset, size, checksum}],
-                         dense_file, source, predictors, created, dense_quantization
+                         dense_file, source, predictors, created, dense_quantization, neuron_order
+                         (each layer's permutation of neurons on disk, see ``neuron_perms``; absent:
+                         the source model's order)
       dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
       ffn.bin            per layer, per neuron i: [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
                          contiguous ("row-column bundling": one read fetches one neuron). Models with FFN
@@ -31,6 +33,7 @@ dtype or the requested ``dtype``; the dense part stays quantized (its
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -204,6 +207,12 @@ class Manifest:
     """Version 2: per weight part of the bundle (``gate``, ``up``, ``down``, ``fc1``, ``fc2``)
     ``{"bits", "group_size", "mode": "affine"}`` or ``"none"`` (float); None: float bundles."""
     format_version: int = FORMAT_VERSION
+    neuron_order: Optional[Dict[str, Any]] = None
+    """The permutation of each layer's neurons on disk (``mlx_flash.neuron_order``): None when
+    they are in the source model's order; else ``{"version", "method", "dtype", "layers"}``,
+    ``layers[l]`` the base64 of ``perm`` (``dtype``, little endian): ``ffn.bin`` position ``p``
+    of layer ``l`` holds source neuron ``perm[p]`` (:func:`neuron_perms`). Everything indexed
+    by neuron in the folder (bundles, predictors' outputs, frequencies) is in this order."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Unknown manifest fields, kept so that load → save round-trips them."""
 
@@ -265,7 +274,8 @@ class Manifest:
         }
         optional = {"alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
                     "predictors": (dict, type(None)), "dense_quantization": (dict, type(None)),
-                    "checksums": dict, "quantization": (dict, type(None))}
+                    "checksums": dict, "quantization": (dict, type(None)),
+                    "neuron_order": (dict, type(None))}
         kw: Dict[str, Any] = {}
         for name, typ in list(required.items()) + list(optional.items()):
             if name not in d:
@@ -495,6 +505,74 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
         prev_end = e.offset + e.size
     _plain_name(m.ffn_file, "ffn_file", where)
     _plain_name(m.dense_file, "dense_file", where)
+    if m.neuron_order is not None:
+        neuron_perms(m, where)
+
+
+# --------------------------------------------------------------------------- neuron order
+NEURON_ORDER_VERSION = 1
+
+
+def encode_neuron_order(perms: np.ndarray, method: str, **info: Any) -> Dict[str, Any]:
+    """The manifest's ``neuron_order`` for per-layer permutations ``perms`` (n_layers, n) from
+    the source model's numbering (``perm[p]`` = source neuron at position ``p``)."""
+    p = np.asarray(perms, dtype=np.int64)
+    dt = "<u2" if p.shape[1] <= 1 << 16 else "<u4"
+    return {"version": NEURON_ORDER_VERSION, "method": str(method), "dtype": dt, **info,
+            "layers": [base64.b64encode(row.astype(dt).tobytes()).decode("ascii") for row in p]}
+
+
+def neuron_perms(m: Manifest, where: str = MANIFEST_FILE) -> Optional[np.ndarray]:
+    """The folder's neuron permutation (n_layers, intermediate_size) int64 from the source's
+    numbering (``perm[p]`` = source id at position ``p``), or None (the source's order).
+    A malformed ``neuron_order`` raises :class:`FlashFormatError`."""
+    o = m.neuron_order
+    if o is None:
+        return None
+    if o.get("version") != NEURON_ORDER_VERSION:
+        raise FlashFormatError(f"{where}: field 'neuron_order.version' is {o.get('version')!r}; this mlx-flash "
+                               f"reads version {NEURON_ORDER_VERSION}")
+    dt, layers, n = o.get("dtype"), o.get("layers"), m.intermediate_size
+    if dt not in ("<u2", "<u4") or not isinstance(layers, list) or len(layers) != m.num_layers:
+        raise FlashFormatError(f"{where}: field 'neuron_order' must hold one permutation per layer "
+                               f"({m.num_layers}) in dtype <u2 or <u4")
+    out = np.empty((m.num_layers, n), dtype=np.int64)
+    for i, text in enumerate(layers):
+        try:
+            row = np.frombuffer(base64.b64decode(str(text), validate=True), dtype=dt)
+        except (ValueError, TypeError):
+            row = np.empty(0)
+        if row.shape != (n,) or not np.array_equal(np.sort(row), np.arange(n)):
+            raise FlashFormatError(f"{where}: field 'neuron_order.layers[{i}]' is not a permutation of the "
+                                   f"layer's {n} neurons")
+        out[i] = row
+    return out
+
+
+def write_permuted_ffn(files: FlashFiles, perms: np.ndarray, dst: Union[str, Path],
+                       progress: Optional[ProgressCallback] = None) -> List[LayerEntry]:
+    """Write ``files``' ``ffn.bin`` to ``dst`` with each layer's bundles permuted: position ``p``
+    of layer ``l`` gets the bundle now at ``perms[l][p]``. Same layout (offsets, padding, size);
+    each source layer is verified against its checksum as it is read. Returns the new layer
+    entries (offsets, sizes, checksums of the permuted regions)."""
+    m = files.manifest
+    entries: List[LayerEntry] = []
+    with open(dst, "wb") as f:
+        pos = 0
+        for i, e in enumerate(m.layers):
+            report(progress, i / m.num_layers, f"layer {i + 1}/{m.num_layers}")
+            raw = np.ascontiguousarray(_read_layer_raw(files, i)[np.asarray(perms[i], dtype=np.int64)])
+            if e.offset > pos:
+                f.write(bytes(e.offset - pos))
+            f.write(memoryview(raw).cast("B"))
+            entries.append(LayerEntry(e.offset, e.size, hashlib.blake2b(memoryview(raw).cast("B")).hexdigest()))
+            pos = e.offset + e.size
+        if m.ffn_size > pos:
+            f.write(bytes(m.ffn_size - pos))
+        f.flush()
+        os.fsync(f.fileno())
+    report(progress, 1.0, "written")
+    return entries
 
 
 def open_flash(path: Union[str, Path]) -> FlashFiles:
