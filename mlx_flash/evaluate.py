@@ -235,21 +235,24 @@ def threshold_selector(thresholds: Sequence[float]) -> Selector:
     return select
 
 
-def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act) -> Selector:
-    """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| > threshold``;
-    ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32."""
+def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act, scales=None) -> Selector:
+    """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| * scale > threshold``;
+    ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32; ``scales``
+    (layers, n) per-neuron scales or None (1)."""
     from .active import activation
 
     name, param = (act, None) if isinstance(act, str) else act
     f = activation(name, param)
     thr = [mx.array(float(t), dtype=mx.float32) for t in thresholds]
+    sc = None if scales is None else [mx.array(np.asarray(v, dtype=np.float32)) for v in scales]
 
     def select(layer: int, x: mx.array, h: mx.array) -> mx.array:
         w, b = gates[layer]
         g = x.astype(mx.float32) @ w.T
         if b is not None:
             g = g + b
-        return mx.abs(f(g)) > thr[layer]
+        s = mx.abs(f(g))
+        return (s if sc is None else s * sc[layer]) > thr[layer]
 
     return select
 
@@ -347,9 +350,13 @@ def evaluate(
         notes.append("gate-first skipped: this calibration measured no gate thresholds (calibrate again)")
         wanted = [w for w in wanted if w not in gate_modes]
         gate_modes = []
-    gates = None
+    gates = scales = None
     if gate_modes:
         from .calibrate import layer_ffn_parts
+        from .predictor import load_gate_scales
+
+        if grec.get("criterion") == "scaled":
+            scales = load_gate_scales(files)
 
         gates = []
         for i in range(m.num_layers):
@@ -374,7 +381,7 @@ def evaluate(
             sp = float(mode.split(":")[1]) if ":" in mode else None
             thr, sp = pick_thresholds(grec, sp)
             results[mode] = run_mode(model, chunks, m.num_layers, m.intermediate_size, name=mode, act=act,
-                                     select=gate_selector(gates, thr, act), oracle=thr_sel, windows=windows,
+                                     select=gate_selector(gates, thr, act, scales), oracle=thr_sel, windows=windows,
                                      progress=sub)
             results[mode].sparsity = sp
         else:
