@@ -32,7 +32,7 @@ from .sparse_ffn import ffn_rows
 GATE_SEGMENTS = ("gate", "gate.scales", "gate.biases", "gate_bias")
 """Bundle segments (``storage.format.bundle_segments``) that hold a neuron's gate part."""
 
-GATE_SPARSITIES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+GATE_SPARSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
 """Sparsities whose gate thresholds calibration stores (``predictors.gate_first``)."""
 
 

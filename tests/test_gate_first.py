@@ -124,6 +124,18 @@ def test_auto_records_its_measured_choice(tmp_path):
     assert all(len(v) == LAYERS for v in rec["thresholds"].values())
     fr = [rec["held_out"][k]["active_fraction"] for k in sorted(rec["held_out"], key=float)]
     assert fr == sorted(fr, reverse=True)  # more sparsity, fewer neurons
+    # the scaled criterion's per-neuron scales are in the predictor file; the sparsity is chosen by
+    # held-out perplexity (binary search: the chosen one and the ones it tried are recorded)
+    from mlx_flash.predictor import load_gate_scales
+    from mlx_flash.storage.format import updown_files
+
+    assert rec["criterion"] == "scaled"
+    sc = load_gate_scales(open_flash(flash))
+    assert sc.shape == (LAYERS, FFN) and (sc > 0).all()
+    ppl = rec["perplexity"]
+    assert ppl["dense"] > 1 and str(rec["sparsity"]) in ppl["gate"] and rec["why"]
+    assert ppl["passed"] == (ppl["gate"][str(rec["sparsity"])] <= ppl["dense"] * (1 + ppl["tolerance"]))
+    assert (updown_files(open_flash(flash)) is not None) == ppl["passed"]  # the side file only when it passed
     e = load(flash, FlashConfig(active="auto", budget=0.7))
     try:
         info = e.active_info
@@ -131,6 +143,10 @@ def test_auto_records_its_measured_choice(tmp_path):
         cands = info["candidates"]
         assert {"all", "predictor"} <= set(cands) and info["reason"]
         assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
+        if ppl["passed"]:  # admitted by its measured quality, which the record says
+            assert "perplexity" in cands["gate"]["quality"]
+        else:
+            assert "gate" not in cands and "gate-first left out: held-out perplexity" in info["reason"]
     finally:
         e.close()
 
