@@ -66,9 +66,10 @@ PROMPTS_FILE = "calibration/prompts.txt"
 EXACT_RULE_RECALL = 0.999
 
 #: Stored in the manifest's ``predictors`` info. 2: the same token count with or without a fast BLAS,
-#: float32 matmuls in numpy, the quality gate. A prepared default model with an older (or no) version
-#: is re-calibrated (:func:`calibration_problem`).
-CALIBRATION_VERSION = 3
+#: float32 matmuls in numpy, the quality gate. 4: gate-first's scaled criterion (per-neuron scales in the
+#: predictor file) and sparsity chosen by held-out perplexity. A prepared default model with an older (or
+#: no) version is re-calibrated (:func:`calibration_problem`).
+CALIBRATION_VERSION = 4
 #: The quality gate: held-out recall of the shipped cutoff at least the target minus this slack ...
 GATE_RECALL_SLACK = 0.01
 #: ... and a predicted-active fraction below this (a predictor that keeps every neuron saves nothing).
@@ -698,7 +699,7 @@ def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dic
 #: Gate-first's quality bar at calibration: held-out perplexity at most this much above dense's
 #: (the chosen sparsity is the largest calibrated one that keeps it; ``engine.choose_active``
 #: admits gate-first only when it is kept).
-GATE_PPL_TOLERANCE = 0.01
+GATE_PPL_TOLERANCE = 0.005
 #: Held-out tokens of the calibration's own answers scored for that perplexity (at most).
 GATE_PPL_TOKENS = 1024
 
@@ -763,9 +764,9 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
                          "gate": {k: ppl[k] for k in sorted(ppl, key=float)}, "passed": best is not None}
     rel = ppl[str(chosen)] / dense - 1
     out["why"] = (f"largest calibrated sparsity whose held-out perplexity ({ppl[str(chosen)]:.3f}, {rel:+.1%}) is "
-                  f"within {GATE_PPL_TOLERANCE:.0%} of dense ({dense:.3f}) on {total} tokens of held-out answers"
+                  f"within {GATE_PPL_TOLERANCE:.1%} of dense ({dense:.3f}) on {total} tokens of held-out answers"
                   if best is not None else
-                  f"no calibrated sparsity keeps held-out perplexity within {GATE_PPL_TOLERANCE:.0%} of dense "
+                  f"no calibrated sparsity keeps held-out perplexity within {GATE_PPL_TOLERANCE:.1%} of dense "
                   f"({dense:.3f}): the smallest ({ppl[str(chosen)]:.3f}, {rel:+.1%})")
     return out
 

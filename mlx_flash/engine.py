@@ -530,10 +530,10 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                 cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
                                  "resident_bytes": int(gate_bytes) + gate_scale_bytes(rec, m), "row_bytes": up_down_row,
                                  "sparsity": s, "quality": f"held-out perplexity {p:.3f} ({p / dense - 1:+.1%} "
-                                                           f"vs dense, within {tol:.0%})"}
+                                                           f"vs dense, within {tol:.1%})"}
             else:
                 why_not_gate = (f"held-out perplexity {p:.3f} is {p / dense - 1:+.1%} vs dense {dense:.3f} "
-                                f"(more than {tol:.0%}) at sparsity {s:g}")
+                                f"(more than {tol:.1%}) at sparsity {s:g}")
         elif h is not None:
             err, limit = float(h["rel_error"]), float(rec.get("oracle_rel_error", float("inf")))
             if err <= limit * (1 + 1e-6):
