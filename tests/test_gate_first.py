@@ -227,6 +227,16 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
     with LayerHasher(split, direct=False) as h:
         for layer in range(LAYERS):
             h.verify(layer)
+    from mlx_flash.storage.format import ChecksumError, verify_checksums
+
+    assert f"{UPDOWN_FILE} ({LAYERS} layers)" in verify_checksums(files)  # `mlx-flash verify` checks it too
+    with open(split.ffn_path, "r+b") as f:  # one flipped byte in layer 1's region
+        f.seek(split.manifest.layers[1].offset + 5)
+        byte = f.read(1)
+        f.seek(split.manifest.layers[1].offset + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="layer 1"):
+        verify_checksums(files)
     # written from other ffn.bin contents (stale): ignored
     man = Manifest.load(flash)
     man.extra["updown"]["source_checksums"][0] = "0" * 128

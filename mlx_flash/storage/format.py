@@ -632,6 +632,13 @@ def verify_checksums(files: FlashFiles, progress: Optional[ProgressCallback] = N
             hasher.verify(i)
             done += e.size
     checked.append(f"{m.ffn_file} ({m.num_layers} layers)")
+    split = updown_files(files)  # gate-first's up/down side file, when the folder has one
+    if split is not None:
+        with LayerHasher(split) as hasher:
+            for i in range(m.num_layers):
+                report(progress, 1.0, f"checking {split.manifest.ffn_file} layer {i + 1}/{m.num_layers}")
+                hasher.verify(i)
+        checked.append(f"{split.manifest.ffn_file} ({m.num_layers} layers)")
     report(progress, 1.0, "checksums ok")
     return checked
 
