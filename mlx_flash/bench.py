@@ -1436,6 +1436,7 @@ def format_table(report: BenchReport) -> str:
     lines += format_reader(r)
     lines += format_pipeline(r)
     lines += format_quantized(r)
+    lines += format_choosers(r)
     if r.sweep:
         lines.append("")
         lines.append("Budget sweep (tokens/s; hit rate; read per token):")
@@ -1482,6 +1483,51 @@ def format_table(report: BenchReport) -> str:
         lines.append("Notes:")
         lines += [f"- {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+#: Issue #20's bars for the auto chooser: bytes read per token against the oracle's useful bytes,
+#: perplexity against dense.
+AUTO_BYTES_BAR = 1.15
+AUTO_PPL_BAR = 0.02
+
+
+def format_choosers(report: BenchReport) -> List[str]:
+    """The active-neuron choosers side by side (serial real-model rows): which chooser ran,
+    active share, bytes read and useful per token, perplexity and tok/s against dense and
+    naive flash; then the auto row against issue #20's bars (reads at most
+    ``AUTO_BYTES_BAR`` x the oracle's useful bytes, perplexity within ``AUTO_PPL_BAR`` of
+    dense, tok/s above naive flash)."""
+    rows = {row.name: row for row in report.rows if row.group == "real" and not row.pipeline}
+    order = [n for n in CONFIGS if n in rows]
+    if len(order) < 2:
+        return []
+    dense, naive, oracle, auto = (rows.get(n) for n in (DENSE, NAIVE, ORACLE, AUTO))
+    lines = ["", "Active-neuron choosers side by side (serial rows; x: against dense / naive flash):",
+             "| configuration | chooser | active | read/tok | useful/tok | perplexity | vs dense | tok/s | vs naive |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n in order:
+        row = rows[n]
+        ch = (row.active or {}).get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
+        if (row.active or {}).get("sparsity") is not None:
+            ch += f" (sparsity {row.active['sparsity']:g})"
+        ppl_rel = (row.perplexity / dense.perplexity - 1 if dense and dense.perplexity and row.perplexity
+                   else None)
+        speed = row.tokens_per_s / naive.tokens_per_s if naive and naive.tokens_per_s else None
+        lines.append(f"| {n} | {ch} | {_f(row.active_fraction, '{:.1%}')} | {_fb(row.bytes_read_per_token)} | "
+                     f"{_fb(row.bytes_useful_per_token)} | {_f(row.perplexity, '{:.2f}')} | "
+                     f"{_f(ppl_rel, '{:+.1%}')} | {row.tokens_per_s:.2f} | {_f(speed, '{:.2f}x')} |")
+    if auto and oracle and oracle.bytes_useful_per_token:
+        ratio = auto.bytes_read_per_token / oracle.bytes_useful_per_token
+        lines.append(f"- auto reads {ratio:.2f}x the oracle's useful bytes per token (bar: at most "
+                     f"{AUTO_BYTES_BAR:.2f}x): {'met' if ratio <= AUTO_BYTES_BAR else 'not met'}")
+    if auto and dense and dense.perplexity and auto.perplexity:
+        rel = auto.perplexity / dense.perplexity - 1
+        lines.append(f"- auto perplexity {rel:+.1%} vs dense (bar: within {AUTO_PPL_BAR:.0%}): "
+                     f"{'met' if abs(rel) <= AUTO_PPL_BAR else 'not met'}")
+    if auto and naive and naive.tokens_per_s:
+        sp = auto.tokens_per_s / naive.tokens_per_s
+        lines.append(f"- auto runs {sp:.2f}x naive flash's tok/s (bar: above 1): {'met' if sp > 1 else 'not met'}")
+    return lines
 
 
 def format_policies(report: BenchReport) -> List[str]:

@@ -48,6 +48,7 @@ import numpy as np
 from .active import gated_activation, is_exact
 from .dense_model import (HookedMLP, hidden_states, install_hooks, last_logits, layer_ffn_parts, load_dense_model,
                           model_activation)
+from .gate_first import GATE_SEGMENTS
 from .neuron_order import order_flash
 from .platform_blas import numpy_blas_single_thread
 from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
@@ -69,9 +70,10 @@ PROMPTS_FILE = "calibration/prompts.txt"
 EXACT_RULE_RECALL = 0.999
 
 #: Stored in the manifest's ``predictors`` info. 2: the same token count with or without a fast BLAS,
-#: float32 matmuls in numpy, the quality gate. A prepared default model with an older (or no) version
-#: is re-calibrated (:func:`calibration_problem`).
-CALIBRATION_VERSION = 3
+#: float32 matmuls in numpy, the quality gate. 4: gate-first's scaled criterion (per-neuron scales in the
+#: predictor file) and sparsity chosen by held-out perplexity. A prepared default model with an older (or
+#: no) version is re-calibrated (:func:`calibration_problem`).
+CALIBRATION_VERSION = 4
 #: The quality gate: held-out recall of the shipped cutoff at least the target minus this slack ...
 GATE_RECALL_SLACK = 0.01
 #: ... and a predicted-active fraction below this (a predictor that keeps every neuron saves nothing).
@@ -435,14 +437,31 @@ class LayerFit:
     gate: Optional[Dict[str, object]] = None  # gate-first figures (gate_first_layer)
 
 
+def gate_scales(x: mx.array, parts: Dict[str, mx.array], down: mx.array, train: np.ndarray) -> np.ndarray:
+    """Gate-first's per-neuron scales (n,) float32: ``rms(up x)`` over the train tokens times the
+    neuron's down-projection column norm, so ``|act(g)| * scale`` estimates ``|h| * ||down_i||``,
+    the size of the neuron's contribution to the FFN output, from the gate alone. ``1`` for
+    ungated FFNs (no up part)."""
+    d32 = np.array(down.astype(mx.float32))
+    col = np.sqrt(np.square(d32).sum(axis=0))
+    if "up" not in parts:
+        return col.astype(np.float32)
+    xt = np.asarray(x, dtype=np.float32)[train]
+    u = xt @ np.array(parts["up"].astype(mx.float32)).T
+    if "up_bias" in parts:
+        u += np.array(parts["up_bias"].astype(mx.float32))
+    return (np.sqrt(np.square(u).mean(axis=0)) * col).astype(np.float32)
+
+
 def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx.array], down: mx.array, *,
                      act: str, act_param: Optional[float], train: np.ndarray, test: np.ndarray,
                      predicted: Dict[float, mx.array], sparsities: Sequence[float]) -> Dict[str, object]:
-    """One layer's gate-first calibration (``gate_first.GateFirst``): thresholds on
-    ``|act(gate x)|`` for each of ``sparsities`` (quantiles over the train tokens) and, on the
-    held-out test tokens, the share of neurons each keeps and the FFN output error
-    ``||down((1 - mask) h)||^2`` against ``||down h||^2``; the same error for the oracle's
-    ``|h| > h_thr`` rule and for the predictor's masks ``predicted`` (recall -> (test, n) bool).
+    """One layer's gate-first calibration (``gate_first.GateFirst``): per-neuron scales
+    (:func:`gate_scales`) and thresholds on ``|act(gate x)| * scale`` for each of
+    ``sparsities`` (quantiles over the train tokens) and, on the held-out test tokens, the
+    share of neurons each keeps and the FFN output error ``||down((1 - mask) h)||^2``
+    against ``||down h||^2``; the same error for the oracle's ``|h| > h_thr`` rule and for
+    the predictor's masks ``predicted`` (recall -> (test, n) bool).
     ``a`` = ``|h|`` of every token, ``down`` the layer's down projection (hidden, n)."""
     from .active import activation
 
@@ -450,7 +469,8 @@ def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx
     g = x @ f32.T
     if "gate_bias" in parts:
         g = g + parts["gate_bias"].astype(mx.float32)
-    ga = mx.abs(activation(act, act_param)(g))
+    scales = gate_scales(x, parts, down, train)
+    ga = mx.abs(activation(act, act_param)(g)) * mx.array(scales)
     tr, te = mx.array(train), mx.array(test)
     ga_tr = np.array(ga[tr])
     qs = np.quantile(ga_tr.reshape(-1), list(sparsities))
@@ -462,7 +482,8 @@ def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx
     def err(keep: mx.array) -> float:
         return float(mx.sum(mx.square((h_te * (~keep).astype(mx.float32)) @ d32.T)).item())
 
-    out: Dict[str, object] = {"thresholds": {}, "active": {}, "err": {}, "ref": ref, "cells": int(a_te.size)}
+    out: Dict[str, object] = {"thresholds": {}, "active": {}, "err": {}, "ref": ref, "cells": int(a_te.size),
+                              "scales": scales}
     for sp, q in zip(sparsities, qs):
         keep = ga_te > float(q)
         out["thresholds"][float(sp)] = float(q)
@@ -500,7 +521,9 @@ def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dic
     chosen = max(ok) if ok else min(sps)
     pred = {str(r): rel([g["predictor_err"][r] for g in gs]) for r in gs[0]["predictor_err"]}
     return {
-        "rule": "|act(gate x)| > per-layer threshold (CATS; gate rows resident, up/down read)",
+        "rule": "|act(gate x)| * scale > per-layer threshold (CATS with per-neuron scales rms(up x) * "
+                "||down column||; gate rows resident, up/down read)",
+        "criterion": "scaled",
         "thresholds": {str(sp): [float(g["thresholds"][sp]) for g in gs] for sp in sps},
         "held_out": held,
         "oracle_rel_error": oracle,
@@ -511,6 +534,81 @@ def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dic
                 f"is within the oracle's ({oracle:.3f})" if ok else
                 f"no sparsity keeps the oracle's FFN error ({oracle:.3f}): the smallest"),
     }
+
+
+#: Gate-first's quality bar at calibration: held-out perplexity at most this much above dense's
+#: (the chosen sparsity is the largest calibrated one that keeps it; ``engine.choose_active``
+#: admits gate-first only when it is kept).
+GATE_PPL_TOLERANCE = 0.005
+#: Held-out tokens of the calibration's own answers scored for that perplexity (at most).
+GATE_PPL_TOKENS = 1024
+
+
+def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec: Dict[str, object],
+                          scales: Optional[np.ndarray], dtype: Optional[str] = "float32") -> Optional[Dict[str, object]]:
+    """``rec`` (:func:`gate_first_record`) with the sparsity chosen by held-out perplexity:
+    the answers of the held-out sequences ``held`` (token indices; the model's own answers,
+    never fitted on) are scored teacher-forced by the dense model with every FFN and with
+    each layer's hidden activation masked by the gate-first rule; a binary search over the
+    calibrated sparsities (perplexity grows with sparsity) finds the largest whose
+    perplexity is within ``GATE_PPL_TOLERANCE`` of dense. None when the held-out sequences
+    have no answers to score (plain text only: the FFN-error choice stays)."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .evaluate import gate_selector, run_mode
+
+    m = files.manifest
+    sids = sorted({int(v) for v in np.unique(data.seq[held])} & set(range(len(data.answers))))
+    tokenizer = load_tokenizer(files.root, eos_token_ids=m.model_args.get("eos_token_id"))
+    chunks, total = [], 0
+    for sid in sids:
+        ids = np.asarray(tokenizer.encode(data.answers[sid], add_special_tokens=False), dtype=np.int64)
+        if len(ids) >= 8 and total < GATE_PPL_TOKENS:
+            chunks.append(ids[: GATE_PPL_TOKENS - total + 1])
+            total += len(chunks[-1]) - 1
+    if total < 32:
+        return None
+    act = model_activation(m.model_args)
+    model = load_dense_model(files, dtype)
+    gates = []
+    for i in range(m.num_layers):
+        parts = layer_ffn_parts(files, i)
+        b = parts.get("gate_bias")
+        gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
+    mx.eval(gates)
+    n, L = m.intermediate_size, m.num_layers
+    dense = run_mode(model, chunks, L, n, name="dense", act=act, windows=1).perplexity
+    sps = sorted(float(k) for k in rec["thresholds"])
+    ppl: Dict[str, float] = {}
+
+    def ok(j: int) -> bool:
+        sp = sps[j]
+        sel = gate_selector(gates, rec["thresholds"][str(sp)], act, scales)
+        ppl[str(sp)] = run_mode(model, chunks, L, n, name=f"gate:{sp:g}", act=act, select=sel,
+                                windows=1).perplexity
+        return ppl[str(sp)] <= dense * (1 + GATE_PPL_TOLERANCE)
+
+    lo, hi, best = 0, len(sps) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    chosen = sps[best] if best is not None else sps[0]
+    if best is None and str(chosen) not in ppl:
+        ok(0)
+    out = dict(rec)
+    out["sparsity"] = float(chosen)
+    out["perplexity"] = {"dense": dense, "tokens": int(total), "tolerance": GATE_PPL_TOLERANCE,
+                         "gate": {k: ppl[k] for k in sorted(ppl, key=float)}, "passed": best is not None}
+    rel = ppl[str(chosen)] / dense - 1
+    out["why"] = (f"largest calibrated sparsity whose held-out perplexity ({ppl[str(chosen)]:.3f}, {rel:+.1%}) is "
+                  f"within {GATE_PPL_TOLERANCE:.1%} of dense ({dense:.3f}) on {total} tokens of held-out answers"
+                  if best is not None else
+                  f"no calibrated sparsity keeps held-out perplexity within {GATE_PPL_TOLERANCE:.1%} of dense "
+                  f"({dense:.3f}): the smallest ({ppl[str(chosen)]:.3f}, {rel:+.1%})")
+    return out
 
 
 def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsity: float, rank: int,
@@ -804,7 +902,8 @@ def fit_predictors(
         del parts
     report(progress, 1.0, "fitted")
     weights = PredictorWeights([f.weights.A[0] for f in fits], [f.weights.B[0] for f in fits],
-                               [f.weights.b[0] for f in fits], np.stack([f.frequency for f in fits]))
+                               [f.weights.b[0] for f in fits], np.stack([f.frequency for f in fits]),
+                               np.stack([f.gate["scales"] for f in fits]) if all(f.gate for f in fits) else None)
     held_out: Dict[str, Dict[str, float]] = {}
     for r in RECALL_TARGETS:
         tot = {k: sum(f.counts[r][k] for f in fits) for k in ("tp", "fp", "fn", "predicted", "true", "cells")}
@@ -852,6 +951,10 @@ def fit_predictors(
     }
     gate = gate_first_record(fits, recall)
     if gate is not None:
+        report(progress, 1.0, "gate-first: held-out perplexity")
+        with_ppl = gate_first_perplexity(files, data, np.concatenate([val_idx, test_idx]), gate, weights.gate_scales)
+        if with_ppl is not None:
+            gate = with_ppl
         info["gate_first"] = gate
     info["gate"] = quality_gate(info)
     return weights, info
@@ -888,6 +991,7 @@ def calibrate(
     dtype: Optional[str] = "float32",
     predictor_dtype: str = "float16",
     order: Optional[str] = "hot",
+    split: bool = True,
     progress: Optional[ProgressCallback] = None,
 ) -> CalibrationReport:
     """Fit thresholds and predictors for the flash model at ``flash_dir`` and store them
@@ -902,11 +1006,14 @@ def calibrate(
     every target in ``RECALL_TARGETS`` are stored; ``FlashConfig.extra["recall"]`` picks
     another at load; None: :func:`default_recall` for the model's activation).  epochs: Adam epochs of weighted-BCE refinement after the
     closed-form fit (0: none).  dtype: compute dtype of the dense model (float32 is
-    much faster than bfloat16 on CPUs).
+    much faster than bfloat16 on CPUs).  split: when gate-first keeps quality (held-out
+    perplexity, :func:`gate_first_perplexity`), write the up/down side file
+    (``storage.format.write_updown``: ~3/4 of ``ffn.bin`` more on disk) so that its misses
+    read up/down bytes only.
     progress: ``callback(fraction, message)``; returning False cancels (``Cancelled``)
     and nothing is written.
     """
-    from .storage.format import open_flash
+    from .storage.format import open_flash, write_updown
 
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -933,6 +1040,9 @@ def calibrate(
     if order is None or order_flash(root, order, calibration=(weights, info),
                                     progress=scaled(progress, 0.97, 1.0)) is None:
         save_calibration(root, weights, info)
+    if split and ((info.get("gate_first") or {}).get("perplexity") or {}).get("passed"):
+        # gate-first keeps quality: its misses read up/down only (written after the order: it follows ffn.bin)
+        write_updown(open_flash(root), GATE_SEGMENTS)
     report(progress, 1.0, "done")
     cal = info["calibration"]
     return CalibrationReport(

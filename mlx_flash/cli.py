@@ -331,7 +331,7 @@ def cmd_calibrate(args) -> int:
         rep = calibrate(path, sparsity=args.sparsity, rank=args.rank, text=args.text,
                         tokens=args.tokens or auto_tokens(),
                         recall=args.recall, epochs=args.epochs,
-                        order=None if args.order == "keep" else args.order,
+                        order=None if args.order == "keep" else args.order, split=not args.no_split,
                         progress=tqdm_callback(f"Calibrating {path.name}", disable=args.quiet))
     print(rep.summary())
     if args.json:
@@ -623,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--tokens", type=int, default=None,
                     help=f"calibration tokens in all (default {DEFAULT_TOKENS})")
     ca.add_argument("--epochs", type=int, default=0, help="Adam epochs of weighted-BCE refinement (default 0)")
+    ca.add_argument("--no-split", action="store_true",
+                    help="do not write gate-first's up/down side file ffn_updown.bin (~3/4 of ffn.bin more on "
+                         "disk; written when gate-first keeps quality)")
     ca.add_argument("--json", default=None, help="write the calibration report as JSON here")
     ca.add_argument("--order", default="hot", choices=("hot", "source", "keep"),
                     help="then put each layer's neurons on disk most frequently active first (hot, the default: "

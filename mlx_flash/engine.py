@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -487,19 +487,20 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     at the recall target; held-out predicted fraction) and "gate" (gate-first at the
     calibrated sparsity; held-out active fraction and FFN output error, see
     ``calibrate.gate_first_record``). A candidate must keep quality: the predictor at its
-    recall target, gate-first when its held-out FFN error is within the oracle's (the
-    calibrated ``|h|`` rule). Among those the fewest disk bytes per token win: each
+    recall target, gate-first when its held-out perplexity at the calibrated sparsity is within
+    the calibration's tolerance of dense (``calibrate.gate_first_perplexity``; older records:
+    its held-out FFN error within the oracle's). Among those the fewest disk bytes per token win: each
     candidate's resident bytes (predictor weights, gate rows) leave that much less cache,
     and ``neuron_cache.simulate`` replays tokens sampled from the calibrated neuron
     frequencies (scaled to the candidate's density) through an LRU cache of the
     remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
     from .active import is_exact
-    from .gate_first import GATE_SEGMENTS, gate_info
+    from .gate_first import GATE_SEGMENTS, gate_info, gate_scale_bytes
     from .neuron_cache import (AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets,
                                simulate)
     from .predictor import has_predictors, load_frequencies, predictor_info
-    from .storage.format import bundle_segments
+    from .storage.format import bundle_segments, updown_files
 
     m = files.manifest
     base = {"asked": "auto"}
@@ -533,7 +534,18 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     elif rec is not None:
         s = float(rec["sparsity"] if config.sparsity is None else config.sparsity)
         h = (rec.get("held_out") or {}).get(str(s)) or (rec.get("held_out") or {}).get(f"{s:g}")
-        if h is not None:
+        ppl = rec.get("perplexity") or {}
+        if h is not None and ppl.get("gate", {}).get(str(s)) is not None:  # measured held-out perplexity
+            p, dense, tol = float(ppl["gate"][str(s)]), float(ppl["dense"]), float(ppl["tolerance"])
+            if p <= dense * (1 + tol):
+                cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
+                                 "resident_bytes": int(gate_bytes) + gate_scale_bytes(rec, m), "row_bytes": up_down_row,
+                                 "sparsity": s, "quality": f"held-out perplexity {p:.3f} ({p / dense - 1:+.1%} "
+                                                           f"vs dense, within {tol:.1%})"}
+            else:
+                why_not_gate = (f"held-out perplexity {p:.3f} is {p / dense - 1:+.1%} vs dense {dense:.3f} "
+                                f"(more than {tol:.1%}) at sparsity {s:g}")
+        elif h is not None:
             err, limit = float(h["rel_error"]), float(rec.get("oracle_rel_error", float("inf")))
             if err <= limit * (1 + 1e-6):
                 cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
@@ -544,6 +556,8 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         else:
             why_not_gate = f"no calibrated gate thresholds for sparsity {s:g}"
     rm = ReadModel.of_reader(reader, config.scratch_neurons) if reader is not None else None
+    if "gate" in cands and not config.pipeline and updown_files(files) is not None:
+        cands["gate"]["read_row_bytes"] = up_down_row  # misses read the up/down side file
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
     for name, c in cands.items():
@@ -561,10 +575,12 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         f = chosen_frequencies(freqs, c["density"], c["recall"])
         per = []
         for i in layers:
+            read_row = c.get("read_row_bytes", full_row)
+            rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
             st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, "lru", config.window,
-                          warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rm)
+                          warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
             steps = max(1, st.steps)
-            per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * full_row / steps)
+            per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * read_row / steps)
         c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
     def cost(k: str) -> float:
         b = cands[k]["bytes_per_token"]
@@ -618,7 +634,8 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     from .sparse_ffn import SparseFFN
     from .gate_first import GATE_SEGMENTS
     from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
-    from .storage.format import bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization
+    from .storage.format import (bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization,
+                                 updown_segments)
     from .storage.reader import FlashReader
 
     m = files.manifest
@@ -697,6 +714,12 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     # A gate-first chooser holds every gate row: the cache keeps (and the budget pays for) up/down only.
     drop = [name for name, _, _, _ in bundle_segments(m) if name in GATE_SEGMENTS] if chooser.computes_gate else []
     row_bytes = m.bundle_bytes - sum(b - a for name, a, b, _ in bundle_segments(m) if name in drop)
+    cache_layout, cache_bundle = bundle_segments(m), m.bundle_bytes
+    if drop and not config.pipeline:  # the up/down side file, when the folder has one: misses read up/down only
+        reader, verifier, split = _use_updown(files, config, reader, verifier, threads, chunk)
+        if split is not None:
+            cache_layout, cache_bundle, drop = updown_segments(m, GATE_SEGMENTS), split.manifest.bundle_bytes, []
+            notes.append(f"gate-first reads {split.manifest.ffn_file} (up/down rows only)")
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
     scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // row_bytes))
     try:
@@ -704,13 +727,13 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             n_layers=m.num_layers,
             n_neurons=m.intermediate_size,
             bundle_elems=m.bundle_elems,
-            bundle_bytes=m.bundle_bytes,
+            bundle_bytes=cache_bundle,
             dtype=dtype,
             budget_bytes=budget_bytes,
             window=config.window,
             scratch_neurons=scratch_neurons,
             lazy=config.policy != "window",
-            layout=bundle_segments(m),
+            layout=cache_layout,
             pipeline=config.pipeline,
             drop=drop,
         )
@@ -757,6 +780,25 @@ def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
     from .storage.probe import load_cached_gap
 
     return load_cached_gap(path, threads, direct_alignment(path))
+
+
+def _use_updown(files, config: FlashConfig, reader, verifier, threads: int, chunk: int):
+    """``(reader, verifier, split)``: with an up/down side file (``storage.format.updown_files``)
+    a reader of it and a background verifier of it (plus ``dense.safetensors``; the resident
+    gate rows were verified as they were read) replace ``reader`` and ``verifier`` (closed);
+    without one (``split`` None) they are returned as they are."""
+    from .storage.format import updown_files
+    from .storage.reader import FlashReader
+
+    split = updown_files(files)
+    if split is None:
+        return reader, verifier, None
+    new_reader = FlashReader(split, threads=threads, chunk_bytes=chunk, max_gap_bytes=reader_max_gap(files.root, config, threads),
+                             direct=config.direct_io)
+    new_verifier = BackgroundVerifier(split, direct=config.direct_io, side_files=(DENSE_FILE,))
+    reader.close()
+    verifier.close()
+    return new_reader, new_verifier, split
 
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):

@@ -40,7 +40,7 @@ from .calibrate import install_hooks, layer_ffn_parts, load_dense_model, model_a
 from .config import FlashConfig
 from .corpus import kjv_text
 from .gate_first import GATE_SEGMENTS, gate_info, pick_thresholds
-from .predictor import PredictorError, load_predictor_chooser, predictor_info
+from .predictor import PredictorError, load_gate_scales, load_predictor_chooser, predictor_info
 from .progress import ProgressCallback, report, scaled
 from .storage.format import bundle_segments, open_flash
 
@@ -241,19 +241,22 @@ def threshold_selector(thresholds: Sequence[float]) -> Selector:
     return select
 
 
-def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act) -> Selector:
-    """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| > threshold``;
-    ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32."""
+def gate_selector(gates: Sequence[tuple], thresholds: Sequence[float], act, scales=None) -> Selector:
+    """The gate-first rule (``gate_first.GateFirst``): ``|act(x gate^T + gate_bias)| * scale > threshold``;
+    ``gates`` per layer ``(gate (n, hidden), gate_bias (n,) or None)`` float32; ``scales``
+    (layers, n) per-neuron scales or None (1)."""
     name, param = (act, None) if isinstance(act, str) else act
     f = activation(name, param)
     thr = [mx.array(float(t), dtype=mx.float32) for t in thresholds]
+    sc = None if scales is None else [mx.array(np.asarray(v, dtype=np.float32)) for v in scales]
 
     def select(layer: int, x: mx.array, h: mx.array) -> mx.array:
         w, b = gates[layer]
         g = x.astype(mx.float32) @ w.T
         if b is not None:
             g = g + b
-        return mx.abs(f(g)) > thr[layer]
+        s = mx.abs(f(g))
+        return (s if sc is None else s * sc[layer]) > thr[layer]
 
     return select
 
@@ -341,8 +344,11 @@ def evaluate(
         notes.append("gate-first skipped: this calibration measured no gate thresholds (calibrate again)")
         wanted = [w for w in wanted if w not in gate_modes]
         gate_modes = []
-    gates = None
+    gates = scales = None
     if gate_modes:
+        if grec.get("criterion") == "scaled":
+            scales = load_gate_scales(files)
+
         gates = []
         for i in range(m.num_layers):
             parts = layer_ffn_parts(files, i)
@@ -367,7 +373,7 @@ def evaluate(
             assert grec is not None  # gate modes are dropped above without a gate record
             thr, sp = pick_thresholds(grec, sp)
             results[mode] = run_mode(model, chunks, m.num_layers, m.intermediate_size, name=mode, act=act,
-                                     select=gate_selector(gates, thr, act), oracle=thr_sel, windows=windows,
+                                     select=gate_selector(gates, thr, act, scales), oracle=thr_sel, windows=windows,
                                      progress=sub)
             results[mode].sparsity = sp
         else:

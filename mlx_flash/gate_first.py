@@ -32,7 +32,7 @@ from .sparse_ffn import ffn_rows
 GATE_SEGMENTS = ("gate", "gate.scales", "gate.biases", "gate_bias")
 """Bundle segments (``storage.format.bundle_segments``) that hold a neuron's gate part."""
 
-GATE_SPARSITIES = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+GATE_SPARSITIES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
 """Sparsities whose gate thresholds calibration stores (``predictors.gate_first``)."""
 
 
@@ -45,6 +45,9 @@ class GateFirst:
     thresholds: per layer threshold on ``|act(g)|``; None: the exact rule
         ``act(g) != 0`` (ReLU-family activations only).
     quant: ``storage.format.role_quantization(manifest)``; compute_dtype: of quantized rows.
+    scales: per layer (n,) per-neuron multipliers of ``|act(g)|`` (None: 1, plain CATS): the
+        calibrated ``rms(up x) * ||down column||`` estimate of each neuron's output size, so
+        the rule reads ``|act(g)| * scale > threshold`` (resident, counted in the budget).
     """
 
     name = "gate"
@@ -53,7 +56,7 @@ class GateFirst:
     def __init__(self, gates: Sequence[Dict[str, mx.array]], thresholds: Optional[Sequence[float]], *,
                  act: str = "silu", act_param: Optional[float] = None, quant: Optional[dict] = None,
                  compute_dtype: Optional[mx.Dtype] = None, sparsity: Optional[float] = None,
-                 density: Optional[float] = None):
+                 density: Optional[float] = None, scales: Optional[Sequence[np.ndarray]] = None):
         self.gates = [dict(g) for g in gates]
         if thresholds is None and not is_exact(act):
             raise ValueError(f"gate-first choice for {act!r} needs calibrated thresholds on |{act}(gate x)|")
@@ -66,7 +69,11 @@ class GateFirst:
         self.cdtype = compute_dtype
         self.sparsity = sparsity
         self.density = density  # calibrated held-out share of neurons chosen (None: unknown)
-        self.resident_bytes = sum(a.nbytes for g in self.gates for a in g.values())
+        if scales is not None and len(scales) != len(self.gates):
+            raise ValueError(f"{len(scales)} gate scale vectors for {len(self.gates)} layers")
+        self.scales = None if scales is None else [mx.array(np.asarray(v, dtype=np.float32)) for v in scales]
+        self.resident_bytes = (sum(a.nbytes for g in self.gates for a in g.values())
+                               + sum(v.nbytes for v in self.scales or ()))
         self._last: Dict[int, mx.array] = {}
 
     def gate_product(self, layer: int, x: mx.array) -> mx.array:
@@ -84,11 +91,14 @@ class GateFirst:
         return self._last[layer]
 
     def active_mask(self, layer: int, g: mx.array) -> mx.array:
-        """(L, n) bool: ``|act(g)| > threshold`` (``act(g) != 0`` for the exact rule)."""
+        """(L, n) bool: ``|act(g)| * scale > threshold`` (``act(g) != 0`` for the exact rule)."""
         a = self.act(g)
         if self._thr is None:
             return a != 0
-        return mx.abs(a).astype(mx.float32) > self._thr[layer]
+        s = mx.abs(a).astype(mx.float32)
+        if self.scales is not None:
+            s = s * self.scales[layer]
+        return s > self._thr[layer]
 
     def choose(self, layer: int, x: mx.array) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         m = np.array(self.active_mask(layer, self.gate_product(layer, x.reshape(-1, x.shape[-1]))))
@@ -103,6 +113,13 @@ def gate_info(manifest) -> Optional[dict]:
     info = manifest.predictors if isinstance(manifest.predictors, dict) else {}
     rec = info.get("gate_first")
     return rec if isinstance(rec, dict) and rec.get("thresholds") else None
+
+
+def gate_scale_bytes(rec: Optional[dict], manifest) -> int:
+    """Memory of the per-neuron scales a gate-first record asks for (float32, every layer)."""
+    if not rec or rec.get("criterion") != "scaled":
+        return 0
+    return 4 * manifest.num_layers * manifest.intermediate_size
 
 
 def pick_thresholds(rec: dict, sparsity: Optional[float]) -> Tuple[List[float], float]:
@@ -121,7 +138,7 @@ def load_gate_chooser(files, config, act: str, act_param: Optional[float],
     """The gate-first chooser of an opened flash folder: each layer's gate segments read
     through ``storage.format.read_layer_segments`` (as stored, quantized or not) and the
     calibrated thresholds (``config.sparsity`` picks a calibrated sparsity)."""
-    from .predictor import CALIBRATE_HINT
+    from .predictor import CALIBRATE_HINT, PredictorError, load_gate_scales
     from .storage.format import read_layer_segments, role_quantization
 
     m = files.manifest
@@ -131,6 +148,12 @@ def load_gate_chooser(files, config, act: str, act_param: Optional[float],
                          f"calibration that measured them: {CALIBRATE_HINT}")
     thresholds, sparsity = (None, None) if rec is None else pick_thresholds(rec, config.sparsity)
     held = ((rec or {}).get("held_out") or {}).get(str(float(sparsity))) if sparsity is not None else None
+    scales = None
+    if rec is not None and rec.get("criterion") == "scaled":
+        scales = load_gate_scales(files)
+        if scales is None:
+            raise PredictorError(f"{files.root}: the gate-first record asks for per-neuron scales but the "
+                                 f"predictor file has none: {CALIBRATE_HINT} again")
     gates = []
     for i in range(m.num_layers):
         seg = read_layer_segments(files, i)
@@ -139,7 +162,7 @@ def load_gate_chooser(files, config, act: str, act_param: Optional[float],
     mx.eval([a for g in gates for a in g.values()])
     return GateFirst(gates, thresholds, act=act, act_param=act_param, quant=role_quantization(m),
                      compute_dtype=compute_dtype, sparsity=sparsity,
-                     density=float(held["active_fraction"]) if held else None)
+                     density=float(held["active_fraction"]) if held else None, scales=scales)
 
 
-__all__ = ["GATE_SEGMENTS", "GATE_SPARSITIES", "GateFirst", "gate_info", "load_gate_chooser", "pick_thresholds"]
+__all__ = ["GATE_SEGMENTS", "GATE_SPARSITIES", "GateFirst", "gate_info", "gate_scale_bytes", "load_gate_chooser", "pick_thresholds"]

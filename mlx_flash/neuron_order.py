@@ -50,8 +50,19 @@ from .neuron_cache import CachePolicy, LayerCache, ReadModel, hot_ids
 from .predictor import (PREDICTOR_FILE, PredictorWeights, load_frequencies, load_predictors, predictor_info,
                         save_predictors)
 from .progress import ProgressCallback, report, scaled
-from .storage.format import (MANIFEST_FILE, encode_neuron_order, file_checksum, neuron_perms, open_flash,
-                             validate_manifest, verify_checksums, write_permuted_ffn)
+from .storage.format import (
+    MANIFEST_FILE,
+    UPDOWN_FIELD,
+    UPDOWN_FILE,
+    encode_neuron_order,
+    file_checksum,
+    neuron_perms,
+    open_flash,
+    validate_manifest,
+    verify_checksums,
+    write_permuted_ffn,
+    write_updown,
+)
 from .storage.reader import coalesced_runs
 from .traces import Trace
 
@@ -303,7 +314,8 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
     try:
         tmp = build.tmp
         for f in sorted(root.iterdir()):
-            if f.is_file() and f.name not in (m.ffn_file, MANIFEST_FILE) and (pfile is None or f != pfile):
+            if (f.is_file() and f.name not in (m.ffn_file, MANIFEST_FILE, UPDOWN_FILE)
+                    and (pfile is None or f != pfile)):
                 _link_or_copy(f, tmp / f.name)
         m.layers = write_permuted_ffn(files, perms, tmp / m.ffn_file, progress=scaled(progress, 0.0, 0.6))
         if calibration is not None or (pfile is not None and pfile.is_file()):
@@ -314,7 +326,8 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
             pm = [mx.array(perms[i]) for i in range(m.num_layers)]
             w = PredictorWeights(list(w.A), [mx.take(B, p, axis=1) for B, p in zip(w.B, pm)],
                                  [mx.take(b, p, axis=0) for b, p in zip(w.b, pm)],
-                                 None if w.frequencies is None else np.take_along_axis(w.frequencies, perms, axis=1))
+                                 None if w.frequencies is None else np.take_along_axis(w.frequencies, perms, axis=1),
+                                 None if w.gate_scales is None else np.take_along_axis(w.gate_scales, perms, axis=1))
             mx.eval(w.B, w.b)
             new_id = uuid.uuid4().hex
             save_predictors(tmp / pfile.name, w, file_id=new_id)
@@ -323,8 +336,12 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
         identity = bool((total == np.arange(m.intermediate_size)[None, :]).all())
         m.neuron_order = None if identity else encode_neuron_order(
             total, method, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **info)
+        split = m.extra.pop(UPDOWN_FIELD, None)  # gate-first's up/down side file follows ffn.bin: rewritten
         validate_manifest(m, str(root / MANIFEST_FILE))
         m.save(tmp / MANIFEST_FILE)
+        if split is not None:
+            report(progress, 0.65, "up/down side file")
+            write_updown(open_flash(tmp), split["drop"])
         report(progress, 0.7, "checking the checksums")
         verify_checksums(open_flash(tmp), progress=scaled(progress, 0.7, 0.999))
         report(progress, 1.0, "publishing")  # the last chance to cancel

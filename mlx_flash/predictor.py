@@ -20,7 +20,8 @@ On disk: ``predictors.safetensors`` in the flash folder —
 ``layers.{i}.A`` (hidden, r), ``layers.{i}.B`` (r, n), ``layers.{i}.b`` (n,) in the
 stored dtype (float16 by default), ``frequencies`` (num_layers, n) float32 (how
 often each neuron is active on the calibration text: the hot-neuron cache policy
-uses it), and safetensors metadata ``format``/``version``/``id``. The manifest's
+uses it), ``gate_scales`` (num_layers, n) float32 (gate-first's per-neuron scales,
+``gate_first.py``; absent in older files), and safetensors metadata ``format``/``version``/``id``. The manifest's
 ``predictors`` field describes them (rank, sparsity, thresholds, cutoffs per
 recall target, training loss, held-out recall/precision, bytes, calibration
 source, created, and the same ``id``: a predictor file that does not belong to
@@ -63,6 +64,7 @@ class PredictorWeights:
     B: List[mx.array]  # (r, n)
     b: List[mx.array]  # (n,)
     frequencies: Optional[np.ndarray] = None  # (num_layers, n) float32
+    gate_scales: Optional[np.ndarray] = None  # (num_layers, n) float32: gate-first's per-neuron scales
 
     @property
     def num_layers(self) -> int:
@@ -118,6 +120,8 @@ def save_predictors(path: Union[str, Path], weights: PredictorWeights, *, file_i
         arrays[f"layers.{i}.b"] = weights.b[i]
     if weights.frequencies is not None:
         arrays["frequencies"] = mx.array(np.asarray(weights.frequencies, dtype=np.float32))
+    if weights.gate_scales is not None:
+        arrays["gate_scales"] = mx.array(np.asarray(weights.gate_scales, dtype=np.float32))
     meta = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "id": file_id,
             "num_layers": str(weights.num_layers), "rank": str(weights.rank)}
     meta.update(extra_metadata or {})
@@ -179,8 +183,14 @@ def load_predictors(path: Union[str, Path], *, num_layers: int, hidden_size: int
             raise PredictorError(f"{path}: frequencies has shape {tuple(freq.shape)}, expected "
                                  f"{(num_layers, n_neurons)}")
         freq = np.array(freq.astype(mx.float32))
+    scales = arrays.get("gate_scales")
+    if scales is not None:
+        if tuple(scales.shape) != (num_layers, n_neurons):
+            raise PredictorError(f"{path}: gate_scales has shape {tuple(scales.shape)}, expected "
+                                 f"{(num_layers, n_neurons)}")
+        scales = np.array(scales.astype(mx.float32))
     mx.eval(A, B, b)
-    return PredictorWeights(A, B, b, freq)
+    return PredictorWeights(A, B, b, freq, scales)
 
 
 # --------------------------------------------------------------------------- chooser
@@ -313,6 +323,19 @@ def load_frequencies(files) -> Optional[np.ndarray]:
     return weights.frequencies
 
 
+def load_gate_scales(files) -> Optional[np.ndarray]:
+    """Gate-first's calibrated per-neuron scales ``(num_layers, n)`` float32 (``gate_first.py``),
+    or None when the model has no predictors or an older calibration stored none."""
+    if not has_predictors(files):
+        return None
+    m = files.manifest
+    info = predictor_info(m)
+    path = Path(files.root) / str(info.get("file", PREDICTOR_FILE))
+    weights = load_predictors(path, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                              n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))
+    return weights.gate_scales
+
+
 __all__ = [
     "CALIBRATE_HINT",
     "DEFAULT_RANK",
@@ -324,6 +347,7 @@ __all__ = [
     "RECALL_TARGETS",
     "has_predictors",
     "load_frequencies",
+    "load_gate_scales",
     "load_predictor_chooser",
     "load_predictors",
     "predictor_info",

@@ -16,7 +16,7 @@ from mlx_flash.calibrate import (Collector, calibrate, generate_and_collect, ins
 from mlx_flash.evaluate import evaluate
 from mlx_flash.predictor import PREDICTOR_FILE, load_predictor_chooser
 from mlx_flash.progress import Cancelled
-from mlx_flash.storage.format import open_flash
+from mlx_flash.storage.format import UPDOWN_FILE, open_flash
 from tests.tiny import make_tiny_flash
 
 PROMPTS = ["hi", "what is the time?", "tell me about cats", "please help me", "a story", "the end"]
@@ -90,7 +90,9 @@ def test_cancel_leaves_nothing_behind(tiny, tmp_path):
     calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS,
               progress=lambda f, m: seen.append(f))
     after = _snapshot(flash)
-    assert set(after) - set(before) == {PREDICTOR_FILE}
+    passed = open_flash(flash).manifest.predictors["gate_first"]["perplexity"]["passed"]
+    # plus gate-first's up/down side file when gate-first kept quality (storage.format.write_updown)
+    assert set(after) - set(before) == ({PREDICTOR_FILE, UPDOWN_FILE} if passed else {PREDICTOR_FILE})
     assert sorted(k for k in before if before[k] != after[k]) == ["ffn.bin", "manifest.json"]
     assert seen[-1] == 1.0 and seen == sorted(seen)
 

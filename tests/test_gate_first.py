@@ -124,6 +124,18 @@ def test_auto_records_its_measured_choice(tmp_path):
     assert all(len(v) == LAYERS for v in rec["thresholds"].values())
     fr = [rec["held_out"][k]["active_fraction"] for k in sorted(rec["held_out"], key=float)]
     assert fr == sorted(fr, reverse=True)  # more sparsity, fewer neurons
+    # the scaled criterion's per-neuron scales are in the predictor file; the sparsity is chosen by
+    # held-out perplexity (binary search: the chosen one and the ones it tried are recorded)
+    from mlx_flash.predictor import load_gate_scales
+    from mlx_flash.storage.format import updown_files
+
+    assert rec["criterion"] == "scaled"
+    sc = load_gate_scales(open_flash(flash))
+    assert sc.shape == (LAYERS, FFN) and (sc > 0).all()
+    ppl = rec["perplexity"]
+    assert ppl["dense"] > 1 and str(rec["sparsity"]) in ppl["gate"] and rec["why"]
+    assert ppl["passed"] == (ppl["gate"][str(rec["sparsity"])] <= ppl["dense"] * (1 + ppl["tolerance"]))
+    assert (updown_files(open_flash(flash)) is not None) == ppl["passed"]  # the side file only when it passed
     e = load(flash, FlashConfig(active="auto", budget=0.7))
     try:
         info = e.active_info
@@ -131,6 +143,10 @@ def test_auto_records_its_measured_choice(tmp_path):
         cands = info["candidates"]
         assert {"all", "predictor"} <= set(cands) and info["reason"]
         assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
+        if ppl["passed"]:  # admitted by its measured quality, which the record says
+            assert "perplexity" in cands["gate"]["quality"]
+        else:
+            assert "gate" not in cands and "gate-first left out: held-out perplexity" in info["reason"]
     finally:
         e.close()
 
@@ -156,3 +172,100 @@ def test_pipelined_gate_first_equals_serial(tmp_path, quantized):
             e.close()
     assert runs[True][0] == runs[False][0]
     assert runs[True][1] > 0 and runs[False][1] == 0
+
+
+def test_scaled_rule_is_gate_times_scale(tiny):
+    """The calibrated criterion: |silu(gate x)| * per-neuron scale > threshold; scales count as resident."""
+    files = open_flash(tiny)
+    gates = [{k: v for k, v in read_layer_segments(files, i).items() if k in GATE_SEGMENTS} for i in range(LAYERS)]
+    rng = np.random.default_rng(3)
+    scales = [rng.uniform(0.1, 3.0, FFN).astype(np.float32) for _ in range(LAYERS)]
+    thr = [0.2, 0.3]
+    plain, scaled = GateFirst(gates, thr), GateFirst(gates, thr, scales=scales)
+    assert scaled.resident_bytes == plain.resident_bytes + LAYERS * FFN * 4
+    x = mx.random.normal((4, HIDDEN), key=mx.random.key(2))
+    for layer in range(LAYERS):
+        gate = read_layer_weights(files, layer)[0]
+        want = np.abs(np.array(nn.silu(x @ gate.T))) * scales[layer] > thr[layer]
+        ids, mask = scaled.choose(layer, x)
+        assert np.array_equal(ids, np.flatnonzero(want.any(axis=0))) and np.array_equal(mask, want[:, ids])
+        assert not np.array_equal(ids, plain.choose(layer, x)[0])  # the scales change the choice
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
+    from mlx_flash.storage.format import (UPDOWN_FILE, bundle_segments, convert_to_flash, updown_files,
+                                          updown_segments, write_updown)
+    from mlx_flash.storage.reader import FlashReader
+
+    src = make_tiny_llama(tmp_path / "src", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=9)
+    if quantized:
+        src = quantize_tiny(src, tmp_path / "q4")
+    flash = convert_to_flash(src, tmp_path / "m.flash")
+    files = open_flash(flash)
+    assert updown_files(files) is None  # a folder without the side file (older folders) loads as before
+    write_updown(files, GATE_SEGMENTS)
+    files = open_flash(flash)  # the manifest keeps the old fields and gains the side file's record
+    split = updown_files(files)
+    m = files.manifest
+    keep = [(a, b) for n, a, b, _ in bundle_segments(m) if n not in GATE_SEGMENTS]
+    row = sum(b - a for a, b in keep)
+    assert split.manifest.bundle_bytes == row < m.bundle_bytes and split.ffn_path.name == UPDOWN_FILE
+    assert [n for n, *_ in updown_segments(m, GATE_SEGMENTS)] == [n for n, *_ in bundle_segments(m)
+                                                                  if n not in GATE_SEGMENTS]
+    ids = np.array([0, 3, 4, 77, FFN - 1])
+    with FlashReader(files, threads=2, direct=False) as full, FlashReader(split, threads=2, direct=False) as ud:
+        for layer in range(LAYERS):
+            a = np.zeros((len(ids), m.bundle_bytes), np.uint8)
+            b = np.zeros((len(ids), row), np.uint8)
+            full.read(layer, ids, a)
+            st = ud.read(layer, ids, b)
+            assert np.array_equal(b, np.concatenate([a[:, x:y] for x, y in keep], axis=1))
+            assert st.bytes_useful == len(ids) * row
+    from mlx_flash.storage.format import LayerHasher
+
+    with LayerHasher(split, direct=False) as h:
+        for layer in range(LAYERS):
+            h.verify(layer)
+    from mlx_flash.storage.format import ChecksumError, verify_checksums
+
+    assert f"{UPDOWN_FILE} ({LAYERS} layers)" in verify_checksums(files)  # `mlx-flash verify` checks it too
+    with open(split.ffn_path, "r+b") as f:  # one flipped byte in layer 1's region
+        f.seek(split.manifest.layers[1].offset + 5)
+        byte = f.read(1)
+        f.seek(split.manifest.layers[1].offset + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="layer 1"):
+        verify_checksums(files)
+    # written from other ffn.bin contents (stale): ignored
+    man = Manifest.load(flash)
+    man.extra["updown"]["source_checksums"][0] = "0" * 128
+    man.save(flash)
+    assert updown_files(open_flash(flash)) is None
+
+
+def test_gate_first_with_the_side_file_equals_without(tmp_path):
+    """Reading up/down rows from the side file changes the bytes read, not the tokens."""
+    from mlx_flash.storage.format import convert_to_flash, write_updown
+
+    src = quantize_tiny(make_tiny_llama(tmp_path / "src", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32",
+                                        seed=6), tmp_path / "q4")
+    flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * LAYERS)
+    runs = {}
+    for split in (False, True):
+        if split:
+            write_updown(open_flash(flash), GATE_SEGMENTS)
+        e = load(flash, FlashConfig(active="gate", budget=0.5, scratch_neurons=16, threads=2))
+        try:
+            assert any("ffn_updown.bin" in n for n in e.notes) == split
+            rs = list(e.stream_generate("hello there", 6))
+            c = e.counters
+            m = e.files.manifest
+            budget = FlashConfig(budget=0.5).budget_bytes(m.ffn_bytes_total)
+            assert e.cache.capacity_bytes + e.chooser.resident_bytes <= budget  # never over the budget
+            assert c.bytes_useful > 0
+            runs[split] = ([r.token for r in rs], e.reader.bundle_bytes)
+        finally:
+            e.close()
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] < runs[False][1]  # a miss reads up/down bytes only

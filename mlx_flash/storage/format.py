@@ -712,6 +712,13 @@ def verify_checksums(files: FlashFiles, progress: Optional[ProgressCallback] = N
             hasher.verify(i)
             done += e.size
     checked.append(f"{m.ffn_file} ({m.num_layers} layers)")
+    split = updown_files(files)  # gate-first's up/down side file, when the folder has one
+    if split is not None:
+        with LayerHasher(split) as hasher:
+            for i in range(m.num_layers):
+                report(progress, 1.0, f"checking {split.manifest.ffn_file} layer {i + 1}/{m.num_layers}")
+                hasher.verify(i)
+        checked.append(f"{split.manifest.ffn_file} ({m.num_layers} layers)")
     report(progress, 1.0, "checksums ok")
     return checked
 
@@ -1353,6 +1360,99 @@ def _clear_mlx_cache() -> None:
         clear()
 
 
+# --------------------------------------------------------------------------- up/down side file
+UPDOWN_FILE = "ffn_updown.bin"
+UPDOWN_FIELD = "updown"
+"""Manifest field (kept by older code as an unknown field) of the optional up/down side file:
+``{"file", "drop", "bundle_bytes", "size", "layers": [{offset, size, checksum}],
+"source_checksums"}``. The side file holds, per layer and neuron, the bundle's segments
+without the ``drop`` ones (a gate-first chooser's gate part, resident in memory), in bundle
+order, each layer region aligned like ``ffn.bin``: a gate-first miss then reads up/down
+bytes only (the bundles' gate bytes are neither read nor in the coalesced gaps)."""
+
+
+def updown_segments(manifest: Manifest, drop) -> List[Tuple[str, int, int, str]]:
+    """:func:`bundle_segments` without the ``drop`` names, re-based: the row layout of the
+    up/down side file (what the neuron cache's rows are made of when it is read)."""
+    out, pos = [], 0
+    for name, a, b, dt in bundle_segments(manifest):
+        if name not in drop:
+            out.append((name, pos, pos + (b - a), dt))
+            pos += b - a
+    return out
+
+
+def write_updown(files: FlashFiles, drop, progress: Optional[ProgressCallback] = None) -> Path:
+    """Write the up/down side file of an opened flash folder (every layer read once from
+    ``ffn.bin`` and verified) atomically, then record it in the manifest (:data:`UPDOWN_FIELD`).
+    ``drop``: the segment names left out (``gate_first.GATE_SEGMENTS``). Returns its path."""
+    from ..atomic import atomic_path
+
+    m = files.manifest
+    segs = updown_segments(m, drop)
+    if not segs or len(segs) == len(bundle_segments(m)):
+        raise ValueError(f"dropping {sorted(drop)} from {[n for n, *_ in bundle_segments(m)]} leaves no split")
+    keep = [(a, b) for name, a, b, _ in bundle_segments(m) if name not in drop]
+    row = segs[-1][2]
+    layers, pos = [], 0
+    path = files.root / UPDOWN_FILE
+    with atomic_path(path, suffix=".tmp.bin") as tmp:
+        with open(tmp, "wb") as f:
+            for i in range(m.num_layers):
+                report(progress, i / m.num_layers, f"writing {UPDOWN_FILE}: layer {i + 1}/{m.num_layers}")
+                raw = _read_layer_raw(files, i)
+                block = np.ascontiguousarray(np.concatenate([raw[:, a:b] for a, b in keep], axis=1))
+                f.write(b"\0" * (_align(pos) - pos))
+                pos = _align(pos)
+                f.write(block.tobytes())
+                layers.append({"offset": pos, "size": int(block.nbytes),
+                               "checksum": hashlib.blake2b(memoryview(block).cast("B")).hexdigest()})
+                pos += block.nbytes
+            f.write(b"\0" * (_align(pos) - pos))
+            pos = _align(pos)
+    fresh = Manifest.load(files.root)
+    fresh.extra[UPDOWN_FIELD] = {"file": UPDOWN_FILE, "drop": sorted(drop), "bundle_bytes": int(row),
+                                 "size": int(pos), "layers": layers,
+                                 "source_checksums": [e.checksum for e in m.layers]}
+    fresh.save(files.root)
+    report(progress, 1.0, f"{UPDOWN_FILE} written")
+    return path
+
+
+def updown_files(files: FlashFiles) -> Optional[FlashFiles]:
+    """The up/down side file as a :class:`FlashFiles` for ``FlashReader`` and ``LayerHasher``
+    (its manifest's ``bundle_bytes``, ``layers``, ``ffn_size`` and ``ffn_file`` are the side
+    file's; nothing else reads it), or None when the folder has none or it was written from
+    other ``ffn.bin`` contents (stale: its ``source_checksums`` differ from the layers').
+    A recorded file that is missing or has the wrong size is a :class:`FlashFormatError`."""
+    m = files.manifest
+    info = m.extra.get(UPDOWN_FIELD)
+    if not isinstance(info, Mapping):
+        return None
+    where = str(files.root / MANIFEST_FILE)
+    try:
+        drop, row, size, entries = list(info["drop"]), int(info["bundle_bytes"]), int(info["size"]), info["layers"]
+        src = list(info["source_checksums"])
+        layers = [LayerEntry(int(e["offset"]), int(e["size"]), str(e["checksum"])) for e in entries]
+        name = _plain_name(str(info["file"]), f"{UPDOWN_FIELD}.file", where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FlashFormatError(f"{where}: field '{UPDOWN_FIELD}' is malformed ({e!r})") from None
+    if src != [e.checksum for e in m.layers]:
+        return None
+    segs = updown_segments(m, drop)
+    if not segs or segs[-1][2] != row or len(layers) != m.num_layers or any(
+            e.size != row * m.intermediate_size or e.offset % m.alignment for e in layers):
+        raise FlashFormatError(f"{where}: field '{UPDOWN_FIELD}' does not match the bundle layout")
+    path = files.root / name
+    if not path.is_file() or path.stat().st_size != size:
+        raise FlashFormatError(f"{path}: {name} is missing or has the wrong size (manifest field "
+                               f"'{UPDOWN_FIELD}.size' says {size})")
+    from dataclasses import replace
+
+    view = replace(m, bundle_bytes=row, layers=layers, ffn_size=size, ffn_file=name)
+    return FlashFiles(root=files.root, manifest=view, ffn_path=path, dense_path=files.dense_path)
+
+
 def _align(n: int, a: int = ALIGNMENT) -> int:
     return -(-n // a) * a
 
@@ -1395,4 +1495,8 @@ __all__ = [
     "validate_manifest",
     "verify_checksums",
     "write_flash",
+    "UPDOWN_FILE",
+    "updown_files",
+    "updown_segments",
+    "write_updown",
 ]
