@@ -427,6 +427,8 @@ def cmd_bench(args) -> int:
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
                        direct_io=not args.no_direct_io, pipeline=args.pipeline)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
+    if args.ttft_only:
+        return _bench_ttft(args, path, base, configs, None)
     report = run_bench(
         path,
         budget=parse_budget(args.budget),
@@ -449,6 +451,8 @@ def cmd_bench(args) -> int:
     )
     text = format_table(report)
     print(text)
+    if args.ttft:
+        return _bench_ttft(args, path, base, configs, (report, text))
     if args.json:
         print(f"wrote {report.save_json(args.json)}", file=sys.stderr)
     if args.text:
@@ -458,6 +462,44 @@ def cmd_bench(args) -> int:
         print(f"wrote {out}", file=sys.stderr)
     if args.plots:
         for p in save_plots(report, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def _bench_ttft(args, path, base: FlashConfig, configs, done) -> int:
+    """The speed test's time-to-first-token section (``bench --ttft``), alone (``--ttft-only``)
+    or after the main report (``done``: the report and its text): printed, and added to the
+    --json / --text outputs (JSON: the report's fields plus ``ttft``)."""
+    import json
+
+    from .bench import TTFT_CONFIGS, TTFT_LENGTHS, format_ttft, run_ttft
+    from .progress import tqdm_callback
+
+    lengths = [int(x) for x in args.ttft.split(",") if x.strip()] if args.ttft else list(TTFT_LENGTHS)
+    if configs is None or done is not None:
+        configs = list(TTFT_CONFIGS)
+    res = run_ttft(path, lengths=lengths, configs=configs, budget=parse_budget(args.budget),
+                   repeats=args.ttft_repeats, flash_config=base,
+                   progress=tqdm_callback("time to first token", disable=args.quiet))
+    lines = format_ttft(res)
+    print("\n".join(lines))
+    data = done[0].to_dict() if done is not None else {}
+    data["ttft"] = res
+    text = (done[1] + "\n" if done is not None else "") + "\n".join(lines)
+    if args.json:
+        out = Path(args.json).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.text:
+        out = Path(args.text).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plots and done is not None:
+        from .bench import save_plots
+
+        for p in save_plots(done[0], args.plots):
             print(f"wrote {p}", file=sys.stderr)
     return 0
 
@@ -570,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no second run of each flash row with pipelined layers the other way")
     b.add_argument("--pipeline", action="store_true",
                    help="the main flash rows with pipelined layers (their twins serial)")
+    b.add_argument("--ttft", default=None, metavar="LENGTHS",
+                   help="add the time-to-first-token section: prompt lengths in tokens, e.g. 16,128,1024 "
+                        "(dense, naive, predictor, auto)")
+    b.add_argument("--ttft-only", action="store_true",
+                   help="only the time-to-first-token section (--ttft lengths, default 16,128,1024; "
+                        "--configs chooses the configurations)")
+    b.add_argument("--ttft-repeats", type=int, default=3, help="runs per prompt length and configuration (median)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")
