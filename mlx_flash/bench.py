@@ -806,7 +806,8 @@ def run_bench(
                random model of that FFN shape with ``shape_gib`` GiB of FFN, driven by
                the active sets the flash-oracle run recorded (or ``trace``: a Trace
                or a path); ``shape_tokens`` tokens (default: ``tokens``, at most the
-               trace's length).
+               trace's length: one per generated token after the first, which the
+               prompt's last chunk computes).
     probe:     True: the disk's cached probe (measured once per machine,
                ``probe_kwargs`` go to ``cached_probe``); a ProbeResult; False: none.
     ppl_tokens: tokens of the reference text for perplexity (0: no perplexity);
