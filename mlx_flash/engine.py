@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
