@@ -119,7 +119,12 @@ def test_prompt_chunks_and_stop(tiny):
     for step in (1, 5, 15, 16):
         assert [s.token for s in eng.generate_step(PROMPT, 6, prefill_step=step)] == ref, step
     calls = []
-    assert list(eng.generate_step(PROMPT, 6, prefill_step=4, should_stop=lambda: calls.append(1) or len(calls) > 2)) == []
+
+    def stop_at_third_chunk() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    assert list(eng.generate_step(PROMPT, 6, prefill_step=4, should_stop=stop_at_third_chunk)) == []
     assert len(calls) == 3
     with pytest.raises(ValueError, match="empty prompt"):
         list(eng.generate_step([], 3))
