@@ -143,3 +143,21 @@ def test_ttft_section_records_each_prompt_length(tiny):
     # dense and naive flash read the same prompt exactly: the same first token
     by = {(r["config"], r["prompt_tokens"]): r["first_token"] for r in res["rows"]}
     assert by[("dense", 4)] == by[("naive flash", 4)] and by[("dense", 24)] == by[("naive flash", 24)]
+
+
+def test_cli_bench_ttft_only(tmp_path, monkeypatch, capsys):
+    import json
+
+    from mlx_flash.cli import main
+    from tests.tiny import make_tiny_flash
+
+    monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
+    flash = make_tiny_flash(tmp_path / "f", dtype="float32")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(flash), "--ttft-only", "--ttft", "3,9", "--configs", "dense,naive",
+                 "--ttft-repeats", "1", "--json", str(out / "ttft.json"), "--text", str(out / "ttft.md"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "Time to first token" in printed and "| naive flash |" in printed
+    data = json.loads((out / "ttft.json").read_text())["ttft"]
+    assert data["lengths"] == [3, 9] and len(data["rows"]) == 4
+    assert "| 3 tokens | 9 tokens |" in (out / "ttft.md").read_text()
