@@ -12,7 +12,19 @@ from typing import List, Optional
 
 from . import default_model, paths, platform_blas
 from .atomic import atomic_write_text, clean_stale, destination_lock
-from .bench import POLICIES, default_flash_model, format_order, format_table, run_bench, run_order_bench, save_plots
+from .bench import (
+    POLICIES,
+    TTFT_CONFIGS,
+    TTFT_LENGTHS,
+    default_flash_model,
+    format_order,
+    format_table,
+    format_ttft,
+    run_bench,
+    run_order_bench,
+    run_ttft,
+    save_plots,
+)
 from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS, auto_tokens, calibrate
 from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
 from .library import convert_any, scan_library
@@ -429,6 +441,8 @@ def cmd_bench(args) -> int:
     if args.order:
         return _bench_order(args, path, base)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
+    if args.ttft_only:
+        return _bench_ttft(args, path, base, configs, None)
     report = run_bench(
         path,
         budget=parse_budget(args.budget),
@@ -453,6 +467,8 @@ def cmd_bench(args) -> int:
     )
     text = format_table(report)
     print(text)
+    if args.ttft:
+        return _bench_ttft(args, path, base, configs, (report, text))
     if args.json:
         print(f"wrote {report.save_json(args.json)}", file=sys.stderr)
     if args.text:
@@ -479,6 +495,33 @@ def _bench_order(args, path: Path, base: FlashConfig) -> int:
     if args.text:
         atomic_write_text(Path(args.text).expanduser(), text + "\n")
         print(f"wrote {args.text}", file=sys.stderr)
+    return 0
+
+
+def _bench_ttft(args, path, base: FlashConfig, configs, done) -> int:
+    """The speed test's time-to-first-token section (``bench --ttft``), alone (``--ttft-only``)
+    or after the main report (``done``: the report and its text): printed, and added to the
+    --json / --text outputs (JSON: the report's fields plus ``ttft``)."""
+    lengths = [int(x) for x in args.ttft.split(",") if x.strip()] if args.ttft else list(TTFT_LENGTHS)
+    if configs is None or done is not None:
+        configs = list(TTFT_CONFIGS)
+    res = run_ttft(path, lengths=lengths, configs=configs, budget=parse_budget(args.budget),
+                   repeats=args.ttft_repeats, flash_config=base,
+                   progress=tqdm_callback("time to first token", disable=args.quiet))
+    lines = format_ttft(res)
+    print("\n".join(lines))
+    data = done[0].to_dict() if done is not None else {}
+    data["ttft"] = res
+    text = (done[1] + "\n" if done is not None else "") + "\n".join(lines)
+    if args.json:
+        out = atomic_write_text(Path(args.json).expanduser(), json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.text:
+        out = atomic_write_text(Path(args.text).expanduser(), text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plots and done is not None:
+        for p in save_plots(done[0], args.plots):
+            print(f"wrote {p}", file=sys.stderr)
     return 0
 
 
@@ -598,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--order", action="store_true",
                    help="only the neuron-order section: reads per token with the neurons in the source's order "
                         "vs most frequently active first (oracle and predictor traces replayed; --shape too)")
+    b.add_argument("--ttft", default=None, metavar="LENGTHS",
+                   help="add the time-to-first-token section: prompt lengths in tokens, e.g. 16,128,1024 "
+                        "(dense, naive, predictor, auto)")
+    b.add_argument("--ttft-only", action="store_true",
+                   help="only the time-to-first-token section (--ttft lengths, default 16,128,1024; "
+                        "--configs chooses the configurations)")
+    b.add_argument("--ttft-repeats", type=int, default=3, help="runs per prompt length and configuration (median)")
     b.add_argument("--json", default=None, help="write the report as JSON here")
     b.add_argument("--text", default=None, help="write the printed report (Markdown) here")
     b.add_argument("--plots", default=None, help="write PNG plots into this folder")

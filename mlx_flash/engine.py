@@ -1,19 +1,25 @@
 """The engine: load a model (dense mlx-lm folder or flash folder) and stream tokens with Stats.
 
-``load(path, FlashConfig)`` returns an :class:`Engine`; ``Engine.stream_generate``
-yields a :class:`Response` per token (mlx-lm style) whose ``stats`` is the one
-record every front end shows.
+``load(path, FlashConfig)`` returns an :class:`Engine`. Generation has two layers, as in
+mlx-lm: ``Engine.generate_step`` is the token-level generator (reads the prompt in chunks, then
+yields a :class:`Step` per token: id, log-probabilities, :class:`Stats`); ``Engine.stream_generate``
+wraps it into a :class:`Response` per token (text piece, finish reason, the same ``stats``), the
+one record every front end shows.
 
-Prefill: a flash model runs the prompt through the same sparse FFNs in one
-chunked pass per ``prefill_step`` tokens: each chunk reads the union of its
-tokens' active neurons once, and each token uses only its own active neurons
-(per-token masks). Decoding then runs one token at a time.
+Prefill: the prompt runs in chunks of ``prefill_step`` tokens, the last prompt token inside the
+last chunk (its logits alone go through the output head: ``models.<arch>.final_norm``), so the
+first token costs one pass over the weights. With ``FlashConfig.prefill == "all"`` every FFN
+neuron is used: the resident rows as they are, the others read per layer in one large read into a
+transient staging buffer (``NeuronCache.prefill_rows``) and multiplied in one batch. With
+"sparse" each chunk reads the union of its tokens' active neurons once and each token uses only
+its own (per-token masks). Decoding then runs one token at a time.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -50,6 +56,28 @@ class Response:
     stats: Stats
 
 
+@dataclass
+class Step:
+    """One token of :meth:`Engine.generate_step`: its id, the log-probabilities it was sampled
+    from (vocabulary-sized, float), and its :class:`Stats`."""
+
+    token: int
+    logprobs: mx.array
+    stats: Stats
+
+
+class _LastPosition(nn.Module):
+    """Wraps a model's final norm so that only the last position goes on to the output head
+    (the head and what follows it work per position)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return self.norm(h[:, -1:, :])
+
+
 def is_flash_dir(path: Union[str, Path]) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
@@ -79,7 +107,7 @@ class Engine:
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[dict] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
-                 prefetcher=None, active_info: Optional[dict] = None):
+                 prefetcher=None, active_info: Optional[dict] = None, arch_config: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -106,6 +134,8 @@ class Engine:
         # The active-neuron chooser that runs and why (flash only; see choose_active): name, asked,
         # reason, and for "auto" the measured candidates (density, bytes_per_token, capacity, quality).
         self.active_info = active_info
+        self._arch_config = arch_config  # the model's config (models.<arch>.final_norm)
+        self._prefill_rows_bytes = 0  # the transient prefill staging rows while a prompt is read
 
     # ------------------------------------------------------------------ info
     @property
@@ -141,6 +171,7 @@ class Engine:
             n += self.cache.resident_bytes
             if self.prefetcher is not None:
                 n += self.cache.staging_bytes  # pipelined layers' I/O buffers (outside the budget)
+            n += self._prefill_rows_bytes  # exact prefill's staging rows while a prompt is read
         if self.chooser is not None:
             n += self.chooser.resident_bytes
         return n
@@ -153,11 +184,37 @@ class Engine:
         return self._ffns
 
     def _exact_prefill(self, on: bool) -> None:
-        """While reading a prompt with ``FlashConfig.prefill == "all"``: every FFN neuron."""
+        """While reading a prompt with ``FlashConfig.prefill == "all"``: every FFN neuron, the
+        rows the cache does not hold read per layer in one large read into a transient staging
+        buffer (``NeuronCache.prefill_rows``: one layer's non-resident rows, an I/O buffer outside
+        the budget like the pipeline's staging buffers; allocated here, freed when the prompt is
+        read; counted in :meth:`resident_bytes` meanwhile)."""
         if self.config is None or self.config.prefill != "all":
             return
+        rows = self.cache.prefill_rows() if on and self.cache is not None else None
+        self._prefill_rows_bytes = rows.nbytes if rows is not None else 0
         for ffn in self._sparse_ffns():
             ffn._state.all_neurons = on
+            ffn._state.prefill_rows = rows
+
+    @contextmanager
+    def _last_position_only(self):
+        """While active, the model's forward pass puts only the last position through the
+        output head (``models.<arch>.final_norm``; a model without one: every position)."""
+        from .models import get_architecture
+
+        cfg = self._arch_config
+        found = get_architecture(cfg).final_norm(self.model) if cfg is not None else None
+        if found is None:
+            yield
+            return
+        owner, name = found
+        norm = getattr(owner, name)
+        setattr(owner, name, _LastPosition(norm))
+        try:
+            yield
+        finally:
+            setattr(owner, name, norm)
 
     # ------------------------------------------------------------- prompting
     def encode(self, prompt: Prompt, system: Optional[str] = None) -> List[int]:
@@ -176,67 +233,64 @@ class Engine:
         return [int(t) for t in prompt]
 
     # ------------------------------------------------------------ generation
-    def stream_generate(
+    def generate_step(
         self,
-        prompt: Prompt,
+        tokens: Sequence[int],
         max_tokens: int = 256,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        system: Optional[str] = None,
+        sampler: Optional[Callable[[mx.array], mx.array]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         prefill_step: int = 512,
-        seed: Optional[int] = None,
-    ) -> Iterator[Response]:
-        """Yield a :class:`Response` per generated token; the last has a finish_reason."""
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be more than 0 and at most 1, got {top_p}")
-        tokens = self.encode(prompt, system)
+    ) -> Iterator[Step]:
+        """The token-level generator (mlx-lm's ``generate_step``): read prompt ``tokens`` in
+        chunks of ``prefill_step``, then yield a :class:`Step` per generated token (at most
+        ``max_tokens``; end-of-sequence is the caller's business). The last prompt token runs
+        inside the last chunk, so the first token's :class:`Stats` cover that chunk and
+        ``Stats.ms_first_token`` is the time from the call to the first token. ``sampler``
+        maps log-probabilities ``(1, vocab)`` to a token (default greedy). ``should_stop`` is
+        asked before each prompt chunk (True: return before any token); after the first token
+        the caller stops by not asking for the next."""
+        tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("empty prompt")
+        if prefill_step < 1:
+            raise ValueError(f"prefill_step must be at least 1, got {prefill_step}")
+        sampler = sampler or make_sampler(temp=0.0)
         notes = list(self.notes)
         if self.context_length and len(tokens) > self.context_length:
             notes.append(f"the prompt has {len(tokens)} tokens, more than this model's context of "
                          f"{self.context_length} (max_position_embeddings): the answer may be poor; "
                          "shorten the prompt or start a new chat")
-        if seed is not None:
-            mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature, top_p=top_p)
         kv = make_prompt_cache(self.model)
-        detok = self.tokenizer.detokenizer
-        detok.reset()
-        eos = set(self.tokenizer.eos_token_ids)
         mx.reset_peak_memory()
 
         tic = time.perf_counter()
         prompt_arr = mx.array(tokens)
+        n_prompt = len(tokens)
+        last = ((n_prompt - 1) // prefill_step) * prefill_step  # start of the chunk holding the last token
         self._exact_prefill(True)
         try:
-            for start in range(0, len(tokens) - 1, prefill_step):
+            for start in range(0, last, prefill_step):
                 if should_stop is not None and should_stop():
                     return  # stopped while reading the prompt: nothing generated
-                chunk = prompt_arr[start : min(start + prefill_step, len(tokens) - 1)]
-                self.model(chunk[None], cache=kv)
+                self.model(prompt_arr[start : start + prefill_step][None], cache=kv)
                 mx.eval([c.state for c in kv])
+            if should_stop is not None and should_stop():
+                return
+            before = _copy(self.counters)
+            t0 = time.perf_counter()
+            with self._last_position_only():
+                logits = self.model(prompt_arr[last:][None], cache=kv)[:, -1, :]
+                logprobs = logits - mx.logsumexp(logits, keepdims=True)
+                nxt = sampler(logprobs)
+                mx.eval(nxt, logprobs)
         finally:
             self._exact_prefill(False)
-        y = prompt_arr[-1:]
         prompt_time = None
         gen_tic = None
         hits = active = 0
         n = 0
-        token = -1
-        finish = None
         while True:
-            before = _copy(self.counters)
-            t0 = time.perf_counter()
-            logits = self.model(y[None], cache=kv)[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            nxt = sampler(logprobs)
             token = int(nxt.item())
             t1 = time.perf_counter()
             if prompt_time is None:
@@ -271,29 +325,67 @@ class Engine:
                 peak_memory=mx.get_peak_memory(),
                 process_rss=process_rss(),
                 tokens_per_s=(n - 1) / (t1 - gen_tic) if n > 1 and t1 > gen_tic else 1e3 / ms_total,
-                prompt_tokens=len(tokens),
-                prompt_tps=len(tokens) / prompt_time if prompt_time else 0.0,
+                prompt_tokens=n_prompt,
+                prompt_tps=n_prompt / prompt_time if prompt_time else 0.0,
                 ms_first_token=prompt_time * 1e3,
                 mode=self.mode,
                 notes=notes,
             )
+            yield Step(token, logprobs[0], stats)
+            if n >= max_tokens:
+                return
+            before = _copy(self.counters)
+            t0 = time.perf_counter()
+            logits = self.model(nxt.reshape(1, 1), cache=kv)[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            nxt = sampler(logprobs)
+            mx.eval(nxt, logprobs)
+
+    def stream_generate(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        system: Optional[str] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        prefill_step: int = 512,
+        seed: Optional[int] = None,
+    ) -> Iterator[Response]:
+        """Yield a :class:`Response` per generated token (:meth:`generate_step`'s tokens as
+        text); the last has a finish_reason ("stop": end of sequence, "length", "cancelled")."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be more than 0 and at most 1, got {top_p}")
+        tokens = self.encode(prompt, system)
+        if not tokens:
+            raise ValueError("empty prompt")
+        if seed is not None:
+            mx.random.seed(seed)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        eos = set(self.tokenizer.eos_token_ids)
+        n = 0
+        for step in self.generate_step(tokens, max_tokens, sampler=make_sampler(temp=temperature, top_p=top_p),
+                                       should_stop=should_stop, prefill_step=prefill_step):
+            n += 1
+            token = step.token
             if token in eos:
-                finish = "stop"
-            elif n >= max_tokens:
-                finish = "length"
-            elif should_stop is not None and should_stop():
-                finish = "cancelled"
-            if finish == "stop":
                 detok.finalize()
-                yield Response(detok.last_segment, token, finish, stats)
+                yield Response(detok.last_segment, token, "stop", step.stats)
                 return
             detok.add_token(token)
+            finish = ("length" if n >= max_tokens else
+                      "cancelled" if should_stop is not None and should_stop() else None)
             if finish is not None:
                 detok.finalize()
-                yield Response(detok.last_segment, token, finish, stats)
+                yield Response(detok.last_segment, token, finish, step.stats)
                 return
-            yield Response(detok.last_segment, token, None, stats)
-            y = nxt.reshape(1)
+            yield Response(detok.last_segment, token, None, step.stats)
 
     def generate(self, prompt: Prompt, max_tokens: int = 256, **kw) -> str:
         return "".join(r.text for r in self.stream_generate(prompt, max_tokens, **kw))
@@ -409,7 +501,8 @@ def _load_dense(path: Path) -> Engine:
 
         cast_floats(model, compute_dtype(mx.float16))
         fast_cpu_modules(model)
-    return Engine(model, tokenizer, path, None, context_length=config.get("max_position_embeddings"))
+    return Engine(model, tokenizer, path, None, context_length=config.get("max_position_embeddings"),
+                  arch_config=config)
 
 
 def _fmt_mb(n: int) -> str:
@@ -676,13 +769,13 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             if isinstance(mod, DenseFFN):
                 dense_weights.update({f"{name}.{k}": v for k, v in tree_flatten(mod.parameters())})
         load_dense_part(model)
-        return Engine(model, tokenizer, path, None, context_length=context)
+        return Engine(model, tokenizer, path, None, context_length=context, arch_config=arch_cfg)
     if dense:
         model = arch.build(arch_cfg)
         for i in range(m.num_layers):
             dense_weights.update(ffn_state_dict(files, i))
         load_dense_part(model)
-        return Engine(model, tokenizer, path, None, context_length=context)
+        return Engine(model, tokenizer, path, None, context_length=context, arch_config=arch_cfg)
 
     threads, chunk = config.threads, config.chunk_bytes
     if not threads or not chunk:
@@ -770,7 +863,8 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     verifier.raise_if_failed()  # a layer found corrupt while loading: fail the load, not a token
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
-                  context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info)
+                  context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info,
+                  arch_config=arch_cfg)
 
 def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
     """``config.max_gap_bytes``, or when None the disk probe's (``probe.load_cached_gap``)."""

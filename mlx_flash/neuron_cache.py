@@ -536,6 +536,7 @@ class NeuronCache:
         self.dtype = first.dtype
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout, drop)
+        self._layout, self._drop = layout, tuple(drop)
         # pipelined layers (mlx_flash.pipeline): two host buffers of whole on-disk bundles (gate rows
         # included even when a gate-first chooser's cache drops them) the prefetch reads into
         self.disk_bundle_bytes = first.rows.bundle_bytes
@@ -608,6 +609,22 @@ class NeuronCache:
     def staging_bytes(self) -> int:
         """Both staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
         return 2 * self.staging_neurons * self.disk_bundle_bytes
+
+    @property
+    def prefill_neurons(self) -> int:
+        """Rows of :meth:`prefill_rows`: the most neurons of one layer that a token using every
+        neuron finds neither resident nor room for (``n_neurons - capacity``)."""
+        return max(c.n_neurons - c.capacity for c in self.layers)
+
+    def prefill_rows(self) -> Optional[RowStore]:
+        """A new, transient :class:`RowStore` (the cache's layout) for exact prefill: one layer's
+        non-resident neurons, read in one large read and multiplied in one batch instead of
+        streamed through ``scratch`` in chunks. Like the pipeline's staging buffers it is an
+        I/O buffer outside the budget (the cache keeps the same rows, so the outputs stay the
+        same); the engine holds it only while a prompt is read. None when every layer holds its
+        whole FFN."""
+        k = self.prefill_neurons
+        return RowStore(k, self.bundle_elems, self.dtype, self._layout, self._drop) if k else None
 
     @property
     def resident_bytes(self) -> int:

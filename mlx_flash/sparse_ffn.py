@@ -9,7 +9,9 @@ Per forward pass (see docs/ARCHITECTURE.md):
    swap-deleting neurons outside the sliding window and appends new ones
 3. the reader fills the appended rows straight from disk          (I/O time)
    — active neurons that do not fit in the cache are streamed through the
-   shared scratch buffer in chunks and never cached
+   shared scratch buffer in chunks and never cached; while the engine reads a
+   prompt with every neuron (exact prefill) they are read in one large read into
+   the transient staging rows (``NeuronCache.prefill_rows``) and multiplied in one batch
 4. ``y = down_active · (act(gate_active · x) * (up_active · x))``  (compute time)
 
 The bundle's columns follow ``storage.format.bundle_layout``: per-neuron biases
@@ -178,6 +180,8 @@ class _State:
         self.quant = quant
         self.cdtype = cdtype
         self.all_neurons = False  # set by the engine while it reads a prompt (FlashConfig.prefill == "all")
+        # ... with the transient staging rows (NeuronCache.prefill_rows) the non-resident rows go to
+        self.prefill_rows = None
         self.g = None  # the chooser's gate product of this call (gate-first), else None
         rows = cache.rows
         # Share of a read bundle that is used: all of it, or up/down only when the gate rows are resident.
@@ -279,6 +283,12 @@ class _State:
         served = 0
         if len(plan.load_ids):
             served += self._fill(plan.load_ids, plan.load_dest, staged)
+        overflow = plan.overflow_ids
+        big = self.prefill_rows if self.all_neurons else None
+        if big is not None and len(overflow) > big.rows:  # sized for every layer: not expected; stream then
+            big = None
+        if big is not None and len(overflow):  # exact prefill: every missing row in one read
+            served += self._fill(overflow, big.dest(0, len(overflow)), staged)
         t2 = time.perf_counter()
         c.io_s += t2 - t1
         if pf is not None and self.next_cache is not None:
@@ -317,12 +327,13 @@ class _State:
                                       mx.array(m).astype(xt.dtype), resident)
             else:
                 y = y + self._partial(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order), order)
+        if big is not None and len(overflow):  # ... and one batched product over them
+            y = y + self._partial(xt, self._roles(big, slice(0, len(overflow))), None, overflow)
         mx.eval(y)
         t3 = time.perf_counter()
         c.ffn_compute_s += t3 - t2
 
-        overflow = plan.overflow_ids
-        if len(overflow):
+        if len(overflow) and big is None:
             store = self.scratch
             step = store.rows
             for start in range(0, len(overflow), step):

@@ -40,7 +40,9 @@ class FFNCounters:
 
 @dataclass
 class Stats:
-    """One generated token's numbers (times in milliseconds, sizes in bytes)."""
+    """One generated token's numbers (times in milliseconds, sizes in bytes). The first token
+    (``token_index`` 0) comes out of the prompt's last chunk (``Engine.generate_step``): its
+    per-token figures (ms, bytes, neurons) are that chunk's."""
 
     token_index: int = 0
     ms_total: float = 0.0
@@ -67,7 +69,7 @@ class Stats:
     tokens_per_s: float = 0.0        # generation speed so far
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
-    ms_first_token: float = 0.0      # time to first token: reading the prompt + the first forward pass
+    ms_first_token: float = 0.0      # time to first token: reading the prompt (its last chunk gives the token)
     mode: str = "dense"
     notes: list = field(default_factory=list)  # warnings about this run (Engine.notes + this prompt's)
     extra: dict = field(default_factory=dict)

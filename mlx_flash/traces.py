@@ -257,10 +257,11 @@ def recording(engine) -> Iterator[Trace]:
 
 
 def record(engine, prompt, tokens: int, **generate_kw) -> Trace:
-    """Generate ``tokens`` tokens (greedy unless ``generate_kw`` says otherwise)
-    from ``prompt`` on ``engine`` and return the per-token active sets."""
+    """Generate from ``prompt`` on ``engine`` (greedy unless ``generate_kw`` says otherwise)
+    and return the active sets of ``tokens`` one-token passes (``tokens + 1`` tokens are
+    generated: the first comes from the prompt's last chunk, ``Engine.generate_step``)."""
     with recording(engine) as trace:
-        for _ in engine.stream_generate(prompt, tokens, **generate_kw):
+        for _ in engine.stream_generate(prompt, tokens + 1, **generate_kw):
             pass
     trace.meta["prompt_tokens"] = len(engine.encode(prompt))
     return trace

@@ -182,6 +182,20 @@ def test_flash_every_neuron_equals_mlx_lm(family):
     np.testing.assert_allclose(_logits(dense.model), want, atol=2e-4, rtol=2e-4)
 
 
+def test_last_position_through_the_head_equals_full_logits(family):
+    """The engine's prefill puts only the last prompt position through the output head
+    (``final_norm``): its logits equal the last row of the full forward pass."""
+    _, _, folder = family
+    eng = load(folder)
+    want = _logits(eng.model)[:, -1:]
+    with eng._last_position_only():
+        got = _logits(eng.model)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    step = next(eng.generate_step(TOKENS[0].tolist(), 1))
+    assert step.token == int(np.argmax(want[0, -1]))
+
+
 def test_calibrates_and_generates_with_predictors(family):
     from mlx_flash.calibrate import calibrate
 

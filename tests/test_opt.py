@@ -168,6 +168,9 @@ def test_dense_matches_reference(tmp_path, variant):
     got = np.array(eng.model(mx.array([TOKENS])).astype(mx.float32))[0]
     want = reference_logits(src, TOKENS)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with eng._last_position_only():  # the engine's prefill: only the last position through the head
+        last = np.array(eng.model(mx.array([TOKENS])).astype(mx.float32))[0]
+    np.testing.assert_allclose(last, want[-1:], rtol=1e-4, atol=1e-4)
 
 
 def test_kv_cache_decoding_matches_full_forward(opt):

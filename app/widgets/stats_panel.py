@@ -255,6 +255,9 @@ class StatsPanel(QScrollArea):
         self._dirty = False
         x = np.fromiter(self._x, dtype=float, count=len(self._x))
         a = {k: np.fromiter(v, dtype=float, count=len(v)) for k, v in self._data.items()}
+        if len(x) > 1 and x[0] == 0:  # the first token's figures are the prompt's (its last chunk is read with
+            x = x[1:]                 # that token): shown as "first token", left out of the per-token plots
+            a = {k: v[1:] for k, v in a.items()}
         n = len(x)
         if n == 0:
             for c in (self.c_inst, self.c_tps, self.c_ms0, self.c_ms1, self.c_ms2, self.c_ms3, self.c_overlap, self.c_read,

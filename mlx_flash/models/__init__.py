@@ -12,7 +12,9 @@ One module per architecture family (mlx-lm style). Each module exposes:
   ``ffn_factory(layer_index)`` (a flash ``SparseFFN``) or left dense when
   ``ffn_factory`` is None,
 - ``ffn_input_norm(layer)``: the norm module whose output is that layer's FFN input, or
-  None (the pipelined layers' lookahead, ``mlx_flash.pipeline.lookahead_map``).
+  None (the pipelined layers' lookahead, ``mlx_flash.pipeline.lookahead_map``),
+- ``final_norm(model)``: ``(owner, attribute)`` of the last per-position module before the
+  output head, or None (the engine puts only the last prompt position through the head).
 
 Which families exist is :mod:`mlx_flash.families`'s table (``FAMILIES``); the flash layout of each
 architecture's FFN (bundle parts, biases) lives in ``storage.format.ARCHITECTURES``, built

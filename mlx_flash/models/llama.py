@@ -22,7 +22,7 @@ the same function. ``mlp_bias`` (biases on gate, up and down) is supported.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,6 +100,16 @@ def get_classes(config: dict):
 def ffn_input_norm(layer: nn.Module) -> Optional[nn.Module]:
     """The norm whose output is the FFN's input (the pipeline's lookahead maps between them)."""
     return layer.post_attention_layernorm
+
+
+def final_norm(model: nn.Module) -> Optional[Tuple[nn.Module, str]]:
+    """``(owner, attribute)`` of the norm mlx-lm's inner model applies last (``return
+    self.norm(h)``; everything after it works per position): the engine wraps it so that only
+    the last prompt position goes through the output head. Multimodal wrappers (Gemma 3) hold
+    the text model in ``language_model``."""
+    text = model.language_model if "language_model" in model else model
+    inner = text.model
+    return (inner, "norm") if isinstance(inner, nn.Module) and "norm" in inner else None
 
 
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -219,6 +219,17 @@ def ffn_input_norm(layer: nn.Module) -> Optional[nn.Module]:
     """The norm whose output is the FFN's input: pre-LN layers' ``final_layer_norm``; None
     for post-LN (OPT-350m: the FFN reads the normalised attention output as it is)."""
     return layer.final_layer_norm if layer.pre_ln else None
+
+
+def final_norm(model: nn.Module) -> Optional[Tuple[nn.Module, str]]:
+    """``(owner, attribute)`` of the decoder's last per-position module before the head
+    (``project_out`` when the model has one, else ``final_layer_norm``; None for a model
+    with neither): the engine wraps it so that only the last prompt position reaches the head."""
+    dec = model.model.decoder
+    for name in ("project_out", "final_layer_norm"):
+        if name in dec:
+            return dec, name
+    return None
 
 
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:

@@ -30,9 +30,11 @@ def test_panel_plots_and_numbers(qtbot):
     assert p.series("ms_total") == [10.0, 11.0, 12.0, 13.0, 14.0]
     assert p.series("hit_rate") == [80.0] * 5
     x, y = p.c_ms3.getData()
-    assert list(y) == [10.0, 11.0, 12.0, 13.0, 14.0]  # stacked: predictor + I/O + compute = total
+    # stacked: predictor + I/O + compute = total; token 0 (the prompt's chunk) is the "first token" figure,
+    # not plotted per token
+    assert list(y) == [11.0, 12.0, 13.0, 14.0] and list(x) == [1, 2, 3, 4]
     x, y = p.c_budget.getData()
-    assert list(y) == [20.0] * 5
+    assert list(y) == [20.0] * 4
     assert "50.0" in p.card_tps.value.text()
     assert "10.0 / 20.0" in p.card_mem.value.text()
     assert p.summary["hit"].text() == "75%" and p.summary["active"].text() == "100"
@@ -43,7 +45,7 @@ def test_panel_plots_and_numbers(qtbot):
     p.flush()
     assert p.summary["overlap"].text() == "2 ms" and "behind compute 2.5" in p.card_ms.legend.text()
     assert p.summary["overlap"].isVisible()
-    assert list(p.c_overlap.getData()[1]) == [0.0] * 5 + [2.5]
+    assert list(p.c_overlap.getData()[1]) == [0.0] * 4 + [2.5]
     p.begin()
     p.flush()
     assert p.count == 0 and p.series("ms_total") == []
@@ -64,7 +66,7 @@ def test_panel_receives_updates_during_generation(make_window, qtbot):
     assert any(b > 0 for b in p.series("bytes_read"))
     assert all(r > 0 for r in p.series("process_rss"))
     x, y = p.c_tps.getData()
-    assert len(y) == n
+    assert len(y) == n - 1 and list(x) == list(range(1, n))  # token 0: the prompt's pass ("first token")
     assert p.summary["tokens"].text() == str(n)
 
 
