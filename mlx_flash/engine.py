@@ -201,10 +201,12 @@ class Engine:
     def _last_position_only(self):
         """While active, the model's forward pass puts only the last position through the
         output head (``models.<arch>.final_norm``; a model without one: every position)."""
-        from .models import get_architecture
+        from .models import get_architecture, llama
 
         cfg = self._arch_config
-        found = get_architecture(cfg).final_norm(self.model) if cfg is not None else None
+        found = None
+        if cfg is not None:  # MoE families run mlx-lm's own classes: the same outer layout as llama's
+            found = (llama if is_moe_config(cfg) else get_architecture(cfg)).final_norm(self.model)
         if found is None:
             yield
             return

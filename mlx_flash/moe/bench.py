@@ -49,6 +49,7 @@ from ..stats import FFNCounters
 from ..storage.format import FlashFormatError
 from ..storage.platform_io import drop_page_cache
 from ..storage.reader import FlashReader
+from ..engine import reader_max_gap
 from .engine import expert_compute_dtype
 from .format import MoeFiles, open_moe_flash, write_moe_flash
 from .switch import FlashSwitchGLU, replace_module, switch_modules
@@ -239,7 +240,7 @@ def _replay(files: MoeFiles, trace: np.ndarray, capacity: int, policy: str, freq
         t, c = load_cached_choice(files.root)
         threads, chunk = threads or t, chunk or c
     reader = FlashReader(files.storage_view(), threads=threads, chunk_bytes=max(chunk, m.expert_bytes),
-                         max_gap_bytes=cfg.max_gap_bytes, direct=cfg.direct_io)
+                         max_gap_bytes=reader_max_gap(files.root, cfg, threads), direct=cfg.direct_io)
     counters = FFNCounters()
     glu = SwitchGLU(m.hidden_size, m.expert_intermediate_size, m.num_experts, bias=False)  # shapes only (lazy)
     caches = [LayerCache(m.num_experts, capacity, m.expert_bytes, mx.uint8, cfg.window, True, layout, drop)

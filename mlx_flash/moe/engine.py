@@ -37,7 +37,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import FlashConfig
-from ..engine import Engine, ModelLoadError, _load_tokenizer
+from ..engine import Engine, ModelLoadError, _load_tokenizer, reader_max_gap
 from ..pipeline import Prefetcher
 from ..neuron_cache import HOT_FRACTIONS, CachePolicy, LayerCache, NeuronCache, sample_active_sets, simulate
 from ..progress import ProgressCallback, report
@@ -153,7 +153,7 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
     reader = prefetcher = None
     try:
         reader = FlashReader(view, threads=threads, chunk_bytes=max(chunk, m.expert_bytes),
-                             max_gap_bytes=config.max_gap_bytes, direct=config.direct_io)
+                             max_gap_bytes=reader_max_gap(files.root, config, threads), direct=config.direct_io)
         segs = m.segment_list()
         layout = [(s.name, s.start, s.stop, s.dtype) for s in segs]
         drop = ["pad"] if segs[-1].name == "pad" else []
