@@ -47,11 +47,25 @@ import numpy as np
 
 from .atomic import FolderBuild
 from .neuron_cache import CachePolicy, LayerCache, ReadModel, hot_ids
-from .predictor import (PREDICTOR_FILE, PredictorWeights, load_frequencies, load_predictors, predictor_info,
-                        save_predictors)
+from .predictor import (
+    PREDICTOR_FILE,
+    PredictorWeights,
+    load_frequencies,
+    load_predictors,
+    predictor_info,
+    save_predictors,
+)
 from .progress import ProgressCallback, report, scaled
-from .storage.format import (MANIFEST_FILE, encode_neuron_order, file_checksum, neuron_perms, open_flash,
-                             validate_manifest, verify_checksums, write_permuted_ffn)
+from .storage.format import (
+    MANIFEST_FILE,
+    encode_neuron_order,
+    file_checksum,
+    neuron_perms,
+    open_flash,
+    validate_manifest,
+    verify_checksums,
+    write_permuted_ffn,
+)
 from .storage.reader import coalesced_runs
 from .traces import Trace
 
@@ -329,7 +343,9 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
         verify_checksums(open_flash(tmp), progress=scaled(progress, 0.7, 0.999))
         report(progress, 1.0, "publishing")  # the last chance to cancel
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     return build.publish()
 
 

@@ -38,14 +38,14 @@ import numpy as np
 
 from ..config import FlashConfig
 from ..engine import Engine, ModelLoadError, _load_tokenizer
-from ..pipeline import Prefetcher
 from ..neuron_cache import HOT_FRACTIONS, CachePolicy, LayerCache, NeuronCache, sample_active_sets, simulate
+from ..pipeline import Prefetcher
 from ..progress import ProgressCallback, report
 from ..quantized import compute_dtype, quantize_like
 from ..stats import FFNCounters
 from ..storage.reader import FlashReader
 from ..storage.verify import BackgroundVerifier
-from .format import DENSE_FILE, MoeFiles, open_moe_flash, read_expert_arrays, save_frequencies, tensor_key
+from .format import DENSE_FILE, MoeFiles, open_moe_flash, read_expert_arrays, save_frequencies
 from .switch import FlashSwitchGLU, replace_module, switch_modules
 
 

@@ -47,8 +47,16 @@ import numpy as np
 from ..atomic import FolderBuild, atomic_write_text, fsync_dir
 from ..families import BY_MOE_MODEL_TYPE, MOE_FAMILIES
 from ..progress import ProgressCallback, report, scaled
-from ..storage.format import (ALIGNMENT, ChecksumError, FlashFiles, FlashFormatError, LayerEntry, LayerHasher,
-                              file_checksum, verify_file)
+from ..storage.format import (
+    ALIGNMENT,
+    ChecksumError,
+    FlashFiles,
+    FlashFormatError,
+    LayerEntry,
+    LayerHasher,
+    file_checksum,
+    verify_file,
+)
 from ..storage.platform_io import drop_page_cache, set_nocache
 
 FORMAT = "mlx-flash-moe"
@@ -537,7 +545,9 @@ def write_moe_flash(dst: Union[str, Path], *, config: Dict[str, Any], weights: D
         verify_moe_checksums(open_moe_flash(tmp), progress=scaled(progress, len(mods) / (len(mods) + 1), 0.999))
         report(progress, 1.0, "publishing")
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     return build.publish()
 
 

@@ -318,7 +318,8 @@ class FlashReader:
         lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
         if lo_id < 0 or hi_id >= self.intermediate_size:
             bad = lo_id if lo_id < 0 else hi_id
-            raise IndexError(f"neuron id {bad} out of range for layer {layer}: valid ids are 0..{self.intermediate_size - 1}")
+            raise IndexError(f"neuron id {bad} out of range for layer {layer}: "
+                             f"valid ids are 0..{self.intermediate_size - 1}")
 
         with self._lock:
             plan, dup_rows, dup_src = self._plan(layer, ids_arr)
