@@ -310,8 +310,8 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
     m = files.manifest
     perms = check_perms(perms, m.num_layers, m.intermediate_size)
     total = source_perms(m)[np.arange(m.num_layers)[:, None], perms]
-    pinfo = dict(calibration[1]) if calibration is not None else predictor_info(m)
-    pfile = root / str(pinfo.get("file", PREDICTOR_FILE)) if pinfo else None
+    pinfo: Dict[str, Any] = dict(calibration[1]) if calibration is not None else (predictor_info(m) or {})
+    pfile = root / str(pinfo.get("file", PREDICTOR_FILE)) if pinfo or calibration is not None else None
     need = m.ffn_size + (pfile.stat().st_size if pfile is not None and pfile.is_file() else 0)
     build = FolderBuild(root, overwrite=True, need=need, what=f"the reordered {root.name}")
     try:
@@ -320,7 +320,7 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
             if f.is_file() and f.name not in (m.ffn_file, MANIFEST_FILE) and (pfile is None or f != pfile):
                 _link_or_copy(f, tmp / f.name)
         m.layers = write_permuted_ffn(files, perms, tmp / m.ffn_file, progress=scaled(progress, 0.0, 0.6))
-        if calibration is not None or (pfile is not None and pfile.is_file()):
+        if pfile is not None and (calibration is not None or pfile.is_file()):
             report(progress, 0.6, "predictors")
             w = calibration[0] if calibration is not None else load_predictors(
                 pfile, num_layers=m.num_layers, hidden_size=m.hidden_size, n_neurons=m.intermediate_size,
