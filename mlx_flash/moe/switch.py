@@ -102,15 +102,18 @@ class FlashSwitchGLU(nn.Module):
 
 
 class _State:
+    record: Optional[list]  # routing trace: each call's indices (np) when a list
+    next: Optional[tuple]
+
     def __init__(self, layer, inner, cache, reader, segments, counters, verifier, compute_dtype):
         self.layer, self.inner, self.cache, self.reader = layer, inner, cache, reader
         self.compute_dtype = compute_dtype
         self.segments, self.counters, self.verifier = segments, counters, verifier
-        self.record: Optional[list] = None  # routing trace: each call's indices (np) when a list
+        self.record = None
         # lookahead prefetch (FlashConfig.pipeline; moe.engine wires it): the shared Prefetcher, and for
         # the next MoE layer (layer, router, lookahead map of this layer's input to its, its cache)
         self.prefetcher = None
-        self.next: Optional[tuple] = None
+        self.next = None
         self.counts = np.zeros(cache.n_neurons, dtype=np.int64)  # routed (token, k) pairs per expert
         self.tokens = 0
 
