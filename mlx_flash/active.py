@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Protocol, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 Choice = Tuple[np.ndarray, Optional[np.ndarray]]
@@ -60,8 +61,6 @@ def activation(name: str, param: Optional[float] = None):
     ``relu2`` is squared ReLU; ``drelu`` (TurboSparse's dReLU) applies ReLU to the
     gate here and to the up projection too (see :func:`up_activation`);
     ``fatrelu`` (ProSparse) keeps ``g`` where ``g > param`` and zeroes the rest."""
-    import mlx.nn as nn
-
     t = 0.0 if param is None else float(param)
     table = {
         "silu": nn.silu,
@@ -82,8 +81,6 @@ def activation(name: str, param: Optional[float] = None):
 
 def up_activation(name: str):
     """The activation on the up projection: ReLU for ``drelu``, None (identity) otherwise."""
-    import mlx.nn as nn
-
     return nn.relu if name == "drelu" else None
 
 

@@ -15,6 +15,7 @@ from .calibrate import auto_tokens
 from .calibrate import calibrate as run_calibration
 from .calibrate import calibration_problem as problem
 from .convert.gguf import convert_gguf, output_bytes
+from .neuron_order import order_flash
 from .paths import models_dir
 from .progress import ProgressCallback, report, scaled
 from .storage.format import FlashFormatError, Manifest, convert_to_flash, open_flash, role_quantization
@@ -197,8 +198,6 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
             m.predictors = dict(preds, gate=dict(preds.get("gate") or {}, kept_after_retry=True))
             m.save(folder)
     if calibrate and Manifest.load(folder).neuron_order is None:  # calibrated before neuron ordering
-        from .neuron_order import order_flash
-
         report(progress, 0.0, "ordering the default model's neurons on disk (most frequently active first)")
         order_flash(folder, "hot", progress=scaled(progress, 0.0, 1.0))
     return folder

@@ -29,7 +29,7 @@ from .atomic import (
 )
 from .convert.gguf import convert_gguf, is_gguf, output_bytes, read_gguf_info
 from .families import BY_MODEL_TYPE, BY_MOE_MODEL_TYPE, BY_WRAPPER, family_label, supported_text
-from .moe.format import convert_to_moe_flash, is_moe_flash_dir, open_moe_flash, verify_moe_checksums
+from .moe.format import convert_to_moe_flash, is_moe_config, is_moe_flash_dir, open_moe_flash, verify_moe_checksums
 from .progress import Cancelled, ProgressCallback, report, scaled  # noqa: F401 (Cancelled: re-exported for callers)
 from .quantized import describe as describe_quant
 from .storage.format import (
@@ -276,8 +276,6 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
 
 
 def _is_moe_folder(src: Path) -> bool:
-    from .moe.format import is_moe_config
-
     try:
         return is_moe_config(json.loads((Path(src) / "config.json").read_text()))
     except (OSError, ValueError, AttributeError):
@@ -330,8 +328,6 @@ def check_importable(src: Path) -> str:
         return "gguf"
     if not src.is_dir():
         raise ImportRejected(f"{src} is neither a file nor a folder")
-    from .moe.format import is_moe_flash_dir
-
     if (src / "manifest.json").is_file() or is_moe_flash_dir(src):
         try:
             inspect(src)

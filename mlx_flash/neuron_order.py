@@ -47,8 +47,14 @@ import numpy as np
 
 from .atomic import FolderBuild
 from .neuron_cache import CachePolicy, LayerCache, ReadModel, hot_ids
-from .predictor import (PREDICTOR_FILE, PredictorWeights, load_frequencies, load_predictors, predictor_info,
-                        save_predictors)
+from .predictor import (
+    PREDICTOR_FILE,
+    PredictorWeights,
+    load_frequencies,
+    load_predictors,
+    predictor_info,
+    save_predictors,
+)
 from .progress import ProgressCallback, report, scaled
 from .storage.format import (
     MANIFEST_FILE,
@@ -307,8 +313,8 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
     m = files.manifest
     perms = check_perms(perms, m.num_layers, m.intermediate_size)
     total = source_perms(m)[np.arange(m.num_layers)[:, None], perms]
-    pinfo = dict(calibration[1]) if calibration is not None else predictor_info(m)
-    pfile = root / str(pinfo.get("file", PREDICTOR_FILE)) if pinfo else None
+    pinfo: Dict[str, Any] = dict(calibration[1]) if calibration is not None else (predictor_info(m) or {})
+    pfile = root / str(pinfo.get("file", PREDICTOR_FILE)) if pinfo or calibration is not None else None
     need = m.ffn_size + (pfile.stat().st_size if pfile is not None and pfile.is_file() else 0)
     build = FolderBuild(root, overwrite=True, need=need, what=f"the reordered {root.name}")
     try:
@@ -318,7 +324,7 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
                     and (pfile is None or f != pfile)):
                 _link_or_copy(f, tmp / f.name)
         m.layers = write_permuted_ffn(files, perms, tmp / m.ffn_file, progress=scaled(progress, 0.0, 0.6))
-        if calibration is not None or (pfile is not None and pfile.is_file()):
+        if pfile is not None and (calibration is not None or pfile.is_file()):
             report(progress, 0.6, "predictors")
             w = calibration[0] if calibration is not None else load_predictors(
                 pfile, num_layers=m.num_layers, hidden_size=m.hidden_size, n_neurons=m.intermediate_size,
@@ -346,7 +352,9 @@ def reorder_flash(path: Union[str, Path], perms: np.ndarray, method: str, *,
         verify_checksums(open_flash(tmp), progress=scaled(progress, 0.7, 0.999))
         report(progress, 1.0, "publishing")  # the last chance to cancel
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     return build.publish()
 
 

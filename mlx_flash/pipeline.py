@@ -1,7 +1,7 @@
 """Pipelined layers: the reads of layer l+1 are in flight while layer l computes.
 
-``FlashConfig.pipeline`` (opt-in; off by default: the staging buffers are outside the budget). At layer l the sparse FFN (``sparse_ffn``)
-applies layer l+1's chooser to a *lookahead* input, the hidden state it already
+``FlashConfig.pipeline`` (opt-in; off by default: the staging buffers are outside the budget). At layer l the
+sparse FFN (``sparse_ffn``) applies layer l+1's chooser to a *lookahead* input, the hidden state it already
 has: layer l's FFN input, moved to layer l+1's input norm
 (:func:`lookahead_map`: for an RMSNorm ``x * w[l+1] / w[l]`` is the same residual
 stream normalised with layer l+1's weights; it misses layer l's FFN output and layer

@@ -13,11 +13,9 @@ cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
 
 FILES=(
-  mlx_flash/bench.py mlx_flash/engine.py mlx_flash/calibrate.py mlx_flash/gate_first.py mlx_flash/active.py
-  mlx_flash/pipeline.py mlx_flash/storage/format.py mlx_flash/storage/reader.py mlx_flash/storage/platform_io.py
-  app/widgets/stats_panel.py app/widgets/model_library.py
+  mlx_flash/bench.py mlx_flash/engine.py mlx_flash/calibrate.py mlx_flash/gate_first.py mlx_flash/storage/format.py
+  app/widgets/stats_panel.py
 )
-[ -d mlx_flash/moe ] && FILES+=(mlx_flash/moe)  # the MoE package (#19), new in the same session
 
 NO_EXCEPTIONS=(--config 'lint.per-file-ignores = {}')
 
@@ -41,3 +39,10 @@ head, sep, tail = text.partition("# TEMPORARY, for the merge of this session's b
 open(sys.argv[1], "w", encoding="utf-8").write(head if sep else text)
 EOF
 "$BIN/mypy" --config-file "$tmp/pyproject.toml" mlx_flash || true
+
+# 4. neuron_cache.py (also edited on those branches) annotates its `layout` parameters as dict; they take
+#    storage.format.bundle_segments' list too. The MoE package passes that list under line-level
+#    `type: ignore[arg-type]` marked TEMPORARY (#18): fix the annotation in neuron_cache.py, then delete them
+#    (mypy's warn_unused_ignores reports them once the annotation is right).
+echo "== TEMPORARY (#18) line-level ignores"
+grep -rn "TEMPORARY (#18)" mlx_flash app || true

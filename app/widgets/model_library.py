@@ -11,15 +11,30 @@ from typing import List, Optional
 from PySide6.QtCore import QSettings, Qt, QUrl, Signal
 from PySide6.QtGui import QColor, QDesktopServices
 from PySide6.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QHeaderView, QInputDialog, QLabel,
-    QMessageBox, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
 )
 
 from mlx_flash import library, paths
+from mlx_flash.config import FlashConfig, parse_budget
 
 from .. import theme, workers
 from .progress_card import ProgressCard
-from mlx_flash.config import FlashConfig, parse_budget
 
 # ----------------------------------------------------------------- per-model settings
 MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto", "policy": "auto"}
@@ -481,7 +496,8 @@ class ModelLibraryPage(QWidget):
 
     # ---------------------------------------------------------------- import
     def choose_file(self) -> None:
-        f, _ = QFileDialog.getOpenFileName(self, "Import a GGUF model", str(Path.home()), "GGUF models (*.gguf);;All files (*)")
+        f, _ = QFileDialog.getOpenFileName(self, "Import a GGUF model", str(Path.home()),
+                                           "GGUF models (*.gguf);;All files (*)")
         if f:
             self.import_paths([f])
 
@@ -506,7 +522,7 @@ class ModelLibraryPage(QWidget):
                 ok.append(p)
             except library.ImportRejected as e:
                 bad.append(str(e))
-            except Exception as e:  # noqa: BLE001 - anything odd about a dropped path is the user's to see
+            except Exception as e:  # anything odd about a dropped path is the user's to see
                 bad.append(f"{p.name}: {e}")
         if bad:
             self.notice.emit("error", "Cannot import: " + "\n".join(bad))

@@ -47,8 +47,16 @@ import numpy as np
 from ..atomic import FolderBuild, atomic_write_text, fsync_dir
 from ..families import BY_MOE_MODEL_TYPE, MOE_FAMILIES
 from ..progress import ProgressCallback, report, scaled
-from ..storage.format import (ALIGNMENT, ChecksumError, FlashFiles, FlashFormatError, LayerEntry, LayerHasher,
-                              file_checksum, verify_file)
+from ..storage.format import (
+    ALIGNMENT,
+    ChecksumError,
+    FlashFiles,
+    FlashFormatError,
+    LayerEntry,
+    LayerHasher,
+    file_checksum,
+    verify_file,
+)
 from ..storage.platform_io import drop_page_cache, set_nocache
 
 FORMAT = "mlx-flash-moe"
@@ -157,12 +165,13 @@ class MoeManifest:
             raise FlashFormatError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise FlashFormatError(f"{where}: expected a JSON object")
-        types = {"architecture": str, "model_args": dict, "dtype": str, "num_experts": int, "top_k": int,
-                 "hidden_size": int, "expert_intermediate_size": int, "modules": list, "segments": list,
-                 "expert_bytes": int, "layers": list, "experts_size": int, "quantization": dict,
-                 "alignment": int, "experts_file": str, "dense_file": str, "checksums": dict,
-                 "expert_frequencies": (list, type(None)), "calibration": (dict, type(None)), "source": str,
-                 "created": str, "format": str, "format_version": int}
+        types: Dict[str, Union[type, Tuple[type, ...]]] = {
+            "architecture": str, "model_args": dict, "dtype": str, "num_experts": int, "top_k": int,
+            "hidden_size": int, "expert_intermediate_size": int, "modules": list, "segments": list,
+            "expert_bytes": int, "layers": list, "experts_size": int, "quantization": dict,
+            "alignment": int, "experts_file": str, "dense_file": str, "checksums": dict,
+            "expert_frequencies": (list, type(None)), "calibration": (dict, type(None)), "source": str,
+            "created": str, "format": str, "format_version": int}
         optional = {"alignment", "experts_file", "dense_file", "checksums", "expert_frequencies", "calibration",
                     "source", "created"}
         if d.get("format") != FORMAT:
@@ -178,9 +187,9 @@ class MoeManifest:
                 raise FlashFormatError(f"{where}: field '{name}' has type {type(v).__name__}")
             kw[name] = v
         layers = []
-        for i, e in enumerate(kw["layers"]):
+        for i, entry in enumerate(kw["layers"]):
             try:
-                off, size, ck = int(e["offset"]), int(e["size"]), str(e["checksum"])
+                off, size, ck = int(entry["offset"]), int(entry["size"]), str(entry["checksum"])
             except (KeyError, TypeError, ValueError):
                 raise FlashFormatError(f"{where}: field 'layers[{i}]' needs offset, size and checksum") from None
             layers.append(LayerEntry(off, size, ck))
@@ -390,7 +399,7 @@ def _role_segments(weights: Mapping[str, mx.array], module: str, role: str, in_d
 
 
 def _model_skeleton(config: Dict[str, Any], where: str):
-    from mlx_lm.utils import _get_classes
+    from mlx_lm.utils import _get_classes  # noqa: PLC0415 - mlx-lm (seconds to import): only a conversion needs it
 
     if not is_moe_config(config):
         raise FlashFormatError(f"{where}: model_type {config.get('model_type')!r} is not a supported MoE family "
@@ -440,7 +449,7 @@ def write_moe_flash(dst: Union[str, Path], *, config: Dict[str, Any], weights: D
     """Write a MoE flash folder from a config and mlx-lm-named (sanitized) weights, which may be
     lazy: each layer's experts are evaluated, written and dropped in turn. ``extra_files``:
     name -> source path or content (tokenizer files, config.json)."""
-    from .switch import switch_modules
+    from .switch import switch_modules  # noqa: PLC0415 - imports mlx-lm (seconds): only a conversion needs it
 
     dst = Path(dst).expanduser()
     what = source or "source model"
@@ -500,8 +509,8 @@ def write_moe_flash(dst: Union[str, Path], *, config: Dict[str, Any], weights: D
                     cols.append(np.zeros((n_exp, bundle - pos), dtype=np.uint8))
                 raw = np.ascontiguousarray(np.concatenate(cols, axis=1)).reshape(-1)
                 assert raw.nbytes == region
-                f.write(memoryview(raw))
-                entries.append(LayerEntry(offsets[i], region, hashlib.blake2b(memoryview(raw)).hexdigest()))
+                f.write(raw.data)
+                entries.append(LayerEntry(offsets[i], region, hashlib.blake2b(raw.data).hexdigest()))
                 for role in ROLES:
                     for k in ("weight", "scales", "biases"):
                         weights.pop(f"{path}.{role}_proj.{k}", None)
@@ -537,7 +546,9 @@ def write_moe_flash(dst: Union[str, Path], *, config: Dict[str, Any], weights: D
         verify_moe_checksums(open_moe_flash(tmp), progress=scaled(progress, len(mods) / (len(mods) + 1), 0.999))
         report(progress, 1.0, "publishing")
     except BaseException as e:
-        raise build.fail(e)
+        if (t := build.fail(e)) is e:
+            raise
+        raise t from e
     return build.publish()
 
 

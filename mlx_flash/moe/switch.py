@@ -102,15 +102,18 @@ class FlashSwitchGLU(nn.Module):
 
 
 class _State:
+    record: Optional[list]  # routing trace: each call's indices (np) when a list
+    next: Optional[tuple]
+
     def __init__(self, layer, inner, cache, reader, segments, counters, verifier, compute_dtype):
         self.layer, self.inner, self.cache, self.reader = layer, inner, cache, reader
         self.compute_dtype = compute_dtype
         self.segments, self.counters, self.verifier = segments, counters, verifier
-        self.record: Optional[list] = None  # routing trace: each call's indices (np) when a list
+        self.record = None
         # lookahead prefetch (FlashConfig.pipeline; moe.engine wires it): the shared Prefetcher, and for
         # the next MoE layer (layer, router, lookahead map of this layer's input to its, its cache)
         self.prefetcher = None
-        self.next: Optional[tuple] = None
+        self.next = None
         self.counts = np.zeros(cache.n_neurons, dtype=np.int64)  # routed (token, k) pairs per expert
         self.tokens = 0
 
@@ -165,9 +168,10 @@ class _State:
             c.ffn_compute_s += time.perf_counter() - t0
             remaining = plan.overflow_ids
         if pf is not None and self.next is not None and idx.size == idx.shape[-1]:  # decoding: one token
-            self._issue_next(x)
+            self._issue_next(x, self.next)
         if self.verifier is not None:
             self.verifier.check(self.layer)  # never hand on an output computed from corrupt weights
+        assert out is not None  # the router chose at least one expert: the loop ran
         return out.astype(in_dtype)
 
     def _load(self, plan, staged, chosen: np.ndarray) -> None:
@@ -194,10 +198,10 @@ class _State:
         c.bytes_useful += len(ids) * self.cache.bundle_bytes
         c.neurons_loaded += len(ids)
 
-    def _issue_next(self, x: mx.array) -> None:
+    def _issue_next(self, x: mx.array, nxt: tuple) -> None:
         """Start reading the experts the next MoE layer's router picks from this layer's input
         (mapped to the next layer's norm), those not resident there, while this layer computes."""
-        layer, router, lmap, next_cache = self.next
+        layer, router, lmap, next_cache = nxt
         t0 = time.perf_counter()
         xs = x.reshape(-1, x.shape[-1])
         if lmap is not None:

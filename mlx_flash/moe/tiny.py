@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
 
 _COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
@@ -45,8 +46,6 @@ def tiny_moe_config(family: str, *, layers: int = 2, vocab: int = 256, dtype: st
 def random_moe_model(config: Dict[str, Any], seed: int = 0, dtype: str = "float32",
                      router_scale: float = 3.0) -> Tuple[nn.Module, Dict[str, mx.array]]:
     """mlx-lm's model for ``config`` with random weights (evaluated); returns ``(model, weights)``."""
-    from mlx_lm.utils import _get_classes
-
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     key = mx.random.key(seed)

@@ -189,7 +189,7 @@ def open_uncached(path: Union[str, Path], *, direct: bool = True, warn: bool = T
             os.close(fd)
             reason = "O_DIRECT refused at read (EINVAL)"
     elif direct and sys.platform == "darwin":
-        import fcntl
+        import fcntl  # noqa: PLC0415 - POSIX only (no fcntl on Windows); only macOS uses it
 
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -244,7 +244,7 @@ def set_nocache(fd: int) -> bool:
     the page cache; use :func:`drop_page_cache` after writing)."""
     if sys.platform != "darwin":
         return False
-    import fcntl
+    import fcntl  # noqa: PLC0415 - POSIX only (no fcntl on Windows); only macOS uses it
 
     try:
         fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)

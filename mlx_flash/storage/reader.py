@@ -39,7 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -114,10 +114,10 @@ class SplitRows:
         parts += [(a, b, None) for a, b in zip(edges[::2], edges[1::2]) if b > a]  # the dropped ranges
         return SplitRows(parts, n, self.shape[1])
 
-    def __setitem__(self, rows, block) -> None:
+    def __setitem__(self, rows: Union[int, np.integer, slice, Sequence[int], np.ndarray], block) -> None:
         """``dest[rows] = bundles`` like a ``(n, bundle_bytes)`` array (rows: int, slice or indices)."""
         block = np.asarray(block, dtype=np.uint8)
-        if np.isscalar(rows) or isinstance(rows, (int, np.integer)):
+        if isinstance(rows, (int, np.integer)):  # one row (a float is no index, as in numpy)
             self.set_rows(slice(int(rows), int(rows) + 1), block.reshape(1, -1))
         else:
             self.set_rows(rows, block.reshape(-1, self.shape[1]))
@@ -270,7 +270,8 @@ class FlashReader:
         self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
 
     # ------------------------------------------------------------------ public
-    def read(self, layer: int, ids: Sequence[int], out: np.ndarray, rows: Optional[np.ndarray] = None) -> ReadStats:
+    def read(self, layer: int, ids: Union[Sequence[int], np.ndarray], out: np.ndarray,
+             rows: Optional[np.ndarray] = None) -> ReadStats:
         """Read the bundles of neurons ``ids`` of ``layer`` into ``out``.
 
         ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
@@ -318,7 +319,8 @@ class FlashReader:
         lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
         if lo_id < 0 or hi_id >= self.intermediate_size:
             bad = lo_id if lo_id < 0 else hi_id
-            raise IndexError(f"neuron id {bad} out of range for layer {layer}: valid ids are 0..{self.intermediate_size - 1}")
+            raise IndexError(f"neuron id {bad} out of range for layer {layer}: "
+                             f"valid ids are 0..{self.intermediate_size - 1}")
 
         with self._lock:
             plan, dup_rows, dup_src = self._plan(layer, ids_arr)
