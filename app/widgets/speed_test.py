@@ -106,6 +106,19 @@ def _cell(value, fmt) -> str:
         return str(value)
 
 
+
+SHORT_NAMES = {"dense bfloat16": "bf16", "naive flash": "naive", "flash oracle": "oracle",
+               "flash predictor": "pred.", "flash gate-first": "gate", "flash auto": "auto"}
+
+
+def bar_label(name: str) -> str:
+    """The short label under a configuration's bars (twelve bars share a plot's width):
+    ``"flash predictor (pipelined)"`` -> ``"pred.\npipe"``; the table beside it has the full names."""
+    base, piped = (name[: -len(" (pipelined)")], True) if name.endswith(" (pipelined)") else (name, False)
+    short = SHORT_NAMES.get(base, base.replace("flash ", ""))
+    return short + "\npipe" if piped else short
+
+
 class SpeedTestDialog(QDialog):
     def __init__(self, settings: Optional[QSettings] = None, parent=None, *, base_config=None):
         super().__init__(parent)
@@ -397,7 +410,7 @@ class SpeedTestDialog(QDialog):
             return
         names = [str(r.get("name", "?")) for r in rows]
         x = np.arange(len(rows), dtype=float)
-        ticks = [list(zip(x, [n.replace(" (", "\n(").replace("flash ", "flash\n") for n in names]))]
+        ticks = [list(zip(x, [bar_label(n) for n in names]))]
         tps = np.array([float(r.get("tokens_per_s") or 0) for r in rows])
         brushes = [pg.mkBrush(ROW_COLORS[i % len(ROW_COLORS)]) for i in range(len(rows))]
         self.plot_tps.addItem(pg.BarGraphItem(x=x, height=tps, width=0.6, brushes=brushes, pen=None))

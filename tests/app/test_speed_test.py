@@ -79,3 +79,16 @@ def test_speed_test_compares_cache_policies(make_window, qtbot, tiny_models):
     text = dlg.notes.toPlainText()
     assert "Cache policies" in text and "hot+window" in text
     dlg.close()
+
+
+def test_bar_labels_are_short_and_distinct():
+    """Twelve bars share a plot: every configuration the bench knows, serial and pipelined, gets a
+    distinct label of at most six characters a line (the table beside the plots has the full names)."""
+    from mlx_flash.bench import CONFIGS
+    from mlx_flash_app.widgets.speed_test import bar_label
+
+    names = list(CONFIGS) + [f"{c} (pipelined)" for c in CONFIGS if c.startswith(("naive", "flash"))]
+    labels = [bar_label(n) for n in names]
+    assert len(set(labels)) == len(labels)
+    assert all(len(line) <= 6 for lab in labels for line in lab.split("\n"))
+    assert bar_label("flash predictor (pipelined)") == "pred.\npipe"
