@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -48,7 +47,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .config import FlashConfig, format_budget
-from .progress import Cancelled, ProgressCallback, report as _report, scaled
+from .progress import Cancelled, ProgressCallback, scaled
+from .progress import report as _report
 from .stats import Stats
 from .units import fmt_bytes as _fb  # the one byte formatter, short for the tables below
 
@@ -709,13 +709,13 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
     import mlx.core as mx
 
     from .active import AllNeurons
+    from .engine import reader_max_gap
     from .neuron_cache import NeuronCache
     from .pipeline import attach_pipeline
     from .sparse_ffn import SparseFFN
     from .stats import FFNCounters
-    from .storage.platform_io import drop_page_cache
     from .storage.format import bundle_layout
-    from .engine import reader_max_gap
+    from .storage.platform_io import drop_page_cache
     from .storage.probe import load_cached_choice
     from .storage.reader import FlashReader
     from .traces import ReplayChooser

@@ -46,13 +46,28 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import gated_activation, is_exact
-from .dense_model import (HookedMLP, hidden_states, install_hooks, last_logits, layer_ffn_parts, load_dense_model,
-                          model_activation)
+from .dense_model import (
+    HookedMLP,
+    hidden_states,
+    install_hooks,
+    last_logits,
+    layer_ffn_parts,
+    load_dense_model,
+    model_activation,
+)
 from .gate_first import GATE_SEGMENTS
 from .neuron_order import order_flash
 from .platform_blas import numpy_blas_single_thread
-from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
-                        logit_to_prob, prob_to_logit, save_predictors)
+from .predictor import (
+    DEFAULT_RANK,
+    DEFAULT_RECALL,
+    PREDICTOR_FILE,
+    RECALL_TARGETS,
+    PredictorWeights,
+    logit_to_prob,
+    prob_to_logit,
+    save_predictors,
+)
 from .progress import Cancelled, ProgressCallback, report, scaled
 
 DEFAULT_SPARSITY = 0.35

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -592,8 +592,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
     from .active import is_exact
     from .gate_first import GATE_SEGMENTS, gate_info, gate_scale_bytes
-    from .neuron_cache import (AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets,
-                               simulate)
+    from .neuron_cache import AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets, simulate
     from .predictor import has_predictors, load_frequencies, predictor_info
     from .storage.format import bundle_segments, updown_files
 
@@ -724,13 +723,19 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
 
 def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) -> Engine:
+    from .gate_first import GATE_SEGMENTS
     from .models import get_architecture, sanitize
     from .neuron_cache import NeuronCache
-    from .sparse_ffn import SparseFFN
-    from .gate_first import GATE_SEGMENTS
     from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
-    from .storage.format import (bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization,
-                                 updown_segments)
+    from .sparse_ffn import SparseFFN
+    from .storage.format import (
+        bundle_layout,
+        bundle_segments,
+        ffn_state_dict,
+        load_dense_weights,
+        role_quantization,
+        updown_segments,
+    )
     from .storage.reader import FlashReader
 
     m = files.manifest
