@@ -42,7 +42,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -152,6 +152,8 @@ def canonical_config(name: str) -> str:
 # ----------------------------------------------------------------------------- records
 class _Record:
     """``to_dict`` / ``from_dict`` for the report's dataclasses (unknown keys are ignored on load)."""
+
+    __dataclass_fields__: ClassVar[Dict[str, Any]]  # every subclass is a dataclass (what asdict / fields take)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -755,7 +757,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
             key, sub = mx.random.split(key)
             xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=dt, key=sub)
             mx.eval(xs)
-            if replay:
+            if isinstance(chooser, ReplayChooser):  # (replay)
                 chooser.token = t
             before = FFNCounters(**counters.__dict__)
             t0 = time.perf_counter()
@@ -922,9 +924,10 @@ def format_quantized(r: BenchReport) -> List[str]:
                   "| configuration | measured | replayed, this folder | replayed, bfloat16 | this / bfloat16 |",
                   "|---|---|---|---|---|"]
         for row in replayed:
-            lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(row.sim_bytes_read_per_token)} | "
-                         f"{_fb(row.bf16_bytes_read_per_token)} | "
-                         f"{row.sim_bytes_read_per_token / row.bf16_bytes_read_per_token:.2f}x |")
+            sim, bf16 = row.sim_bytes_read_per_token, row.bf16_bytes_read_per_token
+            assert sim is not None and bf16  # replay_reads sets both; replayed holds the rows with bf16
+            lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(sim)} | {_fb(bf16)} | "
+                         f"{sim / bf16:.2f}x |")
     agreed = [row for row in r.rows if row.agreement]
     if agreed:
         lines += ["", f"Greedy agreement with dense over {r.agreement_prompts} prompts "
@@ -933,6 +936,7 @@ def format_quantized(r: BenchReport) -> List[str]:
                   "| configuration | mean | prompts identical throughout | per prompt |", "|---|---|---|---|"]
         for row in agreed:
             a = row.agreement
+            assert a  # agreed holds the rows with an agreement record
             lines.append(f"| {row.name} | {a['mean']:.1f} / {a['tokens']} | {a['identical']} / {a['prompts']} | "
                          + " ".join(str(v) for v in a["per_prompt"]) + " |")
     return lines
@@ -1501,9 +1505,10 @@ def format_choosers(report: BenchReport) -> List[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for n in order:
         row = rows[n]
-        ch = (row.active or {}).get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
-        if (row.active or {}).get("sparsity") is not None:
-            ch += f" (sparsity {row.active['sparsity']:g})"
+        act = row.active or {}
+        ch = act.get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
+        if act.get("sparsity") is not None:
+            ch += f" (sparsity {act['sparsity']:g})"
         ppl_rel = (row.perplexity / dense.perplexity - 1 if dense and dense.perplexity and row.perplexity
                    else None)
         speed = row.tokens_per_s / naive.tokens_per_s if naive and naive.tokens_per_s else None
@@ -1776,12 +1781,12 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
         fig = Figure(figsize=(11, 4.0))
         axes = fig.subplots(1, 3)
         for pol in dict.fromkeys(p.policy for p in pps):
-            ps = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
-            xs = [100 * p.budget for p in ps]
+            pol_pts = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
+            xs = [100 * p.budget for p in pol_pts]
             style = dict(marker="o", label=pol, ls="--" if pol == "auto" else "-")
-            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in ps], **style)
-            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in ps], **style)
-            axes[2].plot(xs, [p.tokens_per_s for p in ps], **style)
+            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in pol_pts], **style)
+            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in pol_pts], **style)
+            axes[2].plot(xs, [p.tokens_per_s for p in pol_pts], **style)
         for ax, yl in zip(axes, ("hit rate (%)", "MB read per token", "tokens / s")):
             ax.set_xlabel("FFN memory budget (%)")
             ax.set_ylabel(yl)
