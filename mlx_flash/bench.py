@@ -37,19 +37,47 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import mlx.core as mx
 import numpy as np
 
+from . import default_model
+from .active import AllNeurons
+from .calibrate import read_prompts
 from .config import FlashConfig, format_budget
-from .progress import Cancelled, ProgressCallback, report as _report, scaled
-from .stats import Stats
+from .neuron_cache import NeuronCache, ReadModel, resolve_auto_policy, simulate
+from .neuron_order import compute_order, inverse, source_perms
+from .neuron_order import replay_reads as replay_order_reads  # (this module has its own replay_reads)
+from .paths import data_dir, models_dir, resources_dir
+from .pipeline import attach_pipeline
+from .predictor import has_predictors, load_frequencies
+from .progress import Cancelled, ProgressCallback, scaled
+from .progress import report as _report
+from .quantized import compute_dtype, describe
+from .sparse_ffn import SparseFFN
+from .stats import FFNCounters, Stats, process_rss
+from .storage.format import (
+    ALIGNMENT,
+    DTYPE_SIZES,
+    FlashFormatError,
+    bundle_layout,
+    convert_to_flash,
+    float_bundle_bytes,
+    open_flash,
+    role_quantization,
+    write_flash,
+)
+from .storage.platform_io import drop_page_cache
+from .storage.probe import DEFAULT_GAP, ProbeResult, cached_probe, load_cached_choice
+from .storage.reader import FlashReader
+from .traces import ReplayChooser, Trace, recording
+from .traces import record as record_trace
 from .units import fmt_bytes as _fb  # the one byte formatter, short for the tables below
 
 PathLike = Union[str, Path]
@@ -95,7 +123,6 @@ class Shape:
 
     @property
     def bundle_bytes(self) -> int:
-        from .storage.format import DTYPE_SIZES
 
         return 3 * self.hidden * DTYPE_SIZES[self.dtype]
 
@@ -125,6 +152,8 @@ def canonical_config(name: str) -> str:
 # ----------------------------------------------------------------------------- records
 class _Record:
     """``to_dict`` / ``from_dict`` for the report's dataclasses (unknown keys are ignored on load)."""
+
+    __dataclass_fields__: ClassVar[Dict[str, Any]]  # every subclass is a dataclass (what asdict / fields take)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -321,7 +350,6 @@ class BenchReport:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "BenchReport":
-        from .storage.probe import ProbeResult
 
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
@@ -459,8 +487,9 @@ def format_reader(r: BenchReport) -> List[str]:
     for row in rows:
         amp = row.bytes_read_per_token / row.bytes_useful_per_token if row.bytes_useful_per_token else None
         lines.append(f"| {row.name} | {row.read_alignment or '?'} B | {_fb(row.max_gap_bytes or 0)} | "
-                     f"{_f(row.requests_per_token, '{:.0f}')} | {_fb(row.mean_request_bytes)} | {_f(amp, '{:.2f}x')} | "
-                     f"{row.io_gbps:.2f} | {_f(row.disk_gbps_at_request, '{:.2f}')} | {_f(row.reader_of_probe, '{:.0%}')} |")
+                     f"{_f(row.requests_per_token, '{:.0f}')} | {_fb(row.mean_request_bytes)} | "
+                     f"{_f(amp, '{:.2f}x')} | {row.io_gbps:.2f} | {_f(row.disk_gbps_at_request, '{:.2f}')} | "
+                     f"{_f(row.reader_of_probe, '{:.0%}')} |")
     return lines
 
 
@@ -470,13 +499,11 @@ def _nearest_chunk(probe, nbytes: float) -> int:
 
 def reference_text() -> str:
     """The project's own reference prose (``resources/reference.txt``)."""
-    from .paths import resources_dir
 
     return (resources_dir() / REFERENCE_FILE).read_text(encoding="utf-8")
 
 
 def _free_mlx() -> None:
-    import mlx.core as mx
 
     gc.collect()
     clear = getattr(mx, "clear_cache", None)
@@ -492,7 +519,6 @@ def _physical_memory() -> int:
 
 
 def machine_info() -> Dict[str, Any]:
-    import mlx.core as mx
 
     info: Dict[str, Any] = {
         "platform": platform.platform(),
@@ -541,9 +567,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
               ref_ids: Optional[List[int]], probe, progress: Optional[ProgressCallback], *,
               record: bool = False, dense_tokens: Optional[List[int]] = None):
     """One configuration on the real model. Returns (row, generated token ids, trace or None)."""
-    from .engine import load
-    from .storage.platform_io import drop_page_cache
-    from .traces import recording
+    from .engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     _report(progress, 0.0, f"{name}: loading")
     try:
@@ -615,13 +639,10 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
 def default_flash_model(progress: Optional[ProgressCallback] = None) -> Path:
     """The default model's flash folder (``default_model.ensure_default_flash`` when the
     project has it; else the converted default model written next to it once)."""
-    from . import default_model
 
     ensure = getattr(default_model, "ensure_default_flash", None)
     if ensure is not None:
         return ensure(progress=progress)
-    from .paths import models_dir
-    from .storage.format import convert_to_flash
 
     src = default_model.ensure_default_mlx(progress=scaled(progress, 0.0, 0.5))
     dst = models_dir() / f"{default_model.DEFAULT_MODEL_NAME}.flash"
@@ -632,7 +653,6 @@ def default_flash_model(progress: Optional[ProgressCallback] = None) -> Path:
 
 def _load_probe(probe, directory: Path, probe_kwargs: Optional[Dict[str, Any]],
                 progress: Optional[ProgressCallback], notes: List[str]):
-    from .storage.probe import ProbeResult, cached_probe
 
     if probe is None or probe is False:
         return None
@@ -654,10 +674,7 @@ def ensure_shape_model(shape: Union[str, Shape] = "7b", gib: float = 2.0, *, roo
     ``gib`` GiB of ffn.bin, random weights; generated once (layer by layer through
     :func:`~mlx_flash.storage.format.write_flash`) under ``root`` (default
     ``data_dir()/bench``) and reused. Only its FFN is meant to be used."""
-    import mlx.core as mx
 
-    from .paths import data_dir
-    from .storage.format import FlashFormatError, open_flash, write_flash
 
     sp = SHAPES[shape] if isinstance(shape, str) else shape
     layers = sp.layers_for(gib)
@@ -692,12 +709,12 @@ def ensure_shape_model(shape: Union[str, Shape] = "7b", gib: float = 2.0, *, roo
         weights[f"{pre}.gate_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[0]) * sp.hidden**-0.5
         weights[f"{pre}.up_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[1]) * sp.hidden**-0.5
         weights[f"{pre}.down_proj.weight"] = mx.random.normal((sp.hidden, sp.ffn), dtype=dt, key=k[2]) * sp.ffn**-0.5
-    return write_flash(path, config=config, weights=weights, source=f"random weights, {sp.name} FFN shape (mlx-flash bench)",
+    return write_flash(path, config=config, weights=weights,
+                       source=f"random weights, {sp.name} FFN shape (mlx-flash bench)",
                        progress=progress, overwrite=path.exists())
 
 
 def _trace_path(model_name: str) -> Path:
-    from .paths import data_dir
 
     return data_dir() / "bench" / "traces" / f"{model_name}.npz"
 
@@ -706,19 +723,8 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
                 progress: Optional[ProgressCallback], seed: int = 0) -> BenchRow:
     """Drive one SparseFFN per layer of ``files`` with random inputs: every neuron
     (naive) or the trace's active sets (replayed oracle)."""
-    import mlx.core as mx
 
-    from .active import AllNeurons
-    from .neuron_cache import NeuronCache
-    from .pipeline import attach_pipeline
-    from .sparse_ffn import SparseFFN
-    from .stats import FFNCounters
-    from .storage.platform_io import drop_page_cache
-    from .storage.format import bundle_layout
-    from .engine import reader_max_gap
-    from .storage.probe import load_cached_choice
-    from .storage.reader import FlashReader
-    from .traces import ReplayChooser
+    from .engine import reader_max_gap  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     m = files.manifest
     threads, chunk = cfg.threads, cfg.chunk_bytes
@@ -733,8 +739,8 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
         window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m), pipeline=cfg.pipeline)
-    reader = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=reader_max_gap(files.root, cfg, threads),
-                         direct=cfg.direct_io)
+    reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
+                         max_gap_bytes=reader_max_gap(files.root, cfg, threads), direct=cfg.direct_io)
     prefetcher = None
     try:
         ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
@@ -751,7 +757,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
             key, sub = mx.random.split(key)
             xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=dt, key=sub)
             mx.eval(xs)
-            if replay:
+            if isinstance(chooser, ReplayChooser):  # (replay)
                 chooser.token = t
             before = FFNCounters(**counters.__dict__)
             t0 = time.perf_counter()
@@ -794,7 +800,6 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
 
 
 def _rss() -> int:
-    from .stats import process_rss
 
     return process_rss()
 
@@ -806,8 +811,6 @@ AGREEMENT_PROMPTS_FILE = "evaluation/prompts.txt"
 
 def agreement_prompt_set() -> List[str]:
     """The project's evaluation prompts (``resources/evaluation/prompts.txt``, one per line)."""
-    from .calibrate import read_prompts
-    from .paths import resources_dir
 
     return read_prompts(resources_dir() / AGREEMENT_PROMPTS_FILE)
 
@@ -834,10 +837,6 @@ def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     ``row.bf16_bytes_read_per_token``. The row's cache policy (pinned hot neurons: the calibrated
     frequencies; read once at load, not per token). Gate-first rows (cache rows without the gate
     part) are left out."""
-    from .neuron_cache import ReadModel, simulate
-    from .predictor import load_frequencies
-    from .storage.format import ALIGNMENT, float_bundle_bytes
-    from .storage.probe import DEFAULT_GAP
 
     m = files.manifest
     pol = str((row.policy or {}).get("name", "lru"))
@@ -875,7 +874,7 @@ def run_agreement(rep: BenchReport, path: Path, cfg_main: FlashConfig, n_prompts
     are left out: their tokens equal their serial rows', checked by ``same_as_serial``);
     fills ``row.agreement`` with the tokens generated before the first divergence, per
     prompt and averaged."""
-    from .engine import load
+    from .engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     prompts = agreement_prompt_set()
     if n_prompts > len(prompts):
@@ -925,9 +924,10 @@ def format_quantized(r: BenchReport) -> List[str]:
                   "| configuration | measured | replayed, this folder | replayed, bfloat16 | this / bfloat16 |",
                   "|---|---|---|---|---|"]
         for row in replayed:
-            lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(row.sim_bytes_read_per_token)} | "
-                         f"{_fb(row.bf16_bytes_read_per_token)} | "
-                         f"{row.sim_bytes_read_per_token / row.bf16_bytes_read_per_token:.2f}x |")
+            sim, bf16 = row.sim_bytes_read_per_token, row.bf16_bytes_read_per_token
+            assert sim is not None and bf16  # replay_reads sets both; replayed holds the rows with bf16
+            lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(sim)} | {_fb(bf16)} | "
+                         f"{sim / bf16:.2f}x |")
     agreed = [row for row in r.rows if row.agreement]
     if agreed:
         lines += ["", f"Greedy agreement with dense over {r.agreement_prompts} prompts "
@@ -936,6 +936,7 @@ def format_quantized(r: BenchReport) -> List[str]:
                   "| configuration | mean | prompts identical throughout | per prompt |", "|---|---|---|---|"]
         for row in agreed:
             a = row.agreement
+            assert a  # agreed holds the rows with an agreement record
             lines.append(f"| {row.name} | {a['mean']:.1f} / {a['tokens']} | {a['identical']} / {a['prompts']} | "
                          + " ".join(str(v) for v in a["per_prompt"]) + " |")
     return lines
@@ -1014,9 +1015,7 @@ def run_bench(
                :func:`agreement_prompt_set` (0: none), ``agreement_tokens`` tokens each: per
                row, the tokens generated before the first divergence, averaged.
     """
-    from .engine import is_flash_dir
-    from .storage.format import open_flash
-    from .traces import Trace
+    from .engine import is_flash_dir  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     t_start = time.perf_counter()
     path = Path(model_path).expanduser()
@@ -1040,7 +1039,8 @@ def run_bench(
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
     rep = BenchReport(
-        model=str(path), model_name=path.name, budget=float(budget), budget_bytes=cfg_main.budget_bytes(m.ffn_bytes_total),
+        model=str(path), model_name=path.name, budget=float(budget),
+        budget_bytes=cfg_main.budget_bytes(m.ffn_bytes_total),
         ffn_bytes=m.ffn_bytes_total, tokens=tokens, warmup=warmup, prompt=prompt, prompt_tokens=0,
         config=cfg_main.to_dict(), machine=machine_info(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -1080,7 +1080,7 @@ def run_bench(
     # ---- the reference text
     ref_ids: Optional[List[int]] = None
     if ppl_tokens and ppl_tokens > 0:
-        from mlx_lm.utils import load_tokenizer
+        from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
 
         tok = load_tokenizer(path)
         text = reference if reference is not None else reference_text()
@@ -1198,14 +1198,13 @@ def run_bench(
             tr_obj = Trace.load(_trace_path(path.name))
             notes.append(f"replayed trace loaded from {_trace_path(path.name)} (recorded by an earlier run)")
         else:
-            from .engine import load
-            from .traces import record
+            from .engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
             cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": "oracle"})
             eng = load(path, cfg)
             try:
                 eng.tokenizer.eos_token_ids = []
-                tr_obj = record(eng, _prompt_for(eng, prompt), tokens)
+                tr_obj = record_trace(eng, _prompt_for(eng, prompt), tokens)
             finally:
                 eng.close()
                 del eng
@@ -1275,10 +1274,7 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
         "its resident bytes): an upper bound for a predictor, not a product mode.",
     ]
     if files.manifest.quantized:
-        import mlx.core as mx
 
-        from .quantized import compute_dtype, describe
-        from .storage.format import role_quantization
 
         cd = str(compute_dtype(getattr(mx, files.manifest.dtype))).rsplit(".", 1)[-1]
         out.append(f"Quantized flash folder ({describe(role_quantization(files.manifest))}): dense = the dense "
@@ -1392,7 +1388,7 @@ def format_table(report: BenchReport) -> str:
     dense_peak = next((row.peak_memory for row in r.rows if row.name == DENSE and row.peak_memory), None)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     skipped = [f"| {s['name']} | skipped: {s['reason']} |" for s in r.skipped]
-    for k, row in enumerate(r.rows):
+    for row in r.rows:
         if row.group != "real" and skipped:
             lines += skipped
             skipped = []
@@ -1425,8 +1421,8 @@ def format_table(report: BenchReport) -> str:
                      ", ".join(f"{row.name} {row.agree_with_dense}/{r.tokens}" for row in agree))
     if any(row.io_gbps for row in r.rows):
         lines.append("")
-        lines.append("| configuration | threads | chunk | mean request | I/O GB/s | disk best there | disk at these threads |"
-                     " of disk best |")
+        lines.append("| configuration | threads | chunk | mean request | I/O GB/s | disk best there "
+                     "| disk at these threads | of disk best |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for row in r.rows:
             if row.io_gbps is None:
@@ -1454,7 +1450,8 @@ def format_table(report: BenchReport) -> str:
                 elif p.error:
                     cells.append("error")
                 else:
-                    cells.append(f"{p.tokens_per_s:.2f} tok/s; {_f(p.hit_rate, '{:.0%}')}; {_fb(p.bytes_read_per_token)}")
+                    cells.append(f"{p.tokens_per_s:.2f} tok/s; {_f(p.hit_rate, '{:.0%}')}; "
+                                 f"{_fb(p.bytes_read_per_token)}")
             label = f"{b:.0%}" if b <= 1 else _fb(b)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for p in r.sweep:
@@ -1508,9 +1505,10 @@ def format_choosers(report: BenchReport) -> List[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for n in order:
         row = rows[n]
-        ch = (row.active or {}).get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
-        if (row.active or {}).get("sparsity") is not None:
-            ch += f" (sparsity {row.active['sparsity']:g})"
+        act = row.active or {}
+        ch = act.get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
+        if act.get("sparsity") is not None:
+            ch += f" (sparsity {act['sparsity']:g})"
         ppl_rel = (row.perplexity / dense.perplexity - 1 if dense and dense.perplexity and row.perplexity
                    else None)
         speed = row.tokens_per_s / naive.tokens_per_s if naive and naive.tokens_per_s else None
@@ -1600,18 +1598,17 @@ class OrderRow(_Record):
 def _order_rows(chooser: str, model: str, trace, freqs, capacity: int, rm, density, recall) -> List[OrderRow]:
     """Source order vs hot order of one trace (source numbering), each under the policy
     ``neuron_cache.resolve_auto_policy`` picks for that order (as the engine would)."""
-    from .neuron_cache import resolve_auto_policy
-    from .neuron_order import compute_order, replay_reads
 
     rows = []
     hot = compute_order("hot", n_layers=trace.n_layers, n_neurons=trace.n_neurons, frequencies=freqs)
     for order, perms in (("source", None), ("hot", hot)):
         f_order = freqs if perms is None else np.take_along_axis(freqs, perms, axis=1)
         pol, _ = resolve_auto_policy(f_order, capacity, read_model=rm, density=density, recall=recall)
-        fig = replay_reads(trace, capacity, rm, perms=perms, policy=pol, frequencies=freqs)
+        fig = replay_order_reads(trace, capacity, rm, perms=perms, policy=pol, frequencies=freqs)
         name = pol.name + (f" {pol.hot_fraction:.0%}" if pol.name == "hot+window" else "")
         rows.append(OrderRow(chooser=chooser, order=order, policy=name, model=model, tokens=fig.tokens,
-                             bytes_per_token=fig.bytes_per_token, useful_per_token=fig.bytes_useful / max(1, fig.tokens),
+                             bytes_per_token=fig.bytes_per_token,
+                             useful_per_token=fig.bytes_useful / max(1, fig.tokens),
                              amplification=fig.amplification, requests_per_token=fig.requests_per_token,
                              mean_request_bytes=fig.mean_request_bytes, hit_rate=fig.hit_rate))
     return rows
@@ -1619,7 +1616,6 @@ def _order_rows(chooser: str, model: str, trace, freqs, capacity: int, rm, densi
 
 def _scaled_frequencies(freqs: np.ndarray, trace, scaled) -> np.ndarray:
     """Per-layer frequencies of a ``Trace.scaled`` target: each target neuron has its source neuron's."""
-    from .traces import Trace
 
     n, L = trace.n_neurons, scaled.n_layers
     probe = Trace(trace.n_layers, n, [[np.array([j])] * trace.n_layers for j in range(n)])
@@ -1643,12 +1639,7 @@ def run_order_bench(model_path: PathLike, *, budget: float = 0.5, tokens: int = 
     each under the cache policy "auto" picks for that order. With ``shape``: the oracle's
     trace scaled to that FFN shape (``shape_layers`` layers; random placement = the source
     order), the same two orders. Returns ``{"rows": [...], "notes": [...], ...}``."""
-    from .engine import _chooser_density, load
-    from .neuron_cache import ReadModel
-    from .neuron_order import inverse, source_perms
-    from .predictor import has_predictors, load_frequencies
-    from .storage.format import open_flash
-    from .traces import Trace, record
+    from .engine import _chooser_density, load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     path = Path(model_path).expanduser()
     files = open_flash(path)
@@ -1668,14 +1659,14 @@ def run_order_bench(model_path: PathLike, *, budget: float = 0.5, tokens: int = 
         cfg = FlashConfig(**{**asdict(base), "engine": "flash", "active": chooser, "budget": budget})
         eng = load(path, cfg)
         try:
-            tr = record(eng, _prompt_for(eng, prompt), tokens)
+            tr = record_trace(eng, _prompt_for(eng, prompt), tokens)
             capacity = eng.cache.layers[0].capacity
             rm = ReadModel.of_reader(eng.reader, eng.cache.scratch_neurons)
             density, recall = _chooser_density(eng.chooser)
         finally:
             eng.close()
-        src = Trace(tr.n_layers, tr.n_neurons, [[np.sort(P[li][ids]) for li, ids in enumerate(tok)] for tok in tr.tokens],
-                    dict(tr.meta))
+        src = Trace(tr.n_layers, tr.n_neurons,
+                    [[np.sort(P[li][ids]) for li, ids in enumerate(tok)] for tok in tr.tokens], dict(tr.meta))
         if chooser == "oracle":
             oracle_trace = (src, rm)
         rows += _order_rows(chooser, "default model", src, freqs, capacity, rm, density, recall)
@@ -1726,9 +1717,9 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
     probe's throughput vs chunk size per thread count, with each flash row's
     effective throughput (when it has a probe). Uses the Agg canvas directly (no
     global backend switch; safe from a worker thread)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - matplotlib (about a second): only when plotting
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib (about a second): only when plotting
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415 - matplotlib (about a second): only when plotting
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -1790,12 +1781,12 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
         fig = Figure(figsize=(11, 4.0))
         axes = fig.subplots(1, 3)
         for pol in dict.fromkeys(p.policy for p in pps):
-            ps = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
-            xs = [100 * p.budget for p in ps]
+            pol_pts = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
+            xs = [100 * p.budget for p in pol_pts]
             style = dict(marker="o", label=pol, ls="--" if pol == "auto" else "-")
-            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in ps], **style)
-            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in ps], **style)
-            axes[2].plot(xs, [p.tokens_per_s for p in ps], **style)
+            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in pol_pts], **style)
+            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in pol_pts], **style)
+            axes[2].plot(xs, [p.tokens_per_s for p in pol_pts], **style)
         for ax, yl in zip(axes, ("hit rate (%)", "MB read per token", "tokens / s")):
             ax.set_xlabel("FFN memory budget (%)")
             ax.set_ylabel(yl)
@@ -1862,7 +1853,7 @@ def run_ttft(model_path: PathLike, *, lengths: Sequence[int] = TTFT_LENGTHS, con
     checksum pass). Returns ``{"lengths", "repeats", "budget", "machine", "rows": [{config,
     prompt_tokens, ms_first_token (median), ms_runs, first_token, bytes_read (the whole prompt),
     mode}], "ratios": {"<config> / dense @ n": x}, "skipped": [{name, reason}]}``."""
-    from .engine import load
+    from .engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): the CLI imports this module
 
     path = Path(model_path).expanduser()
     lengths = [int(n) for n in lengths]
@@ -1960,8 +1951,10 @@ def format_ttft(res: Dict[str, Any]) -> List[str]:
 
 
 __all__ = [
-    "ALIASES", "AUTO", "GATE", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy", "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
+    "ALIASES", "AUTO", "GATE", "BenchReport", "BenchRow", "format_pipeline", "POLICIES", "PolicyPoint", "best_policy",
+    "format_policies", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "NAIVE", "ORACLE", "PREDICTOR",
     "REAL", "REPLAYED", "SHAPES", "Shape", "SweepPoint", "canonical_config", "compute_ratios",
-    "default_flash_model", "ensure_shape_model", "format_order", "format_table", "OrderRow", "run_order_bench", "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
+    "default_flash_model", "ensure_shape_model", "format_order", "format_table", "OrderRow", "run_order_bench",
+    "machine_info", "observations", "reference_text", "run_bench", "save_plots", "summarize",
     "TTFT_CONFIGS", "TTFT_LENGTHS", "format_ttft", "run_ttft", "ttft_prompt",
 ]

@@ -33,27 +33,46 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 
-from .active import gated_activation, is_exact
-from .dense_model import (HookedMLP, hidden_states, install_hooks, last_logits, layer_ffn_parts, load_dense_model,
-                          model_activation)
-from .gate_first import GATE_SEGMENTS
+from .active import activation, gated_activation, is_exact
+from .dense_model import (
+    HookedMLP,
+    hidden_states,
+    install_hooks,
+    last_logits,
+    layer_ffn_parts,
+    load_dense_model,
+    model_activation,
+)
+from .gate_first import GATE_SEGMENTS, GATE_SPARSITIES
 from .neuron_order import order_flash
+from .paths import resources_dir
 from .platform_blas import numpy_blas_single_thread
-from .predictor import (DEFAULT_RANK, DEFAULT_RECALL, PREDICTOR_FILE, RECALL_TARGETS, PredictorWeights,
-                        logit_to_prob, prob_to_logit, save_predictors)
+from .predictor import (
+    DEFAULT_RANK,
+    DEFAULT_RECALL,
+    PREDICTOR_FILE,
+    RECALL_TARGETS,
+    PredictorWeights,
+    logit_to_prob,
+    prob_to_logit,
+    save_predictors,
+)
 from .progress import Cancelled, ProgressCallback, report, scaled
+from .storage.format import Manifest, file_checksum, open_flash, write_updown
 
 DEFAULT_SPARSITY = 0.35
 DEFAULT_TOKENS = 6144
@@ -80,13 +99,13 @@ GATE_RECALL_SLACK = 0.01
 GATE_MAX_PREDICTED = 0.995
 
 
-def quality_gate(info: Dict[str, object]) -> Dict[str, object]:
+def quality_gate(info: Dict[str, Any]) -> Dict[str, Any]:
     """The verdict on a ``predictors`` info: ``{"passed", "reason", "recall", "predicted_fraction", ...}``.
     Measured on the held-out sequences (used neither for fitting nor for the cutoffs), at the
     shipped recall target ``info["recall"]``."""
     target = float(info.get("recall", DEFAULT_RECALL))
     held = dict(info.get("held_out", {})).get(str(target))
-    verdict: Dict[str, object] = {"min_recall": round(target - GATE_RECALL_SLACK, 6),
+    verdict: Dict[str, Any] = {"min_recall": round(target - GATE_RECALL_SLACK, 6),
                                   "max_predicted_fraction": GATE_MAX_PREDICTED}
     if not held:
         return {**verdict, "passed": False, "reason": f"no held-out figures for recall target {target}"}
@@ -101,7 +120,7 @@ def quality_gate(info: Dict[str, object]) -> Dict[str, object]:
     return {**verdict, "passed": True, "reason": "ok"}
 
 
-def calibration_problem(info: Optional[Dict[str, object]]) -> Optional[str]:
+def calibration_problem(info: Optional[Dict[str, Any]]) -> Optional[str]:
     """Why a stored calibration should be redone (None: it is current and passed its gate)."""
     if not info:
         return "not calibrated"
@@ -137,7 +156,6 @@ def auto_tokens() -> int:
 def read_prompts(path: Optional[Union[str, Path]] = None) -> List[str]:
     """The calibration prompts: one per line, ``#`` comments and blank lines skipped,
     a literal ``\\n`` becomes a line break."""
-    from .paths import resources_dir
 
     p = Path(path) if path is not None else resources_dir() / PROMPTS_FILE
     out = []
@@ -225,8 +243,8 @@ def generate_and_collect(model, tokenizer, prompts: Sequence[str], collector: Co
     """Answer ``prompts`` with the dense model (batched, chat template) and collect the
     activations of every token read (prompt and answer) until ``budget`` tokens.
     Returns (tokens collected, the answers)."""
-    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
+    from mlx_lm.sample_utils import make_sampler  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
 
     mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, min_p=min_p)
@@ -315,7 +333,8 @@ def quantile_threshold(abs_h: np.ndarray, sparsity: float) -> float:
     return float(np.partition(flat, k)[k])
 
 
-def thresholds_for(abs_h: Sequence[np.ndarray], sparsities: Sequence[float], act: str = "silu") -> Dict[float, List[float]]:
+def thresholds_for(abs_h: Sequence[np.ndarray], sparsities: Sequence[float],
+                   act: str = "silu") -> Dict[float, List[float]]:
     """Per-layer thresholds for several sparsities at once (0 for ReLU models)."""
     if is_exact(act):
         return {s: [0.0] * len(abs_h) for s in sparsities}
@@ -391,7 +410,6 @@ def finetune_bce(A: mx.array, B: mx.array, b: mx.array, x: mx.array, y: mx.array
 
     Gradients are written out (``dz = w (sigmoid(z) - y)``): one transcendental per
     element, which matters on CPUs. Returns (A, B, b, mean loss per epoch)."""
-    import mlx.optimizers as optim
 
     T, n = y.shape
     steps_per_epoch = max(1, T // batch_size)
@@ -434,7 +452,7 @@ class LayerFit:
     train_loss: float
     val_loss: float
     finetune_losses: List[float]
-    gate: Optional[Dict[str, object]] = None  # gate-first figures (gate_first_layer)
+    gate: Optional[Dict[str, Any]] = None  # gate-first figures (gate_first_layer)
 
 
 def gate_scales(x: mx.array, parts: Dict[str, mx.array], down: mx.array, train: np.ndarray) -> np.ndarray:
@@ -455,7 +473,7 @@ def gate_scales(x: mx.array, parts: Dict[str, mx.array], down: mx.array, train: 
 
 def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx.array], down: mx.array, *,
                      act: str, act_param: Optional[float], train: np.ndarray, test: np.ndarray,
-                     predicted: Dict[float, mx.array], sparsities: Sequence[float]) -> Dict[str, object]:
+                     predicted: Dict[float, mx.array], sparsities: Sequence[float]) -> Dict[str, Any]:
     """One layer's gate-first calibration (``gate_first.GateFirst``): per-neuron scales
     (:func:`gate_scales`) and thresholds on ``|act(gate x)| * scale`` for each of
     ``sparsities`` (quantiles over the train tokens) and, on the held-out test tokens, the
@@ -463,7 +481,6 @@ def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx
     against ``||down h||^2``; the same error for the oracle's ``|h| > h_thr`` rule and for
     the predictor's masks ``predicted`` (recall -> (test, n) bool).
     ``a`` = ``|h|`` of every token, ``down`` the layer's down projection (hidden, n)."""
-    from .active import activation
 
     f32 = parts["gate"].astype(mx.float32)
     g = x @ f32.T
@@ -482,7 +499,7 @@ def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx
     def err(keep: mx.array) -> float:
         return float(mx.sum(mx.square((h_te * (~keep).astype(mx.float32)) @ d32.T)).item())
 
-    out: Dict[str, object] = {"thresholds": {}, "active": {}, "err": {}, "ref": ref, "cells": int(a_te.size),
+    out: Dict[str, Any] = {"thresholds": {}, "active": {}, "err": {}, "ref": ref, "cells": int(a_te.size),
                               "scales": scales}
     for sp, q in zip(sparsities, qs):
         keep = ga_te > float(q)
@@ -495,7 +512,7 @@ def gate_first_layer(x: mx.array, a: mx.array, h_thr: float, parts: Dict[str, mx
     return out
 
 
-def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dict[str, object]]:
+def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dict[str, Any]]:
     """The manifest's ``predictors["gate_first"]`` from the layers' :func:`gate_first_layer`
     figures: per sparsity the thresholds, the held-out active fraction and relative FFN error
     (mean over layers of ``sqrt(err / ref)``), the oracle's and the predictor's error on the
@@ -503,13 +520,13 @@ def gate_first_record(fits: Sequence["LayerFit"], recall: float) -> Optional[Dic
     oracle's (the calibrated ``|h|`` rule is the accepted quality)."""
     if not fits or any(f.gate is None for f in fits):
         return None
-    gs = [f.gate for f in fits]
+    gs = [f.gate for f in fits if f.gate is not None]  # (every one: checked above)
 
     def rel(errs: Sequence[float]) -> float:
         return float(np.mean([math.sqrt(e / g["ref"]) if g["ref"] > 0 else 0.0 for e, g in zip(errs, gs)]))
 
     sps = sorted(gs[0]["thresholds"])
-    held = {}
+    held: Dict[str, Dict[str, Any]] = {}
     for sp in sps:
         held[str(sp)] = {
             "active_fraction": float(sum(g["active"][sp] for g in gs) / sum(g["cells"] for g in gs)),
@@ -544,8 +561,9 @@ GATE_PPL_TOLERANCE = 0.005
 GATE_PPL_TOKENS = 1024
 
 
-def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec: Dict[str, object],
-                          scales: Optional[np.ndarray], dtype: Optional[str] = "float32") -> Optional[Dict[str, object]]:
+def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec: Dict[str, Any],
+                          scales: Optional[np.ndarray],
+                          dtype: Optional[str] = "float32") -> Optional[Dict[str, Any]]:
     """``rec`` (:func:`gate_first_record`) with the sparsity chosen by held-out perplexity:
     the answers of the held-out sequences ``held`` (token indices; the model's own answers,
     never fitted on) are scored teacher-forced by the dense model with every FFN and with
@@ -553,9 +571,9 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
     calibrated sparsities (perplexity grows with sparsity) finds the largest whose
     perplexity is within ``GATE_PPL_TOLERANCE`` of dense. None when the held-out sequences
     have no answers to score (plain text only: the FFN-error choice stays)."""
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
 
-    from .evaluate import gate_selector, run_mode
+    from .evaluate import gate_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
 
     m = files.manifest
     sids = sorted({int(v) for v in np.unique(data.seq[held])} & set(range(len(data.answers))))
@@ -687,7 +705,6 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
                      "cells": int(len(test) * y.shape[1])}
     gate = None
     if down is not None and not is_exact(act) and len(test):
-        from .gate_first import GATE_SPARSITIES
 
         gate = gate_first_layer(x, a, thr, parts, down, act=act, act_param=act_param, train=train, test=test,
                                 predicted={recall: zt > prob_to_logit(cut[recall])} if recall in cut else {},
@@ -695,7 +712,8 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
     return LayerFit(w, thr, freq, cut, counts, loss_on(train), loss_on(val), ft_losses, gate)
 
 
-def split_by_sequence(seq: np.ndarray, fractions=(0.1, 0.1), seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_by_sequence(seq: np.ndarray, fractions=(0.1, 0.1),
+                      seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) token indices; whole sequences go to one side (no neighbour leaks)."""
     ids, counts = np.unique(seq, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(ids))
@@ -711,8 +729,8 @@ def split_by_sequence(seq: np.ndarray, fractions=(0.1, 0.1), seed: int = 0) -> T
         else:
             groups[0].append(ids[j])
     out = []
-    for g in groups:
-        out.append(np.flatnonzero(np.isin(seq, g)) if g else np.zeros(0, dtype=np.int64))
+    for grp in groups:
+        out.append(np.flatnonzero(np.isin(seq, grp)) if grp else np.zeros(0, dtype=np.int64))
     train, val, test = out
     if len(val) == 0 or len(test) == 0 or len(train) < 0.5 * total:  # few sequences: token splits
         perm = np.random.default_rng(seed).permutation(total)
@@ -741,10 +759,10 @@ class CalibrationReport:
     held_out: Dict[str, Dict[str, float]]  # recall target → {recall, precision, predicted_fraction, ...}
     predictor_bytes: int
     seconds: Dict[str, float]
-    sources: Dict[str, object]
+    sources: Dict[str, Any]
     samples: List[str] = field(default_factory=list)
     per_layer: Dict[str, List[float]] = field(default_factory=dict)  # predictor at the default recall, held out
-    gate_first: Optional[Dict[str, object]] = None  # gate-first thresholds and held-out figures
+    gate_first: Optional[Dict[str, Any]] = None  # gate-first thresholds and held-out figures
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -754,7 +772,8 @@ class CalibrationReport:
                  f"  sparsity {self.sparsity:.0%}, rank {self.rank}, {self.tokens} tokens "
                  f"({self.tokens_train} train / {self.tokens_val} cutoffs / {self.tokens_test} test)",
                  f"  weighted BCE: train {self.train_loss:.4f}, held-out {self.val_loss:.4f}"
-                 + (f" (Adam epochs: {', '.join(f'{v:.4f}' for v in self.finetune_loss)})" if self.finetune_loss else ""),
+                 + (f" (Adam epochs: {', '.join(f'{v:.4f}' for v in self.finetune_loss)})"
+                    if self.finetune_loss else ""),
                  f"  predictors: {self.predictor_bytes / 1e6:.1f} MB"]
         for r, m in self.held_out.items():
             mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
@@ -763,8 +782,8 @@ class CalibrationReport:
         pl = self.per_layer
         if pl:
             lines.append(f"  per layer at recall {self.recall}: recall / precision / predicted active")
-            for i, (r, p, f) in enumerate(zip(pl["recall"], pl["precision"], pl["predicted_fraction"])):
-                lines.append(f"    layer {i:2d}: {r:.3f} / {p:.3f} / {f:.1%}")
+            for i, (rc, p, f) in enumerate(zip(pl["recall"], pl["precision"], pl["predicted_fraction"])):
+                lines.append(f"    layer {i:2d}: {rc:.3f} / {p:.3f} / {f:.1%}")
         g = self.gate_first
         if g:
             lines.append("  gate-first (|act(gate x)| > threshold), held out: sparsity: active, FFN error "
@@ -784,20 +803,18 @@ class CalibrationData:
 
     X: np.ndarray                  # (num_layers, T, hidden) float16
     seq: np.ndarray                # (T,) sequence id of each token
-    sources: Dict[str, object]
+    sources: Dict[str, Any]
     answers: List[str]
     seconds: Dict[str, float]
 
     def save(self, path: Union[str, Path]) -> None:
         """For experiments: an ``.npz`` with X, seq and the sources as JSON."""
-        import json
 
         np.savez(path, X=self.X, seq=self.seq, sources=json.dumps(self.sources),
                  answers=json.dumps(self.answers))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "CalibrationData":
-        import json
 
         z = np.load(path)
         return cls(z["X"], z["seq"], json.loads(str(z["sources"])), json.loads(str(z["answers"])), {})
@@ -815,7 +832,7 @@ def collect_calibration(
     progress: Optional[ProgressCallback] = None,
 ) -> CalibrationData:
     """Run the calibration text through the dense model and keep each layer's FFN inputs."""
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
 
     t_start = time.perf_counter()
     seconds: Dict[str, float] = {}
@@ -875,7 +892,7 @@ def fit_predictors(
     seed: int = 0,
     predictor_dtype: str = "float16",
     progress: Optional[ProgressCallback] = None,
-) -> Tuple[PredictorWeights, Dict[str, object]]:
+) -> Tuple[PredictorWeights, Dict[str, Any]]:
     """Thresholds, predictors, cutoffs and held-out metrics for every layer.
     Returns the weights and the manifest's ``predictors`` record (not yet saved)."""
     t0 = time.perf_counter()
@@ -888,7 +905,9 @@ def fit_predictors(
     train_idx, val_idx, test_idx = split_by_sequence(seq, seed=seed)
     pdt = getattr(mx, predictor_dtype)
     fits: List[LayerFit] = []
-    cancel = (lambda: report(progress, len(fits) / m.num_layers, f"fitting layer {len(fits) + 1}/{m.num_layers}"))
+    def cancel() -> None:
+        report(progress, len(fits) / m.num_layers, f"fitting layer {len(fits) + 1}/{m.num_layers}")
+
     for i in range(m.num_layers):
         report(progress, i / m.num_layers, f"fitting layer {i + 1}/{m.num_layers}")
         parts = layer_ffn_parts(files, i)
@@ -901,9 +920,10 @@ def fit_predictors(
                               progress=scaled(progress, i / m.num_layers, (i + 1) / m.num_layers)))
         del parts
     report(progress, 1.0, "fitted")
+    gates = [f.gate for f in fits if f.gate]
     weights = PredictorWeights([f.weights.A[0] for f in fits], [f.weights.B[0] for f in fits],
                                [f.weights.b[0] for f in fits], np.stack([f.frequency for f in fits]),
-                               np.stack([f.gate["scales"] for f in fits]) if all(f.gate for f in fits) else None)
+                               np.stack([g["scales"] for g in gates]) if len(gates) == len(fits) else None)
     held_out: Dict[str, Dict[str, float]] = {}
     for r in RECALL_TARGETS:
         tot = {k: sum(f.counts[r][k] for f in fits) for k in ("tp", "fp", "fn", "predicted", "true", "cells")}
@@ -913,7 +933,7 @@ def fit_predictors(
             "predicted_fraction": tot["predicted"] / max(1, tot["cells"]),
             "true_fraction": tot["true"] / max(1, tot["cells"]),
         }
-    info: Dict[str, object] = {
+    info: Dict[str, Any] = {
         "file": PREDICTOR_FILE,
         "id": uuid.uuid4().hex,
         "version": 1,
@@ -960,11 +980,10 @@ def fit_predictors(
     return weights, info
 
 
-def save_calibration(flash_dir: Union[str, Path], weights: PredictorWeights, info: Dict[str, object]) -> None:
+def save_calibration(flash_dir: Union[str, Path], weights: PredictorWeights, info: Dict[str, Any]) -> None:
     """Write ``predictors.safetensors`` then the manifest's ``predictors`` field, each atomically.
     The two share ``info["id"]``; a predictor file whose id the manifest does not name is refused
     at load, so a crash between the two writes cannot pair old cutoffs with new weights."""
-    from .storage.format import Manifest, file_checksum
 
     root = Path(flash_dir).expanduser()
     fresh = Manifest.load(root)  # the manifest as it is now (keeps every other field)
@@ -1004,16 +1023,15 @@ def calibrate(
     rank: predictor rank r.  text: optional user text file (it gets half the tokens).
     tokens: calibration tokens in all.  recall: the default recall target (cutoffs for
     every target in ``RECALL_TARGETS`` are stored; ``FlashConfig.extra["recall"]`` picks
-    another at load; None: :func:`default_recall` for the model's activation).  epochs: Adam epochs of weighted-BCE refinement after the
-    closed-form fit (0: none).  dtype: compute dtype of the dense model (float32 is
-    much faster than bfloat16 on CPUs).  split: when gate-first keeps quality (held-out
-    perplexity, :func:`gate_first_perplexity`), write the up/down side file
+    another at load; None: :func:`default_recall` for the model's activation).  epochs: Adam
+    epochs of weighted-BCE refinement after the closed-form fit (0: none).  dtype: compute
+    dtype of the dense model (float32 is much faster than bfloat16 on CPUs).  split: when
+    gate-first keeps quality (held-out perplexity, :func:`gate_first_perplexity`), write the up/down side file
     (``storage.format.write_updown``: ~3/4 of ``ffn.bin`` more on disk) so that its misses
     read up/down bytes only.
     progress: ``callback(fraction, message)``; returning False cancels (``Cancelled``)
     and nothing is written.
     """
-    from .storage.format import open_flash, write_updown
 
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,13 +30,56 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import _get_classes, load_tokenizer
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from .active import AllNeurons, Oracle, is_exact
 from .config import FlashConfig, format_budget
+from .dense_model import load_dense_model
+from .gate_first import GATE_SEGMENTS, gate_info, gate_scale_bytes, load_gate_chooser
+from .models import get_architecture, llama, sanitize
 from .moe.format import is_moe_config, is_moe_flash_dir
-from .predictor import CALIBRATE_HINT, PREDICTOR_FILE, has_predictors, predictor_info
+from .neuron_cache import (
+    AUTO_LAYERS,
+    CachePolicy,
+    NeuronCache,
+    ReadModel,
+    RowStore,
+    chosen_frequencies,
+    resolve_auto_policy,
+    sample_active_sets,
+    simulate,
+)
+from .pipeline import attach_pipeline, lookahead_map
+from .predictor import (
+    CALIBRATE_HINT,
+    PREDICTOR_FILE,
+    PredictorError,
+    has_predictors,
+    load_frequencies,
+    load_predictor_chooser,
+    predictor_info,
+)
+from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
+from .sparse_ffn import DenseFFN, SparseFFN
 from .stats import FFNCounters, Stats, process_rss
-from .storage.format import DENSE_FILE, verify_file
+from .storage.format import (
+    DENSE_FILE,
+    bundle_layout,
+    bundle_parts,
+    bundle_segments,
+    ffn_state_dict,
+    load_dense_weights,
+    open_flash,
+    read_layer_segments,
+    read_layer_weights,
+    role_quantization,
+    updown_files,
+    updown_segments,
+    verify_file,
+)
+from .storage.platform_io import direct_alignment
+from .storage.probe import load_cached_choice, load_cached_gap
+from .storage.reader import FlashReader
 from .storage.verify import BackgroundVerifier
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -178,7 +221,6 @@ class Engine:
 
     def _sparse_ffns(self) -> list:
         if not hasattr(self, "_ffns"):
-            from .sparse_ffn import SparseFFN
 
             self._ffns = [m for _, m in self.model.named_modules() if isinstance(m, SparseFFN)]
         return self._ffns
@@ -201,7 +243,6 @@ class Engine:
     def _last_position_only(self):
         """While active, the model's forward pass puts only the last position through the
         output head (``models.<arch>.final_norm``; a model without one: every position)."""
-        from .models import get_architecture, llama
 
         cfg = self._arch_config
         found = None
@@ -225,14 +266,17 @@ class Engine:
             tok = self.tokenizer
             add = tok.bos_token is None or not prompt.startswith(tok.bos_token)
             return list(tok.encode(prompt, add_special_tokens=add))
-        prompt = list(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            messages = list(prompt)
+        items: List[Union[int, dict]] = list(prompt)
+        messages = [m for m in items if isinstance(m, dict)]
+        ids = [t for t in items if not isinstance(t, dict)]
+        if messages and ids:
+            raise ValueError("a prompt list holds token ids or chat messages (dicts), not both")
+        if messages:
             if system and not any(m.get("role") == "system" for m in messages):
                 messages = [{"role": "system", "content": system}] + messages
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return [int(t) for t in prompt]
+        return [int(t) for t in ids]
 
     # ------------------------------------------------------------ generation
     def generate_step(
@@ -288,14 +332,13 @@ class Engine:
                 mx.eval(nxt, logprobs)
         finally:
             self._exact_prefill(False)
-        prompt_time = None
-        gen_tic = None
+        prompt_time = gen_tic = 0.0  # set at the first token (n == 0)
         hits = active = 0
         n = 0
         while True:
             token = int(nxt.item())
             t1 = time.perf_counter()
-            if prompt_time is None:
+            if n == 0:
                 prompt_time = t1 - tic
                 gen_tic = t1
             d = _diff(self.counters, before)
@@ -458,7 +501,7 @@ def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense:
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     if is_moe_flash_dir(path):  # mixture-of-experts: experts from flash (mlx_flash.moe)
-        from .moe.engine import load as load_moe
+        from .moe.engine import load as load_moe  # noqa: PLC0415 - import cycle: moe.engine builds on this module
 
         return load_moe(path, config, dense=dense)
     if is_flash_dir(path):
@@ -467,7 +510,6 @@ def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense:
             return _load_flash_float(path, dense_dtype)
         if dense:
             return _load_flash(path, config, dense=True)
-        from .storage.format import open_flash
 
         engine, reason = config.choose_engine(open_flash(path).manifest.ffn_bytes_total)
         eng = _load_flash(path, config, dense=engine == "dense")
@@ -487,19 +529,16 @@ def _read_config(path: Path) -> dict:
 
 
 def _load_dense(path: Path) -> Engine:
-    from .models import get_architecture
 
     config = _read_config(path)
     # clear error for architectures we do not run; MoE families run as mlx-lm's own classes
     get_classes = _get_classes if is_moe_config(config) else get_architecture(config).get_classes
     if not list(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no .safetensors weights")
-    from mlx_lm.utils import load_model
 
     tokenizer = _load_tokenizer(path, config.get("eos_token_id"))
     model, config = load_model(path, get_model_classes=get_classes)  # honours hidden_act, runs OPT
     if config.get("quantization"):  # a quantized folder runs in quantized.compute_dtype (float32 on CPU)
-        from .quantized import cast_floats, compute_dtype, fast_cpu_modules
 
         cast_floats(model, compute_dtype(mx.float16))
         fast_cpu_modules(model)
@@ -520,14 +559,10 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
     ``notes`` (saying so when the manifest records predictors whose file is gone). The
     oracle uses the calibrated thresholds when ``config.sparsity`` is None or equals the
     calibrated sparsity."""
-    from .active import AllNeurons, Oracle
-    from .gate_first import load_gate_chooser
-    from .predictor import load_predictor_chooser
-    from .storage.format import bundle_parts, read_layer_weights
 
     m = files.manifest
     active = config.active
-    record = {"name": active, "asked": active, "reason": "asked for"}
+    record: Dict[str, Any] = {"name": active, "asked": active, "reason": "asked for"}
     if active == "auto":
         info = predictor_info(m)
         if has_predictors(files):
@@ -590,12 +625,6 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     frequencies (scaled to the candidate's density) through an LRU cache of the
     remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
-    from .active import is_exact
-    from .gate_first import GATE_SEGMENTS, gate_info, gate_scale_bytes
-    from .neuron_cache import (AUTO_LAYERS, ReadModel, RowStore, chosen_frequencies, sample_active_sets,
-                               simulate)
-    from .predictor import has_predictors, load_frequencies, predictor_info
-    from .storage.format import bundle_segments, updown_files
 
     m = files.manifest
     base = {"asked": "auto"}
@@ -655,7 +684,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         cands["gate"]["read_row_bytes"] = up_down_row  # misses read the up/down side file
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
-    for name, c in cands.items():
+    for c in cands.values():
         room = budget - c["resident_bytes"]
         if room < n * m.num_layers * c["row_bytes"]:  # the scratch buffer, as _load_flash sizes it
             room -= min(config.scratch_neurons, n, max(8, room // 8 // c["row_bytes"])) * c["row_bytes"]
@@ -698,8 +727,6 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
 
 def _load_flash_float(path: Path, dtype: str) -> Engine:
     """A flash folder's whole model in memory as float ``dtype`` weights (quantized ones dequantized)."""
-    from .calibrate import load_dense_model
-    from .storage.format import open_flash
 
     files = open_flash(path)
     cfg = files.manifest.model_args
@@ -709,7 +736,6 @@ def _load_flash_float(path: Path, dtype: str) -> Engine:
 
 
 def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
-    from .storage.format import open_flash
 
     files = open_flash(path)
     # dense.safetensors' and ffn.bin's per-layer checksums: hashed in a background thread from now
@@ -724,14 +750,6 @@ def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
 
 def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) -> Engine:
-    from .models import get_architecture, sanitize
-    from .neuron_cache import NeuronCache
-    from .sparse_ffn import SparseFFN
-    from .gate_first import GATE_SEGMENTS
-    from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
-    from .storage.format import (bundle_layout, bundle_segments, ffn_state_dict, load_dense_weights, role_quantization,
-                                 updown_segments)
-    from .storage.reader import FlashReader
 
     m = files.manifest
     arch_cfg = dict(m.model_args)
@@ -760,8 +778,6 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
         verify_file(files, DENSE_FILE)  # and read_layer_segments / read_layer_weights verify each layer
     dense_weights = load_dense_weights(files)
     if dense and quant:  # the dense quantized model: every layer's bundles in memory, as stored
-        from .sparse_ffn import DenseFFN
-        from .storage.format import read_layer_segments
 
         cd = compute_dtype(getattr(mx, m.dtype))
         segs = [read_layer_segments(files, i) for i in range(m.num_layers)]
@@ -781,7 +797,6 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
 
     threads, chunk = config.threads, config.chunk_bytes
     if not threads or not chunk:
-        from .storage.probe import load_cached_choice
 
         t, c = load_cached_choice(path)
         threads = threads or t
@@ -800,9 +815,9 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
         raise
     most = m.ffn_bytes_total + (chooser.resident_bytes if chooser.name in ("predictor", "gate") else 0)
     if budget_bytes > most:
+        rows = f" plus the {chooser.name} rows" if most > m.ffn_bytes_total else ""
         notes.append(f"the budget of {_fmt_mb(budget_bytes)} is more than this model can use "
-                     f"({_fmt_mb(most)}: the whole FFN{' plus the ' + chooser.name + ' rows' if most > m.ffn_bytes_total else ''}); "
-                     f"using {_fmt_mb(most)}")
+                     f"({_fmt_mb(most)}: the whole FFN{rows}); using {_fmt_mb(most)}")
         budget_bytes = most
     if chooser.name in ("predictor", "gate"):  # predictors / resident gate rows live inside the FFN budget
         budget_bytes = max(0, budget_bytes - chooser.resident_bytes)
@@ -872,8 +887,6 @@ def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
     """``config.max_gap_bytes``, or when None the disk probe's (``probe.load_cached_gap``)."""
     if config.max_gap_bytes is not None:
         return config.max_gap_bytes
-    from .storage.platform_io import direct_alignment
-    from .storage.probe import load_cached_gap
 
     return load_cached_gap(path, threads, direct_alignment(path))
 
@@ -883,14 +896,12 @@ def _use_updown(files, config: FlashConfig, reader, verifier, threads: int, chun
     a reader of it and a background verifier of it (plus ``dense.safetensors``; the resident
     gate rows were verified as they were read) replace ``reader`` and ``verifier`` (closed);
     without one (``split`` None) they are returned as they are."""
-    from .storage.format import updown_files
-    from .storage.reader import FlashReader
 
     split = updown_files(files)
     if split is None:
         return reader, verifier, None
-    new_reader = FlashReader(split, threads=threads, chunk_bytes=chunk, max_gap_bytes=reader_max_gap(files.root, config, threads),
-                             direct=config.direct_io)
+    new_reader = FlashReader(split, threads=threads, chunk_bytes=chunk,
+                             max_gap_bytes=reader_max_gap(files.root, config, threads), direct=config.direct_io)
     new_verifier = BackgroundVerifier(split, direct=config.direct_io, side_files=(DENSE_FILE,))
     reader.close()
     verifier.close()
@@ -901,7 +912,6 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
     layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
     None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
-    from .pipeline import attach_pipeline, lookahead_map
 
     if not config.pipeline:
         return None
@@ -939,8 +949,6 @@ def _chooser_density(chooser):
 def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> dict:
     """Resolve ``config.policy`` ("auto": see ``neuron_cache.resolve_auto_policy``), pin
     the hot neurons it asks for and read them from disk once. Returns ``Engine.policy_info``."""
-    from .neuron_cache import CachePolicy, ReadModel, resolve_auto_policy
-    from .predictor import CALIBRATE_HINT, PredictorError, load_frequencies
 
     asked = config.policy
     t0 = time.perf_counter()

@@ -345,7 +345,7 @@ def evaluate(
         wanted = [w for w in wanted if w not in gate_modes]
         gate_modes = []
     gates = scales = None
-    if gate_modes:
+    if gate_modes and grec is not None:  # (gate modes are dropped above without a gate record)
         if grec.get("criterion") == "scaled":
             scales = load_gate_scales(files)
 

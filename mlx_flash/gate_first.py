@@ -21,13 +21,15 @@ per token (``engine._make_chooser``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .active import activation, is_exact
+from .predictor import CALIBRATE_HINT, PredictorError, load_gate_scales
 from .sparse_ffn import ffn_rows
+from .storage.format import read_layer_segments, role_quantization
 
 GATE_SEGMENTS = ("gate", "gate.scales", "gate.biases", "gate_bias")
 """Bundle segments (``storage.format.bundle_segments``) that hold a neuron's gate part."""
@@ -45,9 +47,10 @@ class GateFirst:
     thresholds: per layer threshold on ``|act(g)|``; None: the exact rule
         ``act(g) != 0`` (ReLU-family activations only).
     quant: ``storage.format.role_quantization(manifest)``; compute_dtype: of quantized rows.
-    scales: per layer (n,) per-neuron multipliers of ``|act(g)|`` (None: 1, plain CATS): the
-        calibrated ``rms(up x) * ||down column||`` estimate of each neuron's output size, so
-        the rule reads ``|act(g)| * scale > threshold`` (resident, counted in the budget).
+    scales: per layer (n,) per-neuron multipliers of ``|act(g)|`` (one ``(layers, n)`` array or a
+        vector per layer; None: 1, plain CATS): the calibrated ``rms(up x) * ||down column||``
+        estimate of each neuron's output size, so the rule reads ``|act(g)| * scale > threshold``
+        (resident, counted in the budget).
     """
 
     name = "gate"
@@ -56,14 +59,15 @@ class GateFirst:
     def __init__(self, gates: Sequence[Dict[str, mx.array]], thresholds: Optional[Sequence[float]], *,
                  act: str = "silu", act_param: Optional[float] = None, quant: Optional[dict] = None,
                  compute_dtype: Optional[mx.Dtype] = None, sparsity: Optional[float] = None,
-                 density: Optional[float] = None, scales: Optional[Sequence[np.ndarray]] = None):
+                 density: Optional[float] = None,
+                 scales: Optional[Union[np.ndarray, Sequence[np.ndarray]]] = None):
         self.gates = [dict(g) for g in gates]
         if thresholds is None and not is_exact(act):
             raise ValueError(f"gate-first choice for {act!r} needs calibrated thresholds on |{act}(gate x)|")
         if thresholds is not None and len(thresholds) != len(self.gates):
             raise ValueError(f"{len(thresholds)} gate thresholds for {len(self.gates)} layers")
         self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
-        self._thr = None if thresholds is None else [mx.array(t, dtype=mx.float32) for t in self.thresholds]
+        self._thr = None if self.thresholds is None else [mx.array(t, dtype=mx.float32) for t in self.thresholds]
         self.act = activation(act, act_param)
         self.quant = {k: v for k, v in (quant or {}).items() if k == "gate"}
         self.cdtype = compute_dtype
@@ -138,9 +142,6 @@ def load_gate_chooser(files, config, act: str, act_param: Optional[float],
     """The gate-first chooser of an opened flash folder: each layer's gate segments read
     through ``storage.format.read_layer_segments`` (as stored, quantized or not) and the
     calibrated thresholds (``config.sparsity`` picks a calibrated sparsity)."""
-    from .predictor import CALIBRATE_HINT, PredictorError, load_gate_scales
-    from .storage.format import read_layer_segments, role_quantization
-
     m = files.manifest
     rec = gate_info(m)
     if rec is None and not is_exact(act):
@@ -165,4 +166,5 @@ def load_gate_chooser(files, config, act: str, act_param: Optional[float],
                      density=float(held["active_fraction"]) if held else None, scales=scales)
 
 
-__all__ = ["GATE_SEGMENTS", "GATE_SPARSITIES", "GateFirst", "gate_info", "gate_scale_bytes", "load_gate_chooser", "pick_thresholds"]
+__all__ = ["GATE_SEGMENTS", "GATE_SPARSITIES", "GateFirst", "gate_info", "gate_scale_bytes", "load_gate_chooser",
+           "pick_thresholds"]

@@ -99,6 +99,11 @@ import numpy as np
 
 from .storage.reader import SplitRows, coalesced_runs
 
+BundleLayout = Union[Sequence[Tuple[str, int, int, Union[str, mx.Dtype]]], Mapping[str, Union[Tuple[int, int], int]]]
+"""A bundle's roles as the cache's rows take them: ``storage.format.bundle_segments``' list of
+``(name, byte_start, byte_stop, dtype)``, or ``storage.format.bundle_layout``'s dict of element
+ranges (see :func:`_segments`)."""
+
 _NEVER = np.iinfo(np.int64).min // 4  # "last used" of a neuron never active: -inf
 
 
@@ -175,7 +180,8 @@ def _host_view(a: mx.array) -> np.ndarray:
     return host
 
 
-def _segments(bundle_elems: int, dtype: mx.Dtype, layout) -> List[Tuple[str, int, int, mx.Dtype]]:
+def _segments(bundle_elems: int, dtype: mx.Dtype,
+              layout: Optional[BundleLayout]) -> List[Tuple[str, int, int, mx.Dtype]]:
     """``[(name, byte_start, byte_stop, dtype)]`` in bundle order, tiling the bundle's bytes.
 
     ``layout`` is ``storage.format.bundle_segments``'s list (byte ranges with their own
@@ -184,15 +190,15 @@ def _segments(bundle_elems: int, dtype: mx.Dtype, layout) -> List[Tuple[str, int
     elements of ``dtype``, or an int index for a per-neuron bias); None gives one
     segment, ``"bundle"``, of ``bundle_elems`` elements of ``dtype``."""
     sz = dtype.size
-    if isinstance(layout, (list, tuple)):
-        segs = [(str(r), int(a), int(b), getattr(mx, d) if isinstance(d, str) else d) for r, a, b, d in layout]
-        total = segs[-1][2] if segs else 0
-    elif layout is None:
+    if layout is None:
         return [("bundle", 0, bundle_elems * sz, dtype)]
-    else:
+    if isinstance(layout, Mapping):
         segs = sorted(((r, v * sz, (v + 1) * sz, dtype) if isinstance(v, int) else
                        (r, int(v[0]) * sz, int(v[1]) * sz, dtype) for r, v in layout.items()), key=lambda t: t[1])
         total = bundle_elems * sz
+    else:
+        segs = [(str(r), int(a), int(b), getattr(mx, d) if isinstance(d, str) else d) for r, a, b, d in layout]
+        total = segs[-1][2] if segs else 0
     edge = 0
     for _r, a, b, d in segs:
         if a != edge or b <= a or (b - a) % d.size:
@@ -223,7 +229,8 @@ class RowStore:
     what a row weighs in memory.
     """
 
-    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout=None, drop: Sequence[str] = ()):
+    def __init__(self, rows: int, bundle_elems: int, dtype: mx.Dtype, layout: Optional[BundleLayout] = None,
+                 drop: Sequence[str] = ()):
         self.rows = int(rows)
         self.bundle_elems = int(bundle_elems)
         self.dtype = dtype
@@ -298,7 +305,7 @@ class LayerCache:
         dtype: mx.Dtype,
         window: int = 5,
         lazy: bool = True,
-        layout: Optional[dict] = None,
+        layout: Optional[BundleLayout] = None,
         drop: Sequence[str] = (),
     ):
         if n_neurons < 1 or bundle_elems < 1:
@@ -526,7 +533,7 @@ class NeuronCache:
     """
 
     def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
-                 layout: Optional[dict] = None, staging_neurons: int = 0, drop: Sequence[str] = ()):
+                 layout: Optional[BundleLayout] = None, staging_neurons: int = 0, drop: Sequence[str] = ()):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -557,7 +564,7 @@ class NeuronCache:
         window: int = 5,
         scratch_neurons: int = 256,
         lazy: bool = True,
-        layout: Optional[dict] = None,
+        layout: Optional[BundleLayout] = None,
         pipeline: bool = False,
         drop: Sequence[str] = (),
     ) -> "NeuronCache":

@@ -326,10 +326,10 @@ def load_frequencies(files) -> Optional[np.ndarray]:
 def load_gate_scales(files) -> Optional[np.ndarray]:
     """Gate-first's calibrated per-neuron scales ``(num_layers, n)`` float32 (``gate_first.py``),
     or None when the model has no predictors or an older calibration stored none."""
-    if not has_predictors(files):
-        return None
     m = files.manifest
     info = predictor_info(m)
+    if info is None or not has_predictors(files):
+        return None
     path = Path(files.root) / str(info.get("file", PREDICTOR_FILE))
     weights = load_predictors(path, num_layers=m.num_layers, hidden_size=m.hidden_size,
                               n_neurons=m.intermediate_size, file_id=info.get("id"), rank=info.get("rank"))

@@ -153,3 +153,14 @@ def test_prefill_reads_the_prompt_with_every_neuron(tiny):
     assert union["sparse"] < 0.8  # 10 tokens at 95% sparsity: about 1 - 0.95**10 = 40% of the neurons
     with pytest.raises(ValueError, match="prefill"):
         FlashConfig(prefill="none")
+
+
+def test_encode_ids_messages_and_a_mixed_list(tiny):
+    src, _, _ = tiny
+    eng = load(src)
+    assert eng.encode([5, 17, np.int64(99)]) == [5, 17, 99]
+    msgs = [{"role": "user", "content": "hello there"}]
+    assert eng.encode(msgs) == eng.encode(msgs, system=None)
+    assert eng.encode(msgs, system="Be brief.") != eng.encode(msgs)
+    with pytest.raises(ValueError, match="not both"):
+        eng.encode([{"role": "user", "content": "hi"}, 5])

@@ -1,7 +1,8 @@
 """Live performance plots from the engine's per-token Stats (pyqtgraph).
 
 Six small plots: tokens/s; ms per token split into predictor / I/O / compute
-(stacked), with the disk time hidden behind compute by pipelined layers (dashed); bytes read from flash per token; neuron-cache hit rate; weights in
+(stacked), with the disk time hidden behind compute by pipelined layers (dashed);
+bytes read from flash per token; neuron-cache hit rate; weights in
 memory against the budget; process memory. Each has its current value beside
 its title. Data comes only from ``Stats`` records (``add_stats``); drawing is
 throttled to ~10 Hz so fast models do not flood the GUI thread.
@@ -203,7 +204,8 @@ class StatsPanel(QScrollArea):
         first = f'<b style="color:{theme.TEXT}">{name}</b> · {mode}'
         parts = []
         if mode.startswith("flash") and ffn_bytes:
-            parts.append(f"FFN {theme.human_bytes(ffn_bytes)} on disk · budget {budget_text or theme.human_bytes(budget_bytes)}")
+            parts.append(f"FFN {theme.human_bytes(ffn_bytes)} on disk · "
+                         f"budget {budget_text or theme.human_bytes(budget_bytes)}")
         elif mode == "dense":
             parts.append("all weights in memory")
         if resident_bytes:
@@ -260,9 +262,9 @@ class StatsPanel(QScrollArea):
             a = {k: v[1:] for k, v in a.items()}
         n = len(x)
         if n == 0:
-            for c in (self.c_inst, self.c_tps, self.c_ms0, self.c_ms1, self.c_ms2, self.c_ms3, self.c_overlap, self.c_read,
-                      self.c_useful, self.c_hit, self.c_cum, self.c_res, self.c_cache, self.c_budget, self.c_rss,
-                      self.c_peak):
+            for c in (self.c_inst, self.c_tps, self.c_ms0, self.c_ms1, self.c_ms2, self.c_ms3, self.c_overlap,
+                      self.c_read, self.c_useful, self.c_hit, self.c_cum, self.c_res, self.c_cache, self.c_budget,
+                      self.c_rss, self.c_peak):
                 c.setData([], [])
             for card in self.cards:
                 card.value.setText("–")
@@ -283,7 +285,8 @@ class StatsPanel(QScrollArea):
         unit, div = ("MB", 1e6) if a["bytes_read"].max(initial=0) >= 2e6 else ("KB", 1e3)
         if unit != self._read_unit:
             self._read_unit = unit
-            self.card_read.legend.setText(_legend([(theme.C_IO, f"read ({unit})"), (theme.C_COMPUTE, f"useful ({unit})")]))
+            self.card_read.legend.setText(_legend([(theme.C_IO, f"read ({unit})"),
+                                                   (theme.C_COMPUTE, f"useful ({unit})")]))
         self.c_read.setData(x, a["bytes_read"] / div)
         self.c_useful.setData(x, a["bytes_useful"] / div)
         self.c_hit.setData(x, a["hit_rate"])

@@ -240,11 +240,8 @@ def _replay(files: MoeFiles, trace: np.ndarray, capacity: int, policy: str, freq
                          max_gap_bytes=reader_max_gap(files.root, cfg, threads), direct=cfg.direct_io)
     counters = FFNCounters()
     glu = SwitchGLU(m.hidden_size, m.expert_intermediate_size, m.num_experts, bias=False)  # shapes only (lazy)
-    # TEMPORARY (#18), the arg-type ignores below: neuron_cache's `layout` parameters are annotated dict but take
-    # this list too (neuron_cache._segments reads both); neuron_cache.py is edited on other branches: its annotation
-    # is fixed after their merge, and then mypy (warn_unused_ignores) reports these ignores to delete.
     caches = [LayerCache(m.num_experts, capacity, m.expert_bytes, mx.uint8, cfg.window, True,
-                         layout, drop)  # type: ignore[arg-type]
+                         layout, drop)
               for _ in range(m.num_layers)]
     try:
         if policy == "hot" and freqs is not None:

@@ -157,13 +157,10 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
         layout = [(s.name, s.start, s.stop, s.dtype) for s in segs]
         drop = ["pad"] if segs[-1].name == "pad" else []
         lazy = config.policy != "window"
-        # TEMPORARY (#18), the arg-type ignores below: neuron_cache's `layout` parameters are annotated dict but take
-        # this list too (neuron_cache._segments reads both); neuron_cache.py is edited on other branches: its annotation
-        # is fixed after their merge, and then mypy (warn_unused_ignores) reports these ignores to delete.
         layers = [LayerCache(m.num_experts, cap, m.expert_bytes, mx.uint8, config.window, lazy,
-                             layout, drop)  # type: ignore[arg-type]
+                             layout, drop)
                   for _ in range(m.num_layers)]
-        cache = NeuronCache(layers, 0, budget, layout, drop=drop)  # type: ignore[arg-type]
+        cache = NeuronCache(layers, 0, budget, layout, drop=drop)
         counters = FFNCounters()
         model, mods, cfg = _skeleton(files)
         cd = expert_compute_dtype(files)

@@ -10,7 +10,8 @@ A flash model is a folder::
                          (each layer's permutation of neurons on disk, see ``neuron_perms``; absent:
                          the source model's order)
       dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
-      ffn.bin            per layer, per neuron i: [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
+      ffn.bin            per layer, per neuron i:
+                         [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
                          contiguous ("row-column bundling": one read fetches one neuron). Models with FFN
                          biases add each neuron's own bias elements to its bundle (``bundle_parts``: llama
                          with mlp_bias ["gate", "gate_bias", "up", "up_bias", "down"], OPT ["fc1",
@@ -39,7 +40,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
@@ -47,7 +48,7 @@ from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
-from ..atomic import FolderBuild, atomic_write_text, fsync_dir
+from ..atomic import FolderBuild, atomic_path, atomic_write_text, fsync_dir
 from ..families import BY_MODEL_TYPE, BY_WRAPPER, WRAPPED_CONFIG, WRAPPED_PREFIX, supported_text
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
@@ -267,15 +268,17 @@ class Manifest:
         if not isinstance(d, Mapping):
             raise FlashFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        required = {
+        required: Dict[str, Union[type, Tuple[type, ...]]] = {
             "format_version": int, "architecture": str, "model_args": dict, "dtype": str,
             "num_layers": int, "hidden_size": int, "intermediate_size": int, "bundle_parts": list,
             "bundle_elems": int, "bundle_bytes": int, "layers": list, "ffn_size": int,
         }
-        optional = {"alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
-                    "predictors": (dict, type(None)), "dense_quantization": (dict, type(None)),
-                    "checksums": dict, "quantization": (dict, type(None)),
-                    "neuron_order": (dict, type(None))}
+        optional: Dict[str, Union[type, Tuple[type, ...]]] = {
+            "alignment": int, "ffn_file": str, "dense_file": str, "source": str, "created": str,
+            "predictors": (dict, type(None)), "dense_quantization": (dict, type(None)),
+            "checksums": dict, "quantization": (dict, type(None)),
+            "neuron_order": (dict, type(None)),
+        }
         kw: Dict[str, Any] = {}
         for name, typ in list(required.items()) + list(optional.items()):
             if name not in d:
@@ -296,7 +299,8 @@ class Manifest:
                 raise FlashFormatError(f"{where}: field 'layers[{i}].{k.args[0]}' is missing") from None
             for nm, v, typ in (("offset", off, int), ("size", size, int), ("checksum", ck, str)):
                 if isinstance(v, bool) or not isinstance(v, typ):
-                    raise FlashFormatError(f"{where}: field 'layers[{i}].{nm}' has type {type(v).__name__}, expected {typ.__name__}")
+                    raise FlashFormatError(f"{where}: field 'layers[{i}].{nm}' has type {type(v).__name__}, "
+                                           f"expected {typ.__name__}")
             layers.append(LayerEntry(off, size, ck))
         kw["layers"] = layers
         for name, ck in kw.get("checksums", {}).items():
@@ -359,7 +363,8 @@ def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str
         return
     weight_parts = {p.name for p in parts if p.kind != "bias"}
     if set(q) != weight_parts:
-        raise FlashFormatError(f"{where}: field 'quantization' names parts {sorted(q)}, expected {sorted(weight_parts)}")
+        raise FlashFormatError(f"{where}: field 'quantization' names parts {sorted(q)}, "
+                               f"expected {sorted(weight_parts)}")
     for name, spec in q.items():
         if spec == "none":
             continue
@@ -492,12 +497,15 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
     for i, e in enumerate(m.layers):
         if e.size != layer_size:
             raise FlashFormatError(
-                f"{where}: field 'layers[{i}].size' is {e.size}, expected intermediate_size * bundle_bytes = {layer_size}"
+                f"{where}: field 'layers[{i}].size' is {e.size}, "
+                f"expected intermediate_size * bundle_bytes = {layer_size}"
             )
         if e.offset < 0 or e.offset % m.alignment:
-            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) is not a multiple of alignment {m.alignment}")
+            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) is not a multiple of "
+                                   f"alignment {m.alignment}")
         if e.offset < prev_end:
-            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) overlaps the previous layer (ends at {prev_end})")
+            raise FlashFormatError(f"{where}: field 'layers[{i}].offset' ({e.offset}) overlaps the previous layer "
+                                   f"(ends at {prev_end})")
         if e.offset + e.size > m.ffn_size:
             raise FlashFormatError(
                 f"{where}: field 'layers[{i}]' ends at {e.offset + e.size}, beyond ffn_size {m.ffn_size}"
@@ -564,8 +572,8 @@ def write_permuted_ffn(files: FlashFiles, perms: np.ndarray, dst: Union[str, Pat
             raw = np.ascontiguousarray(_read_layer_raw(files, i)[np.asarray(perms[i], dtype=np.int64)])
             if e.offset > pos:
                 f.write(bytes(e.offset - pos))
-            f.write(memoryview(raw).cast("B"))
-            entries.append(LayerEntry(e.offset, e.size, hashlib.blake2b(memoryview(raw).cast("B")).hexdigest()))
+            f.write(raw.data.cast("B"))
+            entries.append(LayerEntry(e.offset, e.size, hashlib.blake2b(raw.data.cast("B")).hexdigest()))
             pos = e.offset + e.size
         if m.ffn_size > pos:
             f.write(bytes(m.ffn_size - pos))
@@ -598,9 +606,11 @@ def open_flash(path: Union[str, Path]) -> FlashFiles:
         raise FlashFormatError(f"{ffn_path}: {m.ffn_file} is missing (manifest field 'ffn_file')")
     actual = ffn_path.stat().st_size
     if actual < m.ffn_size:
-        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} is truncated: {actual} bytes, manifest says {m.ffn_size} (field 'ffn_size')")
+        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} is truncated: {actual} bytes, manifest says {m.ffn_size} "
+                               f"(field 'ffn_size')")
     if actual > m.ffn_size:
-        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} has {actual} bytes, manifest says {m.ffn_size} (field 'ffn_size')")
+        raise FlashFormatError(f"{ffn_path}: {m.ffn_file} has {actual} bytes, manifest says {m.ffn_size} "
+                               f"(field 'ffn_size')")
     if not dense_path.is_file():
         raise FlashFormatError(f"{dense_path}: {m.dense_file} is missing (manifest field 'dense_file')")
     return FlashFiles(root=root, manifest=m, ffn_path=ffn_path, dense_path=dense_path)
@@ -791,14 +801,14 @@ def _read_layer_raw(files: FlashFiles, layer: int, verify: bool = True) -> np.nd
     raw = np.empty(size, dtype=np.uint8)
     with open(files.ffn_path, "rb", buffering=0) as f:
         f.seek(off)
-        mv = memoryview(raw)
+        mv = raw.data
         got = 0
         while got < size:
             n = f.readinto(mv[got:])
             if not n:
                 raise FlashFormatError(f"{files.ffn_path}: unexpected end of file in layer {layer}")
             got += n
-    if verify and hashlib.blake2b(memoryview(raw)).hexdigest() != m.layers[layer].checksum:
+    if verify and hashlib.blake2b(raw.data).hexdigest() != m.layers[layer].checksum:
         raise _layer_mismatch(files, layer)
     return raw.reshape(m.intermediate_size, m.bundle_bytes)
 
@@ -926,7 +936,8 @@ def _dequantize(weights: MutableMapping[str, mx.array], module: str, in_dim: Opt
     try:
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
     except Exception as e:
-        raise FlashFormatError(f"{what}: cannot dequantize {module} (bits={bits}, group_size={group_size}, mode={mode}): {e}") from None
+        raise FlashFormatError(f"{what}: cannot dequantize {module} (bits={bits}, group_size={group_size}, "
+                               f"mode={mode}): {e}") from None
 
 
 def _copy_source_files(src: Path) -> Dict[str, Path]:
@@ -1181,16 +1192,16 @@ def write_flash(
                 pieces = []
                 for part in parts:
                     name = f"{pre}.{part.tensor}"
-                    spec = _part_quant(fquant, part)
+                    pq = _part_quant(fquant, part)
                     if part.kind == "bias":
                         arr = weights.pop(name)
                         shape: Tuple[int, ...] = (inter,)
                     else:
                         mod = name[: -len(".weight")]
                         in_dim = hidden if part.kind == "row" else inter
-                        if spec is not None and part.kind == "row" and _source_quant(weights, mod, in_dim) == \
-                                (spec["bits"], spec["group_size"]):  # copied as stored: exact
-                            _check_shape(weights[f"{mod}.weight"], (inter, hidden * spec["bits"] // 32), mod, what)
+                        if pq is not None and part.kind == "row" and _source_quant(weights, mod, in_dim) == \
+                                (pq["bits"], pq["group_size"]):  # copied as stored: exact
+                            _check_shape(weights[f"{mod}.weight"], (inter, hidden * pq["bits"] // 32), mod, what)
                             pieces += [weights.pop(f"{mod}.weight"), weights.pop(f"{mod}.scales").astype(mx_out),
                                        weights.pop(f"{mod}.biases").astype(mx_out)]
                             continue
@@ -1203,9 +1214,9 @@ def write_flash(
                         arr = arr.T
                     elif part.kind == "bias":
                         arr = arr[:, None]
-                    if spec is not None:  # re-quantized along hidden (down columns; mixed-bit sources)
-                        wq, sq, bq = mx.quantize(arr.astype(mx.float32), group_size=spec["group_size"],
-                                                 bits=spec["bits"])
+                    if pq is not None:  # re-quantized along hidden (down columns; mixed-bit sources)
+                        wq, sq, bq = mx.quantize(arr.astype(mx.float32), group_size=pq["group_size"],
+                                                 bits=pq["bits"])
                         pieces += [wq, sq.astype(mx_out), bq.astype(mx_out)]
                     else:
                         pieces.append(arr.astype(mx_out))
@@ -1217,8 +1228,8 @@ def write_flash(
                 if offsets[i] > pos:
                     f.write(bytes(offsets[i] - pos))
                     pos = offsets[i]
-                f.write(memoryview(raw))
-                entries.append(LayerEntry(pos, layer_size, hashlib.blake2b(memoryview(raw)).hexdigest()))
+                f.write(raw.data)
+                entries.append(LayerEntry(pos, layer_size, hashlib.blake2b(raw.data).hexdigest()))
                 pos += layer_size
                 del raw
                 _clear_mlx_cache()  # freed layers go back to the OS, not MLX's buffer cache
@@ -1287,7 +1298,10 @@ def write_flash(
 
         report(progress, 1.0, "publishing")  # last chance to cancel
     except BaseException as e:
-        raise build.fail(e)  # temp folder removed; a full disk / no permission: a one-line message
+        # temp folder removed; a full disk / no permission: a one-line message
+        if (err := build.fail(e)) is e:
+            raise
+        raise err from e
     return build.publish()
 
 
@@ -1386,8 +1400,6 @@ def write_updown(files: FlashFiles, drop, progress: Optional[ProgressCallback] =
     """Write the up/down side file of an opened flash folder (every layer read once from
     ``ffn.bin`` and verified) atomically, then record it in the manifest (:data:`UPDOWN_FIELD`).
     ``drop``: the segment names left out (``gate_first.GATE_SEGMENTS``). Returns its path."""
-    from ..atomic import atomic_path
-
     m = files.manifest
     segs = updown_segments(m, drop)
     if not segs or len(segs) == len(bundle_segments(m)):
@@ -1406,7 +1418,7 @@ def write_updown(files: FlashFiles, drop, progress: Optional[ProgressCallback] =
                 pos = _align(pos)
                 f.write(block.tobytes())
                 layers.append({"offset": pos, "size": int(block.nbytes),
-                               "checksum": hashlib.blake2b(memoryview(block).cast("B")).hexdigest()})
+                               "checksum": hashlib.blake2b(block.data.cast("B")).hexdigest()})
                 pos += block.nbytes
             f.write(b"\0" * (_align(pos) - pos))
             pos = _align(pos)
@@ -1447,8 +1459,6 @@ def updown_files(files: FlashFiles) -> Optional[FlashFiles]:
     if not path.is_file() or path.stat().st_size != size:
         raise FlashFormatError(f"{path}: {name} is missing or has the wrong size (manifest field "
                                f"'{UPDOWN_FIELD}.size' says {size})")
-    from dataclasses import replace
-
     view = replace(m, bundle_bytes=row, layers=layers, ffn_size=size, ffn_file=name)
     return FlashFiles(root=files.root, manifest=view, ffn_path=path, dense_path=files.dense_path)
 
