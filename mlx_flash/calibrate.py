@@ -562,15 +562,16 @@ GATE_PPL_TOKENS = 1024
 
 
 def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec: Dict[str, Any],
-                          scales: Optional[np.ndarray],
-                          dtype: Optional[str] = "float32") -> Optional[Dict[str, Any]]:
+                          scales: Optional[np.ndarray], dtype: Optional[str] = "float32",
+                          progress: Optional[ProgressCallback] = None) -> Optional[Dict[str, Any]]:
     """``rec`` (:func:`gate_first_record`) with the sparsity chosen by held-out perplexity:
     the answers of the held-out sequences ``held`` (token indices; the model's own answers,
     never fitted on) are scored teacher-forced by the dense model with every FFN and with
     each layer's hidden activation masked by the gate-first rule; a binary search over the
     calibrated sparsities (perplexity grows with sparsity) finds the largest whose
     perplexity is within ``GATE_PPL_TOLERANCE`` of dense. None when the held-out sequences
-    have no answers to score (plain text only: the FFN-error choice stays)."""
+    have no answers to score (plain text only: the FFN-error choice stays). ``progress`` hears of
+    every scored chunk (a pass over ~1,000 tokens takes seconds on a slow CPU)."""
     from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
 
     from .evaluate import gate_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
@@ -595,15 +596,24 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
         gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
     mx.eval(gates)
     n, L = m.intermediate_size, m.num_layers
-    dense = run_mode(model, chunks, L, n, name="dense", act=act, windows=1).perplexity
     sps = sorted(float(k) for k in rec["thresholds"])
+    runs = 2 + len(sps).bit_length()  # dense, the binary search's steps, perhaps one more: at most
+    done = [0]
+
+    def sub() -> Optional[ProgressCallback]:
+        k = min(done[0], runs - 1)
+        done[0] += 1
+        return scaled(progress, k / runs, (k + 1) / runs)
+
+    dense = run_mode(model, chunks, L, n, name="gate-first perplexity, dense", act=act, windows=1,
+                     progress=sub()).perplexity
     ppl: Dict[str, float] = {}
 
     def ok(j: int) -> bool:
         sp = sps[j]
         sel = gate_selector(gates, rec["thresholds"][str(sp)], act, scales)
-        ppl[str(sp)] = run_mode(model, chunks, L, n, name=f"gate:{sp:g}", act=act, select=sel,
-                                windows=1).perplexity
+        ppl[str(sp)] = run_mode(model, chunks, L, n, name=f"gate-first perplexity at {sp:g}", act=act, select=sel,
+                                windows=1, progress=sub()).perplexity
         return ppl[str(sp)] <= dense * (1 + GATE_PPL_TOLERANCE)
 
     lo, hi, best = 0, len(sps) - 1, None
@@ -972,7 +982,8 @@ def fit_predictors(
     gate = gate_first_record(fits, recall)
     if gate is not None:
         report(progress, 1.0, "gate-first: held-out perplexity")
-        with_ppl = gate_first_perplexity(files, data, np.concatenate([val_idx, test_idx]), gate, weights.gate_scales)
+        with_ppl = gate_first_perplexity(files, data, np.concatenate([val_idx, test_idx]), gate, weights.gate_scales,
+                                         progress=scaled(progress, 1.0, 1.0))  # messages: each scored chunk
         if with_ppl is not None:
             gate = with_ppl
         info["gate_first"] = gate
