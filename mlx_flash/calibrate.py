@@ -50,6 +50,7 @@ import numpy as np
 from .active import activation, gated_activation, is_exact
 from .dense_model import (
     HookedMLP,
+    float32_gates,
     hidden_states,
     install_hooks,
     last_logits,
@@ -589,12 +590,7 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
         return None
     act = model_activation(m.model_args)
     model = load_dense_model(files, dtype)
-    gates = []
-    for i in range(m.num_layers):
-        parts = layer_ffn_parts(files, i)
-        b = parts.get("gate_bias")
-        gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
-    mx.eval(gates)
+    gates = float32_gates(files)
     n, L = m.intermediate_size, m.num_layers
     sps = sorted(float(k) for k in rec["thresholds"])
     runs = 2 + len(sps).bit_length()  # dense, the binary search's steps, perhaps one more: at most

@@ -6,7 +6,7 @@ dense, quantized modules kept) is ``engine.load``."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -114,6 +114,18 @@ def load_dense_model(files, dtype: Optional[str] = "float32", *, numpy_cpu: bool
 def layer_ffn_parts(files, layer: int) -> Dict[str, mx.array]:
     """One layer's FFN tensors by role (``gate``, ``up``, ``down``, ``gate_bias``, ``up_bias``)."""
     return dict(zip((p.role for p in bundle_parts(files.manifest)), read_layer_weights(files, layer)))
+
+
+def float32_gates(files) -> List[Tuple[mx.array, Optional[mx.array]]]:
+    """Every layer's ``(gate (n, hidden), gate_bias (n,) or None)`` in float32, evaluated: what the
+    gate-first rule needs to score a model (``evaluate.gate_selector``)."""
+    gates = []
+    for i in range(files.manifest.num_layers):
+        parts = layer_ffn_parts(files, i)
+        b = parts.get("gate_bias")
+        gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
+    mx.eval(gates)
+    return gates
 
 
 Hook = Callable[[int, mx.array, mx.array], mx.array]

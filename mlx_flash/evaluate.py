@@ -29,16 +29,17 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
 from .active import activation
-from .calibrate import install_hooks, layer_ffn_parts, load_dense_model, model_activation
+from .calibrate import install_hooks, load_dense_model, model_activation
 from .config import FlashConfig
 from .corpus import kjv_text
+from .dense_model import float32_gates
 from .gate_first import GATE_SEGMENTS, gate_info, pick_thresholds
 from .predictor import PredictorError, load_gate_scales, load_predictor_chooser, predictor_info
 from .progress import ProgressCallback, report, scaled
@@ -344,17 +345,12 @@ def evaluate(
         notes.append("gate-first skipped: this calibration measured no gate thresholds (calibrate again)")
         wanted = [w for w in wanted if w not in gate_modes]
         gate_modes = []
-    gates = scales = None
+    gates: List[Tuple[mx.array, Optional[mx.array]]] = []
+    scales = None
     if gate_modes and grec is not None:  # (gate modes are dropped above without a gate record)
         if grec.get("criterion") == "scaled":
             scales = load_gate_scales(files)
-
-        gates = []
-        for i in range(m.num_layers):
-            parts = layer_ffn_parts(files, i)
-            b = parts.get("gate_bias")
-            gates.append((parts["gate"].astype(mx.float32), None if b is None else b.astype(mx.float32)))
-        mx.eval(gates)
+        gates = float32_gates(files)
     ud_bytes = m.bundle_bytes - sum(b - a for n_, a, b, _ in bundle_segments(m) if n_ in GATE_SEGMENTS)
     for i, mode in enumerate(wanted):
         sub = scaled(progress, i / len(wanted), (i + 1) / len(wanted))

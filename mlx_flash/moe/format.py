@@ -55,6 +55,7 @@ from ..storage.format import (
     LayerEntry,
     LayerHasher,
     file_checksum,
+    read_model_config,
     verify_file,
 )
 from ..storage.platform_io import drop_page_cache, set_nocache
@@ -417,12 +418,7 @@ def convert_to_moe_flash(src: Union[str, Path], dst: Union[str, Path], *,
     returning False cancels (no trace left)."""
     src = Path(src).expanduser()
     cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise FlashFormatError(f"{cfg_path}: config.json is missing (not a model folder?)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = read_model_config(src)
     model = _model_skeleton(config, str(cfg_path))
     shards = sorted(src.glob("*.safetensors"))
     if not shards:

@@ -952,6 +952,20 @@ def _copy_source_files(src: Path) -> Dict[str, Path]:
     return out
 
 
+def read_model_config(src: Path) -> Dict[str, Any]:
+    """A model folder's ``config.json``, or :class:`FlashFormatError` saying what is wrong."""
+    cfg_path = Path(src) / "config.json"
+    if not cfg_path.is_file():
+        raise FlashFormatError(f"{cfg_path}: config.json is missing (not a model folder?)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise FlashFormatError(f"{cfg_path}: not a JSON object")
+    return config
+
+
 def convert_to_flash(
     src: Union[str, Path],
     dst: Union[str, Path],
@@ -985,13 +999,8 @@ def convert_to_flash(
         raise FlashFormatError(f"{src} is already in the flash format: nothing to convert "
                                "(load it as it is, or import it into the library)")
     cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise FlashFormatError(f"{cfg_path}: config.json is missing (not a model folder?)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlashFormatError(f"{cfg_path}: not valid JSON ({e})") from None
-    wrapped = BY_WRAPPER.get(config.get("model_type"))
+    config = read_model_config(src)
+    wrapped = BY_WRAPPER.get(str(config.get("model_type", "")))
     if wrapped is not None:
         config = _text_config(config, wrapped, str(cfg_path))
     _arch_spec(config, str(cfg_path))  # fail before loading weights
@@ -1468,6 +1477,7 @@ def _align(n: int, a: int = ALIGNMENT) -> int:
 
 
 __all__ = [
+    "read_model_config",
     "ALIGNMENT",
     "ARCHITECTURES",
     "ArchSpec",
