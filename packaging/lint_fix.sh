@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
 
 FILES=(
-  mlx_flash/bench.py mlx_flash/engine.py mlx_flash/calibrate.py mlx_flash/gate_first.py mlx_flash/storage/format.py
+  mlx_flash/engine.py mlx_flash/calibrate.py mlx_flash/gate_first.py mlx_flash/storage/format.py
   app/widgets/stats_panel.py
 )
 
