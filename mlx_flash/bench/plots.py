@@ -91,12 +91,12 @@ def save_plots(report: BenchReport, out_dir: PathLike) -> List[Path]:
         fig = Figure(figsize=(11, 4.0))
         axes = fig.subplots(1, 3)
         for pol in dict.fromkeys(p.policy for p in pps):
-            ps = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
-            xs = [100 * p.budget for p in ps]
+            qs = sorted((p for p in pps if p.policy == pol), key=lambda p: p.budget)
+            xs = [100 * p.budget for p in qs]
             style = dict(marker="o", label=pol, ls="--" if pol == "auto" else "-")
-            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in ps], **style)
-            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in ps], **style)
-            axes[2].plot(xs, [p.tokens_per_s for p in ps], **style)
+            axes[0].plot(xs, [100 * (p.hit_rate or 0) for p in qs], **style)
+            axes[1].plot(xs, [p.bytes_read_per_token / 1e6 for p in qs], **style)
+            axes[2].plot(xs, [p.tokens_per_s for p in qs], **style)
         for ax, yl in zip(axes, ("hit rate (%)", "MB read per token", "tokens / s")):
             ax.set_xlabel("FFN memory budget (%)")
             ax.set_ylabel(yl)

@@ -5,7 +5,7 @@ choice (:func:`replay_reads`) and greedy agreement with dense over the prompt se
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -152,6 +152,7 @@ def format_quantized(r: BenchReport) -> List[str]:
                   "| configuration | measured | replayed, this folder | replayed, bfloat16 | this / bfloat16 |",
                   "|---|---|---|---|---|"]
         for row in replayed:
+            assert row.sim_bytes_read_per_token is not None and row.bf16_bytes_read_per_token  # replay_reads sets both
             lines.append(f"| {row.name} | {_fb(row.bytes_read_per_token)} | {_fb(row.sim_bytes_read_per_token)} | "
                          f"{_fb(row.bf16_bytes_read_per_token)} | "
                          f"{row.sim_bytes_read_per_token / row.bf16_bytes_read_per_token:.2f}x |")
@@ -162,7 +163,7 @@ def format_quantized(r: BenchReport) -> List[str]:
                       "before the first divergence",
                   "| configuration | mean | prompts identical throughout | per prompt |", "|---|---|---|---|"]
         for row in agreed:
-            a = row.agreement
+            a: Dict[str, Any] = row.agreement or {}  # not empty: `agreed`
             lines.append(f"| {row.name} | {a['mean']:.1f} / {a['tokens']} | {a['identical']} / {a['prompts']} | "
                          + " ".join(str(v) for v in a["per_prompt"]) + " |")
     return lines

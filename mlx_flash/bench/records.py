@@ -114,8 +114,10 @@ def canonical_config(name: str) -> str:
     return ALIASES[key]
 
 
+@dataclass
 class _Record:
-    """``to_dict`` / ``from_dict`` for the report's dataclasses (unknown keys are ignored on load)."""
+    """``to_dict`` / ``from_dict`` for the report's dataclasses (unknown keys are ignored on load); a dataclass
+    without fields itself, so that the type checker knows ``asdict`` and ``fields`` apply."""
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -299,7 +299,7 @@ def format_choosers(report: BenchReport) -> List[str]:
         row = rows[n]
         ch = (row.active or {}).get("name") or ("dense" if n == DENSE else _ACTIVE.get(n, ""))
         if (row.active or {}).get("sparsity") is not None:
-            ch += f" (sparsity {row.active['sparsity']:g})"
+            ch += f" (sparsity {(row.active or {})['sparsity']:g})"
         ppl_rel = (row.perplexity / dense.perplexity - 1 if dense and dense.perplexity and row.perplexity
                    else None)
         speed = row.tokens_per_s / naive.tokens_per_s if naive and naive.tokens_per_s else None

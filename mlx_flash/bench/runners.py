@@ -370,7 +370,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
             key, sub = mx.random.split(key)
             xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=dt, key=sub)
             mx.eval(xs)
-            if replay:
+            if isinstance(chooser, ReplayChooser):  # replay
                 chooser.token = t
             before = FFNCounters(**counters.__dict__)
             t0 = time.perf_counter()
