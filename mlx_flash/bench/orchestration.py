@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -140,7 +140,7 @@ def run_bench(
     m = files.manifest
     base = flash_config or FlashConfig()
     # flash rows run the flash engine whatever the budget ("auto" would run a 100% budget dense)
-    cfg_main = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget), "engine": "flash"})
+    cfg_main = replace(base, budget=float(budget), engine="flash")
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     sweep = [float(b) for b in (sweep or [])]
     shape_obj = (SHAPES[shape] if isinstance(shape, str) else shape) if shape else None
@@ -288,7 +288,7 @@ def _run_configs(run: _Run, rep: BenchReport, names: List[str], ref_ids: Optiona
                 rep.skipped.append({"name": n, "reason": "the folder stores float bundles: dense is the float model"})
             _report(cb, 1.0, f"{n} skipped")
             continue
-        cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(n, "oracle")})
+        cfg = replace(cfg_main, active=_ACTIVE.get(n, "oracle"))
         two = pipeline_twins and n not in _DENSE_ROWS  # a twin with the pipeline the other way follows
         try:
             row, toks, tr = _run_real(n, path, cfg, prompt, tokens, warmup, ref_ids, probe_res,
@@ -306,7 +306,7 @@ def _run_configs(run: _Run, rep: BenchReport, names: List[str], ref_ids: Optiona
             replay_reads(row, tr, run.files, cfg)
         rep.rows.append(row)
         if two:
-            cfg_t = FlashConfig.from_dict({**cfg.to_dict(), "pipeline": not cfg.pipeline})
+            cfg_t = replace(cfg, pipeline=not cfg.pipeline)
             trow, ttoks, _ = _run_real(_twin_name(n, cfg_t.pipeline), path, cfg_t, prompt, tokens, warmup, None,
                                        probe_res, scaled(cb, 0.6, 1.0), dense_tokens=dense_tokens)
             trow.perplexity = row.perplexity  # same outputs, by construction (checked here)
@@ -331,7 +331,7 @@ def _run_sweep(run: _Run, rep: BenchReport, sweep: List[float], sweep_configs: O
         if existing is not None and abs(b - budget) < 1e-9:
             rep.sweep.append(_sweep_point(c, b, existing))
             continue
-        cfg = FlashConfig.from_dict({**run.cfg_main.to_dict(), "budget": b, "active": _ACTIVE[c]})
+        cfg = replace(run.cfg_main, budget=b, active=_ACTIVE[c])
         try:
             row, _, _ = _run_real(c, run.path, cfg, run.prompt, run.tokens, run.warmup, None, run.probe, sub)
             rep.sweep.append(_sweep_point(c, b, row))
@@ -352,8 +352,7 @@ def _run_policies(run: _Run, rep: BenchReport, pol_list: List[str], policy_budge
     pts = [(pname, float(b)) for b in policy_budgets for pname in pol_list]
     for k, (pname, b) in enumerate(pts):
         sub = scaled(cb, k / len(pts), (k + 1) / len(pts))
-        cfg = FlashConfig.from_dict({**run.cfg_main.to_dict(), "budget": b, "policy": pname,
-                                     "active": policy_active})
+        cfg = replace(run.cfg_main, budget=b, policy=pname, active=policy_active)
         try:
             row, _, _ = _run_real(f"policy {pname}", run.path, cfg, run.prompt, run.tokens, run.warmup, None,
                                   run.probe, sub)
@@ -380,7 +379,7 @@ def _shape_trace(run: _Run, rep: BenchReport, trace: Any, recorded: Any) -> Trac
     else:
         from ..engine import load  # noqa: PLC0415 - the engine imports mlx-lm (seconds): not at CLI start
 
-        cfg = FlashConfig.from_dict({**run.cfg_main.to_dict(), "active": "oracle"})
+        cfg = replace(run.cfg_main, active="oracle")
         eng = load(path, cfg)
         try:
             eng.tokenizer.eos_token_ids = []
@@ -417,7 +416,7 @@ def _run_shape(run: _Run, rep: BenchReport, shape_obj: Shape, tr_obj: Trace, sha
         row.group = f"{shape_obj.name} shape"
         rep.rows.append(row)
         if pipeline_twins:  # outputs are random-input FFN sums: not compared
-            cfg_t = FlashConfig.from_dict({**cfg_main.to_dict(), "pipeline": not cfg_main.pipeline})
+            cfg_t = replace(cfg_main, pipeline=not cfg_main.pipeline)
             trow = _run_replay(_twin_name(n + label, cfg_t.pipeline), sfiles, strace, cfg_t, n_tok, warmup,
                                probe_res, scaled(cb, 0.5, 1.0), seed=seed)
             trow.group = row.group

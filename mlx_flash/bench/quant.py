@@ -4,6 +4,7 @@ choice (:func:`replay_reads`) and greedy agreement with dense over the prompt se
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -116,7 +117,7 @@ def run_agreement(rep: BenchReport, path: Path, cfg_main: FlashConfig, n_prompts
         return
     ref: List[List[int]] = []
     for k, row in enumerate(rows):
-        cfg = FlashConfig.from_dict({**cfg_main.to_dict(), "active": _ACTIVE.get(row.name, "oracle")})
+        cfg = replace(cfg_main, active=_ACTIVE.get(row.name, "oracle"))
         engine = load(path, cfg, dense=row.name in _DENSE_ROWS,
                       dense_dtype="bfloat16" if row.name == DENSE_BF16 else None)
         try:

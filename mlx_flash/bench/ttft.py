@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -80,8 +81,7 @@ def run_ttft(model_path: PathLike, *, lengths: Sequence[int] = TTFT_LENGTHS, con
     try:
         for k, name in enumerate(names):
             _report(progress, 0.1 * k / len(names), f"TTFT: loading {name}")
-            cfg = FlashConfig.from_dict({**base.to_dict(), "budget": float(budget), "engine": "flash",
-                                         "active": _ACTIVE.get(name, "auto")})
+            cfg = replace(base, budget=float(budget), engine="flash", active=_ACTIVE.get(name, "auto"))
             try:
                 engines[name] = load(path, cfg, dense=(name == DENSE))
             except Exception as e:

@@ -29,6 +29,7 @@ model's flash logits are mlx-lm's very arrays, float or quantized experts (tests
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -319,7 +320,7 @@ def calibrate_experts(path, tokens: Sequence[int], *, config: Optional[FlashConf
     """Route ``tokens`` through the MoE flash folder at ``path`` (flash engine, LRU) and record each
     expert's frequency (share of tokens routed to it) in its manifest; returns the
     ``(moe layers, experts)`` frequencies."""
-    cfg = FlashConfig.from_dict({**(config or FlashConfig()).to_dict(), "engine": "flash", "policy": "lru"})
+    cfg = replace(config or FlashConfig(), engine="flash", policy="lru")
     eng = load(path, cfg)
     try:
         sw = flash_switches(eng)
