@@ -26,7 +26,7 @@ from .bench import (
     save_plots,
 )
 from .calibrate import DEFAULT_SPARSITY, DEFAULT_TOKENS, auto_tokens, calibrate
-from .config import BUDGET_SYNTAX, FlashConfig, parse_budget
+from .config import BUDGET_SYNTAX, FlashConfig, budget_as_text, parse_budget
 from .library import convert_any, scan_library
 from .moe.format import is_moe_flash_dir, open_moe_flash, verify_moe_checksums
 from .neuron_order import order_flash
@@ -72,6 +72,9 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
 
 MAX_TEMPERATURE = 5.0  # the app's slider goes to 2; beyond ~5 sampling is noise
 
+_DEFAULTS = FlashConfig()  # the engine's defaults, which the CLI's flags default to
+_BUDGET_DEFAULT = budget_as_text(_DEFAULTS.budget)
+
 
 def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> None:
     p.add_argument("--model", "-m", default=None,
@@ -79,29 +82,32 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
                         "default: the embedded SmolLM2-135M-Instruct, prepared on first use")
     p.add_argument("--flash", action="store_true", default=flash_default,
                    help="run through the flash engine (FFN weights read from disk)")
-    p.add_argument("--budget", default="50%", type=_budget_arg,
-                   help="FFN memory budget (flash): " + BUDGET_SYNTAX.replace("%", "%%") + "; default 50%%")
-    p.add_argument("--window", type=int, default=5, help="sliding window k in tokens (flash)")
-    p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default="auto",
+    p.add_argument("--budget", default=_BUDGET_DEFAULT, type=_budget_arg,
+                   help="FFN memory budget (flash): " + BUDGET_SYNTAX.replace("%", "%%") + "; default "
+                        + _BUDGET_DEFAULT.replace("%", "%%"))
+    p.add_argument("--window", type=int, default=_DEFAULTS.window,
+                   help="sliding window k in tokens (flash; default %(default)s)")
+    p.add_argument("--policy", choices=FlashConfig.POLICY_CHOICES, default=_DEFAULTS.policy,
                    help="neuron cache policy (flash): auto (the default: on a calibrated model the measured best "
                         "share of pinned hot neurons, else lru), window (the paper's eager deletion), lru "
                         "(deferred deletion), hot (rows pinned with the most frequently active neurons, the "
                         "rest streamed), hot+window (--hot-fraction of the rows pinned, the rest lru)")
-    p.add_argument("--hot-fraction", type=float, default=None, metavar="F",
+    p.add_argument("--hot-fraction", type=float, default=_DEFAULTS.hot_fraction, metavar="F",
                    help="share of each layer's cache rows pinned with hot neurons, 0..1 (hot+window, auto; "
                         "default: hot+window 0.5, auto measured)")
-    p.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
-    p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=None,
+    p.add_argument("--threads", type=int, default=_DEFAULTS.threads,
+                   help="parallel reads (0: from the disk probe; default %(default)s)")
+    p.add_argument("--active", choices=FlashConfig.ACTIVE_CHOICES, default=_DEFAULTS.active,
                    help="active-neuron choice: auto (the default: on a calibrated model gate, predictor or "
                         "all, whichever reads the fewest bytes per token at oracle quality; else oracle), "
                         "all (naive flash), oracle, predictor, gate (gate-first: resident gate rows)")
-    p.add_argument("--sparsity", type=float, default=None,
+    p.add_argument("--sparsity", type=float, default=_DEFAULTS.sparsity,
                    help="oracle / gate: target fraction of inactive FFN neurons (default: the calibrated "
                         "thresholds, else 0.5 for the oracle)")
     p.add_argument("--recall", type=float, default=None,
                    help="predictor: a calibrated recall target (0.9/0.95/0.99/0.995/0.999; default: calibration's)")
     p.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
-    p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default="auto",
+    p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default=_DEFAULTS.engine,
                    help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
     p.add_argument("--pipeline", action="store_true",
                    help="pipelined layers: read the next layer's likely neurons while this one computes "
@@ -118,17 +124,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def flash_config_from_args(args) -> FlashConfig:
-    active = args.active
-    if active is None:
-        active = "auto"
-    recall = getattr(args, "recall", None)
+    recall = args.recall
     return FlashConfig(
         budget=parse_budget(args.budget),
         window=args.window,
-        policy=getattr(args, "policy", "auto"),
-        hot_fraction=getattr(args, "hot_fraction", None),
+        policy=args.policy,
+        hot_fraction=args.hot_fraction,
         threads=args.threads,
-        active=active,
+        active=args.active,
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
         pipeline=args.pipeline,
@@ -599,17 +602,20 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed test: dense vs naive flash vs flash, one run (JSON, plots)")
     b.add_argument("--model", "-m", default=None,
                    help="a .flash folder or a library name (default: the embedded SmolLM2-135M-Instruct)")
-    b.add_argument("--budget", default="50%", type=_budget_arg,
-                   help="FFN memory budget of the flash rows: " + BUDGET_SYNTAX.replace("%", "%%"))
+    b.add_argument("--budget", default=_BUDGET_DEFAULT, type=_budget_arg,
+                   help="FFN memory budget of the flash rows: " + BUDGET_SYNTAX.replace("%", "%%") + "; default "
+                        + _BUDGET_DEFAULT.replace("%", "%%"))
     b.add_argument("--tokens", type=int, default=64, help="generated tokens per configuration (greedy)")
     b.add_argument("--warmup", type=int, default=1, help="first tokens left out of the per-token figures")
     b.add_argument("--configs", default=None,
                    help="comma-separated subset of dense,naive,oracle,predictor,gate,auto (default: all)")
     b.add_argument("--prompt", default=None, help="a raw prompt (default: a fixed chat question)")
-    b.add_argument("--window", type=int, default=5, help="sliding window k in tokens")
-    b.add_argument("--sparsity", type=float, default=None,
+    b.add_argument("--window", type=int, default=_DEFAULTS.window,
+                   help="sliding window k in tokens (default %(default)s)")
+    b.add_argument("--sparsity", type=float, default=_DEFAULTS.sparsity,
                    help="oracle / gate-first: fraction of inactive FFN neurons (default: the calibrated ones)")
-    b.add_argument("--threads", type=int, default=0, help="parallel reads (0: from the disk probe)")
+    b.add_argument("--threads", type=int, default=_DEFAULTS.threads,
+                   help="parallel reads (0: from the disk probe; default %(default)s)")
     b.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     b.add_argument("--sweep", default=None, help="budgets for the tokens/s-vs-budget sweep, e.g. 10,25,50,75,100")
     b.add_argument("--shape", default=None, choices=["7b", "13b", "moe"],

@@ -247,3 +247,13 @@ def parse_budget(text: Union[str, float, int]) -> float:
     if not math.isfinite(n) or round(n) < 2:
         raise ValueError(f"budget {raw!r} is out of range: a size must be at least 2 bytes (e.g. \"512MB\")")
     return float(round(n))  # > 1: bytes (FlashConfig reads values <= 1 as fractions)
+
+
+def budget_as_text(budget: float) -> str:
+    """:attr:`FlashConfig.budget` written in :func:`parse_budget`'s syntax (its inverse, up to float rounding): a
+    fraction of the FFN as a percentage (0.5 → ``"50%"``), bytes with the unit B
+    (300000.0 → ``"300000B"``). The CLI's ``--budget`` default is ``FlashConfig().budget``
+    written this way."""
+    if budget <= 1.0:
+        return f"{budget * 100:.10g}%"
+    return f"{int(budget)}B"

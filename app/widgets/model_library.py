@@ -5,6 +5,7 @@ progress bar and Cancel."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,7 +38,11 @@ from .. import theme, workers
 from .progress_card import ProgressCard
 
 # ----------------------------------------------------------------- per-model settings
-MODEL_DEFAULTS = {"budget_pct": 50, "window": 5, "threads": 0, "active": "auto", "policy": "auto"}
+_ENGINE_DEFAULTS = FlashConfig()
+MODEL_DEFAULTS = {  # FlashConfig's defaults; its budget is a fraction of the FFN, shown here as a percentage
+    "budget_pct": round(_ENGINE_DEFAULTS.budget * 100), "window": _ENGINE_DEFAULTS.window,
+    "threads": _ENGINE_DEFAULTS.threads, "active": _ENGINE_DEFAULTS.active, "policy": _ENGINE_DEFAULTS.policy,
+}
 POLICY_LABELS = {
     "auto": "Automatic (measured best for this model)",
     "lru": "Window, lazy (LRU)",
@@ -87,16 +92,17 @@ def flash_config_for(path: Path, settings: QSettings, base=None):
     budget, window, threads, neuron choice and cache policy applied."""
     base = base or FlashConfig()
     ms = model_settings(settings, Path(path).name)
-    d = base.to_dict()
-    d["budget"] = parse_budget(f"{max(1, min(100, int(ms['budget_pct'])))}%")  # the CLI's syntax; the spin box: 1..100
-    d["window"] = max(1, ms["window"])
+    d: dict = {
+        "budget": parse_budget(f"{max(1, min(100, int(ms['budget_pct'])))}%"),  # the CLI's syntax; the spin box: 1..100
+        "window": max(1, ms["window"]),
+        "active": ms["active"],  # "auto": the engine measures per model (Engine.active_info says what and why)
+    }
     if ms["threads"]:
         d["threads"] = ms["threads"]
-    d["active"] = ms["active"]  # "auto": the engine measures per model (Engine.active_info says what and why)
     if ms["policy"] in FlashConfig.POLICY_CHOICES:
         d["policy"] = ms["policy"]
         d["hot_fraction"] = None
-    return FlashConfig.from_dict(d)
+    return replace(base, **d)
 
 
 # --------------------------------------------------------------------------- widgets
