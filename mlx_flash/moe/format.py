@@ -56,6 +56,7 @@ from ..storage.format import (
     LayerHasher,
     file_checksum,
     read_model_config,
+    typed_fields,
     verify_file,
 )
 from ..storage.platform_io import drop_page_cache, set_nocache
@@ -177,16 +178,8 @@ class MoeManifest:
                     "source", "created"}
         if d.get("format") != FORMAT:
             raise FlashFormatError(f"{where}: field 'format' is {d.get('format')!r}, expected {FORMAT!r}")
-        kw: Dict[str, Any] = {}
-        for name, typ in types.items():
-            if name not in d:
-                if name in optional:
-                    continue
-                raise FlashFormatError(f"{where}: field '{name}' is missing")
-            v = d[name]
-            if isinstance(v, bool) or not isinstance(v, typ):
-                raise FlashFormatError(f"{where}: field '{name}' has type {type(v).__name__}")
-            kw[name] = v
+        kw = typed_fields(d, {k: t for k, t in types.items() if k not in optional},
+                          {k: t for k, t in types.items() if k in optional}, where)
         layers = []
         for i, entry in enumerate(kw["layers"]):
             try:

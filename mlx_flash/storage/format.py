@@ -279,16 +279,7 @@ class Manifest:
             "checksums": dict, "quantization": (dict, type(None)),
             "neuron_order": (dict, type(None)),
         }
-        kw: Dict[str, Any] = {}
-        for name, typ in list(required.items()) + list(optional.items()):
-            if name not in d:
-                if name in required:
-                    raise FlashFormatError(f"{where}: field '{name}' is missing")
-                continue
-            v = d[name]
-            if isinstance(v, bool) or not isinstance(v, typ):
-                raise FlashFormatError(f"{where}: field '{name}' has type {type(v).__name__}, expected {_tname(typ)}")
-            kw[name] = v
+        kw = typed_fields(d, required, optional, where)
         layers = []
         for i, e in enumerate(kw["layers"]):
             if not isinstance(e, Mapping):
@@ -344,6 +335,27 @@ def _tname(typ) -> str:
     if isinstance(typ, tuple):
         return " or ".join("null" if t is type(None) else t.__name__ for t in typ)
     return typ.__name__
+
+
+FieldTypes = Dict[str, Union[type, Tuple[type, ...]]]
+
+
+def typed_fields(d: Mapping[str, Any], required: FieldTypes, optional: FieldTypes, where: str) -> Dict[str, Any]:
+    """The fields of a parsed JSON record ``d`` named in ``required`` (missing: an error) and
+    ``optional`` (missing: left out), each checked against its type (``bool`` is never an int);
+    :class:`FlashFormatError` naming ``where`` and the field otherwise. The manifests of the
+    dense and the MoE flash folders are read through it."""
+    kw: Dict[str, Any] = {}
+    for name, typ in list(required.items()) + list(optional.items()):
+        if name not in d:
+            if name in required:
+                raise FlashFormatError(f"{where}: field '{name}' is missing")
+            continue
+        v = d[name]
+        if isinstance(v, bool) or not isinstance(v, typ):
+            raise FlashFormatError(f"{where}: field '{name}' has type {type(v).__name__}, expected {_tname(typ)}")
+        kw[name] = v
+    return kw
 
 
 # --------------------------------------------------------------------------- quantized bundles
@@ -1477,6 +1489,7 @@ def _align(n: int, a: int = ALIGNMENT) -> int:
 
 
 __all__ = [
+    "typed_fields",
     "read_model_config",
     "ALIGNMENT",
     "ARCHITECTURES",
