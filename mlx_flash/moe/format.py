@@ -55,7 +55,9 @@ from ..storage.format import (
     LayerEntry,
     LayerHasher,
     file_checksum,
+    load_weight_shards,
     read_model_config,
+    source_files,
     typed_fields,
     verify_file,
 )
@@ -70,7 +72,6 @@ ROLES = ("gate", "up", "down")
 """The projections of one expert, in bundle order (``<switch_mlp>.<role>_proj``)."""
 
 _FLOATS = ("float16", "bfloat16", "float32")
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".h5", ".msgpack", ".ckpt", ".onnx"}
 _OWN = {MANIFEST_FILE, EXPERTS_FILE, DENSE_FILE}
 
 
@@ -413,21 +414,13 @@ def convert_to_moe_flash(src: Union[str, Path], dst: Union[str, Path], *,
     cfg_path = src / "config.json"
     config = read_model_config(src)
     model = _model_skeleton(config, str(cfg_path))
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise FlashFormatError(f"{src}: no *.safetensors weights")
     weights: Dict[str, mx.array] = {}
-    for s in shards:
-        try:
-            weights.update(mx.load(str(s)))  # lazy
-        except Exception as e:
-            raise FlashFormatError(f"{s}: cannot read safetensors ({e})") from None
+    for part in load_weight_shards(src):
+        weights.update(part)  # lazy
     from ..models import sanitize  # noqa: PLC0415 - mlx-lm (seconds to import): only a conversion needs it
 
     weights = sanitize(model, weights)  # Hugging Face per-expert tensors -> mlx-lm's stacked SwitchGLU ones
-    extra = {p.name: p for p in sorted(src.iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.suffix not in _WEIGHT_SUFFIXES
-             and not p.name.endswith(".index.json") and p.name not in _OWN}
+    extra = source_files(src, own=_OWN)
     return write_moe_flash(dst, config=config, weights=weights, extra_files=extra,
                            source=source or str(src.resolve()), progress=progress, overwrite=overwrite)
 

@@ -43,7 +43,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -952,16 +952,37 @@ def _dequantize(weights: MutableMapping[str, mx.array], module: str, in_dim: Opt
                                f"mode={mode}): {e}") from None
 
 
-def _copy_source_files(src: Path) -> Dict[str, Path]:
-    """Top-level files of ``src`` to copy unchanged: everything but weights and indexes."""
+def source_files(src: Path, own=_OWN_FILES) -> Dict[str, Path]:
+    """Top-level files of ``src`` to copy unchanged: everything but weights, indexes and the
+    names the folder being written owns (``own``: the dense flash folder's, or the MoE one's)."""
     out = {}
     for p in sorted(src.iterdir()):
         if not p.is_file() or p.name.startswith("."):
             continue
-        if p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name in _OWN_FILES:
+        if p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name in own:
             continue
         out[p.name] = p
     return out
+
+
+def load_weight_shards(src: Path) -> Iterator[Dict[str, mx.array]]:
+    """The tensors of each ``*.safetensors`` shard of the model folder ``src`` in name order, loaded
+    lazily; :class:`FlashFormatError` when there is none, one cannot be read or a
+    tensor name appears in two shards."""
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise FlashFormatError(f"{src}: no *.safetensors weights")
+    seen: Set[str] = set()
+    for s in shards:
+        try:
+            part = mx.load(str(s))  # lazy: data is read when a tensor is evaluated
+        except Exception as e:
+            raise FlashFormatError(f"{s}: cannot read safetensors ({e})") from None
+        dup = seen & part.keys()
+        if dup:
+            raise FlashFormatError(f"{s}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        seen.update(part.keys())
+        yield part
 
 
 def read_model_config(src: Path) -> Dict[str, Any]:
@@ -1016,23 +1037,13 @@ def convert_to_flash(
     if wrapped is not None:
         config = _text_config(config, wrapped, str(cfg_path))
     _arch_spec(config, str(cfg_path))  # fail before loading weights
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise FlashFormatError(f"{src}: no *.safetensors weights")
     weights: Dict[str, mx.array] = {}
-    for s in shards:
-        try:
-            part = mx.load(str(s))  # lazy: data is read when a tensor is evaluated
-        except Exception as e:
-            raise FlashFormatError(f"{s}: cannot read safetensors ({e})") from None
-        dup = weights.keys() & part.keys()
-        if dup:
-            raise FlashFormatError(f"{s}: tensor {sorted(dup)[0]!r} also appears in another shard")
+    for part in load_weight_shards(src):
         if wrapped is not None:  # the text model only: its keys without the prefix, no vision tower
             part = {k[len(WRAPPED_PREFIX):]: v for k, v in part.items() if k.startswith(WRAPPED_PREFIX)}
         weights.update(part)
         del part  # write_flash frees each FFN tensor once written: keep no other reference
-    extra = _copy_source_files(src)
+    extra = source_files(src)
     if wrapped is not None:
         del extra["config.json"]  # write_flash writes the text model's
     return write_flash(
@@ -1489,6 +1500,8 @@ def _align(n: int, a: int = ALIGNMENT) -> int:
 
 
 __all__ = [
+    "load_weight_shards",
+    "source_files",
     "typed_fields",
     "read_model_config",
     "ALIGNMENT",
