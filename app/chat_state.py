@@ -65,13 +65,13 @@ def engine_detail(engine) -> str:
     """How a loaded model runs, in one line (the chip above the chat, the empty chat's subtitle)."""
     if not engine.is_flash:
         info = engine.engine_info  # a flash folder run dense: FlashConfig.engine says why
-        return "dense · all weights in memory" + (f" ({info['reason']})" if info else "")
+        return "dense · all weights in memory" + (f" ({info.reason})" if info else "")
     cfg = engine.config
     pct = f" ({cfg.budget * 100:.0f}% of the FFN)" if cfg and cfg.budget <= 1 else ""
-    info = engine.policy_info or {}
-    policy = info.get("name", cfg.policy if cfg else "?")
-    if info.get("hot_fraction") and policy == "hot+window":
-        policy += f" {info['hot_fraction']:.0%} hot"
+    info = engine.policy_info
+    policy = info.name if info is not None else (cfg.policy if cfg else "?")
+    if info is not None and info.hot_fraction and policy == "hot+window":
+        policy += f" {info.hot_fraction:.0%} hot"
     chooser = engine.mode.split('-', 1)[-1]
     if (engine.active_info or {}).get("asked") == "auto":
         chooser = f"auto → {chooser}"  # measured per model; the reason is in Engine.active_info

@@ -180,7 +180,7 @@ def load_engine(args):
         print(f"[mlx-flash] warning: {note}", file=sys.stderr)
     if engine.engine_info is not None:
         info = engine.engine_info
-        print(f"[mlx-flash] engine: {info['engine']} ({info['reason']})", file=sys.stderr)
+        print(f"[mlx-flash] engine: {info.engine} ({info.reason})", file=sys.stderr)
     return engine
 
 

@@ -42,6 +42,7 @@ from .neuron_cache import (
     AUTO_LAYERS,
     CachePolicy,
     NeuronCache,
+    PolicyInfo,
     ReadModel,
     RowStore,
     chosen_frequencies,
@@ -143,12 +144,22 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine runs a flash folder (``engine``: "flash" or "dense"), what was ``asked``
+    (``FlashConfig.engine``) and the ``reason`` (``Engine.engine_info``)."""
+
+    engine: str
+    asked: str
+    reason: str
+
+
 class Engine:
     """A loaded model plus everything it needs to generate (Qt-free)."""
 
     def __init__(self, model, tokenizer, path: Path, config: Optional[FlashConfig], *,
                  files=None, cache=None, reader=None, chooser=None, counters=None,
-                 policy_info: Optional[dict] = None, notes: Sequence[str] = (),
+                 policy_info: Optional[PolicyInfo] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
                  prefetcher=None, active_info: Optional[dict] = None, arch_config: Optional[dict] = None):
         self.model = model
@@ -165,15 +176,15 @@ class Engine:
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
         # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
-        self.policy_info = policy_info
+        self.policy_info: Optional[PolicyInfo] = policy_info
         # What a user should know about how this model runs (a fallback, a clamped budget):
         # the CLI prints them to stderr, the app shows them; each Stats carries them too.
         self.notes: List[str] = list(notes)
         self.context_length = context_length  # max_position_embeddings, when the config has it
         self.verifier = verifier  # ffn.bin's per-layer checksums, checked in the background
         # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
-        # FFN fits the budget): {"engine", "asked", "reason"}; None for a plain dense folder.
-        self.engine_info: Optional[dict] = None
+        # FFN fits the budget); None for a plain dense folder.
+        self.engine_info: Optional[EngineChoice] = None
         # The active-neuron chooser that runs and why (flash only; see choose_active): name, asked,
         # reason, and for "auto" the measured candidates (density, bytes_per_token, capacity, quality).
         self.active_info = active_info
@@ -513,7 +524,7 @@ def load(path: Union[str, Path], config: Optional[FlashConfig] = None, *, dense:
 
         engine, reason = config.choose_engine(open_flash(path).manifest.ffn_bytes_total)
         eng = _load_flash(path, config, dense=engine == "dense")
-        eng.engine_info = {"engine": engine, "asked": config.engine, "reason": reason}
+        eng.engine_info = EngineChoice(engine, config.engine, reason)
         return eng
     return _load_dense(path)
 
@@ -870,9 +881,9 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     model = arch.build(arch_cfg, factory)
     cd = load_dense_part(model)
     prefetcher = _wire_pipeline(model, arch, files, config, cache, reader)
-    policy_info = dict(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
-                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()},
-                       pipeline=prefetcher is not None, staging_neurons=cache.staging_neurons)
+    policy_info = replace(policy_info, compute_dtype=str(cd or dtype).rsplit(".", 1)[-1],
+                          ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}" for r, q in quant.items()},
+                          pipeline=prefetcher is not None, staging_neurons=cache.staging_neurons)
     if (files.root / PREDICTOR_FILE).is_file():  # after the predictors' own checks, whose messages are specific
         verify_file(files, PREDICTOR_FILE)
     if config.verify == "load":
@@ -946,7 +957,7 @@ def _chooser_density(chooser):
     return None, 1.0
 
 
-def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> dict:
+def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> PolicyInfo:
     """Resolve ``config.policy`` ("auto": see ``neuron_cache.resolve_auto_policy``), pin
     the hot neurons it asks for and read them from disk once. Returns ``Engine.policy_info``."""
 
@@ -975,13 +986,12 @@ def _apply_cache_policy(files, config: FlashConfig, chooser, cache, reader) -> d
                              f"{files.root} has no calibrated neuron frequencies: {CALIBRATE_HINT} "
                              f"(or use --policy lru / window / auto)")
         policy = CachePolicy.make(asked, config.hot_fraction)
-        info = {**policy.to_dict(), "reason": "asked for", "source": "config"}
+        info = PolicyInfo.of(policy, "asked for", "config")
 
     def fill(layer: int, plan) -> None:
         reader.read(layer, plan.load_ids, plan.load_dest)
 
     pinned = cache.apply_policy(policy, freqs, fill=fill)
-    info.update(asked=asked, window=config.window, capacity=cache.layers[0].capacity,
-                pinned=int(sum(len(p) for p in pinned)), preload_bytes=int(cache.stats.preload_bytes),
-                load_seconds=round(time.perf_counter() - t0, 4))
-    return info
+    return replace(info, asked=asked, window=config.window, capacity=cache.layers[0].capacity,
+                   pinned=int(sum(len(p) for p in pinned)), preload_bytes=int(cache.stats.preload_bytes),
+                   load_seconds=round(time.perf_counter() - t0, 4))

@@ -1004,6 +1004,61 @@ AUTO_LAYERS = 4
 AUTO_WARMUP = 20
 
 
+@dataclass(frozen=True)
+class PolicyInfo:
+    """The neuron cache policy a flash engine runs, and why (``Engine.policy_info``).
+
+    The choice (``resolve_auto_policy``, or the MoE engine's): the policy's ``name`` and
+    ``hot_fraction``, the ``reason`` and its ``source`` ("default", "config", "simulated":
+    the dense engine's simulation, "simulation": the MoE engine's); a simulation adds the
+    simulated ``hit_rates`` per pinned fraction, and the dense engine's its ``objective``,
+    the simulated ``layers``, the ``chosen_fraction`` of neurons per token,
+    ``bytes_read_per_token`` (with a read model) and its ``seconds``. Applying it at load
+    adds what was ``asked``, the ``window``, the per-layer ``capacity``, the rows ``pinned``,
+    their ``preload_bytes`` and ``load_seconds``; the engine then adds how it computes
+    (``compute_dtype``, ``ffn_quantization``, ``pipeline``, ``staging_neurons``; MoE:
+    ``experts_per_layer``, ``top_k``, ``num_experts``, ``moe_layers``, ``expert_bytes``,
+    ``expert_quantization``). Unset fields are None; ``to_dict`` leaves them out (JSON records).
+    """
+
+    name: str
+    hot_fraction: float
+    reason: str
+    source: str
+    hit_rates: Optional[Dict[float, float]] = None
+    objective: Optional[str] = None
+    layers: Optional[Tuple[int, ...]] = None
+    chosen_fraction: Optional[float] = None
+    bytes_read_per_token: Optional[Dict[float, float]] = None
+    seconds: Optional[float] = None
+    asked: Optional[str] = None
+    window: Optional[int] = None
+    capacity: Optional[int] = None
+    pinned: Optional[int] = None
+    preload_bytes: Optional[int] = None
+    load_seconds: Optional[float] = None
+    compute_dtype: Optional[str] = None
+    ffn_quantization: Optional[Dict[str, str]] = None
+    pipeline: Optional[bool] = None
+    staging_neurons: Optional[int] = None
+    experts_per_layer: Optional[int] = None
+    top_k: Optional[int] = None
+    num_experts: Optional[int] = None
+    moe_layers: Optional[int] = None
+    expert_bytes: Optional[int] = None
+    expert_quantization: Optional[Dict[str, str]] = None
+
+    @classmethod
+    def of(cls, policy: CachePolicy, reason: str, source: str, **kw: Any) -> "PolicyInfo":
+        """``policy`` chosen for ``reason`` (from ``source``), with any further fields."""
+        return cls(name=policy.name, hot_fraction=policy.hot_fraction, reason=reason, source=source, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The set fields as a plain dict (the speed test's JSON records)."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+
 def resolve_auto_policy(
     frequencies: Optional[np.ndarray],
     capacity: int,
@@ -1017,7 +1072,7 @@ def resolve_auto_policy(
     n_layers: int = AUTO_LAYERS,
     warmup: int = AUTO_WARMUP,
     seed: int = 0,
-) -> Tuple[CachePolicy, Dict[str, Any]]:
+) -> Tuple[CachePolicy, PolicyInfo]:
     """``FlashConfig.policy == "auto"``: the policy for per-layer ``capacity``, and why.
 
     No ``frequencies`` (uncalibrated model): ``lru``. A given ``hot_fraction``: that
@@ -1027,11 +1082,11 @@ def resolve_auto_policy(
     spaced layers, ranked by the bytes
     the reads cost when a ``read_model`` is given (what the disk pays: scattered
     streamed ids cost whole blocks and coalesced gaps), else by hit rate. The info
-    dict has name, hot_fraction, reason, source and, when measured, hit_rates (and
+    record (:class:`PolicyInfo`) has name, hot_fraction, reason, source and, when measured, hit_rates (and
     bytes_read_per_token: one layer's simulated reads).
     """
-    def done(pol: CachePolicy, reason: str, source: str, **kw) -> Tuple[CachePolicy, Dict[str, Any]]:
-        return pol, {**pol.to_dict(), "reason": reason, "source": source, **kw}
+    def done(pol: CachePolicy, reason: str, source: str, **kw) -> Tuple[CachePolicy, PolicyInfo]:
+        return pol, PolicyInfo.of(pol, reason, source, **kw)
 
     if frequencies is None:
         return done(CachePolicy("lru"), "no calibrated neuron frequencies (run `mlx-flash calibrate`): "
@@ -1053,7 +1108,7 @@ def resolve_auto_policy(
     objective = "hit_rate" if read_model is None else "bytes_read"
     f = pick_fraction(stats, objective)
     hit = {k: v.hit_rate for k, v in stats.items()}
-    kw: Dict[str, Any] = {"hit_rates": hit, "objective": objective, "layers": [int(i) for i in layers],
+    kw: Dict[str, Any] = {"hit_rates": hit, "objective": objective, "layers": tuple(int(i) for i in layers),
                           "chosen_fraction": round(float(freqs.mean()), 4)}
     how = f"hit rate {hit[f]:.1%} (lru {hit.get(0.0, float('nan')):.1%}, hot {hit.get(1.0, float('nan')):.1%})"
     if read_model is not None:

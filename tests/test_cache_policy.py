@@ -267,17 +267,19 @@ def test_chosen_frequencies():
 def test_resolve_auto_policy():
     f = np.stack([_zipf(200, 40, seed=i) for i in range(6)])
     pol, info = resolve_auto_policy(None, 50)
-    assert pol.name == "lru" and "calibrate" in info["reason"]
+    assert pol.name == "lru" and "calibrate" in info.reason
     pol, info = resolve_auto_policy(f, 50, hot_fraction=0.25)
-    assert pol == CachePolicy("hot+window", 0.25) and info["source"] == "config"
+    assert pol == CachePolicy("hot+window", 0.25) and info.source == "config"
     pol, info = resolve_auto_policy(f, 200)
-    assert pol.name == "lru" and "fits" in info["reason"]
+    assert pol.name == "lru" and "fits" in info.reason
     pol, info = resolve_auto_policy(f, 50, tokens=100)
-    assert info["source"] == "simulated" and info["objective"] == "hit_rate"
-    assert pol == CachePolicy.from_fraction(pick_fraction({k: _hr(v) for k, v in info["hit_rates"].items()}))
-    assert info["layers"] == [0, 2, 3, 5] and set(info["hit_rates"]) == {0.0, 0.25, 0.5, 0.75, 0.9, 1.0}
+    assert info.source == "simulated" and info.objective == "hit_rate"
+    assert pol == CachePolicy.from_fraction(pick_fraction({k: _hr(v) for k, v in info.hit_rates.items()}))
+    assert info.layers == (0, 2, 3, 5) and set(info.hit_rates) == {0.0, 0.25, 0.5, 0.75, 0.9, 1.0}
+    d = info.to_dict()  # the JSON record (bench rows): the set fields only, as plain lists and dicts
+    assert d["layers"] == [0, 2, 3, 5] and d["name"] == pol.name and "pinned" not in d and "asked" not in d
     pol, info = resolve_auto_policy(f, 50, tokens=100, read_model=ReadModel(16, 16, 0, 1 << 20, 8))
-    assert info["objective"] == "bytes_read" and set(info["bytes_read_per_token"]) == set(info["hit_rates"])
+    assert info.objective == "bytes_read" and set(info.bytes_read_per_token) == set(info.hit_rates)
 
 
 def _hr(h: float) -> CacheStats:
@@ -310,16 +312,16 @@ def test_engine_bytes_match_cache_counters(tiny_models, policy):
     eng = load(cal, cfg)
     try:
         info = eng.policy_info
-        assert info["asked"] == policy and info["name"] in POLICIES and info["reason"]
+        assert info.asked == policy and info.name in POLICIES and info.reason
         # the bytes of one cache row as the reader reads it: the whole bundle, or its up/down part when
         # auto chose gate-first with its side file (the gate rows are resident)
         bb = eng.reader.bundle_bytes
         assert bb == eng.files.manifest.bundle_bytes or eng.active_info["name"] == "gate"
         cache = eng.cache
         pol = cache.policy
-        assert pol.name == info["name"] and pol.hot_fraction == info["hot_fraction"]
+        assert pol.name == info.name and pol.hot_fraction == info.hot_fraction
         pins = pol.pinned_rows(cache.layers[0].capacity) * len(cache)
-        assert info["pinned"] == pins and info["preload_bytes"] == pins * bb
+        assert info.pinned == pins and info.preload_bytes == pins * bb
         assert eng.reader.totals.bytes_useful == pins * bb  # the load read exactly the pinned rows
         # the pinned rows hold the right bundles, read back independently
         for i, c in enumerate(cache.layers):
@@ -357,21 +359,21 @@ def test_engine_auto_choice_is_recorded(tiny_models):
     eng = load(cal, FlashConfig(budget=0.4, threads=1, active="predictor"))
     try:
         info = eng.policy_info
-        assert info["asked"] == "auto" and info["source"] == "simulated"
-        assert info["objective"] == "bytes_read" and set(info["hit_rates"]) == {0.0, 0.25, 0.5, 0.75, 0.9, 1.0}
+        assert info.asked == "auto" and info.source == "simulated"
+        assert info.objective == "bytes_read" and set(info.hit_rates) == {0.0, 0.25, 0.5, 0.75, 0.9, 1.0}
         held = eng.chooser.info["held_out"][str(eng.chooser.recall)]  # the predictor's measured density
-        assert info["chosen_fraction"] == pytest.approx(held["predicted_fraction"], abs=2e-3)
-        assert info["name"] == CachePolicy.from_fraction(info["hot_fraction"]).name
+        assert info.chosen_fraction == pytest.approx(held["predicted_fraction"], abs=2e-3)
+        assert info.name == CachePolicy.from_fraction(info.hot_fraction).name
     finally:
         eng.close()
     eng = load(plain, FlashConfig(budget=0.4, threads=1))  # not calibrated: the lazy window
     try:
-        assert eng.policy_info["name"] == "lru" and "calibrate" in eng.policy_info["reason"]
+        assert eng.policy_info.name == "lru" and "calibrate" in eng.policy_info.reason
     finally:
         eng.close()
     eng = load(cal, FlashConfig(budget=0.4, threads=1, hot_fraction=0.5))
     try:
-        assert eng.policy_info["name"] == "hot+window" and eng.policy_info["source"] == "config"
+        assert eng.policy_info.name == "hot+window" and eng.policy_info.source == "config"
     finally:
         eng.close()
 

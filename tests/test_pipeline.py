@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_flash.config import FlashConfig
-from mlx_flash.engine import load
+from mlx_flash.engine import EngineChoice, load
 from mlx_flash.pipeline import lookahead_map
 from mlx_flash.storage.format import open_flash
 from mlx_flash.storage.reader import FlashReader
@@ -62,7 +62,7 @@ def test_pipelined_tokens_equal_serial(tiny, tiny_bf16, active, sparsity, budget
 def test_pipeline_off_when_everything_fits(tiny):
     eng = load(tiny, FlashConfig(active="all", budget=1.0, threads=2, engine="flash", pipeline=True))
     assert eng.prefetcher is None and eng.cache.staging_neurons == 0
-    assert eng.policy_info["pipeline"] is False
+    assert eng.policy_info.pipeline is False
     eng.close()
 
 
@@ -111,11 +111,11 @@ def test_lookahead_map_moves_between_rms_norms():
 def test_auto_engine_runs_dense_when_the_ffn_fits(tiny):
     dense = load(tiny, FlashConfig(budget=1.0, active="all"))
     assert not dense.is_flash and dense.mode == "dense"
-    assert dense.engine_info["engine"] == "dense" and "fits" in dense.engine_info["reason"]
+    assert dense.engine_info.engine == "dense" and "fits" in dense.engine_info.reason
     flash = load(tiny, FlashConfig(budget=0.5, active="all", threads=2))
-    assert flash.is_flash and flash.engine_info["engine"] == "flash" and "does not fit" in flash.engine_info["reason"]
+    assert flash.is_flash and flash.engine_info.engine == "flash" and "does not fit" in flash.engine_info.reason
     forced = load(tiny, FlashConfig(budget=1.0, active="all", threads=2, engine="flash"))
-    assert forced.is_flash and forced.engine_info == {"engine": "flash", "asked": "flash", "reason": "asked for"}
+    assert forced.is_flash and forced.engine_info == EngineChoice("flash", "flash", "asked for")
     prompt = [{"role": "user", "content": "hi"}]
     assert [r.token for r in dense.stream_generate(prompt, 8)] == [r.token for r in forced.stream_generate(prompt, 8)]
     for e in (dense, flash, forced):

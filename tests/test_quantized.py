@@ -112,7 +112,7 @@ def test_all_neurons_match_mlx_lm(quant, tmp_path):
     files = open_flash(dst)
     for budget in (1.0, 0.4):
         eng = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=32, threads=2, engine="flash"))
-        assert eng.policy_info["compute_dtype"] == "float32"  # the CPU rule
+        assert eng.policy_info.compute_dtype == "float32"  # the CPU rule
         out = eng.model(TOKS).astype(mx.float32)
         ref = ref_model(TOKS).astype(mx.float32)
         # documented tolerance of the re-quantized down (docs/ARCHITECTURE.md): logits move

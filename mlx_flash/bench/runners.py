@@ -222,7 +222,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
         reads = _reader_totals(engine) if engine.reader is not None else None
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REAL, group="real", text="".join(text), **s)
-        row.policy = _jsonable(engine.policy_info)
+        row.policy = _jsonable(engine.policy_info.to_dict()) if engine.policy_info is not None else None
         if engine.files is not None:
             mf = engine.files.manifest
             row.active = _jsonable(engine.active_info)

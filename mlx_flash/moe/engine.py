@@ -40,8 +40,16 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes
 
 from ..config import FlashConfig
-from ..engine import Engine, ModelLoadError, _load_tokenizer, reader_max_gap
-from ..neuron_cache import HOT_FRACTIONS, CachePolicy, LayerCache, NeuronCache, sample_active_sets, simulate
+from ..engine import Engine, EngineChoice, ModelLoadError, _load_tokenizer, reader_max_gap
+from ..neuron_cache import (
+    HOT_FRACTIONS,
+    CachePolicy,
+    LayerCache,
+    NeuronCache,
+    PolicyInfo,
+    sample_active_sets,
+    simulate,
+)
 from ..paths import resources_dir
 from ..pipeline import Prefetcher, lookahead_map
 from ..progress import ProgressCallback, report
@@ -99,7 +107,7 @@ def load(path, config: Optional[FlashConfig] = None, *, dense: bool = False) -> 
         eng = _load_dense(files)
     else:
         eng = _load_flash(files, config)
-    eng.engine_info = {"engine": engine, "asked": "dense" if dense else config.engine, "reason": reason}
+    eng.engine_info = EngineChoice(engine, "dense" if dense else config.engine, reason)
     return eng
 
 
@@ -183,10 +191,10 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
         if reader is not None:
             reader.close()
         raise
-    policy_info.update(experts_per_layer=cap, top_k=m.top_k, num_experts=m.num_experts, moe_layers=m.num_layers,
-                       expert_bytes=m.expert_data_bytes,
-                       expert_quantization={r: (q if q == "none" else f"{q['bits']}b/g{q['group_size']}")
-                                            for r, q in m.quantization.items()})
+    policy_info = replace(policy_info, experts_per_layer=cap, top_k=m.top_k, num_experts=m.num_experts,
+                          moe_layers=m.num_layers, expert_bytes=m.expert_data_bytes,
+                          expert_quantization={r: (q if q == "none" else f"{q['bits']}b/g{q['group_size']}")
+                                               for r, q in m.quantization.items()})
     return Engine(model, tok, files.root, config, files=files, cache=cache, reader=reader, chooser=RouterChooser(),
                   counters=counters, policy_info=policy_info, notes=notes,
                   context_length=cfg.get("max_position_embeddings"), verifier=verifier, prefetcher=prefetcher,
@@ -229,7 +237,7 @@ def _max_hot_fraction(capacity: int, top_k: int) -> float:
     return max(0, capacity - top_k) / capacity if capacity else 0.0
 
 
-def _apply_policy(files: MoeFiles, config: FlashConfig, cache: NeuronCache, reader) -> dict:
+def _apply_policy(files: MoeFiles, config: FlashConfig, cache: NeuronCache, reader) -> PolicyInfo:
     m = files.manifest
     cap = cache.layers[0].capacity
     freqs = np.asarray(m.expert_frequencies, dtype=np.float64) if m.expert_frequencies is not None else None
@@ -259,8 +267,8 @@ def _apply_policy(files: MoeFiles, config: FlashConfig, cache: NeuronCache, read
         reader.read(layer, plan.load_ids, plan.load_dest)
 
     pinned = cache.apply_policy(pol, freqs, fill=fill)
-    return {**pol.to_dict(), **info, "asked": asked, "capacity": cap, "pinned": int(sum(len(p) for p in pinned)),
-            "preload_bytes": int(cache.stats.preload_bytes), "load_seconds": round(time.perf_counter() - t0, 4)}
+    return PolicyInfo.of(pol, **info, asked=asked, capacity=cap, pinned=int(sum(len(p) for p in pinned)),
+                         preload_bytes=int(cache.stats.preload_bytes), load_seconds=round(time.perf_counter() - t0, 4))
 
 
 def choose_expert_policy(freqs: np.ndarray, capacity: int, top_k: int, window: int = 5, tokens: int = 256,

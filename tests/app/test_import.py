@@ -181,9 +181,9 @@ def test_per_model_settings_apply_on_load(make_window, qtbot, tiny_models):
     assert page.selected_path() == path and page.window.value() == 3
     assert page.table.item(0, 5).text() == "● loaded"
     page.window.setValue(4)
-    assert page.policy.currentData() == "auto" and w.engine.policy_info["name"] == "lru"  # uncalibrated: lru
+    assert page.policy.currentData() == "auto" and w.engine.policy_info.name == "lru"  # uncalibrated: lru
     page.policy.setCurrentIndex(page.policy.findData("window"))
     with qtbot.waitSignal(w.engine_ready, timeout=WAIT):
         page.apply_btn.click()
     assert w.engine.config.window == 4
-    assert w.engine.config.policy == "window" and w.engine.policy_info["name"] == "window"
+    assert w.engine.config.policy == "window" and w.engine.policy_info.name == "window"

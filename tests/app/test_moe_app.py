@@ -18,7 +18,7 @@ def test_moe_flash_model_chats_with_expert_stats(make_window, qtbot, tmp_path):
     fl = convert_to_moe_flash(src, tmp_path / "Tiny-MoE.flash")
     w = make_window(fl)
     assert w.engine.mode == "flash-router"
-    assert w.engine.policy_info["experts_per_layer"] < w.engine.policy_info["num_experts"]
+    assert w.engine.policy_info.experts_per_layer < w.engine.policy_info.num_experts
     set_sampling(w, max_tokens=12)
     with qtbot.waitSignal(w.answer_finished, timeout=WAIT) as blocker:
         w.prompt.setPlainText("Hello there")

@@ -48,7 +48,7 @@ def test_flash_logits_equal_mlx_lm(models, fam):
     want = ref(TOKENS)
     eng = _flash(fl)
     try:
-        assert eng.policy_info["experts_per_layer"] < eng.policy_info["num_experts"]  # really from flash
+        assert eng.policy_info.experts_per_layer < eng.policy_info.num_experts  # really from flash
         got = eng.model(TOKENS)  # a 12-token prompt: more distinct experts than rows -> passes
         assert mx.array_equal(got, want), float(mx.abs(got - want).max())
         assert eng.cache.resident_bytes <= eng.cache.budget_bytes
@@ -63,7 +63,7 @@ def test_fewer_rows_than_top_k_still_exact(models):
     ref, _ = load_model(src)
     eng = _flash(fl, budget=float(m.num_layers * m.expert_data_bytes))  # one expert per layer
     try:
-        assert eng.policy_info["experts_per_layer"] == 1 and any("fewer than" in n for n in eng.notes)
+        assert eng.policy_info.experts_per_layer == 1 and any("fewer than" in n for n in eng.notes)
         assert mx.array_equal(eng.model(TOKENS), ref(TOKENS))
     finally:
         eng.close()
@@ -95,7 +95,7 @@ def test_auto_runs_dense_when_all_experts_fit(models):
     ref, _ = load_model(src)
     eng = flash_engine.load(fl, FlashConfig(budget=1.0))
     try:
-        assert eng.engine_info["engine"] == "dense" and "experts" in eng.engine_info["reason"]
+        assert eng.engine_info.engine == "dense" and "experts" in eng.engine_info.reason
         assert mx.array_equal(eng.model(TOKENS), ref(TOKENS))
     finally:
         eng.close()
@@ -143,10 +143,10 @@ def test_hot_experts_from_calibration(models, tmp_path):
         eng = _flash(fl, budget=0.75, policy=policy)
         try:
             info = eng.policy_info
-            cap = info["experts_per_layer"]
-            assert 0 < info["pinned"] <= m.num_layers * (cap - m.top_k) or policy == "auto"
+            cap = info.experts_per_layer
+            assert 0 < info.pinned <= m.num_layers * (cap - m.top_k) or policy == "auto"
             if policy == "auto":
-                assert info["hit_rates"] and info["source"] == "simulation"
+                assert info.hit_rates and info.source == "simulation"
             assert mx.array_equal(eng.model(TOKENS), ref(TOKENS))
         finally:
             eng.close()

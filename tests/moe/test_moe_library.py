@@ -31,7 +31,7 @@ def test_import_mlx_moe_folder_lists_loads_and_chats(tmp_path):
     dense = flash_engine.load(src)
     flash = flash_engine.load(dst, FlashConfig(engine="flash", budget=0.5))
     try:
-        assert flash.policy_info["name"] in ("lru", "hot+window")  # auto on calibrated frequencies
+        assert flash.policy_info.name in ("lru", "hot+window")  # auto on calibrated frequencies
         msgs = [{"role": "user", "content": "Hello!"}]
         dense.tokenizer.eos_token_ids = flash.tokenizer.eos_token_ids = []
         a = [r.token for r in dense.stream_generate(msgs, max_tokens=16)]
