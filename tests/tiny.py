@@ -4,7 +4,7 @@
 ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
 so that ``mlx_lm.load(dir)`` works and ``mlx_flash.storage.format.convert_to_flash``
 can convert it. The weights are random but scaled so activations are neither
-zero nor exploding (a few layers of a tiny model give varied logits).
+zero nor exploding (a few layers of a tiny model give varied logits: ``mlx_flash.tiny.random_weights``).
 
 Tokenizer: byte-level BPE without merges (one token per byte). The two ChatML
 special tokens ``<|im_start|>`` and ``<|im_end|>`` (the eos) take the last two
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+
+from mlx_flash.tiny import random_model
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -109,8 +110,6 @@ def make_tiny_llama(
     dtype is "float16", "bfloat16" or "float32". ``seed`` makes the weights
     reproducible. The tokenizer's eos is ``<|im_end|>`` (id ``vocab - 1``).
     """
-    from mlx_lm.models.llama import Model, ModelArgs
-
     dst = Path(dir)
     dst.mkdir(parents=True, exist_ok=True)
     config = {
@@ -129,23 +128,7 @@ def make_tiny_llama(
         "torch_dtype": dtype,
         "eos_token_id": vocab - 1,
     }
-    args = ModelArgs.from_dict(config)
-    model = Model(args)
-    key = mx.random.key(seed)
-    weights = {}
-    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        key, sub = mx.random.split(key)
-        if "norm" in name:
-            # RMSNorm scales near 1 so activations keep their size.
-            w = 1.0 + 0.1 * mx.random.normal(w.shape, key=sub)
-        elif "embed_tokens" in name:
-            w = 1.0 * mx.random.normal(w.shape, key=sub)
-        else:
-            fan_in = w.shape[-1]
-            w = mx.random.normal(w.shape, key=sub) * (1.0 / fan_in**0.5)
-        weights[name] = w.astype(getattr(mx, dtype))
-    model.load_weights(list(weights.items()))
-    mx.eval(weights)
+    _, weights = random_model(config, seed, dtype)  # RMSNorm scales near 1 so activations keep their size
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(dst, vocab)
@@ -188,31 +171,14 @@ def make_tiny_model(dir: Union[str, Path], family: str, *, layers: int = 2, voca
     own class for its model_type as an mlx-lm folder (byte-level tokenizer as in
     :func:`make_tiny_llama`); returns the folder. Gemma norms (``(1 + w)`` in mlx-lm) get weights
     near 0, other norms near 1."""
-    from mlx_lm.utils import _get_classes
-
     dst = Path(dir)
     dst.mkdir(parents=True, exist_ok=True)
     config = {**FAMILY_CONFIGS[family], "hidden_size": hidden, "num_hidden_layers": layers,
               "intermediate_size": ffn, "num_attention_heads": 4, "num_key_value_heads": 2,
               "vocab_size": vocab, "max_position_embeddings": 2048, "torch_dtype": dtype,
               "eos_token_id": vocab - 1}
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
     gemma = config["model_type"].startswith("gemma")
-    key = mx.random.key(seed)
-    weights = {}
-    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        key, sub = mx.random.split(key)
-        if "norm" in name:
-            w = (0.0 if gemma else 1.0) + 0.1 * mx.random.normal(w.shape, key=sub)
-        elif "embed_tokens" in name:
-            w = mx.random.normal(w.shape, key=sub)
-        elif name.endswith(".bias"):
-            w = 0.1 * mx.random.normal(w.shape, key=sub)
-        else:
-            w = mx.random.normal(w.shape, key=sub) * (1.0 / w.shape[-1] ** 0.5)
-        weights[name] = w.astype(getattr(mx, dtype))
-    mx.eval(weights)
+    _, weights = random_model(config, seed, dtype, norm_center=0.0 if gemma else 1.0)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(dst, vocab)

@@ -2,8 +2,8 @@
 
 :data:`TINY_MOE_CONFIGS` holds one config.json per family (hidden 64, 4 heads of 16, 2 kv heads);
 :func:`random_moe_model` instantiates mlx-lm's class for it and gives every weight random values
-scaled so activations keep their size (norms near 1, routers with a wider spread so routing is
-not uniform). ``tests/tiny_moe.py`` writes them as mlx-lm folders with a tokenizer.
+(``mlx_flash.tiny.random_weights``: scaled so activations keep their size, norms near 1, routers with
+a wider spread so routing is not uniform). ``tests/tiny_moe.py`` writes them as mlx-lm folders with a tokenizer.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Dict, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
+
+from ..tiny import random_model
 
 _COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
@@ -45,22 +45,6 @@ def tiny_moe_config(family: str, *, layers: int = 2, vocab: int = 256, dtype: st
 
 def random_moe_model(config: Dict[str, Any], seed: int = 0, dtype: str = "float32",
                      router_scale: float = 3.0) -> Tuple[nn.Module, Dict[str, mx.array]]:
-    """mlx-lm's model for ``config`` with random weights (evaluated); returns ``(model, weights)``."""
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    key = mx.random.key(seed)
-    weights = {}
-    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        key, sub = mx.random.split(key)
-        if "norm" in name:
-            w = 1.0 + 0.1 * mx.random.normal(w.shape, key=sub)
-        elif "embed_tokens" in name:
-            w = mx.random.normal(w.shape, key=sub)
-        elif name.endswith(".gate.weight"):  # the router: a wider spread than 1/sqrt(fan_in) gives skewed routing
-            w = mx.random.normal(w.shape, key=sub) * (router_scale / w.shape[-1] ** 0.5)
-        else:
-            w = mx.random.normal(w.shape, key=sub) * (1.0 / w.shape[-1] ** 0.5)
-        weights[name] = w.astype(getattr(mx, dtype))
-    mx.eval(weights)
-    model.load_weights(list(weights.items()))
-    return model, weights
+    """mlx-lm's model for ``config`` with random weights (evaluated; ``mlx_flash.tiny.random_model``:
+    biases scaled as weights, the router ``router_scale`` wider); returns ``(model, weights)``."""
+    return random_model(config, seed, dtype, bias_scale=None, router_scale=router_scale)
