@@ -749,9 +749,11 @@ def _load_flash_float(path: Path, dtype: str) -> Engine:
 def _load_flash(path: Path, config: FlashConfig, dense: bool = False) -> Engine:
 
     files = open_flash(path)
-    # dense.safetensors' and ffn.bin's per-layer checksums: hashed in a background thread from now
-    # on, overlapping the rest of loading; every SparseFFN waits for its layer (dense=True: below).
-    verifier = None if dense else BackgroundVerifier(files, direct=config.direct_io, side_files=(DENSE_FILE,))
+    # dense.safetensors' and the read layered file's per-layer checksums: hashed in a background thread
+    # once the chooser says which file it reads (ffn.bin, or the up/down side file: _build_flash starts
+    # it), overlapping the rest of loading; every SparseFFN waits for its layer (dense=True: below).
+    verifier = None if dense else BackgroundVerifier(files, direct=config.direct_io, side_files=(DENSE_FILE,),
+                                                     start=False)
     try:
         return _build_flash(path, files, config, dense, verifier)
     except BaseException:
@@ -836,11 +838,13 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     drop = [name for name, _, _, _ in bundle_segments(m) if name in GATE_SEGMENTS] if chooser.computes_gate else []
     row_bytes = m.bundle_bytes - sum(b - a for name, a, b, _ in bundle_segments(m) if name in drop)
     cache_layout, cache_bundle = bundle_segments(m), m.bundle_bytes
+    split = None
     if drop and not config.pipeline:  # the up/down side file, when the folder has one: misses read up/down only
-        reader, verifier, split = _use_updown(files, config, reader, verifier, threads, chunk)
+        reader, split = _use_updown(files, config, reader, threads, chunk)
         if split is not None:
             cache_layout, cache_bundle, drop = updown_segments(m, GATE_SEGMENTS), split.manifest.bundle_bytes, []
             notes.append(f"gate-first reads {split.manifest.ffn_file} (up/down rows only)")
+    verifier.start(split)  # hash only the file the cache reads (the resident gate rows were verified as read)
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
     scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // row_bytes))
     try:
@@ -902,21 +906,18 @@ def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
     return load_cached_gap(path, threads, direct_alignment(path))
 
 
-def _use_updown(files, config: FlashConfig, reader, verifier, threads: int, chunk: int):
-    """``(reader, verifier, split)``: with an up/down side file (``storage.format.updown_files``)
-    a reader of it and a background verifier of it (plus ``dense.safetensors``; the resident
-    gate rows were verified as they were read) replace ``reader`` and ``verifier`` (closed);
-    without one (``split`` None) they are returned as they are."""
+def _use_updown(files, config: FlashConfig, reader, threads: int, chunk: int):
+    """``(reader, split)``: with an up/down side file (``storage.format.updown_files``) a reader
+    of it replaces ``reader`` (closed), and the load's verifier is started on ``split``;
+    without one (``split`` None) ``reader`` is returned as it is."""
 
     split = updown_files(files)
     if split is None:
-        return reader, verifier, None
+        return reader, None
     new_reader = FlashReader(split, threads=threads, chunk_bytes=chunk,
                              max_gap_bytes=reader_max_gap(files.root, config, threads), direct=config.direct_io)
-    new_verifier = BackgroundVerifier(split, direct=config.direct_io, side_files=(DENSE_FILE,))
     reader.close()
-    verifier.close()
-    return new_reader, new_verifier, split
+    return new_reader, split
 
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):

@@ -245,7 +245,8 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
 
 
 def test_gate_first_with_the_side_file_equals_without(tmp_path):
-    """Reading up/down rows from the side file changes the bytes read, not the tokens."""
+    """Reading up/down rows from the side file changes the bytes read, not the tokens; the
+    load's verifier hashes the file the cache reads (not ffn.bin too, then the side file)."""
     from mlx_flash.storage.format import convert_to_flash, write_updown
 
     src = quantize_tiny(make_tiny_llama(tmp_path / "src", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32",
@@ -258,6 +259,8 @@ def test_gate_first_with_the_side_file_equals_without(tmp_path):
         e = load(flash, FlashConfig(active="gate", budget=0.5, scratch_neurons=16, threads=2))
         try:
             assert any("ffn_updown.bin" in n for n in e.notes) == split
+            e.verifier.wait()  # only the files the load reads are hashed: the side file instead of ffn.bin
+            assert e.verifier.hashed == ["dense.safetensors", "ffn_updown.bin" if split else "ffn.bin"]
             rs = list(e.stream_generate("hello there", 6))
             c = e.counters
             m = e.files.manifest

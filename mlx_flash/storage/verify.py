@@ -25,7 +25,9 @@ from .format import ChecksumError, FlashFiles, LayerHasher, verify_file
 class BackgroundVerifier:
     """Verify every layer of an opened flash folder once, in a background thread;
     ``side_files`` (e.g. ``dense.safetensors``, checked against ``Manifest.checksums``)
-    first: a failure there fails every layer's check."""
+    first: a failure there fails every layer's check. ``start=False``: nothing is hashed
+    until :meth:`start`, which may name the layered file the engine chose to read.
+    ``hashed`` lists the files verified whole so far (side files, then the layered file)."""
 
     def __init__(self, files: FlashFiles, *, direct: bool = True, start: bool = True,
                  side_files: Sequence[str] = ()):
@@ -39,6 +41,7 @@ class BackgroundVerifier:
         self._all_ok = False
         self.layer_ms: List[float] = []  # hashing time of each verified layer
         self.seconds = 0.0               # wall time from start to the last layer
+        self.hashed: List[str] = []      # names of the files verified whole, in order
         self._thread = threading.Thread(target=self._run, name="mlx-flash-verify", daemon=True)
         if start:
             self._thread.start()
@@ -48,6 +51,7 @@ class BackgroundVerifier:
         try:
             for name in self.side_files:
                 verify_file(self.files, name)
+                self.hashed.append(name)
             with LayerHasher(self.files, direct=self.direct) as hasher:
                 for i, ev in enumerate(self._done):
                     if self._stop:
@@ -56,12 +60,25 @@ class BackgroundVerifier:
                     hasher.verify(i)
                     self.layer_ms.append((time.perf_counter() - ta) * 1e3)
                     ev.set()
+            if len(self.layer_ms) == len(self._done):
+                self.hashed.append(self.files.ffn_path.name)
         except BaseException as e:  # ChecksumError, OSError: reported by check()
             self._error = e
         finally:
             self.seconds = time.perf_counter() - t0
             for ev in self._done:
                 ev.set()
+
+    def start(self, files: Optional[FlashFiles] = None) -> None:
+        """Start hashing (a verifier made with ``start=False``); ``files``: the layered file to
+        verify instead of the one given at construction (the engine's choice at load, e.g. the
+        up/down side file ``storage.format.updown_files``; the same layers, its own checksums)."""
+        if files is not None:
+            if files.manifest.num_layers != len(self._done):
+                raise ValueError(f"{files.ffn_path}: {files.manifest.num_layers} layers, "
+                                 f"the verifier was made for {len(self._done)}")
+            self.files = files
+        self._thread.start()
 
     @property
     def finished(self) -> bool:
