@@ -13,6 +13,8 @@ from typing import List, Optional
 from . import default_model, paths, platform_blas
 from .atomic import atomic_write_text, clean_stale, destination_lock
 from .bench import (
+    DEFAULT_POLICY_BUDGETS,
+    DEFAULT_PPL_TOKENS,
     POLICIES,
     TTFT_CONFIGS,
     TTFT_LENGTHS,
@@ -631,10 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default=None,
                    help="compare neuron-cache policies: 'all' (window, lru, hot, hot+window, plus auto) "
                         "or a comma-separated list")
-    b.add_argument("--policy-budgets", default="25,50,75", help="budgets (%%) of the policy comparison")
-    b.add_argument("--policy-active", default="auto", choices=["auto", "all", "oracle", "predictor"],
-                   help="neuron choice of the policy comparison (default auto: predictor when calibrated)")
-    b.add_argument("--ppl-tokens", type=int, default=300, help="reference-text tokens for perplexity (0: none)")
+    b.add_argument("--policy-budgets", default=",".join(f"{x * 100:g}" for x in DEFAULT_POLICY_BUDGETS),
+                   help="budgets (%%) of the policy comparison (default %(default)s)")
+    b.add_argument("--policy-active", default=_DEFAULTS.active, choices=["auto", "all", "oracle", "predictor"],
+                   help="neuron choice of the policy comparison (default %(default)s; auto: the predictor when "
+                        "calibrated)")
+    b.add_argument("--ppl-tokens", type=int, default=DEFAULT_PPL_TOKENS,
+                   help="reference-text tokens for perplexity (0: none; default %(default)s)")
     b.add_argument("--no-probe", action="store_true", help="leave the disk probe out of the report")
     b.add_argument("--no-twins", action="store_true",
                    help="no second run of each flash row with pipelined layers the other way")

@@ -38,6 +38,7 @@ from PySide6.QtWidgets import (
 from mlx_flash import bench, library
 from mlx_flash.atomic import atomic_write_text
 from mlx_flash.bench import budget_text
+from mlx_flash.config import FlashConfig
 
 from .. import theme, workers
 from .model_library import flash_config_for
@@ -153,7 +154,7 @@ class SpeedTestDialog(QDialog):
         opts.addWidget(QLabel("Budget"))
         self.budget = QSpinBox()
         self.budget.setRange(5, 100)
-        self.budget.setValue(50)
+        self.budget.setValue(round(FlashConfig.budget * 100))  # the engine's default budget (a fraction)
         self.budget.setSuffix(" % of FFN")
         opts.addWidget(self.budget)
         opts.addWidget(QLabel("Tokens"))

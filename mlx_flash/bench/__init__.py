@@ -45,6 +45,8 @@ from .records import (
     ALIASES,
     AUTO,
     CONFIGS,
+    DEFAULT_POLICY_BUDGETS,
+    DEFAULT_PPL_TOKENS,
     DEFAULT_PROMPT,
     DENSE,
     DENSE_BF16,
@@ -72,11 +74,12 @@ from .runners import default_flash_model, ensure_shape_model, machine_info, refe
 from .ttft import TTFT_CONFIGS, TTFT_LENGTHS, format_ttft, run_ttft, ttft_prompt
 
 __all__ = [
-    "ALIASES", "AUTO", "CONFIGS", "DEFAULT_PROMPT", "DENSE", "DENSE_BF16", "GATE", "NAIVE", "ORACLE", "POLICIES",
-    "PREDICTOR", "REAL", "REPLAYED", "SHAPES", "TTFT_CONFIGS", "TTFT_LENGTHS", "BenchReport", "BenchRow", "OrderRow",
-    "PolicyPoint", "Shape", "SweepPoint", "agreement_prompt_set", "best_policy", "budget_text", "canonical_config",
-    "compute_ratios", "default_flash_model", "ensure_shape_model", "format_choosers", "format_order",
-    "format_pipeline", "format_policies", "format_quantized", "format_reader", "format_table", "format_ttft",
-    "machine_info", "observations", "reference_text", "replay_reads", "run_agreement", "run_bench",
-    "run_order_bench", "run_ttft", "save_plots", "summarize", "ttft_prompt",
+    "ALIASES", "AUTO", "CONFIGS", "DEFAULT_POLICY_BUDGETS", "DEFAULT_PPL_TOKENS", "DEFAULT_PROMPT", "DENSE",
+    "DENSE_BF16", "GATE", "NAIVE", "ORACLE", "POLICIES", "PREDICTOR", "REAL", "REPLAYED", "SHAPES", "TTFT_CONFIGS",
+    "TTFT_LENGTHS", "BenchReport", "BenchRow", "OrderRow", "PolicyPoint", "Shape", "SweepPoint",
+    "agreement_prompt_set", "best_policy", "budget_text", "canonical_config", "compute_ratios",
+    "default_flash_model", "ensure_shape_model", "format_choosers", "format_order", "format_pipeline",
+    "format_policies", "format_quantized", "format_reader", "format_table", "format_ttft", "machine_info",
+    "observations", "reference_text", "replay_reads", "run_agreement", "run_bench", "run_order_bench", "run_ttft",
+    "save_plots", "summarize", "ttft_prompt",
 ]

@@ -71,7 +71,7 @@ def _parse_configs(configs: Optional[Iterable[str]]) -> List[str]:
 def run_bench(
     model_path: PathLike,
     *,
-    budget: float = 0.5,
+    budget: float = FlashConfig.budget,
     tokens: int = 64,
     configs: Optional[Sequence[str]] = None,
     progress: Optional[ProgressCallback] = None,
@@ -92,7 +92,7 @@ def run_bench(
     seed: int = 0,
     policies: Optional[Sequence[str]] = None,
     policy_budgets: Sequence[float] = DEFAULT_POLICY_BUDGETS,
-    policy_active: str = "auto",
+    policy_active: str = FlashConfig.active,
     pipeline_twins: bool = True,
     agreement_prompts: int = 0,
     agreement_tokens: int = 16,

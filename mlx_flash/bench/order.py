@@ -78,7 +78,7 @@ def _scaled_frequencies(freqs: np.ndarray, trace, scaled) -> np.ndarray:
     return out
 
 
-def run_order_bench(model_path: PathLike, *, budget: float = 0.5, tokens: int = 32, prompt: Any = None,
+def run_order_bench(model_path: PathLike, *, budget: float = FlashConfig.budget, tokens: int = 32, prompt: Any = None,
                     flash_config: Optional[FlashConfig] = None, shape: Optional[Union[str, Shape]] = "7b",
                     shape_layers: int = 8, progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
     """Neuron order on disk, before/after: the oracle's and the predictor's active sets of

@@ -52,7 +52,7 @@ def ttft_prompt(tokenizer, n: int, text: Optional[str] = None) -> List[int]:
 
 
 def run_ttft(model_path: PathLike, *, lengths: Sequence[int] = TTFT_LENGTHS, configs: Optional[Sequence[str]] = None,
-             budget: float = 0.5, repeats: int = 3, flash_config: Optional[FlashConfig] = None,
+             budget: float = FlashConfig.budget, repeats: int = 3, flash_config: Optional[FlashConfig] = None,
              progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
     """Time to first token per prompt length and configuration (the speed test's TTFT section).
 

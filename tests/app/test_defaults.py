@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from mlx_flash import library
-from mlx_flash.cli import build_parser, flash_config_from_args
+from mlx_flash.bench import DEFAULT_POLICY_BUDGETS, DEFAULT_PPL_TOKENS
+from mlx_flash.cli import _parse_sweep, build_parser, flash_config_from_args
 from mlx_flash.config import FlashConfig, budget_as_text, parse_budget
 from mlx_flash_app import theme
 from mlx_flash_app.widgets.model_library import flash_config_for, model_settings
@@ -27,7 +28,9 @@ def test_cli_defaults_are_flash_config_defaults(capsys):
                                        d.hot_fraction)
         assert flash_config_from_args(args) == d
     b = build_parser().parse_args(["bench"])
-    assert (b.budget, b.window, b.threads, b.sparsity) == (d.budget, d.window, d.threads, d.sparsity)
+    assert (b.budget, b.window, b.threads, b.sparsity, b.policy_active) == (d.budget, d.window, d.threads,
+                                                                             d.sparsity, d.active)
+    assert _parse_sweep(b.policy_budgets) == list(DEFAULT_POLICY_BUDGETS) and b.ppl_tokens == DEFAULT_PPL_TOKENS
     for sub in ("generate", "bench"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([sub, "--help"])
