@@ -60,10 +60,10 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
 # The lint gate (run by .ci/run): ruff (pyflakes, pycodestyle, import order, bugbear, imports at the top)
-# on mlx_flash/ and app/, and mypy on mlx_flash/; both configured in pyproject.toml. The tools come from
+# on mlx_flash/, app/ and tests/, and mypy on mlx_flash/; both configured in pyproject.toml. The tools come from
 # the project's `lint` extra, installed once into the venv.
 LINT_STAMP := $(VENV)/.mlx-flash-lint-installed
-LINT_PATHS ?= mlx_flash app
+LINT_PATHS ?= mlx_flash app tests
 $(LINT_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
 	touch $(LINT_STAMP)

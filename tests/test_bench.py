@@ -6,16 +6,36 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
 
 from mlx_flash import bench
-from mlx_flash.bench import (AUTO, DENSE, GATE, NAIVE, ORACLE, PREDICTOR, REAL, REPLAYED, BenchReport, Shape,
-                             ensure_shape_model, format_table, run_bench, save_plots)
+from mlx_flash.bench import (
+    AUTO,
+    DENSE,
+    GATE,
+    NAIVE,
+    ORACLE,
+    POLICIES,
+    PREDICTOR,
+    REAL,
+    REPLAYED,
+    BenchReport,
+    Shape,
+    best_policy,
+    ensure_shape_model,
+    format_table,
+    run_bench,
+    save_plots,
+)
+from mlx_flash.calibrate import calibrate
+from mlx_flash.cli import _parse_sweep, main
 from mlx_flash.config import FlashConfig
+from mlx_flash.engine import load
 from mlx_flash.progress import Cancelled
+from mlx_flash.storage.format import open_flash, read_layer_weights
 from mlx_flash.traces import ReplayChooser, Trace, record
 from tests.tiny import make_tiny_flash
 
@@ -169,7 +189,8 @@ def test_io_efficiency_uses_the_probe(run):
     for r in flash_rows:
         assert r.io_gbps and r.io_gbps > 0
         assert r.mean_request_bytes > 0 and r.threads == 2
-        assert r.disk_best_gbps == pytest.approx(max(rep.probe.table[bench._nearest_chunk(rep.probe, r.mean_request_bytes)].values()))
+        nearest = bench._nearest_chunk(rep.probe, r.mean_request_bytes)
+        assert r.disk_best_gbps == pytest.approx(max(rep.probe.table[nearest].values()))
         assert r.io_efficiency == pytest.approx(r.io_gbps / r.disk_best_gbps)
 
 
@@ -245,7 +266,6 @@ def test_shape_model_generated_once(run):
     mtime = ffn.stat().st_mtime_ns
     assert ensure_shape_model(TINY_SHAPE, TINY_GIB, root=root) == path
     assert ffn.stat().st_mtime_ns == mtime
-    from mlx_flash.storage.format import open_flash, read_layer_weights
 
     m = open_flash(path).manifest
     assert (m.hidden_size, m.intermediate_size, m.num_layers, m.dtype) == (256, 1024, 2, "float16")
@@ -264,8 +284,6 @@ def test_layers_for_size():
 
 # ------------------------------------------------------------------ traces
 def test_trace_round_trip(tiny, tmp_path):
-    from mlx_flash.engine import load
-
     eng = load(tiny, FlashConfig(active="oracle", sparsity=0.6, scratch_neurons=16, threads=1))
     eng.tokenizer.eos_token_ids = []
     tr = record(eng, "hello world", 7)
@@ -329,8 +347,6 @@ def test_replay_chooser():
 
 # ------------------------------------------------------------------ CLI
 def test_cli_bench(tiny, tmp_path, capsys):
-    from mlx_flash.cli import _parse_sweep, main
-
     assert _parse_sweep("10,25,50,75,100") == [0.1, 0.25, 0.5, 0.75, 1.0]
     assert _parse_sweep("10%,0.5") == [0.1, 0.5]
     rc = main(["bench", "--model", str(tiny), "--tokens", "3", "--configs", "dense,naive", "--no-probe",
@@ -349,12 +365,6 @@ def test_cli_bench(tiny, tmp_path, capsys):
 def test_cache_policies_side_by_side(tiny, tmp_path, capsys):
     """The policy comparison on a calibrated tiny model: every policy at every budget, what
     auto ran, the table, the plot, the JSON round trip and the CLI flag."""
-    import shutil
-
-    from mlx_flash.bench import POLICIES, BenchReport, best_policy, format_table, save_plots
-    from mlx_flash.calibrate import calibrate
-    from mlx_flash.cli import main
-
     flash = tmp_path / "cal.flash"
     shutil.copytree(tiny, flash)
     calibrate(flash, sparsity=0.5, rank=8, tokens=200, max_new_tokens=8, prompts=["hi", "a story", "cats"])

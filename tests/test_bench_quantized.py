@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_flash.bench import (DENSE, DENSE_BF16, NAIVE, PREDICTOR, BenchReport, _cache_rows, agreement_prompt_set,
-                             format_table, run_bench)
-from mlx_flash.calibrate import read_prompts
+from mlx_flash.bench import (
+    DENSE,
+    DENSE_BF16,
+    NAIVE,
+    PREDICTOR,
+    BenchReport,
+    _cache_rows,
+    agreement_prompt_set,
+    format_table,
+    run_bench,
+)
+from mlx_flash.calibrate import calibrate, read_prompts
+from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
 from mlx_flash.storage.format import convert_to_flash, float_bundle_bytes, open_flash
 from tests.tiny import make_tiny_llama, quantize_tiny
@@ -28,8 +38,6 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q4(home, tmp_path_factory):
-    from mlx_flash.calibrate import calibrate
-
     root = tmp_path_factory.mktemp("q4bench")
     src = make_tiny_llama(root / "bf16", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="bfloat16", seed=5)
     flash = convert_to_flash(quantize_tiny(src, root / "q", bits=4, group_size=32), root / "q.flash")
@@ -122,8 +130,6 @@ def test_down_group_size_option(tmp_path):
 
 
 def test_cli_bench_agreement_flags(q4, capsys):
-    from mlx_flash.cli import main
-
     rc = main(["bench", "--model", str(q4), "--tokens", "2", "--configs", "dense,bf16,naive", "--no-probe",
                "--ppl-tokens", "0", "--no-twins", "--quiet", "--threads", "1",
                "--agreement-prompts", "2", "--agreement-tokens", "2"])

@@ -9,11 +9,27 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_flash.calibrate import calibrate
+from mlx_flash.cli import build_parser, flash_config_from_args
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
-from mlx_flash.neuron_cache import (CachePolicy, CacheStats, LayerCache, NeuronCache, ReadModel, choose_hot_fraction,
-                                    chosen_frequencies, hot_ids, pick_fraction, resolve_auto_policy,
-                                    sample_active_sets, simulate, simulate_fractions)
+from mlx_flash.neuron_cache import (
+    CachePolicy,
+    CacheStats,
+    LayerCache,
+    NeuronCache,
+    ReadModel,
+    choose_hot_fraction,
+    chosen_frequencies,
+    hot_ids,
+    pick_fraction,
+    resolve_auto_policy,
+    sample_active_sets,
+    simulate,
+    simulate_fractions,
+)
+from mlx_flash.storage.format import open_flash
+from mlx_flash.storage.reader import FlashReader
 from tests.tiny import make_tiny_flash
 
 POLICIES = ("window", "lru", "hot", "hot+window")
@@ -72,8 +88,6 @@ def test_config_policy_validation():
 
 
 def test_cli_policy_args():
-    from mlx_flash.cli import build_parser, flash_config_from_args
-
     args = build_parser().parse_args(["generate", "-p", "x", "--policy", "hot+window", "--hot-fraction", "0.3"])
     cfg = flash_config_from_args(args)
     assert cfg.policy == "hot+window" and cfg.hot_fraction == 0.3
@@ -294,8 +308,6 @@ PROMPTS = ["hi", "what is the time?", "tell me about cats", "please help me", "a
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny flash model, and a calibrated copy (predictors with per-neuron frequencies)."""
-    from mlx_flash.calibrate import calibrate
-
     root = tmp_path_factory.mktemp("policy")
     plain = make_tiny_flash(root / "a", layers=2, hidden=64, ffn=128, dtype="float32", seed=11)
     cal = shutil.copytree(plain, root / "cal.flash")
@@ -387,9 +399,6 @@ def test_hot_policies_need_calibration(tiny_models, policy):
 
 def test_read_model_matches_the_reader(tiny_models):
     """The simulation's byte count is the reader's own: same ids, same bytes."""
-    from mlx_flash.storage.format import open_flash
-    from mlx_flash.storage.reader import FlashReader
-
     _, cal = tiny_models
     files = open_flash(cal)
     rng = np.random.default_rng(0)

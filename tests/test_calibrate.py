@@ -10,13 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlx_lm.utils import load_tokenizer
 
-from mlx_flash.calibrate import (Collector, calibrate, generate_and_collect, install_hooks, load_dense_model,
-                                 read_prompts, split_by_sequence)
+from mlx_flash import corpus, default_model
+from mlx_flash.calibrate import (
+    Collector,
+    calibrate,
+    generate_and_collect,
+    install_hooks,
+    load_dense_model,
+    read_prompts,
+    split_by_sequence,
+)
+from mlx_flash.cli import main
+from mlx_flash.config import FlashConfig
+from mlx_flash.engine import load
 from mlx_flash.evaluate import evaluate
+from mlx_flash.paths import HOME_ENV
 from mlx_flash.predictor import PREDICTOR_FILE, load_predictor_chooser
 from mlx_flash.progress import Cancelled
-from mlx_flash.storage.format import UPDOWN_FILE, open_flash
+from mlx_flash.storage.format import UPDOWN_FILE, Manifest, convert_to_flash, open_flash
+from tests.test_relu_family import make_relu_llama
 from tests.tiny import make_tiny_flash
 
 PROMPTS = ["hi", "what is the time?", "tell me about cats", "please help me", "a story", "the end"]
@@ -42,8 +56,6 @@ def test_prompts_file():
 
 
 def test_batched_generation_collects_valid_positions_only(tiny):
-    from mlx_lm.utils import load_tokenizer
-
     files = open_flash(tiny)
     tok = load_tokenizer(tiny)
     model = load_dense_model(files, "float32")
@@ -118,9 +130,6 @@ def test_user_text_is_mixed_in(tiny, tmp_path):
 
 
 def test_relu_models_use_the_exact_rule(tmp_path):
-    from tests.test_relu_family import make_relu_llama
-    from mlx_flash.storage.format import convert_to_flash
-
     src = make_relu_llama(tmp_path / "src", "relu")
     flash = convert_to_flash(src, tmp_path / "relu.flash")
     rep = calibrate(flash, sparsity=0.9, rank=8, tokens=200, max_new_tokens=8, prompts=PROMPTS)
@@ -130,8 +139,6 @@ def test_relu_models_use_the_exact_rule(tmp_path):
     freq = load_predictor_chooser(open_flash(flash)).frequencies
     assert 0.3 < float(freq.mean()) < 0.7  # random ReLU: about half, whatever the sparsity asked for
     # auto: gate-first is a candidate without gate thresholds here (relu(gate x) != 0 is exact)
-    from mlx_flash.config import FlashConfig
-    from mlx_flash.engine import load
 
     eng = load(flash, FlashConfig(budget=0.6, threads=1))
     try:
@@ -169,7 +176,6 @@ def test_evaluate_reports_every_mode(tiny, tmp_path):
         assert r.reuse == sorted(r.reuse) and r.window == sorted(r.window)
         assert r.new == sorted(r.new, reverse=True)
     # dense perplexity equals the engine's own (chunks of the same size, float32 model)
-    from mlx_flash.engine import load
 
     eng = load(flash, dense=True)
     ids = list(eng.tokenizer.encode(TEXT, add_special_tokens=False))[:301]
@@ -181,8 +187,6 @@ def test_evaluate_reports_every_mode(tiny, tmp_path):
 
 
 def test_cli_calibrate_and_eval(tiny, tmp_path, capsys, monkeypatch):
-    from mlx_flash.cli import main
-
     flash = shutil.copytree(tiny, tmp_path / "cli.flash")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
@@ -203,8 +207,6 @@ def test_cli_calibrate_and_eval(tiny, tmp_path, capsys, monkeypatch):
 def test_default_model_predictor_recall(tmp_path):
     """The default model: calibrate (reduced token budget) and check the held-out recall
     and the predictor's recall on Genesis against the oracle."""
-    from mlx_flash import corpus, default_model
-
     src = default_model.ensure_default_flash()
     flash = tmp_path / "smol.flash"
     flash.mkdir()
@@ -230,9 +232,6 @@ def calibrated_default(tmp_path_factory):
     predictors. `make test` prepares it before the tests run, so the user's copy is reused
     (read only); without it (a bare `pytest`) it is prepared here in a temporary home
     (~3.5 min on a busy 2-core machine, with or without OpenBLAS)."""
-    from mlx_flash import default_model
-    from mlx_flash.paths import HOME_ENV
-
     folder = default_model.default_flash_dir()
     problem = default_model.calibration_problem(folder)
     if problem is None or problem.startswith("failed its quality gate"):  # current calibration: judged below
@@ -245,10 +244,6 @@ def calibrated_default(tmp_path_factory):
 
 
 def test_default_model_is_calibrated_and_chats_with_predictors(calibrated_default):
-    from mlx_flash.config import FlashConfig
-    from mlx_flash.engine import load
-    from mlx_flash.storage.format import Manifest
-
     info = Manifest.load(calibrated_default).predictors
     held = info["held_out"]["0.99"]  # sequences used neither for fitting nor for the cutoffs
     assert held["recall"] > 0.97
@@ -275,8 +270,6 @@ def test_default_model_is_calibrated_and_chats_with_predictors(calibrated_defaul
 
 
 def test_default_model_predictor_on_unseen_text(calibrated_default, tmp_path):
-    from mlx_flash import corpus
-
     if not corpus.available():
         pytest.skip(f"no KJV text ({corpus.INSTALL_HINT})")
     text = tmp_path / "genesis.txt"

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType as Q
 
-from mlx_flash.cli import main
+from mlx_flash.cli import library_destination, main
 from tests.convert.test_gguf import write_gguf
 from tests.tiny import make_tiny_flash, make_tiny_llama
 
@@ -65,8 +66,6 @@ def test_convert_gguf_to_flash_and_list(tmp_path, home, capsys):
 
 
 def test_convert_gguf_to_mlx_keeps_the_bits_unless_a_dtype_is_given(tmp_path, home):
-    from gguf import GGMLQuantizationType as Q
-
     gguf = tmp_path / "tiny.gguf"
     write_gguf(gguf, qtype=Q.Q4_1)
     assert main(["convert", str(gguf), str(tmp_path / "q4")]) == 0
@@ -89,8 +88,6 @@ def test_errors_are_clear(tmp_path, home, capsys):
 
 
 def test_bare_destination_names_go_to_the_library(home, tmp_path):
-    from mlx_flash.cli import library_destination
-
     assert library_destination("my-relu") == home / "models" / "my-relu.flash"
     assert library_destination("my-relu.flash") == home / "models" / "my-relu.flash"
     assert library_destination(str(tmp_path / "x.flash")) == tmp_path / "x.flash"

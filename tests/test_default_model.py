@@ -21,12 +21,17 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
 
 from mlx_flash import corpus, default_model
-from mlx_flash.convert.gguf import permute_qk, read_gguf_info
+from mlx_flash.convert.gguf import convert_gguf, permute_qk, read_gguf_info
 from mlx_flash.paths import HOME_ENV, models_dir
+from mlx_flash.progress import Cancelled
+from mlx_flash.storage.format import open_flash
 
 QUESTION = "What is the capital of France?"
 
@@ -51,8 +56,6 @@ def default_dir(mlx_flash_home):
 def load_float32(folder):
     """mlx-lm's model with float32 scales, biases and norms: MLX's CPU quantized matmul is
     ~40x faster with float32 than with float16/bfloat16 activations (FACTS.md)."""
-    import mlx_lm
-
     model, tok = mlx_lm.load(str(folder))
     model.set_dtype(mx.float32)
     return model, tok
@@ -136,8 +139,6 @@ def test_default_dir_and_reuse(default_dir):
 
 
 def test_bfloat16_folder_from_an_earlier_version_is_upgraded(default_dir, tmp_path):
-    from mlx_flash.convert.gguf import convert_gguf
-
     keep = tmp_path / "keep"
     shutil.move(default_dir, keep)
     try:
@@ -154,8 +155,6 @@ def test_bfloat16_folder_from_an_earlier_version_is_upgraded(default_dir, tmp_pa
 def test_same_numbers_as_the_dequantized_conversion(loaded, tmp_path):
     """Q4_1 and Q8_0 are MLX's affine 4-/8-bit exactly: the logits equal those of the
     float32 (dequantized) conversion up to float rounding."""
-    from mlx_flash.convert.gguf import convert_gguf
-
     model, tok = loaded
     ref, _ = load_float32(convert_gguf(default_model.gguf_path(), tmp_path / "f32", dtype="float32"))
     x = mx.array(tok.encode("In the beginning God created the heaven and the earth."))[None]
@@ -167,9 +166,6 @@ def test_same_numbers_as_the_dequantized_conversion(loaded, tmp_path):
 def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
     """Preparing the flash model ends with calibration; cancelling it leaves a valid,
     uncalibrated folder, and the next preparation only calibrates (no second conversion)."""
-    from mlx_flash.progress import Cancelled
-    from mlx_flash.storage.format import open_flash
-
     seen = []
 
     def cancel_once_calibrating(fraction, message=""):
@@ -192,8 +188,6 @@ def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
 
 
 def test_answers_paris(loaded):
-    import mlx_lm
-
     model, tok = loaded
     t = time.perf_counter()
     text = mlx_lm.generate(model, tok, chat_prompt(tok), max_tokens=24)
@@ -203,10 +197,6 @@ def test_answers_paris(loaded):
 
 def test_greedy_generation_matches_plain_greedy_loop(loaded):
     """mlx-lm's stream_generate with temperature 0 == argmax over model(...) with a KV cache."""
-    import mlx_lm
-    from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.sample_utils import make_sampler
-
     model, tok = loaded
     prompt = tok.encode(chat_prompt(tok, "Name three colours."))
     n = 24
@@ -230,8 +220,6 @@ def test_greedy_generation_matches_plain_greedy_loop(loaded):
 
 
 def test_perplexity_and_qk_order_matters(loaded, genesis_ids, default_dir):
-    import mlx_lm
-
     model, _ = loaded
     n = 256
     ppl, tps = perplexity(model, genesis_ids, n)

@@ -105,7 +105,8 @@ def test_perplexity_dense_vs_flash_all(tiny):
 @pytest.mark.parametrize("policy", ["window", "lru"])
 def test_policies_keep_budget_and_quality(tiny, policy):
     src, dst, dtype = tiny
-    cfg = FlashConfig(active="oracle", sparsity=0.0, budget=0.35, window=2, policy=policy, scratch_neurons=32, threads=2)
+    cfg = FlashConfig(active="oracle", sparsity=0.0, budget=0.35, window=2, policy=policy, scratch_neurons=32,
+                      threads=2)
     eng = load(dst, cfg)
     want = [r.token for r in load(src).stream_generate("xyz", 12)]
     got = list(eng.stream_generate("xyz", 12))

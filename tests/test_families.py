@@ -18,17 +18,23 @@ from pathlib import Path
 
 import gguf
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from mlx.utils import tree_flatten
+from mlx_lm.models.gemma3 import Model, ModelArgs
+from mlx_lm.utils import load_tokenizer
 
+from mlx_flash import library
+from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
-from mlx_flash.convert.gguf import GGUFError, convert_gguf, gguf_tensor_names, permute_qk
+from mlx_flash.convert.gguf import GGUFError, _llama3_factors, convert_gguf, gguf_tensor_names, permute_qk
 from mlx_flash.engine import load
 from mlx_flash.families import BY_MODEL_TYPE, FAMILIES
 from mlx_flash.storage.format import FlashFormatError, convert_to_flash, open_flash
 from tests.convert.test_gguf import CHATML, finish, toy_bpe_vocab
-from tests.tiny import FAMILY_CONFIGS, make_tiny_model
+from tests.tiny import _write_tokenizer, make_tiny_model
 
 KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "phi3_longrope"]
 TOKENS = mx.array([[5, 17, 99, 3, 42, 7, 8, 120, 33, 250, 1, 64]])  # > gemma3's sliding window of 4
@@ -81,8 +87,6 @@ def write_family_gguf(path: Path, folder: Path, *, qtype=Q.F32, tokenizer: dict 
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rs["factor"])
     elif rs:  # llama.cpp stores Llama 3 RoPE scaling as per-frequency factors (rope_freqs)
-        from mlx_flash.convert.gguf import _llama3_factors
-
         f = _llama3_factors(head_dim, config["rope_theta"], rs["factor"], rs["low_freq_factor"],
                             rs["high_freq_factor"], rs["original_max_position_embeddings"])
         w.add_tensor("rope_freqs.weight", f.astype(np.float32))
@@ -144,8 +148,6 @@ def _logits(model) -> np.ndarray:
 
 
 def test_gguf_converts_to_mlx_lms_model(family):
-    import mlx_lm
-
     kind, root, folder = family
     out = convert_gguf(root / "model.gguf", root / "from-gguf", dtype="float32")
     want_cfg = json.loads((folder / "config.json").read_text())
@@ -166,8 +168,6 @@ def test_gguf_converts_to_mlx_lms_model(family):
 
 
 def test_flash_every_neuron_equals_mlx_lm(family):
-    import mlx_lm
-
     kind, root, folder = family
     dst = convert_to_flash(folder, root / "model.flash")
     m = open_flash(dst).manifest
@@ -197,8 +197,6 @@ def test_last_position_through_the_head_equals_full_logits(family):
 
 
 def test_calibrates_and_generates_with_predictors(family):
-    from mlx_flash.calibrate import calibrate
-
     kind, root, folder = family
     dst = root / "model.flash"
     if not dst.exists():
@@ -237,8 +235,6 @@ def test_gemma_sentencepiece_tokenizer_round_trip(tmp_path):
     """A Gemma-style SentencePiece vocabulary (``tokenizer.ggml.model`` = llama, no space
     prefix, byte pieces, scores) becomes a tokenizer.json that splits, falls back to bytes
     and decodes back, with the bos added and the chat template kept."""
-    from mlx_lm.utils import load_tokenizer
-
     pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello",
               "▁w", "▁wo", "▁wor", "▁worl", "▁world"]
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
@@ -282,12 +278,6 @@ def test_multimodal_gemma3_folder_imports_its_text_model(tmp_path):
     """A Gemma 3 4B+ style mlx-lm folder (model_type gemma3: ``text_config``, weights under
     ``language_model.``, a vision tower) becomes a gemma3_text flash folder whose logits with
     every neuron active equal mlx-lm's on the multimodal folder; the vision tower is dropped."""
-    import mlx_lm
-    from mlx.utils import tree_flatten
-    from mlx_lm.models.gemma3 import Model, ModelArgs
-
-    from tests.tiny import _write_tokenizer
-
     text = make_tiny_model(tmp_path / "text", "gemma3_text", layers=6, vocab=256, seed=4)
     tcfg = json.loads((text / "config.json").read_text())
     src = tmp_path / "gemma-3-mm"
@@ -319,10 +309,6 @@ def test_multimodal_gemma3_folder_imports_its_text_model(tmp_path):
 def test_library_imports_a_gguf_of_the_family(tmp_path, kind):
     """The app's import path: GGUF → mlx-lm folder → flash in the library, without calibration;
     the family is named in the library and the flash model gives mlx-lm's logits."""
-    import mlx_lm
-
-    from mlx_flash import library
-
     folder = make_tiny_model(tmp_path / "mlx", kind, vocab=len(toy_bpe_vocab()[0]), seed=9)
     write_family_gguf(tmp_path / f"Tiny-{kind}.gguf", folder)
     assert library.check_importable(tmp_path / f"Tiny-{kind}.gguf") == "gguf"

@@ -15,7 +15,23 @@ from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
-from mlx_flash.storage.format import Manifest, open_flash, read_layer_segments, read_layer_weights
+from mlx_flash.predictor import load_gate_scales
+from mlx_flash.storage.format import (
+    UPDOWN_FILE,
+    ChecksumError,
+    LayerHasher,
+    Manifest,
+    bundle_segments,
+    convert_to_flash,
+    open_flash,
+    read_layer_segments,
+    read_layer_weights,
+    updown_files,
+    updown_segments,
+    verify_checksums,
+    write_updown,
+)
+from mlx_flash.storage.reader import FlashReader
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 LAYERS, HIDDEN, FFN = 2, 64, 128
@@ -97,7 +113,6 @@ def test_budget_counts_the_resident_gate_rows(tiny):
 
 def test_quantized_gate_rows_threshold_zero_equals_all(tmp_path):
     src = make_tiny_llama(tmp_path / "bf16", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="bfloat16", seed=4)
-    from mlx_flash.storage.format import convert_to_flash
 
     flash = convert_to_flash(quantize_tiny(src, tmp_path / "q", bits=4, group_size=32), tmp_path / "q.flash")
     _with_gate_thresholds(flash, [0.0] * LAYERS)
@@ -126,8 +141,6 @@ def test_auto_records_its_measured_choice(tmp_path):
     assert fr == sorted(fr, reverse=True)  # more sparsity, fewer neurons
     # the scaled criterion's per-neuron scales are in the predictor file; the sparsity is chosen by
     # held-out perplexity (binary search: the chosen one and the ones it tried are recorded)
-    from mlx_flash.predictor import load_gate_scales
-    from mlx_flash.storage.format import updown_files
 
     assert rec["criterion"] == "scaled"
     sc = load_gate_scales(open_flash(flash))
@@ -158,7 +171,6 @@ def test_pipelined_gate_first_equals_serial(tmp_path, quantized):
     src = make_tiny_llama(tmp_path / "src", layers=3, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=7)
     if quantized:
         src = quantize_tiny(src, tmp_path / "q4")
-    from mlx_flash.storage.format import convert_to_flash
 
     flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * 3)
     runs = {}
@@ -194,10 +206,6 @@ def test_scaled_rule_is_gate_times_scale(tiny):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
 def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
-    from mlx_flash.storage.format import (UPDOWN_FILE, bundle_segments, convert_to_flash, updown_files,
-                                          updown_segments, write_updown)
-    from mlx_flash.storage.reader import FlashReader
-
     src = make_tiny_llama(tmp_path / "src", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32", seed=9)
     if quantized:
         src = quantize_tiny(src, tmp_path / "q4")
@@ -222,12 +230,10 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
             st = ud.read(layer, ids, b)
             assert np.array_equal(b, np.concatenate([a[:, x:y] for x, y in keep], axis=1))
             assert st.bytes_useful == len(ids) * row
-    from mlx_flash.storage.format import LayerHasher
 
     with LayerHasher(split, direct=False) as h:
         for layer in range(LAYERS):
             h.verify(layer)
-    from mlx_flash.storage.format import ChecksumError, verify_checksums
 
     assert f"{UPDOWN_FILE} ({LAYERS} layers)" in verify_checksums(files)  # `mlx-flash verify` checks it too
     with open(split.ffn_path, "r+b") as f:  # one flipped byte in layer 1's region
@@ -247,8 +253,6 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
 def test_gate_first_with_the_side_file_equals_without(tmp_path):
     """Reading up/down rows from the side file changes the bytes read, not the tokens; the
     load's verifier hashes the file the cache reads (not ffn.bin too, then the side file)."""
-    from mlx_flash.storage.format import convert_to_flash, write_updown
-
     src = quantize_tiny(make_tiny_llama(tmp_path / "src", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="float32",
                                         seed=6), tmp_path / "q4")
     flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * LAYERS)

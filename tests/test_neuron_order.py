@@ -15,12 +15,23 @@ import numpy as np
 import pytest
 
 from mlx_flash.atomic import clean_stale
+from mlx_flash.bench import Shape, format_order, run_order_bench
 from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.neuron_cache import ReadModel
-from mlx_flash.neuron_order import (coactivation_order, compute_order, hot_order, inverse, order_flash,
-                                    permute_trace, reorder_flash, replay_reads, restore_perms, source_perms)
+from mlx_flash.neuron_order import (
+    coactivation_order,
+    compute_order,
+    hot_order,
+    inverse,
+    order_flash,
+    permute_trace,
+    reorder_flash,
+    replay_reads,
+    restore_perms,
+    source_perms,
+)
 from mlx_flash.predictor import load_frequencies, load_predictor_chooser
 from mlx_flash.progress import Cancelled
 from mlx_flash.storage.format import FlashFormatError, Manifest, neuron_perms, open_flash, verify_checksums
@@ -247,8 +258,6 @@ def test_order_flash_puts_hot_neurons_first_and_calibration_does_it_by_default(c
 
 
 def test_bench_order_section(calibrated, tmp_path):
-    from mlx_flash.bench import Shape, format_order, run_order_bench
-
     flash = _copy(calibrated, tmp_path / "m.flash")
     order_flash(flash, "hot")  # measured from the source's order whatever the folder's order is now
     seen = []

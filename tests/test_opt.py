@@ -16,11 +16,20 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
-from mlx_flash.storage.format import (ARCHITECTURES, convert_to_flash, ffn_state_dict, load_dense_weights,
-                                      open_flash, read_layer_weights)
+from mlx_flash.library import describe
+from mlx_flash.storage.format import (
+    ARCHITECTURES,
+    FlashFormatError,
+    convert_to_flash,
+    ffn_state_dict,
+    load_dense_weights,
+    open_flash,
+    read_layer_weights,
+)
 from tests.tiny import _write_tokenizer
 
 
@@ -100,7 +109,8 @@ def _ln(x, w, b, eps=1e-5):
 def reference_logits(src: Path, tokens) -> np.ndarray:
     """OPTForCausalLM's forward in plain numpy (float64), written from the HF modeling code."""
     cfg = json.loads((src / "config.json").read_text())
-    raw = {k: np.array(v.astype(mx.float32)).astype(np.float64) for k, v in mx.load(str(src / "model.safetensors")).items()}
+    raw = {k: np.array(v.astype(mx.float32)).astype(np.float64)
+           for k, v in mx.load(str(src / "model.safetensors")).items()}
     w = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in raw.items()}
     H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     hd = H // nh
@@ -174,8 +184,6 @@ def test_dense_matches_reference(tmp_path, variant):
 
 
 def test_kv_cache_decoding_matches_full_forward(opt):
-    from mlx_lm.models.cache import make_prompt_cache
-
     src, _ = opt
     model = load(src).model
     full = np.array(model(mx.array([TOKENS])))[0]
@@ -230,8 +238,6 @@ def test_opt_flash_dense_mode_equals_source(opt):
 
 
 def test_bias_without_flag_is_rejected(tmp_path):
-    from mlx_flash.storage.format import FlashFormatError
-
     src = make_tiny_opt(tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
     cfg["enable_bias"] = False
@@ -296,8 +302,6 @@ def test_exact_rule_matches_fc1_sign(opt):
 
 def test_left_padded_batch_matches_single_rows(opt):
     """mlx-lm's BatchKVCache (left padding, per-row offsets): positions count from each row's first token."""
-    from mlx_lm.models.cache import BatchKVCache
-
     src, _ = opt
     model = load(src).model
     rows = [TOKENS[:7], TOKENS[:4]]
@@ -314,8 +318,6 @@ def test_left_padded_batch_matches_single_rows(opt):
 @pytest.mark.parametrize("kw", [{}, {"proj_dim": 32, "pre_ln": False}])
 def test_library_counts_opt_parameters(tmp_path, kw):
     """The library's parameter count from config.json equals the elements stored."""
-    from mlx_flash.library import describe
-
     src = make_tiny_opt(tmp_path / "opt", max_pos=64, **kw)
     stored = sum(v.size for v in mx.load(str(src / "model.safetensors")).values())
     assert describe(src).parameters == stored

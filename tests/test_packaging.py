@@ -22,7 +22,9 @@ import types
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from mlx_flash import paths
 from tests.tiny import make_tiny_flash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +172,6 @@ def test_spec_macos(tmp_path, monkeypatch):
 
 
 def test_icons():
-    from PIL import Image
-
     icons = ROOT / "resources" / "icons"
     assert (icons / "mlx-flash.svg").is_file()
     with Image.open(icons / "mlx-flash.png") as im:
@@ -203,8 +203,6 @@ def test_desktop_file_and_installer(tmp_path):
 
 
 def test_resources_dir_frozen(monkeypatch, tmp_path):
-    from mlx_flash import paths
-
     assert (paths.resources_dir() / "icons" / "app.svg").is_file()
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     monkeypatch.setattr(sys, "_MEIPASS", str(tmp_path), raising=False)

@@ -10,9 +10,9 @@ import pytest
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import EngineChoice, load
 from mlx_flash.pipeline import lookahead_map
-from mlx_flash.storage.format import open_flash
+from mlx_flash.storage.format import convert_to_flash, open_flash
 from mlx_flash.storage.reader import FlashReader
-from tests.tiny import make_tiny_flash
+from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def test_reader_rows_fill_only_the_given_rows(tiny):
         out = np.full((6, bb), 7, dtype=np.uint8)
         rows = np.array([4, 0, 2])
         rd.read(1, np.array([30, 200, 31]), out, rows=rows)
-        assert np.array_equal(out[4], full[30]) and np.array_equal(out[0], full[200]) and np.array_equal(out[2], full[31])
+        assert np.array_equal(out[4], full[30]) and np.array_equal(out[0], full[200])
+        assert np.array_equal(out[2], full[31])
         assert (out[[1, 3, 5]] == 7).all()
         with pytest.raises(ValueError):
             rd.read(1, np.array([1, 2]), out, rows=np.array([0, 6]))
@@ -126,9 +127,6 @@ def test_auto_engine_runs_dense_when_the_ffn_fits(tiny):
 
 def test_pipelined_quantized_folder_equals_serial(tmp_path):
     """Quantized bundles (packed words, scales, biases per role) are staged and copied like float ones."""
-    from mlx_flash.storage.format import convert_to_flash
-    from tests.tiny import make_tiny_llama, quantize_tiny
-
     src = make_tiny_llama(tmp_path / "src", layers=3, hidden=64, ffn=256, dtype="float32", seed=7)
     flash = convert_to_flash(quantize_tiny(src, tmp_path / "q4", bits=4, group_size=32), tmp_path / "q4.flash")
     toks = {}

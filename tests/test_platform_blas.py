@@ -1,5 +1,6 @@
 """The Linux BLAS shim: loaded before MLX, switchable off, and too late after MLX."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,6 @@ HAVE_OPENBLAS = any(Path(p).is_file() for p in platform_blas.CANDIDATES)
 
 
 def _status(code: str, **env) -> str:
-    import os
-
     e = dict(os.environ)
     e.pop(platform_blas.ENV, None)
     e.update(env)

@@ -9,13 +9,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash.calibrate import (calibrate, finetune_bce, fit_low_rank, install_hooks, load_dense_model,
-                                 weighted_bce)
+from mlx_flash.calibrate import calibrate, finetune_bce, fit_low_rank, install_hooks, load_dense_model, weighted_bce
 from mlx_flash.config import FlashConfig, format_budget
 from mlx_flash.engine import load
 from mlx_flash.evaluate import predictor_selector
-from mlx_flash.predictor import (PREDICTOR_FILE, PredictorChooser, PredictorError, PredictorWeights,
-                                 has_predictors, load_predictor_chooser, prob_to_logit, save_predictors)
+from mlx_flash.predictor import (
+    PREDICTOR_FILE,
+    PredictorChooser,
+    PredictorError,
+    PredictorWeights,
+    has_predictors,
+    load_predictor_chooser,
+    load_predictors,
+    prob_to_logit,
+    save_predictors,
+)
 from mlx_flash.storage.format import Manifest, open_flash
 from mlx_flash.units import fmt_bytes
 from tests.tiny import make_tiny_flash
@@ -111,7 +119,6 @@ def test_save_load_round_trip_same_predictions(calibrated, tmp_path):
     # an explicit save / load gives bit-identical weights and predictions
     path = tmp_path / PREDICTOR_FILE
     save_predictors(path, ch.weights, file_id="abc")
-    from mlx_flash.predictor import load_predictors
 
     w2 = load_predictors(path, num_layers=3, hidden_size=64, n_neurons=256, file_id="abc")
     ch2 = PredictorChooser(w2, ch.cutoffs)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_flash.bench import run_ttft
+from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.storage.format import convert_to_flash
-from tests.tiny import make_tiny_llama, quantize_tiny
+from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 120, 11, 12, 200, 31, 64, 9, 77, 150]
 
@@ -132,8 +136,6 @@ def test_prompt_chunks_and_stop(tiny):
 
 
 def test_ttft_section_records_each_prompt_length(tiny):
-    from mlx_flash.bench import run_ttft
-
     _, dst = tiny
     res = run_ttft(dst, lengths=[4, 24], configs=["dense", "naive"], budget=0.4, repeats=1)
     assert [r["prompt_tokens"] for r in res["rows"]] == [4, 24, 4, 24]
@@ -146,10 +148,6 @@ def test_ttft_section_records_each_prompt_length(tiny):
 
 
 def test_cli_bench_ttft_only(tmp_path, monkeypatch, capsys):
-    import json
-
-    from mlx_flash.cli import main
-    from tests.tiny import make_tiny_flash
 
     monkeypatch.setenv("MLX_FLASH_HOME", str(tmp_path / "home"))
     flash = make_tiny_flash(tmp_path / "f", dtype="float32")

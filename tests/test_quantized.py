@@ -11,11 +11,20 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
+from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
+from mlx_flash.evaluate import evaluate
 from mlx_flash.quantized import cast_floats
-from mlx_flash.storage.format import (DOWN_BITS, FlashFormatError, bundle_segments, convert_to_flash, open_flash,
-                                      read_layer_segments, read_layer_weights)
+from mlx_flash.storage.format import (
+    DOWN_BITS,
+    FlashFormatError,
+    bundle_segments,
+    convert_to_flash,
+    open_flash,
+    read_layer_segments,
+    read_layer_weights,
+)
 from tests.tiny import make_tiny_llama, quantize_tiny
 
 HIDDEN, FFN, LAYERS = 64, 128, 2
@@ -220,9 +229,6 @@ def test_dense_load_keeps_the_ffn_quantized(quant):
 def test_calibrate_evaluate_and_predictor_on_a_quantized_folder(src_float, tmp_path):
     """Calibration and evaluation see the quantized model dequantized (read_layer_weights,
     load_dense_weights(dequantize=True)); the predictor-driven engine then runs quantized."""
-    from mlx_flash.calibrate import calibrate
-    from mlx_flash.evaluate import evaluate
-
     flash = convert_to_flash(quantize_tiny(src_float, tmp_path / "q", bits=4, group_size=32), tmp_path / "c.flash")
     calibrate(flash, sparsity=0.5, rank=8, tokens=150, max_new_tokens=8, prompts=["Hello there", "A short story"])
     eng = load(flash, FlashConfig(active="predictor", budget=0.6, threads=2))

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
 from mlx_flash.progress import Cancelled
@@ -115,8 +116,6 @@ def test_rejects_non_swiglu(full_run, tmp_path):
 
 
 def test_cli(src, tmp_path):
-    from mlx_flash.cli import main
-
     dst = tmp_path / "cli.flash"
     args = ["relufy", str(src), str(dst), "--tokens", "1024", "--steps", "10", "--batch", "256", "--quiet",
             "--e2e-steps", "3",

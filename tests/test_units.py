@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mlx_flash.config import FlashConfig, format_budget
-from mlx_flash.units import fmt_bytes
+from mlx_flash.units import eta_text, fmt_bytes, fmt_duration
 
 
 def test_fmt_bytes_decimal_units():
@@ -22,8 +22,6 @@ def test_budget_names_what_it_holds_and_the_parts_add_up():
 
 
 def test_time_left_comes_from_the_measured_rate():
-    from mlx_flash.units import eta_text, fmt_duration
-
     assert fmt_duration(5) == "5 s" and fmt_duration(125) == "2 min 05 s" and fmt_duration(3720) == "1 h 02 min"
     assert eta_text(0.01, 30) == "30 s so far"  # too little done to measure a rate
     assert eta_text(0.25, 60) == "1 min 00 s so far, about 3 min 00 s left"  # 25% a minute: 3 more minutes

@@ -16,11 +16,16 @@ alphabet are filled with ``<|reserved_N|>`` tokens.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Union
 
 import mlx.core as mx
+from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
 
+from mlx_flash.storage.format import convert_to_flash
 from mlx_flash.tiny import random_model
 
 CHATML_TEMPLATE = (
@@ -35,9 +40,6 @@ IM_END = "<|im_end|>"
 
 
 def _write_tokenizer(dst: Path, vocab: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
     specials = [IM_START, IM_END]
     n_bytes = min(256, vocab - len(specials))
     if n_bytes < 128:
@@ -189,24 +191,9 @@ def make_tiny_flash(dir: Union[str, Path], *, dtype: str = "float16", flash_dtyp
                     **kw) -> Path:
     """A tiny llama (``make_tiny_llama(dir / "src", dtype=dtype, **kw)``) converted to
     a flash folder ``dir / "model.flash"``; returns the flash folder."""
-    from mlx_flash.storage.format import convert_to_flash
-
     d = Path(dir)
     src = make_tiny_llama(d / "src", dtype=dtype, **kw)
     return convert_to_flash(src, d / "model.flash", dtype=flash_dtype)
-
-
-__all__ = ["make_tiny_llama", "make_tiny_model", "FAMILY_CONFIGS", "make_tiny_flash", "IM_START", "IM_END", "CHATML_TEMPLATE"]
-
-if __name__ == "__main__":  # pragma: no cover - manual check
-    import sys
-    import tempfile
-
-    import mlx_lm
-
-    d = make_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "tiny")
-    m, t = mlx_lm.load(str(d))
-    print(mlx_lm.generate(m, t, t.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True), max_tokens=10))
 
 
 def quantize_tiny(src: Union[str, Path], dst: Union[str, Path], *, bits: int = 4, group_size: int = 32,
@@ -214,10 +201,6 @@ def quantize_tiny(src: Union[str, Path], dst: Union[str, Path], *, bits: int = 4
     """An mlx-lm quantized folder at ``dst`` made from the float folder ``src`` with mlx-lm's
     own ``quantize_model`` (``config.json`` gains ``quantization``; ``quant_predicate`` as in
     mlx-lm, e.g. per-module bits). Tokenizer files are copied."""
-    import shutil
-
-    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
-
     src, dst = Path(src), Path(dst)
     model, config = load_model(src)
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=quant_predicate)
@@ -227,3 +210,18 @@ def quantize_tiny(src: Union[str, Path], dst: Union[str, Path], *, bits: int = 4
         if p.name.startswith(("tokenizer", "special_tokens")):
             shutil.copyfile(p, dst / p.name)
     return dst
+
+
+__all__ = ["make_tiny_llama", "make_tiny_model", "FAMILY_CONFIGS", "make_tiny_flash", "IM_START", "IM_END",
+           "CHATML_TEMPLATE"]
+
+if __name__ == "__main__":  # pragma: no cover - manual check
+    import sys
+    import tempfile
+
+    import mlx_lm
+
+    d = make_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "tiny")
+    m, t = mlx_lm.load(str(d))
+    prompt = t.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    print(mlx_lm.generate(m, t, prompt, max_tokens=10))

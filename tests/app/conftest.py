@@ -18,7 +18,14 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from tests.tiny import make_tiny_flash, make_tiny_llama  # noqa: E402
+import mlx.core as mx
+from PySide6.QtCore import QCoreApplication, QEvent
+
+from mlx_flash.config import FlashConfig
+from mlx_flash.storage.format import convert_to_flash
+from mlx_flash_app import theme, workers
+from mlx_flash_app.main_window import MainWindow
+from tests.tiny import make_tiny_flash, make_tiny_llama
 
 WAIT = 60_000  # ms: generous, the machine is shared
 
@@ -35,10 +42,6 @@ def tiny_models(tmp_path_factory):
 def chatty_flash(tmp_path_factory):
     """A tiny flash model that never ends its answer by itself: the end-of-sequence row
     of its output layer is zero, so greedy decoding never picks it (for Stop tests)."""
-    import mlx.core as mx
-
-    from mlx_flash.storage.format import convert_to_flash
-
     root = tmp_path_factory.mktemp("chatty")
     src = make_tiny_llama(root / "src", layers=2, hidden=64, ffn=128, seed=2)
     weights = mx.load(str(src / "model.safetensors"))
@@ -64,12 +67,9 @@ def data_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _theme(qapp):
-    from mlx_flash_app import theme
-
     qapp.setApplicationName("mlx-flash-tests")
     theme.apply(qapp)
     yield
-    from PySide6.QtCore import QCoreApplication, QEvent
 
     QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
 
@@ -78,7 +78,6 @@ def _theme(qapp):
 def no_thread_left(qtbot):
     """No worker thread may outlive its test (widgets are closed before this runs)."""
     yield
-    from mlx_flash_app import workers
 
     deadline = time.monotonic() + 10
     while workers.running_threads() and time.monotonic() < deadline:
@@ -88,18 +87,12 @@ def no_thread_left(qtbot):
 
 
 def tiny_config():
-    from mlx_flash.config import FlashConfig
-
     return FlashConfig(scratch_neurons=32, threads=2)
 
 
 @pytest.fixture
 def make_window(qtbot, tiny_models, data_home):
     """``make_window(**kw)`` → a shown MainWindow on the tiny flash model, loaded."""
-    from PySide6.QtCore import QCoreApplication, QEvent
-
-    from mlx_flash_app.main_window import MainWindow
-
     made = []
 
     def make(model=None, load=True, **kw):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QTextCursor
+from PySide6.QtGui import QKeySequence, QTextCursor
 
 from mlx_flash_app.history import COMPLETE, INTERRUPTED, STOPPED, STREAMING, History
+from mlx_flash_app.main_window import MainWindow
 
 from .conftest import WAIT, set_sampling
 
@@ -153,8 +154,6 @@ def test_regenerate_new_chat_and_export(make_window, qtbot, tmp_path):
 
 
 def test_new_chat_shortcut_is_the_platform_new_key(make_window):
-    from PySide6.QtGui import QKeySequence
-
     w = make_window(load=False)
     assert w.act_new.shortcut() == QKeySequence(QKeySequence.New)
 
@@ -167,7 +166,6 @@ def test_window_geometry_and_panels_restored(make_window, qtbot):
     qtbot.waitUntil(lambda: (w1.width(), w1.height()) == (720, 520))
     w1.right.setCurrentIndex(1)
     w1.close()
-    from mlx_flash_app.main_window import MainWindow
 
     w2 = MainWindow(model_path=None)
     qtbot.addWidget(w2)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 from PySide6.QtCore import Qt
 
+from mlx_flash import library
+from mlx_flash_app.main_window import MainWindow
 from tests.app.conftest import WAIT, set_sampling, tiny_config
 
 
@@ -32,8 +35,6 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def first_window(qtbot):
     """A window without a model (an empty data folder), not started."""
-    from mlx_flash_app.main_window import MainWindow
-
     w = MainWindow(config=tiny_config())
     qtbot.addWidget(w)
     w.resize(1300, 820)
@@ -43,8 +44,6 @@ def first_window(qtbot):
 
 
 def test_prepares_in_a_worker_process_with_progress_then_answers(first_window, qtbot, tiny_source, data_home):
-    from mlx_flash import library
-
     w = first_window
     dst = data_home / "models" / "Tiny-Llama.flash"
     seen = []
@@ -90,10 +89,6 @@ def test_cancel_kills_the_preparation_and_leaves_no_temporaries(first_window, qt
 def test_models_page_opens_on_the_flash_model(qtbot, tiny_models, data_home):
     """With the dense and the flash form of a model in the library (as after the first run),
     the Models page selects the flash one, not the first row."""
-    import shutil
-
-    from mlx_flash_app.main_window import MainWindow
-
     models = data_home / "models"
     shutil.copytree(tiny_models["src"], models / "Tiny-mlx")
     shutil.copytree(tiny_models["flash"], models / "Tiny.flash")

@@ -3,6 +3,7 @@ per-model settings."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
@@ -11,6 +12,9 @@ from PySide6.QtWidgets import QApplication
 
 from mlx_flash import library
 from mlx_flash.families import family_label
+from mlx_flash_app import theme
+from mlx_flash_app.widgets.model_library import model_settings, save_model_settings
+from tests.tiny import make_tiny_llama, make_tiny_model
 
 from .conftest import WAIT, tiny_config
 
@@ -58,7 +62,6 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
     if w.library.calibrate_box.isChecked():
         assert library.flash_details(path)["has_predictors"]
     # the imported model loads in the chat (oracle: a tiny model's predictors do not fit half its tiny FFN)
-    from mlx_flash_app.widgets.model_library import save_model_settings
 
     save_model_settings(w.settings, path.name, {"active": "oracle"})
     with qtbot.waitSignal(w.engine_ready, timeout=WAIT):
@@ -67,8 +70,6 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
 
 
 def test_drop_then_cancel_leaves_nothing(make_window, qtbot, tmp_path, data_home):
-    from tests.tiny import make_tiny_llama
-
     big = make_tiny_llama(tmp_path / "Bigger-mlx", layers=8, hidden=128, ffn=512)
     w = make_window(load=False)
     w.library.calibrate_box.setChecked(True)
@@ -106,10 +107,6 @@ def test_invalid_drops_show_a_message_and_leave_nothing(make_window, qtbot, tmp_
 def test_other_families_import_and_unknown_ones_are_named(make_window, qtbot, tmp_path, data_home):
     """A Qwen3 folder imports and the library shows its family; a family mlx-flash does not
     run is refused with a message naming the ones it does."""
-    import json
-
-    from tests.tiny import make_tiny_model
-
     w = make_window(load=False)
     src = make_tiny_model(tmp_path / "Tiny-Qwen3", "qwen3", vocab=256)
     with qtbot.waitSignal(w.library.import_finished, timeout=3 * WAIT):
@@ -153,7 +150,6 @@ def test_rename_and_remove(make_window, qtbot, tiny_source, data_home):
     new = page.rename(path, "My model")
     assert new == data_home / "models" / "My model.flash" and new.is_dir() and not path.exists()
     assert [library.display_name(e) for e in page.entries()] == ["My model"]
-    from mlx_flash_app.widgets.model_library import model_settings
 
     assert model_settings(w.settings, new.name)["budget_pct"] == 30  # settings follow the rename
     with qtbot.waitSignal(page.notice) as bad:
@@ -164,9 +160,6 @@ def test_rename_and_remove(make_window, qtbot, tiny_source, data_home):
 
 
 def test_per_model_settings_apply_on_load(make_window, qtbot, tiny_models):
-    from mlx_flash_app import theme
-    from mlx_flash_app.widgets.model_library import save_model_settings
-
     path = library.import_model(tiny_models["flash"], name="Tiny", calibrate=False)  # a flash folder: copied
     save_model_settings(theme.settings(), path.name, {"budget_pct": 80, "window": 3, "threads": 1, "active": "all"})
     w = make_window(path)

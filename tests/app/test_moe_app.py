@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 
+from mlx_flash.moe.format import convert_to_moe_flash
 from mlx_flash_app.history import COMPLETE
+from tests.tiny_moe import make_tiny_moe
 
 from .conftest import WAIT, set_sampling
 
 
 def test_moe_flash_model_chats_with_expert_stats(make_window, qtbot, tmp_path):
-    from mlx_flash.moe.format import convert_to_moe_flash
-    from tests.tiny_moe import make_tiny_moe
-
     src = make_tiny_moe(tmp_path / "src", "qwen2_moe")
     fl = convert_to_moe_flash(src, tmp_path / "Tiny-MoE.flash")
     w = make_window(fl)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from mlx_flash.bench import CONFIGS
+from mlx_flash_app.widgets import speed_test
+from mlx_flash_app.widgets.speed_test import SpeedTestDialog, bar_label
 
 from .conftest import WAIT
 
@@ -19,8 +21,6 @@ def _bench_dialog(make_window, tiny_models, tokens: int):
 
 
 def test_speed_test_runs_and_saves_json(make_window, qtbot, tiny_models, tmp_path):
-    from mlx_flash_app.widgets import speed_test
-
     dlg = _bench_dialog(make_window, tiny_models, 6)
     assert dlg.isVisible() and dlg.run_btn.isEnabled()
     assert dlg.run()
@@ -50,8 +50,6 @@ def test_speed_test_cancel(make_window, qtbot, tiny_models):
 
 
 def test_report_view_from_a_dict(qtbot):
-    from mlx_flash_app.widgets.speed_test import SpeedTestDialog
-
     dlg = SpeedTestDialog()
     qtbot.addWidget(dlg)
     dlg.show_report({"model_name": "m", "budget": 0.5, "tokens": 8, "rows": [
@@ -84,9 +82,6 @@ def test_speed_test_compares_cache_policies(make_window, qtbot, tiny_models):
 def test_bar_labels_are_short_and_distinct():
     """Twelve bars share a plot: every configuration the bench knows, serial and pipelined, gets a
     distinct label of at most six characters a line (the table beside the plots has the full names)."""
-    from mlx_flash.bench import CONFIGS
-    from mlx_flash_app.widgets.speed_test import bar_label
-
     names = list(CONFIGS) + [f"{c} (pipelined)" for c in CONFIGS if c.startswith(("naive", "flash"))]
     labels = [bar_label(n) for n in names]
     assert len(set(labels)) == len(labels)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from PySide6.QtCore import QSettings
+
 from mlx_flash.stats import Stats
+from mlx_flash_app.widgets.model_library import flash_config_for
+from mlx_flash_app.widgets.stats_panel import StatsPanel
 
 from .conftest import WAIT, set_sampling
 
@@ -17,8 +21,6 @@ def _stats(i: int, **kw) -> Stats:
 
 
 def test_panel_plots_and_numbers(qtbot):
-    from mlx_flash_app.widgets.stats_panel import StatsPanel
-
     p = StatsPanel()
     qtbot.addWidget(p)
     p.resize(380, 900)
@@ -73,9 +75,5 @@ def test_panel_receives_updates_during_generation(make_window, qtbot):
 def test_auto_neuron_choice_is_left_to_the_engine(tmp_path):
     """The app passes "auto" through: the engine measures per model (Engine.active_info),
     the app does not resolve it to the predictor itself."""
-    from PySide6.QtCore import QSettings
-
-    from mlx_flash_app.widgets.model_library import flash_config_for
-
     settings = QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat)
     assert flash_config_for(tmp_path / "m.flash", settings).active == "auto"

@@ -22,20 +22,31 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from mlx_lm.models.llama import Model, ModelArgs
+from mlx_lm.utils import load_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mlx_flash.convert.gguf import (
+    KEEP_BITS,
+    REQUANTIZED,
     GGUFError,
     GGUFFile,
+    HParams,
     _llama3_factors,
+    _plan_tensors,
+    build_tokenizer,
     convert_gguf,
     permute_qk,
     read_gguf_info,
+    requantize,
     unpermute_qk,
 )
 from mlx_flash.progress import Cancelled
+from tests.tiny import _bytes_to_unicode
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -53,8 +64,6 @@ CHATML = (
 
 def _byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table, in byte order."""
-    from tests.tiny import _bytes_to_unicode
-
     table = _bytes_to_unicode()
     return [table[b] for b in range(256)]
 
@@ -72,8 +81,6 @@ TEXTS = [
 def reference_tokenizer_json() -> str:
     """A byte-level BPE trained on TEXTS, pre-tokenized like SmolLM2 (digits split, then
     GPT-2 byte-level): the tokenizer a GGUF's vocabulary + merges must reproduce."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -271,10 +278,6 @@ def test_keeps_the_bits(tmp_path, qtype):
     dequantization up to the float16 rounding of K-quant scales (exact types), or within
     half a step of the new grid (re-quantized types); mlx-lm loads the folder and its
     logits match the float32 (dequantized) conversion's."""
-    import mlx_lm
-
-    from mlx_flash.convert.gguf import KEEP_BITS, REQUANTIZED
-
     k_quant = qtype.name.endswith("_K")
     hidden, ffn = (256, 512) if k_quant else (HIDDEN, FFN)  # K-quant rows are multiples of 256
     src = tmp_path / "tiny.gguf"
@@ -319,8 +322,6 @@ def test_keeps_the_bits(tmp_path, qtype):
 def test_mixed_types_get_per_module_entries(tmp_path):
     """A Q4_K_M-like mix: the most common bits are the default, other modules get their
     own entry, a float 2-D weight is listed as false; mlx-lm loads it and generates."""
-    import mlx_lm
-
     src = tmp_path / "mix.gguf"
     write_gguf(src, qtype=Q.Q4_1, output=True, tensor_types={
         "token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "blk.0.ffn_down.weight": Q.Q5_1,
@@ -358,8 +359,6 @@ def _half_step(w: np.ndarray, bits: int) -> np.ndarray:
 
 
 def test_requantize_error_is_half_a_step():
-    from mlx_flash.convert.gguf import requantize
-
     w = np.random.default_rng(3).standard_normal((8, 256)).astype(np.float32)
     w[0, :32] = 0.25  # a constant group comes back exactly
     for bits in (4, 8):
@@ -474,9 +473,6 @@ def test_k_quants(tmp_path):
 def test_loads_with_mlx_lm_and_matches_reference_model(tmp_path):
     """The converted folder gives the same logits as mlx-lm's llama built directly from
     the original weights: config.json, names and q/k order are all right."""
-    import mlx_lm
-    from mlx_lm.models.llama import Model, ModelArgs
-
     src = tmp_path / "tiny.gguf"
     orig = write_gguf(src, qtype=Q.F32)
     dst = convert_gguf(src, tmp_path / "out", dtype="float32")
@@ -500,9 +496,6 @@ def test_loads_with_mlx_lm_and_matches_reference_model(tmp_path):
 
 
 def test_config_and_tokenizer_files(tmp_path):
-    import mlx_lm
-    from mlx_lm.utils import load_tokenizer
-
     src = tmp_path / "tiny.gguf"
     write_gguf(src, qtype=Q.Q8_0)
     dst = convert_gguf(src, tmp_path / "out", dtype="bfloat16")
@@ -523,7 +516,6 @@ def test_config_and_tokenizer_files(tmp_path):
         "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>")
     assert json.loads((dst / "special_tokens_map.json").read_text())["eos_token"] == "<|im_end|>"
 
-    from tokenizers import Tokenizer
 
     tok = load_tokenizer(dst)
     reference = Tokenizer.from_str(reference_tokenizer_json())
@@ -548,10 +540,6 @@ def test_config_and_tokenizer_files(tmp_path):
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "default", "something-new"])
 def test_other_pre_tokenizers_round_trip(tmp_path, pre):
     """Other llama.cpp pre-tokenizer names build a working byte-level tokenizer."""
-    from mlx_lm.utils import load_tokenizer
-
-    from tokenizers import Tokenizer
-
     src = tmp_path / "tiny.gguf"
     add_bos = pre == "llama-bpe"  # Llama 3 files ask for a BOS token
     write_gguf(src, pre=pre, add_bos=add_bos)
@@ -567,8 +555,6 @@ def test_other_pre_tokenizers_round_trip(tmp_path, pre):
 
 
 def test_untied_output_and_sharding(tmp_path):
-    import mlx_lm
-
     src = tmp_path / "tiny.gguf"
     orig = write_gguf(src, qtype=Q.F16, output=True)
     dst = convert_gguf(src, tmp_path / "out", dtype="float32", max_shard_bytes=100_000)
@@ -584,8 +570,6 @@ def test_untied_output_and_sharding(tmp_path):
 
 def test_attention_biases(tmp_path):
     """q/k/v biases (q/k permuted like their weights); o_proj gets the zero bias mlx-lm wants."""
-    import mlx_lm
-
     weights = random_weights(len(toy_bpe_vocab()[0]))
     rng = np.random.default_rng(3)
     for i in range(LAYERS):
@@ -613,7 +597,6 @@ def test_llama3_rope_scaling(tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    import mlx_lm
 
     model, _ = mlx_lm.load(str(dst))
     assert model(mx.array([[1, 2, 3]])).shape[-1] == cfg["vocab_size"]
@@ -621,8 +604,6 @@ def test_llama3_rope_scaling(tmp_path):
 
 def test_sentencepiece_tokenizer(tmp_path):
     """tokenizer.ggml.model == "llama": SentencePiece-style BPE with byte fallback."""
-    from mlx_lm.utils import load_tokenizer
-
     pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "▁hell", "▁hello",
               "▁w", "▁wo", "▁wor", "▁worl", "▁world"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
@@ -708,8 +689,6 @@ def test_truncated_in_metadata(tmp_path):
 def test_damaged_headers_give_gguf_errors_only(tmp_path):
     """Cut anywhere, or with bytes of its header/index overwritten, a file either passes
     the checks or fails with GGUFError: never another exception, never a hang."""
-    from mlx_flash.convert.gguf import HParams, _plan_tensors, build_tokenizer
-
     src = tmp_path / "tiny.gguf"
     write_gguf(src)
     data = src.read_bytes()

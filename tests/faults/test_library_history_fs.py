@@ -12,19 +12,24 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mlx_flash import cli, library
-from mlx_flash.atomic import DestinationBusy, WriteError
+from mlx_flash import cli, default_model, library
+from mlx_flash.atomic import DestinationBusy, WriteError, clean_stale, destination_lock, pid_alive
+from mlx_flash.convert.gguf import output_bytes
 from mlx_flash.storage.format import Manifest, open_flash
+from mlx_flash_app.history import History
+from tests.convert.test_gguf import write_gguf
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,8 +187,6 @@ def _write(p: Path, data) -> None:
 
 def _bad_manifest(mutate):
     def make(folder: Path, good: Path) -> None:
-        import shutil
-
         shutil.copytree(good, folder)
         d = json.loads((folder / "manifest.json").read_text())
         _write(folder / "manifest.json", mutate(d))
@@ -213,8 +216,6 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_damaged_library_entry_is_reported_not_fatal(case, home, tiny_flash, capsys):
-    import shutil
-
     make, reason = BROKEN[case]
     models = home / "models"
     shutil.copytree(tiny_flash, models / "Good.flash")
@@ -239,8 +240,6 @@ def test_damaged_library_entry_is_reported_not_fatal(case, home, tiny_flash, cap
 
 # =================================================================== finding 3: damaged chat history
 def _real_history(path: Path) -> None:
-    from mlx_flash_app.history import History
-
     h = History(path)
     for i in range(40):
         c = h.new_conversation(f"chat {i}")
@@ -259,8 +258,6 @@ HISTORIES = {
 
 @pytest.mark.parametrize("case", sorted(HISTORIES))
 def test_damaged_history_is_moved_aside_and_a_new_one_started(case, tmp_path):
-    from mlx_flash_app.history import History
-
     path = tmp_path / "history.sqlite3"
     HISTORIES[case](path)
     original = path.read_bytes()
@@ -279,8 +276,6 @@ def test_damaged_history_is_moved_aside_and_a_new_one_started(case, tmp_path):
 
 
 def test_history_with_a_folder_in_its_place(tmp_path):
-    from mlx_flash_app.history import History
-
     path = tmp_path / "history.sqlite3"
     (path / "inside").mkdir(parents=True)
     (path / "inside" / "keep.txt").write_text("mine")
@@ -295,8 +290,6 @@ def test_history_with_a_folder_in_its_place(tmp_path):
 
 
 def test_history_wal_and_shm_move_with_the_database(tmp_path):
-    from mlx_flash_app.history import History
-
     path = tmp_path / "history.sqlite3"
     path.write_bytes(os.urandom(4096))
     Path(f"{path}-wal").write_bytes(b"wal bytes")
@@ -310,8 +303,6 @@ def test_history_wal_and_shm_move_with_the_database(tmp_path):
 
 
 def test_empty_history_file_is_simply_a_new_database(tmp_path):
-    from mlx_flash_app.history import History
-
     path = tmp_path / "history.sqlite3"
     path.write_bytes(b"")
     h = History(path)
@@ -321,8 +312,6 @@ def test_empty_history_file_is_simply_a_new_database(tmp_path):
 
 
 def test_history_on_a_read_only_disk_lives_in_memory(small_fs):
-    from mlx_flash_app.history import History
-
     fs = small_fs("4m", read_only=True, prepare=_real_history_at)
     before = (fs / "history.sqlite3").read_bytes()
 
@@ -383,8 +372,6 @@ def test_library_import_and_rename_respect_the_lock(home, tiny_src, tiny_flash):
 def test_default_model_preparation_waits_for_the_other_process(home, tiny_src, tmp_path):
     """Two processes preparing the default model: the second waits (saying so) and reuses the
     first one's result instead of failing or converting again."""
-    from mlx_flash import default_model
-
     folder = default_model.default_flash_dir()
     tiny_src = quantize_tiny(tiny_src, tmp_path / "Tiny-4bit")  # the default model is a 4-bit flash folder
     ready, release = home / "ready", home / "release"
@@ -422,7 +409,7 @@ def test_temp_folders_of_killed_converts_are_removed_live_ones_kept(home, tiny_s
     models = home / "models"
     victim, _ = start_blocked_convert(tiny_src, models / "Victim.flash", "victim", calibrate=calibrate)
     live, live_release = start_blocked_convert(tiny_src, models / "Live.flash", "live")
-    victim_temps = [p for p in models.iterdir() if p.name.startswith(f".Victim.flash.") and f"-{victim.pid}-" in p.name]
+    victim_temps = [p for p in models.iterdir() if p.name.startswith(".Victim.flash.") and f"-{victim.pid}-" in p.name]
     assert victim_temps and (models / ".Victim.flash.lock").exists()
 
     victim.send_signal(signal.SIGKILL)
@@ -468,9 +455,6 @@ def test_space_check_says_needed_and_free(small_fs, tiny_src, capsys):
 
 
 def test_space_check_of_gguf_to_flash_counts_both_stages(small_fs, tmp_path):
-    from mlx_flash.convert.gguf import output_bytes
-    from tests.convert.test_gguf import write_gguf
-
     src = tmp_path / "tiny.gguf"
     write_gguf(src)
     one_stage = output_bytes(src)
@@ -499,8 +483,6 @@ def test_disk_full_while_writing_a_flash_folder(stage, small_fs, tiny_src):
 
 
 def test_failed_overwrite_leaves_the_existing_model_untouched(small_fs, tiny_src, tiny_flash):
-    import shutil
-
     fs = small_fs("4m")
     dst = fs / "Model.flash"
     shutil.copytree(tiny_flash, dst)
@@ -516,8 +498,6 @@ def test_failed_overwrite_leaves_the_existing_model_untouched(small_fs, tiny_src
 
 def test_manifest_save_on_a_full_disk_keeps_the_old_manifest(small_fs, tiny_flash):
     """The calibration's save path (predictors + manifest) writes through atomic_path."""
-    import shutil
-
     fs = small_fs("2m")
     dst = fs / "Model.flash"
     shutil.copytree(tiny_flash, dst)
@@ -553,8 +533,6 @@ def test_convert_to_a_read_only_disk(small_fs, tiny_src, capsys):
 
 
 def test_remove_and_rename_on_a_read_only_disk_keep_the_model(small_fs, tiny_flash):
-    import shutil
-
     fs = small_fs("4m", read_only=True, prepare=lambda d: shutil.copytree(tiny_flash, d / "Model.flash"))
     before = snapshot(fs)
 
@@ -567,8 +545,6 @@ def test_remove_and_rename_on_a_read_only_disk_keep_the_model(small_fs, tiny_fla
 
 
 def test_a_broken_entry_can_be_removed(home, tiny_flash):
-    import shutil
-
     models = home / "models"
     shutil.copytree(tiny_flash, models / "Broken.flash")
     (models / "Broken.flash" / "manifest.json").write_text("[]")
@@ -582,8 +558,6 @@ def test_a_broken_entry_can_be_removed(home, tiny_flash):
 
 
 def test_history_on_a_disk_that_fills_up_goes_on_in_memory(small_fs):
-    from mlx_flash_app.history import History
-
     fs = small_fs("1m")
     h = History(fs / "history.sqlite3")
     told = []
@@ -621,9 +595,6 @@ def test_old_unnamed_temporaries_go_after_a_day_recent_ones_stay(home):
 
 
 def test_lock_refuses_another_thread_and_reenters_in_the_same_one(tmp_path):
-    import threading
-
-    from mlx_flash.atomic import destination_lock
 
     dst = tmp_path / "Model.flash"
     errors = []
@@ -636,8 +607,6 @@ def test_lock_refuses_another_thread_and_reenters_in_the_same_one(tmp_path):
 
 
 def _try(dst):
-    from mlx_flash.atomic import destination_lock
-
     try:
         with destination_lock(dst):
             return None
@@ -647,8 +616,6 @@ def _try(dst):
 
 def test_temp_files_of_a_killed_calibration_inside_a_model_go_at_listing(home, tiny_flash):
     """A calibration killed while it saved leaves ``.predictors.safetensors.tmp-PID-…`` in the model."""
-    import shutil
-
     model = home / "models" / "Model.flash"
     shutil.copytree(tiny_flash, model)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -698,8 +665,6 @@ def test_convert_into_a_folder_without_permission(unwritable_dir, tiny_src, caps
 def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_model_back(home, tiny_flash):
     """Overwriting moves the old folder to ``.NAME.old-PID-…`` then the new one in; a kill between
     the two leaves no model under the name: the next scan moves the old one back, never deletes it."""
-    import shutil
-
     models = home / "models"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -717,8 +682,6 @@ def test_a_kill_between_the_renames_of_an_overwrite_puts_the_old_model_back(home
 def test_a_killed_process_not_yet_reaped_counts_as_dead(tmp_path):
     """A SIGKILLed convert whose parent has not waited for it yet is a zombie: kill(pid, 0) still
     succeeds, but its temporaries are abandoned all the same."""
-    from mlx_flash.atomic import clean_stale, pid_alive
-
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         tmp = tmp_path / f".M.flash.tmp-{child.pid}-0123abcd"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mlx_flash_app import platform_qt
 from mlx_flash import default_model
 from mlx_flash.calibrate import CALIBRATION_VERSION, calibrate, calibration_problem, quality_gate
 from mlx_flash.paths import HOME_ENV
 from mlx_flash.storage.format import Manifest, convert_to_flash, role_quantization
+from mlx_flash_app import platform_qt
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 ROOT = Path(__file__).resolve().parents[2]

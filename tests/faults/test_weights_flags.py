@@ -13,14 +13,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import QSettings
 
 from mlx_flash import library
+from mlx_flash.calibrate import calibrate
 from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig, parse_budget
 from mlx_flash.engine import ModelLoadError, load
 from mlx_flash.predictor import PREDICTOR_FILE
 from mlx_flash.storage.format import ChecksumError, Manifest, open_flash, verify_checksums
-from tests.tiny import make_tiny_flash, make_tiny_llama
+from mlx_flash_app.main_window import MainWindow
+from mlx_flash_app.widgets.model_library import ModelLibraryPage
+from tests.convert.test_gguf import write_gguf
+from tests.tiny import make_tiny_flash
 
 PROMPTS = ["hello there", "tell me a short story", "what is two plus two?", "list three colours"]
 
@@ -37,8 +42,6 @@ def good(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """The same kind of model, calibrated (predictors.safetensors + its checksum)."""
-    from mlx_flash.calibrate import calibrate
-
     root = tmp_path_factory.mktemp("faults-cal")
     flash = make_tiny_flash(root, layers=3, hidden=64, ffn=256, dtype="float32", seed=4)
     calibrate(flash, sparsity=0.5, rank=8, tokens=240, max_new_tokens=12, prompts=PROMPTS)
@@ -218,9 +221,6 @@ def test_library_import_refuses_truncated_flash_folder(good, tmp_path, home):
 
 
 def test_app_import_of_corrupt_flash_shows_the_message(good, tmp_path, home, qtbot):
-    from PySide6.QtCore import QSettings
-
-    from mlx_flash_app.widgets.model_library import ModelLibraryPage
 
     bad = _copy(good[0], tmp_path / "bad.flash")
     _flip_neuron(bad, 0, 9)
@@ -334,8 +334,6 @@ def test_convert_of_a_flash_folder(good, tmp_path, home, capsys):
 
 
 def test_gguf_with_another_extension_converts(tmp_path, home, capsys):
-    from tests.convert.test_gguf import write_gguf
-
     src = tmp_path / "model.txt"
     write_gguf(src)
     dst = tmp_path / "m.flash"
@@ -368,9 +366,6 @@ def test_prompt_longer_than_context_warns(good, tmp_path, home, capsys):
 
 
 def test_app_shows_the_engine_fallback_on_the_model_chip(good, tmp_path, home, qtbot):
-    from PySide6.QtCore import QSettings
-
-    from mlx_flash_app.main_window import MainWindow
 
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
     w = MainWindow(model_path=str(good[0]), config=FlashConfig(scratch_neurons=32, threads=2),

@@ -6,6 +6,7 @@ identical, the budget never exceeded, damaged folders refused with a clear error
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -15,9 +16,16 @@ from mlx_lm.utils import load_model
 from mlx_flash import engine as flash_engine
 from mlx_flash.config import FlashConfig
 from mlx_flash.moe import engine as moe_engine
-from mlx_flash.moe.format import (EXPERTS_FILE, MANIFEST_FILE, convert_to_moe_flash, open_moe_flash,
-                                  read_expert_arrays, verify_moe_checksums)
+from mlx_flash.moe.format import (
+    EXPERTS_FILE,
+    MANIFEST_FILE,
+    convert_to_moe_flash,
+    open_moe_flash,
+    read_expert_arrays,
+    verify_moe_checksums,
+)
 from mlx_flash.storage.format import ChecksumError, FlashFormatError
+from tests.tiny import make_tiny_llama
 from tests.tiny_moe import MOE_FAMILIES, make_tiny_moe, make_tiny_moe_q4
 
 TOKENS = mx.array([[1, 5, 9, 33, 70, 100, 2, 8, 200, 14, 77, 3]])
@@ -127,8 +135,6 @@ def test_budget_never_exceeded_over_2000_tokens(models):
 
 
 def test_hot_experts_from_calibration(models, tmp_path):
-    import shutil
-
     src, fl0 = models["qwen3_moe"]
     fl = tmp_path / "q.flash"
     shutil.copytree(fl0, fl)
@@ -168,8 +174,6 @@ def test_format_layout_and_checksums(models):
 
 
 def test_corrupt_and_truncated_files_fail_clearly(models, tmp_path):
-    import shutil
-
     _, fl0 = models["qwen3_moe"]
     bad = tmp_path / "bad.flash"
     shutil.copytree(fl0, bad)
@@ -202,8 +206,6 @@ def test_corrupt_and_truncated_files_fail_clearly(models, tmp_path):
 
 
 def test_conversion_refuses_dense_family_and_leaves_nothing(tmp_path):
-    from tests.tiny import make_tiny_llama
-
     src = make_tiny_llama(tmp_path / "llama")
     with pytest.raises(FlashFormatError, match="not a supported MoE family"):
         convert_to_moe_flash(src, tmp_path / "x.flash")
@@ -219,8 +221,6 @@ HF_NAMES = {"qwen2_moe": {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_
 def test_hugging_face_per_expert_names_convert(models, tmp_path, fam):
     """A checkpoint with one tensor per expert (Hugging Face names; Mixtral's w1/w2/w3) is stacked by
     mlx-lm's own ``sanitize`` at conversion: the same flash folder, the same logits."""
-    import shutil
-
     src, fl = models[fam]
     hf = tmp_path / "hf"
     shutil.copytree(src, hf)

@@ -7,8 +7,14 @@ import json
 import numpy as np
 
 from mlx_flash.config import FlashConfig
-from mlx_flash.moe.bench import (MoeShape, format_moe_table, run_moe_replay, save_moe_plots, synthetic_trace,
-                                 tiny_real_trace)
+from mlx_flash.moe.bench import (
+    MoeShape,
+    format_moe_table,
+    run_moe_replay,
+    save_moe_plots,
+    synthetic_trace,
+    tiny_real_trace,
+)
 from mlx_flash.moe.format import open_moe_flash
 
 SMALL = MoeShape(name="small", layers=8, experts=16, top_k=4, hidden=128, expert_ffn=64, bits=4, group_size=32)

@@ -6,8 +6,8 @@ Not a test (pytest does not collect it): the focused microbenchmark of issue #15
 
 For each access pattern (``all``: every neuron of a layer; ``D``: a random subset of density D;
 ``D/K``: the same read K ids at a time, as the scratch buffer streams; ``engine``: a cache-load
-call of 10% of the layer then 45% in 256-neuron scratch calls) it times three things, interleaved ``--reps`` times (medians; the machine is shared, so
-compare the ratios of one run):
+call of 10% of the layer then 45% in 256-neuron scratch calls) it times three things, interleaved
+``--reps`` times (medians; the machine is shared, so compare the ratios of one run):
 
 - reader:  ``FlashReader.read`` layer after layer (plan, reads, copy-out into rows);
 - raw:     exactly the reader's requests (its own plan), issued by ``threads`` plain threads
@@ -134,10 +134,12 @@ def main() -> None:
             pbufs = [aligned_buffer(chunk) for _ in range(T)]
             for _ in range(3):
                 g_probe.append(_measure_cell(pool, f.fd, pbufs, size, chunk, T, args.probe_seconds))
-            gr, gw, gp = (nbytes / np.median(t_reader) / 1e9, nbytes / np.median(t_raw) / 1e9, float(np.median(g_probe)))
+            gr, gw, gp = (nbytes / np.median(t_reader) / 1e9, nbytes / np.median(t_raw) / 1e9,
+                          float(np.median(g_probe)))
             print(f"| {pattern} | {len(calls) / args.layers:.1f} | {nbytes / args.layers / 1e3:.0f} KB | "
                   f"{st.bytes_read / max(1, st.bytes_useful):.2f}x | {st.requests / args.reps / len(calls):.1f} | "
-                  f"{mean_req / 1e3:.1f} KB | {gr:.2f} | {gw:.2f} | {gp:.2f} | {gr / gw:.0%} | {gw / gp:.0%} | {gr / gp:.0%} |",
+                  f"{mean_req / 1e3:.1f} KB | {gr:.2f} | {gw:.2f} | {gp:.2f} | {gr / gw:.0%} | {gw / gp:.0%} | "
+                  f"{gr / gp:.0%} |",
                   flush=True)
 
 

@@ -8,8 +8,12 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.llama import Model, ModelArgs
 
 from mlx_flash.progress import Cancelled
 from mlx_flash.storage.format import (
@@ -129,9 +133,6 @@ def test_dense_part_and_copied_files(models, dt):
 
 def test_flash_model_computes_like_source(models):
     """Dense weights + read_layer_weights rebuild the source model exactly."""
-    import mlx_lm
-    from mlx_lm.models.llama import Model, ModelArgs
-
     src, dst = models["float32"]
     files = open_flash(dst)
     ref, _ = mlx_lm.load(str(src))
@@ -191,10 +192,6 @@ def test_sharded_source_gives_same_flash(models, tmp_path):
 
 
 def test_quantized_source(tmp_path):
-    import mlx.nn as nn
-    import mlx_lm
-    from mlx.utils import tree_flatten
-
     src = make_tiny_llama(tmp_path / "src", layers=2, hidden=64, ffn=128, dtype="float16")
     model, _ = mlx_lm.load(str(src))
     nn.quantize(model, group_size=32, bits=4)
@@ -240,8 +237,8 @@ def test_conversion_streams_one_layer_at_a_time(tmp_path):
     active = []
     mx.clear_cache()
     base = mx.get_active_memory()
-    convert_to_flash(src, tmp_path / "m.flash",
-                     progress=lambda f, m: active.append(mx.get_active_memory() - base) if m.startswith("layer") else None)
+    convert_to_flash(src, tmp_path / "m.flash", progress=lambda f, m: active.append(mx.get_active_memory() - base)
+                     if m.startswith("layer") else None)
     assert len(active) == 8
     # holding every written layer would reach 8 layers; streaming stays at about one
     assert max(active) < 2.5 * layer_bytes, [a / layer_bytes for a in active]

@@ -14,7 +14,7 @@ import pytest
 from mlx_flash.storage import platform_io
 from mlx_flash.storage.format import FlashFormatError, open_flash, read_layer_weights
 from mlx_flash.storage.platform_io import UncachedIOWarning, drop_page_cache, open_uncached
-from mlx_flash.storage.reader import FlashReader, ReadStats
+from mlx_flash.storage.reader import FlashReader, ReadStats, SplitRows
 from tests.tiny import make_tiny_flash
 
 
@@ -244,8 +244,6 @@ def test_aligned_buffer_and_drop_page_cache(small):
 def test_split_rows_scatter_bundles_by_role(request, which, threads, chunk_bytes):
     """Reading into a SplitRows (role-major destination) gives each part exactly its
     columns of the bundles, also for bundles that straddle two requests."""
-    from mlx_flash.storage.reader import SplitRows
-
     files = request.getfixturevalue(which)
     m = files.manifest
     bb = m.bundle_bytes
