@@ -17,6 +17,7 @@ from mlx_flash.engine import load
 from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
 from mlx_flash.predictor import load_gate_scales
 from mlx_flash.storage.format import (
+    DENSE_FILE,
     UPDOWN_FILE,
     ChecksumError,
     LayerHasher,
@@ -32,6 +33,7 @@ from mlx_flash.storage.format import (
     write_updown,
 )
 from mlx_flash.storage.reader import FlashReader
+from mlx_flash.storage.verify import BackgroundVerifier
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 LAYERS, HIDDEN, FFN = 2, 64, 128
@@ -234,6 +236,12 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
     with LayerHasher(split, direct=False) as h:
         for layer in range(LAYERS):
             h.verify(layer)
+    v = BackgroundVerifier(files, direct=False, start=False, side_files=(DENSE_FILE,))
+    assert v.hashed == [] and not v.finished  # nothing is hashed before the engine says which file it reads
+    v.start(split)
+    v.wait()
+    assert v.hashed == [DENSE_FILE, UPDOWN_FILE]
+    v.close()
 
     assert f"{UPDOWN_FILE} ({LAYERS} layers)" in verify_checksums(files)  # `mlx-flash verify` checks it too
     with open(split.ffn_path, "r+b") as f:  # one flipped byte in layer 1's region
@@ -243,6 +251,11 @@ def test_updown_side_file_reads_back_the_exact_bytes(tmp_path, quantized):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ChecksumError, match="layer 1"):
         verify_checksums(files)
+    v = BackgroundVerifier(files, direct=False, start=False)
+    v.start(split)
+    with pytest.raises(ChecksumError, match="layer 1"):  # the side file, when read, is verified before trusted
+        v.wait()
+    v.close()
     # written from other ffn.bin contents (stale): ignored
     man = Manifest.load(flash)
     man.extra["updown"]["source_checksums"][0] = "0" * 128

@@ -59,9 +59,9 @@ class BackgroundVerifier:
                     ta = time.perf_counter()
                     hasher.verify(i)
                     self.layer_ms.append((time.perf_counter() - ta) * 1e3)
+                    if i == len(self._done) - 1:  # before the last event: wait() returns with it listed
+                        self.hashed.append(self.files.ffn_path.name)
                     ev.set()
-            if len(self.layer_ms) == len(self._done):
-                self.hashed.append(self.files.ffn_path.name)
         except BaseException as e:  # ChecksumError, OSError: reported by check()
             self._error = e
         finally:
