@@ -622,8 +622,10 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     its held-out FFN error within the oracle's). Among those the fewest disk bytes per token win: each
     candidate's resident bytes (predictor weights, gate rows) leave that much less cache,
     and ``neuron_cache.simulate`` replays tokens sampled from the calibrated neuron
-    frequencies (scaled to the candidate's density) through an LRU cache of the
-    remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
+    frequencies (scaled to the candidate's density) through a cache of the remaining
+    capacity run by the policy the engine would run for that candidate
+    (:func:`candidate_policy`: ``config.policy``, "auto" resolved as at load) with the
+    reader's coalescing. Uncalibrated: "oracle" (as before:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
 
     m = files.manifest
@@ -696,13 +698,15 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         if freqs is None:
             c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
             continue
+        read_row = c.get("read_row_bytes", full_row)
+        rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
+        pol = candidate_policy(config, freqs, cap, rmc, c["density"], c["recall"])
+        c["policy"] = pol.to_dict()
         f = chosen_frequencies(freqs, c["density"], c["recall"])
         per = []
         for i in layers:
-            read_row = c.get("read_row_bytes", full_row)
-            rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
-            st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, "lru", config.window,
-                          warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
+            st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, pol, config.window,
+                          frequencies=freqs[i], warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
             steps = max(1, st.steps)
             per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * read_row / steps)
         c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
@@ -712,10 +716,11 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
 
     best = min(cands, key=lambda k: (cost(k), k != "all"))
     table = ", ".join((f"{k} {v['bytes_per_token'] / 1e6:.1f} MB" if v["bytes_per_token"] is not None else
-                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer)"
+                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer"
+                      + (f", {_policy_text(v['policy'])}" if "policy" in v else "") + ")"
                       for k, v in cands.items())
-    reason = (f"fewest bytes read per token among the choices that keep quality (simulated, LRU cache, "
-              f"{config.budget:g} budget): {table}")
+    reason = (f"fewest bytes read per token among the choices that keep quality (simulated with the cache "
+              f"policy each would run, {config.budget:g} budget): {table}")
     if "gate" not in cands:
         reason += f"; gate-first left out: {why_not_gate}"
     out = {**base, "name": best, "reason": reason,
@@ -723,6 +728,24 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     if best == "gate":
         out["sparsity"] = cands["gate"]["sparsity"]
     return out
+
+
+def candidate_policy(config: FlashConfig, freqs: np.ndarray, capacity: int, read_model: Optional[ReadModel],
+                     density: Optional[float], recall: float) -> CachePolicy:
+    """The cache policy the engine would run for a chooser of this ``density`` / ``recall``
+    with ``capacity`` rows per layer: ``config.policy``, "auto" resolved the way
+    :func:`_apply_cache_policy` resolves it (``neuron_cache.resolve_auto_policy``, same
+    inputs, so ``choose_active`` simulates each candidate with the policy that will run)."""
+    if config.policy != "auto":
+        return CachePolicy.make(config.policy, config.hot_fraction)
+    return resolve_auto_policy(freqs, capacity, config.window, hot_fraction=config.hot_fraction,
+                               read_model=read_model, density=density, recall=recall)[0]
+
+
+def _policy_text(policy: dict) -> str:
+    """``CachePolicy.to_dict()`` in words: "lru", "hot", "hot+window 50%"."""
+    f = policy.get("hot_fraction")
+    return policy["name"] + (f" {f:.0%}" if policy["name"] == "hot+window" and f is not None else "")
 
 
 def _load_flash_float(path: Path, dtype: str) -> Engine:
