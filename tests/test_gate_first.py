@@ -147,6 +147,16 @@ def test_auto_records_its_measured_choice(tmp_path):
             assert "perplexity" in cands["gate"]["quality"]
         else:
             assert "gate" not in cands and "gate-first left out: held-out perplexity" in info["reason"]
+        # each candidate was simulated with the cache policy that would run for it: the winner's is the one
+        # the engine then resolved and runs
+        ran = e.policy_info
+        assert cands[info["name"]]["policy"] == {"name": ran["name"], "hot_fraction": ran["hot_fraction"]}
+    finally:
+        e.close()
+    e = load(flash, FlashConfig(active="auto", budget=0.7, policy="lru"))
+    try:
+        assert {c["policy"]["name"] for c in e.active_info["candidates"].values()} == {"lru"}
+        assert "lru)" in e.active_info["reason"]
     finally:
         e.close()
 
