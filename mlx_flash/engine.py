@@ -644,10 +644,12 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                                       "quality": "exact"}}
     recall = float((config.extra or {}).get("recall", pinfo.get("recall", 0.99)))
     held = (pinfo.get("held_out") or {}).get(str(recall))
-    if held:
+    why_not_predictor = predictor_left_out(pinfo, recall)
+    if held and why_not_predictor is None:
         cands["predictor"] = {"density": float(held["predicted_fraction"]), "recall": float(held["recall"]),
                               "resident_bytes": int(pinfo.get("bytes", 0)), "row_bytes": full_row,
-                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"}
+                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"
+                                         + predictor_ppl_text(pinfo, recall)}
     rec = gate_info(m)
     why_not_gate = "not calibrated (an older calibration: run `mlx-flash calibrate` again)"
     if rec is None and is_exact(act) and act != "drelu":  # act(gate x) != 0 is the model's own active set
@@ -723,11 +725,36 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
               f"policy each would run, {config.budget:g} budget): {table}")
     if "gate" not in cands:
         reason += f"; gate-first left out: {why_not_gate}"
+    if why_not_predictor is not None:
+        reason += f"; predictor left out: {why_not_predictor}"
     out = {**base, "name": best, "reason": reason,
            "candidates": {k: dict(v) for k, v in cands.items()}}
     if best == "gate":
         out["sparsity"] = cands["gate"]["sparsity"]
     return out
+
+
+def predictor_left_out(pinfo: dict, recall: float) -> Optional[str]:
+    """Why ``choose_active`` leaves the predictor out at ``recall``: its held-out perplexity
+    (``calibrate.predictor_perplexity``, ``predictors.perplexity``) measured above the calibration's
+    tolerance of dense; None when it kept it or was not measured there (older records, other recall
+    targets, ReLU-family models: admitted by recall as before)."""
+    ppl = pinfo.get("perplexity") or {}
+    p = (ppl.get("predictor") or {}).get(str(recall))
+    if p is None:
+        return None
+    dense, tol = float(ppl["dense"]), float(ppl["tolerance"])
+    if float(p) <= dense * (1 + tol):
+        return None
+    return (f"held-out perplexity {float(p):.3f} is {float(p) / dense - 1:+.1%} vs dense {dense:.3f} "
+            f"(more than {tol:.1%}) at recall {recall:g}")
+
+
+def predictor_ppl_text(pinfo: dict, recall: float) -> str:
+    """", held-out perplexity +0.3% vs dense" when calibration measured it at ``recall``, else ""."""
+    ppl = pinfo.get("perplexity") or {}
+    p = (ppl.get("predictor") or {}).get(str(recall))
+    return "" if p is None else f", held-out perplexity {float(p) / float(ppl['dense']) - 1:+.1%} vs dense"
 
 
 def candidate_policy(config: FlashConfig, freqs: np.ndarray, capacity: int, read_model: Optional[ReadModel],
