@@ -17,7 +17,7 @@ for L in [int(v) for v in sys.argv[2].split(",")]:
     a = np.abs(silu(x @ f32(p["gate"]).T) * (x @ f32(p["up"]).T)); thr = np.quantile(a[tr], 0.35); y = a > thr
     t = np.clip(np.log(a / thr + 1e-12), -6, 6)
     row = []
-    for r in (32, 128, 576):
+    for r in [int(v) for v in os.environ.get("RANKS", "32,128,576").split(",")]:
         A, B, b = (np.array(v) for v in fit_low_rank(x[tr], t[tr], r))
         z = (x @ A) @ B + b
         zv = np.sort(z[va][y[va]]); k = int(math.floor(0.01 * len(zv))); c = np.nextafter(zv[k], -np.inf)
