@@ -13,7 +13,7 @@ import pytest
 
 from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
-from mlx_flash.engine import load
+from mlx_flash.engine import load, predictor_left_out
 from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
 from mlx_flash.storage.format import Manifest, open_flash, read_layer_segments, read_layer_weights
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
@@ -291,8 +291,6 @@ def test_gate_first_with_the_side_file_equals_without(tmp_path):
 
 
 def test_predictor_left_out_by_its_measured_perplexity():
-    from mlx_flash.engine import predictor_left_out
-
     rec = {"perplexity": {"dense": 10.0, "tolerance": 0.005, "predictor": {"0.99": 10.04}}}
     assert predictor_left_out(rec, 0.99) is None  # +0.4%: within 0.5%
     rec["perplexity"]["predictor"]["0.99"] = 10.2
