@@ -9,7 +9,7 @@ from mlx_flash.evaluate import run_mode, text_chunks, threshold_selector, gate_s
 from mlx_flash.predictor import load_predictor_chooser, load_gate_scales, load_frequencies, predictor_info
 from mlx_flash.config import FlashConfig
 from mlx_flash.corpus import kjv_text
-from mlx_flash.neuron_cache import simulate, ReadModel
+from mlx_flash.neuron_cache import simulate, ReadModel, hot_ids
 from mlx_lm.utils import load_tokenizer
 root = os.environ["FLASH"]
 files = open_flash(root); m = files.manifest
@@ -36,6 +36,10 @@ for mo in modes:
     if kind == "all": sels[mo] = (_All(), 0, 1368)
     elif kind == "oracle": sels[mo] = (threshold_selector(info["thresholds"]), 0, 1368)
     elif kind == "gate": sels[mo] = (gate_selector(gates, grec["thresholds"][arg], act, scales), gate_res, 1008)
+    elif kind == "gatepin":  # gate-first with the rows the hot policy pins always used (they cost no I/O)
+        pins = [mx.array(np.isin(np.arange(n), hot_ids(freqs[L], cap_for(gate_res, 1008)))) for L in range(NL)]
+        base = gate_selector(gates, grec["thresholds"][arg], act, scales)
+        sels[mo] = ((lambda layer, x, h, base=base, pins=pins: base(layer, x, h) | pins[layer]), gate_res, 1008)
     elif kind == "pred":
         ch = load_predictor_chooser(files, FlashConfig(extra={"recall": float(arg)}))
         sels[mo] = (predictor_selector(ch), ch.resident_bytes, 1368)
