@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -734,27 +734,30 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     return out
 
 
-def predictor_left_out(pinfo: dict, recall: float) -> Optional[str]:
-    """Why ``choose_active`` leaves the predictor out at ``recall``: its held-out perplexity
-    (``calibrate.predictor_perplexity``, ``predictors.perplexity``) measured above the calibration's
-    tolerance of dense; None when it kept it or was not measured there (older records, other recall
-    targets, ReLU-family models: admitted by recall as before)."""
+def _predictor_ppl(pinfo: dict, recall: float) -> Optional[Tuple[float, float, float]]:
+    """``(perplexity, dense, tolerance)`` the calibration measured for the predictors at ``recall``
+    (``calibrate.predictor_perplexity``, ``predictors.perplexity``), or None."""
     ppl = pinfo.get("perplexity") or {}
     p = (ppl.get("predictor") or {}).get(str(recall))
-    if p is None:
+    return None if p is None else (float(p), float(ppl["dense"]), float(ppl["tolerance"]))
+
+
+def predictor_left_out(pinfo: dict, recall: float) -> Optional[str]:
+    """Why ``choose_active`` leaves the predictor out at ``recall``: its measured held-out
+    perplexity above the calibration's tolerance of dense; None when it kept it or was not
+    measured there (older records, other recall targets, ReLU-family models: admitted by recall)."""
+    got = _predictor_ppl(pinfo, recall)
+    if got is None or got[0] <= got[1] * (1 + got[2]):
         return None
-    dense, tol = float(ppl["dense"]), float(ppl["tolerance"])
-    if float(p) <= dense * (1 + tol):
-        return None
-    return (f"held-out perplexity {float(p):.3f} is {float(p) / dense - 1:+.1%} vs dense {dense:.3f} "
-            f"(more than {tol:.1%}) at recall {recall:g}")
+    p, dense, tol = got
+    return (f"held-out perplexity {p:.3f} is {p / dense - 1:+.1%} vs dense {dense:.3f} (more than {tol:.1%}) "
+            f"at recall {recall:g}")
 
 
 def predictor_ppl_text(pinfo: dict, recall: float) -> str:
     """", held-out perplexity +0.3% vs dense" when calibration measured it at ``recall``, else ""."""
-    ppl = pinfo.get("perplexity") or {}
-    p = (ppl.get("predictor") or {}).get(str(recall))
-    return "" if p is None else f", held-out perplexity {float(p) / float(ppl['dense']) - 1:+.1%} vs dense"
+    got = _predictor_ppl(pinfo, recall)
+    return "" if got is None else f", held-out perplexity {got[0] / got[1] - 1:+.1%} vs dense"
 
 
 def candidate_policy(config: FlashConfig, freqs: np.ndarray, capacity: int, read_model: Optional[ReadModel],

@@ -137,7 +137,6 @@ class EvalReport:
             lines.append(f"note: {note}")
         return "\n".join(lines)
 
-
     def per_layer_lines(self) -> List[str]:
         """Per layer, for each mode measured against the oracle: recall / precision / active share."""
         ranked = [(n, r) for n, r in self.modes.items() if r.per_layer_recall]
