@@ -67,6 +67,7 @@ from .predictor import (
     DEFAULT_RECALL,
     PREDICTOR_FILE,
     RECALL_TARGETS,
+    PredictorChooser,
     PredictorWeights,
     logit_to_prob,
     prob_to_logit,
@@ -562,6 +563,52 @@ GATE_PPL_TOLERANCE = 0.005
 GATE_PPL_TOKENS = 1024
 
 
+def held_out_answers(files, data: "CalibrationData", held: np.ndarray) -> Tuple[List[np.ndarray], int]:
+    """The answers of the held-out sequences (token indices ``held``; the model's own answers, never
+    fitted on) as teacher-forcing chunks, at most ``GATE_PPL_TOKENS`` scored tokens; and that count."""
+    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
+
+    sids = sorted({int(v) for v in np.unique(data.seq[held])} & set(range(len(data.answers))))
+    tokenizer = load_tokenizer(files.root, eos_token_ids=files.manifest.model_args.get("eos_token_id"))
+    chunks: List[np.ndarray] = []
+    total = 0
+    for sid in sids:
+        ids = np.asarray(tokenizer.encode(data.answers[sid], add_special_tokens=False), dtype=np.int64)
+        if len(ids) >= 8 and total < GATE_PPL_TOKENS:
+            chunks.append(ids[: GATE_PPL_TOKENS - total + 1])
+            total += len(chunks[-1]) - 1
+    return chunks, total
+
+
+def predictor_perplexity(files, data: "CalibrationData", held: np.ndarray, weights: PredictorWeights,
+                         info: Dict[str, Any], dense: Optional[float] = None, dtype: Optional[str] = "float32",
+                         progress: Optional[ProgressCallback] = None) -> Optional[Dict[str, Any]]:
+    """The predictors' held-out perplexity at the shipped recall target ``info["recall"]``: the
+    answers of :func:`held_out_answers` scored teacher-forced by the dense model with each layer's
+    hidden activation masked to the predicted neurons (the chooser's own rule,
+    ``predictor.PredictorChooser``), against dense (``dense``: already measured, e.g. by
+    :func:`gate_first_perplexity`). ``engine.choose_active`` admits the predictor only when it is
+    within ``GATE_PPL_TOLERANCE`` of dense. None when there are no answers to score."""
+    from .evaluate import predictor_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
+
+    m = files.manifest
+    chunks, total = held_out_answers(files, data, held)
+    if total < 32:
+        return None
+    act = model_activation(m.model_args)
+    model = load_dense_model(files, dtype)
+    n, L = m.intermediate_size, m.num_layers
+    if dense is None:
+        dense = run_mode(model, chunks, L, n, name="predictor perplexity, dense", act=act, windows=1,
+                         progress=scaled(progress, 0.0, 0.5)).perplexity
+    recall = float(info["recall"])
+    chooser = PredictorChooser(weights, info["cutoffs"][str(recall)], recall=recall)
+    ppl = run_mode(model, chunks, L, n, name=f"predictor perplexity at recall {recall:g}", act=act,
+                   select=predictor_selector(chooser), windows=1, progress=scaled(progress, 0.5, 1.0)).perplexity
+    return {"dense": float(dense), "tokens": int(total), "tolerance": GATE_PPL_TOLERANCE,
+            "predictor": {str(recall): float(ppl)}, "passed": bool(ppl <= dense * (1 + GATE_PPL_TOLERANCE))}
+
+
 def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec: Dict[str, Any],
                           scales: Optional[np.ndarray], dtype: Optional[str] = "float32",
                           progress: Optional[ProgressCallback] = None) -> Optional[Dict[str, Any]]:
@@ -573,19 +620,10 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
     perplexity is within ``GATE_PPL_TOLERANCE`` of dense. None when the held-out sequences
     have no answers to score (plain text only: the FFN-error choice stays). ``progress`` hears of
     every scored chunk (a pass over ~1,000 tokens takes seconds on a slow CPU)."""
-    from mlx_lm.utils import load_tokenizer  # noqa: PLC0415 - mlx-lm (seconds): the CLI imports this module
-
     from .evaluate import gate_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
 
     m = files.manifest
-    sids = sorted({int(v) for v in np.unique(data.seq[held])} & set(range(len(data.answers))))
-    tokenizer = load_tokenizer(files.root, eos_token_ids=m.model_args.get("eos_token_id"))
-    chunks, total = [], 0
-    for sid in sids:
-        ids = np.asarray(tokenizer.encode(data.answers[sid], add_special_tokens=False), dtype=np.int64)
-        if len(ids) >= 8 and total < GATE_PPL_TOKENS:
-            chunks.append(ids[: GATE_PPL_TOKENS - total + 1])
-            total += len(chunks[-1]) - 1
+    chunks, total = held_out_answers(files, data, held)
     if total < 32:
         return None
     act = model_activation(m.model_args)
@@ -769,6 +807,7 @@ class CalibrationReport:
     samples: List[str] = field(default_factory=list)
     per_layer: Dict[str, List[float]] = field(default_factory=dict)  # predictor at the default recall, held out
     gate_first: Optional[Dict[str, Any]] = None  # gate-first thresholds and held-out figures
+    perplexity: Optional[Dict[str, Any]] = None  # the predictors' held-out perplexity (predictor_perplexity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -790,6 +829,11 @@ class CalibrationReport:
             lines.append(f"  per layer at recall {self.recall}: recall / precision / predicted active")
             for i, (rc, p, f) in enumerate(zip(pl["recall"], pl["precision"], pl["predicted_fraction"])):
                 lines.append(f"    layer {i:2d}: {rc:.3f} / {p:.3f} / {f:.1%}")
+        pp = self.perplexity
+        if pp:
+            for r, v in pp["predictor"].items():
+                lines.append(f"  predictors at recall {r}: held-out perplexity {v:.3f} ({v / pp['dense'] - 1:+.1%} vs "
+                             f"dense {pp['dense']:.3f}, {pp['tokens']} tokens of held-out answers)")
         g = self.gate_first
         if g:
             lines.append("  gate-first (|act(gate x)| > threshold), held out: sparsity: active, FFN error "
@@ -983,6 +1027,13 @@ def fit_predictors(
         if with_ppl is not None:
             gate = with_ppl
         info["gate_first"] = gate
+    if not is_exact(act) and info["recall"] in RECALL_TARGETS:
+        report(progress, 1.0, "predictors: held-out perplexity")
+        ppl = predictor_perplexity(files, data, np.concatenate([val_idx, test_idx]), weights, info,
+                                   dense=((gate or {}).get("perplexity") or {}).get("dense"),
+                                   progress=scaled(progress, 1.0, 1.0))
+        if ppl is not None:
+            info["perplexity"] = ppl
     info["gate"] = quality_gate(info)
     return weights, info
 
@@ -1077,7 +1128,7 @@ def calibrate(
         train_loss=info["train_loss"], val_loss=info["val_loss"], finetune_loss=info["finetune_loss"],
         held_out=info["held_out"], predictor_bytes=int(weights.nbytes), seconds=dict(info["seconds"]),
         sources=data.sources, samples=data.answers[:3], per_layer=dict(info.get("per_layer") or {}),
-        gate_first=info.get("gate_first"))
+        gate_first=info.get("gate_first"), perplexity=info.get("perplexity"))
 
 
 __all__ = [

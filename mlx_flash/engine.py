@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -633,8 +633,10 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     its held-out FFN error within the oracle's). Among those the fewest disk bytes per token win: each
     candidate's resident bytes (predictor weights, gate rows) leave that much less cache,
     and ``neuron_cache.simulate`` replays tokens sampled from the calibrated neuron
-    frequencies (scaled to the candidate's density) through an LRU cache of the
-    remaining capacity with the reader's coalescing. Uncalibrated: "oracle" (as before:
+    frequencies (scaled to the candidate's density) through a cache of the remaining
+    capacity run by the policy the engine would run for that candidate
+    (:func:`candidate_policy`: ``config.policy``, "auto" resolved as at load) with the
+    reader's coalescing. Uncalibrated: "oracle" (as before:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
 
     m = files.manifest
@@ -653,10 +655,12 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                                       "quality": "exact"}}
     recall = float((config.extra or {}).get("recall", pinfo.get("recall", 0.99)))
     held = (pinfo.get("held_out") or {}).get(str(recall))
-    if held:
+    why_not_predictor = predictor_left_out(pinfo, recall)
+    if held and why_not_predictor is None:
         cands["predictor"] = {"density": float(held["predicted_fraction"]), "recall": float(held["recall"]),
                               "resident_bytes": int(pinfo.get("bytes", 0)), "row_bytes": full_row,
-                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"}
+                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"
+                                         + predictor_ppl_text(pinfo, recall)}
     rec = gate_info(m)
     why_not_gate = "not calibrated (an older calibration: run `mlx-flash calibrate` again)"
     if rec is None and is_exact(act) and act != "drelu":  # act(gate x) != 0 is the model's own active set
@@ -707,13 +711,15 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         if freqs is None:
             c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
             continue
+        read_row = c.get("read_row_bytes", full_row)
+        rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
+        pol = candidate_policy(config, freqs, cap, rmc, c["density"], c["recall"])
+        c["policy"] = pol.to_dict()
         f = chosen_frequencies(freqs, c["density"], c["recall"])
         per = []
         for i in layers:
-            read_row = c.get("read_row_bytes", full_row)
-            rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
-            st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, "lru", config.window,
-                          warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
+            st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, pol, config.window,
+                          frequencies=freqs[i], warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
             steps = max(1, st.steps)
             per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * read_row / steps)
         c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
@@ -723,17 +729,64 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
 
     best = min(cands, key=lambda k: (cost(k), k != "all"))
     table = ", ".join((f"{k} {v['bytes_per_token'] / 1e6:.1f} MB" if v["bytes_per_token"] is not None else
-                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer)"
+                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer"
+                      + (f", {_policy_text(v['policy'])}" if "policy" in v else "") + ")"
                       for k, v in cands.items())
-    reason = (f"fewest bytes read per token among the choices that keep quality (simulated, LRU cache, "
-              f"{config.budget:g} budget): {table}")
+    reason = (f"fewest bytes read per token among the choices that keep quality (simulated with the cache "
+              f"policy each would run, {config.budget:g} budget): {table}")
     if "gate" not in cands:
         reason += f"; gate-first left out: {why_not_gate}"
+    if why_not_predictor is not None:
+        reason += f"; predictor left out: {why_not_predictor}"
     out = {**base, "name": best, "reason": reason,
            "candidates": {k: dict(v) for k, v in cands.items()}}
     if best == "gate":
         out["sparsity"] = cands["gate"]["sparsity"]
     return out
+
+
+def _predictor_ppl(pinfo: dict, recall: float) -> Optional[Tuple[float, float, float]]:
+    """``(perplexity, dense, tolerance)`` the calibration measured for the predictors at ``recall``
+    (``calibrate.predictor_perplexity``, ``predictors.perplexity``), or None."""
+    ppl = pinfo.get("perplexity") or {}
+    p = (ppl.get("predictor") or {}).get(str(recall))
+    return None if p is None else (float(p), float(ppl["dense"]), float(ppl["tolerance"]))
+
+
+def predictor_left_out(pinfo: dict, recall: float) -> Optional[str]:
+    """Why ``choose_active`` leaves the predictor out at ``recall``: its measured held-out
+    perplexity above the calibration's tolerance of dense; None when it kept it or was not
+    measured there (older records, other recall targets, ReLU-family models: admitted by recall)."""
+    got = _predictor_ppl(pinfo, recall)
+    if got is None or got[0] <= got[1] * (1 + got[2]):
+        return None
+    p, dense, tol = got
+    return (f"held-out perplexity {p:.3f} is {p / dense - 1:+.1%} vs dense {dense:.3f} (more than {tol:.1%}) "
+            f"at recall {recall:g}")
+
+
+def predictor_ppl_text(pinfo: dict, recall: float) -> str:
+    """", held-out perplexity +0.3% vs dense" when calibration measured it at ``recall``, else ""."""
+    got = _predictor_ppl(pinfo, recall)
+    return "" if got is None else f", held-out perplexity {got[0] / got[1] - 1:+.1%} vs dense"
+
+
+def candidate_policy(config: FlashConfig, freqs: np.ndarray, capacity: int, read_model: Optional[ReadModel],
+                     density: Optional[float], recall: float) -> CachePolicy:
+    """The cache policy the engine would run for a chooser of this ``density`` / ``recall``
+    with ``capacity`` rows per layer: ``config.policy``, "auto" resolved the way
+    :func:`_apply_cache_policy` resolves it (``neuron_cache.resolve_auto_policy``, same
+    inputs, so ``choose_active`` simulates each candidate with the policy that will run)."""
+    if config.policy != "auto":
+        return CachePolicy.make(config.policy, config.hot_fraction)
+    return resolve_auto_policy(freqs, capacity, config.window, hot_fraction=config.hot_fraction,
+                               read_model=read_model, density=density, recall=recall)[0]
+
+
+def _policy_text(policy: dict) -> str:
+    """``CachePolicy.to_dict()`` in words: "lru", "hot", "hot+window 50%"."""
+    f = policy.get("hot_fraction")
+    return policy["name"] + (f" {f:.0%}" if policy["name"] == "hot+window" and f is not None else "")
 
 
 def _load_flash_float(path: Path, dtype: str) -> Engine:

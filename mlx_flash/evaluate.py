@@ -67,6 +67,7 @@ class ModeResult:
     window: List[float] = field(default_factory=list)
     per_layer_active: List[float] = field(default_factory=list)
     per_layer_recall: List[float] = field(default_factory=list)
+    per_layer_precision: List[float] = field(default_factory=list)  # vs the oracle (modes with recall)
     seconds: float = 0.0
     bytes_per_token: Optional[float] = None     # FFN bytes the chosen neurons need per token (no cache)
     tokens_per_s: Optional[float] = None        # of this evaluation pass (dense weights, masks: not flash speed)
@@ -131,9 +132,22 @@ class EvalReport:
                 lines.append(f"{name:10s} reuse      " + " ".join(f"{v:6.1%}" for v in r.reuse))
                 lines.append(f"{'':10s} new/token  " + " ".join(f"{v:6.1%}" for v in r.new))
                 lines.append(f"{'':10s} window     " + " ".join(f"{v:6.1%}" for v in r.window))
+        lines.extend(self.per_layer_lines())
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+    def per_layer_lines(self) -> List[str]:
+        """Per layer, for each mode measured against the oracle: recall / precision / active share."""
+        ranked = [(n, r) for n, r in self.modes.items() if r.per_layer_recall]
+        if not ranked:
+            return []
+        out = ["", "per layer, vs the oracle: recall / precision / active (" + ", ".join(n for n, _ in ranked) + ")"]
+        for i in range(len(ranked[0][1].per_layer_recall)):
+            cells = [f"{r.per_layer_recall[i]:.3f} / {r.per_layer_precision[i]:.3f} / {r.per_layer_active[i]:6.1%}"
+                     for _, r in ranked]
+            out.append(f"  layer {i:2d}: " + "   ".join(cells))
+        return out
 
 
 class _Accumulator:
@@ -185,6 +199,7 @@ class _Accumulator:
             r.precision = float(tp / max(1, tp + fp))
             r.oracle_fraction = float(self.oracle.sum() / (cells * self.n_layers))
             r.per_layer_recall = [float(a / max(1, a + c)) for a, c in zip(self.tp, self.fn)]
+            r.per_layer_precision = [float(a / max(1, a + c)) for a, c in zip(self.tp, self.fp)]
         if self.reuse_tot > 0:
             hit = self.reuse_hit / self.reuse_tot
             wcells = max(1, self.win_tokens * self.n * self.n_layers)

@@ -184,6 +184,12 @@ def test_evaluate_reports_every_mode(tiny, tmp_path):
     assert data["modes"]["predictor"]["perplexity_vs_dense"] == pytest.approx(p.perplexity / d.perplexity - 1)
     table = rep.format_table()
     assert "predictor" in table and "reuse" in table
+    # per layer against the oracle (predictor and gate-first): the pooled figures are their sums
+    for r in (p, g):
+        assert len(r.per_layer_recall) == len(r.per_layer_precision) == len(r.per_layer_active) == m.num_layers
+        assert all(0 <= v <= 1 for v in r.per_layer_recall + r.per_layer_precision)
+        assert min(r.per_layer_precision) <= r.precision <= max(r.per_layer_precision)
+    assert not o.per_layer_recall and "per layer, vs the oracle" in table and "layer  1:" in table
 
 
 def test_cli_calibrate_and_eval(tiny, tmp_path, capsys, monkeypatch):

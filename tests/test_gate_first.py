@@ -13,7 +13,7 @@ import pytest
 
 from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
-from mlx_flash.engine import load
+from mlx_flash.engine import load, predictor_left_out
 from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
 from mlx_flash.predictor import load_gate_scales
 from mlx_flash.storage.format import (
@@ -151,17 +151,36 @@ def test_auto_records_its_measured_choice(tmp_path):
     assert ppl["dense"] > 1 and str(rec["sparsity"]) in ppl["gate"] and rec["why"]
     assert ppl["passed"] == (ppl["gate"][str(rec["sparsity"])] <= ppl["dense"] * (1 + ppl["tolerance"]))
     assert (updown_files(open_flash(flash)) is not None) == ppl["passed"]  # the side file only when it passed
+    # the predictors' held-out perplexity at the shipped recall, against the same dense figure
+    pp = Manifest.load(flash).predictors["perplexity"]
+    assert pp["dense"] == ppl["dense"] and set(pp["predictor"]) == {"0.99"}
+    assert pp["passed"] == (pp["predictor"]["0.99"] <= pp["dense"] * (1 + pp["tolerance"]))
+    assert rep.perplexity == pp and "predictors at recall 0.99: held-out perplexity" in rep.summary()
     e = load(flash, FlashConfig(active="auto", budget=0.7))
     try:
         info = e.active_info
         assert info["asked"] == "auto" and e.chooser.name == info["name"]
         cands = info["candidates"]
-        assert {"all", "predictor"} <= set(cands) and info["reason"]
+        assert "all" in cands and info["reason"]
+        if pp["passed"]:
+            assert "held-out perplexity" in cands["predictor"]["quality"]
+        else:
+            assert "predictor" not in cands and "predictor left out: held-out perplexity" in info["reason"]
         assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
         if ppl["passed"]:  # admitted by its measured quality, which the record says
             assert "perplexity" in cands["gate"]["quality"]
         else:
             assert "gate" not in cands and "gate-first left out: held-out perplexity" in info["reason"]
+        # each candidate was simulated with the cache policy that would run for it: the winner's is the one
+        # the engine then resolved and runs
+        ran = e.policy_info
+        assert cands[info["name"]]["policy"] == {"name": ran["name"], "hot_fraction": ran["hot_fraction"]}
+    finally:
+        e.close()
+    e = load(flash, FlashConfig(active="auto", budget=0.7, policy="lru"))
+    try:
+        assert {c["policy"]["name"] for c in e.active_info["candidates"].values()} == {"lru"}
+        assert "lru)" in e.active_info["reason"]
     finally:
         e.close()
 
@@ -289,3 +308,12 @@ def test_gate_first_with_the_side_file_equals_without(tmp_path):
             e.close()
     assert runs[True][0] == runs[False][0]
     assert runs[True][1] < runs[False][1]  # a miss reads up/down bytes only
+
+
+def test_predictor_left_out_by_its_measured_perplexity():
+    rec = {"perplexity": {"dense": 10.0, "tolerance": 0.005, "predictor": {"0.99": 10.04}}}
+    assert predictor_left_out(rec, 0.99) is None  # +0.4%: within 0.5%
+    rec["perplexity"]["predictor"]["0.99"] = 10.2
+    assert "+2.0% vs dense 10.000" in predictor_left_out(rec, 0.99)
+    assert predictor_left_out(rec, 0.95) is None  # not measured at that recall: admitted by recall
+    assert predictor_left_out({}, 0.99) is None  # older calibrations: as before
