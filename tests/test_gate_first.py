@@ -174,7 +174,7 @@ def test_auto_records_its_measured_choice(tmp_path):
         # each candidate was simulated with the cache policy that would run for it: the winner's is the one
         # the engine then resolved and runs
         ran = e.policy_info
-        assert cands[info["name"]]["policy"] == {"name": ran["name"], "hot_fraction": ran["hot_fraction"]}
+        assert cands[info["name"]]["policy"] == {"name": ran.name, "hot_fraction": ran.hot_fraction}
     finally:
         e.close()
     e = load(flash, FlashConfig(active="auto", budget=0.7, policy="lru"))
