@@ -918,7 +918,7 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     layers = model.layers
     norms = [arch.ffn_input_norm(layer) for layer in layers]
     maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
-    return attach_pipeline([layer.mlp for layer in layers], cache, reader, config.direct_io, maps)
+    return attach_pipeline([layer.mlp for layer in layers], cache, reader, maps)
 
 
 

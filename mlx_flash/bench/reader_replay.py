@@ -43,16 +43,14 @@ def trace(model: Optional[str], out: Path, tokens: int, warmup: int, budget: flo
     eng = load(path, FlashConfig(budget=budget, active=active, engine="flash", pipeline=pipeline))
     calls: List[Tuple[int, np.ndarray]] = []
     recording = [False]
-    readers = [eng.reader] + ([eng.prefetcher.reader] if eng.prefetcher is not None else [])
-    for rd in readers:
-        orig = rd.read
+    orig = eng.reader.submit  # read() and the prefetch both submit
 
-        def rec(layer, ids, out, rows=None, _orig=orig):
-            if recording[0]:
-                calls.append((int(layer), np.unique(np.asarray(ids, dtype=np.int64))))
-            return _orig(layer, ids, out, rows)
+    def rec(layer, ids, out, rows=None):
+        if recording[0]:
+            calls.append((int(layer), np.unique(np.asarray(ids, dtype=np.int64))))
+        return orig(layer, ids, out, rows)
 
-        rd.read = rec  # type: ignore[method-assign]
+    eng.reader.submit = rec  # type: ignore[method-assign]
     eng.tokenizer.eos_token_ids = []
     for i, _ in enumerate(eng.stream_generate("Explain how a refrigerator works.", tokens, temperature=0.0)):
         if i + 1 == warmup:
