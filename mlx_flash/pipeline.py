@@ -10,11 +10,11 @@ are submitted by :class:`Prefetcher` to the engine's own
 :class:`~mlx_flash.storage.reader.FlashReader` (``submit``: one queue, one pool of read
 threads for the synchronous loads and the prefetch; nothing waits for the prefetch until
 layer l+1 takes it, so the disk sees the requests of two layers at once, and a synchronous
-read that is waited for is served first) into a **staging buffer**, plain host memory (``NeuronCache.staging``; two buffers of
-``n_neurons - capacity`` rows, by layer parity: layer l's staged bundles are still being
-copied while layer l+1's are read). Like the reader's aligned buffers they are I/O
-buffers outside the cache budget (counted in ``Engine.resident_bytes``): the caches keep
-the same rows with and without the pipeline.
+read that is waited for is served first) into a **staging buffer**, plain host memory
+(``NeuronCache.staging``; two buffers of ``n_neurons - capacity`` rows, by layer parity:
+layer l's staged bundles are still being copied while layer l+1's are read). Like the
+reader's aligned buffers they are I/O buffers outside the cache budget (counted in
+``Engine.resident_bytes``): the caches keep the same rows with and without the pipeline.
 
 At layer l+1 the engine runs exactly as without the pipeline: the same choice, the
 same ``cache.step`` on a cache of the same capacity, the same rows, the same arithmetic. Only where a missing
@@ -193,7 +193,8 @@ class Prefetcher:
 def attach_pipeline(ffns, cache, reader: FlashReader,
                     maps: Optional[List[Optional[Tuple[mx.array, mx.array]]]] = None) -> Optional[Prefetcher]:
     """Pipelined layers for the ``SparseFFN`` layers ``ffns`` (in order) over ``cache`` (a
-    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher on ``reader`` (the engine's), and each layer told the next layer's cache and its lookahead map (``maps[i]``:
+    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher on ``reader`` (the engine's), and each
+    layer told the next layer's cache and its lookahead map (``maps[i]``:
     layer i's input to layer i+1's, :func:`lookahead_map`; None: as it is). None when the cache
     has no staging rows (everything fits)."""
     if cache.staging_neurons == 0:

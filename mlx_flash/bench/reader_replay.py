@@ -50,7 +50,7 @@ def trace(model: Optional[str], out: Path, tokens: int, warmup: int, budget: flo
             calls.append((int(layer), np.unique(np.asarray(ids, dtype=np.int64))))
         return orig(layer, ids, out, rows)
 
-    eng.reader.submit = rec  # type: ignore[method-assign]
+    eng.reader.submit = rec
     eng.tokenizer.eos_token_ids = []
     for i, _ in enumerate(eng.stream_generate("Explain how a refrigerator works.", tokens, temperature=0.0)):
         if i + 1 == warmup:
@@ -181,7 +181,7 @@ def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int) 
     outs = [np.empty((len(ids), rd.bundle_bytes), dtype=np.uint8) for ids in ids_list]
     f = open_uncached(files.ffn_path)
     size = os.fstat(f.fd).st_size
-    res = {}
+    res: dict = {}
     for _ in range(repeat):
         for mode in modes:
             if mode == "reader":

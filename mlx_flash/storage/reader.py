@@ -602,7 +602,9 @@ class _Pool:
             if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
                 block = view[o0 : o0 + k * bb].reshape(k, bb)
             else:  # one gather of rows starting at any byte offset
-                block = self.windows[slot][offs]
+                windows = self.windows[slot]
+                assert windows is not None  # a buffer holds at least one bundle when a request has whole ones
+                block = windows[offs]
             dst = rows[j0:j1]
             r0 = int(dst[0])
             if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
