@@ -369,17 +369,21 @@ class _State:
             for k, (chunk, r0) in enumerate(stream):
                 ta = time.perf_counter()
                 served += self._fill_wait(pend)
-                nxt = stream[k + 1] if k + 1 < len(stream) else None
-                if nxt is not None and double:  # the other half: its chunk was evaluated already
-                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
                 tb = time.perf_counter()
                 y = y + self._partial(xt, self._roles(store, slice(r0, r0 + len(chunk))), cols(chunk), chunk)
-                mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+                nxt = stream[k + 1] if k + 1 < len(stream) else None
                 tc = time.perf_counter()
+                if nxt is not None and double:
+                    # the other half (its chunk was evaluated already), submitted just before the
+                    # evaluation lets go of the GIL: the read threads start at once
+                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
+                td = time.perf_counter()
+                mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+                te = time.perf_counter()
                 if nxt is not None and not double:
                     pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
-                c.io_s += tb - ta
-                c.ffn_compute_s += tc - tb
+                c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
+                c.ffn_compute_s += (tc - tb) + (te - td)
 
         c.neurons_active += len(ids)
         c.neurons_hit += len(plan.hit_ids)

@@ -54,24 +54,35 @@ class ReadStats:
     bytes_read:   bytes actually read from disk, alignment padding and coalesced gaps included.
     bytes_useful: distinct neurons read × bundle_bytes.
     requests:     read system calls issued (one per chunk; a short read's retry adds one).
-    seconds:      wall time of the call(s).
+    seconds:      wall time of the read (submit to its last request's end); of a reader's
+                  totals: wall time during which at least one read was submitted and not finished.
+    service_seconds: (a reader's totals only) wall time during which at least one read thread
+                  was reading or copying out a request: ``seconds`` without the time requests
+                  waited in the queue for a thread (on a loaded CPU: for a CPU or the GIL).
     """
 
     bytes_read: int = 0
     bytes_useful: int = 0
     requests: int = 0
     seconds: float = 0.0
+    service_seconds: float = 0.0
 
     def add(self, other: "ReadStats") -> None:
         self.bytes_read += other.bytes_read
         self.bytes_useful += other.bytes_useful
         self.requests += other.requests
         self.seconds += other.seconds
+        self.service_seconds += other.service_seconds
 
     @property
     def gbps(self) -> float:
         """Disk throughput of the read(s) in GB/s (10^9 bytes)."""
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def service_gbps(self) -> float:
+        """GB/s while a read thread was at work (``service_seconds``; 0 when not measured)."""
+        return self.bytes_read / self.service_seconds / 1e9 if self.service_seconds > 0 else 0.0
 
 
 class SplitRows:
@@ -484,6 +495,8 @@ class _Pool:
         self.totals = ReadStats()
         self.active = 0  # submitted reads not finished
         self.busy_since = 0.0
+        self.serving = 0  # requests taken and not finished
+        self.serving_since = 0.0
         self.workers = [threading.Thread(target=_serve, args=(self, k), name=f"flash-read-{k}", daemon=True)
                         for k in range(1, threads)]
         for w in self.workers:
@@ -510,6 +523,9 @@ class _Pool:
         job = self.queue[0]
         r = job.next
         job.next += 1
+        if self.serving == 0:
+            self.serving_since = time.perf_counter()
+        self.serving += 1
         if job.next >= job.n:
             self.queue.popleft()
         return job, r
@@ -546,6 +562,9 @@ class _Pool:
             if err is not None and job.error is None:
                 job.error, job.stop = err, True
             job.pending -= 1
+            self.serving -= 1
+            if self.serving == 0:
+                self.totals.service_seconds += time.perf_counter() - self.serving_since
             last = job.pending == 0
         if last:
             self._finish(job)
@@ -616,18 +635,24 @@ class _Pool:
     # ----------------------------------------------------------------- totals, close
     def snapshot(self) -> ReadStats:
         with self.cv:
-            t = ReadStats(self.totals.bytes_read, self.totals.bytes_useful, self.totals.requests, self.totals.seconds)
+            t = ReadStats(**vars(self.totals))
+            now = time.perf_counter()
             if self.active:
-                t.seconds += time.perf_counter() - self.busy_since
+                t.seconds += now - self.busy_since
+            if self.serving:
+                t.service_seconds += now - self.serving_since
         return t
 
     def reset_totals(self) -> ReadStats:
         with self.cv:
             t, self.totals = self.totals, ReadStats()
-            if self.active:  # split the busy interval in progress
-                now = time.perf_counter()
+            now = time.perf_counter()
+            if self.active:  # split the intervals in progress
                 t.seconds += now - self.busy_since
                 self.busy_since = now
+            if self.serving:
+                t.service_seconds += now - self.serving_since
+                self.serving_since = now
         return t
 
     def close(self) -> None:

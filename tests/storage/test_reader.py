@@ -243,6 +243,7 @@ def test_submitted_reads_of_several_layers_in_flight(small, wide):
             assert t.bytes_read == sum(h.wait().bytes_read for *_, h in jobs)
             assert t.requests == sum(h.wait().requests for *_, h in jobs)
             assert t.seconds <= sum(h.wait().seconds for *_, h in jobs)  # wall time with reads in flight
+            assert 0 < t.service_seconds <= t.seconds  # ... of which a read thread was at work
 
 
 def test_submit_with_one_thread_and_close_with_reads_queued(small):
