@@ -909,7 +909,7 @@ def _use_updown(files, config: FlashConfig, reader, verifier, threads: int, chun
 
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
-    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
+    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher on the engine's reader, and each
     layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
     None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
 

@@ -30,7 +30,7 @@ no extra synchronisation: a buffer is reused two layers later, after its bundles
 were copied, and the next prefetch into it is issued only after the previous one
 into it was taken.
 
-Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch reader busy), ``overlap_s``
+Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch in flight: submit to its last request), ``overlap_s``
 (the part of it during which the engine's thread was not waiting for the disk,
 i.e. computing: disk and compute busy at once), the waits themselves in ``io_s``,
 ``neurons_prefetched`` / ``neurons_prefetch_used``. Per layer, the lookahead's recall

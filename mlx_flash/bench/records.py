@@ -177,7 +177,7 @@ class BenchRow(_Record):
     active_fraction: Optional[float] = None  # neurons chosen per token / FFN neurons (flash rows)
     preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
     pipeline: bool = False                # pipelined layers ran (FlashConfig.pipeline, mlx_flash.pipeline)
-    ms_prefetch: float = 0.0              # pipelined: the prefetch reader busy per token
+    ms_prefetch: float = 0.0              # pipelined: the prefetch in flight per token
     ms_overlap: float = 0.0               # pipelined: disk and compute busy at once per token
     lookahead: Optional[Dict[str, Any]] = None  # pipelined: Engine.pipeline_info() (recall per layer)
     same_as_serial: Optional[bool] = None  # pipelined: generated the same tokens as its serial row
