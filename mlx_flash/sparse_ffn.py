@@ -39,6 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import Chooser, gated_activation
+from .neuron_cache import stream_chunk_rows
 from .quantized import dequantized_matmul, use_quantized_matmul
 from .stats import FFNCounters
 from .storage.reader import set_rows
@@ -191,6 +192,7 @@ class _State:
         self.prefetcher = None
         self.next_cache = None
         self.lookahead_map = None
+        self.inflight: list = []  # reads submitted by this layer's pass and not yet waited for
 
     def _fill(self, ids: np.ndarray, dest, staged) -> int:
         """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: the ones the
@@ -204,6 +206,7 @@ class _State:
         n_staged, handle = pending
         if handle is not None:
             ta = time.perf_counter()
+            self.inflight.remove(handle)
             rs = handle.wait()
             if self.prefetcher is not None:
                 self.prefetcher.main_io(ta, time.perf_counter())
@@ -241,6 +244,7 @@ class _State:
             else:
                 rest = np.flatnonzero(~have)
                 handle = self.reader.submit(self.layer, ids[rest], dest, rows=rest)
+            self.inflight.append(handle)
         return n_staged, handle
 
     def _stream_chunks(self, overflow: np.ndarray):
@@ -248,7 +252,7 @@ class _State:
         alternating halves (double buffering: the next chunk is read while this one computes);
         a one-row scratch takes one neuron at a time."""
         rows = self.scratch.rows
-        half = rows // 2 if rows >= 2 else rows
+        half = stream_chunk_rows(rows)
         return [(overflow[s : s + half], (k % 2) * half if rows >= 2 else 0)
                 for k, s in enumerate(range(0, len(overflow), half))]
 
@@ -283,6 +287,23 @@ class _State:
         return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype, g=g)
 
     def forward(self, x: mx.array) -> mx.array:
+        try:
+            return self._forward(x)
+        except BaseException:  # reads still in flight must not land in rows the next pass uses
+            self._drain()
+            raise
+
+    def _drain(self) -> None:
+        """Wait for this layer's submitted reads nobody waited for (their errors are dropped:
+        the exception that interrupted the pass is the one that matters)."""
+        pending, self.inflight = self.inflight, []
+        for h in pending:
+            try:
+                h.wait()
+            except BaseException:  # see the docstring
+                pass
+
+    def _forward(self, x: mx.array) -> mx.array:
         c = self.counters
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
