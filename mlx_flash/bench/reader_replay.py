@@ -13,8 +13,9 @@ bypass, as:
 - ``raw-stream``: the same preads with no barrier (one queue across all calls);
 - ``probe``: random reads of the mean request size from ``threads`` threads on the same file.
 
-Each line: GB/s, the share of the probe line, the mean request. Figures are wall-clock on a shared
-machine: compare lines of one run.
+Each line: GB/s, the share of the probe line, ms/token of reads; ``reader... (reading)``: the
+reader's bytes over the time a read thread was at work (``ReadStats.service_seconds``).
+Figures are wall-clock on a shared machine: compare lines of one run.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int) 
     res: dict = {}
     for _ in range(repeat):
         for mode in modes:
+            rd.reset_totals()
             if mode == "reader":
                 t0 = time.perf_counter()
                 for lay, ids, o in zip(layers, ids_list, outs):
@@ -207,11 +209,13 @@ def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int) 
             else:
                 raise SystemExit(f"unknown mode {mode}")
             res.setdefault(mode, []).append(nbytes / dt / 1e9)
+            if mode.startswith("reader"):  # the reader's own figure: time a read thread was at work
+                res.setdefault(mode + " (reading)", []).append(rd.reset_totals().service_gbps)
     pr = np.median(res["probe"]) if "probe" in res else None
     for mode, v in res.items():
         g = float(np.median(v))
         share = f"{g / pr:5.0%} of probe" if pr else ""
-        print(f"{mode:14s} {g:5.2f} GB/s  {share}  ms/token {nbytes / ntok / g / 1e6:6.2f}  runs "
+        print(f"{mode:24s} {g:5.2f} GB/s  {share}  ms/token {nbytes / ntok / g / 1e6:6.2f}  runs "
               + " ".join(f"{x:.2f}" for x in v))
     print(f"load {os.getloadavg()[0]:.1f}")
     f.close()
