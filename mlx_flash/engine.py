@@ -974,7 +974,7 @@ def _use_updown(files, config: FlashConfig, reader, threads: int, chunk: int):
 
 
 def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
-    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher with its own reader, and each
+    """Pipelined layers (``mlx_flash.pipeline``): a Prefetcher on the engine's reader, and each
     layer's SparseFFN told the next layer's cache and the lookahead map of their input norms.
     None when ``config.pipeline`` is off or nothing can be staged (every layer fits whole)."""
 
@@ -983,7 +983,7 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
     layers = model.layers
     norms = [arch.ffn_input_norm(layer) for layer in layers]
     maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
-    return attach_pipeline([layer.mlp for layer in layers], cache, reader, config.direct_io, maps)
+    return attach_pipeline([layer.mlp for layer in layers], cache, reader, maps)
 
 
 

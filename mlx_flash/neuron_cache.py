@@ -817,14 +817,20 @@ def _iter_sets(active_sets):
             yield np.flatnonzero(a) if a.dtype == bool else a.astype(np.int64, copy=False)
 
 
+def stream_chunk_rows(scratch_rows: int) -> int:
+    """Neurons per overflow read: half the scratch buffer (``SparseFFN`` double-buffers it, the
+    next chunk is read while this one computes); a one-row scratch reads one at a time."""
+    return scratch_rows // 2 if scratch_rows >= 2 else max(1, scratch_rows)
+
+
 @dataclass(frozen=True)
 class ReadModel:
     """How the flash reader turns a read of neuron ids into disk bytes, for ``simulate``.
 
     The same coalescing as ``FlashReader`` (``storage.reader.coalesced_runs``):
     bundles aligned to ``alignment``, neighbours closer than ``max_gap_bytes``
-    merged (the gap is read too). Overflow streams in reads of ``scratch_neurons``
-    ids, as ``SparseFFN`` does. Layer regions start at aligned offsets, so offset 0
+    merged (the gap is read too). Overflow streams in reads of :attr:`stream_rows`
+    ids (half of ``scratch_neurons``), as ``SparseFFN`` does. Layer regions start at aligned offsets, so offset 0
     stands for any layer. Splitting runs into ``chunk_bytes`` requests does not
     change the bytes (except a chunk wholly inside a gap, which the reader skips:
     only possible when ``chunk_bytes < max_gap_bytes``; counted here).
@@ -841,6 +847,11 @@ class ReadModel:
         return cls(reader.bundle_bytes, reader.alignment, reader.max_gap_bytes, reader.chunk_bytes,
                    max(1, int(scratch_neurons)))
 
+    @property
+    def stream_rows(self) -> int:
+        """Neurons per overflow read (:func:`stream_chunk_rows` of the scratch)."""
+        return stream_chunk_rows(self.scratch_neurons)
+
     def bytes_read(self, ids: np.ndarray, breaks: Optional[np.ndarray] = None) -> int:
         """Disk bytes of reading the distinct ids ``ids`` (sorted) in one ``reader.read``;
         ``breaks``: indices where a separate read call starts (ids sorted within each)."""
@@ -852,8 +863,8 @@ class ReadModel:
         return int((hi - lo).sum())
 
     def step_bytes(self, plan: StepPlan) -> int:
-        """Disk bytes of one token: the loads in one read, the overflow in scratch-sized reads."""
-        n_load, k = len(plan.load_ids), self.scratch_neurons
+        """Disk bytes of one token: the loads in one read, the overflow in reads of :attr:`stream_rows`."""
+        n_load, k = len(plan.load_ids), self.stream_rows
         breaks = np.arange(n_load, n_load + len(plan.overflow_ids), k)
         return self.bytes_read(np.concatenate([plan.load_ids, plan.overflow_ids]), breaks)
 

@@ -246,7 +246,7 @@ def replay_reads(trace, capacity: int, read_model: ReadModel, *, perms: Optional
             plan = c.step(ids)
             if t < warmup:
                 continue
-            n_load, ks = len(plan.load_ids), read_model.scratch_neurons
+            n_load, ks = len(plan.load_ids), read_model.stream_rows
             breaks = np.arange(n_load, n_load + len(plan.overflow_ids), ks)
             b, r = _read_cost(read_model, np.concatenate([plan.load_ids, plan.overflow_ids]), breaks)
             out.bytes_read += b

@@ -6,14 +6,15 @@ has: layer l's FFN input, moved to layer l+1's input norm
 (:func:`lookahead_map`: for an RMSNorm ``x * w[l+1] / w[l]`` is the same residual
 stream normalised with layer l+1's weights; it misses layer l's FFN output and layer
 l+1's attention). The neurons of that choice that layer l+1's cache does not hold
-are read by :class:`Prefetcher` on its own thread and its own
-:class:`~mlx_flash.storage.reader.FlashReader` (own buffers and read threads, so it
-never waits for the engine's synchronous reads, and the disk sees the requests of
-two layers at once) into a **staging buffer**, plain host memory (``NeuronCache.staging``; two buffers of
-``n_neurons - capacity`` rows, by layer parity: layer l's staged bundles are still being
-copied while layer l+1's are read). Like the reader's aligned buffers they are I/O
-buffers outside the cache budget (counted in ``Engine.resident_bytes``): the caches keep
-the same rows with and without the pipeline.
+are submitted by :class:`Prefetcher` to the engine's own
+:class:`~mlx_flash.storage.reader.FlashReader` (``submit``: one queue, one pool of read
+threads for the synchronous loads and the prefetch; nothing waits for the prefetch until
+layer l+1 takes it, so the disk sees the requests of two layers at once, and a synchronous
+read that is waited for is served first) into a **staging buffer**, plain host memory
+(``NeuronCache.staging``; two buffers of ``n_neurons - capacity`` rows, by layer parity:
+layer l's staged bundles are still being copied while layer l+1's are read). Like the
+reader's aligned buffers they are I/O buffers outside the cache budget (counted in
+``Engine.resident_bytes``): the caches keep the same rows with and without the pipeline.
 
 At layer l+1 the engine runs exactly as without the pipeline: the same choice, the
 same ``cache.step`` on a cache of the same capacity, the same rows, the same arithmetic. Only where a missing
@@ -29,7 +30,7 @@ no extra synchronisation: a buffer is reused two layers later, after its bundles
 were copied, and the next prefetch into it is issued only after the previous one
 into it was taken.
 
-Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch reader busy), ``overlap_s``
+Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch in flight: submit to its last request), ``overlap_s``
 (the part of it during which the engine's thread was not waiting for the disk,
 i.e. computing: disk and compute busy at once), the waits themselves in ``io_s``,
 ``neurons_prefetched`` / ``neurons_prefetch_used``. Per layer, the lookahead's recall
@@ -40,7 +41,6 @@ served are in :meth:`Prefetcher.info`.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -48,7 +48,7 @@ import mlx.core as mx
 import numpy as np
 
 from .stats import FFNCounters
-from .storage.reader import FlashReader
+from .storage.reader import FlashReader, ReadHandle
 
 
 @dataclass
@@ -88,9 +88,11 @@ def lookahead_map(norm_now, norm_next) -> Optional[Tuple[mx.array, mx.array]]:
 
 
 class Prefetcher:
-    """Reads one layer's lookahead bundles ahead, on a thread of its own.
+    """Reads one layer's lookahead bundles ahead (``FlashReader.submit``: in flight while the
+    engine computes).
 
-    reader: a :class:`FlashReader` of the same folder that only this prefetcher uses.
+    reader: the engine's :class:`FlashReader` (shared: the prefetch's requests join its queue;
+            the engine closes it).
     buffers: the two staging buffers (``(rows, bundle_bytes)`` uint8 each).
     """
 
@@ -98,8 +100,7 @@ class Prefetcher:
         self.reader = reader
         self.buffers = buffers
         self.rows = int(buffers[0].shape[0])
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-prefetch")
-        self._pending: Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray, Future]] = None
+        self._pending: Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray, ReadHandle]] = None
         self._main_io: List[Tuple[float, float]] = []
         n = int(n_layers)
         self.chosen = np.zeros(n, dtype=np.int64)       # ids the layer's own chooser picked (after a lookahead)
@@ -114,20 +115,21 @@ class Prefetcher:
         self.drop()
         ids = np.asarray(ids, dtype=np.int64)[: self.rows]
         out = self.buffers[layer % 2][: len(ids)]
-        fut = self._pool.submit(self._read, layer, ids, out)
+        handle = self.reader.submit(layer, ids, out)
         self._main_io = []
-        self._pending = (layer, ids, out, np.asarray(lookahead, dtype=np.int64), fut)
+        self._pending = (layer, ids, out, np.asarray(lookahead, dtype=np.int64), handle)
 
     def take(self, layer: int, counters: FFNCounters) -> Optional[Staged]:
         """Wait for the prefetch of ``layer`` and count it; None when there is none (a
         prefetch for another layer, left by an interrupted pass, is waited for and dropped)."""
         if self._pending is None:
             return None
-        lay, ids, out, look, fut = self._pending
+        lay, ids, out, look, handle = self._pending
         self._pending = None
         tw = time.perf_counter()
-        rs, t0, t1 = fut.result()
+        rs = handle.wait()
         te = time.perf_counter()
+        t0, t1 = handle.started, handle.finished or te
         counters.io_s += te - tw
         counters.prefetch_s += t1 - t0
         counters.bytes_read += rs.bytes_read
@@ -158,8 +160,9 @@ class Prefetcher:
     def drop(self) -> None:
         """Wait for a prefetch nobody took (its bytes are not counted)."""
         if self._pending is not None:
-            self._pending[-1].result()
+            handle = self._pending[-1]
             self._pending = None
+            handle.wait()
 
     def reset_stats(self) -> None:
         for a in (self.chosen, self.foreseen, self.needed, self.served, self.prefetched):
@@ -183,31 +186,20 @@ class Prefetcher:
         }
 
     def close(self) -> None:
-        try:
-            self.drop()
-        finally:
-            self._pool.shutdown(wait=True)
-            self.reader.close()
-
-    # ----------------------------------------------------------------- prefetch thread
-    def _read(self, layer: int, ids: np.ndarray, out: np.ndarray):
-        t0 = time.perf_counter()
-        rs = self.reader.read(layer, ids, out)
-        return rs, t0, time.perf_counter()
+        """Wait for a prefetch in flight (the reader is the engine's: it closes it)."""
+        self.drop()
 
 
-def attach_pipeline(ffns, cache, reader: FlashReader, direct: bool = True,
+def attach_pipeline(ffns, cache, reader: FlashReader,
                     maps: Optional[List[Optional[Tuple[mx.array, mx.array]]]] = None) -> Optional[Prefetcher]:
     """Pipelined layers for the ``SparseFFN`` layers ``ffns`` (in order) over ``cache`` (a
-    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher with a second reader like
-    ``reader``, and each layer told the next layer's cache and its lookahead map (``maps[i]``:
+    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher on ``reader`` (the engine's), and each
+    layer told the next layer's cache and its lookahead map (``maps[i]``:
     layer i's input to layer i+1's, :func:`lookahead_map`; None: as it is). None when the cache
     has no staging rows (everything fits)."""
     if cache.staging_neurons == 0:
         return None
-    pf = Prefetcher(FlashReader(reader.files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
-                                max_gap_bytes=reader.max_gap_bytes, direct=direct),
-                    cache.staging, len(ffns))
+    pf = Prefetcher(reader, cache.staging, len(ffns))
     for i, f in enumerate(ffns):
         st = f._state
         st.prefetcher = pf

@@ -39,6 +39,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .active import Chooser, gated_activation
+from .neuron_cache import stream_chunk_rows
 from .quantized import dequantized_matmul, use_quantized_matmul
 from .stats import FFNCounters
 from .storage.reader import set_rows
@@ -191,11 +192,34 @@ class _State:
         self.prefetcher = None
         self.next_cache = None
         self.lookahead_map = None
+        self.inflight: list = []  # reads submitted by this layer's pass and not yet waited for
 
     def _fill(self, ids: np.ndarray, dest, staged) -> int:
         """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: the ones the
         prefetch staged are copied from the staging buffer, the rest read now. Returns how
         many came from the staging buffer."""
+        return self._fill_wait(self._fill_submit(ids, dest, staged))
+
+    def _fill_wait(self, pending) -> int:
+        """Wait for the read :meth:`_fill_submit` started (waiting counts as I/O of the
+        engine's thread); returns how many bundles came from the staging buffer."""
+        n_staged, handle = pending
+        if handle is not None:
+            ta = time.perf_counter()
+            self.inflight.remove(handle)
+            rs = handle.wait()
+            if self.prefetcher is not None:
+                self.prefetcher.main_io(ta, time.perf_counter())
+            c = self.counters
+            c.bytes_read += rs.bytes_read
+            c.bytes_useful += int(rs.bytes_useful * self.useful_share)
+            c.read_requests += rs.requests
+        return n_staged
+
+    def _fill_submit(self, ids: np.ndarray, dest, staged):
+        """:meth:`_fill` without the wait: copies the staged bundles and submits the read of the
+        rest (``FlashReader.submit``); returns ``(staged count, handle or None)`` for
+        :meth:`_fill_wait`. ``dest`` must not be used before that."""
         c = self.counters
         have = None
         if staged is not None:
@@ -213,19 +237,24 @@ class _State:
         n_staged = 0 if have is None else int(np.count_nonzero(have))
         c.bytes_useful += n_staged * self.cache.bundle_bytes  # the kept (used) bytes of each staged bundle
         c.neurons_prefetch_used += n_staged
+        handle = None
         if n_staged < len(ids):
-            ta = time.perf_counter()
             if have is None:
-                rs = self.reader.read(self.layer, ids, dest)
+                handle = self.reader.submit(self.layer, ids, dest)
             else:
                 rest = np.flatnonzero(~have)
-                rs = self.reader.read(self.layer, ids[rest], dest, rows=rest)
-            if self.prefetcher is not None:
-                self.prefetcher.main_io(ta, time.perf_counter())
-            c.bytes_read += rs.bytes_read
-            c.bytes_useful += int(rs.bytes_useful * self.useful_share)
-            c.read_requests += rs.requests
-        return n_staged
+                handle = self.reader.submit(self.layer, ids[rest], dest, rows=rest)
+            self.inflight.append(handle)
+        return n_staged, handle
+
+    def _stream_chunks(self, overflow: np.ndarray):
+        """``[(ids, first scratch row)]``: the overflow in chunks of half the scratch rows,
+        alternating halves (double buffering: the next chunk is read while this one computes);
+        a one-row scratch takes one neuron at a time."""
+        rows = self.scratch.rows
+        half = stream_chunk_rows(rows)
+        return [(overflow[s : s + half], (k % 2) * half if rows >= 2 else 0)
+                for k, s in enumerate(range(0, len(overflow), half))]
 
     def _prefetch_next(self, xt: mx.array) -> None:
         """Pipelined layers: choose the next layer's neurons from this layer's input (the
@@ -258,6 +287,23 @@ class _State:
         return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype, g=g)
 
     def forward(self, x: mx.array) -> mx.array:
+        try:
+            return self._forward(x)
+        except BaseException:  # reads still in flight must not land in rows the next pass uses
+            self._drain()
+            raise
+
+    def _drain(self) -> None:
+        """Wait for this layer's submitted reads nobody waited for (their errors are dropped:
+        the exception that interrupted the pass is the one that matters)."""
+        pending, self.inflight = self.inflight, []
+        for h in pending:
+            try:
+                h.wait()
+            except BaseException:  # see the docstring
+                pass
+
+    def _forward(self, x: mx.array) -> mx.array:
         c = self.counters
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
@@ -281,12 +327,17 @@ class _State:
         order = np.concatenate([plan.hit_ids, plan.load_ids]).astype(np.int64)
         slots = np.concatenate([plan.hit_slots, plan.load_slots]).astype(np.int32)
         served = 0
-        if len(plan.load_ids):
-            served += self._fill(plan.load_ids, plan.load_dest, staged)
         overflow = plan.overflow_ids
         big = self.prefill_rows if self.all_neurons else None
         if big is not None and len(overflow) > big.rows:  # sized for every layer: not expected; stream then
             big = None
+        stream = self._stream_chunks(overflow) if len(overflow) and big is None else []
+        pend_load = self._fill_submit(plan.load_ids, plan.load_dest, staged) if len(plan.load_ids) else None
+        # the first scratch chunk's read is in flight with the loads and during the cached part's compute
+        pend = self._fill_submit(stream[0][0], self.scratch.dest(stream[0][1], len(stream[0][0])),
+                                 staged) if stream else None
+        if pend_load is not None:
+            served += self._fill_wait(pend_load)
         if big is not None and len(overflow):  # exact prefill: every missing row in one read
             served += self._fill(overflow, big.dest(0, len(overflow)), staged)
         t2 = time.perf_counter()
@@ -333,19 +384,27 @@ class _State:
         t3 = time.perf_counter()
         c.ffn_compute_s += t3 - t2
 
-        if len(overflow) and big is None:
+        if stream:
             store = self.scratch
-            step = store.rows
-            for start in range(0, len(overflow), step):
-                chunk = overflow[start : start + step]
+            double = store.rows >= 2
+            for k, (chunk, r0) in enumerate(stream):
                 ta = time.perf_counter()
-                served += self._fill(chunk, store.dest(0, len(chunk)), staged)
+                served += self._fill_wait(pend)
                 tb = time.perf_counter()
-                y = y + self._partial(xt, self._roles(store, slice(0, len(chunk))), cols(chunk), chunk)
-                mx.eval(y)  # the scratch rows are overwritten by the next chunk
+                y = y + self._partial(xt, self._roles(store, slice(r0, r0 + len(chunk))), cols(chunk), chunk)
+                nxt = stream[k + 1] if k + 1 < len(stream) else None
                 tc = time.perf_counter()
-                c.io_s += tb - ta
-                c.ffn_compute_s += tc - tb
+                if nxt is not None and double:
+                    # the other half (its chunk was evaluated already), submitted just before the
+                    # evaluation lets go of the GIL: the read threads start at once
+                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
+                td = time.perf_counter()
+                mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+                te = time.perf_counter()
+                if nxt is not None and not double:
+                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
+                c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
+                c.ffn_compute_s += (tc - tb) + (te - td)
 
         c.neurons_active += len(ids)
         c.neurons_hit += len(plan.hit_ids)

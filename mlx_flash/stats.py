@@ -26,7 +26,7 @@ class FFNCounters:
     neurons_loaded: int = 0      # cache misses read into the cache
     neurons_streamed: int = 0    # active neurons that did not fit, read through scratch
     neurons_hit: int = 0
-    # pipelined layers (mlx_flash.pipeline): the prefetch reader's busy time, the part of it
+    # pipelined layers (mlx_flash.pipeline): the prefetch's busy time (submit to its last request), the part of it
     # while the engine's thread computed (disk and compute busy at once), prefetched neurons
     prefetch_s: float = 0.0
     overlap_s: float = 0.0
@@ -49,7 +49,7 @@ class Stats:
     ms_predictor: float = 0.0
     ms_io: float = 0.0
     ms_compute: float = 0.0          # everything that is not predictor or I/O
-    ms_prefetch: float = 0.0         # pipelined: the prefetch reader busy (beside the token's own time)
+    ms_prefetch: float = 0.0         # pipelined: the prefetch in flight (beside the token's own time)
     ms_overlap: float = 0.0          # pipelined: disk and compute busy at once (I/O hidden behind compute)
     bytes_read: int = 0              # from disk, including 4 KiB alignment and coalescing gaps
     bytes_useful: int = 0            # bundle bytes of the neurons actually needed

@@ -21,7 +21,9 @@ def tiny(request, tmp_path_factory):
 
 
 def _tol(dtype):
-    return 2e-4 if dtype == "float32" else 3e-2
+    # bfloat16: each streamed scratch chunk's partial sum is rounded to bfloat16 (chunks are half
+    # the scratch rows, double buffered), so a small budget adds several roundings per layer
+    return 2e-4 if dtype == "float32" else 4e-2
 
 
 def test_sparse_all_equals_dense_logits(tiny):

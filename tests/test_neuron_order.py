@@ -111,7 +111,8 @@ def test_replay_reads_counts_fewer_requests_when_the_active_set_is_contiguous():
              for li in range(L)] for _ in range(40)]
     trace = Trace(L, n, toks)
     freq = np.stack([np.bincount(np.concatenate([t[li] for t in toks]), minlength=n) / 40 for li in range(L)])
-    rm = ReadModel(bundle_bytes=1368, alignment=4096, max_gap_bytes=4096, chunk_bytes=1 << 20, scratch_neurons=64)
+    rm = ReadModel(bundle_bytes=1368, alignment=4096, max_gap_bytes=4096, chunk_bytes=1 << 20,
+                   scratch_neurons=128)  # overflow read 64 ids at a time (half the scratch)
     before = replay_reads(trace, 32, rm)
     perms = compute_order("hot", n_layers=L, n_neurons=n, frequencies=freq)
     after = replay_reads(trace, 32, rm, perms=perms)

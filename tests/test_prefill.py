@@ -75,7 +75,7 @@ def test_budget_holds_during_prefill_and_staging_is_transient(tiny):
     cache, budget = eng.cache, eng.budget_bytes
     base = eng.resident_bytes()
     seen = []
-    read = eng.reader.read
+    read = eng.reader.submit  # every read, synchronous or not, is submitted
 
     def observed(layer, ids, out, rows=None):  # the real reader, observed at every read
         st = eng._sparse_ffns()[layer]._state
@@ -83,7 +83,7 @@ def test_budget_holds_during_prefill_and_staging_is_transient(tiny):
                      st.prefill_rows.nbytes if st.prefill_rows is not None else 0))
         return read(layer, ids, out, rows)
 
-    eng.reader.read = observed
+    eng.reader.submit = observed
     steps = list(eng.generate_step(PROMPT * 3, 4, prefill_step=16))  # three prompt chunks
     prefill = [s for s in seen if s[3]]
     assert prefill and len(seen) > len(prefill)  # reads while prefilling and while decoding

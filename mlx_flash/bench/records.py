@@ -177,7 +177,7 @@ class BenchRow(_Record):
     active_fraction: Optional[float] = None  # neurons chosen per token / FFN neurons (flash rows)
     preload_bytes: int = 0                # read at load time (pinned hot neurons), not per token
     pipeline: bool = False                # pipelined layers ran (FlashConfig.pipeline, mlx_flash.pipeline)
-    ms_prefetch: float = 0.0              # pipelined: the prefetch reader busy per token
+    ms_prefetch: float = 0.0              # pipelined: the prefetch in flight per token
     ms_overlap: float = 0.0               # pipelined: disk and compute busy at once per token
     lookahead: Optional[Dict[str, Any]] = None  # pipelined: Engine.pipeline_info() (recall per layer)
     same_as_serial: Optional[bool] = None  # pipelined: generated the same tokens as its serial row
@@ -186,6 +186,7 @@ class BenchRow(_Record):
     requests_per_token: Optional[float] = None  # read system calls per measured token
     disk_gbps_at_request: Optional[float] = None  # probe interpolated at the mean request size, same threads
     reader_of_probe: Optional[float] = None  # io_gbps / disk_gbps_at_request
+    serving_gbps: Optional[float] = None  # bytes read / time a read thread was at work (ReadStats.service_gbps)
     sim_bytes_read_per_token: Optional[float] = None   # its recorded active sets replayed on this layout
     bf16_bytes_read_per_token: Optional[float] = None  # ... and on the bfloat16 layout (same choice)
     agreement: Optional[Dict[str, Any]] = None  # greedy agreement with dense over the prompt set

@@ -33,21 +33,27 @@ from .runners import (
 
 def format_reader(r: BenchReport) -> List[str]:
     """Reader against the disk: read amplification (read / useful bytes), requests per token,
-    and GB/s against the probe at the same mean request size and threads."""
+    and GB/s against the probe at the same mean request size and threads (reader GB/s: over the
+    wall time with reads in flight; 'while reading': over the time a read thread was at work)."""
     rows = [row for row in r.rows if row.io_gbps is not None]
     if not rows:
         return []
     lines = ["", "Reader vs disk (probe interpolated at the reader's mean request size and thread count):",
              "| configuration | alignment | max gap | requests/tok | mean request | read/useful | reader GB/s "
-             "| probe there | reader / probe |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| probe there | reader / probe | GB/s while reading | while reading / probe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         amp = row.bytes_read_per_token / row.bytes_useful_per_token if row.bytes_useful_per_token else None
         lines.append(f"| {row.name} | {row.read_alignment or '?'} B | {_fb(row.max_gap_bytes or 0)} | "
                      f"{_f(row.requests_per_token, '{:.0f}')} | {_fb(row.mean_request_bytes)} | {_f(amp, '{:.2f}x')} | "
                      f"{row.io_gbps:.2f} | {_f(row.disk_gbps_at_request, '{:.2f}')} | "
-                     f"{_f(row.reader_of_probe, '{:.0%}')} |")
+                     f"{_f(row.reader_of_probe, '{:.0%}')} | {_f(row.serving_gbps, '{:.2f}')} | "
+                     f"{_f(_ratio(row.serving_gbps, row.disk_gbps_at_request), '{:.0%}')} |")
     return lines
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
 
 
 def _standard_notes(rep: BenchReport, files) -> List[str]:
@@ -78,7 +84,8 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
         out.append(f"Perplexity: {rep.perplexity_tokens} predicted tokens of resources/reference.txt (the project's "
                    "own prose) in one teacher-forced pass, after the generation.")
     if any(r.io_gbps for r in rep.rows):
-        out.append("I/O GB/s = bytes read / time inside the reader over the measured tokens; 'of disk' divides it "
+        out.append("I/O GB/s = bytes read / wall time with reads in flight (submitted, not finished) over the "
+                   "measured tokens; 'of disk' divides it "
                    "by the probe's best throughput (any thread count) at the chunk size nearest the mean request.")
     if rep.shape:
         s = rep.shape

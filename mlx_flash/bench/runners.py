@@ -110,6 +110,7 @@ def _reader_figures(row: BenchRow, reader, reads, probe, measured_tokens: int) -
     if reads is None or reads.requests <= 0 or row.mean_request_bytes is None:
         return
     row.requests_per_token = reads.requests / max(1, measured_tokens)
+    row.serving_gbps = reads.service_gbps or None
     if probe is not None and probe.table and row.io_gbps:
         at = probe.at(row.mean_request_bytes, row.threads)
         row.disk_gbps_at_request = at
@@ -174,12 +175,9 @@ def _twin_name(name: str, pipeline: bool) -> str:
 
 
 def _reader_totals(engine):
-    """The engine's read totals since the last call (reset): its reader's plus, with pipelined
-    layers, the prefetch reader's (seconds add up: time inside a reader, concurrent or not)."""
-    reads = engine.reader.reset_totals()
-    if engine.prefetcher is not None:
-        reads.add(engine.prefetcher.reader.reset_totals())
-    return reads
+    """The engine's read totals since the last call (reset): its reader serves the synchronous
+    reads and, with pipelined layers, the prefetch (seconds: wall time with reads in flight)."""
+    return engine.reader.reset_totals()
 
 
 def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warmup: int,
@@ -351,7 +349,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
                           counters, act="silu") for i in range(m.num_layers)]
         if cfg.pipeline:  # the replayed sets are what the lookahead picks too: a perfect lookahead
-            prefetcher = attach_pipeline(ffns, cache, reader, cfg.direct_io)
+            prefetcher = attach_pipeline(ffns, cache, reader)
         drop_page_cache(files.ffn_path)
         _free_mlx()
         key = mx.random.key(seed)
@@ -382,12 +380,8 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
                 process_rss=_rss(), mode=mode))
             if t + 1 == warmup:
                 reader.reset_totals()
-                if prefetcher is not None:
-                    prefetcher.reader.reset_totals()
             _report(progress, (t + 1) / tokens, f"{name}: token {t + 1}/{tokens}")
         reads = reader.reset_totals()
-        if prefetcher is not None:
-            reads.add(prefetcher.reader.reset_totals())
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REPLAYED, **s)
         row.pipeline = prefetcher is not None

@@ -179,7 +179,7 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
         _load_dense_part(model, files, cfg)
         policy_info = _apply_policy(files, config, cache, reader)
         if config.pipeline and m.num_layers > 1:
-            prefetcher = attach_lookahead(model, mods, reader, m.top_k, m.expert_bytes, config.direct_io)
+            prefetcher = attach_lookahead(model, mods, reader, m.top_k, m.expert_bytes)
         tok = _load_tokenizer(files.root, cfg.get("eos_token_id"))
         if config.verify == "load":
             verifier.wait()
@@ -208,18 +208,15 @@ def _module(model, path: str):
     return obj
 
 
-def attach_lookahead(model, mods, reader: FlashReader, top_k: int, expert_bytes: int, direct: bool = True
-                     ) -> Prefetcher:
+def attach_lookahead(model, mods, reader: FlashReader, top_k: int, expert_bytes: int) -> Prefetcher:
     """Lookahead prefetch for the model's flash expert layers (``FlashConfig.pipeline``): while MoE
-    layer l computes a decoded token, a second reader on its own thread (``pipeline.Prefetcher``)
-    reads the experts layer l+1's router picks from layer l's input (mapped to l+1's norm by
+    layer l computes a decoded token, ``pipeline.Prefetcher`` submits to the engine's reader (in flight
+    while l computes) the experts layer l+1's router picks from layer l's input (mapped to l+1's norm by
     ``pipeline.lookahead_map``) that l+1's cache lacks, into one of two staging buffers of top-k
     experts (I/O buffers outside the budget); layer l+1 copies the ones it routes to from there
     instead of reading them. The outputs are the same bit for bit; ``Engine.pipeline_info`` gives
     the lookahead's recall and the share of missing experts it served."""
-    pf = Prefetcher(FlashReader(reader.files, threads=reader.threads, chunk_bytes=reader.chunk_bytes,
-                                max_gap_bytes=reader.max_gap_bytes, direct=direct),
-                    [np.empty((top_k, expert_bytes), dtype=np.uint8) for _ in range(2)], len(mods))
+    pf = Prefetcher(reader, [np.empty((top_k, expert_bytes), dtype=np.uint8) for _ in range(2)], len(mods))
     flash = [_module(model, p) for p, _ in mods]
     norms = [_module(model, p.split(".layers.")[0] + ".layers." + p.split(".layers.")[1].split(".")[0])
              .post_attention_layernorm for p, _ in mods]

@@ -14,32 +14,32 @@ MLX memory such as rows of the neuron cache). How (the paper's §3.2):
    :meth:`~mlx_flash.storage.probe.ProbeResult.gap_bytes`);
 3. split runs into requests of at most ``chunk_bytes`` (split points are
    aligned; a bundle may straddle two requests, each copies its part);
-4. the calling thread and up to ``threads - 1`` pool threads take requests from a
-   shared counter (no fixed shares: a slow request holds up nobody else's); each
-   ``os.preadv``-reads them one after another into the next free part of its own
-   preallocated, page-aligned buffer (``mmap``; the GIL is released during the read)
-   and, when the next one does not fit, copies the bundles of all buffered requests
-   out with one numpy gather (few Python steps per buffer, not per request: with
-   many small requests the per-request Python work under the GIL was what limited
-   the reader). O_DIRECT cannot scatter straight into the destination rows: iovec
-   segments must be multiples of the block size, bundles are not.
+4. queue the requests (:meth:`FlashReader.submit` returns a :class:`ReadHandle` at once):
+   ``threads - 1`` worker threads, and the thread that waits for a read, take the next
+   request of the first queued read (a read someone waits for goes to the front); each
+   ``os.preadv``-reads it into its own preallocated, page-aligned buffer (``mmap``; the
+   GIL is released during the read) and copies its bundles out with one numpy gather.
+   There is no barrier per read: the requests of the next reads (the engine's next
+   scratch chunk, the pipeline's prefetch of the next layer) are in flight while the
+   caller computes, and a wait waits for its own read's requests only. O_DIRECT cannot
+   scatter straight into the destination rows: iovec segments must be multiples of the
+   block size, bundles are not.
 
 Duplicate ids are allowed: every row asking for a neuron receives its bundle;
 the disk is read once and ``bytes_useful`` counts distinct neurons.
 
-Buffers are allocated once in ``__init__`` (``threads`` × ``chunk_bytes``);
-steady-state reads allocate only small numpy index arrays.
+Buffers and worker threads are allocated once in ``__init__`` (``threads`` ×
+``chunk_bytes``); steady-state reads allocate only small numpy index arrays.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Deque, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,24 +54,35 @@ class ReadStats:
     bytes_read:   bytes actually read from disk, alignment padding and coalesced gaps included.
     bytes_useful: distinct neurons read × bundle_bytes.
     requests:     read system calls issued (one per chunk; a short read's retry adds one).
-    seconds:      wall time of the call(s).
+    seconds:      wall time of the read (submit to its last request's end); of a reader's
+                  totals: wall time during which at least one read was submitted and not finished.
+    service_seconds: (a reader's totals only) wall time during which at least one read thread
+                  was reading or copying out a request: ``seconds`` without the time requests
+                  waited in the queue for a thread (on a loaded CPU: for a CPU or the GIL).
     """
 
     bytes_read: int = 0
     bytes_useful: int = 0
     requests: int = 0
     seconds: float = 0.0
+    service_seconds: float = 0.0
 
     def add(self, other: "ReadStats") -> None:
         self.bytes_read += other.bytes_read
         self.bytes_useful += other.bytes_useful
         self.requests += other.requests
         self.seconds += other.seconds
+        self.service_seconds += other.service_seconds
 
     @property
     def gbps(self) -> float:
         """Disk throughput of the read(s) in GB/s (10^9 bytes)."""
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def service_gbps(self) -> float:
+        """GB/s while a read thread was at work (``service_seconds``; 0 when not measured)."""
+        return self.bytes_read / self.service_seconds / 1e9 if self.service_seconds > 0 else 0.0
 
 
 class SplitRows:
@@ -225,11 +236,50 @@ def plan_requests(starts: np.ndarray, bundle_bytes: int, alignment: int, max_gap
     return req_lo, req_hi, n_lo, n_hi
 
 
-class FlashReader:
-    """Reads neuron bundles of one flash model. Thread-safe for one caller at a
-    time (calls are serialised by a lock; each call is parallel inside).
+class ReadHandle:
+    """A read handed to :meth:`FlashReader.submit`: its requests are queued or in flight.
 
-    threads:       parallel positional reads per call.
+    :meth:`wait` returns the read's :class:`ReadStats` once every request has been read and its
+    bundles copied out (the waiting thread reads requests of this read itself meanwhile, and the
+    read goes to the front of the queue), or raises the error a request hit (the same exception
+    :meth:`FlashReader.read` raises). :meth:`done` asks without waiting. ``started`` /
+    ``finished`` are ``time.perf_counter`` times of the submit and of the last request's end
+    (``finished`` is None until then)."""
+
+    __slots__ = ("_pool", "_job")
+
+    def __init__(self, pool: "_Pool", job: "_Job"):
+        self._pool = pool
+        self._job = job
+
+    def done(self) -> bool:
+        return self._job.finished.is_set()
+
+    def wait(self) -> ReadStats:
+        return self._pool.wait(self._job)
+
+    @property
+    def started(self) -> float:
+        return self._job.t0
+
+    @property
+    def finished(self) -> Optional[float]:
+        return self._job.t1
+
+
+class FlashReader:
+    """Reads neuron bundles of one flash model.
+
+    Reads are submitted (:meth:`submit`, thread-safe) to one queue served by ``threads - 1``
+    worker threads, plus the thread that waits for a read (:meth:`ReadHandle.wait` helps with
+    its own read's requests); :meth:`read` is ``submit(...).wait()``. Reads of several layers
+    (the engine's synchronous loads and the pipeline's prefetch) share the queue: requests stay
+    in flight across them, a read's wait waits for its own requests only, and a read someone
+    waits for is served before the ones nobody waits for yet. ``totals.seconds`` is the wall
+    time during which at least one read was submitted and not finished (so ``totals.gbps`` is
+    the throughput while the reader had work).
+
+    threads:       parallel positional reads.
     chunk_bytes:   largest single request (rounded down to the alignment, at least one block).
     max_gap_bytes: aligned runs separated by at most this many bytes are read as one
                    request (the gap is read and dropped). 0 still merges runs that touch.
@@ -257,33 +307,22 @@ class FlashReader:
         self.alignment = self._file.read_alignment
         a = self.alignment
         self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
-        self._bufs = [aligned_buffer(self.chunk_bytes) for _ in range(self.threads)]
-        self._views = [np.frombuffer(b, dtype=np.uint8) for b in self._bufs]
-        # each buffer as rows of one bundle starting at every byte: a gather of bundles at any offsets
-        self._windows = [np.lib.stride_tricks.sliding_window_view(v, self.bundle_bytes)
-                         if len(v) >= self.bundle_bytes else None for v in self._views]
-        self._pool: Optional[ThreadPoolExecutor] = (
-            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="flash-read") if self.threads > 1 else None
-        )
-        self._lock = threading.Lock()
-        self.totals = ReadStats()
         self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
+        # the workers hold the pool, not the reader: an unclosed reader is still collected (__del__)
+        self._pool = _Pool(self._file, self.bundle_bytes, self.chunk_bytes, self.threads)
+
+    @property
+    def totals(self) -> ReadStats:
+        """Cumulative :class:`ReadStats` of every finished read (busy wall time, see the class)."""
+        return self._pool.snapshot()
 
     # ------------------------------------------------------------------ public
-    def read(self, layer: int, ids: Union[Sequence[int], np.ndarray], out: np.ndarray,
-             rows: Optional[np.ndarray] = None) -> ReadStats:
-        """Read the bundles of neurons ``ids`` of ``layer`` into ``out``.
-
-        ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
-        rows are C-contiguous (a row slice of a C-ordered matrix is fine), or a
-        :class:`SplitRows` of that shape. After the call ``out[j]`` holds exactly
-        the on-disk bytes of neuron ``ids[j]``. With ``rows`` (one distinct row index
-        of ``out`` per id) ``out`` may have more rows and ``out[rows[j]]`` receives
-        neuron ``ids[j]``: the other rows are left alone (the engine's pipeline fills
-        the rest of a destination from its prefetched bundles).
-        Ids may be unsorted and repeated. Raises IndexError for a layer or id out
-        of range, ValueError for a wrong ``out``, FlashFormatError if the file ends early.
-        """
+    def submit(self, layer: int, ids: Union[Sequence[int], np.ndarray], out,
+               rows: Optional[np.ndarray] = None) -> ReadHandle:
+        """Queue a read of the bundles of neurons ``ids`` of ``layer`` into ``out`` and return
+        at once. Arguments and checks as :meth:`read` (a wrong argument raises here, a failed
+        read from :meth:`ReadHandle.wait`). ``out`` must stay alive and untouched until the
+        handle is waited for."""
         t0 = time.perf_counter()
         if self._file.closed:
             raise ValueError("FlashReader is closed")
@@ -314,34 +353,38 @@ class FlashReader:
                 raise ValueError("out is read-only")
             if n and out.strides[1] != 1:
                 raise ValueError("out rows must be contiguous (strides[1] == 1)")
-        if n == 0:
-            return ReadStats(seconds=time.perf_counter() - t0)
-        lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
-        if lo_id < 0 or hi_id >= self.intermediate_size:
-            bad = lo_id if lo_id < 0 else hi_id
-            raise IndexError(f"neuron id {bad} out of range for layer {layer}: "
-                             f"valid ids are 0..{self.intermediate_size - 1}")
-
-        with self._lock:
+        if n:
+            lo_id, hi_id = int(ids_arr.min()), int(ids_arr.max())
+            if lo_id < 0 or hi_id >= self.intermediate_size:
+                bad = lo_id if lo_id < 0 else hi_id
+                raise IndexError(f"neuron id {bad} out of range for layer {layer}: "
+                                 f"valid ids are 0..{self.intermediate_size - 1}")
             plan, dup_rows, dup_src = self._plan(layer, ids_arr)
             if rows is not None:
                 plan.rows = rows[plan.rows]
                 if dup_rows is not None:
                     dup_rows, dup_src = rows[dup_rows], rows[dup_src]
-            requests = self._run(plan, out)
-            if dup_rows is not None:
-                if isinstance(out, SplitRows):
-                    out.copy_rows(dup_rows, dup_src)
-                else:
-                    out[dup_rows] = out[dup_src]
-            stats = ReadStats(
-                bytes_read=int((plan.req_hi - plan.req_lo).sum()),
-                bytes_useful=len(plan.starts) * bb,
-                requests=requests,
-                seconds=time.perf_counter() - t0,
-            )
-            self.totals.add(stats)
-        return stats
+        else:
+            plan, dup_rows, dup_src = None, None, None
+        job = _Job(plan, out, dup_rows, dup_src, bb, self._file.path, t0)
+        self._pool.submit(job)
+        return ReadHandle(self._pool, job)
+
+    def read(self, layer: int, ids: Union[Sequence[int], np.ndarray], out: np.ndarray,
+             rows: Optional[np.ndarray] = None) -> ReadStats:
+        """Read the bundles of neurons ``ids`` of ``layer`` into ``out`` (``submit(...).wait()``).
+
+        ``out``: writable uint8 array of shape ``(len(ids), bundle_bytes)`` whose
+        rows are C-contiguous (a row slice of a C-ordered matrix is fine), or a
+        :class:`SplitRows` of that shape. After the call ``out[j]`` holds exactly
+        the on-disk bytes of neuron ``ids[j]``. With ``rows`` (one distinct row index
+        of ``out`` per id) ``out`` may have more rows and ``out[rows[j]]`` receives
+        neuron ``ids[j]``: the other rows are left alone (the engine's pipeline fills
+        the rest of a destination from its prefetched bundles).
+        Ids may be unsorted and repeated. Raises IndexError for a layer or id out
+        of range, ValueError for a wrong ``out``, FlashFormatError if the file ends early.
+        """
+        return self.submit(layer, ids, out, rows).wait()
 
     def read_all(self, layer: int, out: np.ndarray) -> ReadStats:
         """Read every neuron of ``layer`` into ``out`` (``(intermediate_size, bundle_bytes)`` uint8)."""
@@ -349,24 +392,12 @@ class FlashReader:
 
     def reset_totals(self) -> ReadStats:
         """Return the cumulative totals and start counting from zero."""
-        t, self.totals = self.totals, ReadStats()
-        return t
+        return self._pool.reset_totals()
 
     def close(self) -> None:
-        """Stop the worker threads, close the file and free the buffers (idempotent)."""
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            self._file.close()
-            self._views = []
-            self._windows = []
-            for b in self._bufs:
-                try:
-                    b.close()
-                except BufferError:  # a view is still exported somewhere; GC will free it
-                    pass
-            self._bufs = []
+        """Finish the queued reads, stop the worker threads, close the file and free the
+        buffers (idempotent)."""
+        self._pool.close()
 
     def __enter__(self) -> "FlashReader":
         return self
@@ -376,9 +407,7 @@ class FlashReader:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._file.close()
+            self._pool.close()
         except Exception:
             pass
 
@@ -399,129 +428,272 @@ class FlashReader:
         req_lo, req_hi, n_lo, n_hi = plan_requests(starts, bb, a, self.max_gap_bytes, self.chunk_bytes)
         return _Plan(starts, first.astype(np.int64), req_lo, req_hi, n_lo, n_hi), dup_rows, dup_src
 
-    # ------------------------------------------------------------------ work
-    def _run(self, plan: _Plan, out) -> int:
-        """Read every request of ``plan`` and copy its bundles out; returns the system calls.
-
-        Up to ``threads`` workers, the calling thread one of them (no hand-off when one
-        worker is enough), each with its own aligned buffer, take the next request from a
-        shared counter until none is left (a slow request does not hold up a fixed share
-        of others)."""
-        nreq = len(plan.req_lo)
-        job = _Job(plan, nreq, self.bundle_bytes)
-        k = min(self.threads, nreq)
-        if k <= 1 or self._pool is None:
-            return self._work(0, job, out)
-        futs = [self._pool.submit(self._work, slot, job, out) for slot in range(1, k)]
-        try:
-            n = self._work(0, job, out)
-        except BaseException:
-            job.stop = True  # the others finish their current request and stop
-            raise
-        finally:
-            for f in futs:  # every worker is done before the call returns or raises (buffers, out)
-                if f.exception() is not None:
-                    job.stop = True
-        return n + sum(f.result() for f in futs)
-
-    def _work(self, slot: int, job: "_Job", out) -> int:
-        """Worker ``slot``: take requests from ``job`` until none is left, reading each into the
-        next free part of the slot's buffer; when the next one does not fit, copy the bundles of
-        the buffered requests out in one gather (few numpy calls per buffer, not per request)."""
-        view = self._views[slot]
-        windows = self._windows[slot]
-        fd = self._file.fd
-        bb = self.bundle_bytes
-        cap = len(view)
-        starts, rows = job.plan.starts, job.plan.rows
-        req_lo, req_hi, need, j0s, j1s = job.lo, job.hi, job.need, job.j0, job.j1
-        left, right = job.left, job.right
-        take = job.take
-        requests = 0
-        batch: List[Tuple[int, int]] = []  # (request, its offset in the buffer) with whole bundles to copy
-        used = 0
-        with memoryview(self._bufs[slot]) as mv:
-            while not job.stop:
-                r = next(take)
-                if r >= job.n:
-                    break
-                lo = req_lo[r]
-                length = req_hi[r] - lo
-                if used + length > cap:
-                    self._copy_out(batch, job, windows, view, out)
-                    batch, used = [], 0
-                got = 0
-                while got < need[r]:
-                    nread = os.preadv(fd, [mv[used + got : used + length]], lo + got)
-                    requests += 1
-                    if nread <= 0:
-                        raise FlashFormatError(
-                            f"{self.files.ffn_path}: unexpected end of file at byte {lo + got} "
-                            f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
-                        )
-                    got += nread
-                for j in (left[r], right[r]):  # bundles straddling the request's edges: the part inside
-                    if j >= 0:
-                        s0 = int(starts[j])
-                        a, b = max(s0, lo), min(s0 + bb, lo + length)
-                        _set_bytes(out, int(rows[j]), a - s0, b - s0, view[used + a - lo : used + b - lo])
-                if j0s[r] < j1s[r]:
-                    batch.append((r, used))
-                used += length
-            self._copy_out(batch, job, windows, view, out)
-        return requests
-
-    def _copy_out(self, batch, job: "_Job", windows, view: np.ndarray, out) -> None:
-        """Copy the whole bundles of the buffered requests ``batch`` (``(request, offset in the
-        buffer)``) into their rows of ``out``."""
-        if not batch:
-            return
-        bb = self.bundle_bytes
-        starts, rows = job.plan.starts, job.plan.rows
-        if len(batch) == 1:
-            r, boff = batch[0]
-            j0, j1 = job.j0[r], job.j1[r]
-            offs = starts[j0:j1] - (job.lo[r] - boff)
-            dst = rows[j0:j1]
-        else:
-            offs = np.concatenate([starts[job.j0[r] : job.j1[r]] - (job.lo[r] - boff) for r, boff in batch])
-            dst = np.concatenate([rows[job.j0[r] : job.j1[r]] for r, _ in batch])
-        k = len(offs)
-        o0 = int(offs[0])
-        if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
-            block = view[o0 : o0 + k * bb].reshape(k, bb)
-        else:  # one gather of rows starting at any byte offset
-            block = windows[offs]
-        r0 = int(dst[0])
-        if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
-            set_rows(out, slice(r0, r0 + k), block)
-        else:
-            set_rows(out, dst, block)
-
 
 class _Job:
-    """The requests of one read call, shared by its workers: ``take`` hands out request
-    indices (``next`` on an ``itertools.count`` is atomic in CPython); ``stop`` ends the
-    call early after an error. Per request (Python lists, computed with numpy once per call):
+    """One submitted read: its plan and, per request (Python lists, computed with numpy once):
     ``lo``/``hi``, ``need`` (bytes up to the end of its last bundle: a short read at the end
     of the file past that is fine), ``j0``/``j1`` (the bundles wholly inside it), ``left``/
-    ``right`` (a bundle straddling its start / end, -1 when none)."""
+    ``right`` (a bundle straddling its start / end, -1 when none). ``next`` (the next request
+    to hand out), ``pending`` (requests not finished), ``requests`` (system calls), ``error``
+    and ``stop`` are guarded by the pool's lock; ``finished`` is set when the last request
+    is done and the duplicate rows are filled."""
 
-    def __init__(self, plan: _Plan, n: int, bundle_bytes: int):
+    def __init__(self, plan: Optional[_Plan], out, dup_rows, dup_src, bundle_bytes: int, path, t0: float):
         self.plan = plan
-        self.n = n
-        lo, hi, n_lo, n_hi = plan.req_lo, plan.req_hi, plan.n_lo, plan.n_hi
-        s_first, e_last = plan.starts[n_lo], plan.starts[n_hi - 1] + bundle_bytes
-        cut_left, cut_right = s_first < lo, e_last > hi
-        left = np.where(cut_left, n_lo, -1)
-        right = np.where(cut_right & (n_hi - 1 != left), n_hi - 1, -1)  # one bundle over both edges: once
-        self.lo, self.hi = lo.tolist(), hi.tolist()
-        self.need = (np.minimum(hi, e_last) - lo).tolist()
-        self.j0 = (n_lo + cut_left).tolist()
-        self.j1 = (n_hi - cut_right).tolist()
-        self.left, self.right = left.tolist(), right.tolist()
-        self.take = itertools.count()
+        self.out = out
+        self.dup_rows, self.dup_src = dup_rows, dup_src
+        self.path = path
+        self.t0 = t0
+        self.t1: Optional[float] = None
+        self.next = 0
+        self.requests = 0
+        self.error: Optional[BaseException] = None
         self.stop = False
+        self.finished = threading.Event()
+        if plan is None or not len(plan.req_lo):
+            self.n = 0
+            self.bytes_read = self.bytes_useful = 0
+        else:
+            lo, hi, n_lo, n_hi = plan.req_lo, plan.req_hi, plan.n_lo, plan.n_hi
+            s_first, e_last = plan.starts[n_lo], plan.starts[n_hi - 1] + bundle_bytes
+            cut_left, cut_right = s_first < lo, e_last > hi
+            left = np.where(cut_left, n_lo, -1)
+            right = np.where(cut_right & (n_hi - 1 != left), n_hi - 1, -1)  # one bundle over both edges: once
+            self.lo, self.hi = lo.tolist(), hi.tolist()
+            self.need = (np.minimum(hi, e_last) - lo).tolist()
+            self.j0 = (n_lo + cut_left).tolist()
+            self.j1 = (n_hi - cut_right).tolist()
+            self.left, self.right = left.tolist(), right.tolist()
+            self.n = len(self.lo)
+            self.bytes_read = int((hi - lo).sum())
+            self.bytes_useful = len(plan.starts) * bundle_bytes
+        self.pending = self.n
+        self.stats = ReadStats()
 
 
-__all__ = ["FlashReader", "ReadStats", "SplitRows", "set_rows"]
+class _Pool:
+    """The reader's queue of submitted reads, its worker threads and aligned buffers (slot 0:
+    the thread that waits, 1..threads-1: the workers), and its totals. Workers take the next
+    request of the first read in the queue, ``os.preadv`` it into their own buffer (the GIL is
+    released during the read) and copy its bundles out with one numpy gather. O_DIRECT cannot
+    scatter straight into the destination rows: iovec segments must be multiples of the block
+    size, bundles are not."""
+
+    def __init__(self, file: UncachedFile, bundle_bytes: int, chunk_bytes: int, threads: int):
+        self.file = file
+        self.bb = bundle_bytes
+        self.bufs = [aligned_buffer(chunk_bytes) for _ in range(threads)]
+        self.mvs = [memoryview(b) for b in self.bufs]
+        self.views = [np.frombuffer(b, dtype=np.uint8) for b in self.bufs]
+        # each buffer as rows of one bundle starting at every byte: a gather of bundles at any offsets
+        self.windows = [np.lib.stride_tricks.sliding_window_view(v, bundle_bytes)
+                        if len(v) >= bundle_bytes else None for v in self.views]
+        self.cv = threading.Condition()
+        self.queue: Deque[_Job] = deque()
+        self.waiter = threading.Lock()  # slot 0's buffer: one waiting thread reads at a time
+        self.closed = False
+        self.totals = ReadStats()
+        self.active = 0  # submitted reads not finished
+        self.busy_since = 0.0
+        self.serving = 0  # requests taken and not finished
+        self.serving_since = 0.0
+        self.workers = [threading.Thread(target=_serve, args=(self, k), name=f"flash-read-{k}", daemon=True)
+                        for k in range(1, threads)]
+        for w in self.workers:
+            w.start()
+
+    # ----------------------------------------------------------------- queue
+    def submit(self, job: _Job) -> None:
+        with self.cv:
+            if self.closed:
+                raise ValueError("FlashReader is closed")
+            if self.active == 0:
+                self.busy_since = job.t0
+            self.active += 1
+            if job.n:
+                self.queue.append(job)
+                self.cv.notify(min(job.n, len(self.workers)))
+        if not job.n:
+            self._finish(job)
+
+    def take(self) -> Optional[Tuple[_Job, int]]:
+        """The next request of the first queued read (the caller holds ``cv``), None when none."""
+        if not self.queue:
+            return None
+        job = self.queue[0]
+        r = job.next
+        job.next += 1
+        if self.serving == 0:
+            self.serving_since = time.perf_counter()
+        self.serving += 1
+        if job.next >= job.n:
+            self.queue.popleft()
+        return job, r
+
+    def wait(self, job: _Job) -> ReadStats:
+        if not job.finished.is_set() and self.waiter.acquire(blocking=False):
+            try:
+                while True:
+                    with self.cv:
+                        if job.next >= job.n:
+                            break
+                        if self.queue[0] is not job:  # waited for: served first
+                            self.queue.remove(job)
+                            self.queue.appendleft(job)
+                        _, r = self.take()  # type: ignore[misc]
+                    self.run(0, job, r)
+            finally:
+                self.waiter.release()
+        job.finished.wait()
+        if job.error is not None:
+            raise job.error
+        return job.stats
+
+    def run(self, slot: int, job: _Job, r: int) -> None:
+        """Request ``r`` of ``job`` in buffer ``slot``; the last one finishes the job."""
+        k, err = 0, None
+        if not job.stop:
+            try:
+                k = self._read(slot, job, r)
+            except BaseException as e:  # handed to whoever waits for the job
+                err = e
+        with self.cv:
+            job.requests += k
+            if err is not None and job.error is None:
+                job.error, job.stop = err, True
+            job.pending -= 1
+            self.serving -= 1
+            if self.serving == 0:
+                self.totals.service_seconds += time.perf_counter() - self.serving_since
+            last = job.pending == 0
+        if last:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        if job.error is None and job.dup_rows is not None:
+            out = job.out
+            if isinstance(out, SplitRows):
+                out.copy_rows(job.dup_rows, job.dup_src)
+            else:
+                out[job.dup_rows] = out[job.dup_src]
+        t1 = time.perf_counter()
+        with self.cv:
+            job.t1 = t1
+            job.stats = ReadStats(job.bytes_read, job.bytes_useful, job.requests, t1 - job.t0)
+            self.totals.add(ReadStats(job.bytes_read, job.bytes_useful, job.requests, 0.0))
+            self.active -= 1
+            if self.active == 0:
+                self.totals.seconds += t1 - self.busy_since
+        job.out = None  # the destination is the caller's again
+        job.finished.set()
+
+    def _read(self, slot: int, job: _Job, r: int) -> int:
+        """Read request ``r`` into the slot's buffer and copy its bundles out; returns the system calls."""
+        mv, view = self.mvs[slot], self.views[slot]
+        fd, bb = self.file.fd, self.bb
+        out = job.out
+        plan = job.plan
+        assert plan is not None
+        starts, rows = plan.starts, plan.rows
+        lo = job.lo[r]
+        length = job.hi[r] - lo
+        need = job.need[r]
+        got = calls = 0
+        while got < need:
+            nread = os.preadv(fd, [mv[got:length]], lo + got)
+            calls += 1
+            if nread <= 0:
+                raise FlashFormatError(
+                    f"{job.path}: unexpected end of file at byte {lo + got} "
+                    f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
+                )
+            got += nread
+        for j in (job.left[r], job.right[r]):  # bundles straddling the request's edges: the part inside
+            if j >= 0:
+                s0 = int(starts[j])
+                a, b = max(s0, lo), min(s0 + bb, lo + length)
+                _set_bytes(out, int(rows[j]), a - s0, b - s0, view[a - lo : b - lo])
+        j0, j1 = job.j0[r], job.j1[r]
+        if j0 < j1:
+            k = j1 - j0
+            offs = starts[j0:j1] - lo
+            o0 = int(offs[0])
+            if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
+                block = view[o0 : o0 + k * bb].reshape(k, bb)
+            else:  # one gather of rows starting at any byte offset
+                windows = self.windows[slot]
+                assert windows is not None  # a buffer holds at least one bundle when a request has whole ones
+                block = windows[offs]
+            dst = rows[j0:j1]
+            r0 = int(dst[0])
+            if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
+                set_rows(out, slice(r0, r0 + k), block)
+            else:
+                set_rows(out, dst, block)
+        return calls
+
+    # ----------------------------------------------------------------- totals, close
+    def snapshot(self) -> ReadStats:
+        with self.cv:
+            t = ReadStats(**vars(self.totals))
+            now = time.perf_counter()
+            if self.active:
+                t.seconds += now - self.busy_since
+            if self.serving:
+                t.service_seconds += now - self.serving_since
+        return t
+
+    def reset_totals(self) -> ReadStats:
+        with self.cv:
+            t, self.totals = self.totals, ReadStats()
+            now = time.perf_counter()
+            if self.active:  # split the intervals in progress
+                t.seconds += now - self.busy_since
+                self.busy_since = now
+            if self.serving:
+                t.service_seconds += now - self.serving_since
+                self.serving_since = now
+        return t
+
+    def close(self) -> None:
+        with self.cv:
+            if self.closed:
+                return
+            pending = list(self.queue)
+        for job in pending:  # without workers nobody else would read them
+            try:
+                self.wait(job)
+            except BaseException:  # the error belongs to whoever waits for the read
+                pass
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        for w in self.workers:
+            if w is not threading.current_thread():
+                w.join()
+        self.file.close()
+        for mv in self.mvs:
+            mv.release()
+        self.mvs, self.views, self.windows = [], [], []
+        for b in self.bufs:
+            try:
+                b.close()
+            except BufferError:  # a view is still exported somewhere; GC will free it
+                pass
+        self.bufs = []
+
+
+def _serve(pool: _Pool, slot: int) -> None:
+    """A worker: take requests from the queue until the pool closes."""
+    while True:
+        with pool.cv:
+            got = pool.take()
+            while got is None:
+                if pool.closed:
+                    return
+                pool.cv.wait()
+                got = pool.take()
+        pool.run(slot, *got)
+
+
+__all__ = ["FlashReader", "ReadHandle", "ReadStats", "SplitRows", "set_rows"]

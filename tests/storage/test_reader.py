@@ -207,6 +207,88 @@ def test_end_of_file_is_a_format_error(tmp_path):
             r.read(1, np.array([m.intermediate_size - 1]), out)
 
 
+def test_submitted_reads_of_several_layers_in_flight(small, wide):
+    """Reads of several layers submitted at once (no wait in between), into plain rows, chosen
+    rows and role-split rows, waited for in another order than submitted: each gets exactly
+    its bytes; a read waited for first is served first, the others finish meanwhile."""
+    for files in (small, wide):
+        m = files.manifest
+        raw = np.fromfile(files.ffn_path, dtype=np.uint8)
+        with FlashReader(files, threads=4, chunk_bytes=512, max_gap_bytes=0) as r:
+            rng = np.random.default_rng(7)
+            jobs = []
+            for k in range(12):
+                layer = k % m.num_layers
+                ids = _random_ids(rng, m.intermediate_size)
+                if k % 3 == 0:  # every neuron, many requests
+                    ids = rng.permutation(m.intermediate_size)
+                out = np.full((len(ids) + 2, m.bundle_bytes), 0xCD, dtype=np.uint8)
+                rows = rng.permutation(len(ids) + 2)[: len(ids)] if k % 2 else None
+                dest = out if rows is not None else out[: len(ids)]
+                jobs.append((layer, ids, out, rows, r.submit(layer, ids, dest, rows)))
+            for i in [5, 11, 0, 3, 1, 2, 4, 6, 7, 8, 9, 10]:  # out of order
+                layer, ids, out, rows, h = jobs[i]
+                st = h.wait()
+                assert h.done() and h.finished is not None and h.finished >= h.started
+                offs = np.array([m.neuron_offset(layer, int(j)) for j in ids])
+                got = out[rows] if rows is not None else out[: len(ids)]
+                np.testing.assert_array_equal(got, raw[offs[:, None] + np.arange(m.bundle_bytes)], err_msg=str(i))
+                if rows is not None:  # the other rows are left alone
+                    assert (np.delete(out, rows, axis=0) == 0xCD).all()
+                else:
+                    assert (out[len(ids):] == 0xCD).all()
+                assert st.bytes_useful == len(np.unique(ids)) * m.bundle_bytes
+                assert h.wait() is st  # waiting again returns the same figures
+            t = r.reset_totals()
+            assert t.bytes_read == sum(h.wait().bytes_read for *_, h in jobs)
+            assert t.requests == sum(h.wait().requests for *_, h in jobs)
+            assert t.seconds <= sum(h.wait().seconds for *_, h in jobs)  # wall time with reads in flight
+            assert 0 < t.service_seconds <= t.seconds  # ... of which a read thread was at work
+
+
+def test_submit_with_one_thread_and_close_with_reads_queued(small):
+    """threads=1: no workers, the waiting thread reads; close() finishes reads nobody waited for."""
+    m = small.manifest
+    raw = np.fromfile(small.ffn_path, dtype=np.uint8)
+    r = FlashReader(small, threads=1, chunk_bytes=512)
+    out = np.zeros((m.intermediate_size, m.bundle_bytes), np.uint8)
+    h = r.submit(1, np.arange(m.intermediate_size), out)
+    assert not h.done()  # nobody has read it yet
+    r.close()
+    assert h.done()
+    np.testing.assert_array_equal(out.reshape(-1), raw[m.layers[1].offset : m.layers[1].offset + out.size])
+    with pytest.raises(ValueError, match="closed"):
+        r.submit(0, np.array([1]), out[:1])
+
+
+def test_a_failed_request_surfaces_from_wait(tmp_path):
+    """A read past the end of a damaged file raises the same FlashFormatError from wait(),
+    whichever thread hit it; reads submitted with it still return their bytes, and the
+    reader keeps working."""
+    files = open_flash(make_tiny_flash(tmp_path, layers=2, hidden=64, ffn=300))
+    m = files.manifest
+    raw = np.fromfile(files.ffn_path, dtype=np.uint8)
+    with FlashReader(files, threads=4, chunk_bytes=512, max_gap_bytes=0) as r:
+        os.truncate(files.ffn_path, m.layers[1].offset + 4096)  # damaged after validation
+        good0 = np.empty((m.intermediate_size, m.bundle_bytes), np.uint8)
+        bad = np.empty((m.intermediate_size, m.bundle_bytes), np.uint8)
+        h0 = r.submit(0, np.arange(m.intermediate_size), good0)
+        hb = r.submit(1, np.arange(m.intermediate_size), bad)
+        with pytest.raises(FlashFormatError, match="unexpected end of file"):
+            hb.wait()
+        with pytest.raises(FlashFormatError, match="unexpected end of file"):
+            hb.wait()  # every wait says so
+        h0.wait()
+        o0 = m.layers[0].offset
+        np.testing.assert_array_equal(good0.reshape(-1), raw[o0 : o0 + good0.size])
+        with pytest.raises(FlashFormatError, match="unexpected end of file"):
+            r.read(1, np.array([m.intermediate_size - 1]), bad[:1])
+        one = np.empty((1, m.bundle_bytes), np.uint8)
+        r.read(1, np.array([0]), one)  # still inside the file
+        off = m.neuron_offset(1, 0)
+        np.testing.assert_array_equal(one[0], raw[off : off + m.bundle_bytes])
+
+
 # --------------------------------------------------------------------------- platform_io
 def test_buffered_on_request(small):
     with warnings.catch_warnings():
