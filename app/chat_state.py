@@ -73,7 +73,7 @@ def engine_detail(engine) -> str:
     if info is not None and info.hot_fraction and policy == "hot+window":
         policy += f" {info.hot_fraction:.0%} hot"
     chooser = engine.mode.split('-', 1)[-1]
-    if (engine.active_info or {}).get("asked") == "auto":
+    if engine.active_info is not None and engine.active_info.asked == "auto":
         chooser = f"auto → {chooser}"  # measured per model; the reason is in Engine.active_info
     return (f"flash · budget {engine.budget_text}{pct} · {chooser} · "
             f"window {cfg.window if cfg else '?'} · cache {policy}"

@@ -12,15 +12,21 @@ active neuron ids and, when L > 1, a per-token mask over that union.
 - ``predictor.PredictorChooser``: the low-rank predictors.
 - ``gate_first.GateFirst``: resident gate rows, ``|act(gate x)|`` above calibrated
   thresholds; the FFN reuses its gate product.
+
+Which chooser runs and why is recorded as an :class:`ActiveChoice` (``Engine.active_info``;
+``engine.choose_active`` measures the :class:`ActiveCandidate` s of "auto").
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .neuron_cache import CachePolicy
 
 Choice = Tuple[np.ndarray, Optional[np.ndarray]]
 
@@ -180,3 +186,59 @@ class Oracle:
         if mask.shape[0] == 1:
             return ids, None
         return ids, mask[:, ids]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActiveCandidate:
+    """One chooser ``engine.choose_active`` measured for "auto": the fraction of neurons it
+    reads per token (``density``), its ``recall`` of the oracle's neurons, the ``resident_bytes``
+    it holds in memory (predictor weights, gate rows), the bytes of one cached row
+    (``row_bytes``; ``read_row_bytes`` when misses read a different file), the calibrated
+    ``sparsity`` (gate-first) and the ``quality`` that admitted it, in words; then the per-layer
+    cache ``capacity`` left to it, the simulated ``bytes_per_token`` (None: its resident bytes
+    alone fill the budget) and the cache ``policy`` it was simulated with."""
+
+    density: float
+    recall: float
+    resident_bytes: int
+    row_bytes: int
+    sparsity: Optional[float] = None
+    quality: str
+    read_row_bytes: Optional[int] = None
+    capacity: int = 0
+    bytes_per_token: Optional[float] = None
+    policy: Optional[CachePolicy] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict (the speed test's JSON records): the unset optional fields left out,
+        ``bytes_per_token`` always there (None: it does not fit), ``policy`` as
+        ``CachePolicy.to_dict()``."""
+        out: Dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None or f.name == "bytes_per_token":
+                out[f.name] = v.to_dict() if isinstance(v, CachePolicy) else v
+        return out
+
+
+@dataclass(frozen=True)
+class ActiveChoice:
+    """The active-neuron chooser a flash engine runs (``name``), what was ``asked``
+    (``FlashConfig.active``) and the ``reason`` (``Engine.active_info``); gate-first adds its
+    ``sparsity``, "auto" on a calibrated model the measured ``candidates`` by name
+    (``engine.choose_active``). ``to_dict`` leaves unset fields out (JSON records)."""
+
+    name: str
+    asked: str
+    reason: str
+    candidates: Optional[Mapping[str, ActiveCandidate]] = None
+    sparsity: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The set fields as a plain dict, the candidates as :meth:`ActiveCandidate.to_dict`."""
+        out: Dict[str, Any] = {"asked": self.asked, "name": self.name, "reason": self.reason}
+        if self.candidates is not None:
+            out["candidates"] = {k: c.to_dict() for k, c in self.candidates.items()}
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity
+        return out

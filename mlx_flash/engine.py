@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,7 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .active import AllNeurons, Oracle, is_exact
+from .active import ActiveCandidate, ActiveChoice, AllNeurons, Oracle, is_exact
 from .config import FlashConfig, format_budget
 from .dense_model import load_dense_model
 from .gate_first import GATE_SEGMENTS, gate_info, gate_scale_bytes, load_gate_chooser
@@ -161,7 +161,7 @@ class Engine:
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[PolicyInfo] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
-                 prefetcher=None, active_info: Optional[dict] = None, arch_config: Optional[dict] = None):
+                 prefetcher=None, active_info: Optional[ActiveChoice] = None, arch_config: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -187,7 +187,7 @@ class Engine:
         self.engine_info: Optional[EngineChoice] = None
         # The active-neuron chooser that runs and why (flash only; see choose_active): name, asked,
         # reason, and for "auto" the measured candidates (density, bytes_per_token, capacity, quality).
-        self.active_info = active_info
+        self.active_info: Optional[ActiveChoice] = active_info
         self._arch_config = arch_config  # the model's config (models.<arch>.final_norm)
         self._prefill_rows_bytes = 0  # the transient prefill staging rows while a prompt is read
 
@@ -573,12 +573,12 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
 
     m = files.manifest
     active = config.active
-    record: Dict[str, Any] = {"name": active, "asked": active, "reason": "asked for"}
+    record = ActiveChoice(name=active, asked=active, reason="asked for")
     if active == "auto":
         info = predictor_info(m)
         if has_predictors(files):
             record = choose_active(files, config, act, reader)
-            active = record["name"]
+            active = record.name
         else:
             why = (f"manifest.json records activation predictors but {files.root / info.get('file', PREDICTOR_FILE)} "
                    f"is missing" if info else "this model has no activation predictors (not calibrated)")
@@ -591,14 +591,15 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
                 notes.append(f"{why}: falling back to the oracle, which drops the {sp:.0%} weakest neurons of "
                              f"each token and holds every layer's gate/up weights in memory; {CALIBRATE_HINT}, "
                              f"or give a 100% budget to run every neuron")
-            record = {"name": active, "asked": "auto", "reason": why}
+            record = ActiveChoice(name=active, asked="auto", reason=why)
     if active == "all":
         return AllNeurons(m.intermediate_size), record
     if active == "predictor":
         return load_predictor_chooser(files, config), record
     if active == "gate":
         ch = load_gate_chooser(files, config, act, act_param, compute_dtype)
-        record.setdefault("sparsity", ch.sparsity)
+        if record.sparsity is None:
+            record = replace(record, sparsity=ch.sparsity)
         return ch, record
     gate_up, biases = [], []
     for i in range(m.num_layers):
@@ -621,7 +622,7 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
 AUTO_ACTIVE_TOKENS = 120
 
 
-def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
+def choose_active(files, config: FlashConfig, act: str, reader=None) -> ActiveChoice:
     """``FlashConfig.active == "auto"``: gate-first, predictor or all, by measurement.
 
     Candidates: "all" (exact, every neuron), "predictor" (calibrated low-rank predictors
@@ -640,9 +641,9 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
     a measuring tool) for thresholded models; returns the record ``Engine.active_info``."""
 
     m = files.manifest
-    base = {"asked": "auto"}
     if not has_predictors(files):
-        return {**base, "name": "oracle", "reason": "no calibration (run `mlx-flash calibrate`): the oracle"}
+        return ActiveChoice(name="oracle", asked="auto",
+                            reason="no calibration (run `mlx-flash calibrate`): the oracle")
     pinfo = predictor_info(m) or {}
     freqs = load_frequencies(files)
     seg = bundle_segments(m)
@@ -651,23 +652,23 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
                            [n for n, _, _, _ in seg if n in GATE_SEGMENTS]).kept_bytes
     gate_bytes = (full_row - up_down_row) * m.intermediate_size * m.num_layers
     budget = config.budget_bytes(m.ffn_bytes_total)
-    cands: Dict[str, dict] = {"all": {"density": 1.0, "recall": 1.0, "resident_bytes": 0, "row_bytes": full_row,
-                                      "quality": "exact"}}
+    cands: Dict[str, ActiveCandidate] = {"all": ActiveCandidate(density=1.0, recall=1.0, resident_bytes=0,
+                                                                row_bytes=full_row, quality="exact")}
     recall = float((config.extra or {}).get("recall", pinfo.get("recall", 0.99)))
     held = (pinfo.get("held_out") or {}).get(str(recall))
     why_not_predictor = predictor_left_out(pinfo, recall)
     if held and why_not_predictor is None:
-        cands["predictor"] = {"density": float(held["predicted_fraction"]), "recall": float(held["recall"]),
-                              "resident_bytes": int(pinfo.get("bytes", 0)), "row_bytes": full_row,
-                              "quality": f"recall {float(held['recall']):.3f} of the oracle's neurons"
-                                         + predictor_ppl_text(pinfo, recall)}
+        cands["predictor"] = ActiveCandidate(density=float(held["predicted_fraction"]), recall=float(held["recall"]),
+                                             resident_bytes=int(pinfo.get("bytes", 0)), row_bytes=full_row,
+                                             quality=f"recall {float(held['recall']):.3f} of the oracle's neurons"
+                                                     + predictor_ppl_text(pinfo, recall))
     rec = gate_info(m)
     why_not_gate = "not calibrated (an older calibration: run `mlx-flash calibrate` again)"
     if rec is None and is_exact(act) and act != "drelu":  # act(gate x) != 0 is the model's own active set
         true = (held or {}).get("true_fraction")
         if true is not None:
-            cands["gate"] = {"density": float(true), "recall": 1.0, "resident_bytes": int(gate_bytes),
-                             "row_bytes": up_down_row, "quality": f"exact ({act}(gate x) != 0)"}
+            cands["gate"] = ActiveCandidate(density=float(true), recall=1.0, resident_bytes=int(gate_bytes),
+                                            row_bytes=up_down_row, quality=f"exact ({act}(gate x) != 0)")
         else:
             why_not_gate = "no held-out active fraction in the calibration"
     elif rec is not None:
@@ -677,60 +678,59 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         if h is not None and ppl.get("gate", {}).get(str(s)) is not None:  # measured held-out perplexity
             p, dense, tol = float(ppl["gate"][str(s)]), float(ppl["dense"]), float(ppl["tolerance"])
             if p <= dense * (1 + tol):
-                cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
-                                 "resident_bytes": int(gate_bytes) + gate_scale_bytes(rec, m), "row_bytes": up_down_row,
-                                 "sparsity": s, "quality": f"held-out perplexity {p:.3f} ({p / dense - 1:+.1%} "
-                                                           f"vs dense, within {tol:.1%})"}
+                cands["gate"] = ActiveCandidate(density=float(h["active_fraction"]), recall=1.0,
+                                                resident_bytes=int(gate_bytes) + gate_scale_bytes(rec, m),
+                                                row_bytes=up_down_row, sparsity=s,
+                                                quality=f"held-out perplexity {p:.3f} ({p / dense - 1:+.1%} "
+                                                        f"vs dense, within {tol:.1%})")
             else:
                 why_not_gate = (f"held-out perplexity {p:.3f} is {p / dense - 1:+.1%} vs dense {dense:.3f} "
                                 f"(more than {tol:.1%}) at sparsity {s:g}")
         elif h is not None:
             err, limit = float(h["rel_error"]), float(rec.get("oracle_rel_error", float("inf")))
             if err <= limit * (1 + 1e-6):
-                cands["gate"] = {"density": float(h["active_fraction"]), "recall": 1.0,
-                                 "resident_bytes": int(gate_bytes), "row_bytes": up_down_row, "sparsity": s,
-                                 "quality": f"held-out FFN error {err:.3f} <= oracle's {limit:.3f}"}
+                cands["gate"] = ActiveCandidate(density=float(h["active_fraction"]), recall=1.0,
+                                                resident_bytes=int(gate_bytes), row_bytes=up_down_row, sparsity=s,
+                                                quality=f"held-out FFN error {err:.3f} <= oracle's {limit:.3f}")
             else:
                 why_not_gate = f"held-out FFN error {err:.3f} above the oracle's {limit:.3f} at sparsity {s:g}"
         else:
             why_not_gate = f"no calibrated gate thresholds for sparsity {s:g}"
     rm = ReadModel.of_reader(reader, config.scratch_neurons) if reader is not None else None
     if "gate" in cands and not config.pipeline and updown_files(files) is not None:
-        cands["gate"]["read_row_bytes"] = up_down_row  # misses read the up/down side file
+        cands["gate"] = replace(cands["gate"], read_row_bytes=up_down_row)  # misses read the up/down side file
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
-    for c in cands.values():
-        room = budget - c["resident_bytes"]
-        if room < n * m.num_layers * c["row_bytes"]:  # the scratch buffer, as _load_flash sizes it
-            room -= min(config.scratch_neurons, n, max(8, room // 8 // c["row_bytes"])) * c["row_bytes"]
-        cap = int(min(n, max(0, room) // m.num_layers // c["row_bytes"]))
-        c["capacity"] = cap
-        if room <= 0:
-            c["bytes_per_token"] = None  # its resident bytes alone fill the budget: it cannot run
+    for k, c in cands.items():
+        room = budget - c.resident_bytes
+        if room < n * m.num_layers * c.row_bytes:  # the scratch buffer, as _load_flash sizes it
+            room -= min(config.scratch_neurons, n, max(8, room // 8 // c.row_bytes)) * c.row_bytes
+        cap = int(min(n, max(0, room) // m.num_layers // c.row_bytes))
+        if room <= 0:  # its resident bytes alone fill the budget: it cannot run (bytes_per_token None)
+            cands[k] = replace(c, capacity=cap, bytes_per_token=None)
             continue
         if freqs is None:
-            c["bytes_per_token"] = float(c["density"] * n * m.num_layers * full_row)
+            cands[k] = replace(c, capacity=cap, bytes_per_token=float(c.density * n * m.num_layers * full_row))
             continue
-        read_row = c.get("read_row_bytes", full_row)
+        read_row = c.read_row_bytes if c.read_row_bytes is not None else full_row
         rmc = replace(rm, bundle_bytes=read_row) if rm is not None else None
-        pol = candidate_policy(config, freqs, cap, rmc, c["density"], c["recall"])
-        c["policy"] = pol.to_dict()
-        f = chosen_frequencies(freqs, c["density"], c["recall"])
+        pol = candidate_policy(config, freqs, cap, rmc, c.density, c.recall)
+        f = chosen_frequencies(freqs, c.density, c.recall)
         per = []
         for i in layers:
             st = simulate(sample_active_sets(f[i], AUTO_ACTIVE_TOKENS, int(i)), n, cap, pol, config.window,
                           frequencies=freqs[i], warmup=AUTO_ACTIVE_TOKENS // 4, read_model=rmc)
             steps = max(1, st.steps)
             per.append(st.bytes_read / steps if rm is not None else (st.misses + st.overflow) * read_row / steps)
-        c["bytes_per_token"] = float(np.mean(per) * m.num_layers)
+        cands[k] = replace(c, capacity=cap, bytes_per_token=float(np.mean(per) * m.num_layers), policy=pol)
     def cost(k: str) -> float:
-        b = cands[k]["bytes_per_token"]
+        b = cands[k].bytes_per_token
         return float("inf") if b is None else b
 
     best = min(cands, key=lambda k: (cost(k), k != "all"))
-    table = ", ".join((f"{k} {v['bytes_per_token'] / 1e6:.1f} MB" if v["bytes_per_token"] is not None else
-                       f"{k} does not fit the budget") + f" ({v['density']:.0%} active, {v['capacity']} rows/layer"
-                      + (f", {_policy_text(v['policy'])}" if "policy" in v else "") + ")"
+    table = ", ".join((f"{k} {v.bytes_per_token / 1e6:.1f} MB" if v.bytes_per_token is not None else
+                       f"{k} does not fit the budget") + f" ({v.density:.0%} active, {v.capacity} rows/layer"
+                      + (f", {_policy_text(v.policy)}" if v.policy is not None else "") + ")"
                       for k, v in cands.items())
     reason = (f"fewest bytes read per token among the choices that keep quality (simulated with the cache "
               f"policy each would run, {config.budget:g} budget): {table}")
@@ -738,11 +738,8 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> dict:
         reason += f"; gate-first left out: {why_not_gate}"
     if why_not_predictor is not None:
         reason += f"; predictor left out: {why_not_predictor}"
-    out = {**base, "name": best, "reason": reason,
-           "candidates": {k: dict(v) for k, v in cands.items()}}
-    if best == "gate":
-        out["sparsity"] = cands["gate"]["sparsity"]
-    return out
+    return ActiveChoice(name=best, asked="auto", reason=reason, candidates=cands,
+                        sparsity=cands["gate"].sparsity if best == "gate" else None)
 
 
 def _predictor_ppl(pinfo: dict, recall: float) -> Optional[Tuple[float, float, float]]:
@@ -783,10 +780,9 @@ def candidate_policy(config: FlashConfig, freqs: np.ndarray, capacity: int, read
                                read_model=read_model, density=density, recall=recall)[0]
 
 
-def _policy_text(policy: dict) -> str:
-    """``CachePolicy.to_dict()`` in words: "lru", "hot", "hot+window 50%"."""
-    f = policy.get("hot_fraction")
-    return policy["name"] + (f" {f:.0%}" if policy["name"] == "hot+window" and f is not None else "")
+def _policy_text(policy: CachePolicy) -> str:
+    """A ``CachePolicy`` in words: "lru", "hot", "hot+window 50%"."""
+    return policy.name + (f" {policy.hot_fraction:.0%}" if policy.name == "hot+window" else "")
 
 
 def _load_flash_float(path: Path, dtype: str) -> Engine:

@@ -482,25 +482,39 @@ def display_name(entry_or_path) -> str:
     return p.name[: -len(".flash")] if p.name.endswith(".flash") else p.name
 
 
-def flash_details(path: Path) -> dict:
-    """What the library view shows about a flash folder beyond :func:`describe`:
-    ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``, ``has_predictors``, ``source``,
-    ``quantization`` (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles).
-    Empty for folders that are not flash models (or whose manifest is unreadable)."""
+@dataclass(frozen=True)
+class FlashDetails:
+    """What the library view shows about a flash folder beyond :func:`describe`
+    (:func:`flash_details`): ``ffn_bytes`` (the FFN on disk), ``dtype``, ``layers``,
+    ``has_predictors`` (MoE: calibrated expert frequencies), ``source``, ``quantization``
+    (e.g. "gate 4b/g32, up 4b/g32, down 4b/g32"; empty for float bundles) and, for MoE
+    folders, ``experts`` (e.g. "16 experts, top-4")."""
+
+    ffn_bytes: int
+    dtype: str
+    layers: int
+    has_predictors: bool
+    source: str
+    quantization: str
+    experts: Optional[str] = None
+
+
+def flash_details(path: Path) -> Optional[FlashDetails]:
+    """A flash folder's :class:`FlashDetails`; None for folders that are not flash models
+    (or whose manifest is unreadable)."""
     if is_moe_flash_dir(path):
         try:
             mm = open_moe_flash(path).manifest
         except (OSError, FlashFormatError):
-            return {}
+            return None
         q = ", ".join(f"{r} {v['bits']}b/g{v['group_size']}" for r, v in mm.quantization.items() if v != "none")
-        return {"ffn_bytes": mm.ffn_bytes_total, "dtype": mm.dtype, "layers": mm.num_layers,
-                "has_predictors": mm.expert_frequencies is not None, "source": mm.source, "quantization": q,
-                "experts": f"{mm.num_experts} experts, top-{mm.top_k}"}
+        return FlashDetails(ffn_bytes=mm.ffn_bytes_total, dtype=mm.dtype, layers=mm.num_layers,
+                            has_predictors=mm.expert_frequencies is not None, source=mm.source, quantization=q,
+                            experts=f"{mm.num_experts} experts, top-{mm.top_k}")
     try:
         m = Manifest.load(Path(path))
         quant = describe_quant(role_quantization(m))
     except (OSError, FlashFormatError):  # FlashFormatError: bad JSON, wrong types, missing fields
-        return {}
-    return {"ffn_bytes": m.ffn_bytes_total, "dtype": m.dtype, "layers": m.num_layers,
-            "has_predictors": bool(m.predictors), "source": m.source,
-            "quantization": quant}
+        return None
+    return FlashDetails(ffn_bytes=m.ffn_bytes_total, dtype=m.dtype, layers=m.num_layers,
+                        has_predictors=bool(m.predictors), source=m.source, quantization=quant)

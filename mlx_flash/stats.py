@@ -125,5 +125,5 @@ def print_summary(stats_list, file=None, engine=None) -> None:
                   f"(disk and compute busy at once); {used:.0f} of {fetched:.0f} prefetched neurons/token used",
                   file=file)
     info = engine.active_info if engine is not None else None
-    if info:
-        print(f"Active neurons: {info['name']} ({info.get('reason')})", file=file)
+    if info is not None:
+        print(f"Active neurons: {info.name} ({info.reason})", file=file)

@@ -328,7 +328,7 @@ def test_engine_bytes_match_cache_counters(tiny_models, policy):
         # the bytes of one cache row as the reader reads it: the whole bundle, or its up/down part when
         # auto chose gate-first with its side file (the gate rows are resident)
         bb = eng.reader.bundle_bytes
-        assert bb == eng.files.manifest.bundle_bytes or eng.active_info["name"] == "gate"
+        assert bb == eng.files.manifest.bundle_bytes or eng.active_info.name == "gate"
         cache = eng.cache
         pol = cache.policy
         assert pol.name == info.name and pol.hot_fraction == info.hot_fraction

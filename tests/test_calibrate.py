@@ -142,8 +142,8 @@ def test_relu_models_use_the_exact_rule(tmp_path):
 
     eng = load(flash, FlashConfig(budget=0.6, threads=1))
     try:
-        gate = eng.active_info["candidates"]["gate"]
-        assert gate["quality"].startswith("exact") and gate["density"] == pytest.approx(
+        gate = eng.active_info.candidates["gate"]
+        assert gate.quality.startswith("exact") and gate.density == pytest.approx(
             info["held_out"]["0.999"]["true_fraction"])
     finally:
         eng.close()

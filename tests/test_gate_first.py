@@ -15,6 +15,7 @@ from mlx_flash.calibrate import calibrate
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load, predictor_left_out
 from mlx_flash.gate_first import GATE_SEGMENTS, GateFirst
+from mlx_flash.neuron_cache import CachePolicy
 from mlx_flash.predictor import load_gate_scales
 from mlx_flash.storage.format import (
     DENSE_FILE,
@@ -159,28 +160,34 @@ def test_auto_records_its_measured_choice(tmp_path):
     e = load(flash, FlashConfig(active="auto", budget=0.7))
     try:
         info = e.active_info
-        assert info["asked"] == "auto" and e.chooser.name == info["name"]
-        cands = info["candidates"]
-        assert "all" in cands and info["reason"]
+        assert info.asked == "auto" and e.chooser.name == info.name
+        cands = info.candidates
+        assert "all" in cands and info.reason
         if pp["passed"]:
-            assert "held-out perplexity" in cands["predictor"]["quality"]
+            assert "held-out perplexity" in cands["predictor"].quality
         else:
-            assert "predictor" not in cands and "predictor left out: held-out perplexity" in info["reason"]
-        assert info["name"] == min(cands, key=lambda k: (cands[k]["bytes_per_token"], k != "all"))
+            assert "predictor" not in cands and "predictor left out: held-out perplexity" in info.reason
+        assert info.name == min(cands, key=lambda k: (cands[k].bytes_per_token, k != "all"))
         if ppl["passed"]:  # admitted by its measured quality, which the record says
-            assert "perplexity" in cands["gate"]["quality"]
+            assert "perplexity" in cands["gate"].quality
         else:
-            assert "gate" not in cands and "gate-first left out: held-out perplexity" in info["reason"]
+            assert "gate" not in cands and "gate-first left out: held-out perplexity" in info.reason
         # each candidate was simulated with the cache policy that would run for it: the winner's is the one
         # the engine then resolved and runs
         ran = e.policy_info
-        assert cands[info["name"]]["policy"] == {"name": ran.name, "hot_fraction": ran.hot_fraction}
+        assert cands[info.name].policy == CachePolicy(ran.name, ran.hot_fraction)
+        # the JSON record (bench rows) keeps the dict's keys
+        d = info.to_dict()
+        assert {"asked", "name", "reason", "candidates"} <= set(d)
+        assert d["candidates"][info.name]["policy"] == {"name": ran.name, "hot_fraction": ran.hot_fraction}
+        assert {"density", "recall", "resident_bytes", "row_bytes", "quality", "capacity",
+                "bytes_per_token"} <= set(d["candidates"]["all"])
     finally:
         e.close()
     e = load(flash, FlashConfig(active="auto", budget=0.7, policy="lru"))
     try:
-        assert {c["policy"]["name"] for c in e.active_info["candidates"].values()} == {"lru"}
-        assert "lru)" in e.active_info["reason"]
+        assert {c.policy.name for c in e.active_info.candidates.values()} == {"lru"}
+        assert "lru)" in e.active_info.reason
     finally:
         e.close()
 

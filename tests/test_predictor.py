@@ -223,8 +223,8 @@ def test_engine_generates_with_predictors(calibrated):
         load(flash, FlashConfig(active="predictor", budget=0.05, scratch_neurons=8, threads=1))
     # the default ("auto") measures the calibrated choices and records which one runs, and why
     eng = load(flash, FlashConfig(scratch_neurons=32, threads=2))
-    assert eng.active_info["asked"] == "auto" and "predictor" in eng.active_info["candidates"]
-    assert eng.mode == f"flash-{eng.active_info['name']}"
+    assert eng.active_info.asked == "auto" and "predictor" in eng.active_info.candidates
+    assert eng.mode == f"flash-{eng.active_info.name}"
     eng.close()
 
 

@@ -165,6 +165,7 @@ class ModelLibraryPage(QWidget):
         self._import_worker: Optional[workers.Worker] = None
         self._queue: List[Path] = []
         self._importing: Optional[Path] = None
+        self._details: Optional[library.FlashDetails] = None  # the selected flash model's (budget in bytes)
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(28, 22, 28, 18)
@@ -418,12 +419,12 @@ class ModelLibraryPage(QWidget):
         self.policy.setCurrentIndex(max(0, self.policy.findData(ms["policy"])))
         for w in (self.budget, self.window, self.threads, self.active, self.policy):
             w.setEnabled(is_flash)
-        self._details = library.flash_details(p) if is_flash else {}
+        self._details = library.flash_details(p) if is_flash else None
         self._update_budget_label()
         self.apply_btn.setText("Save and reload" if in_use else "Save")
 
     def _update_budget_label(self) -> None:
-        ffn = getattr(self, "_details", {}).get("ffn_bytes", 0)
+        ffn = self._details.ffn_bytes if self._details is not None else 0
         self.budget_bytes.setText(f"= {theme.human_bytes(ffn * self.budget.value() / 100)} of "
                                   f"{theme.human_bytes(ffn)}" if ffn else "")
 
@@ -583,7 +584,8 @@ class ModelLibraryPage(QWidget):
             self.notice.emit("info", f"Import of {src.name if src else 'the model'} cancelled; nothing was kept.")
             self.import_finished.emit("")
         else:
-            has_pred = library.flash_details(Path(result)).get("has_predictors")
+            details = library.flash_details(Path(result))
+            has_pred = details is not None and details.has_predictors
             calib = " with activation predictors" if has_pred else " (no activation predictors: the oracle is used)"
             self.notice.emit("ok", f"Imported {library.display_name(result)}{calib}.")
             self.refresh(select=Path(result))

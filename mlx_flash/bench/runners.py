@@ -223,7 +223,7 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
         row.policy = _jsonable(engine.policy_info.to_dict()) if engine.policy_info is not None else None
         if engine.files is not None:
             mf = engine.files.manifest
-            row.active = _jsonable(engine.active_info)
+            row.active = _jsonable(engine.active_info.to_dict()) if engine.active_info is not None else None
             row.active_fraction = row.neurons_active_per_token / (mf.num_layers * mf.intermediate_size)
         if engine.cache is not None:
             row.preload_bytes = int(engine.cache.stats.preload_bytes)

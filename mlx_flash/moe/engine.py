@@ -39,6 +39,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes
 
+from ..active import ActiveChoice
 from ..config import FlashConfig
 from ..engine import Engine, EngineChoice, ModelLoadError, _load_tokenizer, reader_max_gap
 from ..neuron_cache import (
@@ -198,7 +199,8 @@ def _load_flash(files: MoeFiles, config: FlashConfig) -> Engine:
     return Engine(model, tok, files.root, config, files=files, cache=cache, reader=reader, chooser=RouterChooser(),
                   counters=counters, policy_info=policy_info, notes=notes,
                   context_length=cfg.get("max_position_embeddings"), verifier=verifier, prefetcher=prefetcher,
-                  active_info={"name": "router", "asked": config.active, "reason": "MoE: the router's top-k is exact"})
+                  active_info=ActiveChoice(name="router", asked=config.active,
+                                           reason="MoE: the router's top-k is exact"))
 
 
 def _module(model, path: str):

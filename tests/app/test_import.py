@@ -60,7 +60,8 @@ def test_drop_folder_imports_with_progress(make_window, qtbot, tiny_source, data
     assert w.library.table.item(0, 2).text() == family_label("llama")  # the family, by name
     assert "Imported Tiny-Llama" in w.library_notice.text()
     if w.library.calibrate_box.isChecked():
-        assert library.flash_details(path)["has_predictors"]
+        details = library.flash_details(path)
+        assert details is not None and details.has_predictors
     # the imported model loads in the chat (oracle: a tiny model's predictors do not fit half its tiny FFN)
 
     save_model_settings(w.settings, path.name, {"active": "oracle"})

@@ -26,7 +26,7 @@ def test_import_mlx_moe_folder_lists_loads_and_chats(tmp_path):
     entries, broken = library.scan_library(root)
     assert not broken and [(e.kind, e.family) for e in entries] == [("flash", "Qwen3 MoE")]
     details = library.flash_details(dst)
-    assert details["experts"] == "16 experts, top-4" and details["ffn_bytes"] == m.ffn_bytes_total
+    assert details is not None and details.experts == "16 experts, top-4" and details.ffn_bytes == m.ffn_bytes_total
 
     dense = flash_engine.load(src)
     flash = flash_engine.load(dst, FlashConfig(engine="flash", budget=0.5))
