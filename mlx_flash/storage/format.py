@@ -959,7 +959,7 @@ def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) ->
     out = []
     for part in bundle_parts(m):
         q = quant.get(part.role)
-        if q is not None and q.get("axis") == GROUPS_ALONG_FFN:  # codes x the resident group scales
+        if q is not None and groups is not None and q.get("axis") == GROUPS_ALONG_FFN:  # codes x group rows
             scales, biases = read_group_quant(files, layer)[part.role]
             gid = mx.array(groups[layer])
             # in the stored dtype, as mx.dequantize computes: the source's dequantized weights bit for bit
@@ -1366,7 +1366,7 @@ def write_flash(
                 for part in parts:
                     name = f"{pre}.{part.tensor}"
                     pq = _part_quant(fquant, part)
-                    if along_ffn(pq):  # the source's codes per neuron; its group scales go to dense
+                    if pq is not None and along_ffn(pq):  # the source's codes per neuron; group scales: dense
                         codes, sc, bi = _exact_down(weights, name[: -len(".weight")], hidden, inter, pq, what)
                         pieces.append(codes)
                         group_quant[group_quant_key(i, part.role, "scales")] = sc.astype(mx_out)
