@@ -206,7 +206,7 @@ class Engine:
     @property
     def budget_text(self) -> str:
         """The budget and what it holds (:func:`mlx_flash.config.format_budget`), for every screen."""
-        return format_budget(self.budget_bytes, self.predictor_bytes)
+        return format_budget(self.budget_bytes, self.predictor_bytes, self.group_quant_bytes)
 
     @property
     def ffn_bytes(self) -> int:

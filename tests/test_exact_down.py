@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.utils import load_model
 
 from mlx_flash import sparse_ffn
-from mlx_flash.config import FlashConfig
+from mlx_flash.config import FlashConfig, format_budget
 from mlx_flash.engine import load
 from mlx_flash.neuron_order import reorder_flash
 from mlx_flash.quantized import cast_floats
@@ -22,6 +22,7 @@ from mlx_flash.storage.format import (
     FlashFormatError,
     convert_to_flash,
     ffn_groups,
+    group_quant_bytes,
     open_flash,
     pack_codes,
     read_layer_weights,
@@ -144,3 +145,21 @@ def test_the_exact_layout_needs_version_3(q4, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(FlashFormatError, match="needs format_version 3"):
         open_flash(dst)
+
+
+def test_group_scales_are_resident_inside_the_budget(q4, tmp_path):
+    """The resident group scales are FFN weights: in ``ffn_bytes_total``, taken out of the budget
+    before the cache, counted in resident memory, and named in the budget's text."""
+    dst = convert_to_flash(q4, tmp_path / "b.flash")
+    m = open_flash(dst).manifest
+    scales = group_quant_bytes(m)
+    assert scales == LAYERS * 2 * (FFN // 32) * HIDDEN * 2
+    assert m.ffn_bytes_total == LAYERS * FFN * m.bundle_bytes + scales
+    eng = load(dst, FlashConfig(active="all", budget=0.5, threads=2, engine="flash"))
+    try:
+        assert eng.budget_bytes == int(0.5 * m.ffn_bytes_total) - scales  # the cache's share
+        assert eng.group_quant_bytes == scales and eng.resident_bytes() >= eng.dense_bytes + scales
+        assert eng.budget_text == format_budget(eng.budget_bytes, 0, scales)
+        assert eng.budget_text.endswith("down scales")
+    finally:
+        eng.close()
