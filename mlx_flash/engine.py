@@ -153,7 +153,8 @@ class Engine:
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[dict] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
-                 prefetcher=None, active_info: Optional[dict] = None, arch_config: Optional[dict] = None):
+                 prefetcher=None, active_info: Optional[dict] = None, arch_config: Optional[dict] = None,
+                 group_quant_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -166,7 +167,7 @@ class Engine:
         self.prefetcher = prefetcher  # pipelined layers (mlx_flash.pipeline.Prefetcher) or None
         self.dense_bytes = _param_bytes(model)
         # the exact down layout's resident group scales (storage.format.group_quant_bytes; 0 otherwise)
-        self.group_quant_bytes = group_quant_bytes(files.manifest) if files is not None else 0
+        self.group_quant_bytes = group_quant_bytes
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
         # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
@@ -889,7 +890,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
                   context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info,
-                  arch_config=arch_cfg)
+                  arch_config=arch_cfg, group_quant_bytes=group_quant_bytes(m))
 
 def _layer_groups(files) -> list:
     """Per layer ``(scales, biases, position groups)`` of the down rows kept exactly
