@@ -27,6 +27,7 @@ import pytest
 from mlx_flash import corpus, default_model
 from mlx_flash.convert.gguf import permute_qk, read_gguf_info
 from mlx_flash.paths import HOME_ENV, models_dir
+from mlx_flash.storage.format import convert_to_flash, open_flash
 
 QUESTION = "What is the capital of France?"
 
@@ -195,8 +196,6 @@ def test_flash_folder_with_8_bit_down_rows_is_upgraded(default_dir, tmp_path):
     """A default flash folder from before the exact down layout (down rows re-quantized at 8 bits,
     format version 2) still opens, but is not current: preparing converts it again, with a message,
     into the exact layout (the GGUF's own down codes, 1,008-byte bundles instead of 1,368)."""
-    from mlx_flash.storage.format import convert_to_flash, open_flash
-
     folder = default_model.default_flash_dir()
     keep = tmp_path / "keep"
     if folder.exists():
