@@ -270,7 +270,7 @@ def cmd_convert(args) -> int:
 
     calibrate = dst.suffix == ".flash" and not args.no_calibrate
     out = convert_any(src, dst, dtype=args.dtype, progress=tqdm_callback(f"Converting {src.name}"),
-                      overwrite=args.overwrite, calibrate=calibrate)
+                      overwrite=args.overwrite, calibrate=calibrate, down_bits=args.down_bits)
     print(f"wrote {out}" + (" (with activation predictors)" if calibrate else ""))
     return 0
 
@@ -582,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dequantize every weight to this float dtype; by default quantized weights stay "
                          "quantized: a GGUF's in MLX affine, group 32 (Q4_x/Q4_K 4-bit, Q5_x/Q5_K/Q3_K 5-bit, "
                          "Q8_0/Q6_K 8-bit, Q2_K 3-bit), and a quantized folder's in the .flash bundles")
+    cv.add_argument("--down-bits", type=int, default=None, choices=[4, 5, 6, 8],
+                    help="quantized sources to .flash: re-quantize the down projection along hidden at these "
+                         "bits (format version 2, e.g. 8) instead of keeping the source's own codes with "
+                         "resident group scales (the default where the source allows it: exact, smaller)")
     cv.add_argument("--overwrite", action="store_true")
     cv.add_argument("--no-calibrate", action="store_true",
                     help="skip fitting the activation predictors (.flash destinations; "

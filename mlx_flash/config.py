@@ -177,7 +177,7 @@ class FlashConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def format_budget(cache_bytes: int, predictor_bytes: int = 0) -> str:
+def format_budget(cache_bytes: int, predictor_bytes: int = 0, scale_bytes: int = 0) -> str:
     """The FFN memory budget as every screen shows it, with what it includes.
 
     The budget (:meth:`FlashConfig.budget_bytes`, after the engine's clamp) holds the
@@ -185,12 +185,15 @@ def format_budget(cache_bytes: int, predictor_bytes: int = 0) -> str:
     predictors: ``"79.6 MB: 75.5 MB cache + 4.1 MB predictors"``; without predictors
     ``"79.6 MB cache"``. ``cache_bytes`` is the cache's share (``Engine.budget_bytes``,
     ``Stats.budget_bytes``), ``predictor_bytes`` the predictors' (``Engine.predictor_bytes``,
-    ``Stats.predictor_bytes``)."""
-    cache_bytes, predictor_bytes = int(cache_bytes or 0), int(predictor_bytes or 0)
-    if not predictor_bytes:
+    ``Stats.predictor_bytes``), ``scale_bytes`` the exact down layout's resident group scales
+    (``Engine.group_quant_bytes``: ``" + 3.3 MB down scales"``)."""
+    cache_bytes, predictor_bytes, scale_bytes = int(cache_bytes or 0), int(predictor_bytes or 0), int(scale_bytes or 0)
+    if not predictor_bytes and not scale_bytes:
         return f"{fmt_bytes(cache_bytes)} cache"
-    return (f"{fmt_bytes(cache_bytes + predictor_bytes)}: {fmt_bytes(cache_bytes)} cache + "
-            f"{fmt_bytes(predictor_bytes)} predictors")
+    parts = [f"{fmt_bytes(cache_bytes)} cache"] + ([f"{fmt_bytes(predictor_bytes)} predictors"] if predictor_bytes
+                                                  else []) + ([f"{fmt_bytes(scale_bytes)} down scales"]
+                                                              if scale_bytes else [])
+    return f"{fmt_bytes(cache_bytes + predictor_bytes + scale_bytes)}: {' + '.join(parts)}"
 
 
 BUDGET_SYNTAX = ("a share of the model's FFN as a percentage (\"50%\", more than 0 and at most 100%) or a "

@@ -18,7 +18,14 @@ from .convert.gguf import convert_gguf, output_bytes
 from .neuron_order import order_flash
 from .paths import models_dir
 from .progress import ProgressCallback, report, scaled
-from .storage.format import FlashFormatError, Manifest, convert_to_flash, open_flash, role_quantization
+from .storage.format import (
+    GROUPS_ALONG_FFN,
+    FlashFormatError,
+    Manifest,
+    convert_to_flash,
+    open_flash,
+    role_quantization,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +133,13 @@ def calibration_problem(folder: Path) -> Optional[str]:
         return f"unreadable manifest: {e}"
 
 
+def is_current_layout(m: Manifest) -> bool:
+    """Whether a default flash folder's manifest has the current layout: quantized (4-bit) bundles
+    whose down rows are the GGUF's own codes (``storage.format.GROUPS_ALONG_FFN``). Older ones (bfloat16
+    bundles; 8-bit re-quantized down rows, 1,368 B bundles instead of 1,008) are converted again."""
+    return role_quantization(m).get("down", {}).get("axis") == GROUPS_ALONG_FFN
+
+
 def prepared_flash(calibrate: bool = True) -> Optional[Path]:
     """:func:`default_flash_dir` when it is a finished, current (4-bit) flash folder that needs no
     work (with current predictors that passed their gate, unless ``calibrate`` is False), else
@@ -134,9 +148,9 @@ def prepared_flash(calibrate: bool = True) -> Optional[Path]:
     if folder.exists() and (not calibrate or calibration_problem(folder) is None):
         try:
             m = open_flash(folder).manifest
-            # a bfloat16 one from an earlier version has no quantized roles: not current (upgraded);
+            # a bfloat16 one or one with 8-bit down rows from an earlier version: not current (upgraded);
             # a calibrated one from before neuron ordering gets its neurons ordered (seconds)
-            if role_quantization(m) and (not calibrate or m.neuron_order is not None):
+            if is_current_layout(m) and (not calibrate or m.neuron_order is not None):
                 return folder
         except FlashFormatError:
             pass
@@ -168,12 +182,13 @@ def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate
     ready = False
     if folder.exists():
         try:
-            ready = bool(role_quantization(open_flash(folder).manifest))
+            ready = is_current_layout(open_flash(folder).manifest)
         except FlashFormatError:
-            pass  # damaged: rebuild below (convert_to_flash replaces it only once the new one is complete)
+            pass  # damaged or too new: rebuild below (convert_to_flash replaces it only once the new one is complete)
         if not ready and (folder / "manifest.json").is_file():
-            logger.info("%s is not the current (4-bit) default model: converting it again", folder)
-            report(progress, 0.0, "upgrading the default model to its 4-bit flash form")
+            logger.info("%s is not the current default model (4-bit, the GGUF's own down rows): converting "
+                        "it again and calibrating it again", folder)
+            report(progress, 0.0, "upgrading the default model to its exact 4-bit flash form (smaller reads)")
     problem = calibration_problem(folder) if ready else "not converted yet"
     need_cal = calibrate and problem is not None
     if need_cal and ready and is_calibrated(folder):

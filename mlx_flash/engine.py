@@ -68,9 +68,12 @@ from .storage.format import (
     bundle_layout,
     bundle_parts,
     bundle_segments,
+    ffn_groups,
     ffn_state_dict,
+    group_quant_bytes,
     load_dense_weights,
     open_flash,
+    read_group_quant,
     read_layer_segments,
     read_layer_weights,
     role_quantization,
@@ -161,7 +164,8 @@ class Engine:
                  files=None, cache=None, reader=None, chooser=None, counters=None,
                  policy_info: Optional[PolicyInfo] = None, notes: Sequence[str] = (),
                  context_length: Optional[int] = None, verifier: Optional[BackgroundVerifier] = None,
-                 prefetcher=None, active_info: Optional[ActiveChoice] = None, arch_config: Optional[dict] = None):
+                 prefetcher=None, active_info: Optional[ActiveChoice] = None, arch_config: Optional[dict] = None,
+                 group_quant_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -173,6 +177,8 @@ class Engine:
         self.counters = counters or FFNCounters()
         self.prefetcher = prefetcher  # pipelined layers (mlx_flash.pipeline.Prefetcher) or None
         self.dense_bytes = _param_bytes(model)
+        # the exact down layout's resident group scales (storage.format.group_quant_bytes; 0 otherwise)
+        self.group_quant_bytes = group_quant_bytes
         self.mode = "dense" if files is None else f"flash-{chooser.name}"
         # The neuron cache policy that runs and why (flash only; see _apply_cache_policy):
         # name, hot_fraction, asked, reason, source, pinned, preload_bytes, hit_rates (simulated).
@@ -212,7 +218,7 @@ class Engine:
     @property
     def budget_text(self) -> str:
         """The budget and what it holds (:func:`mlx_flash.config.format_budget`), for every screen."""
-        return format_budget(self.budget_bytes, self.predictor_bytes)
+        return format_budget(self.budget_bytes, self.predictor_bytes, self.group_quant_bytes)
 
     @property
     def ffn_bytes(self) -> int:
@@ -220,7 +226,7 @@ class Engine:
 
     def resident_bytes(self) -> int:
         """Weights held in memory: dense part, neuron cache in use, staging buffers, chooser."""
-        n = self.dense_bytes
+        n = self.dense_bytes + self.group_quant_bytes
         if self.cache is not None:
             n += self.cache.resident_bytes
             if self.prefetcher is not None:
@@ -651,7 +657,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> ActiveCh
     up_down_row = RowStore(0, m.bundle_elems, getattr(mx, m.dtype), seg,
                            [n for n, _, _, _ in seg if n in GATE_SEGMENTS]).kept_bytes
     gate_bytes = (full_row - up_down_row) * m.intermediate_size * m.num_layers
-    budget = config.budget_bytes(m.ffn_bytes_total)
+    budget = config.budget_bytes(m.ffn_bytes_total) - group_quant_bytes(m)  # resident group scales first
     cands: Dict[str, ActiveCandidate] = {"all": ActiveCandidate(density=1.0, recall=1.0, resident_bytes=0,
                                                                 row_bytes=full_row, quality="exact")}
     recall = float((config.extra or {}).get("recall", pinfo.get("recall", 0.99)))
@@ -839,11 +845,12 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     if dense:
         verify_file(files, DENSE_FILE)  # and read_layer_segments / read_layer_weights verify each layer
     dense_weights = load_dense_weights(files)
+    layer_groups = _layer_groups(files)
     if dense and quant:  # the dense quantized model: every layer's bundles in memory, as stored
 
         cd = compute_dtype(getattr(mx, m.dtype))
         segs = [read_layer_segments(files, i) for i in range(m.num_layers)]
-        model = arch.build(arch_cfg, lambda i: DenseFFN(segs[i], act, act_param, quant, cd))
+        model = arch.build(arch_cfg, lambda i: DenseFFN(segs[i], act, act_param, quant, cd, layer_groups[i]))
         del segs
         for name, mod in model.named_modules():  # the FFN rows are the model's own: load them as they are
             if isinstance(mod, DenseFFN):
@@ -883,6 +890,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
         budget_bytes = most
     if chooser.name in ("predictor", "gate"):  # predictors / resident gate rows live inside the FFN budget
         budget_bytes = max(0, budget_bytes - chooser.resident_bytes)
+    budget_bytes = max(0, budget_bytes - group_quant_bytes(m))  # exact down rows' group scales: resident
     # A gate-first chooser holds every gate row: the cache keeps (and the budget pays for) up/down only.
     drop = [name for name, _, _, _ in bundle_segments(m) if name in GATE_SEGMENTS] if chooser.computes_gate else []
     row_bytes = m.bundle_bytes - sum(b - a for name, a, b, _ in bundle_segments(m) if name in drop)
@@ -929,7 +937,8 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
 
     def factory(i: int) -> SparseFFN:
         return SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, scratch, counters, act=act,
-                         layout=layout, act_param=act_param, quant=quant, compute_dtype=cdtype, verifier=verifier)
+                         layout=layout, act_param=act_param, quant=quant, compute_dtype=cdtype, verifier=verifier,
+                         groups=layer_groups[i])
 
     model = arch.build(arch_cfg, factory)
     cd = load_dense_part(model)
@@ -945,7 +954,23 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     return Engine(model, tokenizer, path, config, files=files, cache=cache, reader=reader,
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
                   context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info,
-                  arch_config=arch_cfg)
+                  arch_config=arch_cfg, group_quant_bytes=group_quant_bytes(m))
+
+def _layer_groups(files) -> list:
+    """Per layer ``(scales, biases, position groups)`` of the down rows kept exactly
+    (``storage.format.GROUPS_ALONG_FFN``: the resident group rows in the stored dtype, evaluated
+    once), or None per layer for other folders."""
+    m = files.manifest
+    pos = ffn_groups(m)
+    if pos is None:
+        return [None] * m.num_layers
+    out = []
+    for i in range(m.num_layers):
+        scales, biases = read_group_quant(files, i)["down"]
+        mx.eval(scales, biases)
+        out.append((scales, biases, pos[i]))
+    return out
+
 
 def reader_max_gap(path: Path, config: FlashConfig, threads: int) -> int:
     """``config.max_gap_bytes``, or when None the disk probe's (``probe.load_cached_gap``)."""

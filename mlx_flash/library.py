@@ -182,8 +182,11 @@ def list_models(root: Optional[Path] = None) -> List[ModelEntry]:
 
 def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, overwrite: bool = False,
-                calibrate: bool = False) -> Path:
+                calibrate: bool = False, down_bits: Optional[int] = None) -> Path:
     """GGUF file or mlx-lm/HF folder -> mlx-lm folder, or -> flash folder when ``dst`` ends in .flash.
+
+    ``down_bits`` (quantized sources to .flash): re-quantize the down projection along hidden at
+    these bits instead of keeping the source's codes (``storage.format.convert_to_flash``).
 
     ``calibrate`` (flash destinations only): also fit the activation predictors
     (:func:`mlx_flash.calibrate.calibrate`). Conversion and calibration then run in a
@@ -198,7 +201,7 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
                          "or import it into the library)")
     with destination_lock(dst):
         if not (calibrate and dst.suffix == ".flash"):
-            return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
+            return _convert(src, dst, dtype=dtype, progress=progress, overwrite=overwrite, down_bits=down_bits)
         if dst.exists() and not overwrite:
             raise FileExistsError(f"{dst} exists (use overwrite)")
 
@@ -206,7 +209,7 @@ def convert_any(src: Path, dst: Path, *, dtype: Optional[str] = None,
         check_space(dst.parent, *_convert_need(src, dst, dtype))
         with scratch_dir(dst) as work:
             tmp = _convert(src, work / dst.name, dtype=dtype, progress=scaled(progress, 0.0, 0.3), overwrite=False,
-                           check=False)
+                           check=False, down_bits=down_bits)
             if _is_moe_folder(src):  # MoE: expert frequencies (mlx_flash.moe), not neuron predictors
                 from .moe.engine import calibrate_reference  # noqa: PLC0415 - imports the engine (mlx-lm, seconds)
 
@@ -247,7 +250,7 @@ def _convert_need(src: Path, dst: Path, dtype: Optional[str]) -> Tuple[int, str]
 
 
 def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[ProgressCallback],
-             overwrite: bool, check: bool = True) -> Path:
+             overwrite: bool, check: bool = True, down_bits: Optional[int] = None) -> Path:
     to_flash = dst.suffix == ".flash"
     if src.is_file():
         if not is_gguf(src):  # the GGUF magic, whatever the file is called
@@ -264,14 +267,15 @@ def _convert(src: Path, dst: Path, *, dtype: Optional[str], progress: Optional[P
             with scratch_dir(dst) as tmp:
                 # None keeps the GGUF's bits: quantized mlx folder, then quantized flash bundles
                 mid = convert_gguf(src, tmp / "mlx", dtype=dtype, progress=scaled(progress, 0.0, 0.5))
-                return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite)
+                return convert_to_flash(mid, dst, progress=scaled(progress, 0.5, 1.0), overwrite=overwrite,
+                                        down_bits=down_bits)
     if to_flash and _is_moe_folder(src):  # experts as bundles (mlx_flash.moe), in the source's own dtype
         if dtype is not None:
             raise ValueError(f"{src.name}: a mixture-of-experts model keeps its own dtype and quantization "
                              f"(no --dtype)")
         return convert_to_moe_flash(src, dst, progress=progress, overwrite=overwrite)
     if to_flash:
-        return convert_to_flash(src, dst, dtype=dtype, progress=progress, overwrite=overwrite)
+        return convert_to_flash(src, dst, dtype=dtype, progress=progress, overwrite=overwrite, down_bits=down_bits)
     raise ValueError(f"{src} is already a model folder: convert it to a .flash folder (destination ending in .flash)")
 
 

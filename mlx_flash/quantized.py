@@ -132,5 +132,7 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 
 def describe(quant: Dict[str, Dict[str, Any]]) -> str:
-    """``"gate 4b/g32, up 4b/g32, down 4b/g32"`` (empty for float bundles)."""
-    return ", ".join(f"{r} {q['bits']}b/g{q['group_size']}" for r, q in quant.items())
+    """``"gate 4b/g32, up 4b/g32, down 4b/g32 exact"`` (empty for float bundles; ``exact``: the
+    source's own codes with resident group scales, ``storage.format.GROUPS_ALONG_FFN``)."""
+    return ", ".join(f"{r} {q['bits']}b/g{q['group_size']}" + (" exact" if q.get("axis") == "ffn" else "")
+                     for r, q in quant.items())

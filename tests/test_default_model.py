@@ -31,7 +31,7 @@ from mlx_flash import corpus, default_model
 from mlx_flash.convert.gguf import convert_gguf, permute_qk, read_gguf_info
 from mlx_flash.paths import HOME_ENV, models_dir
 from mlx_flash.progress import Cancelled
-from mlx_flash.storage.format import open_flash
+from mlx_flash.storage.format import convert_to_flash, open_flash
 
 QUESTION = "What is the capital of France?"
 
@@ -185,6 +185,31 @@ def test_cancelled_calibration_keeps_the_converted_flash_folder(default_dir):
     assert (folder / "ffn.bin").stat().st_mtime_ns == before  # not converted again
     assert msgs and msgs[0][0] == 0.0  # the bar is the calibration's alone now
     assert default_model.ensure_default_flash(calibrate=False) == folder  # without calibration: as it is
+
+
+def test_flash_folder_with_8_bit_down_rows_is_upgraded(default_dir, tmp_path):
+    """A default flash folder from before the exact down layout (down rows re-quantized at 8 bits,
+    format version 2) still opens, but is not current: preparing converts it again, with a message,
+    into the exact layout (the GGUF's own down codes, 1,008-byte bundles instead of 1,368)."""
+    folder = default_model.default_flash_dir()
+    keep = tmp_path / "keep"
+    if folder.exists():
+        shutil.move(folder, keep)
+    try:
+        convert_to_flash(default_dir, folder, down_bits=8)
+        old = open_flash(folder).manifest
+        assert old.format_version == 2 and old.bundle_bytes == 1368
+        assert default_model.prepared_flash(calibrate=False) is None
+        msgs = []
+        assert default_model.ensure_default_flash(progress=lambda f, m="": msgs.append(m), calibrate=False) == folder
+        m = open_flash(folder).manifest
+        assert m.format_version == 3 and m.bundle_bytes == 1008 and m.quantization["down"]["axis"] == "ffn"
+        assert any("exact 4-bit" in x for x in msgs)
+        assert default_model.prepared_flash(calibrate=False) == folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if keep.exists():
+            shutil.move(keep, folder)
 
 
 def test_answers_paris(loaded):

@@ -203,7 +203,8 @@ def test_pipelined_gate_first_equals_serial(tmp_path, quantized):
     flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * 3)
     runs = {}
     for pipeline in (False, True):
-        e = load(flash, FlashConfig(active="gate", budget=0.4, scratch_neurons=16, threads=2, pipeline=pipeline))
+        # 0.5: the 4-bit folder's resident down group scales take a large share of a tiny model's budget
+        e = load(flash, FlashConfig(active="gate", budget=0.5, scratch_neurons=16, threads=2, pipeline=pipeline))
         try:
             assert e.mode == "flash-gate" and (e.prefetcher is not None) == pipeline
             rs = list(e.stream_generate("hello there", 8))

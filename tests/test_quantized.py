@@ -18,12 +18,16 @@ from mlx_flash.evaluate import evaluate
 from mlx_flash.quantized import cast_floats
 from mlx_flash.storage.format import (
     DOWN_BITS,
+    GROUP_QUANT_PREFIX,
     FlashFormatError,
     bundle_segments,
     convert_to_flash,
+    group_quant_bytes,
+    group_quant_key,
     open_flash,
     read_layer_segments,
     read_layer_weights,
+    unit_dequantize,
 )
 from tests.tiny import make_tiny_llama, quantize_tiny
 
@@ -37,12 +41,15 @@ def src_float(tmp_path_factory):
     return make_tiny_llama(root / "bf16", layers=LAYERS, hidden=HIDDEN, ffn=FFN, dtype="bfloat16", seed=4)
 
 
-@pytest.fixture(scope="module", params=[(4, 32), (4, 64), (8, 32), (8, 64)], ids=lambda p: f"q{p[0]}g{p[1]}")
+@pytest.fixture(scope="module", params=[(4, 32, None), (4, 64, None), (8, 32, None), (8, 64, None), (4, 32, 8)],
+                ids=lambda p: f"q{p[0]}g{p[1]}" + (f"-down{p[2]}" if p[2] else ""))
 def quant(request, src_float, tmp_path_factory):
-    bits, gs = request.param
+    """A quantized source and its flash folder: by default with the exact down layout (the source's
+    codes, resident group scales: format version 3); ``-down8``: down re-quantized at 8 bits (version 2)."""
+    bits, gs, down_bits = request.param
     root = tmp_path_factory.mktemp(f"q{bits}g{gs}")
     q = quantize_tiny(src_float, root / "mlx", bits=bits, group_size=gs)
-    return q, convert_to_flash(q, root / "m.flash"), bits, gs
+    return q, convert_to_flash(q, root / "m.flash", down_bits=down_bits), bits, gs
 
 
 def _u(a: mx.array) -> np.ndarray:
@@ -68,17 +75,17 @@ def _all_neurons_error(flash, src) -> float:
     return float(mx.max(mx.abs(out - ref)).item()) / float(mx.max(mx.abs(ref)).item())
 
 
+def _exact(m) -> bool:
+    return m.quantization["down"].get("axis") == "ffn"
+
+
 def test_bundles_keep_the_source_bits(quant):
     q, dst, bits, gs = quant
     files = open_flash(dst)
     m = files.manifest
-    assert m.format_version == 2 and m.dtype == "bfloat16"
+    assert m.dtype == "bfloat16"
     want = {"bits": bits, "group_size": gs, "mode": "affine"}
-    assert m.quantization == {"gate": want, "up": want, "down": dict(want, bits=DOWN_BITS)}
     role = HIDDEN * bits // 8 + 2 * (HIDDEN // gs) * 2  # packed words + bf16 scales + bf16 biases
-    down = HIDDEN * DOWN_BITS // 8 + 2 * (HIDDEN // gs) * 2
-    assert m.bundle_bytes == 2 * role + down and m.ffn_bytes_total == LAYERS * FFN * m.bundle_bytes
-    assert m.layers[1].offset % 4096 == 0
     src = mx.load(str(q / "model.safetensors"))
     for i in range(LAYERS):
         seg = read_layer_segments(files, i)
@@ -87,6 +94,28 @@ def test_bundles_keep_the_source_bits(quant):
             assert np.array_equal(np.asarray(seg[role_name]), np.asarray(src[p + ".weight"]))
             assert np.array_equal(_u(seg[role_name + ".scales"]), _u(src[p + ".scales"]))
             assert np.array_equal(_u(seg[role_name + ".biases"]), _u(src[p + ".biases"]))
+    if _exact(m):  # the default: the source's down codes, its group scales resident (in dense.safetensors)
+        assert m.format_version == 3
+        assert m.quantization == {"gate": want, "up": want, "down": dict(want, axis="ffn")}
+        assert m.bundle_bytes == 2 * role + HIDDEN * bits // 8  # down: the codes only
+        groups = LAYERS * 2 * (FFN // gs) * HIDDEN * 2
+        assert group_quant_bytes(m) == groups and m.ffn_bytes_total == LAYERS * FFN * m.bundle_bytes + groups
+        for i in range(LAYERS):
+            p = f"model.layers.{i}.mlp.down_proj"
+            codes = unit_dequantize(src[p + ".weight"], bits)  # (hidden, ffn): the source's codes
+            assert np.array_equal(np.asarray(unit_dequantize(read_layer_segments(files, i)["down"], bits)),
+                                  np.asarray(codes.T))
+            ref = mx.dequantize(src[p + ".weight"], src[p + ".scales"], src[p + ".biases"], group_size=gs, bits=bits)
+            got = read_layer_weights(files, i)[2]
+            assert got.dtype == ref.dtype and np.array_equal(_u(got), _u(ref))  # bit for bit
+        return
+    assert m.format_version == 2
+    assert m.quantization == {"gate": want, "up": want, "down": dict(want, bits=DOWN_BITS)}
+    down = HIDDEN * DOWN_BITS // 8 + 2 * (HIDDEN // gs) * 2
+    assert m.bundle_bytes == 2 * role + down and m.ffn_bytes_total == LAYERS * FFN * m.bundle_bytes
+    assert m.layers[1].offset % 4096 == 0
+    for i in range(LAYERS):
+        seg = read_layer_segments(files, i)
         # down: the source's dequantized columns, re-quantized along hidden: error within one step
         p = f"model.layers.{i}.mlp.down_proj"
         ref = mx.dequantize(src[p + ".weight"], src[p + ".scales"], src[p + ".biases"], group_size=gs,
@@ -106,9 +135,19 @@ def test_dense_part_unchanged_bitwise(quant):
     q, dst, _, _ = quant
     src = mx.load(str(q / "model.safetensors"))
     dense = mx.load(str(dst / "dense.safetensors"))
+    groups = {k: v for k, v in dense.items() if k.startswith(GROUP_QUANT_PREFIX)}
+    dense = {k: v for k, v in dense.items() if k not in groups}
     assert set(dense) == {k for k in src if ".mlp." not in k}
     for k, v in dense.items():
         assert v.dtype == src[k].dtype and np.array_equal(_u(v), _u(src[k])), k
+    if _exact(open_flash(dst).manifest):  # the down projections' group scales, bit for bit, one row per group
+        assert len(groups) == 2 * LAYERS
+        for i in range(LAYERS):
+            for what in ("scales", "biases"):
+                s = src[f"model.layers.{i}.mlp.down_proj.{what}"]
+                assert np.array_equal(_u(groups[group_quant_key(i, "down", what)]), _u(s.T))
+    else:
+        assert not groups
     assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == quant[2]
 
 
@@ -119,6 +158,14 @@ def test_all_neurons_match_mlx_lm(quant, tmp_path):
     q, dst, bits, gs = quant
     ref_model = _dense_f32(q)
     files = open_flash(dst)
+    if _exact(files.manifest):  # the source's own weights: mlx-lm's model up to float rounding
+        for budget in (1.0, 0.4):
+            eng = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=32, threads=2, engine="flash"))
+            for toks in (TOKS, TOKS[:, :1]):  # a batch (dequantized rows) and one token (gather_qmm)
+                out = np.asarray(eng.model(toks).astype(mx.float32))
+                assert np.allclose(out, np.asarray(ref_model(toks).astype(mx.float32)), atol=2e-4, rtol=2e-4)
+            eng.close()
+        return
     for budget in (1.0, 0.4):
         eng = load(dst, FlashConfig(active="all", budget=budget, scratch_neurons=32, threads=2, engine="flash"))
         assert eng.policy_info.compute_dtype == "float32"  # the CPU rule
@@ -150,7 +197,8 @@ def test_budget_counts_quantized_bytes(quant):
     m = open_flash(dst).manifest
     eng = load(dst, FlashConfig(active="oracle", sparsity=0.5, budget=0.5, scratch_neurons=16, threads=2))
     budget = eng.budget_bytes
-    assert budget == int(0.5 * m.ffn_bytes_total)
+    assert budget == int(0.5 * m.ffn_bytes_total) - group_quant_bytes(m)  # the group scales are resident
+    assert eng.resident_bytes() >= eng.dense_bytes + group_quant_bytes(m)
     assert eng.cache.bundle_bytes == m.bundle_bytes
     seen = []
     for r in eng.stream_generate("hello there", max_tokens=6):

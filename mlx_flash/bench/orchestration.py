@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from ..config import FlashConfig
 from ..progress import Cancelled, ProgressCallback, scaled
 from ..progress import report as _report
-from ..storage.format import open_flash
+from ..storage.format import group_quant_bytes, open_flash
 from ..traces import Trace, record
 from .quant import (
     replay_reads,
@@ -150,7 +150,8 @@ def run_bench(
     rep = BenchReport(
         model=str(path), model_name=path.name, budget=float(budget),
         budget_bytes=cfg_main.budget_bytes(m.ffn_bytes_total),
-        ffn_bytes=m.ffn_bytes_total, tokens=tokens, warmup=warmup, prompt=prompt, prompt_tokens=0,
+        ffn_bytes=m.ffn_bytes_total, group_quant_bytes=group_quant_bytes(m), tokens=tokens, warmup=warmup,
+        prompt=prompt, prompt_tokens=0,
         config=cfg_main.to_dict(), machine=machine_info(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     pol_list = list(dict.fromkeys([*policies, "auto"])) if policies else []

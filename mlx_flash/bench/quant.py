@@ -17,7 +17,7 @@ from ..paths import resources_dir
 from ..predictor import load_frequencies
 from ..progress import ProgressCallback
 from ..progress import report as _report
-from ..storage.format import ALIGNMENT, float_bundle_bytes
+from ..storage.format import ALIGNMENT, float_bundle_bytes, group_quant_bytes
 from ..storage.probe import DEFAULT_GAP
 from ..units import fmt_bytes as _fb  # the one byte formatter, short for the tables below
 from .records import (
@@ -78,9 +78,11 @@ def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     L, n = m.num_layers, m.intermediate_size
     warm = min(len(trace) - 1, max(1, row.warmup_tokens))
     out = []
-    for bb in (m.bundle_bytes, float_bundle_bytes(m, "bfloat16")):
-        total = L * n * bb
-        cap, scratch = _cache_rows(cfg.budget_bytes(total), row.predictor_bytes, bb, L, n, cfg.scratch_neurons)
+    # the exact down layout's resident group scales are part of this folder's FFN and of its budget
+    for bb, resident in ((m.bundle_bytes, group_quant_bytes(m)), (float_bundle_bytes(m, "bfloat16"), 0)):
+        total = L * n * bb + resident
+        cap, scratch = _cache_rows(cfg.budget_bytes(total), row.predictor_bytes + resident, bb, L, n,
+                                   cfg.scratch_neurons)
         gap = row.max_gap_bytes if row.max_gap_bytes is not None else (cfg.max_gap_bytes or DEFAULT_GAP)
         rm = ReadModel(bb, row.read_alignment or ALIGNMENT, gap, row.chunk_bytes or (1 << 20), max(1, scratch))
         per = [simulate([tok[i] for tok in trace.tokens], n, cap, pol, cfg.window,

@@ -289,10 +289,12 @@ class BenchReport:
     machine: Dict[str, Any] = field(default_factory=dict)
     created: str = ""
     seconds: float = 0.0
+    group_quant_bytes: int = 0            # the exact down layout's resident group scales (in the budget)
 
     def budget_text(self) -> str:
         """The main budget and what it holds (:func:`budget_text`)."""
-        return budget_text({"budget_bytes": self.budget_bytes, "rows": [r.to_dict() for r in self.rows]})
+        return budget_text({"budget_bytes": self.budget_bytes, "rows": [r.to_dict() for r in self.rows],
+                            "group_quant_bytes": self.group_quant_bytes})
 
     def row(self, name: str) -> Optional[BenchRow]:
         for r in self.rows:
@@ -369,7 +371,8 @@ def budget_text(report: Dict[str, Any]) -> str:
     the predictors' share as the real predictor row measured it, the rest cache."""
     pred = max((int(r.get("predictor_bytes") or 0) for r in report.get("rows") or []
                 if r.get("source", REAL) == REAL), default=0)
-    return format_budget(int(report.get("budget_bytes") or 0) - pred, pred)
+    scales = int(report.get("group_quant_bytes") or 0)
+    return format_budget(int(report.get("budget_bytes") or 0) - pred - scales, pred, scales)
 
 
 def _sweep_point(c: str, b: float, row: BenchRow) -> SweepPoint:

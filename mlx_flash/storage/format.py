@@ -53,9 +53,11 @@ from ..families import BY_MODEL_TYPE, BY_WRAPPER, WRAPPED_CONFIG, WRAPPED_PREFIX
 from ..progress import ProgressCallback, report, scaled
 from .platform_io import aligned_buffer, drop_page_cache, open_uncached, pread_exact, set_nocache
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Version 2 adds ``quantization`` (quantized bundles); version 1 folders (float bundles) read unchanged."""
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+"""Version 2 adds ``quantization`` (quantized bundles); version 1 folders (float bundles) read unchanged.
+Version 3 adds the exact down layout (``quantization.down.axis == "ffn"``, see :data:`GROUPS_ALONG_FFN`);
+only folders that use it are written as version 3 (:func:`format_version_for`), the others stay 2."""
 ALIGNMENT = 4096
 MANIFEST_FILE = "manifest.json"
 FFN_FILE = "ffn.bin"
@@ -220,8 +222,9 @@ class Manifest:
     # ---- derived quantities
     @property
     def ffn_bytes_total(self) -> int:
-        """FFN bytes of all layers, padding excluded (what "the model's FFN" weighs)."""
-        return sum(e.size for e in self.layers)
+        """FFN bytes of all layers, padding excluded (what "the model's FFN" weighs): the bundles,
+        plus the exact down layout's resident group scales (:func:`group_quant_bytes`)."""
+        return sum(e.size for e in self.layers) + group_quant_bytes(self)
 
     @property
     def itemsize(self) -> int:
@@ -361,7 +364,9 @@ def typed_fields(d: Mapping[str, Any], required: FieldTypes, optional: FieldType
 # --------------------------------------------------------------------------- quantized bundles
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 DOWN_BITS = 8
-"""Default bits of the re-quantized down rows of a quantized source (at least the source's bits).
+"""Default bits of the re-quantized down rows of a quantized source (at least the source's bits), when
+they are re-quantized: ``down_bits=`` asks for it, or the exact layout (:data:`GROUPS_ALONG_FFN`, the
+default) cannot keep the source's down.
 Measured on the default model (Q4_1 GGUF → 4-bit g32 folder; 1,024 tokens each of KJV Genesis and
 resources/reference.txt; docs/ARCHITECTURE.md "Quantized flash"): against the source's dense 4-bit
 model the flash predictor costs +10.5% / +7.6% with 4-bit g32 down rows, +13.8% / +9.6% at 4-bit g64,
@@ -369,12 +374,46 @@ model the flash predictor costs +10.5% / +7.6% with 4-bit g32 down rows, +13.8% 
 the source's own down: +0.4% / +1.3%). Only 8 bits keeps the issue's 2% bar on both texts."""
 
 
+GROUPS_ALONG_FFN = "ffn"
+"""``quantization[part]["axis"]`` of a column part (down) kept exactly as the quantized source
+stores it (format version 3): quantized along the FFN dimension, the ``group_size`` neurons of a
+group share each hidden element's scale and bias. The bundle holds only the neuron's codes
+(``hidden`` values of ``bits``, packed along hidden into uint32 words as MLX packs them, see
+:func:`pack_codes`); each layer's per-group scales and biases, ``(intermediate / group_size, hidden)``
+in the stored dtype, live in ``dense.safetensors`` under :func:`group_quant_key` and stay resident
+in memory. A neuron's group is its source index // group_size (:func:`ffn_groups`, which follows
+the folder's ``neuron_order``). Absent ``axis``: ``"hidden"`` (rows quantized along hidden)."""
+EXACT_BITS = (2, 4, 8)
+"""Bits the exact down layout keeps (whole codes per byte: plain little-endian bit fields)."""
+EXACT_GROUP_SIZES = (32, 64, 128)
+"""Source group sizes along the FFN dimension that the exact down layout keeps (MLX's)."""
+GROUP_QUANT_PREFIX = "flash_ffn_groups."
+"""Key prefix of the exact layout's per-group scales and biases in ``dense.safetensors``:
+:func:`load_dense_weights` leaves them out; :func:`read_group_quant` reads them."""
+
+
+def group_quant_key(layer: int, role: str, what: str) -> str:
+    """``dense.safetensors`` key of ``layer``'s per-group ``what`` (``scales`` / ``biases``) of ``role``."""
+    return f"{GROUP_QUANT_PREFIX}{layer}.{role}.{what}"
+
+
+def along_ffn(spec: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a part's quantization is the exact layout (groups along the FFN dimension)."""
+    return isinstance(spec, Mapping) and spec.get("axis", "hidden") == GROUPS_ALONG_FFN
+
+
+def format_version_for(quantization: Optional[Mapping[str, Any]]) -> int:
+    """The format version a folder with this ``quantization`` is written with: 3 for the exact down
+    layout (older mlx-flash cannot read it), else 2 (readable by every version-2 reader)."""
+    return FORMAT_VERSION if any(along_ffn(v) for v in (quantization or {}).values()) else 2
+
+
 def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str) -> None:
     q = m.quantization
     if q is None:
         return
-    weight_parts = {p.name for p in parts if p.kind != "bias"}
-    if set(q) != weight_parts:
+    weight_parts = {p.name: p for p in parts if p.kind != "bias"}
+    if set(q) != set(weight_parts):
         raise FlashFormatError(f"{where}: field 'quantization' names parts {sorted(q)}, "
                                f"expected {sorted(weight_parts)}")
     for name, spec in q.items():
@@ -383,8 +422,20 @@ def _check_quantization(m: "Manifest", parts: Tuple[BundlePart, ...], where: str
         if not isinstance(spec, Mapping):
             raise FlashFormatError(f"{where}: field 'quantization.{name}' must be an object or \"none\"")
         bits, gs, mode = spec.get("bits"), spec.get("group_size"), spec.get("mode", "affine")
-        if bits not in QUANT_BITS or not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0 \
-                or m.hidden_size % gs or mode != "affine":
+        axis = spec.get("axis", "hidden")
+        if axis == GROUPS_ALONG_FFN:
+            if m.format_version < 3:
+                raise FlashFormatError(f"{where}: field 'quantization.{name}.axis' needs format_version 3, "
+                                       f"got {m.format_version}")
+            if weight_parts[name].kind != "col" or bits not in EXACT_BITS or gs not in EXACT_GROUP_SIZES \
+                    or m.intermediate_size % gs or m.hidden_size % 32 or mode != "affine":
+                raise FlashFormatError(f"{where}: field 'quantization.{name}' is {dict(spec)}: groups along the "
+                                       f"FFN dimension need a column part, affine bits in {EXACT_BITS} and a "
+                                       f"group_size in {EXACT_GROUP_SIZES} dividing intermediate_size "
+                                       f"{m.intermediate_size} (hidden_size a multiple of 32)")
+            continue
+        if axis != "hidden" or bits not in QUANT_BITS or not isinstance(gs, int) or isinstance(gs, bool) \
+                or gs <= 0 or m.hidden_size % gs or mode != "affine":
             raise FlashFormatError(f"{where}: field 'quantization.{name}' is {dict(spec)}: expected affine "
                                    f"bits in {QUANT_BITS} and a group_size dividing hidden_size {m.hidden_size}")
 
@@ -397,13 +448,16 @@ def _part_quant(q: Optional[Mapping[str, Any]], part: BundlePart) -> Optional[Ma
 def _bundle_pieces(parts, hidden: int, dtype: str, q) -> List[Tuple[str, int, str]]:
     """``[(name, bytes, dtype)]`` of a bundle in order. A float part is one piece named
     after its role; a quantized one three: ``role`` (packed uint32 words), ``role.scales``
-    and ``role.biases`` (``hidden / group_size`` each, in ``dtype``)."""
+    and ``role.biases`` (``hidden / group_size`` each, in ``dtype``); one kept exactly with its
+    groups along the FFN dimension (:data:`GROUPS_ALONG_FFN`) only ``role`` (the codes)."""
     item = DTYPE_SIZES[dtype]
     out: List[Tuple[str, int, str]] = []
     for part in parts:
         spec = _part_quant(q, part)
         if spec is None:
             out.append((part.role, part.elems(hidden) * item, dtype))
+        elif along_ffn(spec):  # the exact layout: codes only, the group scales are resident
+            out.append((part.role, hidden * spec["bits"] // 8, "uint32"))
         else:
             groups = hidden // spec["group_size"]
             out += [(part.role, hidden * spec["bits"] // 8, "uint32"),
@@ -427,15 +481,59 @@ def bundle_segments(manifest: "Manifest") -> List[Tuple[str, int, int, str]]:
 
 def role_quantization(manifest: "Manifest") -> Dict[str, Dict[str, Any]]:
     """``{role: {"bits", "group_size", "mode"}}`` of the quantized roles (empty for float bundles).
-    Gate/up rows keep the source's quantization along hidden; ``down`` holds
-    ``down_proj.weight.T`` re-quantized along hidden (see docs/ARCHITECTURE.md)."""
+    Gate/up rows keep the source's quantization along hidden; ``down`` holds either
+    ``down_proj.weight.T`` re-quantized along hidden or, with ``"axis": "ffn"`` in its entry, the
+    source's own codes with resident group scales (:data:`GROUPS_ALONG_FFN`; see docs/ARCHITECTURE.md)."""
     out = {}
     for part in bundle_parts(manifest):
         spec = _part_quant(manifest.quantization, part)
         if spec is not None:
             out[part.role] = {"bits": int(spec["bits"]), "group_size": int(spec["group_size"]),
                               "mode": spec.get("mode", "affine")}
+            if along_ffn(spec):
+                out[part.role]["axis"] = GROUPS_ALONG_FFN
     return out
+
+
+def ffn_groups(manifest: "Manifest") -> Optional[np.ndarray]:
+    """``(num_layers, intermediate_size)`` int32: the group (source index // group_size) of the neuron
+    at each position of ``ffn.bin`` for a folder with the exact down layout (its ``neuron_order``
+    applied), or None when no role keeps its groups along the FFN dimension."""
+    gs = [q["group_size"] for q in role_quantization(manifest).values() if q.get("axis") == GROUPS_ALONG_FFN]
+    if not gs:
+        return None
+    perms = neuron_perms(manifest)
+    src = np.arange(manifest.intermediate_size)[None, :] if perms is None else perms
+    return np.ascontiguousarray(np.broadcast_to(src // gs[0], (manifest.num_layers, manifest.intermediate_size)),
+                                dtype=np.int32)
+
+
+def group_quant_bytes(manifest: "Manifest") -> int:
+    """Bytes of the exact layout's resident per-group scales and biases (all layers, stored dtype;
+    0 without that layout): FFN weights held in memory, not read per neuron."""
+    n = 0
+    for q in role_quantization(manifest).values():
+        if q.get("axis") == GROUPS_ALONG_FFN:
+            n += 2 * (manifest.intermediate_size // q["group_size"]) * manifest.hidden_size * manifest.itemsize
+    return n * manifest.num_layers
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Integer codes ``(..., n)`` (values below ``2**bits``, ``bits`` in :data:`EXACT_BITS`) packed
+    along the last axis into uint32 words the way MLX's affine quantization packs them (code ``j``
+    in bits ``bits * (j % per_word)`` of word ``j // per_word``)."""
+    per = 32 // bits
+    c = codes.astype(mx.uint32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = mx.arange(per, dtype=mx.uint32) * bits
+    return mx.sum(c << shifts, axis=-1).astype(mx.uint32)  # disjoint bit fields: the sum is the OR
+
+
+def unit_dequantize(words: mx.array, bits: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Packed words ``(rows, n * bits / 32)`` → their integer codes as ``dtype`` ``(rows, n)``
+    (``mx.dequantize`` with unit scales and zero biases: exact)."""
+    rows, n = words.shape[0], words.shape[-1] * 32 // bits
+    ones = mx.ones((rows, n // 32), dtype=dtype)  # any group size: every group's scale is 1
+    return mx.dequantize(words, ones, mx.zeros_like(ones), group_size=32, bits=bits)
 
 
 # --------------------------------------------------------------------------- opening
@@ -850,16 +948,24 @@ def read_layer_weights(files: FlashFiles, layer: int, *, verify: bool = True) ->
     ``[hidden, inter]``, biases ``[inter]``. For llama without biases that is
     ``(gate_proj.weight, up_proj.weight, down_proj.weight)``; see
     :func:`ffn_state_dict` for the key names. Quantized bundles (format version 2) are
-    dequantized here (``mx.dequantize``; ``down`` from its re-quantized rows): this is
-    the one function that turns a quantized layer back into floats.
+    dequantized here (``mx.dequantize``; ``down`` from its re-quantized rows, or from its
+    exact codes and the resident group scales, :data:`GROUPS_ALONG_FFN`): this is the one
+    function that turns a quantized layer back into floats.
     """
     m = files.manifest
     seg = read_layer_segments(files, layer, verify=verify)
     quant = role_quantization(m)
+    groups = ffn_groups(m)
     out = []
     for part in bundle_parts(m):
         q = quant.get(part.role)
-        if q is not None:
+        if q is not None and groups is not None and q.get("axis") == GROUPS_ALONG_FFN:  # codes x group rows
+            scales, biases = read_group_quant(files, layer)[part.role]
+            gid = mx.array(groups[layer])
+            # in the stored dtype, as mx.dequantize computes: the source's dequantized weights bit for bit
+            block = (unit_dequantize(seg[part.role], q["bits"], scales.dtype) * mx.take(scales, gid, axis=0)
+                     + mx.take(biases, gid, axis=0))
+        elif q is not None:
             block = mx.dequantize(seg[part.role], seg[f"{part.role}.scales"], seg[f"{part.role}.biases"],
                                   group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
         else:
@@ -882,14 +988,44 @@ def ffn_state_dict(files: FlashFiles, layer: int) -> Dict[str, mx.array]:
             for part, w in zip(bundle_parts(m), read_layer_weights(files, layer))}
 
 
+def _load_dense_file(files: FlashFiles) -> Dict[str, mx.array]:
+    try:
+        return dict(mx.load(str(files.dense_path)))  # lazy: a tensor is read when evaluated
+    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
+        raise FlashFormatError(f"{files.dense_path}: cannot read {files.manifest.dense_file} ({e})") from None
+
+
+def read_group_quant(files: FlashFiles, layer: int) -> Dict[str, Tuple[mx.array, mx.array]]:
+    """``{role: (scales, biases)}`` of ``layer``'s roles kept with their groups along the FFN
+    dimension (:data:`GROUPS_ALONG_FFN`): ``(intermediate / group_size, hidden)`` each, in the
+    stored dtype, from ``dense.safetensors`` (empty for other folders). A missing or misshapen
+    tensor is a :class:`FlashFormatError`."""
+    m = files.manifest
+    out: Dict[str, Tuple[mx.array, mx.array]] = {}
+    dense = None
+    for role, q in role_quantization(m).items():
+        if q.get("axis") != GROUPS_ALONG_FFN:
+            continue
+        dense = dense if dense is not None else _load_dense_file(files)
+        pair = []
+        for what in ("scales", "biases"):
+            key = group_quant_key(layer, role, what)
+            a = dense.get(key)
+            want = (m.intermediate_size // q["group_size"], m.hidden_size)
+            if a is None or tuple(a.shape) != want or _dtype_name(a.dtype) != m.dtype:
+                raise FlashFormatError(f"{files.dense_path}: tensor {key} is missing or not {m.dtype} {want} "
+                                       f"(manifest field 'quantization.{role}' keeps its groups along the FFN)")
+            pair.append(a)
+        out[role] = (pair[0], pair[1])
+    return out
+
+
 def load_dense_weights(files: FlashFiles, *, dequantize: bool = False) -> Dict[str, mx.array]:
     """All non-FFN weights (mlx-lm key names) from ``dense.safetensors``. Quantized modules
     (``.weight`` + ``.scales`` + ``.biases``) come as stored, or as float ``.weight``
-    (the scales' dtype) with ``dequantize``."""
-    try:
-        w = dict(mx.load(str(files.dense_path)))
-    except Exception as e:  # mlx raises RuntimeError/ValueError on bad files
-        raise FlashFormatError(f"{files.dense_path}: cannot read {files.manifest.dense_file} ({e})") from None
+    (the scales' dtype) with ``dequantize``. The exact down layout's group scales
+    (:data:`GROUP_QUANT_PREFIX`) are FFN weights: :func:`read_group_quant` reads them."""
+    w = {k: v for k, v in _load_dense_file(files).items() if not k.startswith(GROUP_QUANT_PREFIX)}
     if dequantize:
         qcfg = files.manifest.model_args.get("quantization") or files.manifest.model_args.get("quantization_config")
         for key in [k for k in w if k.endswith(".scales")]:
@@ -1021,8 +1157,10 @@ def convert_to_flash(
     overwrite: replace an existing ``dst`` (only after the new one is complete).
     dequantize_dense: for quantized sources, also dequantize the dense weights.
     source: recorded in the manifest (default: ``src``'s absolute path).
-    down_bits: quantized sources: bits of the re-quantized down columns (None: ``DOWN_BITS``, 8).
-    down_group_size: their group size along hidden (None: the source's group size).
+    down_bits: quantized sources: re-quantize the down columns along hidden at these bits
+        (format version 2). None (the default): keep the source's codes exactly with resident
+        group scales where possible (:data:`GROUPS_ALONG_FFN`), else ``DOWN_BITS`` (8).
+    down_group_size: the re-quantized columns' group size along hidden (None: the source's).
     Raises FlashFormatError for unsupported architectures or inconsistent
     weights, FileExistsError if ``dst`` exists, OSError(ENOSPC) with a clear
     message when the disk is full.
@@ -1126,9 +1264,11 @@ def write_flash(
     Quantized sources (MLX affine ``.weight``/``.scales``/``.biases``) keep their
     quantization unless ``dtype`` is given (format version 2): gate/up rows are copied
     as they are (quantized along hidden, each row self-contained); down is quantized
-    along the FFN dimension, so its columns are dequantized and ``down_proj.weight.T``
-    is re-quantized along hidden at ``down_bits`` (default ``DOWN_BITS`` = 8, at least the source's
-    bits) with the source's group size (see :func:`_plan_ffn_quantization`).
+    along the FFN dimension: by default each neuron's codes are kept exactly and the group
+    scales go to ``dense.safetensors`` (format version 3, :data:`GROUPS_ALONG_FFN`); with
+    ``down_bits`` (or a source the exact layout cannot keep) its columns are dequantized and
+    ``down_proj.weight.T`` is re-quantized along hidden at ``down_bits`` (default ``DOWN_BITS`` = 8,
+    at least the source's bits) with the source's group size (see :func:`_plan_ffn_quantization`).
     """
     dst = Path(dst).expanduser()
     what = source or "source model"
@@ -1217,6 +1357,7 @@ def write_flash(
     try:
         report(progress, 0.0, f"converting {n_layers} layers")
         entries: List[LayerEntry] = []
+        group_quant: Dict[str, mx.array] = {}  # the exact down layout's resident group scales
         with open(tmp / FFN_FILE, "wb") as f:
             set_nocache(f.fileno())  # macOS: keep ffn.bin out of the cache the reader bypasses
             pos = 0
@@ -1225,6 +1366,12 @@ def write_flash(
                 for part in parts:
                     name = f"{pre}.{part.tensor}"
                     pq = _part_quant(fquant, part)
+                    if pq is not None and along_ffn(pq):  # the source's codes per neuron; group scales: dense
+                        codes, sc, bi = _exact_down(weights, name[: -len(".weight")], hidden, inter, pq, what)
+                        pieces.append(codes)
+                        group_quant[group_quant_key(i, part.role, "scales")] = sc.astype(mx_out)
+                        group_quant[group_quant_key(i, part.role, "biases")] = bi.astype(mx_out)
+                        continue
                     if part.kind == "bias":
                         arr = weights.pop(name)
                         shape: Tuple[int, ...] = (inter,)
@@ -1290,6 +1437,8 @@ def write_flash(
         if not still_quantized:
             model_args.pop("quantization", None)
             model_args.pop("quantization_config", None)
+        mx.eval(list(group_quant.values()))
+        dense.update(group_quant)
         mx.save_safetensors(str(tmp / DENSE_FILE), dense, metadata={"format": "mlx"})
         del dense
         checksums = {DENSE_FILE: file_checksum(tmp / DENSE_FILE)}
@@ -1321,6 +1470,7 @@ def write_flash(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             dense_quantization=dict(qcfg) if (qcfg and still_quantized) else None,
             checksums=checksums,
+            format_version=format_version_for(fquant),
         )
         validate_manifest(manifest, f"{dst / MANIFEST_FILE}")
         manifest.save(tmp / MANIFEST_FILE)
@@ -1374,9 +1524,12 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
     quantized source. Row parts (gate/up: quantized along hidden) keep the source's bits
     and group size; layers quantized otherwise (mixed-bit recipes) are re-quantized to the
     part's highest bits. Column parts (down: quantized along the FFN dimension in the
-    source, so one neuron's column is spread over groups of other neurons) are
-    re-quantized along hidden at ``down_bits`` (default: ``DOWN_BITS``, at least the source's
-    highest bits) with ``down_group_size`` or the source's group size when it divides hidden (else 64 or 32)."""
+    source, so one neuron's column is spread over groups of other neurons) keep the source's
+    codes exactly with resident group scales (:data:`GROUPS_ALONG_FFN`) when neither ``down_bits``
+    nor ``down_group_size`` is given and every layer has the same bits in :data:`EXACT_BITS` and
+    group size in :data:`EXACT_GROUP_SIZES`; otherwise they are re-quantized along hidden at
+    ``down_bits`` (default: ``DOWN_BITS``, at least the source's highest bits) with
+    ``down_group_size`` or the source's group size when it divides hidden (else 64 or 32)."""
     plan: Dict[str, Any] = {}
     for part in parts:
         if part.kind == "bias":
@@ -1389,6 +1542,12 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
             continue
         bits, gs = max(qs)
         if part.kind == "col":
+            if down_bits is None and down_group_size is None and len(qs) == len(found) and len(set(qs)) == 1 \
+                    and bits in EXACT_BITS and gs in EXACT_GROUP_SIZES and inter % gs == 0 and hidden % 32 == 0:
+                # the source's own codes, its group scales resident: exact (GROUPS_ALONG_FFN)
+                plan[part.name] = {"bits": int(bits), "group_size": int(gs), "mode": "affine",
+                                   "axis": GROUPS_ALONG_FFN}
+                continue
             bits = down_bits or max(DOWN_BITS, bits)
             gs = down_group_size or gs
             if hidden % gs:
@@ -1398,6 +1557,24 @@ def _plan_ffn_quantization(weights, ffn_prefix, parts, hidden: int, inter: int, 
                                    f"group_size={gs} (hidden_size {hidden}); convert with dtype='bfloat16'")
         plan[part.name] = {"bits": int(bits), "group_size": int(gs), "mode": "affine"}
     return plan
+
+
+def _exact_down(weights: MutableMapping[str, mx.array], module: str, hidden: int, inter: int,
+                spec: Mapping[str, Any], what: str) -> Tuple[mx.array, mx.array, mx.array]:
+    """Pop a source down projection quantized along the FFN dimension (``weight`` (hidden,
+    inter * bits / 32), ``scales``/``biases`` (hidden, inter / group_size)) and return each
+    neuron's codes packed along hidden ``(inter, hidden * bits / 32)`` (the same codes, bit for
+    bit) and the group scales and biases transposed to ``(inter / group_size, hidden)``."""
+    bits, gs = spec["bits"], spec["group_size"]
+    w = weights.pop(f"{module}.weight")
+    sc, bi = weights.pop(f"{module}.scales"), weights.pop(f"{module}.biases", None)
+    _check_shape(w, (hidden, inter * bits // 32), f"{module}.weight", what)
+    _check_shape(sc, (hidden, inter // gs), f"{module}.scales", what)
+    if bi is None:
+        raise FlashFormatError(f"{what}: tensor {module}.biases is missing (affine quantization has biases)")
+    _check_shape(bi, (hidden, inter // gs), f"{module}.biases", what)
+    codes = pack_codes(unit_dequantize(w, bits).T, bits)
+    return codes, sc.T, bi.T
 
 
 def _clear_mlx_cache() -> None:
@@ -1530,6 +1707,18 @@ __all__ = [
     "role_quantization",
     "READABLE_VERSIONS",
     "DOWN_BITS",
+    "EXACT_BITS",
+    "EXACT_GROUP_SIZES",
+    "GROUPS_ALONG_FFN",
+    "GROUP_QUANT_PREFIX",
+    "along_ffn",
+    "ffn_groups",
+    "format_version_for",
+    "group_quant_bytes",
+    "group_quant_key",
+    "pack_codes",
+    "read_group_quant",
+    "unit_dequantize",
     "bundle_view",
     "ffn_state_dict",
     "float_bundle_bytes",

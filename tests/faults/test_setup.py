@@ -239,5 +239,6 @@ def test_cached_bfloat16_default_model_is_upgraded_to_4_bit(tmp_path, monkeypatc
         assert default_model.ensure_default_flash(progress=lambda f, m: msgs.append(m), calibrate=False) == folder
     m = Manifest.load(folder)
     assert role_quantization(m)["gate"]["bits"] == 4 and m.num_layers == 30
-    assert "upgrading the default model to its 4-bit flash form" in msgs
-    assert any("not the current (4-bit) default model" in r.getMessage() for r in caplog.records)
+    assert role_quantization(m)["down"]["axis"] == "ffn"  # the exact down layout (the GGUF's own down rows)
+    assert "upgrading the default model to its exact 4-bit flash form (smaller reads)" in msgs
+    assert any("not the current default model" in r.getMessage() for r in caplog.records)

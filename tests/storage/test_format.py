@@ -87,7 +87,7 @@ def test_bundles_reproduce_source_weights_exactly(models, dt):
     assert (m.dtype, m.hidden_size, m.intermediate_size, m.num_layers) == (dt, h, n, TINY["layers"])
     assert m.bundle_parts == ["gate", "up", "down"]
     assert m.bundle_elems == 3 * h and m.bundle_bytes == 3 * h * item
-    assert m.architecture == "llama" and m.format_version == FORMAT_VERSION
+    assert m.architecture == "llama" and m.format_version == 2  # version 3 only for the exact down layout
     assert m.model_args == json.loads((src / "config.json").read_text())
     raw = np.fromfile(files.ffn_path, dtype=np.uint8)
     assert raw.size == m.ffn_size and m.ffn_size % ALIGNMENT == 0
@@ -207,11 +207,12 @@ def test_quantized_source(tmp_path):
     assert m.dtype == "float16"
     assert m.dense_quantization == {"group_size": 32, "bits": 4}
     assert m.model_args["quantization"] == {"group_size": 32, "bits": 4}
-    assert m.format_version == 2 and m.quantized  # the bits stay (tests/test_quantized.py checks them)
+    assert m.format_version == 3 and m.quantized  # the bits stay (tests/test_quantized.py checks them)
     g, u, d = read_layer_weights(files, 1)
-    p = "model.layers.1.mlp.gate_proj"
-    ref = mx.dequantize(qw[p + ".weight"], qw[p + ".scales"], qw[p + ".biases"], group_size=32, bits=4)
-    assert mx.array_equal(g, ref).item()
+    for name, got in (("gate", g), ("down", d)):  # down: the exact layout, the source's own weights
+        p = f"model.layers.1.mlp.{name}_proj"
+        ref = mx.dequantize(qw[p + ".weight"], qw[p + ".scales"], qw[p + ".biases"], group_size=32, bits=4)
+        assert mx.array_equal(got, ref).item(), name
     # the opt-out: float bundles, down dequantized exactly
     fd = open_flash(convert_to_flash(src, tmp_path / "qd.flash", dtype="float16"))
     assert fd.manifest.quantization is None and fd.manifest.dense_quantization == {"group_size": 32, "bits": 4}
