@@ -51,8 +51,13 @@ def tqdm_callback(desc: str = "", disable: bool = False) -> ProgressCallback:
         if bar is None:
             bar = state["bar"] = tqdm(total=1000, desc=desc, disable=disable, mininterval=0.25,
                                       bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        step = int(fraction * 1000) - bar.n
+        changed = message[:50] != state.get("message")
+        state["message"] = message[:50]
         bar.set_postfix_str(message[:50], refresh=False)
-        bar.update(int(fraction * 1000) - bar.n)
+        bar.update(step)
+        if step == 0 and changed:  # a new message at the same fraction: show it (update(0) draws nothing)
+            bar.refresh()
         if fraction >= 1.0 and not state.get("closed"):
             state["closed"] = True
             bar.close()

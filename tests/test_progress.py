@@ -6,7 +6,7 @@ import os
 import queue
 
 from mlx_flash.library import convert_any
-from mlx_flash.progress import run_reporting
+from mlx_flash.progress import run_reporting, tqdm_callback
 from tests.tiny import make_tiny_llama
 
 
@@ -44,3 +44,13 @@ def test_errors_arrive_as_text(tmp_path):
     run_reporting(q, convert_any, {"src": tmp_path / "missing", "dst": tmp_path / "t.flash"}, os.getppid())
     (kind, text), = _drain(q)
     assert kind == "error" and "no such file or folder" in text
+
+
+def test_cli_bar_shows_a_new_message_at_the_same_fraction(capsys):
+    """Long steps that report only messages (calibration's held-out perplexity chunks) must still be
+    drawn: tqdm's update(0) draws nothing, so a new message at an unchanged fraction refreshes the bar."""
+    cb = tqdm_callback("work")
+    cb(0.5, "first step")
+    cb(0.5, "scoring chunk 3/7")
+    assert "scoring chunk 3/7" in capsys.readouterr().err
+    cb(1.0, "done")
