@@ -703,7 +703,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> ActiveCh
         else:
             why_not_gate = f"no calibrated gate thresholds for sparsity {s:g}"
     rm = ReadModel.of_reader(reader, config.scratch_neurons) if reader is not None else None
-    if "gate" in cands and not config.pipeline and updown_files(files) is not None:
+    if "gate" in cands and updown_files(files) is not None:
         cands["gate"] = replace(cands["gate"], read_row_bytes=up_down_row)  # misses read the up/down side file
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
@@ -896,7 +896,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     row_bytes = m.bundle_bytes - sum(b - a for name, a, b, _ in bundle_segments(m) if name in drop)
     cache_layout, cache_bundle = bundle_segments(m), m.bundle_bytes
     split = None
-    if drop and not config.pipeline:  # the up/down side file, when the folder has one: misses read up/down only
+    if drop:  # the up/down side file, when the folder has one: misses and the pipeline's prefetch read up/down only
         reader, split = _use_updown(files, config, reader, threads, chunk)
         if split is not None:
             cache_layout, cache_bundle, drop = updown_segments(m, GATE_SEGMENTS), split.manifest.bundle_bytes, []

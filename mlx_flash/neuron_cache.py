@@ -544,8 +544,8 @@ class NeuronCache:
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout, drop)
         self._layout, self._drop = layout, tuple(drop)
-        # pipelined layers (mlx_flash.pipeline): two host buffers of whole on-disk bundles (gate rows
-        # included even when a gate-first chooser's cache drops them) the prefetch reads into
+        # pipelined layers (mlx_flash.pipeline): two host buffers of the bundles the reader reads (whole
+        # ffn.bin bundles, gate rows included when a gate-first cache drops them; up/down rows from its side file)
         self.disk_bundle_bytes = first.rows.bundle_bytes
         self.staging_neurons = int(staging_neurons)
         self.staging = [np.empty((self.staging_neurons, self.disk_bundle_bytes), dtype=np.uint8) for _ in range(2)]

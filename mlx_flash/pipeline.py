@@ -5,13 +5,16 @@ sparse FFN (``sparse_ffn``) applies layer l+1's chooser to a *lookahead* input, 
 has: layer l's FFN input, moved to layer l+1's input norm
 (:func:`lookahead_map`: for an RMSNorm ``x * w[l+1] / w[l]`` is the same residual
 stream normalised with layer l+1's weights; it misses layer l's FFN output and layer
-l+1's attention). The neurons of that choice that layer l+1's cache does not hold
-are submitted by :class:`Prefetcher` to the engine's own
+l+1's attention). The neurons of that choice that layer l+1's cache does not hold, and
+the non-resident ones lying in their read's coalesced gaps (``FlashReader.covered``: read
+anyway; staged, a miss among them is not read again), are submitted by :class:`Prefetcher` to
+the engine's own
 :class:`~mlx_flash.storage.reader.FlashReader` (``submit``: one queue, one pool of read
 threads for the synchronous loads and the prefetch; nothing waits for the prefetch until
 layer l+1 takes it, so the disk sees the requests of two layers at once, and a synchronous
 read that is waited for is served first) into a **staging buffer**, plain host memory
-(``NeuronCache.staging``; two buffers of ``n_neurons - capacity`` rows, by layer parity:
+(``NeuronCache.staging``; two buffers of ``n_neurons - capacity`` rows of the reader's bundles
+(gate-first with its side file: up/down rows), by layer parity:
 layer l's staged bundles are still being copied while layer l+1's are read). Like the
 reader's aligned buffers they are I/O buffers outside the cache budget (counted in
 ``Engine.resident_bytes``): the caches keep the same rows with and without the pipeline.
@@ -35,7 +38,8 @@ Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch in flight: submit to it
 i.e. computing: disk and compute busy at once), the waits themselves in ``io_s``,
 ``neurons_prefetched`` / ``neurons_prefetch_used``. Per layer, the lookahead's recall
 against the layer's own choice and the share of the layer's missing neurons it
-served are in :meth:`Prefetcher.info`.
+served are in :meth:`Prefetcher.info`. A lookahead is one more choice per layer: for
+the oracle (a measuring tool) a second full gate and up product.
 """
 
 from __future__ import annotations

@@ -329,8 +329,12 @@ class _State:
                 scale, shift = self.lookahead_map
                 xl = (xt.astype(mx.float32) * scale + shift).astype(xt.dtype)
             look = self.chooser.choose(self.layer + 1, xl)[0]
-        want = look[self.next_cache.slot_of[look] < 0]
-        self.prefetcher.issue(self.layer + 1, look, want)
+        slot_of = self.next_cache.slot_of
+        want = look[slot_of[look] < 0]
+        # the non-resident neurons in the read's coalesced gaps too: read anyway, staged at no extra byte
+        span = self.reader.covered(self.layer + 1, want)
+        span = span[slot_of[span] < 0]
+        self.prefetcher.issue(self.layer + 1, look, span if len(span) <= self.prefetcher.rows else want)
 
     def _roles(self, store, rows) -> dict:
         """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a

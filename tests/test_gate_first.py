@@ -215,6 +215,40 @@ def test_pipelined_gate_first_equals_serial(tmp_path, quantized):
     assert runs[True][1] > 0 and runs[False][1] == 0
 
 
+@pytest.mark.parametrize("max_gap", [0, 16384, 1 << 20])
+def test_pipelined_gate_first_reads_serial_bytes_plus_unused_prefetch(tmp_path, max_gap):
+    """With the up/down side file the prefetch stages up/down rows from it (not whole ffn.bin
+    bundles), and the neurons in its coalesced gaps too (``FlashReader.covered``): pipelined layers
+    read no more than serial's bytes plus the prefetched rows no layer used. 4096-byte rows: no
+    alignment padding (gap 0: every read exact, the bound is met with equality)."""
+    src = make_tiny_llama(tmp_path / "src", layers=3, hidden=512, ffn=FFN, dtype="float32", seed=7)
+    flash = _with_gate_thresholds(convert_to_flash(src, tmp_path / "m.flash"), [0.05] * 3)
+    write_updown(open_flash(flash), GATE_SEGMENTS)
+    runs = {}
+    for pipeline in (False, True):
+        e = load(flash, FlashConfig(active="gate", budget=0.4, scratch_neurons=16, threads=2, max_gap_bytes=max_gap,
+                                    pipeline=pipeline))
+        try:
+            row = e.cache.layers[0].bundle_bytes
+            assert e.reader.files.manifest.ffn_file == UPDOWN_FILE and row == 4096
+            assert row % e.reader.alignment == 0 and (e.prefetcher is not None) == pipeline
+            rs = list(e.stream_generate("hello there", 8))
+            runs[pipeline] = ([r.token for r in rs], {k: sum(getattr(r.stats, k) for r in rs) for k in
+                              ("bytes_read", "bytes_useful", "neurons_prefetched", "neurons_prefetch_used")})
+            if pipeline:
+                assert e.cache.staging[0].shape[1] == row  # staging rows are side-file rows
+                info = e.pipeline_info()
+                assert 0.0 < info["mean_lookahead_recall"] <= 1.0
+        finally:
+            e.close()
+    (serial_toks, serial), (piped_toks, piped) = runs[False], runs[True]
+    assert piped_toks == serial_toks
+    assert piped["neurons_prefetch_used"] > 0 and serial["neurons_prefetched"] == 0
+    assert piped["bytes_useful"] == serial["bytes_useful"]
+    unused = (piped["neurons_prefetched"] - piped["neurons_prefetch_used"]) * row
+    assert piped["bytes_read"] <= serial["bytes_read"] + unused, (piped, serial)
+
+
 def test_scaled_rule_is_gate_times_scale(tiny):
     """The calibrated criterion: |silu(gate x)| * per-neuron scale > threshold; scales count as resident."""
     files = open_flash(tiny)

@@ -390,6 +390,21 @@ class FlashReader:
         """Read every neuron of ``layer`` into ``out`` (``(intermediate_size, bundle_bytes)`` uint8)."""
         return self.read(layer, np.arange(self.intermediate_size, dtype=np.int64), out)
 
+    def covered(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Sorted ids of every neuron of ``layer`` whose bundle lies wholly inside the byte runs
+        a read of ``ids`` reads (alignment and coalesced gaps): ``ids`` plus the gap neurons.
+        Reading those too reads the same runs, so it costs no extra byte (the pipeline's
+        prefetch stages them: a later miss among them is not read again)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if not len(ids):
+            return ids
+        bb, base = self.bundle_bytes, int(self._offsets[layer])
+        lo, hi = coalesced_runs(base + ids * bb, bb, self.alignment, self.max_gap_bytes)
+        first = -(-(lo - base) // bb)  # first bundle starting at or after the run's start
+        stop = np.minimum((hi - base) // bb, self.intermediate_size)  # one past the last ending by its end
+        n = stop - first
+        return np.repeat(first - np.cumsum(n) + n, n) + np.arange(int(n.sum()), dtype=np.int64)
+
     def reset_totals(self) -> ReadStats:
         """Return the cumulative totals and start counting from zero."""
         return self._pool.reset_totals()

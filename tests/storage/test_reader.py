@@ -351,3 +351,27 @@ def test_split_rows_scatter_bundles_by_role(request, which, threads, chunk_bytes
         SplitRows([(0, 4, np.zeros((2, 4), np.uint8)), (5, 8, np.zeros((2, 3), np.uint8))], 2, 8)
     with pytest.raises(ValueError, match="cover"):
         SplitRows([(0, 4, np.zeros((2, 4), np.uint8))], 2, 8)
+
+
+@pytest.mark.parametrize("max_gap", [0, 2048, 1 << 20])
+def test_covered_neurons_cost_no_extra_byte(small, max_gap):
+    """``covered``: the asked neurons plus every neuron wholly inside the runs their read reads;
+    reading all of them reads the same bytes in the same requests, one more neuron reads more."""
+    rng = np.random.default_rng(max_gap)
+    m = small.manifest
+    bb = m.bundle_bytes
+    with FlashReader(small, threads=2, chunk_bytes=1 << 20, max_gap_bytes=max_gap) as r:
+        for _ in range(12):
+            ids = _random_ids(rng, m.intermediate_size)
+            cov = r.covered(1, ids)
+            assert np.all(np.diff(cov) > 0) and np.isin(ids, cov).all()
+            want = r.read(1, ids, np.empty((len(ids), bb), np.uint8))
+            out = np.empty((len(cov), bb), np.uint8)
+            got = r.read(1, cov, out)
+            assert (got.bytes_read, got.requests) == (want.bytes_read, want.requests)
+            np.testing.assert_array_equal(out, _expected(small, 1, cov))
+            rest = np.setdiff1d(np.arange(m.intermediate_size), cov)
+            for j in rng.choice(rest, min(3, len(rest)), replace=False):
+                more = r.read(1, np.append(cov, j), np.empty((len(cov) + 1, bb), np.uint8))
+                assert more.bytes_read > want.bytes_read
+        assert len(r.covered(0, np.array([], dtype=np.int64))) == 0
