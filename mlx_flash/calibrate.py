@@ -584,6 +584,15 @@ def held_out_answers(files, data: "CalibrationData", held: np.ndarray) -> Tuple[
     return chunks, total
 
 
+def _held_out_scoring(files, data: "CalibrationData", held: np.ndarray, dtype: Optional[str]):
+    """What a held-out perplexity pass scores with: ``(chunks, tokens, activation, dense model)``, the
+    answers of :func:`held_out_answers`; None when they are under 32 tokens (nothing to score)."""
+    chunks, total = held_out_answers(files, data, held)
+    if total < 32:
+        return None
+    return chunks, total, model_activation(files.manifest.model_args), load_dense_model(files, dtype)
+
+
 def predictor_perplexity(files, data: "CalibrationData", held: np.ndarray, weights: PredictorWeights,
                          info: Dict[str, Any], dense: Optional[float] = None, dtype: Optional[str] = "float32",
                          progress: Optional[ProgressCallback] = None) -> Optional[Dict[str, Any]]:
@@ -595,13 +604,11 @@ def predictor_perplexity(files, data: "CalibrationData", held: np.ndarray, weigh
     within ``GATE_PPL_TOLERANCE`` of dense. None when there are no answers to score."""
     from .evaluate import predictor_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
 
-    m = files.manifest
-    chunks, total = held_out_answers(files, data, held)
-    if total < 32:
+    scoring = _held_out_scoring(files, data, held, dtype)
+    if scoring is None:
         return None
-    act = model_activation(m.model_args)
-    model = load_dense_model(files, dtype)
-    n, L = m.intermediate_size, m.num_layers
+    chunks, total, act, model = scoring
+    n, L = files.manifest.intermediate_size, files.manifest.num_layers
     if dense is None:
         dense = run_mode(model, chunks, L, n, name="predictor perplexity, dense", act=act, windows=1,
                          progress=scaled(progress, 0.0, 0.5)).perplexity
@@ -627,11 +634,10 @@ def gate_first_perplexity(files, data: "CalibrationData", held: np.ndarray, rec:
     from .evaluate import gate_selector, run_mode  # noqa: PLC0415 - import cycle (evaluate builds on this module)
 
     m = files.manifest
-    chunks, total = held_out_answers(files, data, held)
-    if total < 32:
+    scoring = _held_out_scoring(files, data, held, dtype)
+    if scoring is None:
         return None
-    act = model_activation(m.model_args)
-    model = load_dense_model(files, dtype)
+    chunks, total, act, model = scoring
     gates = float32_gates(files)
     n, L = m.intermediate_size, m.num_layers
     sps = sorted(float(k) for k in rec["thresholds"])
