@@ -711,7 +711,7 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
 
     # the losses are reported figures only: numpy float32 on the stored (rounded) weights; MLX's float16
     # matmuls are slow on CPUs. Cutoffs and test counts below use the inference code (w.logits).
-    A32, B32, b32 = (np.array(v[0].astype(mx.float32)) for v in (w.A, w.B, w.b))
+    A32, B32, b32 = (np.array(v.astype(predictor_dtype).astype(mx.float32)) for v in (A, B, b))
     x32, y_np = np.asarray(x), np.array(y)
 
     def loss_on(idx: np.ndarray) -> float:
