@@ -819,7 +819,7 @@ class CalibrationReport:
                  f"  weighted BCE: train {self.train_loss:.4f}, held-out {self.val_loss:.4f}"
                  + (f" (Adam epochs: {', '.join(f'{v:.4f}' for v in self.finetune_loss)})"
                     if self.finetune_loss else ""),
-                 f"  predictors: {self.predictor_bytes / 1e6:.1f} MB"]
+                 f"  predictors: {self.predictor_bytes / 1e6:.1f} MB stored (quantized at load)"]
         for r, m in self.held_out.items():
             mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
             lines.append(f"  recall target {r}: test recall {m['recall']:.3f}, precision {m['precision']:.3f}, "
