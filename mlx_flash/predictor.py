@@ -28,7 +28,8 @@ source, created, and the same ``id``: a predictor file that does not belong to
 the manifest is refused).
 
 In memory (``load_predictor_chooser``) A and B are quantized at load (``mx.quantize``,
-``PREDICTOR_BITS`` bits, groups of ``PREDICTOR_GROUP_SIZE`` along whichever side divides;
+``PREDICTOR_BITS`` bits, groups of ``PREDICTOR_GROUP_SIZE`` or 32 along the input side: hidden for A,
+the rank for B, so each neuron has its own groups; B of a rank below 32 stays float;
 scales and biases in :func:`mlx_flash.quantized.compute_dtype`, float32 on the CPU;
 ``FlashConfig.extra["predictor_bits"]``: 0 keeps the stored floats). The file keeps the
 stored floats (calibration, its cutoffs and held-out figures use those); the chooser's
@@ -55,9 +56,8 @@ DEFAULT_RANK = 32
 DEFAULT_RECALL = 0.99
 PREDICTOR_BITS = 4
 """Bits of the in-memory predictor matrices (``FlashConfig.extra["predictor_bits"]``; 0: the stored floats).
-On the default model's held-out calibration tokens 4 bits (groups of 64) keep recall 0.990 at the 0.99
-cutoffs (floats 0.9903, 8 bits 0.9903) and the same predicted fraction (96.0%), in 1.5 MB instead of 4.3
-(docs/bench/predq)."""
+On the default model's held-out calibration tokens 4 bits keep recall 0.990 at the 0.99 cutoffs (floats
+0.9903, 8 bits 0.9903) and the same predicted fraction (96.0%), in 1.7 MB instead of 4.3 (docs/bench/predq)."""
 PREDICTOR_GROUP_SIZE = 64
 RECALL_TARGETS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Recall targets whose cutoffs calibration stores; the chooser picks one (``FlashConfig.extra["recall"]``)."""
@@ -70,29 +70,35 @@ class PredictorError(ValueError):
 
 
 # --------------------------------------------------------------------------- weights
+def quantized_group(K: int, group_size: int = PREDICTOR_GROUP_SIZE) -> Optional[int]:
+    """The group along an input side of ``K``: ``group_size``, else 32 when it divides ``K``; None: stays float."""
+    return next((g for g in (group_size, 32) if K % g == 0), None)
+
+
 @dataclass
 class QuantizedMatrix:
-    """A matrix ``W`` (K × N) quantized for ``x @ W`` (``mx.quantize``): along N when N divides
-    into groups, else ``W.T`` along K (``transpose``)."""
+    """A matrix ``W`` (K × N) quantized for ``x @ W`` as ``nn.QuantizedLinear`` stores one: ``W.T``
+    (N × K) in groups along the input side K, so every output column (for B: every neuron) has its
+    own groups and a permutation of the neurons (``neuron_order``) permutes the quantized
+    predictor exactly."""
 
     w: mx.array
     scales: mx.array
     biases: mx.array
     shape: Tuple[int, int]
-    transpose: bool
     bits: int
     group_size: int
 
     @classmethod
     def of(cls, W: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> Optional["QuantizedMatrix"]:
-        """``W`` quantized with scales in ``dtype``, or None when neither side divides into groups."""
+        """``W`` quantized with scales in ``dtype``, or None when K divides into no group."""
         K, N = (int(d) for d in W.shape)
-        if N % group_size and K % group_size:
+        g = quantized_group(K, group_size)
+        if g is None:
             return None
-        transpose = N % group_size != 0
-        w, scales, biases = mx.quantize((W.T if transpose else W).astype(dtype), group_size=group_size, bits=bits)
+        w, scales, biases = mx.quantize(W.T.astype(dtype), group_size=g, bits=bits)
         mx.eval(w, scales, biases)
-        return cls(w, scales, biases, (K, N), transpose, bits, group_size)
+        return cls(w, scales, biases, (K, N), bits, g)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -106,9 +112,9 @@ class QuantizedMatrix:
         """``x @ W`` in the scales' dtype (``mx.quantized_matmul``; on the CPU batches dequantize first)."""
         x = x.astype(self.scales.dtype)
         if use_quantized_matmul(x):
-            return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=self.transpose,
+            return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True,
                                        group_size=self.group_size, bits=self.bits)
-        return dequantized_matmul(x, self.w, self.scales, self.biases, transpose=self.transpose,
+        return dequantized_matmul(x, self.w, self.scales, self.biases, transpose=True,
                                   group_size=self.group_size, bits=self.bits)
 
 
@@ -172,9 +178,10 @@ class PredictorWeights:
 
     def quantize(self, bits: int = PREDICTOR_BITS, group_size: int = PREDICTOR_GROUP_SIZE,
                  dtype: Optional[mx.Dtype] = None) -> "PredictorWeights":
-        """A and B quantized (``bits``, ``group_size``; scales in ``dtype``, default
-        :func:`~mlx_flash.quantized.compute_dtype` of the stored dtype); a matrix neither of
-        whose sides divides into groups stays as it is; ``b`` and the frequencies are shared."""
+        """A and B quantized (``bits``, groups of ``group_size`` or 32 along their input side; scales in
+        ``dtype``, default :func:`~mlx_flash.quantized.compute_dtype` of the stored dtype); a matrix
+        whose input side divides into no group (B of a rank below 32) stays as it is; ``b`` and the
+        frequencies are shared."""
         if self.quantized:
             raise PredictorError("the predictors are already quantized")
         dt = dtype or compute_dtype(self.dtype)
@@ -204,9 +211,10 @@ def quantized_bytes(num_layers: int, hidden_size: int, n_neurons: int, rank: int
     scale = compute_dtype(stored).size
 
     def mat(K: int, N: int) -> int:
-        if bits <= 0 or (N % group_size and K % group_size):
+        g = quantized_group(K, group_size)
+        if bits <= 0 or g is None:
             return K * N * stored.size
-        return K * N * bits // 8 + 2 * K * N // group_size * scale
+        return K * N * bits // 8 + 2 * K * N // g * scale
 
     return num_layers * (mat(hidden_size, rank) + mat(rank, n_neurons) + n_neurons * (stored.size + 4))
 
@@ -470,6 +478,7 @@ __all__ = [
     "PredictorError",
     "PredictorWeights",
     "QuantizedMatrix",
+    "quantized_group",
     "RECALL_TARGETS",
     "has_predictors",
     "load_frequencies",

@@ -24,6 +24,7 @@ from mlx_flash.predictor import (
     load_predictors,
     predictor_resident_bytes,
     prob_to_logit,
+    quantized_bytes,
     save_predictors,
 )
 from mlx_flash.storage.format import Manifest, open_flash
@@ -270,9 +271,9 @@ def test_chooser_weights_shapes():
 
 
 def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
-    """The engine's predictors are A and B quantized at load (4 bits, groups of 64, float32 scales on
-    the CPU): their resident bytes are the packed arrays', they pick nearly the float predictors'
-    neurons, and ``choose`` follows their own logits exactly."""
+    """The engine's predictors are quantized at load (4 bits by default, groups of 64 along the input
+    side, float32 scales on the CPU): their resident bytes are the packed arrays', they pick nearly the
+    float predictors' neurons, and ``choose`` follows their own logits exactly."""
     flash, _ = calibrated
     files = open_flash(flash)
     m = files.manifest
@@ -282,14 +283,13 @@ def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
         cfg = FlashConfig(extra={"predictor_bits": bits})
         ch = load_predictor_chooser(files, cfg)
         w = ch.weights
-        for mat, (K, N) in [(a, (64, 16)) for a in w.A] + [(b, (16, 256)) for b in w.B]:
-            # rank 16 does not divide into groups of 64: A is quantized transposed, along the hidden size
-            assert isinstance(mat, QuantizedMatrix) and mat.shape == (K, N) and mat.transpose == (N == 16)
-            assert mat.bits == bits and mat.group_size == 64 and mat.w.dtype == mx.uint32
-        packed = 3 * (64 * 16 + 16 * 256) * bits // 8
-        scales = 3 * 2 * (64 * 16 + 16 * 256) // 64 * 4  # a float32 scale and bias per group; b float16, limits float32
-        assert ch.resident_bytes == packed + scales + 3 * 256 * (2 + 4) == predictor_resident_bytes(m, cfg)
-        assert ch.resident_bytes < flt.resident_bytes
+        # A (64 x 16) in groups of 64 along the hidden size; B of rank 16 divides into no group: stored float16
+        assert all(isinstance(a, QuantizedMatrix) and a.shape == (64, 16) and a.bits == bits and a.group_size == 64
+                   and a.w.dtype == mx.uint32 and a.scales.dtype == mx.float32 for a in w.A)
+        assert all(isinstance(b, mx.array) and b.dtype == mx.float16 for b in w.B)
+        a_bytes = 3 * (64 * 16 * bits // 8 + 2 * 16 * 4)  # packed codes, a float32 scale and bias per group
+        assert ch.resident_bytes == a_bytes + 3 * (16 * 256 * 2 + 256 * 2 + 256 * 4)  # + B, b, the limits
+        assert ch.resident_bytes == predictor_resident_bytes(m, cfg) < flt.resident_bytes
         eng = load(flash, FlashConfig(active="predictor", extra={"predictor_bits": bits}, scratch_neurons=16,
                                       threads=1))
         assert eng.chooser.weights.quantized and eng.predictor_bytes == ch.resident_bytes
@@ -311,3 +311,28 @@ def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
         load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 3}))
     with pytest.raises(PredictorError, match="in-memory"):
         save_predictors(flash / "never.safetensors", ch.weights, file_id="x")
+
+
+def test_quantized_rank_32_has_per_neuron_groups():
+    """Rank 32: B is quantized too, in groups of 32 along the rank (one group per neuron), so a
+    permutation of the neurons permutes the quantized predictions exactly (``neuron_order``)."""
+    rng = np.random.default_rng(4)
+    A = mx.array(rng.normal(size=(2, 128, 32)).astype(np.float16))
+    B = mx.array(rng.normal(size=(2, 32, 96)).astype(np.float16))
+    b = mx.array(rng.normal(size=(2, 96)).astype(np.float16))
+    w = PredictorWeights.from_stacked(A, B, b)
+    q = w.quantize(4)
+    assert [(m.group_size, m.shape) for m in q.A + q.B] == [(64, (128, 32))] * 2 + [(32, (32, 96))] * 2
+    ch = PredictorChooser(q, [0.5, 0.5])
+    assert ch.resident_bytes == quantized_bytes(2, 128, 96, 32, mx.float16, 4)
+    assert ch.resident_bytes == 2 * (128 * 32 // 2 + 2 * 2 * 32 * 4 + 32 * 96 // 2 + 2 * 96 * 4 + 96 * 6)
+    perm = mx.array(rng.permutation(96))
+    qp = PredictorWeights([w.A[i] for i in range(2)], [w.B[i][:, perm] for i in range(2)],
+                          [w.b[i][perm] for i in range(2)]).quantize(4)
+    x = mx.array(rng.normal(size=(5, 128)).astype(np.float32))
+    for layer in range(2):
+        z, zp = np.array(q.logits(layer, x)), np.array(qp.logits(layer, x))
+        np.testing.assert_array_equal(zp, z[:, np.array(perm)])
+        assert 0.9 < np.corrcoef(z.ravel(), np.array(w.logits(layer, x)).ravel())[0, 1]
+    with pytest.raises(PredictorError, match="already quantized"):
+        q.quantize(8)
