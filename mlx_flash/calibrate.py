@@ -721,7 +721,7 @@ def fit_layer(x_np: np.ndarray, parts: Dict[str, mx.array], *, act: str, sparsit
 
     # the losses are reported figures only: numpy float32 on the stored (rounded) weights; MLX's float16
     # matmuls are slow on CPUs. Cutoffs and test counts below use the inference code (w.logits).
-    A32, B32, b32 = (np.array(v[0].astype(mx.float32)) for v in (w.A, w.B, w.b))
+    A32, B32, b32 = (np.array(v.astype(predictor_dtype).astype(mx.float32)) for v in (A, B, b))
     x32, y_np = np.asarray(x), np.array(y)
 
     def loss_on(idx: np.ndarray) -> float:
@@ -829,7 +829,7 @@ class CalibrationReport:
                  f"  weighted BCE: train {self.train_loss:.4f}, held-out {self.val_loss:.4f}"
                  + (f" (Adam epochs: {', '.join(f'{v:.4f}' for v in self.finetune_loss)})"
                     if self.finetune_loss else ""),
-                 f"  predictors: {self.predictor_bytes / 1e6:.1f} MB"]
+                 f"  predictors: {self.predictor_bytes / 1e6:.1f} MB stored (quantized at load)"]
         for r, m in self.held_out.items():
             mark = " (default)" if abs(float(r) - self.recall) < 1e-9 else ""
             lines.append(f"  recall target {r}: test recall {m['recall']:.3f}, precision {m['precision']:.3f}, "

@@ -44,7 +44,9 @@ class FlashConfig:
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
               "predictor" (the low-rank predictors stored with the model;
-              ``extra["recall"]`` picks one of the calibrated recall targets).
+              ``extra["recall"]`` picks one of the calibrated recall targets,
+              ``extra["predictor_bits"]`` their in-memory bits: 4 (the default,
+              ``predictor.PREDICTOR_BITS``), 8 or 0 for the stored floats).
     sparsity: target fraction of inactive neurons for the oracle's rule. None
               (the default): the calibrated per-layer thresholds when the model
               has them (``mlx-flash calibrate``), else 0.5 (per-token top-k).

@@ -59,6 +59,7 @@ from .predictor import (
     load_frequencies,
     load_predictor_chooser,
     predictor_info,
+    predictor_resident_bytes,
 )
 from .quantized import cast_floats, compute_dtype, fast_cpu_modules, quantize_like
 from .sparse_ffn import DenseFFN, SparseFFN
@@ -665,7 +666,7 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> ActiveCh
     why_not_predictor = predictor_left_out(pinfo, recall)
     if held and why_not_predictor is None:
         cands["predictor"] = ActiveCandidate(density=float(held["predicted_fraction"]), recall=float(held["recall"]),
-                                             resident_bytes=int(pinfo.get("bytes", 0)), row_bytes=full_row,
+                                             resident_bytes=predictor_resident_bytes(m, config), row_bytes=full_row,
                                              quality=f"recall {float(held['recall']):.3f} of the oracle's neurons"
                                                      + predictor_ppl_text(pinfo, recall))
     rec = gate_info(m)

@@ -18,10 +18,13 @@ from mlx_flash.predictor import (
     PredictorChooser,
     PredictorError,
     PredictorWeights,
+    QuantizedMatrix,
     has_predictors,
     load_predictor_chooser,
     load_predictors,
+    predictor_resident_bytes,
     prob_to_logit,
+    quantized_bytes,
     save_predictors,
 )
 from mlx_flash.storage.format import Manifest, open_flash
@@ -94,8 +97,10 @@ def test_calibration_record_and_file(calibrated):
     assert 0.9 <= held["recall"] <= 1.0 and 0 < held["precision"] <= 1.0
     assert held["predicted_fraction"] >= held["true_fraction"] * 0.9
     assert info["calibration"]["tokens"] == rep.tokens > 0
-    ch = load_predictor_chooser(files)
-    assert ch.resident_bytes == info["bytes"] == rep.predictor_bytes
+    assert info["bytes"] == rep.predictor_bytes == load_predictors(
+        flash / PREDICTOR_FILE, num_layers=3, hidden_size=64, n_neurons=256).nbytes  # the stored floats
+    ch = load_predictor_chooser(files)  # A and B quantized in memory
+    assert ch.weights.quantized and ch.resident_bytes == predictor_resident_bytes(files.manifest) < info["bytes"]
     freq = ch.frequencies
     assert freq.shape == (3, 256)
     # the thresholds are the sparsity quantile: about half the neurons active on average
@@ -105,7 +110,8 @@ def test_calibration_record_and_file(calibrated):
 def test_save_load_round_trip_same_predictions(calibrated, tmp_path):
     flash, _ = calibrated
     files = open_flash(flash)
-    ch = load_predictor_chooser(files)
+    ch = load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 0}))  # the stored floats
+    assert not ch.weights.quantized
     x = mx.array(np.random.default_rng(2).normal(size=(7, 64)).astype(np.float32))
     for layer in range(3):
         ids, mask = ch.choose(layer, x)
@@ -220,7 +226,7 @@ def test_engine_generates_with_predictors(calibrated):
     eng.close()
     # a budget the predictors alone fill up: a clear error naming them
     with pytest.raises(ValueError, match="activation predictors take"):
-        load(flash, FlashConfig(active="predictor", budget=0.05, scratch_neurons=8, threads=1))
+        load(flash, FlashConfig(active="predictor", budget=0.02, scratch_neurons=8, threads=1))
     # the default ("auto") measures the calibrated choices and records which one runs, and why
     eng = load(flash, FlashConfig(scratch_neurons=32, threads=2))
     assert eng.active_info.asked == "auto" and "predictor" in eng.active_info.candidates
@@ -262,3 +268,71 @@ def test_chooser_weights_shapes():
     assert w.nbytes == (16 + 10 + 5) * 2
     with pytest.raises(PredictorError):
         PredictorChooser(w, [0.5, 0.5])
+
+
+def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
+    """The engine's predictors are quantized at load (4 bits by default, groups of 64 along the input
+    side, float32 scales on the CPU): their resident bytes are the packed arrays', they pick nearly the
+    float predictors' neurons, and ``choose`` follows their own logits exactly."""
+    flash, _ = calibrated
+    files = open_flash(flash)
+    m = files.manifest
+    flt = load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 0}))
+    x = mx.array(np.random.default_rng(3).normal(size=(24, 64)).astype(np.float32))
+    for bits, min_jaccard in ((8, 0.97), (4, 0.85)):
+        cfg = FlashConfig(extra={"predictor_bits": bits})
+        ch = load_predictor_chooser(files, cfg)
+        w = ch.weights
+        # A (64 x 16) in groups of 64 along the hidden size; B of rank 16 divides into no group: stored float16
+        assert all(isinstance(a, QuantizedMatrix) and a.shape == (64, 16) and a.bits == bits and a.group_size == 64
+                   and a.w.dtype == mx.uint32 and a.scales.dtype == mx.float32 for a in w.A)
+        assert all(isinstance(b, mx.array) and b.dtype == mx.float16 for b in w.B)
+        a_bytes = 3 * (64 * 16 * bits // 8 + 2 * 16 * 4)  # packed codes, a float32 scale and bias per group
+        assert ch.resident_bytes == a_bytes + 3 * (16 * 256 * 2 + 256 * 2 + 256 * 4)  # + B, b, the limits
+        assert ch.resident_bytes == predictor_resident_bytes(m, cfg) < flt.resident_bytes
+        eng = load(flash, FlashConfig(active="predictor", extra={"predictor_bits": bits}, scratch_neurons=16,
+                                      threads=1))
+        assert eng.chooser.weights.quantized and eng.predictor_bytes == ch.resident_bytes
+        eng.close()
+        inter = union = 0
+        for layer in range(3):
+            p, q = np.array(flt.predict(layer, x)), np.array(ch.predict(layer, x))
+            inter, union = inter + int((p & q).sum()), union + int((p | q).sum())
+            # exact: the chooser compares the quantized logits with the same cutoff
+            z = np.array(w.logits(layer, x))
+            np.testing.assert_array_equal(q, z > prob_to_logit(ch.cutoffs[layer]))
+            ids, mask = ch.choose(layer, x)
+            assert np.array_equal(ids, np.flatnonzero(q.any(axis=0))) and np.array_equal(mask, q[:, ids])
+            # quantized_matmul (one row) and the dequantized batch path agree
+            one = np.concatenate([np.array(ch.predict(layer, x[i : i + 1])) for i in range(4)])
+            assert (one != q[:4]).mean() < 0.002
+        assert union and inter / union >= min_jaccard, (bits, inter / union)
+    with pytest.raises(PredictorError, match="predictor_bits 3"):
+        load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 3}))
+    with pytest.raises(PredictorError, match="in-memory"):
+        save_predictors(flash / "never.safetensors", ch.weights, file_id="x")
+
+
+def test_quantized_rank_32_has_per_neuron_groups():
+    """Rank 32: B is quantized too, in groups of 32 along the rank (one group per neuron), so a
+    permutation of the neurons permutes the quantized predictions exactly (``neuron_order``)."""
+    rng = np.random.default_rng(4)
+    A = mx.array(rng.normal(size=(2, 128, 32)).astype(np.float16))
+    B = mx.array(rng.normal(size=(2, 32, 96)).astype(np.float16))
+    b = mx.array(rng.normal(size=(2, 96)).astype(np.float16))
+    w = PredictorWeights.from_stacked(A, B, b)
+    q = w.quantize(4)
+    assert [(m.group_size, m.shape) for m in q.A + q.B] == [(64, (128, 32))] * 2 + [(32, (32, 96))] * 2
+    ch = PredictorChooser(q, [0.5, 0.5])
+    assert ch.resident_bytes == quantized_bytes(2, 128, 96, 32, mx.float16, 4)
+    assert ch.resident_bytes == 2 * (128 * 32 // 2 + 2 * 2 * 32 * 4 + 32 * 96 // 2 + 2 * 96 * 4 + 96 * 6)
+    perm = mx.array(rng.permutation(96))
+    qp = PredictorWeights([w.A[i] for i in range(2)], [w.B[i][:, perm] for i in range(2)],
+                          [w.b[i][perm] for i in range(2)]).quantize(4)
+    x = mx.array(rng.normal(size=(5, 128)).astype(np.float32))
+    for layer in range(2):
+        z, zp = np.array(q.logits(layer, x)), np.array(qp.logits(layer, x))
+        np.testing.assert_array_equal(zp, z[:, np.array(perm)])
+        assert 0.9 < np.corrcoef(z.ravel(), np.array(w.logits(layer, x)).ravel())[0, 1]
+    with pytest.raises(PredictorError, match="already quantized"):
+        q.quantize(8)
