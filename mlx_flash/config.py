@@ -44,9 +44,8 @@ class FlashConfig:
               "oracle" (true gated activation above the layer's threshold,
               computed from full weights; an upper bound, not a product mode),
               "predictor" (the low-rank predictors stored with the model;
-              ``extra["recall"]`` picks one of the calibrated recall targets,
-              ``extra["predictor_bits"]`` their in-memory bits: 4 (the default,
-              ``predictor.PREDICTOR_BITS``), 8 or 0 for the stored floats).
+              ``extra["recall"]`` picks one of the calibrated recall targets;
+              ``predictor_bits`` their in-memory bits).
     sparsity: target fraction of inactive neurons for the oracle's rule. None
               (the default): the calibrated per-layer thresholds when the model
               has them (``mlx-flash calibrate``), else 0.5 (per-token top-k).
@@ -89,6 +88,11 @@ class FlashConfig:
               compute for a loaded 2-core CPU. CLI ``--pipeline`` turns it on.
               MoE models (``mlx_flash.moe``): the next MoE layer's likely experts
               (its router on this layer's input) are read ahead the same way.
+    predictor_bits: the in-memory bits of the predictors' low-rank matrices, quantized at
+              load (``predictor.PredictorWeights.quantize``): 4 (the default: on the default
+              model's held-out calibration tokens recall 0.9900 vs 0.9903 in floats, the same
+              96.0% predicted, 1.7 MB instead of 4.3: docs/bench/predq), 8, or 0 for the
+              stored floats.
     hot_fraction: share of each layer's cache rows pinned with hot neurons, in
               [0, 1]. None (the default): "hot+window" pins half, "auto" measures.
               Only "auto" and "hot+window" take a value ("hot" means 1).
@@ -115,6 +119,7 @@ class FlashConfig:
     prefill: str = "all"
     verify: str = "background"
     pipeline: bool = False
+    predictor_bits: int = 4
     extra: dict = field(default_factory=dict)
 
     ACTIVE_CHOICES = ("auto", "all", "oracle", "predictor", "gate")
@@ -123,6 +128,7 @@ class FlashConfig:
     DEFAULT_SPARSITY = 0.5  # the oracle's top-k rule for models without calibration
     POLICY_CHOICES = ("auto", "window", "lru", "hot", "hot+window")
     VERIFY_CHOICES = ("background", "load")
+    PREDICTOR_BITS_CHOICES = (0, 4, 8)
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget) or self.budget <= 0:
@@ -149,6 +155,9 @@ class FlashConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.threads < 0 or self.chunk_bytes < 0:
             raise ValueError("threads and chunk_bytes must be >= 0")
+        if self.predictor_bits not in self.PREDICTOR_BITS_CHOICES:
+            raise ValueError(f"predictor_bits must be one of {self.PREDICTOR_BITS_CHOICES} (0: the stored floats), "
+                             f"got {self.predictor_bits!r}")
         if self.max_gap_bytes is not None and self.max_gap_bytes < 0:
             raise ValueError(f"max_gap_bytes must be >= 0 (or None: from the disk probe), got {self.max_gap_bytes}")
 

@@ -28,10 +28,10 @@ source, created, and the same ``id``: a predictor file that does not belong to
 the manifest is refused).
 
 In memory (``load_predictor_chooser``) A and B are quantized at load (``mx.quantize``,
-``PREDICTOR_BITS`` bits, groups of ``PREDICTOR_GROUP_SIZE`` or 32 along the input side: hidden for A,
+``FlashConfig.predictor_bits`` bits, groups of ``PREDICTOR_GROUP_SIZE`` or 32 along the input side: hidden for A,
 the rank for B, so each neuron has its own groups; B of a rank below 32 stays float;
 scales and biases in :func:`mlx_flash.quantized.compute_dtype`, float32 on the CPU;
-``FlashConfig.extra["predictor_bits"]``: 0 keeps the stored floats). The file keeps the
+``FlashConfig.predictor_bits``: 0 keeps the stored floats). The file keeps the
 stored floats (calibration, its cutoffs and held-out figures use those); the chooser's
 ``resident_bytes`` are the quantized arrays' bytes.
 """
@@ -47,6 +47,7 @@ import mlx.core as mx
 import numpy as np
 
 from .atomic import atomic_path
+from .config import FlashConfig
 from .quantized import compute_dtype, dequantized_matmul, use_quantized_matmul
 
 PREDICTOR_FILE = "predictors.safetensors"
@@ -54,10 +55,6 @@ FILE_FORMAT = "mlx-flash-predictors"
 FILE_VERSION = 1
 DEFAULT_RANK = 32
 DEFAULT_RECALL = 0.99
-PREDICTOR_BITS = 4
-"""Bits of the in-memory predictor matrices (``FlashConfig.extra["predictor_bits"]``; 0: the stored floats).
-On the default model's held-out calibration tokens 4 bits keep recall 0.990 at the 0.99 cutoffs (floats
-0.9903, 8 bits 0.9903) and the same predicted fraction (96.0%), in 1.7 MB instead of 4.3 (docs/bench/predq)."""
 PREDICTOR_GROUP_SIZE = 64
 RECALL_TARGETS = (0.9, 0.95, 0.99, 0.995, 0.999)
 """Recall targets whose cutoffs calibration stores; the chooser picks one (``FlashConfig.extra["recall"]``)."""
@@ -176,7 +173,7 @@ class PredictorWeights:
         This is the one function calibration (choosing cutoffs) and inference both use."""
         return self.project(layer, x) + self.b[layer].astype(mx.float32)
 
-    def quantize(self, bits: int = PREDICTOR_BITS, group_size: int = PREDICTOR_GROUP_SIZE,
+    def quantize(self, bits: int, group_size: int = PREDICTOR_GROUP_SIZE,
                  dtype: Optional[mx.Dtype] = None) -> "PredictorWeights":
         """A and B quantized (``bits``, groups of ``group_size`` or 32 along their input side; scales in
         ``dtype``, default :func:`~mlx_flash.quantized.compute_dtype` of the stored dtype); a matrix
@@ -205,7 +202,7 @@ class PredictorWeights:
 
 
 def quantized_bytes(num_layers: int, hidden_size: int, n_neurons: int, rank: int, stored: mx.Dtype,
-                    bits: int = PREDICTOR_BITS, group_size: int = PREDICTOR_GROUP_SIZE) -> int:
+                    bits: int, group_size: int = PREDICTOR_GROUP_SIZE) -> int:
     """What :meth:`PredictorWeights.quantize` plus the chooser's per-layer limits occupy (bytes), from
     the shapes alone (``engine.choose_active`` weighs the predictors' memory before loading them)."""
     scale = compute_dtype(stored).size
@@ -394,8 +391,8 @@ def load_predictor_chooser(files, config=None) -> PredictorChooser:
     """The predictor chooser of an opened flash folder (``storage.format.FlashFiles``).
 
     ``config.extra["recall"]`` picks a calibrated recall target (default: the one
-    calibration chose), ``config.extra["predictor_bits"]`` the in-memory bits of A and B
-    (default ``PREDICTOR_BITS``; 0 keeps the stored floats). Raises :class:`PredictorError`
+    calibration chose), ``config.predictor_bits`` the in-memory bits of A and B
+    (default 4; 0 keeps the stored floats). Raises :class:`PredictorError`
     when predictors are missing or do not match the model.
     """
     m = files.manifest
@@ -422,11 +419,8 @@ def load_predictor_chooser(files, config=None) -> PredictorChooser:
 
 
 def predictor_bits(config=None) -> int:
-    """The in-memory bits of the predictors' A and B (``config.extra["predictor_bits"]``; 0: stored floats)."""
-    bits = int(((config.extra if config is not None else None) or {}).get("predictor_bits", PREDICTOR_BITS))
-    if bits not in (0, 4, 8):
-        raise PredictorError(f"predictor_bits {bits}: expected 0 (the stored floats), 4 or 8")
-    return bits
+    """The in-memory bits of the predictors' A and B (``FlashConfig.predictor_bits``; 0: stored floats)."""
+    return (config if config is not None else FlashConfig()).predictor_bits
 
 
 def predictor_resident_bytes(manifest, config=None) -> int:
@@ -472,7 +466,6 @@ __all__ = [
     "DEFAULT_RANK",
     "DEFAULT_RECALL",
     "PREDICTOR_FILE",
-    "PREDICTOR_BITS",
     "PREDICTOR_GROUP_SIZE",
     "PredictorChooser",
     "PredictorError",

@@ -110,7 +110,7 @@ def test_calibration_record_and_file(calibrated):
 def test_save_load_round_trip_same_predictions(calibrated, tmp_path):
     flash, _ = calibrated
     files = open_flash(flash)
-    ch = load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 0}))  # the stored floats
+    ch = load_predictor_chooser(files, FlashConfig(predictor_bits=0))  # the stored floats
     assert not ch.weights.quantized
     x = mx.array(np.random.default_rng(2).normal(size=(7, 64)).astype(np.float32))
     for layer in range(3):
@@ -277,10 +277,10 @@ def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
     flash, _ = calibrated
     files = open_flash(flash)
     m = files.manifest
-    flt = load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 0}))
+    flt = load_predictor_chooser(files, FlashConfig(predictor_bits=0))
     x = mx.array(np.random.default_rng(3).normal(size=(24, 64)).astype(np.float32))
     for bits, min_jaccard in ((8, 0.97), (4, 0.85)):
-        cfg = FlashConfig(extra={"predictor_bits": bits})
+        cfg = FlashConfig(predictor_bits=bits)
         ch = load_predictor_chooser(files, cfg)
         w = ch.weights
         # A (64 x 16) in groups of 64 along the hidden size; B of rank 16 divides into no group: stored float16
@@ -290,7 +290,7 @@ def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
         a_bytes = 3 * (64 * 16 * bits // 8 + 2 * 16 * 4)  # packed codes, a float32 scale and bias per group
         assert ch.resident_bytes == a_bytes + 3 * (16 * 256 * 2 + 256 * 2 + 256 * 4)  # + B, b, the limits
         assert ch.resident_bytes == predictor_resident_bytes(m, cfg) < flt.resident_bytes
-        eng = load(flash, FlashConfig(active="predictor", extra={"predictor_bits": bits}, scratch_neurons=16,
+        eng = load(flash, FlashConfig(active="predictor", predictor_bits=bits, scratch_neurons=16,
                                       threads=1))
         assert eng.chooser.weights.quantized and eng.predictor_bytes == ch.resident_bytes
         eng.close()
@@ -307,8 +307,8 @@ def test_quantized_predictors_choose_nearly_the_float_neurons(calibrated):
             one = np.concatenate([np.array(ch.predict(layer, x[i : i + 1])) for i in range(4)])
             assert (one != q[:4]).mean() < 0.002
         assert union and inter / union >= min_jaccard, (bits, inter / union)
-    with pytest.raises(PredictorError, match="predictor_bits 3"):
-        load_predictor_chooser(files, FlashConfig(extra={"predictor_bits": 3}))
+    with pytest.raises(ValueError, match="predictor_bits must be one of"):
+        FlashConfig(predictor_bits=3)
     with pytest.raises(PredictorError, match="in-memory"):
         save_predictors(flash / "never.safetensors", ch.weights, file_id="x")
 

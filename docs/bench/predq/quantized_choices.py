@@ -22,7 +22,7 @@ _, _, test = split_by_sequence(data.seq, seed=0)
 act, act_param = model_activation(m.model_args)
 thr = m.predictors["thresholds"]
 modes = {"float": 0, "8-bit": 8, "4-bit": 4}
-ch = {k: load_predictor_chooser(files, FlashConfig(extra={"recall": recall, "predictor_bits": b}))
+ch = {k: load_predictor_chooser(files, FlashConfig(extra={"recall": recall}, predictor_bits=b))
       for k, b in modes.items()}
 tot = {k: [0, 0, 0, 0] for k in modes}  # tp, predicted, true, cells
 agree = {k: [0, 0] for k in modes}  # |pred ∩ float|, |pred ∪ float|
