@@ -97,6 +97,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .config import FlashConfig
 from .storage.reader import SplitRows, coalesced_runs
 
 BundleLayout = Union[Sequence[Tuple[str, int, int, Union[str, mx.Dtype]]], Mapping[str, Union[Tuple[int, int], int]]]
@@ -562,7 +563,7 @@ class NeuronCache:
         dtype: mx.Dtype,
         budget_bytes: int,
         window: int = 5,
-        scratch_neurons: int = 256,
+        scratch_neurons: int = FlashConfig.scratch_neurons,
         lazy: bool = True,
         layout: Optional[BundleLayout] = None,
         pipeline: bool = False,
@@ -840,7 +841,7 @@ class ReadModel:
     alignment: int = 4096
     max_gap_bytes: int = 16 * 1024
     chunk_bytes: int = 1 << 20
-    scratch_neurons: int = 256
+    scratch_neurons: int = FlashConfig.scratch_neurons
 
     @classmethod
     def of_reader(cls, reader, scratch_neurons: int) -> "ReadModel":
