@@ -499,6 +499,15 @@ class LayerCache:
         self.pinned[self._ids(ids)] = False
         self.n_pinned = int(np.count_nonzero(self.pinned))
 
+    def forget(self, ids: np.ndarray) -> None:
+        """Drop the resident neurons ``ids`` whose rows cannot be trusted (their read failed after
+        :meth:`step` gave them rows): swap-delete and unpin them, so a later token reads them again."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[self.slot_of[ids] >= 0]
+        self.pinned[ids] = False
+        self.n_pinned = int(np.count_nonzero(self.pinned))
+        self._evict(ids)
+
     def clear(self) -> None:
         """Empty the cache: no resident or pinned neurons, window restarted. Keeps stats."""
         self.slot_ids[:] = -1

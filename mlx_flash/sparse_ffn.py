@@ -255,6 +255,7 @@ class _State:
         self.next_cache = None
         self.lookahead_map = None
         self.inflight: list = []  # reads submitted by this layer's pass and not yet waited for
+        self.unfilled: Optional[np.ndarray] = None  # neurons given cache rows this pass, not yet read into them
 
     def _fill(self, ids: np.ndarray, dest, staged) -> int:
         """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: the ones the
@@ -360,6 +361,9 @@ class _State:
             return self._forward(x)
         except BaseException:  # reads still in flight must not land in rows the next pass uses
             self._drain()
+            if self.unfilled is not None:  # rows given to neurons whose read failed: not theirs
+                self.cache.forget(self.unfilled)
+                self.unfilled = None
             raise
 
     def _drain(self) -> None:
@@ -393,6 +397,7 @@ class _State:
         c.predictor_s += t1 - t0
 
         plan = self.cache.step(ids)
+        self.unfilled = plan.load_ids
         order = np.concatenate([plan.hit_ids, plan.load_ids]).astype(np.int64)
         slots = np.concatenate([plan.hit_slots, plan.load_slots]).astype(np.int32)
         served = 0
@@ -410,6 +415,7 @@ class _State:
             if big is not None and len(overflow) else None
         if pend_load is not None:
             served += self._fill_wait(pend_load)
+        self.unfilled = None
         t2 = time.perf_counter()
         c.io_s += t2 - t1
         if pf is not None and self.next_cache is not None:

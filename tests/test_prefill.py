@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -12,7 +14,7 @@ from mlx_flash.bench import run_ttft
 from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
-from mlx_flash.storage.format import convert_to_flash
+from mlx_flash.storage.format import FlashFormatError, convert_to_flash, open_flash
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 120, 11, 12, 200, 31, 64, 9, 77, 150]
@@ -159,3 +161,30 @@ def test_cli_bench_ttft_only(tmp_path, monkeypatch, capsys):
     data = json.loads((out / "ttft.json").read_text())["ttft"]
     assert data["lengths"] == [3, 9] and len(data["rows"]) == 4
     assert "| 3 tokens | 9 tokens |" in (out / "ttft.md").read_text()
+
+
+@pytest.mark.parametrize("large_read", [True, False], ids=["one-read", "streamed"])
+def test_a_read_that_fails_mid_pass_leaves_no_untrusted_rows(tiny, tmp_path, large_read):
+    """ffn.bin damaged under a running engine: the pass fails with the reader's clear error, no read
+    stays in flight, and the cache rows the failed pass had given to neurons it could not read are
+    dropped, so once the file is whole again the engine answers exactly as a fresh one (before the
+    fix it kept those rows as the neurons' and generated other tokens)."""
+    _, dst = tiny
+    folder = shutil.copytree(dst, tmp_path / "copy.flash")
+    fresh = _engine(folder, verify="load")
+    want = [s.token for s in fresh.generate_step(PROMPT, 8)]
+    fresh.close()
+    eng = _engine(folder, verify="load")
+    if not large_read:
+        eng.cache.prefill_rows = lambda: None  # the overflow through the scratch in chunks
+    files = open_flash(folder)
+    whole = files.ffn_path.read_bytes()
+    os.truncate(files.ffn_path, files.manifest.layers[2].offset + 4096)  # the last layer cut short
+    with pytest.raises(FlashFormatError, match="unexpected end of file"):
+        list(eng.generate_step(PROMPT, 8))
+    assert all(not f._state.inflight and f._state.unfilled is None for f in eng._sparse_ffns())
+    for lc in eng.cache.layers:
+        lc.check_invariants()
+    files.ffn_path.write_bytes(whole)
+    assert [s.token for s in eng.generate_step(PROMPT, 8)] == want
+    eng.close()
