@@ -145,7 +145,11 @@ class _State:
             plan = cache.step(remaining)
             c.neurons_hit += len(plan.hit_ids)
             if len(plan.load_ids):
-                self._load(plan, staged, chosen)
+                try:
+                    self._load(plan, staged, chosen)
+                except BaseException:  # rows given to experts whose read failed: not theirs
+                    cache.forget(plan.load_ids)
+                    raise
                 staged = None  # a later pass of the same call reads from disk
             elif pf is not None and staged is not None:
                 pf.record(self.layer, staged, chosen, 0, 0)

@@ -278,3 +278,28 @@ def test_lookahead_prefetch_same_answers_and_serves_misses(tmp_path):
         finally:
             eng.close()
     assert runs[0] == runs[1]
+
+
+def test_an_expert_read_that_fails_leaves_no_untrusted_rows(models, tmp_path):
+    """experts.bin cut short under a running engine: the pass fails with the reader's clear error, and
+    the rows the failed pass had given to experts it could not read are dropped, so once the file is
+    whole again the logits are exactly a fresh engine's (before the fix those rows stayed as the
+    experts' and the logits differed)."""
+    _, fl0 = models["qwen3_moe"]
+    folder = shutil.copytree(fl0, tmp_path / "copy.flash")
+    fresh = _flash(folder, verify="load")
+    want = np.array(fresh.model(TOKENS))
+    fresh.close()
+    eng = _flash(folder, verify="load")
+    m = open_moe_flash(folder).manifest
+    p = folder / EXPERTS_FILE
+    whole = p.read_bytes()
+    with open(p, "r+b") as f:
+        f.truncate(m.layers[-1].offset + 64)  # the last MoE layer cut short
+    with pytest.raises(FlashFormatError, match="unexpected end of file"):
+        mx.eval(eng.model(TOKENS))
+    for lc in eng.cache.layers:
+        lc.check_invariants()
+    p.write_bytes(whole)
+    assert np.array_equal(np.array(eng.model(TOKENS)), want)
+    eng.close()
