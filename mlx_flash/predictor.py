@@ -48,7 +48,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .config import FlashConfig
-from .quantized import compute_dtype, dequantized_matmul, use_quantized_matmul
+from .quantized import compute_dtype, qmatmul
 
 PREDICTOR_FILE = "predictors.safetensors"
 FILE_FORMAT = "mlx-flash-predictors"
@@ -107,12 +107,8 @@ class QuantizedMatrix:
 
     def matmul(self, x: mx.array) -> mx.array:
         """``x @ W`` in the scales' dtype (``mx.quantized_matmul``; on the CPU batches dequantize first)."""
-        x = x.astype(self.scales.dtype)
-        if use_quantized_matmul(x):
-            return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True,
-                                       group_size=self.group_size, bits=self.bits)
-        return dequantized_matmul(x, self.w, self.scales, self.biases, transpose=True,
-                                  group_size=self.group_size, bits=self.bits)
+        return qmatmul(x.astype(self.scales.dtype), self.w, self.scales, self.biases, transpose=True,
+                       group_size=self.group_size, bits=self.bits)
 
 
 Matrix = Union[mx.array, QuantizedMatrix]
@@ -286,18 +282,16 @@ def load_predictors(path: Union[str, Path], *, num_layers: int, hidden_size: int
         A.append(a_)
         B.append(b2)
         b.append(c_)
-    freq = arrays.get("frequencies")
-    if freq is not None:
-        if tuple(freq.shape) != (num_layers, n_neurons):
-            raise PredictorError(f"{path}: frequencies has shape {tuple(freq.shape)}, expected "
-                                 f"{(num_layers, n_neurons)}")
-        freq = np.array(freq.astype(mx.float32))
-    scales = arrays.get("gate_scales")
-    if scales is not None:
-        if tuple(scales.shape) != (num_layers, n_neurons):
-            raise PredictorError(f"{path}: gate_scales has shape {tuple(scales.shape)}, expected "
-                                 f"{(num_layers, n_neurons)}")
-        scales = np.array(scales.astype(mx.float32))
+    def per_neuron(name: str) -> Optional[np.ndarray]:
+        """An optional (layers, neurons) array of the file (frequencies, gate scales), as float32."""
+        arr = arrays.get(name)
+        if arr is None:
+            return None
+        if tuple(arr.shape) != (num_layers, n_neurons):
+            raise PredictorError(f"{path}: {name} has shape {tuple(arr.shape)}, expected {(num_layers, n_neurons)}")
+        return np.array(arr.astype(mx.float32))
+
+    freq, scales = per_neuron("frequencies"), per_neuron("gate_scales")
     mx.eval(A, B, b)
     return PredictorWeights(A, B, b, freq, scales)
 

@@ -59,14 +59,22 @@ def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: Optio
     return mx.concatenate([x @ deq(a, a + DEQUANT_BLOCK).T for a in range(0, n, DEQUANT_BLOCK)], axis=-1)
 
 
+def qmatmul(x: mx.array, w: mx.array, scales: mx.array, biases: Optional[mx.array], *,
+            transpose: bool, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """``mx.quantized_matmul`` where it is the fast path (:func:`use_quantized_matmul`), else
+    :func:`dequantized_matmul`: the one place that picks between them."""
+    if use_quantized_matmul(x):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
+                                   mode=mode)
+    return dequantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode)
+
+
 class _CPUQuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` that dequantizes for batched inputs on the CPU."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if use_quantized_matmul(x):
-            return super().__call__(x)
-        y = dequantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
-                               group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = qmatmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+                    group_size=self.group_size, bits=self.bits, mode=self.mode)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -74,10 +82,8 @@ class _CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     """``nn.QuantizedEmbedding`` whose tied output projection dequantizes for batched inputs on the CPU."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if use_quantized_matmul(x):
-            return super().as_linear(x)
-        return dequantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
-                                  group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return qmatmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+                       group_size=self.group_size, bits=self.bits, mode=self.mode)
 
 
 def fast_cpu_modules(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ import numpy as np
 
 from .active import Chooser, gated_activation
 from .neuron_cache import stream_chunk_rows
-from .quantized import dequantized_matmul, use_quantized_matmul
+from .quantized import qmatmul, use_quantized_matmul
 from .stats import FFNCounters
 from .storage.format import unit_dequantize
 from .storage.reader import set_rows
@@ -106,8 +106,7 @@ def ffn_rows(x: mx.array, w: dict, role: str, rows_out: bool, quant: dict, cdtyp
     if q is None:
         return x @ (w[role].T if rows_out else w[role])
     cd = cdtype or w[f"{role}.scales"].dtype
-    mm = mx.quantized_matmul if use_quantized_matmul(x) else dequantized_matmul
-    return mm(x.astype(cd), w[role], w[f"{role}.scales"].astype(cd), w[f"{role}.biases"].astype(cd),
+    return qmatmul(x.astype(cd), w[role], w[f"{role}.scales"].astype(cd), w[f"{role}.biases"].astype(cd),
               transpose=rows_out, group_size=q["group_size"], bits=q["bits"], mode=q["mode"])
 
 
@@ -257,12 +256,6 @@ class _State:
         self.inflight: list = []  # reads submitted by this layer's pass and not yet waited for
         self.unfilled: Optional[np.ndarray] = None  # neurons given cache rows this pass, not yet read into them
 
-    def _fill(self, ids: np.ndarray, dest, staged) -> int:
-        """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: the ones the
-        prefetch staged are copied from the staging buffer, the rest read now. Returns how
-        many came from the staging buffer."""
-        return self._fill_wait(self._fill_submit(ids, dest, staged))
-
     def _fill_wait(self, pending) -> int:
         """Wait for the read :meth:`_fill_submit` started (waiting counts as I/O of the
         engine's thread); returns how many bundles came from the staging buffer."""
@@ -280,8 +273,9 @@ class _State:
         return n_staged
 
     def _fill_submit(self, ids: np.ndarray, dest, staged):
-        """:meth:`_fill` without the wait: copies the staged bundles and submits the read of the
-        rest (``FlashReader.submit``); returns ``(staged count, handle or None)`` for
+        """Bundles of neurons ``ids`` (sorted) into the read destination ``dest``: copies the ones
+        the prefetch staged from the staging buffer and submits the read of the rest
+        (``FlashReader.submit``); returns ``(staged count, handle or None)`` for
         :meth:`_fill_wait`. ``dest`` must not be used before that."""
         c = self.counters
         have = None
