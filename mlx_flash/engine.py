@@ -45,9 +45,11 @@ from .neuron_cache import (
     PolicyInfo,
     ReadModel,
     RowStore,
+    cache_rows,
     chosen_frequencies,
     resolve_auto_policy,
     sample_active_sets,
+    scratch_rows,
     simulate,
 )
 from .pipeline import attach_pipeline, lookahead_map
@@ -709,11 +711,9 @@ def choose_active(files, config: FlashConfig, act: str, reader=None) -> ActiveCh
     n = m.intermediate_size
     layers = np.unique(np.linspace(0, m.num_layers - 1, min(AUTO_LAYERS, m.num_layers)).round().astype(int))
     for k, c in cands.items():
-        room = budget - c.resident_bytes
-        if room < n * m.num_layers * c.row_bytes:  # the scratch buffer, as _load_flash sizes it
-            room -= min(config.scratch_neurons, n, max(8, room // 8 // c.row_bytes)) * c.row_bytes
-        cap = int(min(n, max(0, room) // m.num_layers // c.row_bytes))
-        if room <= 0:  # its resident bytes alone fill the budget: it cannot run (bytes_per_token None)
+        # sized as _build_flash sizes the cache (neuron_cache.cache_rows)
+        cap, scratch = cache_rows(budget, c.resident_bytes, c.row_bytes, m.num_layers, n, config.scratch_neurons)
+        if budget - c.resident_bytes - scratch * c.row_bytes <= 0:  # resident bytes fill the budget: it cannot run
             cands[k] = replace(c, capacity=cap, bytes_per_token=None)
             continue
         if freqs is None:
@@ -904,7 +904,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             notes.append(f"gate-first reads {split.manifest.ffn_file} (up/down rows only)")
     verifier.start(split)  # hash only the file the cache reads (the resident gate rows were verified as read)
     # The streaming scratch buffer takes at most an eighth of the budget (small models, small budgets).
-    scratch_neurons = min(config.scratch_neurons, max(8, budget_bytes // 8 // row_bytes))
+    scratch_neurons = scratch_rows(budget_bytes, row_bytes, config.scratch_neurons)
     try:
         cache = NeuronCache.from_budget(
             n_layers=m.num_layers,

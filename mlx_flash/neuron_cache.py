@@ -593,8 +593,7 @@ class NeuronCache:
             raise ValueError(f"bundle_bytes {bundle_bytes} != {want}, the bytes of the bundle layout")
         budget_bytes = int(budget_bytes)
         bundle_bytes = RowStore(0, bundle_elems, dtype, layout, drop).kept_bytes  # what a row weighs in memory
-        full = n_layers * n_neurons * bundle_bytes
-        scratch = 0 if budget_bytes >= full else max(0, min(int(scratch_neurons), n_neurons))
+        capacity, scratch = split_budget(budget_bytes, bundle_bytes, n_layers, n_neurons, scratch_neurons)
         scratch_bytes = scratch * bundle_bytes
         minimum = scratch_bytes + n_layers * bundle_bytes
         if budget_bytes < minimum:
@@ -603,7 +602,6 @@ class NeuronCache:
                 f"({scratch} neurons, {scratch_bytes} bytes) plus one neuron per layer "
                 f"({n_layers} x {bundle_bytes} bytes); the minimum budget is {minimum} bytes"
             )
-        capacity = min((budget_bytes - scratch_bytes) // n_layers // bundle_bytes, n_neurons)
         # Pipelined layers: staging rows for what one layer's cache cannot hold. They are I/O buffers
         # (like the reader's aligned buffers), outside the cache budget: the caches keep the same rows
         # with and without the pipeline, so the arithmetic, and the outputs, stay the same bit for bit.
@@ -825,6 +823,34 @@ def _iter_sets(active_sets):
         for a in active_sets:
             a = np.asarray(a)
             yield np.flatnonzero(a) if a.dtype == bool else a.astype(np.int64, copy=False)
+
+
+def split_budget(budget_bytes: int, row_bytes: int, n_layers: int, n_neurons: int,
+                 scratch_neurons: int) -> Tuple[int, int]:
+    """``(rows per layer, scratch rows)`` of a cache of ``budget_bytes`` with rows of ``row_bytes``
+    (:meth:`NeuronCache.from_budget`'s split): no scratch when the whole FFN fits, else
+    ``min(scratch_neurons, n_neurons)`` scratch rows and the rest in equal per-layer caches
+    (at most every neuron; 0 when the scratch alone fills the budget)."""
+    scratch = 0 if budget_bytes >= n_layers * n_neurons * row_bytes else max(0, min(int(scratch_neurons), n_neurons))
+    capacity = max(0, min((budget_bytes - scratch * row_bytes) // n_layers // row_bytes, n_neurons))
+    return int(capacity), int(scratch)
+
+
+def scratch_rows(room_bytes: int, row_bytes: int, scratch_neurons: int) -> int:
+    """The streaming scratch the engine gives a cache of ``room_bytes``: ``scratch_neurons``
+    (``FlashConfig.scratch_neurons``), at most an eighth of the room (small models, small budgets),
+    at least 8."""
+    return min(int(scratch_neurons), max(8, room_bytes // 8 // row_bytes))
+
+
+def cache_rows(budget_bytes: int, taken: int, row_bytes: int, n_layers: int, n_neurons: int,
+               scratch_neurons: int) -> Tuple[int, int]:
+    """``(rows per layer, scratch rows)`` of the neuron cache the engine makes from an FFN budget of
+    ``budget_bytes`` of which ``taken`` is resident (predictors, gate rows, group scales): the
+    room left, its scratch (:func:`scratch_rows`) and :func:`split_budget`. ``engine.choose_active``
+    and the bench's replay size their simulated caches with it."""
+    room = budget_bytes - taken
+    return split_budget(room, row_bytes, n_layers, n_neurons, scratch_rows(room, row_bytes, scratch_neurons))
 
 
 def stream_chunk_rows(scratch_rows: int) -> int:

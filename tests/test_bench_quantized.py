@@ -13,7 +13,6 @@ from mlx_flash.bench import (
     NAIVE,
     PREDICTOR,
     BenchReport,
-    _cache_rows,
     agreement_prompt_set,
     format_table,
     run_bench,
@@ -21,6 +20,7 @@ from mlx_flash.bench import (
 from mlx_flash.calibrate import calibrate, read_prompts
 from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
+from mlx_flash.neuron_cache import cache_rows
 from mlx_flash.storage.format import convert_to_flash, float_bundle_bytes, group_quant_bytes, open_flash
 from tests.tiny import make_tiny_llama, quantize_tiny
 
@@ -83,9 +83,9 @@ def test_bf16_bytes_replayed_from_the_rows_own_choice(run, q4):
         row = run.row(name)
         # the replay sizes the cache as the engine did
         # (the FFN and the resident part include the exact down layout's group scales)
-        assert _cache_rows(FlashConfig(budget=0.5).budget_bytes(m.ffn_bytes_total),
-                           row.predictor_bytes + group_quant_bytes(m), m.bundle_bytes, LAYERS, FFN,
-                           256)[0] == row.policy["capacity"]
+        assert cache_rows(FlashConfig(budget=0.5).budget_bytes(m.ffn_bytes_total),
+                          row.predictor_bytes + group_quant_bytes(m), m.bundle_bytes, LAYERS, FFN,
+                          256)[0] == row.policy["capacity"]
         assert 0 < row.sim_bytes_read_per_token <= row.bf16_bytes_read_per_token
     # naive flash reads every non-resident neuron: the replay gives the measured bytes
     naive = run.row(NAIVE)

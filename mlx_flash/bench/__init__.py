@@ -39,7 +39,6 @@ real model or replayed shape), :mod:`.orchestration` (:func:`run_bench` as stage
 from .orchestration import run_bench
 from .order import OrderRow, format_order, run_order_bench
 from .plots import save_plots
-from .quant import _cache_rows as _cache_rows  # the tests check the cache sizing
 from .quant import agreement_prompt_set, format_quantized, replay_reads, run_agreement
 from .records import (
     ALIASES,

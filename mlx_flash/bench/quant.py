@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..calibrate import read_prompts
 from ..config import FlashConfig
-from ..neuron_cache import ReadModel, simulate
+from ..neuron_cache import ReadModel, cache_rows, simulate
 from ..paths import resources_dir
 from ..predictor import load_frequencies
 from ..progress import ProgressCallback
@@ -45,19 +45,6 @@ def agreement_prompt_set() -> List[str]:
     return read_prompts(resources_dir() / AGREEMENT_PROMPTS_FILE)
 
 
-def _cache_rows(budget: int, taken: int, row_bytes: int, n_layers: int, n: int,
-                scratch_neurons: int) -> Tuple[int, int]:
-    """(rows per layer, scratch rows) of a neuron cache made as the engine makes it
-    (``engine._build_flash``: the chooser's resident bytes out of the budget, the scratch
-    buffer at most an eighth of the rest; ``NeuronCache.from_budget``: no scratch when the
-    whole FFN fits)."""
-    room = max(0, budget - taken)
-    scratch = min(scratch_neurons, max(8, room // 8 // row_bytes), n)
-    if room >= n_layers * n * row_bytes:
-        scratch = 0
-    return int(max(0, min((room - scratch * row_bytes) // n_layers // row_bytes, n))), int(scratch)
-
-
 def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     """Bytes per token of the row's own neuron choice on this quantized folder and on the
     bfloat16 layout of the same model: the recorded per-token active sets (``traces``) replayed
@@ -81,8 +68,8 @@ def replay_reads(row: BenchRow, trace, files, cfg: FlashConfig) -> None:
     # the exact down layout's resident group scales are part of this folder's FFN and of its budget
     for bb, resident in ((m.bundle_bytes, group_quant_bytes(m)), (float_bundle_bytes(m, "bfloat16"), 0)):
         total = L * n * bb + resident
-        cap, scratch = _cache_rows(cfg.budget_bytes(total), row.predictor_bytes + resident, bb, L, n,
-                                   cfg.scratch_neurons)
+        cap, scratch = cache_rows(cfg.budget_bytes(total), row.predictor_bytes + resident, bb, L, n,
+                                  cfg.scratch_neurons)
         gap = row.max_gap_bytes if row.max_gap_bytes is not None else (cfg.max_gap_bytes or DEFAULT_GAP)
         rm = ReadModel(bb, row.read_alignment or ALIGNMENT, gap, row.chunk_bytes or (1 << 20), max(1, scratch))
         per = [simulate([tok[i] for tok in trace.tokens], n, cap, pol, cfg.window,
