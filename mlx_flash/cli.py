@@ -16,6 +16,7 @@ from .bench import (
     DEFAULT_POLICY_BUDGETS,
     DEFAULT_PPL_TOKENS,
     POLICIES,
+    SHAPES,
     TTFT_CONFIGS,
     TTFT_LENGTHS,
     default_flash_model,
@@ -624,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel reads (0: from the disk probe; default %(default)s)")
     b.add_argument("--no-direct-io", action="store_true", help="allow the page cache (figures not real)")
     b.add_argument("--sweep", default=None, help="budgets for the tokens/s-vs-budget sweep, e.g. 10,25,50,75,100")
-    b.add_argument("--shape", default=None, choices=["7b", "13b", "moe"],
+    b.add_argument("--shape", default=None, choices=[*SHAPES, "moe"],
                    help="add naive/flash rows on a random model of this FFN shape, replaying the real model's traces; "
                         "moe: the MoE-shape replay alone (Qwen3-30B-A3B experts; --shape-gib, --shape-tokens, "
                         "--moe-budgets, --moe-synthetic)")

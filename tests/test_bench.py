@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -30,12 +32,17 @@ from mlx_flash.bench import (
     run_bench,
     save_plots,
 )
+from mlx_flash.bench.order import scaled_sources, shape_hot_order
+from mlx_flash.bench.records import read_ms, shape_io_ratios
+from mlx_flash.bench.runners import _run_replay
 from mlx_flash.calibrate import calibrate
 from mlx_flash.cli import _parse_sweep, main
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import load
+from mlx_flash.neuron_order import hot_order, permute_trace
 from mlx_flash.progress import Cancelled
-from mlx_flash.storage.format import open_flash, read_layer_weights
+from mlx_flash.quantized import compute_dtype
+from mlx_flash.storage.format import ffn_groups, group_quant_bytes, open_flash, read_layer_weights, role_quantization
 from mlx_flash.traces import ReplayChooser, Trace, record
 from tests.tiny import make_tiny_flash
 
@@ -276,10 +283,97 @@ def test_shape_model_generated_once(run):
 
 
 def test_layers_for_size():
-    s = bench.SHAPES["7b"]
-    assert s.bundle_bytes == 24 * 1024
-    assert s.layers_for(2.0) == 7  # 258 MiB a layer
+    s = bench.SHAPES["7b"]  # 4-bit g32 exact layout: gate/up codes + scales + biases, down codes
+    assert s.bundle_bytes == 3 * 2048 + 4 * 128 * 2 == 7 * 1024
+    assert s.layers_for(2.0) == 27  # 75 MiB a layer
+    f16 = bench.SHAPES["7b-f16"]
+    assert f16.bundle_bytes == 24 * 1024 and f16.layers_for(2.0) == 7  # 258 MiB a layer
     assert s.layers_for(0.01) == 1
+
+
+Q_SHAPE = Shape("tq", hidden=256, ffn=1024, bits=4)
+
+
+def _shape_weights(sp: Shape, layer: int, seed: int = 0):
+    """The random float weights ensure_shape_model draws for ``layer`` (same keys)."""
+    k = mx.random.split(mx.random.key(seed * 100003 + layer), 3)
+    dt = getattr(mx, sp.dtype)
+    return (mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[0]) * sp.hidden**-0.5,
+            mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[1]) * sp.hidden**-0.5,
+            mx.random.normal((sp.hidden, sp.ffn), dtype=dt, key=k[2]) * sp.ffn**-0.5)
+
+
+def test_quantized_shape_model_is_the_exact_layout(tmp_path):
+    gib = 2 * Q_SHAPE.layer_bytes / 2**30
+    path = ensure_shape_model(Q_SHAPE, gib, root=tmp_path)
+    files = open_flash(path)
+    m = files.manifest
+    assert (m.num_layers, m.format_version, m.bundle_bytes) == (2, 3, Q_SHAPE.bundle_bytes)
+    q = role_quantization(m)
+    assert {r: (v["bits"], v["group_size"]) for r, v in q.items()} == {r: (4, 32) for r in ("gate", "up", "down")}
+    assert q["down"]["axis"] == "ffn" and ffn_groups(m) is not None and group_quant_bytes(m) > 0
+    # what the engine reads back is mx.quantize's dequantized weights, bit for bit
+    for got, w in zip(read_layer_weights(files, 1), _shape_weights(Q_SHAPE, 1)):
+        want = mx.dequantize(*mx.quantize(w, group_size=32, bits=4), group_size=32, bits=4)
+        assert got.shape == want.shape and mx.array_equal(got, want).item()
+    mtime = (path / "ffn.bin").stat().st_mtime_ns
+    assert ensure_shape_model(Q_SHAPE, gib, root=tmp_path) == path  # reused
+    assert (path / "ffn.bin").stat().st_mtime_ns == mtime
+    # the float16 shape of the same dimensions is another folder
+    assert ensure_shape_model(replace(Q_SHAPE, bits=None), 2 * 1024 * 1536 / 2**30, root=tmp_path) != path
+
+
+def test_shape_hot_order_bands():
+    rng = np.random.default_rng(0)
+    src = Trace(3, 128, [[np.flatnonzero(rng.random(128) < 0.5) for _ in range(3)] for _ in range(4)])
+    freqs = rng.random((3, 128))
+    big = src.scaled(1024, 2, seed=3)
+    perms, f = shape_hot_order(src, big, freqs)
+    assert perms.shape == (2, 1024) and (np.sort(perms, axis=1) == np.arange(1024)).all()
+    sources, copies = scaled_sources(src, big)
+    for li, sl in enumerate(big.meta["source_layers"]):
+        # band c = every source neuron's c-th copy, in the source's hot order
+        assert (copies[li][perms[li]][:128] == 0).all() and (copies[li][perms[li]][896:] == 7).all()
+        assert (sources[li][perms[li]][:128] == hot_order(freqs[sl])).all()
+        assert np.allclose(f[li], freqs[sl][sources[li][perms[li]]])
+        assert (np.diff(f[li][:128]) <= 0).all()
+    moved = permute_trace(big, perms)
+    assert [len(a) for t in moved.tokens for a in t] == [len(a) for t in big.tokens for a in t]
+
+
+def test_quantized_shape_replay(tmp_path):
+    """naive and oracle rows on a real 4-bit shape folder, serial and pipelined, in hot order,
+    under the policy the engine picks; the I/O-only ratios come from their rows."""
+    path = ensure_shape_model(Q_SHAPE, 2 * Q_SHAPE.layer_bytes / 2**30, root=tmp_path)
+    files = open_flash(path)
+    rng = np.random.default_rng(1)
+    src = Trace(3, 128, [[np.flatnonzero(rng.random(128) < p) for p in (0.3, 0.4, 0.5)] for _ in range(6)])
+    freqs = np.stack([np.mean([np.isin(np.arange(128), t[li]) for t in src.tokens], axis=0) for li in range(3)])
+    big = src.scaled(1024, 2)
+    perms, f = shape_hot_order(src, big, freqs)
+    strace = permute_trace(big, perms)
+    rows = []
+    for name in (NAIVE, ORACLE):
+        for piped in (False, True):
+            cfg = FlashConfig(budget=0.5, threads=2, scratch_neurons=16, pipeline=piped)
+            r = _run_replay(name + " (tq shape)" + (" (pipelined)" if piped else ""), files, strace, cfg, 6, 1,
+                            None, None, frequencies=f)
+            r.group = "tq shape"
+            rows.append(r)
+            assert r.source == REPLAYED and r.pipeline == piped and r.bytes_read_per_token > 0
+            assert r.policy["ffn_quantization"] == {"gate": "4b/g32", "up": "4b/g32", "down": "4b/g32"}
+            assert r.policy["compute_dtype"] == str(compute_dtype(mx.float16)).rsplit(".", 1)[-1]
+            assert r.policy["capacity"] > 0 and r.mean_request_bytes and r.io_gbps
+            active = [sum(len(a) for a in t) for t in strace.tokens[1:6]]
+            assert r.neurons_active_per_token == (2 * 1024 if name == NAIVE else pytest.approx(np.mean(active)))
+    ratios = shape_io_ratios(rows)
+    assert set(ratios) == {f"{ORACLE} (tq shape) / {NAIVE} (tq shape)",
+                           f"{ORACLE} (tq shape) (pipelined) / {NAIVE} (tq shape) (pipelined)"}
+    naive, oracle = rows[0], rows[2]
+    d = ratios[f"{ORACLE} (tq shape) / {NAIVE} (tq shape)"]
+    assert d["bytes"] == pytest.approx(naive.bytes_read_per_token / oracle.bytes_read_per_token)
+    assert d["read_time"] == pytest.approx(read_ms(naive) / read_ms(oracle))
+    assert d["total"] == pytest.approx(oracle.tokens_per_s / naive.tokens_per_s)
 
 
 # ------------------------------------------------------------------ traces

@@ -10,11 +10,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from ..config import FlashConfig
+from ..neuron_order import permute_trace
+from ..predictor import PredictorError, load_frequencies
 from ..progress import Cancelled, ProgressCallback, scaled
 from ..progress import report as _report
 from ..storage.format import group_quant_bytes, open_flash
 from ..traces import Trace, record
+from .order import shape_hot_order
 from .quant import (
     replay_reads,
     run_agreement,
@@ -41,6 +46,7 @@ from .records import (
     _sweep_point,
     canonical_config,
     compute_ratios,
+    shape_io_ratios,
 )
 from .report import (
     _standard_notes,
@@ -398,14 +404,35 @@ def _shape_trace(run: _Run, rep: BenchReport, trace: Any, recorded: Any) -> Trac
     return tr_obj
 
 
+def _shape_order(run: _Run, rep: BenchReport, tr_obj: Trace, strace: Trace) -> Tuple[Trace, Optional[np.ndarray], str]:
+    """The scaled trace renumbered for the shape model's neurons in hot order on disk, as calibration
+    orders a real model (``order.shape_hot_order``: the real model's calibrated frequencies), and
+    the frequencies in that order (the cache policy's hot neurons). A real model without calibrated
+    frequencies: the trace as scaled (random placement) and None."""
+    try:
+        freqs = load_frequencies(run.files)
+    except PredictorError as e:
+        freqs, why = None, str(e)
+    else:
+        why = "the real model has no calibrated frequencies"
+    if freqs is None or freqs.shape != (tr_obj.n_layers, tr_obj.n_neurons):
+        rep.notes.append(f"{why}: the shape's neurons stay at random places on disk and the cache policy has no "
+                         "hot neurons")
+        return strace, None, "random"
+    perms, disk_freqs = shape_hot_order(tr_obj, strace, freqs)
+    return permute_trace(strace, perms), disk_freqs, "hot"
+
+
 def _run_shape(run: _Run, rep: BenchReport, shape_obj: Shape, tr_obj: Trace, shape_gib: float,
                shape_tokens: Optional[int], shape_root: Optional[PathLike], seed: int, pipeline_twins: bool) -> None:
-    """The large-shape rows (replayed traces on a random model of ``shape_obj``'s FFN shape)."""
+    """The large-shape rows (replayed traces on a random model of ``shape_obj``'s FFN shape, its
+    neurons in hot order on disk, under the cache policy the engine would pick)."""
     cfg_main, warmup, probe_res = run.cfg_main, run.warmup, run.probe
     spath = ensure_shape_model(shape_obj, shape_gib, root=shape_root, seed=seed, progress=run.stage("shape-build"))
     sfiles = open_flash(spath)
     sm = sfiles.manifest
-    strace = tr_obj.scaled(sm.intermediate_size, sm.num_layers, seed=seed)
+    scaled_tr = tr_obj.scaled(sm.intermediate_size, sm.num_layers, seed=seed)
+    strace, freqs, order = _shape_order(run, rep, tr_obj, scaled_tr)
     n_tok = min(shape_tokens or run.tokens, len(strace))
     if n_tok <= warmup:
         raise ValueError(f"the trace has {len(strace)} tokens: too few for {warmup} warm-up token(s)")
@@ -413,21 +440,23 @@ def _run_shape(run: _Run, rep: BenchReport, shape_obj: Shape, tr_obj: Trace, sha
     for n, st in ((NAIVE, "shape-naive"), (ORACLE, "shape-oracle")):
         cb = run.stage(st)
         row = _run_replay(n + label, sfiles, strace, cfg_main, n_tok, warmup, probe_res,
-                          scaled(cb, 0.0, 0.5) if pipeline_twins else cb, seed=seed)
+                          scaled(cb, 0.0, 0.5) if pipeline_twins else cb, seed=seed, frequencies=freqs)
         row.group = f"{shape_obj.name} shape"
         rep.rows.append(row)
         if pipeline_twins:  # outputs are random-input FFN sums: not compared
             cfg_t = replace(cfg_main, pipeline=not cfg_main.pipeline)
             trow = _run_replay(_twin_name(n + label, cfg_t.pipeline), sfiles, strace, cfg_t, n_tok, warmup,
-                               probe_res, scaled(cb, 0.5, 1.0), seed=seed)
+                               probe_res, scaled(cb, 0.5, 1.0), seed=seed, frequencies=freqs)
             trow.group = row.group
             rep.rows.append(trow)
     rep.shape = {
         "name": shape_obj.name, "hidden": sm.hidden_size, "ffn": sm.intermediate_size, "dtype": sm.dtype,
+        "quantization": shape_obj.label, "format_version": sm.format_version,
         "layers": sm.num_layers, "ffn_bytes": sm.ffn_bytes_total, "bundle_bytes": sm.bundle_bytes,
+        "group_quant_bytes": group_quant_bytes(sm), "order": order,
         "gib": shape_gib, "path": str(spath), "tokens": n_tok, "trace_scaling": strace.meta.get("scale_mode"),
         "source_layers": strace.meta.get("source_layers"), "scaled_sparsity": strace.sparsity,
-        "scaled_reuse_last_token": strace.reuse(1),
+        "scaled_reuse_last_token": strace.reuse(1), "io_ratios": shape_io_ratios(rep.rows),
     }
 
 

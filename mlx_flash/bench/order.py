@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..config import FlashConfig
 from ..neuron_cache import ReadModel, resolve_auto_policy
-from ..neuron_order import compute_order, inverse, replay_reads, source_perms
+from ..neuron_order import compute_order, hot_order, inverse, replay_reads, source_perms
 from ..predictor import has_predictors, load_frequencies
 from ..progress import ProgressCallback
 from ..progress import report as _report
@@ -76,6 +76,45 @@ def _scaled_frequencies(freqs: np.ndarray, trace, scaled) -> np.ndarray:
         for li in range(L):
             out[li, tok[li]] = freqs[src[li], j]
     return out
+
+
+def scaled_sources(trace, scaled) -> Tuple[np.ndarray, np.ndarray]:
+    """For each target neuron of ``scaled`` (a ``Trace.scaled`` of ``trace``): ``(source, copy)``,
+    both ``(layers, n_neurons)``: the source neuron (of layer ``scaled.meta["source_layers"][l]``)
+    it stands for, and which of that source neuron's targets it is (0, 1, ... in id order)."""
+    n, L = trace.n_neurons, scaled.n_layers
+    probe = Trace(trace.n_layers, n, [[np.array([j])] * trace.n_layers for j in range(n)])
+    m = probe.scaled(scaled.n_neurons, L, seed=scaled.meta.get("scale_seed", 0))
+    src = np.zeros((L, scaled.n_neurons), dtype=np.int64)
+    copy = np.zeros((L, scaled.n_neurons), dtype=np.int64)
+    for j, tok in enumerate(m.tokens):
+        for li in range(L):
+            src[li, tok[li]] = j
+            copy[li, tok[li]] = np.arange(len(tok[li]))
+    return src, copy
+
+
+def shape_hot_order(trace, scaled, freqs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(perms, frequencies)``: the hot order (:func:`mlx_flash.neuron_order.hot_order`, what
+    calibration writes) of a shape replay's target neurons, from the source model's calibrated
+    ``freqs`` ((source layers, n), ``trace``'s numbering), and the targets' frequencies in that
+    disk order. A target has its source neuron's frequency, so the copies of one source neuron
+    tie; ordered by frequency alone they would sit side by side and, always active together, be
+    read as one long run, which no real model gives. So the targets are laid out in bands: band
+    ``c`` holds every source neuron's ``c``-th copy, each band in the source's hot order (position
+    ``p`` of a band: the source neuron of hot rank ``p``): neighbours on disk are different source
+    neurons of about the same frequency, as in a real model's hot order."""
+    src, copy = scaled_sources(trace, scaled)
+    layers = scaled.meta["source_layers"]
+    L, N = src.shape
+    perms = np.zeros((L, N), dtype=np.int64)
+    out = np.zeros((L, N))
+    for li in range(L):
+        f = np.asarray(freqs[layers[li]], dtype=np.float64)
+        rank = inverse(hot_order(f)[None, :])[0]  # source neuron -> its hot rank
+        perms[li] = np.lexsort((rank[src[li]], copy[li]))  # by band, then by hot rank inside the band
+        out[li] = f[src[li]][perms[li]]
+    return perms, out
 
 
 def run_order_bench(model_path: PathLike, *, budget: float = FlashConfig.budget, tokens: int = 32, prompt: Any = None,

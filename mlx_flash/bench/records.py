@@ -80,20 +80,34 @@ REFERENCE_FILE = "reference.txt"
 
 @dataclass(frozen=True)
 class Shape:
-    """FFN dimensions of a large-shape run (random weights)."""
+    """FFN dimensions of a large-shape run (random weights). ``bits``: the FFN stored quantized the
+    way the product stores a 4-bit model (``storage.format``'s exact layout: gate/up rows ``bits``-bit
+    with ``group_size`` groups along hidden, down codes per neuron with its group scales resident);
+    None: float rows of ``dtype`` (``dtype`` is then also the scales' dtype)."""
 
     name: str
     hidden: int
     ffn: int
     dtype: str = "float16"
+    bits: Optional[int] = None
+    group_size: int = 32
 
     @property
     def bundle_bytes(self) -> int:
-        return 3 * self.hidden * DTYPE_SIZES[self.dtype]
+        """Bytes of one neuron's bundle in ffn.bin (an estimate for sizing; the manifest has the truth)."""
+        if self.bits is None:
+            return 3 * self.hidden * DTYPE_SIZES[self.dtype]
+        codes = self.hidden * self.bits // 8
+        return 3 * codes + 2 * 2 * (self.hidden // self.group_size) * DTYPE_SIZES[self.dtype]
 
     @property
     def layer_bytes(self) -> int:
         return self.ffn * self.bundle_bytes
+
+    @property
+    def label(self) -> str:
+        """``"4-bit g32"`` or the float dtype."""
+        return self.dtype if self.bits is None else f"{self.bits}-bit g{self.group_size}"
 
     def layers_for(self, gib: float) -> int:
         """As many layers as fit ``gib`` GiB of ffn.bin (at least one)."""
@@ -101,8 +115,10 @@ class Shape:
 
 
 SHAPES: Dict[str, Shape] = {
-    "7b": Shape("7b", 4096, 11008),     # Llama-2-7B: bundle 3*4096*2 = 24 KiB, 258 MiB a layer
-    "13b": Shape("13b", 5120, 13824),
+    # Llama-2-7B FFN, 4-bit g32 exact layout as users run it: bundle 7 KiB, 75 MiB a layer
+    "7b": Shape("7b", 4096, 11008, bits=4),
+    "7b-f16": Shape("7b-f16", 4096, 11008),  # the same in float16: bundle 24 KiB, 258 MiB a layer
+    "13b": Shape("13b", 5120, 13824, bits=4),
 }
 
 
@@ -363,6 +379,42 @@ def compute_ratios(rows: Sequence[BenchRow]) -> Dict[str, float]:
             for b in rows:
                 if b.group == r.group and b.name.split(" (")[0] == base_kind and b.tokens_per_s > 0:
                     out[f"{r.name} / {b.name}"] = r.tokens_per_s / b.tokens_per_s
+    return out
+
+
+def read_ms(row: BenchRow) -> Optional[float]:
+    """Milliseconds per token with the row's reads in flight (bytes read / the reader's GB/s):
+    what a token would cost if compute were free and the reads were not overlapped."""
+    if not row.io_gbps or row.bytes_read_per_token <= 0:
+        return None
+    return row.bytes_read_per_token / (row.io_gbps * 1e9) * 1e3
+
+
+def shape_io_ratios(rows: Sequence[BenchRow]) -> Dict[str, Dict[str, float]]:
+    """For each replayed flash-oracle row against the naive row of its group with the same
+    pipelining: what bounds the speed-up. ``total`` (tokens/s), ``read_time`` (the I/O-only ratio,
+    :func:`read_ms`: the speed-up if compute were free, as on a fast GPU), ``bytes`` (bytes read),
+    ``gbps`` (the naive reader's GB/s over the oracle's) and ``compute`` (ms of compute)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for r in rows:
+        if r.source != REPLAYED or r.name.split(" (")[0] != ORACLE:
+            continue
+        for b in rows:
+            if b.group != r.group or b.name.split(" (")[0] != NAIVE or bool(b.pipeline) != bool(r.pipeline):
+                continue
+            d: Dict[str, float] = {}
+            if r.tokens_per_s > 0 and b.tokens_per_s > 0:
+                d["total"] = r.tokens_per_s / b.tokens_per_s
+            rb, rr = read_ms(b), read_ms(r)
+            if rb and rr:
+                d["read_time"] = rb / rr
+            if r.bytes_read_per_token > 0:
+                d["bytes"] = b.bytes_read_per_token / r.bytes_read_per_token
+            if r.io_gbps and b.io_gbps:
+                d["gbps"] = b.io_gbps / r.io_gbps
+            if r.ms_compute > 0:
+                d["compute"] = b.ms_compute / r.ms_compute
+            out[f"{r.name} / {b.name}"] = d
     return out
 
 

@@ -89,13 +89,19 @@ def _standard_notes(rep: BenchReport, files) -> List[str]:
                    "by the probe's best throughput (any thread count) at the chunk size nearest the mean request.")
     if rep.shape:
         s = rep.shape
+        order = ("in hot order on disk as calibration writes it (banded: band c holds every source neuron's c-th "
+                 "copy in the real model's calibrated hot order, so disk neighbours are different neurons of about "
+                 "the same frequency)" if s.get("order") == "hot" else "at random places on disk")
         out.append(
             f"Rows marked '{REPLAYED}' are not a real model: a random-weight flash model with {s['name']} FFN "
-            f"dimensions (hidden {s['hidden']}, FFN {s['ffn']}, {s['dtype']}, bundle {s['bundle_bytes'] // 1024} KiB, "
-            f"{s['layers']} layers = {s['ffn_bytes'] / 2**30:.2f} GiB) whose SparseFFNs (real NeuronCache, FlashReader "
-            f"and sparse arithmetic) are driven with random inputs and the per-token active sets the flash-oracle run "
-            f"recorded on the real model, each source neuron standing for a randomly placed group of "
-            f"~{s['ffn'] / max(1, (rep.trace or {}).get('neurons', 1)):.1f} target neurons (same sparsity and reuse). "
+            f"dimensions (hidden {s['hidden']}, FFN {s['ffn']}, {s.get('quantization', s['dtype'])}"
+            f"{', format v' + str(s['format_version']) if s.get('format_version') else ''}, bundle "
+            f"{_fb(s['bundle_bytes'])}, {s['layers']} layers = {s['ffn_bytes'] / 2**30:.2f} GiB of FFN) written by "
+            f"the converters' writer, whose SparseFFNs (real NeuronCache under the policy the engine picks, "
+            f"FlashReader, sparse quantized arithmetic in the engine's compute dtype) are driven with random inputs "
+            f"and the per-token active sets the flash-oracle run recorded on the real model, each source neuron "
+            f"standing for a group of ~{s['ffn'] / max(1, (rep.trace or {}).get('neurons', 1)):.1f} target neurons "
+            f"(same sparsity and reuse), {order}. Pipelined rows: a perfect lookahead (the replayed set). "
             "FFN only: no attention, embeddings or sampling; predictor cost not modelled; no perplexity.")
     return out
 
@@ -264,6 +270,7 @@ def format_table(report: BenchReport) -> str:
                      f"{t['neurons']} neurons; sparsity {t['sparsity']:.0%}, reuse from the last token "
                      f"{t['reuse_last_token']:.0%}, newly needed per token with a 5-token window "
                      f"{t['new_per_token_window5']:.1%} of the FFN.")
+    lines += format_shape(r)
     if r.probe is not None:
         lines.append("")
         lines.append(f"Disk probe ({r.probe.directory}, measured {r.probe.created}):")
@@ -278,6 +285,25 @@ def format_table(report: BenchReport) -> str:
         lines.append("Notes:")
         lines += [f"- {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def format_shape(r: BenchReport) -> List[str]:
+    """The shape replay's speed-up and what bounds it (``records.shape_io_ratios``): tokens/s, the
+    I/O-only ratio (time with reads in flight: the speed-up if compute were free), bytes read,
+    the reader's GB/s and compute."""
+    ratios = (r.shape or {}).get("io_ratios") or {}
+    if not ratios:
+        return []
+    lines = ["", "Shape replay, flash oracle vs naive flash (same pipelining): what bounds the speed-up "
+                 "(ratios naive / oracle; read time = bytes read / reader GB/s, the speed-up if compute were free):",
+             "| rows | tokens/s | read time (I/O only) | bytes read | reader GB/s (oracle / naive) | compute |",
+             "|---|---|---|---|---|---|"]
+    for k, d in ratios.items():
+        g = d.get("gbps")
+        lines.append(f"| {k} | {_f(d.get('total'), '{:.2f}x')} | {_f(d.get('read_time'), '{:.2f}x')} | "
+                     f"{_f(d.get('bytes'), '{:.2f}x')} | {_f(1 / g if g else None, '{:.2f}x')} | "
+                     f"{_f(d.get('compute'), '{:.2f}x')} |")
+    return lines
 
 
 #: Issue #20's bars for the auto chooser: bytes read per token against the oracle's useful bytes,

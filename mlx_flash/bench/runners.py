@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -19,14 +20,24 @@ import numpy as np
 from .. import default_model
 from ..active import AllNeurons
 from ..config import FlashConfig
-from ..neuron_cache import NeuronCache
+from ..neuron_cache import CachePolicy, NeuronCache, PolicyInfo, ReadModel, resolve_auto_policy, scratch_rows
 from ..paths import data_dir, resources_dir
 from ..pipeline import attach_pipeline
 from ..progress import Cancelled, ProgressCallback
 from ..progress import report as _report
+from ..quantized import compute_dtype
 from ..sparse_ffn import SparseFFN
 from ..stats import FFNCounters, Stats, process_rss
-from ..storage.format import FlashFormatError, bundle_layout, open_flash, write_flash
+from ..storage.format import (
+    FlashFormatError,
+    bundle_layout,
+    bundle_segments,
+    ffn_groups,
+    group_quant_bytes,
+    open_flash,
+    role_quantization,
+    write_flash,
+)
 from ..storage.platform_io import drop_page_cache
 from ..storage.probe import ProbeResult, cached_probe, load_cached_choice
 from ..storage.reader import FlashReader
@@ -273,27 +284,46 @@ def _load_probe(probe, directory: Path, probe_kwargs: Optional[Dict[str, Any]],
         return None
 
 
+def shape_model_name(sp: Shape, layers: int, seed: int = 0) -> str:
+    """The folder name of :func:`ensure_shape_model`'s model of ``sp`` with ``layers`` layers."""
+    q = "" if sp.bits is None else f"-q{sp.bits}g{sp.group_size}"
+    return f"{sp.name}-h{sp.hidden}-f{sp.ffn}{q}-{sp.dtype}-{layers}L-s{seed}.flash"
+
+
+def _shape_matches(path: Path, sp: Shape, layers: int) -> bool:
+    try:
+        m = open_flash(path).manifest
+    except FlashFormatError:
+        return False
+    q = role_quantization(m)
+    want = {} if sp.bits is None else {r: (sp.bits, sp.group_size) for r in ("gate", "up", "down")}
+    return ((m.hidden_size, m.intermediate_size, m.num_layers, m.dtype) == (sp.hidden, sp.ffn, layers, sp.dtype)
+            and {r: (v["bits"], v["group_size"]) for r, v in q.items()} == want
+            and (sp.bits is None or ffn_groups(m) is not None))
+
+
 def ensure_shape_model(shape: Union[str, Shape] = "7b", gib: float = 2.0, *, root: Optional[PathLike] = None,
                        seed: int = 0, progress: Optional[ProgressCallback] = None) -> Path:
     """A flash folder with ``shape``'s FFN dimensions and as many layers as fit
     ``gib`` GiB of ffn.bin, random weights; generated once (layer by layer through
-    :func:`~mlx_flash.storage.format.write_flash`) under ``root`` (default
-    ``data_dir()/bench``) and reused. Only its FFN is meant to be used."""
+    :func:`~mlx_flash.storage.format.write_flash`, the converters' writer) under ``root``
+    (default ``data_dir()/bench``) and reused. Only its FFN is meant to be used.
+
+    A quantized shape (``Shape.bits``) is written as a quantized checkpoint is converted:
+    each layer's random float weights quantized by ``mx.quantize`` (affine, ``group_size``
+    along each matrix's input dimension, as mlx-lm stores them) and handed to ``write_flash``,
+    which keeps gate/up rows as they are and down's codes per neuron with its group scales
+    resident (format v3, ``storage.format.GROUPS_ALONG_FFN``)."""
 
     sp = SHAPES[shape] if isinstance(shape, str) else shape
     layers = sp.layers_for(gib)
     base = Path(root).expanduser() if root is not None else data_dir() / "bench"
-    path = base / f"{sp.name}-h{sp.hidden}-f{sp.ffn}-{sp.dtype}-{layers}L-s{seed}.flash"
-    if (path / "manifest.json").is_file():
-        try:
-            m = open_flash(path).manifest
-            if (m.hidden_size, m.intermediate_size, m.num_layers, m.dtype) == (sp.hidden, sp.ffn, layers, sp.dtype):
-                return path
-        except FlashFormatError:
-            pass
+    path = base / shape_model_name(sp, layers, seed)
+    if (path / "manifest.json").is_file() and _shape_matches(path, sp, layers):
+        return path
     dt = getattr(mx, sp.dtype)
     heads = max(1, sp.hidden // 128)
-    config = {
+    config: Dict[str, Any] = {
         "model_type": "llama",
         "hidden_size": sp.hidden,
         "num_hidden_layers": layers,
@@ -306,15 +336,23 @@ def ensure_shape_model(shape: Union[str, Shape] = "7b", gib: float = 2.0, *, roo
         "tie_word_embeddings": True,
         "mlx_flash_bench_shape": sp.name,
     }
+    if sp.bits is not None:
+        config["quantization"] = {"group_size": sp.group_size, "bits": sp.bits}
     weights: Dict[str, Any] = {"model.norm.weight": mx.ones((sp.hidden,), dtype=dt)}
     for i in range(layers):  # lazy: write_flash evaluates (and frees) one layer at a time
         k = mx.random.split(mx.random.key(seed * 100003 + i), 3)
         pre = f"model.layers.{i}.mlp"
-        weights[f"{pre}.gate_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[0]) * sp.hidden**-0.5
-        weights[f"{pre}.up_proj.weight"] = mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[1]) * sp.hidden**-0.5
-        weights[f"{pre}.down_proj.weight"] = mx.random.normal((sp.hidden, sp.ffn), dtype=dt, key=k[2]) * sp.ffn**-0.5
+        mats = {"gate_proj": mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[0]) * sp.hidden**-0.5,
+                "up_proj": mx.random.normal((sp.ffn, sp.hidden), dtype=dt, key=k[1]) * sp.hidden**-0.5,
+                "down_proj": mx.random.normal((sp.hidden, sp.ffn), dtype=dt, key=k[2]) * sp.ffn**-0.5}
+        for mod, w in mats.items():
+            if sp.bits is None:
+                weights[f"{pre}.{mod}.weight"] = w
+            else:
+                wq, sc, bi = mx.quantize(w, group_size=sp.group_size, bits=sp.bits)
+                weights.update({f"{pre}.{mod}.weight": wq, f"{pre}.{mod}.scales": sc, f"{pre}.{mod}.biases": bi})
     return write_flash(path, config=config, weights=weights,
-                       source=f"random weights, {sp.name} FFN shape (mlx-flash bench)",
+                       source=f"random weights, {sp.name} FFN shape, {sp.label} (mlx-flash bench)",
                        progress=progress, overwrite=path.exists())
 
 
@@ -322,12 +360,42 @@ def _trace_path(model_name: str) -> Path:
     return data_dir() / "bench" / "traces" / f"{model_name}.npz"
 
 
-def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: int, probe,
-                progress: Optional[ProgressCallback], seed: int = 0) -> BenchRow:
-    """Drive one SparseFFN per layer of ``files`` with random inputs: every neuron
-    (naive) or the trace's active sets (replayed oracle)."""
+def _replay_policy(cfg: FlashConfig, cache, reader, chooser, freqs: Optional[np.ndarray]) -> PolicyInfo:
+    """The cache policy the engine would run for this chooser (``FlashConfig.policy``; "auto"
+    resolved by ``neuron_cache.resolve_auto_policy`` with the engine's inputs: the chooser's
+    density, the reader's read model), its hot neurons pinned and read once (not per token)."""
+    from ..engine import _chooser_density  # noqa: PLC0415 - the engine imports mlx-lm (seconds): not at CLI start
 
-    from ..engine import reader_max_gap  # noqa: PLC0415 - the engine imports mlx-lm (seconds): not at CLI start
+    if cfg.policy == "auto":
+        density, recall = _chooser_density(chooser)
+        policy, info = resolve_auto_policy(freqs, cache.layers[0].capacity, cfg.window, hot_fraction=cfg.hot_fraction,
+                                           read_model=ReadModel.of_reader(reader, cache.scratch_neurons),
+                                           density=density, recall=recall)
+    else:
+        if cfg.policy in ("hot", "hot+window") and freqs is None:
+            raise ValueError(f"cache policy {cfg.policy!r} needs neuron frequencies (a calibrated source model)")
+        policy = CachePolicy.make(cfg.policy, cfg.hot_fraction)
+        info = PolicyInfo.of(policy, "asked for", "config")
+
+    def fill(layer: int, plan) -> None:
+        reader.read(layer, plan.load_ids, plan.load_dest)
+
+    pinned = cache.apply_policy(policy, freqs, fill=fill)
+    return replace(info, asked=cfg.policy, window=cfg.window, capacity=cache.layers[0].capacity,
+                   pinned=int(sum(len(p) for p in pinned)), preload_bytes=int(cache.stats.preload_bytes))
+
+
+def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: int, probe,
+                progress: Optional[ProgressCallback], seed: int = 0,
+                frequencies: Optional[np.ndarray] = None) -> BenchRow:
+    """Drive one SparseFFN per layer of ``files`` with random inputs: every neuron
+    (naive) or the trace's active sets (replayed oracle), built as the engine builds a flash
+    model's FFNs (quantized rows and resident down group scales of a quantized folder, its
+    compute dtype, the budget less the resident group scales, the scratch the engine gives it)
+    under the cache policy the engine would pick (``frequencies``: per-layer activation
+    frequencies in ``files``' neuron order, for pinning hot neurons; None: no calibration)."""
+
+    from ..engine import _layer_groups, reader_max_gap  # noqa: PLC0415 - the engine imports mlx-lm (seconds)
 
     m = files.manifest
     threads, chunk = cfg.threads, cfg.chunk_bytes
@@ -335,30 +403,38 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         t, c = load_cached_choice(files.root)
         threads, chunk = threads or t, chunk or c
     dt = getattr(mx, m.dtype)
+    quant = role_quantization(m)
+    cdtype = compute_dtype(dt) if quant else None
     replay = name.startswith(ORACLE)
     chooser = ReplayChooser(trace) if replay else AllNeurons(m.intermediate_size)
     counters = FFNCounters()
+    budget = max(0, cfg.budget_bytes(m.ffn_bytes_total) - group_quant_bytes(m))  # group scales: resident
     cache = NeuronCache.from_budget(
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
-        bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=cfg.budget_bytes(m.ffn_bytes_total),
-        window=cfg.window, scratch_neurons=cfg.scratch_neurons, layout=bundle_layout(m), pipeline=cfg.pipeline)
+        bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=budget, window=cfg.window,
+        scratch_neurons=scratch_rows(budget, m.bundle_bytes, cfg.scratch_neurons), lazy=cfg.policy != "window",
+        layout=bundle_segments(m), pipeline=cfg.pipeline)
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=reader_max_gap(files.root, cfg, threads), direct=cfg.direct_io)
     prefetcher = None
     try:
+        policy_info = _replay_policy(cfg, cache, reader, chooser, frequencies)
+        groups = _layer_groups(files)
         ffns = [SparseFFN(i, m.hidden_size, chooser, cache.layers[i], reader, cache.scratch,
-                          counters, act="silu") for i in range(m.num_layers)]
+                          counters, act="silu", layout=bundle_layout(m), quant=quant, compute_dtype=cdtype,
+                          groups=groups[i]) for i in range(m.num_layers)]
         if cfg.pipeline:  # the replayed sets are what the lookahead picks too: a perfect lookahead
             prefetcher = attach_pipeline(ffns, cache, reader)
         drop_page_cache(files.ffn_path)
         _free_mlx()
         key = mx.random.key(seed)
         mx.reset_peak_memory()
+        reader.reset_totals()  # the pinned rows' one-time read is not a token's
         stats: List[Stats] = []
         mode = f"flash-{chooser.name}"
         for t in range(tokens):
             key, sub = mx.random.split(key)
-            xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=dt, key=sub)
+            xs = mx.random.normal((m.num_layers, 1, m.hidden_size), dtype=cdtype or dt, key=sub)
             mx.eval(xs)
             if isinstance(chooser, ReplayChooser):  # replay
                 chooser.token = t
@@ -384,6 +460,12 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         reads = reader.reset_totals()
         s = summarize(stats, warmup)
         row = BenchRow(name=name, source=REPLAYED, **s)
+        row.policy = _jsonable(replace(policy_info, compute_dtype=str(cdtype or dt).rsplit(".", 1)[-1],
+                                       ffn_quantization={r: f"{q['bits']}b/g{q['group_size']}"
+                                                         for r, q in quant.items()},
+                                       pipeline=prefetcher is not None,
+                                       staging_neurons=cache.staging_neurons).to_dict())
+        row.preload_bytes = int(cache.stats.preload_bytes)
         row.pipeline = prefetcher is not None
         row.lookahead = _jsonable(prefetcher.info()) if prefetcher is not None else None
         row.threads, row.chunk_bytes, row.read_mode = reader.threads, reader.chunk_bytes, reader.mode
