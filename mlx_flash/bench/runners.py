@@ -111,6 +111,7 @@ def _reader_figures(row: BenchRow, reader, reads, probe, measured_tokens: int) -
         return
     row.requests_per_token = reads.requests / max(1, measured_tokens)
     row.serving_gbps = reads.service_gbps or None
+    row.reader_split = reads.split() or None
     if probe is not None and probe.table and row.io_gbps:
         at = probe.at(row.mean_request_bytes, row.threads)
         row.disk_gbps_at_request = at

@@ -44,7 +44,7 @@ from typing import Deque, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .format import FlashFiles, FlashFormatError
-from .platform_io import UncachedFile, aligned_buffer, open_uncached
+from .platform_io import UncachedFile, aligned_buffer, open_uncached, thread_sched_seconds
 
 
 @dataclass
@@ -66,13 +66,44 @@ class ReadStats:
     requests: int = 0
     seconds: float = 0.0
     service_seconds: float = 0.0
+    # Where a request's life goes (a reader's totals only; sums over requests or reads, seconds):
+    plan_seconds: float = 0.0     # submit: checks and planning, before the read is queued
+    queue_seconds: float = 0.0    # queued: from the read's enqueue to a thread taking the request
+    syscall_seconds: float = 0.0  # inside os.preadv (the disk, and the CPU it needs)
+    copy_seconds: float = 0.0     # copying the request's bundles out of the aligned buffer
+    wake_seconds: float = 0.0     # a blocked waiter: from the read's last request's end to it running again
+    waits_blocked: int = 0        # waits that blocked (the read was not finished when the waiter had nothing to read)
+    waiter_requests: int = 0      # requests the waiting thread read itself (no hand-off)
+    thread_cpu_seconds: float = 0.0   # the worker threads on a CPU (Linux schedstat; 0 elsewhere)
+    thread_runq_seconds: float = 0.0  # the worker threads runnable but waiting for a CPU
 
     def add(self, other: "ReadStats") -> None:
-        self.bytes_read += other.bytes_read
-        self.bytes_useful += other.bytes_useful
-        self.requests += other.requests
-        self.seconds += other.seconds
-        self.service_seconds += other.service_seconds
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def split(self) -> dict:
+        """The request-life figures of a reader's totals: per request, in microseconds
+        (``plan_us`` per read call: ``plan_seconds`` over the reads' count is unknown here,
+        so per request too), the mean number of ``preadv`` calls in flight while a read
+        thread was at work (``syscall_depth``), and the share of requests read by their
+        waiter. Empty when nothing was read."""
+        n = self.requests
+        if n <= 0:
+            return {}
+        us = 1e6 / n
+        return {
+            "plan_us": self.plan_seconds * us,
+            "queue_us": self.queue_seconds * us,
+            "syscall_us": self.syscall_seconds * us,
+            "copy_us": self.copy_seconds * us,
+            "wake_us_per_blocked_wait": self.wake_seconds * 1e6 / max(1, self.waits_blocked),
+            "waits_blocked": float(self.waits_blocked),
+            "syscall_depth": self.syscall_seconds / self.service_seconds if self.service_seconds > 0 else 0.0,
+            "syscall_gbps": self.bytes_read / self.syscall_seconds / 1e9 if self.syscall_seconds > 0 else 0.0,
+            "waiter_share": self.waiter_requests / n,
+            "cpu_us": self.thread_cpu_seconds * us,
+            "runq_us": self.thread_runq_seconds * us,
+        }
 
     @property
     def gbps(self) -> float:
@@ -459,6 +490,7 @@ class _Job:
         self.dup_rows, self.dup_src = dup_rows, dup_src
         self.path = path
         self.t0 = t0
+        self.t_ready = t0  # when it was queued (the pool's submit)
         self.t1: Optional[float] = None
         self.next = 0
         self.requests = 0
@@ -516,6 +548,18 @@ class _Pool:
                         for k in range(1, threads)]
         for w in self.workers:
             w.start()
+        self.sched_base = self._sched()
+
+    def _sched(self) -> Tuple[float, float]:
+        """The workers' (CPU, run-queue wait) seconds so far ((0, 0) where unknown)."""
+        return thread_sched_seconds(w.native_id for w in self.workers) or (0.0, 0.0)
+
+    def _add_sched(self, t: ReadStats, rebase: bool) -> None:
+        now = self._sched()
+        t.thread_cpu_seconds += now[0] - self.sched_base[0]
+        t.thread_runq_seconds += now[1] - self.sched_base[1]
+        if rebase:
+            self.sched_base = now
 
     # ----------------------------------------------------------------- queue
     def submit(self, job: _Job) -> None:
@@ -525,6 +569,8 @@ class _Pool:
             if self.active == 0:
                 self.busy_since = job.t0
             self.active += 1
+            job.t_ready = time.perf_counter()
+            self.totals.plan_seconds += job.t_ready - job.t0
             if job.n:
                 self.queue.append(job)
                 self.cv.notify(min(job.n, len(self.workers)))
@@ -538,8 +584,10 @@ class _Pool:
         job = self.queue[0]
         r = job.next
         job.next += 1
+        now = time.perf_counter()
+        self.totals.queue_seconds += now - job.t_ready
         if self.serving == 0:
-            self.serving_since = time.perf_counter()
+            self.serving_since = now
         self.serving += 1
         if job.next >= job.n:
             self.queue.popleft()
@@ -559,21 +607,31 @@ class _Pool:
                     self.run(0, job, r)
             finally:
                 self.waiter.release()
-        job.finished.wait()
+        if not job.finished.is_set():
+            job.finished.wait()
+            woke = time.perf_counter()
+            with self.cv:
+                self.totals.waits_blocked += 1
+                self.totals.wake_seconds += max(0.0, woke - (job.t1 or woke))
         if job.error is not None:
             raise job.error
         return job.stats
 
     def run(self, slot: int, job: _Job, r: int) -> None:
         """Request ``r`` of ``job`` in buffer ``slot``; the last one finishes the job."""
-        k, err = 0, None
+        k, err, times = 0, None, (0.0, 0.0)
         if not job.stop:
             try:
-                k = self._read(slot, job, r)
+                k, times = self._read(slot, job, r)
             except BaseException as e:  # handed to whoever waits for the job
                 err = e
         with self.cv:
             job.requests += k
+            tot = self.totals
+            tot.syscall_seconds += times[0]
+            tot.copy_seconds += times[1]
+            if slot == 0:
+                tot.waiter_requests += k
             if err is not None and job.error is None:
                 job.error, job.stop = err, True
             job.pending -= 1
@@ -602,8 +660,9 @@ class _Pool:
         job.out = None  # the destination is the caller's again
         job.finished.set()
 
-    def _read(self, slot: int, job: _Job, r: int) -> int:
-        """Read request ``r`` into the slot's buffer and copy its bundles out; returns the system calls."""
+    def _read(self, slot: int, job: _Job, r: int) -> Tuple[int, Tuple[float, float]]:
+        """Read request ``r`` into the slot's buffer and copy its bundles out; returns the system
+        calls and ``(seconds in preadv, seconds copying out)``."""
         mv, view = self.mvs[slot], self.views[slot]
         fd, bb = self.file.fd, self.bb
         out = job.out
@@ -614,6 +673,7 @@ class _Pool:
         length = job.hi[r] - lo
         need = job.need[r]
         got = calls = 0
+        ta = time.perf_counter()
         while got < need:
             nread = os.preadv(fd, [mv[got:length]], lo + got)
             calls += 1
@@ -623,6 +683,7 @@ class _Pool:
                     f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
                 )
             got += nread
+        tb = time.perf_counter()
         for j in (job.left[r], job.right[r]):  # bundles straddling the request's edges: the part inside
             if j >= 0:
                 s0 = int(starts[j])
@@ -645,7 +706,7 @@ class _Pool:
                 set_rows(out, slice(r0, r0 + k), block)
             else:
                 set_rows(out, dst, block)
-        return calls
+        return calls, (tb - ta, time.perf_counter() - tb)
 
     # ----------------------------------------------------------------- totals, close
     def snapshot(self) -> ReadStats:
@@ -656,6 +717,7 @@ class _Pool:
                 t.seconds += now - self.busy_since
             if self.serving:
                 t.service_seconds += now - self.serving_since
+        self._add_sched(t, rebase=False)
         return t
 
     def reset_totals(self) -> ReadStats:
@@ -668,6 +730,7 @@ class _Pool:
             if self.serving:
                 t.service_seconds += now - self.serving_since
                 self.serving_since = now
+            self._add_sched(t, rebase=True)
         return t
 
     def close(self) -> None:
