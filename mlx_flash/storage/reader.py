@@ -44,7 +44,7 @@ from typing import Deque, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .format import FlashFiles, FlashFormatError
-from .platform_io import UncachedFile, aligned_buffer, open_uncached, thread_sched_seconds
+from .platform_io import UncachedFile, aligned_buffer, favour_io_thread, open_uncached, thread_sched_seconds
 
 
 @dataclass
@@ -315,10 +315,13 @@ class FlashReader:
     max_gap_bytes: aligned runs separated by at most this many bytes are read as one
                    request (the gap is read and dropped). 0 still merges runs that touch.
     direct:        bypass the page cache (O_DIRECT / F_NOCACHE); see :attr:`mode`.
+    favour_threads: the worker threads ask the OS to run them soon after they wake
+                   (:func:`~mlx_flash.storage.platform_io.favour_io_thread`; what it did:
+                   :attr:`thread_priority`).
     """
 
     def __init__(self, files: FlashFiles, *, threads: int = 8, chunk_bytes: int = 1 << 20,
-                 max_gap_bytes: int = 16384, direct: bool = True):
+                 max_gap_bytes: int = 16384, direct: bool = True, favour_threads: bool = True):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_gap_bytes < 0:
@@ -340,7 +343,13 @@ class FlashReader:
         self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
         # the workers hold the pool, not the reader: an unclosed reader is still collected (__del__)
-        self._pool = _Pool(self._file, self.bundle_bytes, self.chunk_bytes, self.threads)
+        self._pool = _Pool(self._file, self.bundle_bytes, self.chunk_bytes, self.threads, favour_threads)
+
+    @property
+    def thread_priority(self) -> str:
+        """What :func:`~mlx_flash.storage.platform_io.favour_io_thread` did for the worker
+        threads ("" when nothing, or not asked; set as the workers start)."""
+        return self._pool.priority
 
     @property
     def totals(self) -> ReadStats:
@@ -464,8 +473,11 @@ class FlashReader:
     # ------------------------------------------------------------------ planning
     def _plan(self, layer: int, ids: np.ndarray) -> Tuple[_Plan, Optional[np.ndarray], Optional[np.ndarray]]:
         a, bb = self.alignment, self.bundle_bytes
-        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         dup_rows = dup_src = None
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted, distinct (the engine's reads): as they are
+            uniq, first = ids, np.arange(len(ids), dtype=np.int64)
+        else:
+            uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         if len(uniq) != len(ids):
             src_rows = first[inverse]
             mask = src_rows != np.arange(len(ids))
@@ -526,8 +538,11 @@ class _Pool:
     scatter straight into the destination rows: iovec segments must be multiples of the block
     size, bundles are not."""
 
-    def __init__(self, file: UncachedFile, bundle_bytes: int, chunk_bytes: int, threads: int):
+    def __init__(self, file: UncachedFile, bundle_bytes: int, chunk_bytes: int, threads: int,
+                 favour: bool = True):
         self.file = file
+        self.favour = favour
+        self.priority = ""  # what favour_io_thread did for the workers ("" : nothing)
         self.bb = bundle_bytes
         self.bufs = [aligned_buffer(chunk_bytes) for _ in range(threads)]
         self.mvs = [memoryview(b) for b in self.bufs]
@@ -619,28 +634,40 @@ class _Pool:
 
     def run(self, slot: int, job: _Job, r: int) -> None:
         """Request ``r`` of ``job`` in buffer ``slot``; the last one finishes the job."""
-        k, err, times = 0, None, (0.0, 0.0)
-        if not job.stop:
-            try:
-                k, times = self._read(slot, job, r)
-            except BaseException as e:  # handed to whoever waits for the job
-                err = e
+        done = self.serve(slot, job, r)
         with self.cv:
-            job.requests += k
-            tot = self.totals
-            tot.syscall_seconds += times[0]
-            tot.copy_seconds += times[1]
-            if slot == 0:
-                tot.waiter_requests += k
-            if err is not None and job.error is None:
-                job.error, job.stop = err, True
-            job.pending -= 1
-            self.serving -= 1
-            if self.serving == 0:
-                self.totals.service_seconds += time.perf_counter() - self.serving_since
-            last = job.pending == 0
+            last = self.account(slot, job, done)
         if last:
             self._finish(job)
+
+    def serve(self, slot: int, job: _Job, r: int) -> Tuple[int, Optional[BaseException], Tuple[float, float]]:
+        """Read request ``r`` of ``job`` (no lock held): ``(system calls, error, times)`` for
+        :meth:`account`."""
+        if job.stop:
+            return 0, None, (0.0, 0.0)
+        try:
+            k, times = self._read(slot, job, r)
+        except BaseException as e:  # handed to whoever waits for the job
+            return 0, e, (0.0, 0.0)
+        return k, None, times
+
+    def account(self, slot: int, job: _Job, done) -> bool:
+        """Count a request :meth:`serve` read (the caller holds ``cv``); True when it was the
+        job's last (the caller then calls :meth:`_finish`, without the lock)."""
+        k, err, times = done
+        job.requests += k
+        tot = self.totals
+        tot.syscall_seconds += times[0]
+        tot.copy_seconds += times[1]
+        if slot == 0:
+            tot.waiter_requests += k
+        if err is not None and job.error is None:
+            job.error, job.stop = err, True
+        job.pending -= 1
+        self.serving -= 1
+        if self.serving == 0:
+            tot.service_seconds += time.perf_counter() - self.serving_since
+        return job.pending == 0
 
     def _finish(self, job: _Job) -> None:
         if job.error is None and job.dup_rows is not None:
@@ -694,15 +721,21 @@ class _Pool:
             k = j1 - j0
             offs = starts[j0:j1] - lo
             o0 = int(offs[0])
-            if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
+            dst = rows[j0:j1]
+            r0 = int(dst[0])
+            run = int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1)))
+            flat = run and isinstance(out, np.ndarray) and out.strides[0] == bb  # rows r0.. are one block
+            if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles
+                if flat:  # one memcpy that keeps the GIL (numpy's copy would drop it and queue for it again)
+                    with memoryview(out[r0 : r0 + k]).cast("B") as dmv:
+                        dmv[:] = self.mvs[slot][o0 : o0 + k * bb]
+                    return calls, (tb - ta, time.perf_counter() - tb)
                 block = view[o0 : o0 + k * bb].reshape(k, bb)
             else:  # one gather of rows starting at any byte offset
                 windows = self.windows[slot]
                 assert windows is not None  # a buffer holds at least one bundle when a request has whole ones
                 block = windows[offs]
-            dst = rows[j0:j1]
-            r0 = int(dst[0])
-            if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
+            if run:
                 set_rows(out, slice(r0, r0 + k), block)
             else:
                 set_rows(out, dst, block)
@@ -762,16 +795,31 @@ class _Pool:
 
 
 def _serve(pool: _Pool, slot: int) -> None:
-    """A worker: take requests from the queue until the pool closes."""
+    """A worker: take requests from the queue until the pool closes. Counting a finished
+    request and taking the next one share one hold of the lock (one hand-off of the lock,
+    and of the GIL, per request instead of two)."""
+    if pool.favour:
+        pool.priority = favour_io_thread()
+    prev = None  # (job, what serve gave) of the request this worker read last, not yet counted
     while True:
         with pool.cv:
-            got = pool.take()
-            while got is None:
-                if pool.closed:
-                    return
-                pool.cv.wait()
+            if prev is not None and pool.account(slot, *prev):
+                got = None  # it finished its read: _finish without the lock, then take again
+            else:
+                prev = None
                 got = pool.take()
-        pool.run(slot, *got)
+                while got is None:
+                    if pool.closed:
+                        return
+                    pool.cv.wait()
+                    got = pool.take()
+        if got is None:
+            assert prev is not None
+            pool._finish(prev[0])
+            prev = None
+            continue
+        job, r = got
+        prev = (job, pool.serve(slot, job, r))
 
 
 __all__ = ["FlashReader", "ReadHandle", "ReadStats", "SplitRows", "set_rows"]
