@@ -18,15 +18,23 @@ MLX memory such as rows of the neuron cache). How (the paper's §3.2):
    ``threads - 1`` worker threads, and the thread that waits for a read, take the next
    request of the first queued read (a read someone waits for goes to the front); each
    ``os.preadv``-reads it into its own preallocated, page-aligned buffer (``mmap``; the
-   GIL is released during the read) and copies its bundles out with one numpy gather.
-   There is no barrier per read: the requests of the next reads (the engine's next
-   scratch chunk, the pipeline's prefetch of the next layer) are in flight while the
-   caller computes, and a wait waits for its own read's requests only. O_DIRECT cannot
-   scatter straight into the destination rows: iovec segments must be multiples of the
-   block size, bundles are not.
+   GIL is released during the read) and copies its bundles out with one numpy gather
+   (consecutive bundles into consecutive rows of a plain array: one ``memcpy`` that keeps
+   the GIL, where numpy's copy would drop it and queue for it again behind the engine's
+   Python). The workers ask the OS for a short time slice
+   (:func:`~mlx_flash.storage.platform_io.favour_io_thread`) so that a woken worker need not
+   queue behind a compute thread for a whole default slice. There is no barrier per read:
+   the requests of the next reads (the engine's next scratch chunk, the pipeline's prefetch
+   of the next layer) are in flight while the caller computes, and a wait waits for its own
+   read's requests only. O_DIRECT cannot scatter straight into the destination rows: iovec
+   segments must be multiples of the block size, bundles are not.
 
 Duplicate ids are allowed: every row asking for a neuron receives its bundle;
 the disk is read once and ``bytes_useful`` counts distinct neurons.
+
+Where a request's time goes (submit's planning, the queue, ``preadv``, the copy-out, the
+waiter's wake-up, the workers' CPU and run-queue seconds) is counted in a reader's
+:attr:`FlashReader.totals` (:meth:`ReadStats.split`).
 
 Buffers and worker threads are allocated once in ``__init__`` (``threads`` ×
 ``chunk_bytes``); steady-state reads allocate only small numpy index arrays.
