@@ -303,6 +303,10 @@ def favour_io_thread() -> str:
         attr.sched_runtime = IO_THREAD_SLICE_NS
         if libc.syscall(nums[0], 0, ctypes.byref(attr), 0) != 0:
             return ""
+        check = _SchedAttr()  # kernels before EEVDF's custom slices accept and ignore it
+        if libc.syscall(nums[1], 0, ctypes.byref(check), ctypes.sizeof(check), 0) != 0 \
+                or check.sched_runtime != IO_THREAD_SLICE_NS:
+            return ""
         return f"slice {IO_THREAD_SLICE_NS / 1e6:g} ms"
     except (OSError, AttributeError, TypeError):  # no libc symbol, no ctypes support
         return ""
