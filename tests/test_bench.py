@@ -199,6 +199,10 @@ def test_io_efficiency_uses_the_probe(run):
         nearest = bench._nearest_chunk(rep.probe, r.mean_request_bytes)
         assert r.disk_best_gbps == pytest.approx(max(rep.probe.table[nearest].values()))
         assert r.io_efficiency == pytest.approx(r.io_gbps / r.disk_best_gbps)
+        if r.group == "real":  # the disk measured again right after the row, on its own ffn.bin (same load)
+            assert r.live_probe_gbps and r.live_probe_gbps > 0
+            assert r.reader_of_live_probe == pytest.approx(r.io_gbps / r.live_probe_gbps)
+        assert r.reader_split and r.reader_split["syscall_us"] > 0  # where a request's time went
 
 
 def test_sweep_reuses_and_measures(run):

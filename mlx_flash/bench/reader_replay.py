@@ -11,7 +11,14 @@ bypass, as:
 - ``raw-barrier``: the same preads (:func:`~mlx_flash.storage.reader.plan_requests`) issued
   by ``threads`` plain threads, all of a call's requests done before the next call starts;
 - ``raw-stream``: the same preads with no barrier (one queue across all calls);
-- ``probe``: random reads of the mean request size from ``threads`` threads on the same file.
+- ``probe``: random reads of the mean request size from ``threads`` threads on the same file;
+- ``reader-plain`` / ``reader-plain-async``: as ``reader`` / ``reader-async`` with a reader whose
+  threads do not ask to be favoured (``FlashReader(favour_threads=False)``).
+
+``--burn N`` runs N CPU-bound threads beside the replay (``python``: pure Python, holding the
+GIL like the engine's Python between MLX calls; ``mlx``: MLX matmuls, which release it), the
+engine's compute in miniature. After the table, per reader mode: where a request's time went
+(:meth:`~mlx_flash.storage.reader.ReadStats.split`, medians over the repeats).
 
 Each line: GB/s, the share of the probe line, ms/token of reads; ``reader... (reading)``: the
 reader's bytes over the time a read thread was at work (``ReadStats.service_seconds``).
@@ -135,67 +142,62 @@ def _raw(fd: int, reqs, threads: int, barrier: bool, chunk: int) -> float:
     return dt
 
 
-def _probe(fd: int, size: int, nbytes: int, threads: int, seconds: float, align: int) -> float:
-    size = max(align, (size // align) * align)
-    bufs = [aligned_buffer(size) for _ in range(threads)]
-    n_pos = (nbytes - size) // align + 1
-    end = [0.0]
-    tot = [0] * threads
-    start = threading.Event()
+def _burner(kind: str, stop: threading.Event) -> None:
+    if kind == "mlx":
+        import mlx.core as mx  # noqa: PLC0415 - only the mlx burner needs it
 
-    def worker(k: int) -> None:
-        offs = (np.random.default_rng(k).integers(0, n_pos, 4096) * align).tolist()
-        with memoryview(bufs[k]) as mv:
-            start.wait()
-            i = 0
-            while time.perf_counter() < end[0]:
-                tot[k] += os.preadv(fd, [mv[:size]], offs[i & 4095])
-                i += 1
-
-    ths = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in ths:
-        t.start()
-    t0 = time.perf_counter()
-    end[0] = t0 + seconds
-    start.set()
-    for t in ths:
-        t.join()
-    return sum(tot) / (time.perf_counter() - t0) / 1e9
+        a = mx.random.normal((384, 384))
+        while not stop.is_set():
+            mx.eval(a @ a)
+    else:
+        x = 0
+        while not stop.is_set():
+            for i in range(2000):
+                x += i * i
 
 
-def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int) -> None:
-    from ..storage.probe import load_cached_choice, load_cached_gap  # noqa: PLC0415
+def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int, burn: int = 0,
+           burn_kind: str = "python") -> None:
+    from ..storage.probe import load_cached_choice, load_cached_gap, probe_file  # noqa: PLC0415
 
     layers, ids_list, root, ntok = _load(path)
     files = open_flash(root)
     t, chunk = load_cached_choice(root)
     threads = threads or t
-    rd = FlashReader(files, threads=threads, chunk_bytes=chunk,
-                     max_gap_bytes=load_cached_gap(root, threads, 512))
+    gap = load_cached_gap(root, threads, 512)
+    rd = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=gap)
+    plain = FlashReader(files, threads=threads, chunk_bytes=chunk, max_gap_bytes=gap, favour_threads=False)
     reqs = _requests(rd, layers, ids_list)
     nbytes = sum(b - a for lo, hi in reqs for a, b in zip(lo, hi))
     nreq = sum(len(lo) for lo, _ in reqs)
     mean = nbytes / max(1, nreq)
     print(f"{len(layers)} calls ({len(layers) / ntok:.0f}/token), {nreq} requests ({nreq / len(layers):.1f}/call), "
           f"mean request {mean / 1e3:.1f} KB, {nbytes / ntok / 1e6:.1f} MB/token; threads {threads}, "
-          f"chunk {chunk}, gap {rd.max_gap_bytes}, alignment {rd.alignment}; load {os.getloadavg()[0]:.1f}")
+          f"chunk {chunk}, gap {rd.max_gap_bytes}, alignment {rd.alignment}; threads favoured: "
+          f"{rd.thread_priority or 'no'}; burn {burn} {burn_kind}; load {os.getloadavg()[0]:.1f}")
+    stop = threading.Event()
+    burners = [threading.Thread(target=_burner, args=(burn_kind, stop), daemon=True) for _ in range(burn)]
+    for b in burners:
+        b.start()
     outs = [np.empty((len(ids), rd.bundle_bytes), dtype=np.uint8) for ids in ids_list]
     f = open_uncached(files.ffn_path)
-    size = os.fstat(f.fd).st_size
     res: dict = {}
+    splits: dict = {}
     for _ in range(repeat):
         for mode in modes:
             rd.reset_totals()
-            if mode == "reader":
+            plain.reset_totals()
+            reader = plain if mode.startswith("reader-plain") else rd
+            if mode in ("reader", "reader-plain"):
                 t0 = time.perf_counter()
                 for lay, ids, o in zip(layers, ids_list, outs):
-                    rd.read(lay, ids, o)
+                    reader.read(lay, ids, o)
                 dt = time.perf_counter() - t0
-            elif mode == "reader-async":
+            elif mode in ("reader-async", "reader-plain-async"):
                 t0 = time.perf_counter()
                 pend: List = []
                 for lay, ids, o in zip(layers, ids_list, outs):
-                    pend.append(rd.submit(lay, ids, o))
+                    pend.append(reader.submit(lay, ids, o))
                     if len(pend) >= depth:
                         pend.pop(0).wait()
                 for h in pend:
@@ -204,22 +206,31 @@ def replay(path: Path, modes: List[str], threads: int, repeat: int, depth: int) 
             elif mode in ("raw-barrier", "raw-stream"):
                 dt = _raw(f.fd, reqs, threads, mode == "raw-barrier", rd.chunk_bytes)
             elif mode == "probe":
-                gb = _probe(f.fd, int(mean), size, threads, 1.0, rd.alignment)
+                gb = probe_file(files.ffn_path, int(mean), threads, 1.0)
                 dt = nbytes / gb / 1e9
             else:
                 raise SystemExit(f"unknown mode {mode}")
             res.setdefault(mode, []).append(nbytes / dt / 1e9)
             if mode.startswith("reader"):  # the reader's own figure: time a read thread was at work
-                res.setdefault(mode + " (reading)", []).append(rd.reset_totals().service_gbps)
+                tot = reader.reset_totals()
+                res.setdefault(mode + " (reading)", []).append(tot.service_gbps)
+                for k, v in tot.split().items():
+                    splits.setdefault(mode, {}).setdefault(k, []).append(v)
     pr = np.median(res["probe"]) if "probe" in res else None
     for mode, v in res.items():
         g = float(np.median(v))
         share = f"{g / pr:5.0%} of probe" if pr else ""
         print(f"{mode:24s} {g:5.2f} GB/s  {share}  ms/token {nbytes / ntok / g / 1e6:6.2f}  runs "
               + " ".join(f"{x:.2f}" for x in v))
+    for mode, d in splits.items():
+        print(f"{mode:24s} " + " ".join(f"{k} {float(np.median(v)):.2f}" for k, v in d.items()))
     print(f"load {os.getloadavg()[0]:.1f}")
+    stop.set()
+    for b in burners:
+        b.join()
     f.close()
     rd.close()
+    plain.close()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -239,11 +250,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--repeat", type=int, default=3)
     r.add_argument("--depth", type=int, default=1)
+    r.add_argument("--burn", type=int, default=0, help="CPU-bound threads beside the replay")
+    r.add_argument("--burn-kind", choices=("python", "mlx"), default="python")
     a = ap.parse_args(argv)
     if a.cmd == "trace":
         trace(a.model, a.out, a.tokens, a.warmup, a.budget, a.active, a.pipeline)
     else:
-        replay(a.trace, a.modes.split(","), a.threads, a.repeat, a.depth)
+        replay(a.trace, a.modes.split(","), a.threads, a.repeat, a.depth, a.burn, a.burn_kind)
 
 
 if __name__ == "__main__":

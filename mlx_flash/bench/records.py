@@ -203,6 +203,9 @@ class BenchRow(_Record):
     disk_gbps_at_request: Optional[float] = None  # probe interpolated at the mean request size, same threads
     reader_of_probe: Optional[float] = None  # io_gbps / disk_gbps_at_request
     serving_gbps: Optional[float] = None  # bytes read / time a read thread was at work (ReadStats.service_gbps)
+    reader_split: Optional[Dict[str, float]] = None  # where a request's time went (ReadStats.split)
+    live_probe_gbps: Optional[float] = None  # probe.probe_file on this ffn.bin right after the row (same load)
+    reader_of_live_probe: Optional[float] = None  # io_gbps / live_probe_gbps
     sim_bytes_read_per_token: Optional[float] = None   # its recorded active sets replayed on this layout
     bf16_bytes_read_per_token: Optional[float] = None  # ... and on the bfloat16 layout (same choice)
     agreement: Optional[Dict[str, Any]] = None  # greedy agreement with dense over the prompt set

@@ -39,7 +39,7 @@ from ..storage.format import (
     write_flash,
 )
 from ..storage.platform_io import drop_page_cache
-from ..storage.probe import ProbeResult, cached_probe, load_cached_choice
+from ..storage.probe import ProbeResult, cached_probe, load_cached_choice, probe_file
 from ..storage.reader import FlashReader
 from ..traces import ReplayChooser, recording
 from .records import (
@@ -122,10 +122,22 @@ def _reader_figures(row: BenchRow, reader, reads, probe, measured_tokens: int) -
         return
     row.requests_per_token = reads.requests / max(1, measured_tokens)
     row.serving_gbps = reads.service_gbps or None
+    row.reader_split = reads.split() or None
     if probe is not None and probe.table and row.io_gbps:
         at = probe.at(row.mean_request_bytes, row.threads)
         row.disk_gbps_at_request = at
         row.reader_of_probe = row.io_gbps / at if at else None
+
+
+def _live_probe_figures(row: BenchRow, ffn_path: Path) -> None:
+    """The disk as the row found it: one probe cell (``probe.probe_file``, 0.3 s) on the model's own
+    ``ffn.bin`` at the row's mean request size and threads, right after the row, so the reader is
+    compared with the disk under the same load and the same other traffic (the stored probe was
+    measured at another moment; on a shared machine the two differ by up to 2x)."""
+    if not row.io_gbps or not row.mean_request_bytes or row.read_mode == "buffered":
+        return
+    row.live_probe_gbps = probe_file(ffn_path, int(row.mean_request_bytes), max(1, row.threads), 0.3)
+    row.reader_of_live_probe = row.io_gbps / row.live_probe_gbps if row.live_probe_gbps > 0 else None
 
 
 def _nearest_chunk(probe, nbytes: float) -> int:
@@ -246,6 +258,8 @@ def _run_real(name: str, path: Path, cfg: FlashConfig, prompt, tokens: int, warm
             row.read_mode = engine.reader.mode
             _io_figures(row, reads, probe)
             _reader_figures(row, engine.reader, reads, probe, len(stats) - warmup)
+            if probe is not None:
+                _live_probe_figures(row, engine.files.ffn_path if engine.files is not None else path / "ffn.bin")
         if dense_tokens is not None:
             k = 0
             while k < min(len(toks), len(dense_tokens)) and toks[k] == dense_tokens[k]:

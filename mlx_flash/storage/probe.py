@@ -303,10 +303,32 @@ def probe_disk(
             pass
 
 
+def probe_file(path: Union[str, Path], chunk: int, threads: int, seconds: float = 0.5) -> float:
+    """GB/s of random page-cache-bypassing reads of ``chunk`` bytes (rounded down to the file's
+    read alignment) from ``threads`` threads for ``seconds``, on an existing file (a model's
+    ``ffn.bin``) at the alignment its reader uses
+    (:attr:`~mlx_flash.storage.platform_io.UncachedFile.read_alignment`): one cell of
+    :func:`probe_disk`, now, on the reader's own file, offsets and buffers. A reference for the
+    reader measured at the same moment (same load, same other traffic on the disk) instead of
+    the stored probe's quiet moment."""
+    with open_uncached(path) as f:
+        a = f.read_alignment
+        size = os.fstat(f.fd).st_size
+        chunk = max(a, min(int(chunk) // a * a, size // a * a))
+        bufs = [aligned_buffer(chunk) for _ in range(threads)]
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="flash-probe") as pool:
+                return _measure_cell(pool, f.fd, bufs, size, chunk, threads, seconds, a)
+        finally:
+            for b in bufs:
+                b.close()
+
+
 def _measure_cell(pool: ThreadPoolExecutor, fd: int, bufs, file_bytes: int, chunk: int, threads: int,
-                  seconds: float) -> float:
-    """GB/s of ``threads`` workers each reading random ``chunk``-byte aligned blocks for ``seconds``."""
-    a = DIRECT_ALIGNMENT
+                  seconds: float, alignment: int = DIRECT_ALIGNMENT) -> float:
+    """GB/s of ``threads`` workers each reading random ``chunk``-byte blocks at multiples of
+    ``alignment`` for ``seconds``."""
+    a = alignment
     n_pos = (file_bytes - chunk) // a + 1
     start = threading.Event()
     deadline = [0.0]
@@ -425,4 +447,5 @@ __all__ = [
     "load_cached_choice",
     "load_cached_gap",
     "probe_disk",
+    "probe_file",
 ]

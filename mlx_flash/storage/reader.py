@@ -18,15 +18,23 @@ MLX memory such as rows of the neuron cache). How (the paper's §3.2):
    ``threads - 1`` worker threads, and the thread that waits for a read, take the next
    request of the first queued read (a read someone waits for goes to the front); each
    ``os.preadv``-reads it into its own preallocated, page-aligned buffer (``mmap``; the
-   GIL is released during the read) and copies its bundles out with one numpy gather.
-   There is no barrier per read: the requests of the next reads (the engine's next
-   scratch chunk, the pipeline's prefetch of the next layer) are in flight while the
-   caller computes, and a wait waits for its own read's requests only. O_DIRECT cannot
-   scatter straight into the destination rows: iovec segments must be multiples of the
-   block size, bundles are not.
+   GIL is released during the read) and copies its bundles out with one numpy gather
+   (consecutive bundles into consecutive rows of a plain array: one ``memcpy`` that keeps
+   the GIL, where numpy's copy would drop it and queue for it again behind the engine's
+   Python). The workers ask the OS for a short time slice
+   (:func:`~mlx_flash.storage.platform_io.favour_io_thread`) so that a woken worker need not
+   queue behind a compute thread for a whole default slice. There is no barrier per read:
+   the requests of the next reads (the engine's next scratch chunk, the pipeline's prefetch
+   of the next layer) are in flight while the caller computes, and a wait waits for its own
+   read's requests only. O_DIRECT cannot scatter straight into the destination rows: iovec
+   segments must be multiples of the block size, bundles are not.
 
 Duplicate ids are allowed: every row asking for a neuron receives its bundle;
 the disk is read once and ``bytes_useful`` counts distinct neurons.
+
+Where a request's time goes (submit's planning, the queue, ``preadv``, the copy-out, the
+waiter's wake-up, the workers' CPU and run-queue seconds) is counted in a reader's
+:attr:`FlashReader.totals` (:meth:`ReadStats.split`).
 
 Buffers and worker threads are allocated once in ``__init__`` (``threads`` ×
 ``chunk_bytes``); steady-state reads allocate only small numpy index arrays.
@@ -44,7 +52,7 @@ from typing import Deque, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .format import FlashFiles, FlashFormatError
-from .platform_io import UncachedFile, aligned_buffer, open_uncached
+from .platform_io import UncachedFile, aligned_buffer, favour_io_thread, open_uncached, thread_sched_seconds
 
 
 @dataclass
@@ -66,13 +74,44 @@ class ReadStats:
     requests: int = 0
     seconds: float = 0.0
     service_seconds: float = 0.0
+    # Where a request's life goes (a reader's totals only; sums over requests or reads, seconds):
+    plan_seconds: float = 0.0     # submit: checks and planning, before the read is queued
+    queue_seconds: float = 0.0    # queued: from the read's enqueue to a thread taking the request
+    syscall_seconds: float = 0.0  # inside os.preadv (the disk, and the CPU it needs)
+    copy_seconds: float = 0.0     # copying the request's bundles out of the aligned buffer
+    wake_seconds: float = 0.0     # a blocked waiter: from the read's last request's end to it running again
+    waits_blocked: int = 0        # waits that blocked (the read was not finished when the waiter had nothing to read)
+    waiter_requests: int = 0      # requests the waiting thread read itself (no hand-off)
+    thread_cpu_seconds: float = 0.0   # the worker threads on a CPU (Linux schedstat; 0 elsewhere)
+    thread_runq_seconds: float = 0.0  # the worker threads runnable but waiting for a CPU
 
     def add(self, other: "ReadStats") -> None:
-        self.bytes_read += other.bytes_read
-        self.bytes_useful += other.bytes_useful
-        self.requests += other.requests
-        self.seconds += other.seconds
-        self.service_seconds += other.service_seconds
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def split(self) -> dict:
+        """The request-life figures of a reader's totals: per request, in microseconds
+        (``plan_us`` per read call: ``plan_seconds`` over the reads' count is unknown here,
+        so per request too), the mean number of ``preadv`` calls in flight while a read
+        thread was at work (``syscall_depth``), and the share of requests read by their
+        waiter. Empty when nothing was read."""
+        n = self.requests
+        if n <= 0:
+            return {}
+        us = 1e6 / n
+        return {
+            "plan_us": self.plan_seconds * us,
+            "queue_us": self.queue_seconds * us,
+            "syscall_us": self.syscall_seconds * us,
+            "copy_us": self.copy_seconds * us,
+            "wake_us_per_blocked_wait": self.wake_seconds * 1e6 / max(1, self.waits_blocked),
+            "waits_blocked": float(self.waits_blocked),
+            "syscall_depth": self.syscall_seconds / self.service_seconds if self.service_seconds > 0 else 0.0,
+            "syscall_gbps": self.bytes_read / self.syscall_seconds / 1e9 if self.syscall_seconds > 0 else 0.0,
+            "waiter_share": self.waiter_requests / n,
+            "cpu_us": self.thread_cpu_seconds * us,
+            "runq_us": self.thread_runq_seconds * us,
+        }
 
     @property
     def gbps(self) -> float:
@@ -284,10 +323,13 @@ class FlashReader:
     max_gap_bytes: aligned runs separated by at most this many bytes are read as one
                    request (the gap is read and dropped). 0 still merges runs that touch.
     direct:        bypass the page cache (O_DIRECT / F_NOCACHE); see :attr:`mode`.
+    favour_threads: the worker threads ask the OS to run them soon after they wake
+                   (:func:`~mlx_flash.storage.platform_io.favour_io_thread`; what it did:
+                   :attr:`thread_priority`).
     """
 
     def __init__(self, files: FlashFiles, *, threads: int = 8, chunk_bytes: int = 1 << 20,
-                 max_gap_bytes: int = 16384, direct: bool = True):
+                 max_gap_bytes: int = 16384, direct: bool = True, favour_threads: bool = True):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_gap_bytes < 0:
@@ -309,7 +351,13 @@ class FlashReader:
         self.chunk_bytes = max(a, (int(chunk_bytes) // a) * a)
         self._offsets = np.array([e.offset for e in m.layers], dtype=np.int64)
         # the workers hold the pool, not the reader: an unclosed reader is still collected (__del__)
-        self._pool = _Pool(self._file, self.bundle_bytes, self.chunk_bytes, self.threads)
+        self._pool = _Pool(self._file, self.bundle_bytes, self.chunk_bytes, self.threads, favour_threads)
+
+    @property
+    def thread_priority(self) -> str:
+        """What :func:`~mlx_flash.storage.platform_io.favour_io_thread` did for the worker
+        threads ("" when nothing, or not asked; set as the workers start)."""
+        return self._pool.priority
 
     @property
     def totals(self) -> ReadStats:
@@ -433,8 +481,11 @@ class FlashReader:
     # ------------------------------------------------------------------ planning
     def _plan(self, layer: int, ids: np.ndarray) -> Tuple[_Plan, Optional[np.ndarray], Optional[np.ndarray]]:
         a, bb = self.alignment, self.bundle_bytes
-        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         dup_rows = dup_src = None
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted, distinct (the engine's reads): as they are
+            uniq, first = ids, np.arange(len(ids), dtype=np.int64)
+        else:
+            uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         if len(uniq) != len(ids):
             src_rows = first[inverse]
             mask = src_rows != np.arange(len(ids))
@@ -459,6 +510,7 @@ class _Job:
         self.dup_rows, self.dup_src = dup_rows, dup_src
         self.path = path
         self.t0 = t0
+        self.t_ready = t0  # when it was queued (the pool's submit)
         self.t1: Optional[float] = None
         self.next = 0
         self.requests = 0
@@ -494,8 +546,11 @@ class _Pool:
     scatter straight into the destination rows: iovec segments must be multiples of the block
     size, bundles are not."""
 
-    def __init__(self, file: UncachedFile, bundle_bytes: int, chunk_bytes: int, threads: int):
+    def __init__(self, file: UncachedFile, bundle_bytes: int, chunk_bytes: int, threads: int,
+                 favour: bool = True):
         self.file = file
+        self.favour = favour
+        self.priority = ""  # what favour_io_thread did for the workers ("" : nothing)
         self.bb = bundle_bytes
         self.bufs = [aligned_buffer(chunk_bytes) for _ in range(threads)]
         self.mvs = [memoryview(b) for b in self.bufs]
@@ -516,6 +571,18 @@ class _Pool:
                         for k in range(1, threads)]
         for w in self.workers:
             w.start()
+        self.sched_base = self._sched()
+
+    def _sched(self) -> Tuple[float, float]:
+        """The workers' (CPU, run-queue wait) seconds so far ((0, 0) where unknown)."""
+        return thread_sched_seconds(w.native_id for w in self.workers) or (0.0, 0.0)
+
+    def _add_sched(self, t: ReadStats, rebase: bool) -> None:
+        now = self._sched()
+        t.thread_cpu_seconds += now[0] - self.sched_base[0]
+        t.thread_runq_seconds += now[1] - self.sched_base[1]
+        if rebase:
+            self.sched_base = now
 
     # ----------------------------------------------------------------- queue
     def submit(self, job: _Job) -> None:
@@ -525,6 +592,8 @@ class _Pool:
             if self.active == 0:
                 self.busy_since = job.t0
             self.active += 1
+            job.t_ready = time.perf_counter()
+            self.totals.plan_seconds += job.t_ready - job.t0
             if job.n:
                 self.queue.append(job)
                 self.cv.notify(min(job.n, len(self.workers)))
@@ -538,8 +607,10 @@ class _Pool:
         job = self.queue[0]
         r = job.next
         job.next += 1
+        now = time.perf_counter()
+        self.totals.queue_seconds += now - job.t_ready
         if self.serving == 0:
-            self.serving_since = time.perf_counter()
+            self.serving_since = now
         self.serving += 1
         if job.next >= job.n:
             self.queue.popleft()
@@ -559,30 +630,52 @@ class _Pool:
                     self.run(0, job, r)
             finally:
                 self.waiter.release()
-        job.finished.wait()
+        if not job.finished.is_set():
+            job.finished.wait()
+            woke = time.perf_counter()
+            with self.cv:
+                self.totals.waits_blocked += 1
+                self.totals.wake_seconds += max(0.0, woke - (job.t1 or woke))
         if job.error is not None:
             raise job.error
         return job.stats
 
     def run(self, slot: int, job: _Job, r: int) -> None:
         """Request ``r`` of ``job`` in buffer ``slot``; the last one finishes the job."""
-        k, err = 0, None
-        if not job.stop:
-            try:
-                k = self._read(slot, job, r)
-            except BaseException as e:  # handed to whoever waits for the job
-                err = e
+        done = self.serve(slot, job, r)
         with self.cv:
-            job.requests += k
-            if err is not None and job.error is None:
-                job.error, job.stop = err, True
-            job.pending -= 1
-            self.serving -= 1
-            if self.serving == 0:
-                self.totals.service_seconds += time.perf_counter() - self.serving_since
-            last = job.pending == 0
+            last = self.account(slot, job, done)
         if last:
             self._finish(job)
+
+    def serve(self, slot: int, job: _Job, r: int) -> Tuple[int, Optional[BaseException], Tuple[float, float]]:
+        """Read request ``r`` of ``job`` (no lock held): ``(system calls, error, times)`` for
+        :meth:`account`."""
+        if job.stop:
+            return 0, None, (0.0, 0.0)
+        try:
+            k, times = self._read(slot, job, r)
+        except BaseException as e:  # handed to whoever waits for the job
+            return 0, e, (0.0, 0.0)
+        return k, None, times
+
+    def account(self, slot: int, job: _Job, done) -> bool:
+        """Count a request :meth:`serve` read (the caller holds ``cv``); True when it was the
+        job's last (the caller then calls :meth:`_finish`, without the lock)."""
+        k, err, times = done
+        job.requests += k
+        tot = self.totals
+        tot.syscall_seconds += times[0]
+        tot.copy_seconds += times[1]
+        if slot == 0:
+            tot.waiter_requests += k
+        if err is not None and job.error is None:
+            job.error, job.stop = err, True
+        job.pending -= 1
+        self.serving -= 1
+        if self.serving == 0:
+            tot.service_seconds += time.perf_counter() - self.serving_since
+        return job.pending == 0
 
     def _finish(self, job: _Job) -> None:
         if job.error is None and job.dup_rows is not None:
@@ -602,8 +695,9 @@ class _Pool:
         job.out = None  # the destination is the caller's again
         job.finished.set()
 
-    def _read(self, slot: int, job: _Job, r: int) -> int:
-        """Read request ``r`` into the slot's buffer and copy its bundles out; returns the system calls."""
+    def _read(self, slot: int, job: _Job, r: int) -> Tuple[int, Tuple[float, float]]:
+        """Read request ``r`` into the slot's buffer and copy its bundles out; returns the system
+        calls and ``(seconds in preadv, seconds copying out)``."""
         mv, view = self.mvs[slot], self.views[slot]
         fd, bb = self.file.fd, self.bb
         out = job.out
@@ -614,6 +708,7 @@ class _Pool:
         length = job.hi[r] - lo
         need = job.need[r]
         got = calls = 0
+        ta = time.perf_counter()
         while got < need:
             nread = os.preadv(fd, [mv[got:length]], lo + got)
             calls += 1
@@ -623,6 +718,7 @@ class _Pool:
                     f"(read {lo}..{lo + length}); the file is shorter than the manifest says"
                 )
             got += nread
+        tb = time.perf_counter()
         for j in (job.left[r], job.right[r]):  # bundles straddling the request's edges: the part inside
             if j >= 0:
                 s0 = int(starts[j])
@@ -633,19 +729,25 @@ class _Pool:
             k = j1 - j0
             offs = starts[j0:j1] - lo
             o0 = int(offs[0])
-            if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles, a view
+            dst = rows[j0:j1]
+            r0 = int(dst[0])
+            run = int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1)))
+            flat = run and isinstance(out, np.ndarray) and out.strides[0] == bb  # rows r0.. are one block
+            if int(offs[-1]) - o0 == (k - 1) * bb:  # offsets increase by >= bb: consecutive bundles
+                if flat:  # one memcpy that keeps the GIL (numpy's copy would drop it and queue for it again)
+                    with memoryview(out[r0 : r0 + k]).cast("B") as dmv:
+                        dmv[:] = self.mvs[slot][o0 : o0 + k * bb]
+                    return calls, (tb - ta, time.perf_counter() - tb)
                 block = view[o0 : o0 + k * bb].reshape(k, bb)
             else:  # one gather of rows starting at any byte offset
                 windows = self.windows[slot]
                 assert windows is not None  # a buffer holds at least one bundle when a request has whole ones
                 block = windows[offs]
-            dst = rows[j0:j1]
-            r0 = int(dst[0])
-            if int(dst[-1]) - r0 == k - 1 and (k <= 2 or bool(np.all(np.diff(dst) == 1))):
+            if run:
                 set_rows(out, slice(r0, r0 + k), block)
             else:
                 set_rows(out, dst, block)
-        return calls
+        return calls, (tb - ta, time.perf_counter() - tb)
 
     # ----------------------------------------------------------------- totals, close
     def snapshot(self) -> ReadStats:
@@ -656,6 +758,7 @@ class _Pool:
                 t.seconds += now - self.busy_since
             if self.serving:
                 t.service_seconds += now - self.serving_since
+        self._add_sched(t, rebase=False)
         return t
 
     def reset_totals(self) -> ReadStats:
@@ -668,6 +771,7 @@ class _Pool:
             if self.serving:
                 t.service_seconds += now - self.serving_since
                 self.serving_since = now
+            self._add_sched(t, rebase=True)
         return t
 
     def close(self) -> None:
@@ -699,16 +803,31 @@ class _Pool:
 
 
 def _serve(pool: _Pool, slot: int) -> None:
-    """A worker: take requests from the queue until the pool closes."""
+    """A worker: take requests from the queue until the pool closes. Counting a finished
+    request and taking the next one share one hold of the lock (one hand-off of the lock,
+    and of the GIL, per request instead of two)."""
+    if pool.favour:
+        pool.priority = favour_io_thread()
+    prev = None  # (job, what serve gave) of the request this worker read last, not yet counted
     while True:
         with pool.cv:
-            got = pool.take()
-            while got is None:
-                if pool.closed:
-                    return
-                pool.cv.wait()
+            if prev is not None and pool.account(slot, *prev):
+                got = None  # it finished its read: _finish without the lock, then take again
+            else:
+                prev = None
                 got = pool.take()
-        pool.run(slot, *got)
+                while got is None:
+                    if pool.closed:
+                        return
+                    pool.cv.wait()
+                    got = pool.take()
+        if got is None:
+            assert prev is not None
+            pool._finish(prev[0])
+            prev = None
+            continue
+        job, r = got
+        prev = (job, pool.serve(slot, job, r))
 
 
 __all__ = ["FlashReader", "ReadHandle", "ReadStats", "SplitRows", "set_rows"]

@@ -15,6 +15,7 @@ from mlx_flash.storage.probe import (
     cached_result,
     load_cached_choice,
     probe_disk,
+    probe_file,
 )
 
 TINY = dict(file_bytes=2 << 20, chunk_sizes=(4096, 65536), threads=(1, 2), seconds_per_cell=0.02)
@@ -115,3 +116,14 @@ def test_cached_probe_expires_and_survives_a_corrupt_file(tmp_path, home):
     assert cached_result(disk) is not None  # any age
     newer = cached_probe(disk, max_age_days=30, **TINY)
     assert newer.created != "2000-01-01T00:00:00+00:00"
+
+
+def test_probe_file_measures_an_existing_file(tmp_path):
+    """One probe cell on a given file (a model's ffn.bin) at its reader's alignment: a chunk
+    larger than the file reads the whole file; nothing is written or left behind."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    before = sorted(tmp_path.iterdir())
+    assert probe_file(path, 64 * 1024, 2, seconds=0.05) > 0
+    assert probe_file(path, 8 << 20, 1, seconds=0.05) > 0
+    assert sorted(tmp_path.iterdir()) == before
