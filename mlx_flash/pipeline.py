@@ -46,24 +46,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
+from .neuron_cache import RowStore
 from .stats import FFNCounters
-from .storage.reader import FlashReader, ReadHandle
+from .storage.reader import FlashReader, ReadHandle, SplitRows, set_rows
 
 
 @dataclass
 class Staged:
     """Bundles a prefetch put into a staging buffer: ``rows[k]`` holds neuron ``ids[k]``
-    (``ids`` sorted) of ``layer``; ``lookahead``: every id the lookahead chose (resident ones too)."""
+    (``ids`` sorted) of ``layer``; ``lookahead``: every id the lookahead chose (resident ones too).
+    ``rows`` is the read destination (a uint8 array or a role-major ``SplitRows``); ``store`` the
+    staging ``RowStore`` it belongs to (None for plain uint8 buffers): the FFN multiplies
+    staged rows from there without copying them."""
 
     layer: int
     ids: np.ndarray
-    rows: np.ndarray
+    rows: Any
     lookahead: np.ndarray
+    store: Optional[RowStore] = None
 
     def find(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(have, pos)``: which of ``ids`` are staged, and their staging rows (where ``have``)."""
@@ -71,6 +76,20 @@ class Staged:
             return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return self.ids[pos] == ids, pos
+
+    def copy_to(self, dest, rows, pos: np.ndarray) -> None:
+        """``dest[rows] = staged rows pos`` (``dest``: a read destination shaped like :attr:`rows`,
+        e.g. cache rows; a run of consecutive ``pos`` is copied from a view, no gathered copy)."""
+        k = len(pos)
+        src: Any = pos
+        if k and int(pos[-1]) - int(pos[0]) == k - 1:
+            src = slice(int(pos[0]), int(pos[0]) + k)
+        if isinstance(dest, SplitRows) and isinstance(self.rows, SplitRows):
+            for (lo, hi, a), (lo2, hi2, b) in zip(dest.parts, self.rows.parts):
+                assert (lo, hi) == (lo2, hi2), "staging rows and destination differ in layout"
+                a[rows] = b[src]
+        else:
+            set_rows(dest, rows, self.rows[src])
 
 
 def lookahead_map(norm_now, norm_next) -> Optional[Tuple[mx.array, mx.array]]:
@@ -92,20 +111,28 @@ def lookahead_map(norm_now, norm_next) -> Optional[Tuple[mx.array, mx.array]]:
 
 
 class Prefetcher:
-    """Reads one layer's lookahead bundles ahead (``FlashReader.submit``: in flight while the
-    engine computes).
+    """Reads the lookahead bundles of the next ``depth`` layers ahead (``FlashReader.submit``: in
+    flight while the engine computes).
 
     reader: the engine's :class:`FlashReader` (shared: the prefetch's requests join its queue;
             the engine closes it).
-    buffers: the two staging buffers (``(rows, bundle_bytes)`` uint8 each).
+    buffers: the staging buffers, ``depth + 1`` of them (layer ``j`` stages into ``buffers[j %
+            len(buffers)]``): role-major ``RowStore`` s (the dense FFN: staged rows are multiplied
+            where they are) or ``(rows, bundle_bytes)`` uint8 arrays (MoE experts, copied out).
     """
 
-    def __init__(self, reader: FlashReader, buffers: List[np.ndarray], n_layers: int):
+    def __init__(self, reader: FlashReader, buffers: Sequence[Union[RowStore, np.ndarray]], n_layers: int):
+        if len(buffers) < 2:
+            raise ValueError(f"a Prefetcher needs at least two staging buffers, got {len(buffers)}")
         self.reader = reader
-        self.buffers = buffers
-        self.rows = int(buffers[0].shape[0])
-        self._pending: Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray, ReadHandle]] = None
+        self.buffers = list(buffers)
+        self.depth = len(self.buffers) - 1
+        b0 = self.buffers[0]
+        self.rows = int(b0.rows if isinstance(b0, RowStore) else b0.shape[0])
+        # prefetches in flight by layer: (ids, destination, lookahead, handle)
+        self._pending: Dict[int, Tuple[np.ndarray, Any, np.ndarray, ReadHandle]] = {}
         self._main_io: List[Tuple[float, float]] = []
+        self._counted_to = 0.0  # prefetch wall time is counted up to here (prefetches of two layers overlap)
         n = int(n_layers)
         self.chosen = np.zeros(n, dtype=np.int64)       # ids the layer's own chooser picked (after a lookahead)
         self.foreseen = np.zeros(n, dtype=np.int64)     # ... that the lookahead had picked too
@@ -114,42 +141,52 @@ class Prefetcher:
         self.prefetched = np.zeros(n, dtype=np.int64)
 
     # ----------------------------------------------------------------- engine side
+    def pending(self, layer: int) -> bool:
+        """A prefetch of ``layer`` is in flight (issued and not taken)."""
+        return layer in self._pending
+
     def issue(self, layer: int, lookahead: np.ndarray, ids: np.ndarray) -> None:
         """Start reading neurons ``ids`` (sorted; the first ``rows`` of them) of ``layer``."""
-        self.drop()
+        slot = layer % len(self.buffers)
+        for lay in [k for k in self._pending if k % len(self.buffers) == slot]:  # left by an interrupted pass
+            self._drop(lay)
         ids = np.asarray(ids, dtype=np.int64)[: self.rows]
-        out = self.buffers[layer % 2][: len(ids)]
+        buf = self.buffers[slot]
+        out = buf.dest(0, len(ids)) if isinstance(buf, RowStore) else buf[: len(ids)]
         handle = self.reader.submit(layer, ids, out)
-        self._main_io = []
-        self._pending = (layer, ids, out, np.asarray(lookahead, dtype=np.int64), handle)
+        self._pending[layer] = (ids, out, np.asarray(lookahead, dtype=np.int64), handle)
 
     def take(self, layer: int, counters: FFNCounters) -> Optional[Staged]:
-        """Wait for the prefetch of ``layer`` and count it; None when there is none (a
-        prefetch for another layer, left by an interrupted pass, is waited for and dropped)."""
-        if self._pending is None:
+        """Wait for the prefetch of ``layer`` and count it; None when there is none (prefetches of
+        earlier layers, left by an interrupted pass, are waited for and dropped)."""
+        for lay in [k for k in self._pending if k < layer]:
+            self._drop(lay)
+        if layer not in self._pending:
             return None
-        lay, ids, out, look, handle = self._pending
-        self._pending = None
+        ids, out, look, handle = self._pending.pop(layer)
         tw = time.perf_counter()
         rs = handle.wait()
         te = time.perf_counter()
-        t0, t1 = handle.started, handle.finished or te
+        t1 = handle.finished or te
+        t0 = max(handle.started, self._counted_to)  # what an earlier layer's prefetch counted already
         counters.io_s += te - tw
-        counters.prefetch_s += t1 - t0
         counters.bytes_read += rs.bytes_read
         counters.read_requests += rs.requests
         counters.neurons_prefetched += len(ids)
-        busy_main = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self._main_io + [(tw, te)])
-        counters.overlap_s += max(0.0, (t1 - t0) - busy_main)
-        self._main_io = []
-        if lay != layer:
-            return None
+        if t1 > t0:
+            counters.prefetch_s += t1 - t0
+            busy_main = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self._main_io + [(tw, te)])
+            counters.overlap_s += max(0.0, (t1 - t0) - busy_main)
+            self._counted_to = t1
+        first = min((h.started for _, _, _, h in self._pending.values()), default=te)
+        self._main_io = [(a, b) for a, b in self._main_io if b > first]
         self.prefetched[layer] += len(ids)
-        return Staged(lay, ids, out, look)
+        buf = self.buffers[layer % len(self.buffers)]
+        return Staged(layer, ids, out, look, buf if isinstance(buf, RowStore) else None)
 
     def main_io(self, a: float, b: float) -> None:
         """The engine's thread read from disk during ``[a, b)`` (not compute: left out of the overlap)."""
-        if self._pending is not None:
+        if self._pending:
             self._main_io.append((a, b))
 
     def record(self, layer: int, staged: Optional[Staged], chosen: np.ndarray, missing: int, served: int) -> None:
@@ -157,16 +194,21 @@ class Prefetcher:
         those came from the staging buffer."""
         if staged is not None:  # the lookahead's recall is measured where there was a lookahead
             self.chosen[layer] += len(chosen)
-            self.foreseen[layer] += int(np.count_nonzero(np.isin(chosen, staged.lookahead, assume_unique=True)))
+            look = staged.lookahead  # sorted, unique
+            if len(look) and len(chosen):
+                pos = np.minimum(np.searchsorted(look, chosen), len(look) - 1)
+                self.foreseen[layer] += int(np.count_nonzero(look[pos] == chosen))
         self.needed[layer] += missing
         self.served[layer] += served
 
+    def _drop(self, layer: int) -> None:
+        handle = self._pending.pop(layer)[-1]
+        handle.wait()
+
     def drop(self) -> None:
-        """Wait for a prefetch nobody took (its bytes are not counted)."""
-        if self._pending is not None:
-            handle = self._pending[-1]
-            self._pending = None
-            handle.wait()
+        """Wait for the prefetches nobody took (their bytes are not counted)."""
+        for lay in list(self._pending):
+            self._drop(lay)
 
     def reset_stats(self) -> None:
         for a in (self.chosen, self.foreseen, self.needed, self.served, self.prefetched):
@@ -181,6 +223,7 @@ class Prefetcher:
         ok = self.chosen > 0
         return {
             "staging_rows": self.rows,
+            "depth": self.depth,
             "lookahead_recall": [None if np.isnan(v) else round(float(v), 4) for v in recall],
             "served": [None if np.isnan(v) else round(float(v), 4) for v in served],
             "mean_lookahead_recall": (round(float(self.foreseen.sum() / self.chosen.sum()), 4)
@@ -194,22 +237,22 @@ class Prefetcher:
         self.drop()
 
 
-def attach_pipeline(ffns, cache, reader: FlashReader,
-                    maps: Optional[List[Optional[Tuple[mx.array, mx.array]]]] = None) -> Optional[Prefetcher]:
+def attach_pipeline(ffns, cache, reader: FlashReader, norms: Optional[Sequence[Any]] = None) -> Optional[Prefetcher]:
     """Pipelined layers for the ``SparseFFN`` layers ``ffns`` (in order) over ``cache`` (a
-    ``NeuronCache`` built with ``pipeline=True``): a Prefetcher on ``reader`` (the engine's), and each
-    layer told the next layer's cache and its lookahead map (``maps[i]``:
-    layer i's input to layer i+1's, :func:`lookahead_map`; None: as it is). None when the cache
-    has no staging rows (everything fits)."""
+    ``NeuronCache`` built with ``pipeline=True``; its ``len(staging) - 1`` staging buffers set the depth
+    ``d``): a Prefetcher on ``reader`` (the engine's), and each layer ``i`` told the caches of layers
+    ``i+1 .. i+d`` and the lookahead maps to their input norms (``norms[i]``: layer i's FFN input norm,
+    :func:`lookahead_map`; None: the input as it is). None when the cache has no staging rows
+    (everything fits)."""
     if cache.staging_neurons == 0:
         return None
     pf = Prefetcher(reader, cache.staging, len(ffns))
+    n = len(ffns)
     for i, f in enumerate(ffns):
         st = f._state
         st.prefetcher = pf
-        if i + 1 < len(ffns):
-            st.next_cache = cache.layers[i + 1]
-            st.lookahead_map = maps[i] if maps is not None else None
+        st.ahead = [(j, cache.layers[j], lookahead_map(norms[i], norms[j]) if norms is not None else None)
+                    for j in range(i + 1, min(n, i + 1 + pf.depth))]
     return pf
 
 
