@@ -59,7 +59,8 @@ from .storage.reader import FlashReader, ReadHandle, SplitRows, set_rows
 @dataclass
 class Staged:
     """Bundles a prefetch put into a staging buffer: ``rows[k]`` holds neuron ``ids[k]``
-    (``ids`` sorted) of ``layer``; ``lookahead``: every id the lookahead chose (resident ones too).
+    (``ids`` sorted) of ``layer``; ``lookahead``: every id the lookahead chose (resident ones too), None
+    when no lookahead was computed (a dense layer's every absent neuron, :meth:`Prefetcher.dense`).
     ``rows`` is the read destination (a uint8 array or a role-major ``SplitRows``); ``store`` the
     staging ``RowStore`` it belongs to (None for plain uint8 buffers): the FFN multiplies
     staged rows from there without copying them."""
@@ -67,7 +68,7 @@ class Staged:
     layer: int
     ids: np.ndarray
     rows: Any
-    lookahead: np.ndarray
+    lookahead: Optional[np.ndarray]
     store: Optional[RowStore] = None
 
     def find(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -90,6 +91,15 @@ class Staged:
                 a[rows] = b[src]
         else:
             set_rows(dest, rows, self.rows[src])
+
+
+#: A layer whose lookahead wants at least this share of its non-resident neurons is "dense": its next
+#: ``DENSE_PASSES`` prefetches stage every non-resident neuron without computing a lookahead (a
+#: predictor product per layer: on the default model at 50% the predictor's lookahead wants 98% of
+#: them, and the reads' coalesced gaps hold the rest, so the same bytes are read), then the
+#: lookahead is computed again. Extra bytes, where there are any, count in ``bytes_read``.
+DENSE_LOOKAHEAD_SHARE = 0.9
+DENSE_PASSES = 7
 
 
 def lookahead_map(norm_now, norm_next) -> Optional[Tuple[mx.array, mx.array]]:
@@ -130,7 +140,7 @@ class Prefetcher:
         b0 = self.buffers[0]
         self.rows = int(b0.rows if isinstance(b0, RowStore) else b0.shape[0])
         # prefetches in flight by layer: (ids, destination, lookahead, handle)
-        self._pending: Dict[int, Tuple[np.ndarray, Any, np.ndarray, ReadHandle]] = {}
+        self._pending: Dict[int, Tuple[np.ndarray, Any, Optional[np.ndarray], ReadHandle]] = {}
         self._main_io: List[Tuple[float, float]] = []
         self._counted_to = 0.0  # prefetch wall time is counted up to here (prefetches of two layers overlap)
         n = int(n_layers)
@@ -139,13 +149,30 @@ class Prefetcher:
         self.needed = np.zeros(n, dtype=np.int64)       # missing ids (loaded or streamed)
         self.served = np.zeros(n, dtype=np.int64)       # ... taken from the staging buffer
         self.prefetched = np.zeros(n, dtype=np.int64)
+        self.dense_left = np.zeros(n, dtype=np.int64)   # prefetches left that stage every absent neuron
+        self.dense_staged = np.zeros(n, dtype=np.int64)  # prefetches that did so (no lookahead computed)
 
     # ----------------------------------------------------------------- engine side
     def pending(self, layer: int) -> bool:
         """A prefetch of ``layer`` is in flight (issued and not taken)."""
         return layer in self._pending
 
-    def issue(self, layer: int, lookahead: np.ndarray, ids: np.ndarray) -> None:
+    def dense(self, layer: int) -> bool:
+        """True when this prefetch of ``layer`` should stage every absent neuron without computing a
+        lookahead (its recent lookahead wanted nearly all of them, :meth:`saw`); counts down the passes."""
+        if self.dense_left[layer] > 0:
+            self.dense_left[layer] -= 1
+            return True
+        return False
+
+    def saw(self, layer: int, wanted: int, absent: int) -> None:
+        """A lookahead of ``layer`` wanted ``wanted`` of its ``absent`` (non-resident) neurons: when that
+        is at least ``DENSE_LOOKAHEAD_SHARE``, the next ``DENSE_PASSES`` prefetches of the layer stage
+        every absent neuron without a lookahead (:meth:`dense`)."""
+        if absent and wanted >= DENSE_LOOKAHEAD_SHARE * absent:
+            self.dense_left[layer] = DENSE_PASSES
+
+    def issue(self, layer: int, lookahead: Optional[np.ndarray], ids: np.ndarray) -> None:
         """Start reading neurons ``ids`` (sorted; the first ``rows`` of them) of ``layer``."""
         slot = layer % len(self.buffers)
         for lay in [k for k in self._pending if k % len(self.buffers) == slot]:  # left by an interrupted pass
@@ -154,7 +181,8 @@ class Prefetcher:
         buf = self.buffers[slot]
         out = buf.dest(0, len(ids)) if isinstance(buf, RowStore) else buf[: len(ids)]
         handle = self.reader.submit(layer, ids, out)
-        self._pending[layer] = (ids, out, np.asarray(lookahead, dtype=np.int64), handle)
+        self._pending[layer] = (ids, out, None if lookahead is None else np.asarray(lookahead, dtype=np.int64),
+                                handle)
 
     def take(self, layer: int, counters: FFNCounters) -> Optional[Staged]:
         """Wait for the prefetch of ``layer`` and count it; None when there is none (prefetches of
@@ -192,7 +220,7 @@ class Prefetcher:
     def record(self, layer: int, staged: Optional[Staged], chosen: np.ndarray, missing: int, served: int) -> None:
         """Layer ``layer`` chose ``chosen``; ``missing`` of them were not resident, ``served`` of
         those came from the staging buffer."""
-        if staged is not None:  # the lookahead's recall is measured where there was a lookahead
+        if staged is not None and staged.lookahead is not None:  # the recall, where there was a lookahead
             self.chosen[layer] += len(chosen)
             look = staged.lookahead  # sorted, unique
             if len(look) and len(chosen):
@@ -211,7 +239,7 @@ class Prefetcher:
             self._drop(lay)
 
     def reset_stats(self) -> None:
-        for a in (self.chosen, self.foreseen, self.needed, self.served, self.prefetched):
+        for a in (self.chosen, self.foreseen, self.needed, self.served, self.prefetched, self.dense_staged):
             a[:] = 0
 
     def info(self) -> dict:
@@ -224,6 +252,7 @@ class Prefetcher:
         return {
             "staging_rows": self.rows,
             "depth": self.depth,
+            "dense_prefetches": int(self.dense_staged.sum()),
             "lookahead_recall": [None if np.isnan(v) else round(float(v), 4) for v in recall],
             "served": [None if np.isnan(v) else round(float(v), 4) for v in served],
             "mean_lookahead_recall": (round(float(self.foreseen.sum() / self.chosen.sum()), 4)

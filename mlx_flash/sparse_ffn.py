@@ -40,6 +40,7 @@ import numpy as np
 
 from .active import Chooser, gated_activation
 from .neuron_cache import stream_chunk_rows
+from .pipeline import DENSE_LOOKAHEAD_SHARE
 from .predictor import PredictorChooser
 from .quantized import qmatmul, use_quantized_matmul
 from .stats import FFNCounters
@@ -223,6 +224,8 @@ QUANT_PREFIX_MIN_SHARE = 0.9
 #: Pipelined layers: stage the non-resident neurons in the coalesced gaps of a prefetch too
 #: (``FlashReader.covered``).
 STAGE_GAP_NEURONS = True
+#: A lookahead that wants at least ``pipeline.DENSE_LOOKAHEAD_SHARE`` of a layer's non-resident
+#: neurons stages all of them instead (no ``covered`` call).
 
 
 class _State:
@@ -327,7 +330,7 @@ class _State:
             return {}
         pf = self.prefetcher
         early = {layer: self.chooser.predict(layer, self._lookahead_input(xt, lmap))
-                 for layer, _, lmap in self.ahead if not pf.pending(layer)}
+                 for layer, _, lmap in self.ahead if not pf.pending(layer) and pf.dense_left[layer] == 0}
         if early:
             mx.async_eval(list(early.values()))
         return early
@@ -341,6 +344,10 @@ class _State:
         for layer, cache, lmap in self.ahead:
             if pf.pending(layer):
                 continue
+            if not self.all_neurons and layer not in early and pf.dense(layer):
+                pf.dense_staged[layer] += 1
+                pf.issue(layer, None, np.flatnonzero(cache.slot_of < 0))
+                continue
             if self.all_neurons:
                 look = np.arange(cache.n_neurons, dtype=np.int64)
             elif layer in early:
@@ -349,7 +356,13 @@ class _State:
                 look = self.chooser.choose(layer, self._lookahead_input(xt, lmap))[0]
             slot_of = cache.slot_of
             want = look[slot_of[look] < 0]
-            if STAGE_GAP_NEURONS and len(want) < cache.n_neurons - cache.n_used:
+            absent = cache.n_neurons - cache.n_used
+            if not self.all_neurons:
+                pf.saw(layer, len(want), absent)
+            if len(want) >= DENSE_LOOKAHEAD_SHARE * absent:
+                if len(want) < absent:  # nearly every absent neuron: all of them (the gaps hold the rest)
+                    want = np.flatnonzero(slot_of < 0)
+            elif STAGE_GAP_NEURONS:
                 # the non-resident neurons in the read's coalesced gaps too: read anyway, staged at no extra byte
                 span = self.reader.covered(layer, want)
                 span = span[slot_of[span] < 0]
@@ -357,16 +370,26 @@ class _State:
                     want = span
             pf.issue(layer, look, want)
 
-    def _staged_rows(self, staged, ids: np.ndarray):
-        """Where the staging buffer holds every one of ``ids`` (sorted) in a RowStore: their rows
-        there (a slice when consecutive, else an index array), to multiply in place; else None."""
-        if staged is None or staged.store is None or not len(ids):
-            return None
-        have, pos = staged.find(ids)
-        if not have.all():
-            return None
-        p0 = int(pos[0])
-        return slice(p0, p0 + len(ids)) if int(pos[-1]) - p0 == len(ids) - 1 else mx.array(pos.astype(np.int32))
+    def _staged_chunks(self, staged, overflow: np.ndarray, stream: list) -> list:
+        """Per chunk of ``stream`` (of the sorted ``overflow``): where the staging buffer holds every
+        one of its neurons in a RowStore, their rows there (a slice when consecutive, else an index
+        array), to multiply in place; else None."""
+        if staged is None or staged.store is None or not stream:
+            return [None] * len(stream)
+        have, pos = staged.find(overflow)
+        out: list = []
+        s = 0
+        for chunk, _ in stream:
+            e = s + len(chunk)
+            p = pos[s:e]
+            if not have[s:e].all():
+                out.append(None)
+            elif int(p[-1]) - int(p[0]) == len(p) - 1:
+                out.append(slice(int(p[0]), int(p[0]) + len(p)))
+            else:
+                out.append(mx.array(p.astype(np.int32)))
+            s = e
+        return out
 
     def _roles(self, store, rows) -> dict:
         """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a
@@ -445,7 +468,7 @@ class _State:
         # (one with a one-row scratch) with the loads and during the cached part's compute
         store = self.scratch
         lag = 2 if store.rows >= 2 else 1
-        in_staging = [self._staged_rows(staged, chunk) for chunk, _ in stream]
+        in_staging = self._staged_chunks(staged, overflow, stream)
         pends = {}
         for k in range(min(lag, len(stream))):
             if in_staging[k] is None:
