@@ -89,7 +89,10 @@ class FlashConfig:
               model at 50% (bfloat16, load 8) measured the predictor 1.25x and naive
               flash 1.36x faster pipelined (the oracle, whose lookahead recalls 75%,
               0.91x), another CLI run a tie; the prefetch's copies compete with
-              compute for a loaded 2-core CPU. CLI ``--pipeline`` turns it on.
+              compute for a loaded 2-core CPU. With its CPU work cut (staged
+              overflow multiplied in place, lookaheads skipped on dense layers),
+              token-by-token paired runs at load 9-12 still put it within the
+              noise of serial (README). CLI ``--pipeline`` turns it on.
               MoE models (``mlx_flash.moe``): the next MoE layer's likely experts
               (its router on this layer's input) are read ahead the same way.
     pipeline_depth: how many layers ahead pipelined layers read (>= 1; dense FFN models; MoE

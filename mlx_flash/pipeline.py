@@ -1,45 +1,48 @@
-"""Pipelined layers: the reads of layer l+1 are in flight while layer l computes.
+"""Pipelined layers: the reads of layers l+1 .. l+depth are in flight while layer l computes.
 
-``FlashConfig.pipeline`` (opt-in; off by default: the staging buffers are outside the budget). At layer l the
-sparse FFN (``sparse_ffn``) applies layer l+1's chooser to a *lookahead* input, the hidden state it already
-has: layer l's FFN input, moved to layer l+1's input norm
-(:func:`lookahead_map`: for an RMSNorm ``x * w[l+1] / w[l]`` is the same residual
-stream normalised with layer l+1's weights; it misses layer l's FFN output and layer
-l+1's attention). The neurons of that choice that layer l+1's cache does not hold, and
-the non-resident ones lying in their read's coalesced gaps (``FlashReader.covered``: read
-anyway; staged, a miss among them is not read again), are submitted by :class:`Prefetcher` to
-the engine's own
-:class:`~mlx_flash.storage.reader.FlashReader` (``submit``: one queue, one pool of read
-threads for the synchronous loads and the prefetch; nothing waits for the prefetch until
-layer l+1 takes it, so the disk sees the requests of two layers at once, and a synchronous
-read that is waited for is served first) into a **staging buffer**, plain host memory
-(``NeuronCache.staging``; two buffers of ``n_neurons - capacity`` rows of the reader's bundles
-(gate-first with its side file: up/down rows), by layer parity:
-layer l's staged bundles are still being copied while layer l+1's are read). Like the
-reader's aligned buffers they are I/O buffers outside the cache budget (counted in
+``FlashConfig.pipeline`` (opt-in; off by default: the staging buffers are outside the budget, and the gain
+is not proven on this machine), ``FlashConfig.pipeline_depth`` (``d``, default 1). At layer l the sparse FFN
+(``sparse_ffn``) applies layer l+d's chooser (at the first layer: those of layers 1..d) to a *lookahead*
+input, the hidden state it already has: layer l's FFN input, moved to layer l+d's input norm
+(:func:`lookahead_map`: for an RMSNorm ``x * w[l+d] / w[l]`` is the same residual stream normalised with
+layer l+d's weights; it misses the FFN outputs and attention in between). A predictor's lookahead is started
+(``mx.async_eval``) before the layer's own choice, so one evaluation serves both. The neurons of that choice
+that layer l+d's cache does not hold, and the non-resident ones lying in their read's coalesced gaps
+(``FlashReader.covered``: read anyway; staged, a miss among them is not read again), are submitted by
+:class:`Prefetcher` to the engine's own :class:`~mlx_flash.storage.reader.FlashReader` (``submit``: one
+queue, one pool of read threads for the synchronous loads and the prefetch; nothing waits for a prefetch
+until its layer takes it, so the disk sees the requests of ``d + 1`` layers at once, and a synchronous read
+that is waited for is served first). A layer whose lookahead wants nearly all of its absent neurons
+(``DENSE_LOOKAHEAD_SHARE``) stages all of them for its next ``DENSE_PASSES`` prefetches without computing a
+lookahead (the predictor's product per layer is the prefetch's largest CPU cost).
+
+The prefetch lands in a **staging buffer** (``NeuronCache.staging``: ``d + 1`` role-major ``RowStore`` s
+of ``n_neurons - capacity`` rows with the cache's layout, layer j's in buffer ``j % (d + 1)``): the
+reader scatters each bundle into the role matrices while copying it out of its aligned buffer, as it does
+for cache rows. Like the reader's aligned buffers they are I/O buffers outside the cache budget (counted in
 ``Engine.resident_bytes``): the caches keep the same rows with and without the pipeline.
 
-At layer l+1 the engine runs exactly as without the pipeline: the same choice, the
-same ``cache.step`` on a cache of the same capacity, the same rows, the same arithmetic. Only where a missing
-neuron's bytes come from changes: a bundle found in the staging buffer is copied
-from there into its cache row (or scratch row), the rest is read synchronously as
-before. So pipelined outputs equal serial ones bit for bit, whatever the lookahead
-gets wrong; a wrong lookahead costs disk bytes (``Stats.bytes_read`` counts every
-prefetched byte, ``bytes_useful`` only the ones used), a missed one a synchronous read.
+At layer l+d the engine runs exactly as without the pipeline: the same choice, the same ``cache.step`` on a
+cache of the same capacity, the same rows in the same order and chunks, the same arithmetic. Only where a
+missing neuron's bytes come from changes: a bundle found in the staging buffer is copied from there into its
+cache row; an overflow chunk (streamed, not cached) staged whole is multiplied where it lies in the staging
+buffer (no copy into the scratch, no read); the rest is read synchronously as before. So pipelined outputs
+equal serial ones bit for bit, whatever the lookahead gets wrong; a wrong lookahead costs disk bytes
+(``Stats.bytes_read`` counts every prefetched byte, ``bytes_useful`` only the ones used), a missed one a
+synchronous read.
 
-No MLX array ever points into a staging buffer (bundles are copied out on the host
-at once), and the prefetch never writes cache rows, so MLX's lazy evaluation needs
-no extra synchronisation: a buffer is reused two layers later, after its bundles
-were copied, and the next prefetch into it is issued only after the previous one
-into it was taken.
+MLX arrays point into a staging buffer only while its layer computes (the layer evaluates its output before
+it returns), and a buffer is written again only by a prefetch issued after that: layer l issues layer l+d's
+into buffer ``(l - 1) % (d + 1)``, whose layer is done; a prefetch left in flight by an interrupted pass is
+waited for before its buffer is reused.
 
-Counted in ``FFNCounters``: ``prefetch_s`` (the prefetch in flight: submit to its last request), ``overlap_s``
-(the part of it during which the engine's thread was not waiting for the disk,
-i.e. computing: disk and compute busy at once), the waits themselves in ``io_s``,
-``neurons_prefetched`` / ``neurons_prefetch_used``. Per layer, the lookahead's recall
-against the layer's own choice and the share of the layer's missing neurons it
-served are in :meth:`Prefetcher.info`. A lookahead is one more choice per layer: for
-the oracle (a measuring tool) a second full gate and up product.
+Counted in ``FFNCounters``: ``prefetch_s`` (prefetches in flight: submit to their last request, the time
+two layers' prefetches overlap counted once), ``overlap_s`` (the part of it during which the engine's thread
+was not waiting for the disk, i.e. computing: disk and compute busy at once), the waits themselves in
+``io_s``, ``neurons_prefetched`` / ``neurons_prefetch_used``. Per layer, the lookahead's recall against the
+layer's own choice (where one was computed) and the share of the layer's missing neurons it served are in
+:meth:`Prefetcher.info`. A lookahead is one more choice per layer: for the oracle (a measuring tool) a
+second full gate and up product.
 """
 
 from __future__ import annotations
