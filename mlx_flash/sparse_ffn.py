@@ -221,6 +221,10 @@ PREFIX_MIN_SHARE = 0.4
 #: 2-core CPU, 4-bit g32, float32, 576 x 1536, CPU time per FFN: prefix 1.4 ms at any share; gathered
 #: 1,200 rows 1.2 ms, 1,000 rows 1.1 ms, 400 rows 0.4 ms).
 QUANT_PREFIX_MIN_SHARE = 0.9
+#: Serial streaming: submit the first two overflow chunks with the loads and each later one as soon as its
+#: scratch half is free (more reads in flight), instead of the first with the loads and each next one just
+#: before the current one's evaluation. Off: in paired runs on the 2-core CPU it was 1-5% slower.
+STREAM_EARLY = False
 #: Pipelined layers: stage the non-resident neurons in the coalesced gaps of a prefetch too
 #: (``FlashReader.covered``).
 STAGE_GAP_NEURONS = True
@@ -464,15 +468,20 @@ class _State:
         stream = self._stream_chunks(overflow) if len(overflow) and big is None else []
         pend_load = self._fill_submit(plan.load_ids, plan.load_dest, staged) if len(plan.load_ids) else None
         # chunks the prefetch staged whole are multiplied in the staging buffer (no copy, no read); the
-        # reads of the others are in flight as soon as their scratch half is free: the first two chunks'
-        # (one with a one-row scratch) with the loads and during the cached part's compute
+        # first chunk's read (the first two with STREAM_EARLY) is in flight with the loads and during the
+        # cached part's compute
         store = self.scratch
-        lag = 2 if store.rows >= 2 else 1
+        double = store.rows >= 2
+        lag = 2 if double and STREAM_EARLY else 1
         in_staging = self._staged_chunks(staged, overflow, stream)
         pends = {}
+
+        def submit(j: int) -> None:
+            if j < len(stream) and in_staging[j] is None:
+                pends[j] = self._fill_submit(stream[j][0], store.dest(stream[j][1], len(stream[j][0])), staged)
+
         for k in range(min(lag, len(stream))):
-            if in_staging[k] is None:
-                pends[k] = self._fill_submit(stream[k][0], store.dest(stream[k][1], len(stream[k][0])), staged)
+            submit(k)
         # exact prefill: every missing row in one read, in flight while the cached part computes
         pend_big = self._fill_submit(overflow, big.dest(0, len(overflow)), staged) \
             if big is not None and len(overflow) else None
@@ -544,13 +553,18 @@ class _State:
                 w = self._roles(staged.store, rows)
             tb = time.perf_counter()
             y = y + self._partial(xt, w, cols(chunk), chunk)
-            mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+            tc = time.perf_counter()
+            if double and not STREAM_EARLY:
+                # the other half (its chunk was evaluated already), submitted just before the
+                # evaluation lets go of the GIL: the read threads start at once
+                submit(k + 1)
             td = time.perf_counter()
-            j = k + lag
-            if j < len(stream) and in_staging[j] is None:  # its half is free now
-                pends[j] = self._fill_submit(stream[j][0], store.dest(stream[j][1], len(stream[j][0])), staged)
-            c.io_s += (tb - ta) + (time.perf_counter() - td)
-            c.ffn_compute_s += td - tb
+            mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+            te = time.perf_counter()
+            if not double or STREAM_EARLY:
+                submit(k + lag)  # its scratch rows are free now
+            c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
+            c.ffn_compute_s += (tc - tb) + (te - td)
 
         c.neurons_active += len(ids)
         c.neurons_hit += len(plan.hit_ids)
