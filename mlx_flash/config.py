@@ -91,14 +91,14 @@ class FlashConfig:
               0.91x), another CLI run a tie; the prefetch's copies compete with
               compute for a loaded 2-core CPU. With its CPU work cut (staged
               overflow multiplied in place, lookaheads skipped on dense layers),
-              token-by-token paired runs at load 9-12 still put it within the
-              noise of serial (README). CLI ``--pipeline`` turns it on.
+              token-by-token paired runs put it at 1.03x serial's time at load
+              2-4 and 0.95-0.99x at load 4-6 (README). CLI ``--pipeline``.
               MoE models (``mlx_flash.moe``): the next MoE layer's likely experts
               (its router on this layer's input) are read ahead the same way.
     pipeline_depth: how many layers ahead pipelined layers read (>= 1; dense FFN models; MoE
               reads one ahead): layer l reads layer l+depth's lookahead, so the reads of
               ``depth`` layers are in flight while l computes; ``depth + 1`` staging
-              buffers (outside the budget).
+              buffers (outside the budget). 1: depth 2 measured no faster.
     predictor_bits: the in-memory bits of the predictors' low-rank matrices, quantized at
               load (``predictor.PredictorWeights.quantize``): 4 (the default: on the default
               model's held-out calibration tokens recall 0.9900 vs 0.9903 in floats, the same
