@@ -113,8 +113,10 @@ def _add_model_args(p: argparse.ArgumentParser, flash_default: bool = False) -> 
     p.add_argument("--engine", choices=FlashConfig.ENGINE_CHOICES, default=_DEFAULTS.engine,
                    help="auto: dense when the whole FFN fits the budget, else flash (flash folders)")
     p.add_argument("--pipeline", action="store_true",
-                   help="pipelined layers: read the next layer's likely neurons while this one computes "
-                        "(flash; two staging buffers held outside the budget)")
+                   help="pipelined layers: read the next layers' likely neurons while this one computes "
+                        "(flash; depth + 1 staging buffers held outside the budget)")
+    p.add_argument("--pipeline-depth", type=_positive_int, default=_DEFAULTS.pipeline_depth,
+                   help="pipelined layers: how many layers ahead to read (default %(default)s)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +140,7 @@ def flash_config_from_args(args) -> FlashConfig:
         sparsity=args.sparsity,
         direct_io=not args.no_direct_io,
         pipeline=args.pipeline,
+        pipeline_depth=args.pipeline_depth,
         engine=args.engine,
         extra={"recall": recall} if recall is not None else {},
     )
@@ -443,7 +446,8 @@ def cmd_bench(args) -> int:
     else:
         path = default_flash_model(progress=tqdm_callback("Preparing default model"))
     base = FlashConfig(window=args.window, threads=args.threads, sparsity=args.sparsity,
-                       direct_io=not args.no_direct_io, pipeline=args.pipeline)
+                       direct_io=not args.no_direct_io, pipeline=args.pipeline,
+                       pipeline_depth=args.pipeline_depth)
     if args.order:
         return _bench_order(args, path, base)
     configs = [c for c in args.configs.split(",") if c.strip()] if args.configs else None
@@ -650,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no second run of each flash row with pipelined layers the other way")
     b.add_argument("--pipeline", action="store_true",
                    help="the main flash rows with pipelined layers (their twins serial)")
+    b.add_argument("--pipeline-depth", type=_positive_int, default=_DEFAULTS.pipeline_depth,
+                   help="pipelined rows: how many layers ahead to read (default %(default)s)")
     b.add_argument("--agreement-prompts", type=int, default=0,
                    help="greedy agreement with dense over the first N prompts of resources/evaluation/prompts.txt "
                         "(24; 0: none): tokens until the first divergence, per row")

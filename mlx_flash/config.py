@@ -89,9 +89,16 @@ class FlashConfig:
               model at 50% (bfloat16, load 8) measured the predictor 1.25x and naive
               flash 1.36x faster pipelined (the oracle, whose lookahead recalls 75%,
               0.91x), another CLI run a tie; the prefetch's copies compete with
-              compute for a loaded 2-core CPU. CLI ``--pipeline`` turns it on.
+              compute for a loaded 2-core CPU. With its CPU work cut (staged
+              overflow multiplied in place, lookaheads skipped on dense layers),
+              token-by-token paired runs put it at 1.03x serial's time at load
+              2-4 and 0.95-0.99x at load 4-6 (README). CLI ``--pipeline``.
               MoE models (``mlx_flash.moe``): the next MoE layer's likely experts
               (its router on this layer's input) are read ahead the same way.
+    pipeline_depth: how many layers ahead pipelined layers read (>= 1; dense FFN models; MoE
+              reads one ahead): layer l reads layer l+depth's lookahead, so the reads of
+              ``depth`` layers are in flight while l computes; ``depth + 1`` staging
+              buffers (outside the budget). 1: depth 2 measured no faster.
     predictor_bits: the in-memory bits of the predictors' low-rank matrices, quantized at
               load (``predictor.PredictorWeights.quantize``): 4 (the default: on the default
               model's held-out calibration tokens recall 0.9900 vs 0.9903 in floats, the same
@@ -123,6 +130,7 @@ class FlashConfig:
     prefill: str = "all"
     verify: str = "background"
     pipeline: bool = False
+    pipeline_depth: int = 1
     predictor_bits: int = 4
     extra: dict = field(default_factory=dict)
 
@@ -162,6 +170,8 @@ class FlashConfig:
         if self.predictor_bits not in self.PREDICTOR_BITS_CHOICES:
             raise ValueError(f"predictor_bits must be one of {self.PREDICTOR_BITS_CHOICES} (0: the stored floats), "
                              f"got {self.predictor_bits!r}")
+        if not isinstance(self.pipeline_depth, int) or self.pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be an integer >= 1, got {self.pipeline_depth!r}")
         if self.max_gap_bytes is not None and self.max_gap_bytes < 0:
             raise ValueError(f"max_gap_bytes must be >= 0 (or None: from the disk probe), got {self.max_gap_bytes}")
 

@@ -52,7 +52,7 @@ from .neuron_cache import (
     scratch_rows,
     simulate,
 )
-from .pipeline import attach_pipeline, lookahead_map
+from .pipeline import attach_pipeline
 from .predictor import (
     CALIBRATE_HINT,
     PREDICTOR_FILE,
@@ -919,6 +919,7 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
             layout=cache_layout,
             pipeline=config.pipeline,
             drop=drop,
+            pipeline_depth=config.pipeline_depth,
         )
     except ValueError as e:
         reader.close()
@@ -1004,8 +1005,7 @@ def _wire_pipeline(model, arch, files, config: FlashConfig, cache, reader):
         return None
     layers = model.layers
     norms = [arch.ffn_input_norm(layer) for layer in layers]
-    maps = [lookahead_map(norms[i], norms[i + 1]) for i in range(len(layers) - 1)]
-    return attach_pipeline([layer.mlp for layer in layers], cache, reader, maps)
+    return attach_pipeline([layer.mlp for layer in layers], cache, reader, norms)
 
 
 

@@ -543,7 +543,8 @@ class NeuronCache:
     """
 
     def __init__(self, layers: List[LayerCache], scratch_neurons: int, budget_bytes: Optional[int] = None,
-                 layout: Optional[BundleLayout] = None, staging_neurons: int = 0, drop: Sequence[str] = ()):
+                 layout: Optional[BundleLayout] = None, staging_neurons: int = 0, drop: Sequence[str] = (),
+                 staging_buffers: int = 2):
         if not layers:
             raise ValueError("a NeuronCache needs at least one layer")
         first = layers[0]
@@ -554,11 +555,12 @@ class NeuronCache:
         self.scratch_neurons = int(scratch_neurons)
         self.scratch = RowStore(self.scratch_neurons, self.bundle_elems, self.dtype, layout, drop)
         self._layout, self._drop = layout, tuple(drop)
-        # pipelined layers (mlx_flash.pipeline): two host buffers of the bundles the reader reads (whole
-        # ffn.bin bundles, gate rows included when a gate-first cache drops them; up/down rows from its side file)
-        self.disk_bundle_bytes = first.rows.bundle_bytes
+        # pipelined layers (mlx_flash.pipeline): ``staging_buffers`` (the depth + 1) RowStores of the cache's
+        # layout that the prefetch reads into (the reader scatters its bundles into their role matrices, the
+        # rows a gate-first cache drops are dropped there too): the FFN multiplies streamed neurons in place
         self.staging_neurons = int(staging_neurons)
-        self.staging = [np.empty((self.staging_neurons, self.disk_bundle_bytes), dtype=np.uint8) for _ in range(2)]
+        self.staging = [RowStore(self.staging_neurons, self.bundle_elems, self.dtype, layout, drop)
+                        for _ in range(max(2, int(staging_buffers)) if self.staging_neurons else 0)]
         self.budget_bytes = budget_bytes if budget_bytes is not None else self.capacity_bytes
         self.policy = CachePolicy("lru" if first.lazy else "window")
 
@@ -577,9 +579,11 @@ class NeuronCache:
         layout: Optional[BundleLayout] = None,
         pipeline: bool = False,
         drop: Sequence[str] = (),
+        pipeline_depth: int = 1,
     ) -> "NeuronCache":
         """Split ``budget_bytes`` into the scratch buffer and equal per-layer caches; with
-        ``pipeline``, two staging buffers of ``n_neurons - capacity`` rows (outside the budget).
+        ``pipeline``, ``pipeline_depth + 1`` staging buffers of ``n_neurons - capacity`` rows (outside
+        the budget).
 
         ``drop``: bundle segments read but not kept (``RowStore``); rows then weigh less
         and more of them fit.
@@ -608,7 +612,8 @@ class NeuronCache:
         staging = n_neurons - capacity if pipeline and n_layers > 1 else 0
         layers = [LayerCache(n_neurons, capacity, bundle_elems, dtype, window, lazy, layout, drop)
                   for _ in range(n_layers)]
-        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging, drop=drop)
+        return cls(layers, scratch, budget_bytes, layout, staging_neurons=staging, drop=drop,
+                   staging_buffers=int(pipeline_depth) + 1)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -622,8 +627,8 @@ class NeuronCache:
 
     @property
     def staging_bytes(self) -> int:
-        """Both staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
-        return 2 * self.staging_neurons * self.disk_bundle_bytes
+        """The staging buffers of pipelined layers (0 without the pipeline; outside the budget)."""
+        return sum(s.nbytes for s in self.staging)
 
     @property
     def prefill_neurons(self) -> int:

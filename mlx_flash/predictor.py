@@ -350,7 +350,13 @@ class PredictorChooser:
         return self.weights.project(layer, x) > self._limits[layer]
 
     def choose(self, layer: int, x: mx.array) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        m = np.array(self.predict(layer, x.reshape(-1, x.shape[-1])))
+        return self.choice(self.predict(layer, x.reshape(-1, x.shape[-1])))
+
+    @staticmethod
+    def choice(predicted: mx.array) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """:meth:`choose`'s ids and mask from a :meth:`predict` mask (evaluated here; pipelined layers
+        start a lookahead's prediction early, ``mx.async_eval``, and take its choice later)."""
+        m = np.array(predicted)
         if m.shape[0] == 1:
             return np.flatnonzero(m[0]).astype(np.int64), None
         ids = np.flatnonzero(m.any(axis=0)).astype(np.int64)

@@ -40,10 +40,11 @@ import numpy as np
 
 from .active import Chooser, gated_activation
 from .neuron_cache import stream_chunk_rows
+from .pipeline import DENSE_LOOKAHEAD_SHARE
+from .predictor import PredictorChooser
 from .quantized import qmatmul, use_quantized_matmul
 from .stats import FFNCounters
 from .storage.format import unit_dequantize
-from .storage.reader import set_rows
 
 
 class _OutputBias(nn.Module):
@@ -220,6 +221,15 @@ PREFIX_MIN_SHARE = 0.4
 #: 2-core CPU, 4-bit g32, float32, 576 x 1536, CPU time per FFN: prefix 1.4 ms at any share; gathered
 #: 1,200 rows 1.2 ms, 1,000 rows 1.1 ms, 400 rows 0.4 ms).
 QUANT_PREFIX_MIN_SHARE = 0.9
+#: Serial streaming: submit the first two overflow chunks with the loads and each later one as soon as its
+#: scratch half is free (more reads in flight), instead of the first with the loads and each next one just
+#: before the current one's evaluation. Off: in paired runs on the 2-core CPU it was 1-5% slower.
+STREAM_EARLY = False
+#: Pipelined layers: stage the non-resident neurons in the coalesced gaps of a prefetch too
+#: (``FlashReader.covered``).
+STAGE_GAP_NEURONS = True
+#: A lookahead that wants at least ``pipeline.DENSE_LOOKAHEAD_SHARE`` of a layer's non-resident
+#: neurons stages all of them instead (no ``covered`` call).
 
 
 class _State:
@@ -248,11 +258,11 @@ class _State:
         rows = cache.rows
         # Share of a read bundle that is used: all of it, or up/down only when the gate rows are resident.
         self.useful_share = rows.kept_bytes / rows.bundle_bytes
-        # Pipelined layers (mlx_flash.pipeline), wired by the engine: the shared Prefetcher, the
-        # next layer's cache and the lookahead map (scale, shift) to its input norm (None: as is).
+        # Pipelined layers (mlx_flash.pipeline), wired by the engine: the shared Prefetcher, and per layer
+        # read ahead its cache and the lookahead map (scale, shift) to its input norm (None: as is).
         self.prefetcher = None
-        self.next_cache = None
-        self.lookahead_map = None
+        # the layers this one reads ahead for: [(layer, its cache, lookahead map or None)], pipeline.attach_pipeline
+        self.ahead: list = []
         self.inflight: list = []  # reads submitted by this layer's pass and not yet waited for
         self.unfilled: Optional[np.ndarray] = None  # neurons given cache rows this pass, not yet read into them
 
@@ -282,13 +292,9 @@ class _State:
         if staged is not None:
             have, pos = staged.find(ids)
             if have.all():
-                k = len(ids)
-                p0 = int(pos[0]) if k else 0
-                # staged in one run (sorted ids, nothing else staged between): a view, no gathered copy
-                src = staged.rows[p0 : p0 + k] if k and int(pos[-1]) - p0 == k - 1 else staged.rows[pos]
-                set_rows(dest, slice(0, k), src)
+                staged.copy_to(dest, slice(0, len(ids)), pos)
             elif have.any():
-                set_rows(dest, np.flatnonzero(have), staged.rows[pos[have]])
+                staged.copy_to(dest, np.flatnonzero(have), pos[have])
             else:
                 have = None
         n_staged = 0 if have is None else int(np.count_nonzero(have))
@@ -313,23 +319,81 @@ class _State:
         return [(overflow[s : s + half], (k % 2) * half if rows >= 2 else 0)
                 for k, s in enumerate(range(0, len(overflow), half))]
 
-    def _prefetch_next(self, xt: mx.array) -> None:
-        """Pipelined layers: choose the next layer's neurons from this layer's input (the
-        lookahead) and start reading the ones its cache lacks (predictor time)."""
-        if self.all_neurons:
-            look = np.arange(self.next_cache.n_neurons, dtype=np.int64)
-        else:
-            xl = xt
-            if self.lookahead_map is not None:
-                scale, shift = self.lookahead_map
-                xl = (xt.astype(mx.float32) * scale + shift).astype(xt.dtype)
-            look = self.chooser.choose(self.layer + 1, xl)[0]
-        slot_of = self.next_cache.slot_of
-        want = look[slot_of[look] < 0]
-        # the non-resident neurons in the read's coalesced gaps too: read anyway, staged at no extra byte
-        span = self.reader.covered(self.layer + 1, want)
-        span = span[slot_of[span] < 0]
-        self.prefetcher.issue(self.layer + 1, look, span if len(span) <= self.prefetcher.rows else want)
+    def _lookahead_input(self, xt: mx.array, lmap) -> mx.array:
+        """This layer's FFN input moved to a later layer's input norm (``pipeline.lookahead_map``)."""
+        if lmap is None:
+            return xt
+        scale, shift = lmap
+        return (xt.astype(mx.float32) * scale + shift).astype(xt.dtype)
+
+    def _lookahead_start(self, xt: mx.array) -> dict:
+        """Predictor lookaheads of the layers :meth:`_prefetch_next` will read ahead for, started
+        (``mx.async_eval``) before this layer's own choice so that one evaluation serves both:
+        ``{layer: predicted mask}`` (empty for other choosers: they choose in :meth:`_prefetch_next`)."""
+        if not isinstance(self.chooser, PredictorChooser):
+            return {}
+        pf = self.prefetcher
+        early = {layer: self.chooser.predict(layer, self._lookahead_input(xt, lmap))
+                 for layer, _, lmap in self.ahead if not pf.pending(layer) and pf.dense_left[layer] == 0}
+        if early:
+            mx.async_eval(list(early.values()))
+        return early
+
+    def _prefetch_next(self, xt: mx.array, early: dict) -> None:
+        """Pipelined layers: for each layer read ahead that has no prefetch in flight yet (all of
+        them at the first layer, then the one ``depth`` layers on), choose its neurons from this
+        layer's input (the lookahead; ``early``: predictions :meth:`_lookahead_start` started) and
+        start reading the ones its cache lacks (predictor time)."""
+        pf = self.prefetcher
+        for layer, cache, lmap in self.ahead:
+            if pf.pending(layer):
+                continue
+            if not self.all_neurons and layer not in early and pf.dense(layer):
+                pf.dense_staged[layer] += 1
+                pf.issue(layer, None, np.flatnonzero(cache.slot_of < 0))
+                continue
+            if self.all_neurons:
+                look = np.arange(cache.n_neurons, dtype=np.int64)
+            elif layer in early:
+                look = PredictorChooser.choice(early[layer])[0]
+            else:
+                look = self.chooser.choose(layer, self._lookahead_input(xt, lmap))[0]
+            slot_of = cache.slot_of
+            want = look[slot_of[look] < 0]
+            absent = cache.n_neurons - cache.n_used
+            if not self.all_neurons:
+                pf.saw(layer, len(want), absent)
+            if len(want) >= DENSE_LOOKAHEAD_SHARE * absent:
+                if len(want) < absent:  # nearly every absent neuron: all of them (the gaps hold the rest)
+                    want = np.flatnonzero(slot_of < 0)
+            elif STAGE_GAP_NEURONS:
+                # the non-resident neurons in the read's coalesced gaps too: read anyway, staged at no extra byte
+                span = self.reader.covered(layer, want)
+                span = span[slot_of[span] < 0]
+                if len(span) <= pf.rows:
+                    want = span
+            pf.issue(layer, look, want)
+
+    def _staged_chunks(self, staged, overflow: np.ndarray, stream: list) -> list:
+        """Per chunk of ``stream`` (of the sorted ``overflow``): where the staging buffer holds every
+        one of its neurons in a RowStore, their rows there (a slice when consecutive, else an index
+        array), to multiply in place; else None."""
+        if staged is None or staged.store is None or not stream:
+            return [None] * len(stream)
+        have, pos = staged.find(overflow)
+        out: list = []
+        s = 0
+        for chunk, _ in stream:
+            e = s + len(chunk)
+            p = pos[s:e]
+            if not have[s:e].all():
+                out.append(None)
+            elif int(p[-1]) - int(p[0]) == len(p) - 1:
+                out.append(slice(int(p[0]), int(p[0]) + len(p)))
+            else:
+                out.append(mx.array(p.astype(np.int32)))
+            s = e
+        return out
 
     def _roles(self, store, rows) -> dict:
         """``{role: (k, width) matrix}`` of ``rows`` (a slice or an mx index array) of a
@@ -380,11 +444,13 @@ class _State:
         staged = pf.take(self.layer, c) if pf is not None else None  # waiting counts as I/O
         t0 = time.perf_counter()
         chooser = self.chooser
+        early: dict = {}
         if self.all_neurons:
             ids, mask = np.arange(self.cache.n_neurons, dtype=np.int64), None
             if chooser.computes_gate:  # the cache holds no gate rows: the chooser's product serves
                 chooser.gate_product(self.layer, xt)
         else:
+            early = self._lookahead_start(xt) if pf is not None and self.ahead else {}
             ids, mask = chooser.choose(self.layer, xt)
         self.g = chooser.gate(self.layer) if chooser.computes_gate else None
         t1 = time.perf_counter()
@@ -401,9 +467,21 @@ class _State:
             big = None
         stream = self._stream_chunks(overflow) if len(overflow) and big is None else []
         pend_load = self._fill_submit(plan.load_ids, plan.load_dest, staged) if len(plan.load_ids) else None
-        # the first scratch chunk's read is in flight with the loads and during the cached part's compute
-        pend = self._fill_submit(stream[0][0], self.scratch.dest(stream[0][1], len(stream[0][0])),
-                                 staged) if stream else None
+        # chunks the prefetch staged whole are multiplied in the staging buffer (no copy, no read); the
+        # first chunk's read (the first two with STREAM_EARLY) is in flight with the loads and during the
+        # cached part's compute
+        store = self.scratch
+        double = store.rows >= 2
+        lag = 2 if double and STREAM_EARLY else 1
+        in_staging = self._staged_chunks(staged, overflow, stream)
+        pends = {}
+
+        def submit(j: int) -> None:
+            if j < len(stream) and in_staging[j] is None:
+                pends[j] = self._fill_submit(stream[j][0], store.dest(stream[j][1], len(stream[j][0])), staged)
+
+        for k in range(min(lag, len(stream))):
+            submit(k)
         # exact prefill: every missing row in one read, in flight while the cached part computes
         pend_big = self._fill_submit(overflow, big.dest(0, len(overflow)), staged) \
             if big is not None and len(overflow) else None
@@ -412,8 +490,8 @@ class _State:
         self.unfilled = None
         t2 = time.perf_counter()
         c.io_s += t2 - t1
-        if pf is not None and self.next_cache is not None:
-            self._prefetch_next(xt)
+        if pf is not None and self.ahead:
+            self._prefetch_next(xt, early)
             t2b = time.perf_counter()
             c.predictor_s += t2b - t2
             t2 = t2b
@@ -460,27 +538,33 @@ class _State:
         t3 = time.perf_counter()
         c.ffn_compute_s += t3 - t2 - big_wait
 
-        if stream:
-            store = self.scratch
-            double = store.rows >= 2
-            for k, (chunk, r0) in enumerate(stream):
-                ta = time.perf_counter()
-                served += self._fill_wait(pend)
-                tb = time.perf_counter()
-                y = y + self._partial(xt, self._roles(store, slice(r0, r0 + len(chunk))), cols(chunk), chunk)
-                nxt = stream[k + 1] if k + 1 < len(stream) else None
-                tc = time.perf_counter()
-                if nxt is not None and double:
-                    # the other half (its chunk was evaluated already), submitted just before the
-                    # evaluation lets go of the GIL: the read threads start at once
-                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
-                td = time.perf_counter()
-                mx.eval(y)  # these scratch rows are overwritten by the chunk after next
-                te = time.perf_counter()
-                if nxt is not None and not double:
-                    pend = self._fill_submit(nxt[0], store.dest(nxt[1], len(nxt[0])), staged)
-                c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
-                c.ffn_compute_s += (tc - tb) + (te - td)
+        for k, (chunk, r0) in enumerate(stream):
+            ta = time.perf_counter()
+            rows = in_staging[k]
+            if rows is None:
+                served += self._fill_wait(pends.pop(k))
+                w = self._roles(store, slice(r0, r0 + len(chunk)))
+            else:
+                n = len(chunk)
+                served += n
+                c.bytes_useful += n * self.cache.bundle_bytes
+                c.neurons_prefetch_used += n
+                assert staged is not None and staged.store is not None  # _staged_rows found them there
+                w = self._roles(staged.store, rows)
+            tb = time.perf_counter()
+            y = y + self._partial(xt, w, cols(chunk), chunk)
+            tc = time.perf_counter()
+            if double and not STREAM_EARLY:
+                # the other half (its chunk was evaluated already), submitted just before the
+                # evaluation lets go of the GIL: the read threads start at once
+                submit(k + 1)
+            td = time.perf_counter()
+            mx.eval(y)  # these scratch rows are overwritten by the chunk after next
+            te = time.perf_counter()
+            if not double or STREAM_EARLY:
+                submit(k + lag)  # its scratch rows are free now
+            c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
+            c.ffn_compute_s += (tc - tb) + (te - td)
 
         c.neurons_active += len(ids)
         c.neurons_hit += len(plan.hit_ids)

@@ -236,7 +236,7 @@ def test_pipelined_gate_first_reads_serial_bytes_plus_unused_prefetch(tmp_path, 
             runs[pipeline] = ([r.token for r in rs], {k: sum(getattr(r.stats, k) for r in rs) for k in
                               ("bytes_read", "bytes_useful", "neurons_prefetched", "neurons_prefetch_used")})
             if pipeline:
-                assert e.cache.staging[0].shape[1] == row  # staging rows are side-file rows
+                assert e.cache.staging[0].bundle_bytes == e.cache.staging[0].kept_bytes == row  # side-file rows
                 info = e.pipeline_info()
                 assert 0.0 < info["mean_lookahead_recall"] <= 1.0
         finally:

@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_flash import sparse_ffn
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import EngineChoice, load
 from mlx_flash.pipeline import lookahead_map
@@ -28,16 +29,17 @@ def tiny_bf16(tmp_path_factory):  # bfloat16: any change of summation order woul
 PROMPT = [{"role": "user", "content": "hello there, how are you"}]
 
 
-@pytest.mark.parametrize("active,sparsity,budget,bf16", [("oracle", 0.5, 0.3, False), ("all", None, 0.4, False),
-                                                         ("oracle", 0.7, 0.6, False), ("oracle", 0.5, 0.3, True),
-                                                         ("all", None, 0.3, True)])
-def test_pipelined_tokens_equal_serial(tiny, tiny_bf16, active, sparsity, budget, bf16):
+@pytest.mark.parametrize("active,sparsity,budget,bf16,depth", [
+    ("oracle", 0.5, 0.3, False, 1), ("all", None, 0.4, False, 1), ("oracle", 0.7, 0.6, False, 1),
+    ("oracle", 0.5, 0.3, True, 1), ("all", None, 0.3, True, 1),
+    ("oracle", 0.5, 0.3, False, 2), ("oracle", 0.5, 0.3, True, 3), ("all", None, 0.3, True, 2)])
+def test_pipelined_tokens_equal_serial(tiny, tiny_bf16, active, sparsity, budget, bf16, depth):
     if bf16:
         tiny = tiny_bf16
     runs = {}
     for pipe in (False, True):
         eng = load(tiny, FlashConfig(active=active, sparsity=sparsity, budget=budget, scratch_neurons=32, threads=2,
-                                     pipeline=pipe))
+                                     pipeline=pipe, pipeline_depth=depth))
         out = list(eng.stream_generate(PROMPT, 20))
         runs[pipe] = ([r.token for r in out], out, eng.pipeline_info(), eng)
         cache = eng.cache
@@ -53,6 +55,7 @@ def test_pipelined_tokens_equal_serial(tiny, tiny_bf16, active, sparsity, budget
     assert all(0.0 <= r.stats.ms_overlap <= r.stats.ms_prefetch + 1e-9 for r in piped)
     # what the prefetch served was not read again: fewer synchronous loads than serial's misses
     info = runs[True][2]
+    assert info["depth"] == depth and len(runs[True][3].cache.staging) == depth + 1
     assert info["lookahead_recall"][0] is None  # layer 0 has no lookahead
     assert all(0.0 <= v <= 1.0 for v in info["lookahead_recall"][1:])
     if active == "all":  # every neuron is chosen: the lookahead is exact
@@ -73,8 +76,36 @@ def test_staging_is_outside_the_budget_and_leaves_the_caches_alone(tiny):
     assert piped.cache.layers[0].capacity == cap and piped.cache.staging_neurons == 256 - cap
     assert piped.cache.capacity_bytes == serial.cache.capacity_bytes <= piped.cache.budget_bytes
     assert piped.resident_bytes() == serial.resident_bytes() + piped.cache.staging_bytes
-    serial.close()
-    piped.close()
+    row = piped.cache.layers[0].bundle_bytes
+    assert piped.cache.staging_bytes == 2 * (256 - cap) * row
+    deep = load(tiny, FlashConfig(**cfg, pipeline=True, pipeline_depth=3))
+    assert deep.cache.staging_bytes == 4 * (256 - cap) * row  # depth + 1 buffers, counted in resident bytes
+    assert deep.resident_bytes() == serial.resident_bytes() + deep.cache.staging_bytes
+    assert deep.cache.capacity_bytes == serial.cache.capacity_bytes
+    for e in (serial, piped, deep):
+        e.close()
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        FlashConfig(pipeline_depth=0)
+
+
+def test_staged_overflow_is_multiplied_in_place_not_read(tiny):
+    """Every neuron active, a small cache: most of each layer streams. With a perfect lookahead the
+    prefetch stages all of it, so every missing neuron of layers 1.. (layer 0 has no lookahead) comes
+    from a staging buffer (the streamed chunks multiplied there), except, in the first pass, the
+    ``capacity`` neurons an empty cache lacks beyond the staging rows; the tokens are serial's."""
+    cfg = dict(active="all", budget=0.3, scratch_neurons=32, threads=2)
+    runs = {}
+    for depth in (0, 1, 2):
+        eng = load(tiny, FlashConfig(**cfg, pipeline=depth > 0, pipeline_depth=max(1, depth)))
+        out = list(eng.stream_generate(PROMPT, 6))
+        pf = eng.prefetcher
+        runs[depth] = ([r.token for r in out], out[-1].stats, pf, eng.cache.layers[0].capacity)
+        eng.close()
+    assert runs[1][0] == runs[0][0] == runs[2][0]
+    for depth in (1, 2):
+        st, pf, cap = runs[depth][1:]
+        assert st.neurons_streamed > 0 and st.neurons_prefetch_used > 0
+        assert pf.served[0] == 0 and (pf.served[1:] == pf.needed[1:] - cap).all()
 
 
 def test_reader_rows_fill_only_the_given_rows(tiny):
@@ -130,12 +161,26 @@ def test_pipelined_quantized_folder_equals_serial(tmp_path):
     src = make_tiny_llama(tmp_path / "src", layers=3, hidden=64, ffn=256, dtype="float32", seed=7)
     flash = convert_to_flash(quantize_tiny(src, tmp_path / "q4", bits=4, group_size=32), tmp_path / "q4.flash")
     toks = {}
-    for pipe in (False, True):
+    for depth in (0, 1, 2):
         eng = load(flash, FlashConfig(active="oracle", sparsity=0.5, budget=0.3, scratch_neurons=32, threads=2,
-                                      pipeline=pipe))
+                                      pipeline=depth > 0, pipeline_depth=max(1, depth)))
         out = list(eng.stream_generate(PROMPT, 12))
-        toks[pipe] = [r.token for r in out]
-        if pipe:
+        toks[depth] = [r.token for r in out]
+        if depth:
             assert sum(r.stats.neurons_prefetch_used for r in out) > 0
+        eng.close()
+    assert toks[1] == toks[0] == toks[2]
+
+
+def test_early_stream_submission_gives_the_same_tokens(tiny_bf16, monkeypatch):
+    """sparse_ffn.STREAM_EARLY (off: measured slower here) submits the first two overflow chunks with the
+    loads and each later one once its scratch half is free: same rows, same chunks, same tokens."""
+    toks = {}
+    for early in (False, True):
+        monkeypatch.setattr(sparse_ffn, "STREAM_EARLY", early)
+        eng = load(tiny_bf16, FlashConfig(active="all", budget=0.3, scratch_neurons=16, threads=2))
+        out = list(eng.stream_generate(PROMPT, 10))
+        toks[early] = [r.token for r in out]
+        assert sum(r.stats.neurons_streamed for r in out) > 16 * 3  # several chunks per layer
         eng.close()
     assert toks[True] == toks[False]

@@ -234,6 +234,25 @@ def test_engine_generates_with_predictors(calibrated):
     eng.close()
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_pipelined_predictor_equals_serial(calibrated, depth):
+    """The predictor's lookahead (started before the layer's own choice) at pipeline depth 1 and 2:
+    the same tokens as serial, prefetched neurons used, a recall per layer."""
+    flash, _ = calibrated
+    runs = {}
+    for pipe in (False, True):
+        eng = load(flash, FlashConfig(active="predictor", budget=0.4, scratch_neurons=32, threads=2, pipeline=pipe,
+                                      pipeline_depth=depth))
+        eng.tokenizer.eos_token_ids = []
+        out = list(eng.stream_generate([{"role": "user", "content": "tell me a short story"}], 16))
+        runs[pipe] = ([r.token for r in out], sum(r.stats.neurons_prefetch_used for r in out), eng.pipeline_info())
+        eng.close()
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] > 0 and runs[False][2] is None
+    info = runs[True][2]
+    assert info["depth"] == depth and 0.0 < info["mean_lookahead_recall"] <= 1.0
+
+
 def test_engine_predictor_logits_equal_masked_dense(calibrated):
     """evaluate's masked dense FFN computes exactly what the flash engine computes."""
     flash, _ = calibrated
