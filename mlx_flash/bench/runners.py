@@ -427,7 +427,7 @@ def _run_replay(name: str, files, trace, cfg: FlashConfig, tokens: int, warmup: 
         n_layers=m.num_layers, n_neurons=m.intermediate_size, bundle_elems=m.bundle_elems,
         bundle_bytes=m.bundle_bytes, dtype=dt, budget_bytes=budget, window=cfg.window,
         scratch_neurons=scratch_rows(budget, m.bundle_bytes, cfg.scratch_neurons), lazy=cfg.policy != "window",
-        layout=bundle_segments(m), pipeline=cfg.pipeline)
+        layout=bundle_segments(m), pipeline=cfg.pipeline, pipeline_depth=cfg.pipeline_depth)
     reader = FlashReader(files, threads=threads, chunk_bytes=chunk,
                          max_gap_bytes=reader_max_gap(files.root, cfg, threads), direct=cfg.direct_io)
     prefetcher = None
