@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -357,6 +357,7 @@ class Engine:
         n = 0
         while True:
             token = int(nxt.item())
+            _check_finite(logprobs, self.path, n)
             t1 = time.perf_counter()
             if n == 0:
                 prompt_time = t1 - tic
@@ -832,9 +833,12 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     def load_dense_part(model) -> Optional[mx.Dtype]:
         """Dense weights into ``model`` (quantized modules stay quantized); a quantized
         model runs in ``quantized.compute_dtype`` (returned; None: float model, as stored)."""
-        weights = sanitize(model, dense_weights)
-        quantized = quantize_like(model, weights, arch_cfg)
-        model.load_weights(list(weights.items()))
+        try:
+            weights = sanitize(model, dense_weights)
+            quantized = quantize_like(model, weights, arch_cfg)
+            model.load_weights(list(weights.items()))
+        except (KeyError, ValueError, TypeError) as e:
+            dense_mismatch(files, e)
         cd = None
         if quantized or quant:
             cd = compute_dtype(getattr(mx, m.dtype))
@@ -956,6 +960,25 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
                   context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info,
                   arch_config=arch_cfg, group_quant_bytes=group_quant_bytes(m))
+
+def _check_finite(logprobs: mx.array, path, index: int) -> None:
+    """A NaN in the logits (weights with non-finite values that no checksum caught, e.g. written so, or a
+    computation that overflowed) would be sampled as some token without a word: a clear error instead."""
+    if mx.any(mx.isnan(logprobs)).item():
+        raise ModelLoadError(f"{path}: the model computed non-finite logits (NaN) for token {index + 1}: its weights "
+                             "hold non-finite values or overflow in this dtype; nothing was generated from them "
+                             "(convert or import the model again)")
+
+
+def dense_mismatch(files, e: BaseException) -> NoReturn:
+    """A flash folder's dense weights that do not fit its model (a missing or misshapen tensor): a
+    :class:`ChecksumError` when ``dense.safetensors`` is corrupt (a damaged header renames a tensor), else a
+    :class:`ModelLoadError` naming the file (not a KeyError from deep inside MLX)."""
+    verify_file(files, DENSE_FILE)
+    what = f"tensor {e.args[0]!r} is missing" if isinstance(e, KeyError) and e.args else str(e)
+    raise ModelLoadError(f"{files.dense_path}: {files.manifest.dense_file} does not hold the weights of the model "
+                         f"its manifest describes ({what}); convert or import the model again") from None
+
 
 def _layer_groups(files) -> list:
     """Per layer ``(scales, biases, position groups)`` of the down rows kept exactly
