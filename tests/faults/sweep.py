@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 PROMPT = "The capital of France is"
 GEN = ["--prompt", PROMPT, "--raw", "--max-tokens", "6", "--quiet"]
@@ -368,6 +368,25 @@ def _mx_f32():
     return mx.float32
 
 
+def permission_cases(base: Path) -> List[Tuple[str, str, Mutation]]:
+    """Unreadable files and folders, a read-only model folder and data folder (probes run as ``nobody``)."""
+    out: List[Tuple[str, str, Mutation]] = [
+        (f"{p.name}:chmod000", "unreadable (permissions)", lambda f, n=p.name: (f / n).chmod(0))
+        for p in sorted(base.iterdir())]
+    out += [
+        ("folder:chmod000", "unreadable (permissions)", lambda f: f.chmod(0)),
+        ("folder:chmod111", "unreadable (permissions)", lambda f: f.chmod(0o111)),
+        ("folder:read-only", "read-only folder", lambda f: f.chmod(0o555)),
+        ("home:read-only", "read-only folder", lambda f: _chown_tree(f.parent.parent, 0)),
+    ]
+    return out
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for p in [root, *root.rglob("*")]:
+        os.chown(p, uid, uid, follow_symlinks=False)
+
+
 # --------------------------------------------------------------------------- one case (child process)
 def probe(folder: Path) -> Dict[str, dict]:
     """Run every probe on ``folder`` in this process; {probe: {rc, out, err, tb}}."""
@@ -434,7 +453,8 @@ def _unshare(folder: Path) -> None:
             os.replace(tmp, p)
 
 
-def run_case(work: Path, base: Path, name: str, mutate: Mutation, timeout: float) -> Tuple[Dict[str, dict], float]:
+def run_case(work: Path, base: Path, name: str, mutate: Mutation, timeout: float,
+             as_user: Optional[int] = None) -> Tuple[Dict[str, dict], float]:
     case = work / "case"
     work.mkdir(parents=True, exist_ok=True)
     if case.exists():
@@ -448,13 +468,21 @@ def run_case(work: Path, base: Path, name: str, mutate: Mutation, timeout: float
     if PROBE_CACHE.is_file():  # the disk probe's result: no probe run per case
         shutil.copy(PROBE_CACHE, case / PROBE_CACHE.name)
     try:
-        mutate(folder)
+        if as_user is None:
+            mutate(folder)
     except (KeyError, IndexError, TypeError, ValueError):  # the damage does not apply to this folder
         return {"_skip": {}}, 0.0
     env = dict(os.environ, MLX_FLASH_HOME=str(case), PYTHONFAULTHANDLER="1")
+    cmd = [sys.executable, "-m", "tests.faults.sweep", "--probe", str(folder)]
+    if as_user is not None:  # permissions mean nothing to root: the probes run as this uid
+        if name != "home:read-only":
+            _chown_tree(case, as_user)
+        mutate(folder)
+        env["HOME"] = str(case)
+        cmd = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups", *cmd]
     t0 = time.time()
     try:
-        cp = subprocess.run([sys.executable, "-m", "tests.faults.sweep", "--probe", str(folder)], env=env,
+        cp = subprocess.run(cmd, env=env,
                             capture_output=True, text=True, timeout=timeout)
         lines = cp.stdout.strip().splitlines()
         try:
@@ -477,6 +505,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None)
     ap.add_argument("--probe", default=None)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--as-user", type=int, default=None, help="uid: the permission cases, probes run as this user")
     ap.add_argument("--reverse", action="store_true", help="the cases in reverse order")
     ap.add_argument("--kills", default=None, help="mlx-lm source folder: kill convert / reorder mid-write instead")
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th case from the i-th (parallel runs)")
@@ -492,7 +521,7 @@ def main(argv=None) -> int:
     if not base.exists():
         work.mkdir(parents=True, exist_ok=True)
         shutil.copytree(a.base, base)
-    todo = [("baseline", "none", lambda f: None)] + cases(base)
+    todo = [("baseline", "none", lambda f: None)] + (permission_cases(base) if a.as_user is not None else cases(base))
     done = {json.loads(x)["case"] for r in work.glob("shard*/results.jsonl") for x in r.read_text().splitlines()}
     todo = todo[:1] + [c for c in todo[1:] if c[0] not in done]  # a sweep that was stopped goes on
     if a.reverse:
@@ -506,7 +535,7 @@ def main(argv=None) -> int:
     jsonl = work / "results.jsonl"
     baseline: Dict[str, dict] = {}
     for name, klass, mutate in todo:
-        res, secs = run_case(work, base, name, mutate, a.timeout)
+        res, secs = run_case(work, base, name, mutate, a.timeout, a.as_user)
         if name == "baseline":
             baseline = res
         if "_skip" in res:

@@ -3,9 +3,14 @@ each failed before its fix (a traceback, a misleading message, a stuck window or
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -182,3 +187,34 @@ def test_non_finite_dense_weights_fail_the_token_not_silently(q4_flash, tmp_path
     rc = main(["generate", "-m", str(bad), *GEN])
     captured = capsys.readouterr()
     assert rc == 1 and "non-finite logits" in captured.err and captured.out.strip() == "", captured
+
+
+# --------------------------------------------------------------------------- permissions
+_SCAN = ("import json, sys; from pathlib import Path; from mlx_flash import library; "
+         "good, broken = library.scan_library(Path(sys.argv[1])); "
+         "print(json.dumps([[e.name for e in good], [[b.name, b.reason] for b in broken]]))")
+
+
+def test_an_unreadable_library_folder_is_listed_broken_not_fatal(q4_flash):
+    """A model folder without read permission: asking whether its manifest exists raised PermissionError out of
+    the library's scan (the app could not start). Root reads anything, so as root the scan runs as nobody."""
+    root = Path(tempfile.mkdtemp(prefix="mlx-flash-perm-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        shutil.copytree(q4_flash, root / "Good.flash")
+        shutil.copytree(q4_flash, root / "Locked.flash")
+        (root / "Locked.flash").chmod(0)
+        cmd = [sys.executable, "-c", _SCAN, str(root)]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("root, and no setpriv to drop to another user")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), HOME=str(root))
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        good, broken = json.loads(r.stdout.strip().splitlines()[-1])
+        assert good == ["Good.flash"]
+        assert broken == [["Locked.flash", "Locked.flash: cannot read the folder (Permission denied)"]]
+    finally:
+        (root / "Locked.flash").chmod(0o755)
+        shutil.rmtree(root)
