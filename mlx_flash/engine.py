@@ -189,7 +189,8 @@ class Engine:
         # What a user should know about how this model runs (a fallback, a clamped budget):
         # the CLI prints them to stderr, the app shows them; each Stats carries them too.
         self.notes: List[str] = list(notes)
-        self.context_length = context_length  # max_position_embeddings, when the config has it
+        # max_position_embeddings, when the config has it (and it is a number: a damaged one is no limit)
+        self.context_length = context_length if isinstance(context_length, int) and context_length > 0 else None
         self.verifier = verifier  # ffn.bin's per-layer checksums, checked in the background
         # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
         # FFN fits the budget); None for a plain dense folder.

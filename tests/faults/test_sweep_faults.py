@@ -218,3 +218,22 @@ def test_an_unreadable_library_folder_is_listed_broken_not_fatal(q4_flash):
     finally:
         (root / "Locked.flash").chmod(0o755)
         shutil.rmtree(root)
+
+
+# --------------------------------------------------------------------------- the manifest's model_args
+@pytest.mark.parametrize("field, value, words", [
+    ("rms_norm_eps", "x", "does not build a llama model"),                       # was a TypeError traceback
+    ("rope_scaling", "x", "does not build a llama model"),                       # was an AttributeError
+    ("max_position_embeddings", "x", None),                                      # was a TypeError in generate
+])
+def test_mistyped_model_args_are_a_clear_error(q4_flash, tmp_path, home, capsys, field, value, words):
+    bad = shutil.copytree(q4_flash, tmp_path / "bad.flash")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["model_args"][field] = value
+    (bad / "manifest.json").write_text(json.dumps(m))
+    rc = main(["generate", "-m", str(bad), *GEN])
+    err = capsys.readouterr().err
+    if words is None:  # only the prompt-length note reads it: no limit, the model runs
+        assert rc == 0, err
+    else:
+        assert rc == 1 and words in err and field in err, err
