@@ -506,12 +506,18 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", default=None)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--as-user", type=int, default=None, help="uid: the permission cases, probes run as this user")
+    ap.add_argument("--report", nargs="*", default=None, metavar="BEFORE=AFTER",
+                    help="write --out from the results of sweeps (work folders: before=after, or one)")
+    ap.add_argument("--prefix", default=None, help="only the cases whose names start with one of these (comma list)")
     ap.add_argument("--reverse", action="store_true", help="the cases in reverse order")
     ap.add_argument("--kills", default=None, help="mlx-lm source folder: kill convert / reorder mid-write instead")
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th case from the i-th (parallel runs)")
     a = ap.parse_args(argv)
     if a.probe:
         probe(Path(a.probe))
+        return 0
+    if a.report is not None:
+        Path(a.out).write_text(report(a.report))
         return 0
     work = Path(a.work)
     if a.kills:
@@ -528,6 +534,8 @@ def main(argv=None) -> int:
         todo = todo[:1] + todo[1:][::-1]
     if a.only:
         todo = [c for c in todo if a.only in c[0] or c[0] == "baseline"]
+    if a.prefix:
+        todo = todo[:1] + [c for c in todo[1:] if c[0].startswith(tuple(a.prefix.split(",")))]
     i, n = map(int, a.shard.split("/"))
     todo = todo[:1] + todo[1:][i::n]
     results = []
@@ -554,9 +562,6 @@ def main(argv=None) -> int:
               f"{'BAD' if bad else 'good'} ({secs:.0f}s)", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # --------------------------------------------------------------------------- kills mid-write
@@ -616,3 +621,47 @@ else:
     rc = main(['verify', str(out)])
     print('good: whole and verified' if rc == 0 else 'BAD: published but corrupt')
 """
+
+
+# --------------------------------------------------------------------------- report
+def _load_results(work: Path) -> Dict[str, dict]:
+    out: Dict[str, dict] = {}
+    for f in sorted(work.glob("shard*/results.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if r["case"] != "baseline":
+                out[r["case"]] = r
+    return out
+
+
+def _bad(r: dict) -> bool:
+    return any(v.isupper() for v in r["verdict"].values())
+
+
+def report(pairs: List[str]) -> str:
+    """Markdown: per folder and fault class, cases tried, good/bad before and (re-run) after; then the bad cases."""
+    lines = ["| folder | fault class | cases | bad before | bad after (re-run) |", "|---|---|---|---|---|"]
+    details = []
+    for pair in pairs:
+        before_dir, _, after_dir = pair.partition("=")
+        before = _load_results(Path(before_dir))
+        after = _load_results(Path(after_dir)) if after_dir else {}
+        by_class: Dict[str, List[str]] = {}
+        for name, r in before.items():
+            by_class.setdefault(r["class"], []).append(name)
+        for klass, names in sorted(by_class.items()):
+            bad = [n for n in names if _bad(before[n])]
+            rerun = [n for n in bad if n in after]
+            still = [n for n in rerun if _bad(after[n])]
+            after_s = f"{len(still)} of {len(rerun)} re-run" if rerun else ("–" if not bad else "not re-run")
+            lines.append(f"| {Path(before_dir).name} | {klass} | {len(names)} | {len(bad)} | {after_s} |")
+            for n in bad:
+                v = " ".join(f"{p}={x}" for p, x in before[n]["verdict"].items() if x.isupper())
+                a = (" ".join(f"{p}={x}" for p, x in after[n]["verdict"].items() if p in before[n]["verdict"]
+                              and before[n]["verdict"][p].isupper()) if n in after else "not re-run")
+                details.append(f"| {n} | {v} | {a} |")
+    return "\n".join(lines + ["", "| bad case | before | after |", "|---|---|---|", *details]) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
