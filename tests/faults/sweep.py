@@ -521,7 +521,7 @@ def main(argv=None) -> int:
         return 0
     work = Path(a.work)
     if a.kills:
-        kill_sweep(Path(a.kills), Path(a.base), work, [0.5, 1, 2, 3, 4, 6, 9, 14])
+        kill_sweep(Path(a.kills), Path(a.base), work, [1, 3, 5, 8, 12])
         return 0
     base = work / "base" / Path(a.base).name
     if not base.exists():

@@ -4,6 +4,7 @@ each failed before its fix (a traceback, a misleading message, a stuck window or
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QSettings
 
+from mlx_flash import default_model
 from mlx_flash.calibrate import calibrate
 from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
@@ -237,3 +239,24 @@ def test_mistyped_model_args_are_a_clear_error(q4_flash, tmp_path, home, capsys,
         assert rc == 0, err
     else:
         assert rc == 1 and words in err and field in err, err
+
+
+# --------------------------------------------------------------------------- the default model, damaged
+def test_prepare_rebuilds_a_damaged_default_model(q4_src, home, capsys, caplog):
+    """A prepared default model whose ffn.bin no longer matches its checksums: every load failed ("convert or
+    import it again") and `mlx-flash prepare` said "ready" (it only reads the manifest), so nothing repaired it.
+    Now prepare checks the checksums and converts it again. (A tiny model stands in for the default one.)"""
+    shutil.copytree(q4_src, default_model.default_mlx_dir())
+    flash = convert_to_flash(default_model.default_mlx_dir(), default_model.default_flash_dir())
+    with open(flash / "ffn.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert default_model.prepared_flash(calibrate=False) == flash  # the cheap check cannot see it
+    with caplog.at_level(logging.WARNING, logger="mlx_flash.default_model"):
+        assert main(["prepare", "--no-calibrate"]) == 0
+    assert "default model ready" in capsys.readouterr().out
+    assert any("the default model is damaged" in r.getMessage() and "checksum mismatch" in r.getMessage()
+               for r in caplog.records)
+    assert main(["verify", str(flash)]) == 0
