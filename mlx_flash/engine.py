@@ -68,6 +68,8 @@ from .sparse_ffn import DenseFFN, SparseFFN
 from .stats import FFNCounters, Stats, process_rss
 from .storage.format import (
     DENSE_FILE,
+    MANIFEST_FILE,
+    FlashFormatError,
     bundle_layout,
     bundle_parts,
     bundle_segments,
@@ -588,7 +590,13 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
     if active == "auto":
         info = predictor_info(m)
         if has_predictors(files):
-            record = choose_active(files, config, act, reader)
+            try:
+                record = choose_active(files, config, act, reader)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged calibration record
+                if isinstance(e, (PredictorError, FlashFormatError)):  # already say what is wrong
+                    raise
+                raise PredictorError(f"{files.root / MANIFEST_FILE}: field 'predictors' is malformed "
+                                     f"({type(e).__name__}: {e}); {CALIBRATE_HINT} again") from None
             active = record.name
         else:
             why = (f"manifest.json records activation predictors but {files.root / info.get('file', PREDICTOR_FILE)} "

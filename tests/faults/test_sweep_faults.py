@@ -260,3 +260,14 @@ def test_prepare_rebuilds_a_damaged_default_model(q4_src, home, capsys, caplog):
     assert any("the default model is damaged" in r.getMessage() and "checksum mismatch" in r.getMessage()
                for r in caplog.records)
     assert main(["verify", str(flash)]) == 0
+
+
+def test_a_malformed_calibration_record_is_a_clear_error(calibrated, tmp_path, home, capsys):
+    """`--active auto` reads the calibration's held-out record to choose: a mistyped one was a TypeError."""
+    bad = shutil.copytree(calibrated, tmp_path / "bad.flash")
+    m = Manifest.load(bad)
+    m.predictors = {**m.predictors, "held_out": {str(m.predictors["recall"]): "x"}}
+    m.save(bad)
+    rc = main(["generate", "-m", str(bad), *GEN, "--active", "auto"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "field 'predictors' is malformed" in err, err
