@@ -145,7 +145,11 @@ def _load_tokenizer(path: Path, eos_token_ids):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)} is missing): "
                              "copy the tokenizer files of the original model into it, or convert the model again")
-    return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    try:
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # tokenizers raises a bare Exception on a damaged tokenizer.json (transformers: others)
+        raise ModelLoadError(f"{path}: its tokenizer cannot be read ({type(e).__name__}: {e}); copy the tokenizer "
+                             "files of the original model into it, or convert the model again") from None
 
 
 def _param_bytes(model: nn.Module) -> int:

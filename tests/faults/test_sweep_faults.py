@@ -271,3 +271,15 @@ def test_a_malformed_calibration_record_is_a_clear_error(calibrated, tmp_path, h
     rc = main(["generate", "-m", str(bad), *GEN, "--active", "auto"])
     err = capsys.readouterr().err
     assert rc == 1 and "field 'predictors' is malformed" in err, err
+
+
+def test_a_damaged_tokenizer_is_a_clear_error(q4_flash, tmp_path, home, capsys):
+    """A changed byte in tokenizer.json that keeps it JSON (a merge naming a token the vocabulary lacks):
+    the tokenizers library raised a bare Exception out of the CLI."""
+    bad = shutil.copytree(q4_flash, tmp_path / "bad.flash")
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    tok["model"]["merges"] = ["Zq Zq"]  # neither half is in the vocabulary
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    rc = main(["generate", "-m", str(bad), *GEN])
+    err = capsys.readouterr().err
+    assert rc == 1 and "its tokenizer cannot be read" in err, err
