@@ -120,8 +120,10 @@ def write_error(e: BaseException, dst: PathLike, *, need: Optional[int] = None,
     code = _errno_of(e, dst.parent, need)
     what = what or str(dst)
     if code == errno.EFBIG and (limit := _file_size_limit()) is not None:
+        free = free_bytes(dst.parent)
+        free_s = f"{fmt_bytes(free)} is free on {dst.parent}; " if free >= 0 else ""
         return WriteError(code, f"file too large while writing {what}: this process may write files of at most "
-                                f"{fmt_bytes(limit)} (its file-size limit, ulimit -f); nothing was written "
+                                f"{fmt_bytes(limit)} (its file-size limit, ulimit -f); {free_s}nothing was written "
                                 "(raise the limit)")
     if code in DISK_FULL:
         free = free_bytes(dst.parent)
