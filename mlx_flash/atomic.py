@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import resource
 import secrets
 import shutil
 import tempfile
@@ -96,7 +97,15 @@ def _errno_of(e: BaseException, folder: Path, need: Optional[int]) -> Optional[i
             return errno.ENOSPC
         if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
             return errno.EACCES
+        if "write" in str(e).lower() and _file_size_limit() is not None:
+            return errno.EFBIG
     return None
+
+
+def _file_size_limit() -> Optional[int]:
+    """This process's largest writable file in bytes (``ulimit -f``, RLIMIT_FSIZE), None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def write_error(e: BaseException, dst: PathLike, *, need: Optional[int] = None,
@@ -110,6 +119,12 @@ def write_error(e: BaseException, dst: PathLike, *, need: Optional[int] = None,
     dst = Path(dst)
     code = _errno_of(e, dst.parent, need)
     what = what or str(dst)
+    if code == errno.EFBIG and (limit := _file_size_limit()) is not None:
+        free = free_bytes(dst.parent)
+        free_s = f"{fmt_bytes(free)} is free on {dst.parent}; " if free >= 0 else ""
+        return WriteError(code, f"file too large while writing {what}: this process may write files of at most "
+                                f"{fmt_bytes(limit)} (its file-size limit, ulimit -f); {free_s}nothing was written "
+                                "(raise the limit)")
     if code in DISK_FULL:
         free = free_bytes(dst.parent)
         free_s = fmt_bytes(free) if free >= 0 else "an unknown amount"

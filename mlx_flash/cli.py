@@ -330,7 +330,7 @@ def cmd_prepare(args) -> int:
         print(f"{platform_blas.status()} (calibration's float32 matmuls run in numpy either way; "
               "the bar shows the time left, measured as it runs)")
     flash_dir = default_model.ensure_default_flash(progress=tqdm_callback("Preparing flash model"),
-                                                   calibrate=calibrate)
+                                                   calibrate=calibrate, verify=True)
     cal = "with activation predictors" if default_model.is_calibrated(flash_dir) else "not calibrated"
     print(f"default model ready:\n  dense: {mlx_dir}\n  flash: {flash_dir} ({cal})")
     return 0

@@ -25,6 +25,7 @@ from .storage.format import (
     convert_to_flash,
     open_flash,
     role_quantization,
+    verify_checksums,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,19 @@ def prepared_flash(calibrate: bool = True) -> Optional[Path]:
     return None
 
 
-def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True) -> Path:
+def damage(folder: Path) -> Optional[str]:
+    """Why the prepared flash folder cannot be used (a checksum mismatch, a missing or truncated file), or
+    None when every file matches its manifest (:func:`~mlx_flash.storage.format.verify_checksums`: reads the
+    whole folder, ~1 s for the default model)."""
+    try:
+        verify_checksums(open_flash(folder))
+    except (OSError, FlashFormatError) as e:
+        return str(e)
+    return None
+
+
+def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibrate: bool = True,
+                         verify: bool = False) -> Path:
     """The default model in the flash format: GGUF → mlx-lm folder → ``.flash`` once; reused after.
 
     With ``calibrate`` (the default) the preparation ends with predictor calibration
@@ -167,20 +180,26 @@ def ensure_default_flash(progress: Optional[ProgressCallback] = None, *, calibra
     or a crash during calibration leaves a valid, uncalibrated folder, and the next
     call only calibrates. Predictors made by an older calibration version, or that failed
     their quality gate (held-out recall, predicted fraction; stored in the manifest), are
-    re-calibrated, with a warning (logging) and a progress message saying why.
+    re-calibrated, with a warning (logging) and a progress message saying why. ``verify`` (``mlx-flash
+    prepare``) also checks a prepared folder's checksums (:func:`damage`) and prepares a damaged one again.
     """
     folder = prepared_flash(calibrate=calibrate)
-    if folder is not None:
+    damaged = damage(folder) if folder is not None and verify else None
+    if folder is not None and damaged is None:
         return folder  # the common case: a finished model, reused without taking the lock
     folder = default_flash_dir()
     # another process preparing it: wait for it (reporting that we wait), then reuse what it made
     with destination_lock(folder, wait=True, progress=progress):
-        return _prepare_flash(folder, progress, calibrate)
+        return _prepare_flash(folder, progress, calibrate, damaged)
 
 
-def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate: bool) -> Path:
+def _prepare_flash(folder: Path, progress: Optional[ProgressCallback], calibrate: bool,
+                   damaged: Optional[str] = None) -> Path:
     ready = False
-    if folder.exists():
+    if damaged is not None:  # its files do not match its manifest: converted (and calibrated) again
+        logger.warning("the default model is damaged (%s): preparing it again", damaged)
+        report(progress, 0.0, "the default model's files are damaged: preparing it again")
+    elif folder.exists():
         try:
             ready = is_current_layout(open_flash(folder).manifest)
         except FlashFormatError:

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,6 +68,8 @@ from .sparse_ffn import DenseFFN, SparseFFN
 from .stats import FFNCounters, Stats, process_rss
 from .storage.format import (
     DENSE_FILE,
+    MANIFEST_FILE,
+    FlashFormatError,
     bundle_layout,
     bundle_parts,
     bundle_segments,
@@ -143,7 +145,11 @@ def _load_tokenizer(path: Path, eos_token_ids):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)} is missing): "
                              "copy the tokenizer files of the original model into it, or convert the model again")
-    return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    try:
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # tokenizers raises a bare Exception on a damaged tokenizer.json (transformers: others)
+        raise ModelLoadError(f"{path}: its tokenizer cannot be read ({type(e).__name__}: {e}); copy the tokenizer "
+                             "files of the original model into it, or convert the model again") from None
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -189,7 +195,8 @@ class Engine:
         # What a user should know about how this model runs (a fallback, a clamped budget):
         # the CLI prints them to stderr, the app shows them; each Stats carries them too.
         self.notes: List[str] = list(notes)
-        self.context_length = context_length  # max_position_embeddings, when the config has it
+        # max_position_embeddings, when the config has it (and it is a number: a damaged one is no limit)
+        self.context_length = context_length if isinstance(context_length, int) and context_length > 0 else None
         self.verifier = verifier  # ffn.bin's per-layer checksums, checked in the background
         # Which engine runs a flash folder and why (FlashConfig.engine; "auto": dense when the whole
         # FFN fits the budget); None for a plain dense folder.
@@ -357,6 +364,7 @@ class Engine:
         n = 0
         while True:
             token = int(nxt.item())
+            _check_finite(logprobs, self.path, n)
             t1 = time.perf_counter()
             if n == 0:
                 prompt_time = t1 - tic
@@ -586,7 +594,13 @@ def _make_chooser(files, config: FlashConfig, act: str, act_param, budget_bytes:
     if active == "auto":
         info = predictor_info(m)
         if has_predictors(files):
-            record = choose_active(files, config, act, reader)
+            try:
+                record = choose_active(files, config, act, reader)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged calibration record
+                if isinstance(e, (PredictorError, FlashFormatError)):  # already say what is wrong
+                    raise
+                raise PredictorError(f"{files.root / MANIFEST_FILE}: field 'predictors' is malformed "
+                                     f"({type(e).__name__}: {e}); {CALIBRATE_HINT} again") from None
             active = record.name
         else:
             why = (f"manifest.json records activation predictors but {files.root / info.get('file', PREDICTOR_FILE)} "
@@ -832,9 +846,12 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
     def load_dense_part(model) -> Optional[mx.Dtype]:
         """Dense weights into ``model`` (quantized modules stay quantized); a quantized
         model runs in ``quantized.compute_dtype`` (returned; None: float model, as stored)."""
-        weights = sanitize(model, dense_weights)
-        quantized = quantize_like(model, weights, arch_cfg)
-        model.load_weights(list(weights.items()))
+        try:
+            weights = sanitize(model, dense_weights)
+            quantized = quantize_like(model, weights, arch_cfg)
+            model.load_weights(list(weights.items()))
+        except (KeyError, ValueError, TypeError) as e:
+            dense_mismatch(files, e)
         cd = None
         if quantized or quant:
             cd = compute_dtype(getattr(mx, m.dtype))
@@ -957,6 +974,25 @@ def _build_flash(path: Path, files, config: FlashConfig, dense: bool, verifier) 
                   chooser=chooser, counters=counters, policy_info=policy_info, notes=notes,
                   context_length=context, verifier=verifier, prefetcher=prefetcher, active_info=active_info,
                   arch_config=arch_cfg, group_quant_bytes=group_quant_bytes(m))
+
+def _check_finite(logprobs: mx.array, path, index: int) -> None:
+    """A NaN in the logits (weights with non-finite values that no checksum caught, e.g. written so, or a
+    computation that overflowed) would be sampled as some token without a word: a clear error instead."""
+    if mx.any(mx.isnan(logprobs)).item():
+        raise ModelLoadError(f"{path}: the model computed non-finite logits (NaN) for token {index + 1}: its weights "
+                             "hold non-finite values or overflow in this dtype; nothing was generated from them "
+                             "(convert or import the model again)")
+
+
+def dense_mismatch(files, e: BaseException) -> NoReturn:
+    """A flash folder's dense weights that do not fit its model (a missing or misshapen tensor): a
+    :class:`ChecksumError` when ``dense.safetensors`` is corrupt (a damaged header renames a tensor), else a
+    :class:`ModelLoadError` naming the file (not a KeyError from deep inside MLX)."""
+    verify_file(files, DENSE_FILE)
+    what = f"tensor {e.args[0]!r} is missing" if isinstance(e, KeyError) and e.args else str(e)
+    raise ModelLoadError(f"{files.dense_path}: {files.manifest.dense_file} does not hold the weights of the model "
+                         f"its manifest describes ({what}); convert or import the model again") from None
+
 
 def _layer_groups(files) -> list:
     """Per layer ``(scales, biases, position groups)`` of the down rows kept exactly

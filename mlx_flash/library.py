@@ -106,8 +106,16 @@ class BrokenEntry:
 
 def inspect(path: Path) -> ModelEntry:
     """The library entry for the model folder ``path``, or :class:`BrokenModel` saying what is
-    wrong (no manifest/config, bad JSON, wrong types, missing or truncated files)."""
+    wrong (no manifest/config, bad JSON, wrong types, missing or truncated files, a folder that
+    cannot be read)."""
     path = Path(path)
+    try:
+        return _inspect(path)
+    except OSError as e:  # e.g. a folder without read permission: even asking whether a file exists fails
+        raise BrokenModel(f"{path.name}: cannot read the folder ({e.strerror or e})") from None
+
+
+def _inspect(path: Path) -> ModelEntry:
     if not path.is_dir():
         raise BrokenModel(f"{path.name}: not a folder")
     if is_moe_flash_dir(path):  # mixture-of-experts flash folder (mlx_flash.moe)

@@ -289,10 +289,16 @@ def load_predictors(path: Union[str, Path], *, num_layers: int, hidden_size: int
             return None
         if tuple(arr.shape) != (num_layers, n_neurons):
             raise PredictorError(f"{path}: {name} has shape {tuple(arr.shape)}, expected {(num_layers, n_neurons)}")
-        return np.array(arr.astype(mx.float32))
+        out = np.array(arr.astype(mx.float32))
+        if not np.isfinite(out).all() or (out < 0).any():  # frequencies and gate scales are never negative
+            raise PredictorError(f"{path}: {name} holds negative or non-finite values; {CALIBRATE_HINT} again")
+        return out
 
     freq, scales = per_neuron("frequencies"), per_neuron("gate_scales")
     mx.eval(A, B, b)
+    for i, arrs in enumerate(zip(A, B, b)):  # a NaN would choose no neuron (or every one) without a word
+        if not all(mx.all(mx.isfinite(a)).item() for a in arrs):
+            raise PredictorError(f"{path}: layer {i}: the predictor holds non-finite values; {CALIBRATE_HINT} again")
     return PredictorWeights(A, B, b, freq, scales)
 
 

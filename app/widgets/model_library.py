@@ -69,9 +69,19 @@ def model_settings(settings: QSettings, name: str) -> dict:
         v = settings.value(f"{_key(name)}/{k}", d)
         try:
             out[k] = type(d)(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            out[k] = d
+        # a damaged or hand-edited settings.ini: values the widgets could not show are the defaults
+        if k in _SETTING_RANGES and not _SETTING_RANGES[k][0] <= out[k] <= _SETTING_RANGES[k][1]:
+            out[k] = d
+        if k in _SETTING_CHOICES and out[k] not in _SETTING_CHOICES[k]:
             out[k] = d
     return out
+
+
+_SETTING_RANGES = {"budget_pct": (1, 100), "window": (1, 128), "threads": (0, 64)}
+"""The spin boxes' ranges of the per-model settings (ModelSettingsDialog)."""
+_SETTING_CHOICES = {"active": FlashConfig.ACTIVE_CHOICES, "policy": FlashConfig.POLICY_CHOICES}
 
 
 def save_model_settings(settings: QSettings, name: str, values: dict) -> None:
@@ -263,7 +273,7 @@ class ModelLibraryPage(QWidget):
         form = QFormLayout()
         form.setHorizontalSpacing(12)
         self.budget = QSpinBox()
-        self.budget.setRange(1, 100)
+        self.budget.setRange(*_SETTING_RANGES["budget_pct"])
         self.budget.setSuffix(" % of FFN")
         self.budget.setToolTip("Memory the neuron cache may use, as a share of the model's feed-forward weights")
         self.budget_bytes = QLabel("")
@@ -274,7 +284,7 @@ class ModelLibraryPage(QWidget):
         brow.addStretch(1)
         form.addRow("Memory budget", brow)
         self.window = QSpinBox()
-        self.window.setRange(1, 128)
+        self.window.setRange(*_SETTING_RANGES["window"])
         self.window.setSuffix(" tokens")
         self.window.setFixedWidth(150)
         self.budget.setFixedWidth(150)
@@ -284,7 +294,7 @@ class ModelLibraryPage(QWidget):
         form2 = QFormLayout()
         form2.setHorizontalSpacing(12)
         self.threads = QSpinBox()
-        self.threads.setRange(0, 64)
+        self.threads.setRange(*_SETTING_RANGES["threads"])
         self.threads.setSpecialValueText("auto (disk probe)")
         self.threads.setToolTip("Parallel reads from flash; auto uses the measured best for this disk")
         form2.addRow("Read threads", self.threads)

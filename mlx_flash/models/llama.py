@@ -22,7 +22,9 @@ the same function. ``mlp_bias`` (biases on gate, up and down) is supported.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import dataclasses
+import typing
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,11 +114,41 @@ def final_norm(model: nn.Module) -> Optional[Tuple[nn.Module, str]]:
     return (inner, "norm") if isinstance(inner, nn.Module) and "norm" in inner else None
 
 
+def mistyped_fields(args_class, config: dict) -> List[str]:
+    """The fields of ``config`` whose JSON type cannot be what mlx-lm's ``args_class`` (a dataclass) declares
+    (numbers, strings, booleans, objects, lists, each possibly optional): what a damaged config got wrong."""
+    try:
+        hints = typing.get_type_hints(args_class)
+    except Exception:  # unresolvable annotations (NameError, TypeError): nothing to say
+        return []
+    json_types = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}
+    out = []
+    for f in dataclasses.fields(args_class):
+        if f.name not in config or config[f.name] is None:
+            continue
+        hint = hints.get(f.name)
+        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        known = [json_types.get(typing.get_origin(o) or o) for o in options if o is not type(None)]
+        if not known or any(k is None for k in known):
+            continue  # a type JSON does not spell (Any, a class): not judged
+        allowed = tuple(t for k in known for t in k or ())
+        v = config[f.name]
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            out.append(f.name)
+    return out
+
+
 def build(config: dict, ffn_factory: Optional[Callable[[int], nn.Module]] = None) -> nn.Module:
     """Instantiate the mlx-lm model for ``config``; swap each layer's FFN when asked
     (without ``ffn_factory``, a fused gate_up MLP becomes a split one: flash key names)."""
     model_class, args_class = get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    try:
+        model = model_class(args_class.from_dict(config))
+    except (TypeError, AttributeError, KeyError, ValueError) as e:  # a damaged config: wrong types, odd values
+        bad = mistyped_fields(args_class, config)
+        which = f" (mistyped: {', '.join(bad)})" if bad else ""
+        raise ValueError(f"the model's configuration (config.json / the flash manifest's model_args) does not build "
+                         f"a {config.get('model_type')} model{which}: {type(e).__name__}: {e}") from None
     if ffn_factory is None:
         if family(config).fused_gate_up:
             _swap_mlps(model, config)

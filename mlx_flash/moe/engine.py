@@ -41,7 +41,7 @@ from mlx_lm.utils import _get_classes
 
 from ..active import ActiveChoice
 from ..config import FlashConfig
-from ..engine import Engine, EngineChoice, ModelLoadError, _load_tokenizer, reader_max_gap
+from ..engine import Engine, EngineChoice, ModelLoadError, _load_tokenizer, dense_mismatch, reader_max_gap
 from ..neuron_cache import (
     HOT_FRACTIONS,
     CachePolicy,
@@ -90,8 +90,11 @@ def _load_dense_part(model, files: MoeFiles, cfg: dict, extra: Optional[Dict[str
     except Exception as e:
         raise ModelLoadError(f"{files.dense_path}: cannot read {DENSE_FILE} ({e})") from None
     weights.update(extra or {})
-    quantize_like(model, weights, cfg)
-    model.load_weights(list(weights.items()))
+    try:
+        quantize_like(model, weights, cfg)
+        model.load_weights(list(weights.items()))
+    except (KeyError, ValueError, TypeError) as e:
+        dense_mismatch(files.storage_view(), e)
     mx.eval(model.parameters())
 
 
