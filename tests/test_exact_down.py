@@ -26,6 +26,7 @@ from mlx_flash.storage.format import (
     open_flash,
     pack_codes,
     read_layer_weights,
+    signed,
     updown_files,
     verify_checksums,
     write_updown,
@@ -141,8 +142,8 @@ def test_the_exact_layout_needs_version_3(q4, tmp_path):
     """A manifest that claims version 2 for the exact layout is refused, naming the field."""
     dst = convert_to_flash(q4, tmp_path / "v3.flash")
     d = json.loads((dst / "manifest.json").read_text())
-    d["format_version"] = 2  # what an edited or mis-written manifest would say
-    (dst / "manifest.json").write_text(json.dumps(d))
+    d["format_version"] = 2  # what a mis-written manifest would say
+    (dst / "manifest.json").write_text(json.dumps(signed(d)))
     with pytest.raises(FlashFormatError, match="needs format_version 3"):
         open_flash(dst)
 

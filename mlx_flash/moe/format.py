@@ -49,14 +49,17 @@ from ..families import BY_MOE_MODEL_TYPE, MOE_FAMILIES
 from ..progress import ProgressCallback, report, scaled
 from ..storage.format import (
     ALIGNMENT,
+    MANIFEST_CHECKSUM,
     ChecksumError,
     FlashFiles,
     FlashFormatError,
     LayerEntry,
     LayerHasher,
+    check_signed,
     file_checksum,
     load_weight_shards,
     read_model_config,
+    signed,
     source_files,
     typed_fields,
     verify_file,
@@ -157,8 +160,7 @@ class MoeManifest:
         return self.layers[layer].offset + expert * self.expert_bytes
 
     def to_json(self) -> str:
-        d = asdict(self)
-        return json.dumps(d, indent=1)
+        return json.dumps(signed(asdict(self)), indent=1)
 
     @classmethod
     def from_json(cls, text: Union[str, bytes], where: str) -> "MoeManifest":
@@ -168,6 +170,8 @@ class MoeManifest:
             raise FlashFormatError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise FlashFormatError(f"{where}: expected a JSON object")
+        check_signed(d, where)
+        d.pop(MANIFEST_CHECKSUM, None)
         types: Dict[str, Union[type, Tuple[type, ...]]] = {
             "architecture": str, "model_args": dict, "dtype": str, "num_experts": int, "top_k": int,
             "hidden_size": int, "expert_intermediate_size": int, "modules": list, "segments": list,

@@ -8,7 +8,8 @@ A flash model is a folder::
                          bundle_bytes, alignment, ffn_file, ffn_size, layers [{offset, size, checksum}],
                          dense_file, source, predictors, created, dense_quantization, neuron_order
                          (each layer's permutation of neurons on disk, see ``neuron_perms``; absent:
-                         the source model's order)
+                         the source model's order), manifest_checksum (blake2b of the rest, see
+                         ``MANIFEST_CHECKSUM``; absent in older folders)
       dense.safetensors  every non-FFN weight (attention, embeddings, norms, lm_head), mlx-lm key names
       ffn.bin            per layer, per neuron i:
                          [gate_proj.weight[i, :] | up_proj.weight[i, :] | down_proj.weight[:, i]]
@@ -257,12 +258,12 @@ class Manifest:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         extra = d.pop("extra")
-        d.update({k: v for k, v in extra.items() if k not in d})
+        d.update({k: v for k, v in extra.items() if k not in d and k != MANIFEST_CHECKSUM})
         return d
 
     def to_json(self) -> str:
-        """The manifest as JSON text (what ``manifest.json`` holds)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        """The manifest as JSON text (what ``manifest.json`` holds), signed (:data:`MANIFEST_CHECKSUM`)."""
+        return json.dumps(signed(self.to_dict()), indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = MANIFEST_FILE) -> "Manifest":
@@ -270,6 +271,7 @@ class Manifest:
         :class:`FlashFormatError` naming ``where`` and the field."""
         if not isinstance(d, Mapping):
             raise FlashFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        check_signed(d, where)
         known = {f.name for f in fields(cls)} - {"extra"}
         required: Dict[str, Union[type, Tuple[type, ...]]] = {
             "format_version": int, "architecture": str, "model_args": dict, "dtype": str,
@@ -300,7 +302,7 @@ class Manifest:
         for name, ck in kw.get("checksums", {}).items():
             if not isinstance(ck, str):
                 raise FlashFormatError(f"{where}: field 'checksums.{name}' has type {type(ck).__name__}, expected str")
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        kw["extra"] = {k: v for k, v in d.items() if k not in known and k != MANIFEST_CHECKSUM}
         return cls(**kw)
 
     @classmethod
@@ -338,6 +340,37 @@ def _tname(typ) -> str:
     if isinstance(typ, tuple):
         return " or ".join("null" if t is type(None) else t.__name__ for t in typ)
     return typ.__name__
+
+
+MANIFEST_CHECKSUM = "manifest_checksum"
+"""The manifest's own checksum field: blake2b (hex) of the rest of the manifest, canonical JSON (keys
+sorted, no spaces). The files' checksums cover the weights; this covers what says how to read them (the
+neuron order, the calibration's thresholds, the layer table): a damaged or hand-edited manifest is
+refused instead of read wrongly. Manifests written before it have no such field and load as before."""
+
+
+def manifest_digest(d: Mapping[str, Any]) -> str:
+    """blake2b (hex) of a parsed manifest without its :data:`MANIFEST_CHECKSUM` field."""
+    body = {k: v for k, v in d.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def signed(d: Dict[str, Any]) -> Dict[str, Any]:
+    """``d`` with its :data:`MANIFEST_CHECKSUM` set (what a manifest's ``save`` writes)."""
+    out = {k: v for k, v in d.items() if k != MANIFEST_CHECKSUM}
+    out[MANIFEST_CHECKSUM] = manifest_digest(out)
+    return out
+
+
+def check_signed(d: Mapping[str, Any], where: str) -> None:
+    """A :class:`FlashFormatError` when ``d`` carries a :data:`MANIFEST_CHECKSUM` that its other fields do
+    not match (a manifest damaged or edited after it was written); nothing for older, unsigned ones."""
+    if MANIFEST_CHECKSUM not in d:
+        return
+    recorded = d[MANIFEST_CHECKSUM]
+    if not isinstance(recorded, str) or recorded != manifest_digest(d):
+        raise FlashFormatError(f"{where}: the manifest does not match its own checksum ('{MANIFEST_CHECKSUM}'): "
+                               "it was damaged or edited after it was written; convert or import the model again")
 
 
 FieldTypes = Dict[str, Union[type, Tuple[type, ...]]]
@@ -1691,6 +1724,10 @@ __all__ = [
     "FlashFiles",
     "FlashFormatError",
     "LayerEntry",
+    "MANIFEST_CHECKSUM",
+    "check_signed",
+    "manifest_digest",
+    "signed",
     "MANIFEST_FILE",
     "Manifest",
     "BUNDLE_PARTS",

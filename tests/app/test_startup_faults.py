@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 from PySide6.QtCore import QSettings
 
+from mlx_flash.storage.format import signed
 from tests.app.conftest import models_dir
 
 
@@ -53,7 +54,7 @@ def test_window_starts_with_library_entries_damaged_in_the_new_fields(make_windo
         shutil.copytree(tiny_models["flash"], bad)
         m = json.loads((bad / "manifest.json").read_text())
         edit(m)
-        (bad / "manifest.json").write_text(json.dumps(m))
+        (bad / "manifest.json").write_text(json.dumps(signed(m)))
     w = make_window()
     note = w.library.broken_note.text()
     assert "Perm.flash" in note and "not a permutation" in note

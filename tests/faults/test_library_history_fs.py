@@ -27,7 +27,7 @@ import pytest
 from mlx_flash import cli, default_model, library
 from mlx_flash.atomic import DestinationBusy, WriteError, clean_stale, destination_lock, pid_alive
 from mlx_flash.convert.gguf import output_bytes
-from mlx_flash.storage.format import Manifest, open_flash
+from mlx_flash.storage.format import Manifest, open_flash, signed
 from mlx_flash_app.history import History
 from tests.convert.test_gguf import write_gguf
 from tests.tiny import make_tiny_flash, make_tiny_llama, quantize_tiny
@@ -195,7 +195,7 @@ def _bad_manifest(mutate):
 
 BROKEN = {
     "manifest-is-a-list": (_bad_manifest(lambda d: json.dumps([d])), "expected a JSON object, got list"),
-    "model_args-is-a-string": (_bad_manifest(lambda d: json.dumps({**d, "model_args": "llama"})),
+    "model_args-is-a-string": (_bad_manifest(lambda d: json.dumps(signed({**d, "model_args": "llama"}))),
                                "field 'model_args' has type str"),
     "manifest-missing-keys": (_bad_manifest(lambda d: json.dumps({"architecture": "llama"})),
                               "field 'format_version' is missing"),

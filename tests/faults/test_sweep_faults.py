@@ -25,7 +25,7 @@ from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig
 from mlx_flash.engine import ModelLoadError, load
 from mlx_flash.moe.format import convert_to_moe_flash
-from mlx_flash.storage.format import ChecksumError, Manifest, convert_to_flash, file_checksum
+from mlx_flash.storage.format import ChecksumError, Manifest, convert_to_flash, file_checksum, signed
 from mlx_flash_app.widgets.model_library import flash_config_for, save_model_settings
 from tests.tiny import make_tiny_llama, quantize_tiny
 from tests.tiny_moe import make_tiny_moe_q4
@@ -232,7 +232,7 @@ def test_mistyped_model_args_are_a_clear_error(q4_flash, tmp_path, home, capsys,
     bad = shutil.copytree(q4_flash, tmp_path / "bad.flash")
     m = json.loads((bad / "manifest.json").read_text())
     m["model_args"][field] = value
-    (bad / "manifest.json").write_text(json.dumps(m))
+    (bad / "manifest.json").write_text(json.dumps(signed(m)))
     rc = main(["generate", "-m", str(bad), *GEN])
     err = capsys.readouterr().err
     if words is None:  # only the prompt-length note reads it: no limit, the model runs

@@ -21,7 +21,7 @@ from mlx_flash.cli import main
 from mlx_flash.config import FlashConfig, parse_budget
 from mlx_flash.engine import ModelLoadError, load
 from mlx_flash.predictor import PREDICTOR_FILE
-from mlx_flash.storage.format import ChecksumError, Manifest, open_flash, verify_checksums
+from mlx_flash.storage.format import ChecksumError, Manifest, open_flash, signed, verify_checksums
 from mlx_flash_app.main_window import MainWindow
 from mlx_flash_app.widgets.model_library import ModelLibraryPage
 from tests.convert.test_gguf import write_gguf
@@ -160,7 +160,7 @@ def test_altered_manifest_checksum(good, tmp_path, home, capsys):
     bad = _copy(good[0], tmp_path / "bad.flash")
     m = json.loads((bad / "manifest.json").read_text())
     m["layers"][1]["checksum"] = "0" * 128
-    (bad / "manifest.json").write_text(json.dumps(m))
+    (bad / "manifest.json").write_text(json.dumps(signed(m)))  # re-signed: the layer check must catch it
     assert main(["verify", str(bad), "-q"]) == 1
     err = capsys.readouterr().err
     assert "layer 1 checksum mismatch (manifest field 'layers[1].checksum')" in err
@@ -173,7 +173,7 @@ def test_verify_cli_good_old_and_not_flash(good, tmp_path, home, capsys):
     # a manifest from before side-file checksums: ffn.bin is still checked, and it still loads
     old = _copy(good[0], tmp_path / "old.flash")
     m = json.loads((old / "manifest.json").read_text())
-    del m["checksums"]
+    del m["checksums"], m["manifest_checksum"]  # neither existed then
     (old / "manifest.json").write_text(json.dumps(m))
     assert main(["verify", str(old), "-q"]) == 0
     assert "dense.safetensors" not in capsys.readouterr().out

@@ -24,7 +24,7 @@ from mlx_flash.moe.format import (
     read_expert_arrays,
     verify_moe_checksums,
 )
-from mlx_flash.storage.format import ChecksumError, FlashFormatError
+from mlx_flash.storage.format import ChecksumError, FlashFormatError, signed
 from tests.tiny import make_tiny_llama
 from tests.tiny_moe import MOE_FAMILIES, make_tiny_moe, make_tiny_moe_q4
 
@@ -196,8 +196,11 @@ def test_corrupt_and_truncated_files_fail_clearly(models, tmp_path):
 
     mpath = bad / MANIFEST_FILE
     d = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**d, "top_k": d["top_k"] + 1}))  # edited after writing: refused
+    with pytest.raises(FlashFormatError, match="does not match its own checksum"):
+        open_moe_flash(bad)
     del d["expert_bytes"]
-    mpath.write_text(json.dumps(d))
+    mpath.write_text(json.dumps(signed(d)))
     with pytest.raises(FlashFormatError, match="expert_bytes"):
         open_moe_flash(bad)
     mpath.write_text("{not json")

@@ -19,13 +19,16 @@ from mlx_flash.progress import Cancelled
 from mlx_flash.storage.format import (
     ALIGNMENT,
     FORMAT_VERSION,
+    MANIFEST_CHECKSUM,
     FlashFormatError,
     Manifest,
     bundle_view,
     convert_to_flash,
     load_dense_weights,
+    manifest_digest,
     open_flash,
     read_layer_weights,
+    signed,
     verify_checksums,
 )
 from tests.tiny import make_tiny_llama
@@ -69,7 +72,7 @@ def _edit_manifest(folder: Path, **changes) -> None:
             d.pop(k)
         else:
             d[k] = v
-    p.write_text(json.dumps(d))
+    p.write_text(json.dumps(signed(d)))  # consistent with its own checksum: a writer's mistake
 
 
 _DROP = object()
@@ -446,3 +449,27 @@ def test_existing_destination(models, tmp_path):
     assert open_flash(dst).manifest.dtype == "float32"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
+
+
+def test_manifest_carries_its_own_checksum(flash_copy):
+    """A saved manifest is signed; any edit after writing (a removed field such as the neuron order, a
+    changed number) is refused with the reason, where before it was read as written; an unsigned manifest
+    (written before the field existed) loads as before."""
+    p = flash_copy / "manifest.json"
+    d = json.loads(p.read_text())
+    assert d[MANIFEST_CHECKSUM] == manifest_digest(d)
+    assert open_flash(flash_copy).manifest.num_layers == d["num_layers"]
+
+    for edit in ({"source": d["source"] + " (edited)"}, {"created": None}, {"neuron_order": {"kind": "hot"}}):
+        changed = {k: v for k, v in {**d, **edit}.items() if v is not None}
+        p.write_text(json.dumps(changed))
+        msg = _err(flash_copy)
+        assert "does not match its own checksum" in msg and "manifest.json" in msg, msg
+
+    p.write_text(json.dumps({k: v for k, v in d.items() if k != MANIFEST_CHECKSUM}))  # an older, unsigned one
+    m = open_flash(flash_copy).manifest
+    assert m.num_layers == d["num_layers"] and MANIFEST_CHECKSUM not in m.extra
+    m.save(flash_copy)  # saving signs it again
+    again = json.loads(p.read_text())
+    assert again[MANIFEST_CHECKSUM] == manifest_digest(again)
+    assert open_flash(flash_copy).manifest.num_layers == d["num_layers"]
