@@ -656,6 +656,8 @@ def validate_manifest(m: Manifest, where: str = MANIFEST_FILE) -> None:
         prev_end = e.offset + e.size
     _plain_name(m.ffn_file, "ffn_file", where)
     _plain_name(m.dense_file, "dense_file", where)
+    if isinstance(m.predictors, Mapping) and "file" in m.predictors:  # a file of this folder, never another's
+        _plain_name(str(m.predictors["file"]), "predictors.file", where)
     if m.neuron_order is not None:
         neuron_perms(m, where)
 

@@ -326,6 +326,7 @@ def test_unsupported_architecture_in_manifest(flash_copy):
         ("ffn_size", lambda d: d["ffn_size"] - 4096, "beyond ffn_size"),
         ("ffn_size", lambda d: d["ffn_size"] + 1, "'ffn_size'"),
         ("ffn_file", lambda d: "../ffn.bin", "'ffn_file'"),
+        ("predictors", lambda d: {**(d.get("predictors") or {}), "file": "../ffn.bin"}, "'predictors.file'"),
     ],
 )
 def test_wrong_sizes(flash_copy, field, mutate, needle):
