@@ -872,8 +872,8 @@ class ReadModel:
     bundles aligned to ``alignment``, neighbours closer than ``max_gap_bytes``
     merged (the gap is read too). Overflow is read in one piece when it fits the scratch, else
     streams in reads of :attr:`stream_rows` ids (half of ``scratch_neurons``), as ``SparseFFN`` does.
-    Layer regions start at aligned offsets, so offset 0 stands for any layer. Splitting runs into ``chunk_bytes`` requests does not
-    change the bytes (except a chunk wholly inside a gap, which the reader skips:
+    Layer regions start at aligned offsets, so offset 0 stands for any layer. Splitting runs into
+    ``chunk_bytes`` requests does not change the bytes (except a chunk wholly inside a gap, which the reader skips:
     only possible when ``chunk_bytes < max_gap_bytes``; counted here).
     """
 
