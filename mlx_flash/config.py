@@ -56,8 +56,9 @@ class FlashConfig:
               debugging: with the page cache on, measured I/O is not real.
     scratch_neurons: size of the streaming buffer (in neurons) used for active
               neurons that do not fit in the cache (at most an eighth of the budget; it is
-              inside it). The misses stream through its two halves, one FFN product per
-              half: 1,024 (the default) against 256 took the default model's naive flash
+              inside it). Misses that fit it are read in one piece and multiplied with the
+              cached rows in one product; more stream through its two halves, one FFN product
+              per half: 1,024 (the default) against 256 took the default model's naive flash
               from ~255 to ~140-165 ms/token (exact 4-bit down rows, whose product has a
               fixed cost per call; 145 → 137 ms with 8-bit down rows), one run each, 2 cores.
     prefill:  how the prompt is read: "all" (the default: every FFN neuron, exact;

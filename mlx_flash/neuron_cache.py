@@ -870,10 +870,10 @@ class ReadModel:
 
     The same coalescing as ``FlashReader`` (``storage.reader.coalesced_runs``):
     bundles aligned to ``alignment``, neighbours closer than ``max_gap_bytes``
-    merged (the gap is read too). Overflow streams in reads of :attr:`stream_rows`
-    ids (half of ``scratch_neurons``), as ``SparseFFN`` does. Layer regions start at aligned offsets, so offset 0
-    stands for any layer. Splitting runs into ``chunk_bytes`` requests does not
-    change the bytes (except a chunk wholly inside a gap, which the reader skips:
+    merged (the gap is read too). Overflow is read in one piece when it fits the scratch, else
+    streams in reads of :attr:`stream_rows` ids (half of ``scratch_neurons``), as ``SparseFFN`` does.
+    Layer regions start at aligned offsets, so offset 0 stands for any layer. Splitting runs into
+    ``chunk_bytes`` requests does not change the bytes (except a chunk wholly inside a gap, which the reader skips:
     only possible when ``chunk_bytes < max_gap_bytes``; counted here).
     """
 
@@ -904,8 +904,10 @@ class ReadModel:
         return int((hi - lo).sum())
 
     def step_bytes(self, plan: StepPlan) -> int:
-        """Disk bytes of one token: the loads in one read, the overflow in reads of :attr:`stream_rows`."""
-        n_load, k = len(plan.load_ids), self.stream_rows
+        """Disk bytes of one token: the loads in one read, the overflow in one (when it fits the scratch)
+        or in reads of :attr:`stream_rows`."""
+        n_load, n_over = len(plan.load_ids), len(plan.overflow_ids)
+        k = max(1, n_over) if n_over <= self.scratch_neurons else self.stream_rows
         breaks = np.arange(n_load, n_load + len(plan.overflow_ids), k)
         return self.bytes_read(np.concatenate([plan.load_ids, plan.overflow_ids]), breaks)
 

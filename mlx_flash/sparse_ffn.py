@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .active import Chooser, gated_activation
+from .active import AllNeurons, Chooser, gated_activation
 from .neuron_cache import stream_chunk_rows
 from .pipeline import DENSE_LOOKAHEAD_SHARE
 from .predictor import PredictorChooser
@@ -159,14 +159,13 @@ def grouped_down(h: mx.array, codes: mx.array, groups: np.ndarray, scales: mx.ar
     return mx.sum(z * s[:, None, :], axis=0) + x.sum(axis=-1).T @ b
 
 
-def ffn_partial(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant: dict,
-                cdtype: Optional[mx.Dtype], g: Optional[mx.array] = None, groups=None) -> mx.array:
-    """``down(act(gate x) * up x)`` over the neurons whose rows ``w`` holds (by role;
-    ``up``, ``gate_bias``, ``up_bias`` when the model has them), optionally masked.
-    ``g``: the gate product of these neurons (bias included) when the chooser computed it
-    already (``gate_first.GateFirst``); ``w`` then holds no gate rows. ``groups``: for down
-    rows kept exactly (``storage.format.GROUPS_ALONG_FFN``) ``(scales, biases, row groups)``
-    (:func:`grouped_down`)."""
+def ffn_hidden(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant: dict,
+               cdtype: Optional[mx.Dtype], g: Optional[mx.array] = None) -> mx.array:
+    """``act(gate x) * up x`` of the neurons whose rows ``w`` holds (by role; ``up``,
+    ``gate_bias``, ``up_bias`` when the model has them), optionally masked: the input of
+    the down product (:func:`ffn_partial`). ``g``: the gate product of these neurons (bias
+    included) when the chooser computed it already (``gate_first.GateFirst``); ``w`` then
+    holds no gate rows."""
     if g is None:
         g = ffn_rows(xt, w, "gate", True, quant, cdtype)
         if "gate_bias" in w:
@@ -179,6 +178,15 @@ def ffn_partial(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant
     h = gated(g, u)
     if mask is not None:
         h = h * mask.astype(h.dtype)
+    return h
+
+
+def ffn_partial(xt: mx.array, w: dict, mask: Optional[mx.array], *, gated, quant: dict,
+                cdtype: Optional[mx.Dtype], g: Optional[mx.array] = None, groups=None) -> mx.array:
+    """``down(act(gate x) * up x)`` over the neurons whose rows ``w`` holds (:func:`ffn_hidden`).
+    ``groups``: for down rows kept exactly (``storage.format.GROUPS_ALONG_FFN``) ``(scales,
+    biases, row groups)`` (:func:`grouped_down`)."""
+    h = ffn_hidden(xt, w, mask, gated=gated, quant=quant, cdtype=cdtype, g=g)
     if groups is not None:
         return grouped_down(h, w["down"], groups[2], groups[0], groups[1], quant["down"], cdtype)
     return ffn_rows(h, w, "down", False, quant, cdtype)
@@ -225,6 +233,13 @@ QUANT_PREFIX_MIN_SHARE = 0.9
 #: scratch half is free (more reads in flight), instead of the first with the loads and each next one just
 #: before the current one's evaluation. Off: in paired runs on the 2-core CPU it was 1-5% slower.
 STREAM_EARLY = False
+#: An overflow that fits the scratch buffer is read in this many pieces, all in flight at once, and
+#: multiplied together with the cached rows in one product (one ``grouped_down`` call per layer for down rows
+#: kept exactly) and one evaluation; each piece's activations start computing as soon as it is in.
+STREAM_PIECES = 1
+#: A choice that needs no input (every neuron: naive flash, the exact prefill) does not evaluate the FFN's
+#: input first: its reads are in flight while attention etc. computes.
+LAZY_INPUT = True
 #: Pipelined layers: stage the non-resident neurons in the coalesced gaps of a prefetch too
 #: (``FlashReader.covered``).
 STAGE_GAP_NEURONS = True
@@ -311,10 +326,14 @@ class _State:
         return n_staged, handle
 
     def _stream_chunks(self, overflow: np.ndarray):
-        """``[(ids, first scratch row)]``: the overflow in chunks of half the scratch rows,
-        alternating halves (double buffering: the next chunk is read while this one computes);
-        a one-row scratch takes one neuron at a time."""
+        """``[(ids, first scratch row)]``. An overflow that fits the scratch rows: ``STREAM_PIECES``
+        pieces side by side, all read at once (one product over them, :meth:`_forward`); a larger one
+        in chunks of half the rows, alternating halves (double buffering: the next chunk is read while
+        this one computes); a one-row scratch takes one neuron at a time."""
         rows = self.scratch.rows
+        if len(overflow) <= rows:
+            k = -(-len(overflow) // STREAM_PIECES)
+            return [(overflow[s : s + k], s) for s in range(0, len(overflow), k)]
         half = stream_chunk_rows(rows)
         return [(overflow[s : s + half], (k % 2) * half if rows >= 2 else 0)
                 for k, s in enumerate(range(0, len(overflow), half))]
@@ -403,16 +422,43 @@ class _State:
             return {role: m[rows] for role, m in mats.items()}
         return {role: mx.take(m, rows, axis=0) for role, m in mats.items()}
 
-    def _partial(self, xt: mx.array, w: dict, mask: Optional[mx.array], ids=None) -> mx.array:
-        """The FFN over rows ``w`` of neurons ``ids`` (numpy, row order: the gate product of a
-        gate-first chooser is gathered by them)."""
+    def _part(self, xt: mx.array, w: dict, mask: Optional[mx.array], ids=None) -> tuple:
+        """One source of rows of this pass's product: ``(w, h, ids)``, rows ``w`` of neurons ``ids``
+        (numpy, row order: the gate product of a gate-first chooser and the down rows' groups are
+        taken by them) and their (lazy) hidden activations ``h`` (:func:`ffn_hidden`)."""
         g = None
         if self.g is not None:
             g = mx.take(self.g, mx.array(np.asarray(ids, dtype=np.int32)), axis=1)
-        groups = None
-        if self.groups is not None:
-            groups = (self.groups[0], self.groups[1], self.groups[2][np.asarray(ids, dtype=np.int64)])
-        return ffn_partial(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype, g=g, groups=groups)
+        return w, ffn_hidden(xt, w, mask, gated=self.gated, quant=self.quant, cdtype=self.cdtype, g=g), ids
+
+    def _product(self, y: mx.array, parts: list) -> mx.array:
+        """``y`` plus the down product of :meth:`_part` ``parts``. Down rows kept exactly (one
+        ``grouped_down`` call costs about the same whatever its rows): one call over the parts'
+        rows together; else one product per part, summed into ``y`` (float32)."""
+        if self.groups is None:
+            for w, h, _ in parts:
+                y = y + ffn_rows(h, w, "down", False, self.quant, self.cdtype)
+            return y
+        scales, biases, pos_groups = self.groups
+        rg = np.concatenate([pos_groups[np.asarray(ids, dtype=np.int64)] for _, _, ids in parts])
+        if len(parts) == 1:
+            h, codes = parts[0][1], parts[0][0]["down"]
+        else:
+            h = mx.concatenate([p[1] for p in parts], axis=1)
+            codes = mx.concatenate([p[0]["down"] for p in parts], axis=0)
+        return y + grouped_down(h, codes, rg, scales, biases, self.quant["down"], self.cdtype)
+
+    def _start(self, y: mx.array, parts: list) -> tuple:
+        """Start evaluating (``mx.async_eval``) what the product of ``parts`` needs before the next
+        read is in: with down rows kept exactly their activations (the down product waits for every
+        part: one grouped_down call), else their products, summed into ``y``. Returns ``(y, parts
+        still to multiply)``."""
+        if self.groups is None:
+            y = self._product(y, parts)
+            mx.async_eval(y)
+            return y, []
+        mx.async_eval([h for _, h, _ in parts])
+        return y, parts
 
     def forward(self, x: mx.array) -> mx.array:
         try:
@@ -438,12 +484,14 @@ class _State:
         c = self.counters
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
-        mx.eval(xt)  # attention etc. up to here is compute, not predictor time
+        chooser = self.chooser
+        if not (LAZY_INPUT and (self.all_neurons or isinstance(chooser, AllNeurons)) and not chooser.computes_gate):
+            mx.eval(xt)  # attention etc. up to here is compute, not predictor time
+        # else the choice needs no input: the reads start before attention etc. is computed (with the product)
 
         pf = self.prefetcher
         staged = pf.take(self.layer, c) if pf is not None else None  # waiting counts as I/O
         t0 = time.perf_counter()
-        chooser = self.chooser
         early: dict = {}
         if self.all_neurons:
             ids, mask = np.arange(self.cache.n_neurons, dtype=np.int64), None
@@ -472,7 +520,9 @@ class _State:
         # cached part's compute
         store = self.scratch
         double = store.rows >= 2
-        lag = 2 if double and STREAM_EARLY else 1
+        # an overflow that fits the scratch: every piece in flight at once, one product (``one``)
+        one = big is not None or 0 < len(overflow) <= store.rows
+        lag = len(stream) if one else 2 if double and STREAM_EARLY else 1
         in_staging = self._staged_chunks(staged, overflow, stream)
         pends = {}
 
@@ -510,34 +560,39 @@ class _State:
             m = cols_np(sub_ids)
             return None if m is None else mx.array(m.astype(np.float32)).astype(xt.dtype)
 
-        # Partial sums (cache part, then scratch chunks) accumulate in float32.
+        # Partial sums accumulate in float32. The product is one evaluation over the cached rows and an
+        # overflow that fits in one go (the exact prefill's staging rows, a stream that fits the scratch):
+        # with down rows kept exactly one grouped_down call; else the cached rows' product, then one per chunk.
         y = mx.zeros((xt.shape[0], self.hidden), dtype=mx.float32)
         n_used = self.cache.n_used
+        parts: list = []
         if len(slots):
             resident = self.cache.slot_ids[:n_used] if self.g is not None or self.groups is not None else None
             if len(slots) == n_used and mask is None:  # every resident neuron is active: no mask at all
-                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)), None, resident)
+                parts.append(self._part(xt, self._roles(self.cache.rows, slice(0, n_used)), None, resident))
             elif len(slots) >= (QUANT_PREFIX_MIN_SHARE if self.quant else PREFIX_MIN_SHARE) * n_used:
                 # the resident prefix, inactive rows masked out
                 m = np.zeros((xt.shape[0], n_used), dtype=np.float32)
                 sub = cols_np(order)
                 m[:, slots] = 1.0 if sub is None else sub
-                y = y + self._partial(xt, self._roles(self.cache.rows, slice(0, n_used)),
-                                      mx.array(m).astype(xt.dtype), resident)
+                parts.append(self._part(xt, self._roles(self.cache.rows, slice(0, n_used)),
+                                        mx.array(m).astype(xt.dtype), resident))
             else:
-                y = y + self._partial(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order), order)
-        big_wait = 0.0
-        if pend_big is not None:  # ... and one batched product over them, once they are in
+                parts.append(self._part(xt, self._roles(self.cache.rows, mx.array(slots)), cols(order), order))
+        if not one:
+            y = self._product(y, parts)
+            parts = []
             mx.eval(y)
+        elif parts:
+            y, parts = self._start(y, parts)  # computes while the overflow's reads finish
+        t3 = time.perf_counter()
+        c.ffn_compute_s += t3 - t2
+
+        if pend_big is not None:  # exact prefill: every missing row in one read
             ta = time.perf_counter()
             served += self._fill_wait(pend_big)
-            big_wait = time.perf_counter() - ta
-            c.io_s += big_wait
-            y = y + self._partial(xt, self._roles(big, slice(0, len(overflow))), None, overflow)
-        mx.eval(y)
-        t3 = time.perf_counter()
-        c.ffn_compute_s += t3 - t2 - big_wait
-
+            c.io_s += time.perf_counter() - ta
+            parts.append(self._part(xt, self._roles(big, slice(0, len(overflow))), None, overflow))
         for k, (chunk, r0) in enumerate(stream):
             ta = time.perf_counter()
             rows = in_staging[k]
@@ -552,7 +607,15 @@ class _State:
                 assert staged is not None and staged.store is not None  # _staged_rows found them there
                 w = self._roles(staged.store, rows)
             tb = time.perf_counter()
-            y = y + self._partial(xt, w, cols(chunk), chunk)
+            parts.append(self._part(xt, w, cols(chunk), chunk))
+            if one:  # every piece is in flight already: the last one's product is the layer's
+                if k + 1 < len(stream):
+                    y, parts = self._start(y, parts)
+                c.io_s += tb - ta
+                c.ffn_compute_s += time.perf_counter() - tb
+                continue
+            y = self._product(y, parts)
+            parts = []
             tc = time.perf_counter()
             if double and not STREAM_EARLY:
                 # the other half (its chunk was evaluated already), submitted just before the
@@ -565,6 +628,11 @@ class _State:
                 submit(k + lag)  # its scratch rows are free now
             c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
             c.ffn_compute_s += (tc - tb) + (te - td)
+        if one:
+            tb = time.perf_counter()
+            y = self._product(y, parts)
+            mx.eval(y)
+            c.ffn_compute_s += time.perf_counter() - tb
 
         c.neurons_active += len(ids)
         c.neurons_hit += len(plan.hit_ids)

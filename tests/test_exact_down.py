@@ -164,3 +164,40 @@ def test_group_scales_are_resident_inside_the_budget(q4, tmp_path):
         assert eng.budget_text.endswith("down scales")
     finally:
         eng.close()
+
+
+def test_one_product_per_layer_equals_the_chunked_products(q4, ref_model, tmp_path, monkeypatch):
+    """Every neuron through a small cache: an overflow that fits the scratch buffer is read in one piece
+    (or ``STREAM_PIECES`` pieces) and multiplied with the cached rows in one product, one grouped_down
+    call per layer; a larger one streams in chunks (one call per chunk). All equal mlx-lm's model; the
+    input evaluated first or not (``LAZY_INPUT``) changes no bit."""
+    exact = convert_to_flash(q4, tmp_path / "e.flash")
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return grouped_down(*a, **k)
+
+    monkeypatch.setattr(sparse_ffn, "grouped_down", counted)
+    outs = {}
+    for name, scratch, pieces, lazy in (("chunks", 8, 1, True), ("one", FFN, 1, True), ("two", FFN, 2, True),
+                                        ("eager", FFN, 1, False)):
+        monkeypatch.setattr(sparse_ffn, "STREAM_PIECES", pieces)
+        monkeypatch.setattr(sparse_ffn, "LAZY_INPUT", lazy)
+        eng = load(exact, FlashConfig(active="all", budget=0.9, scratch_neurons=scratch, threads=2, engine="flash"))
+        rows = eng.cache.scratch.rows
+        outs[name] = []
+        for toks in (TOKS[:, :1], TOKS, TOKS[:, 3:4]):
+            calls.clear()
+            streamed = eng.counters.neurons_streamed
+            out = np.asarray(eng.model(toks).astype(mx.float32))
+            per_layer = (eng.counters.neurons_streamed - streamed) / LAYERS
+            assert (per_layer <= rows) == (scratch == FFN) and per_layer > 8
+            # one call per layer; else the cached rows' and one per chunk of half the scratch
+            assert len(calls) == LAYERS if scratch == FFN else len(calls) >= LAYERS * (1 + per_layer // (rows // 2))
+            assert np.allclose(out, np.asarray(ref_model(toks).astype(mx.float32)), atol=2e-4, rtol=2e-4), name
+            outs[name].append(out)
+        eng.close()
+    for a, b, c in zip(outs["one"], outs["eager"], outs["two"]):
+        assert np.array_equal(a, b)
+        assert np.allclose(a, c, atol=1e-5, rtol=1e-5)  # the same rows, gate/up in two products
