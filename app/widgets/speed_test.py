@@ -442,8 +442,9 @@ class SpeedTestDialog(QDialog):
             p.getPlotItem().getAxis("left").setTextPen(pg.mkPen(theme.MUTED))
             p.setXRange(-0.6, len(rows) - 0.4)
         top = max(tps.max() if len(tps) else 0, 1e-6)
-        self.plot_tps.setYRange(0, top * 1.18)
-        self.plot_read.setYRange(0, max(read.max(initial=0), 1e-6) * 1.18)
+        headroom = 1.45  # the value labels sit above the bars: the tallest one's must fit in a short plot
+        self.plot_tps.setYRange(0, top * headroom)
+        self.plot_read.setYRange(0, max(read.max(initial=0), 1e-6) * headroom)
         ms_top = float((pred + io + comp).max(initial=0))
         self.plot_ms.setYRange(0, max(ms_top, 1e-6) * 1.08)
 
