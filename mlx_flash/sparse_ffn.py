@@ -229,10 +229,6 @@ PREFIX_MIN_SHARE = 0.4
 #: 2-core CPU, 4-bit g32, float32, 576 x 1536, CPU time per FFN: prefix 1.4 ms at any share; gathered
 #: 1,200 rows 1.2 ms, 1,000 rows 1.1 ms, 400 rows 0.4 ms).
 QUANT_PREFIX_MIN_SHARE = 0.9
-#: Serial streaming: submit the first two overflow chunks with the loads and each later one as soon as its
-#: scratch half is free (more reads in flight), instead of the first with the loads and each next one just
-#: before the current one's evaluation. Off: in paired runs on the 2-core CPU it was 1-5% slower.
-STREAM_EARLY = False
 #: An overflow that fits the scratch buffer is read in this many pieces, all in flight at once, and
 #: multiplied together with the cached rows in one product (one ``grouped_down`` call per layer for down rows
 #: kept exactly) and one evaluation; each piece's activations start computing as soon as it is in.
@@ -240,11 +236,6 @@ STREAM_PIECES = 1
 #: A choice that needs no input (every neuron: naive flash, the exact prefill) does not evaluate the FFN's
 #: input first: its reads are in flight while attention etc. computes.
 LAZY_INPUT = True
-#: Pipelined layers: stage the non-resident neurons in the coalesced gaps of a prefetch too
-#: (``FlashReader.covered``).
-STAGE_GAP_NEURONS = True
-#: A lookahead that wants at least ``pipeline.DENSE_LOOKAHEAD_SHARE`` of a layer's non-resident
-#: neurons stages all of them instead (no ``covered`` call).
 
 
 class _State:
@@ -385,7 +376,7 @@ class _State:
             if len(want) >= DENSE_LOOKAHEAD_SHARE * absent:
                 if len(want) < absent:  # nearly every absent neuron: all of them (the gaps hold the rest)
                     want = np.flatnonzero(slot_of < 0)
-            elif STAGE_GAP_NEURONS:
+            else:
                 # the non-resident neurons in the read's coalesced gaps too: read anyway, staged at no extra byte
                 span = self.reader.covered(layer, want)
                 span = span[slot_of[span] < 0]
@@ -516,13 +507,12 @@ class _State:
         stream = self._stream_chunks(overflow) if len(overflow) and big is None else []
         pend_load = self._fill_submit(plan.load_ids, plan.load_dest, staged) if len(plan.load_ids) else None
         # chunks the prefetch staged whole are multiplied in the staging buffer (no copy, no read); the
-        # first chunk's read (the first two with STREAM_EARLY) is in flight with the loads and during the
-        # cached part's compute
+        # first chunk's read is in flight with the loads and during the cached part's compute
         store = self.scratch
         double = store.rows >= 2
         # an overflow that fits the scratch: every piece in flight at once, one product (``one``)
         one = big is not None or 0 < len(overflow) <= store.rows
-        lag = len(stream) if one else 2 if double and STREAM_EARLY else 1
+        lag = len(stream) if one else 1
         in_staging = self._staged_chunks(staged, overflow, stream)
         pends = {}
 
@@ -617,15 +607,15 @@ class _State:
             y = self._product(y, parts)
             parts = []
             tc = time.perf_counter()
-            if double and not STREAM_EARLY:
+            if double:
                 # the other half (its chunk was evaluated already), submitted just before the
                 # evaluation lets go of the GIL: the read threads start at once
                 submit(k + 1)
             td = time.perf_counter()
             mx.eval(y)  # these scratch rows are overwritten by the chunk after next
             te = time.perf_counter()
-            if not double or STREAM_EARLY:
-                submit(k + lag)  # its scratch rows are free now
+            if not double:
+                submit(k + 1)  # its scratch rows are free now
             c.io_s += (tb - ta) + (td - tc) + (time.perf_counter() - te)
             c.ffn_compute_s += (tc - tb) + (te - td)
         if one:
